@@ -1,0 +1,83 @@
+"""The `distillery` command: one subcommand per stage, plus `run` for all of them.
+
+User mistakes (a bad config, a missing file, a corrupt artifact) end as one line on stderr
+and exit code 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distillery.errors import UserError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="pipeline YAML (default: the built-in digits preset, as configs/digits.yaml)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set teacher.train.epochs=5 (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo the stages even if their outputs exist and verify")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distillery", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
+    prepare = data.add_parser("prepare", help="write a dataset as Parquet shards + a data manifest into the run directory")
+    prepare.add_argument("source", choices=["digits", "cifar10", "parquet", "synthetic"])
+    prepare.add_argument("--path", help="cifar10: folder with the *.bin files; parquet: a file or folder")
+    _config_args(prepare)
+
+    train = sub.add_parser("train", help="train the teacher and/or the student alone (prepares data first if needed)")
+    train.add_argument("--model", choices=["teacher", "student", "all"], default="all")
+    _config_args(train)
+
+    evaluate = sub.add_parser("evaluate", help="reload the trained models from disk, verify and score them")
+    _config_args(evaluate)
+
+    run = sub.add_parser("run", help="the whole pipeline: data, teacher, student, evaluate")
+    _config_args(run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _dispatch(args)
+    except UserError as e:
+        print(f"distillery: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distillery: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    # Imported here so `distillery --help` stays fast (torch is slow to import).
+    from distillery.config import load_config
+    from distillery.pipeline import require_done, run_stages
+
+    overrides = list(args.overrides)
+    if args.command == "data":
+        overrides += [f"data.source={args.source}"] + ([f"data.path={args.path}"] if args.path else [])
+    cfg = load_config(args.config, overrides)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.command == "data":
+        stages = ["data"]
+    elif args.command == "train":
+        stages = ["data"] + (["teacher", "student"] if args.model == "all" else [args.model])
+    elif args.command == "evaluate":
+        require_done(cfg, ["data", "teacher", "student"])
+        stages = ["evaluate"]
+    else:
+        stages = None
+    run = run_stages(cfg, stages, force=args.force, log=log)
+    log(f"run directory: {run.root.resolve()}")
+    if (run.root / "results.md").exists() and args.command in ("run", "evaluate"):
+        log(f"results: {(run.root / 'results.md').resolve()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

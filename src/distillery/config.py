@@ -1,0 +1,189 @@
+"""The typed pipeline config: YAML in, validated dataclass-like models out.
+
+Pydantic (already a Ray Serve dependency) does the checking; every model forbids unknown
+keys and coerces nothing (`strict`), so `epochs: "5"` or a misspelt key fails before any
+work starts, with a message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from distillery.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the images come from and how they are split."""
+
+    source: Literal["digits", "cifar10", "parquet", "synthetic"] = "digits"
+    path: str | None = Field(None, description="cifar10: folder of *.bin files; parquet: file or folder")
+    image_column: str = "image"
+    label_column: str = "label"
+    image_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=3, max_length=3, description="C,H,W: parquet images stored flat; synthetic shape")
+    num_classes: int | None = Field(None, ge=2, le=100_000, description="synthetic only")
+    num_samples: int = Field(1000, ge=10, description="synthetic only")
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="sources without their own test split")
+    max_train_samples: int | None = Field(None, ge=10, description="subsample train (stratified), for quick runs")
+    shard_rows: int = Field(50_000, ge=1, description="rows per Parquet shard")
+
+
+class ResNetConfig(_Strict):
+    """The teacher: a ResNet-style CNN (basic blocks, stride-2 between stages)."""
+
+    kind: Literal["resnet"] = "resnet"
+    width: int = Field(32, ge=4, le=1024, description="channels of the first stage; doubles per stage")
+    blocks: list[Annotated[int, Field(ge=1, le=16)]] = Field([1, 1], min_length=1, max_length=4)
+
+
+class CNNConfig(_Strict):
+    """The student of the brief: conv-relu-pool twice, then two linear layers."""
+
+    kind: Literal["cnn"] = "cnn"
+    width_mult: float = Field(1.0, gt=0.0, le=8.0, description="scales 32/64 conv channels and 128 hidden units")
+
+
+ModelConfig = Annotated[Union[ResNetConfig, CNNConfig], Field(discriminator="kind")]
+
+
+class TrainConfig(_Strict):
+    """One plain-PyTorch training run: optimizer, schedule, epochs."""
+
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    augment: bool = Field(True, description="random 1-pixel shifts (and flips for cifar10)")
+
+
+class StageConfig(_Strict):
+    """A model to build and how to train it. `model.kind` defaults per stage."""
+
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+
+
+def _stage(default: BaseModel) -> Any:
+    """A stage field whose `model.kind` (and the model itself) may be left out."""
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, dict):
+            model = value.get("model", {})
+            if isinstance(model, dict) and "kind" not in model:
+                value = {**value, "model": {"kind": default.kind, **model}}
+        return value
+
+    return Annotated[StageConfig, BeforeValidator(fill)]
+
+
+class PipelineConfig(_Strict):
+    """The whole run. One YAML file per preset in configs/."""
+
+    name: str = Field("digits", description="run name: the run directory is storage_path/name")
+    storage_path: str = "runs"
+    seed: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, le=1024, description="torch threads; default: all cores")
+    data: DataConfig = DataConfig()
+    teacher: _stage(ResNetConfig()) = StageConfig(model=ResNetConfig())
+    student: _stage(CNNConfig()) = StageConfig(model=CNNConfig())
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+            raise ValueError("use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """Load a YAML preset, apply `a.b=value` overrides, validate. Errors name the key."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of keys to values")
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(raw, source=str(path or "config"))
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    """Validate a plain dict (from YAML, JSON or a Ray worker's train_loop_config)."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{source}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. teacher.train.epochs=5")
+    try:
+        value = yaml.safe_load(text)  # so "5" is an int, "0.1" a float, "[1,2]" a list
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item!r}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"] if p not in ("resnet", "cnn")]  # drop union tags
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(err["loc"][:-1])
+        return f"{key}: unknown key (allowed here: {', '.join(allowed)})"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {err['msg']}{shown}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys a config section accepts, found by walking the models along `loc`."""
+    model: Any = PipelineConfig
+    for part in loc:
+        if part == "resnet":
+            model = ResNetConfig
+        elif part == "cnn":
+            model = CNNConfig
+        elif isinstance(part, str) and model is not None and part in getattr(model, "model_fields", {}):
+            ann = model.model_fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        else:
+            model = None
+    return sorted(model.model_fields) if model is not None else []
+
+
+def save_resolved(cfg: PipelineConfig, path: str | Path) -> None:
+    from distillery.artifacts import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

@@ -1,0 +1,160 @@
+"""The run directory and its manifest: what ran, with what, producing which files.
+
+    runs/<name>/manifest.json   config, versions, git sha, hardware, per-stage status,
+                                sha256 of every file a stage produced
+    runs/<name>/config.yaml     the resolved config
+
+A stage is done when the manifest says so, its fingerprint (a hash of the config it read
+and of the stages it read from) is unchanged, and every file it produced still verifies.
+So re-running a finished run is a no-op, a changed config redoes only what it touches, and
+a run killed mid-stage redoes that stage alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from distillery.artifacts import atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.config import PipelineConfig, save_resolved
+from distillery.errors import UserError
+
+_PACKAGES = ("distillery", "torch", "ray", "pyarrow", "torchao", "safetensors", "scikit-learn", "numpy")
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (config sections, upstream fingerprints)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class RunDir:
+    """One run's folder. Only the driver process writes the manifest."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest_path = self.root / "manifest.json"
+
+    @classmethod
+    def open(cls, cfg: PipelineConfig) -> "RunDir":
+        run = cls(Path(cfg.storage_path) / cfg.name)
+        run.root.mkdir(parents=True, exist_ok=True)
+        manifest = run.manifest() if run.manifest_path.exists() else _new_manifest(cfg)
+        manifest.update(config=cfg.to_dict(), git_sha=_git_sha(), versions=_versions(), hardware=_hardware())
+        save_resolved(cfg, run.root / "config.yaml")
+        run._write(manifest)
+        return run
+
+    def manifest(self) -> dict[str, Any]:
+        manifest = read_json(self.manifest_path)
+        if not isinstance(manifest, dict) or manifest.get("format") != 1:
+            raise UserError(f"{self.manifest_path}: not a distillery run manifest")
+        return manifest
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.manifest()["stages"].get(name, {})
+
+    def is_done(self, name: str, fp: str) -> bool:
+        """True when `name` finished with this fingerprint and all its files verify."""
+        manifest = self.manifest()
+        record = manifest["stages"].get(name, {})
+        if record.get("status") != "done" or record.get("fingerprint") != fp:
+            return False
+        try:
+            for rel in record.get("files", []):
+                verify_sha256(self.root / rel, manifest["files"][rel])
+        except (UserError, KeyError):
+            return False
+        return True
+
+    def start(self, name: str, fp: str) -> None:
+        self._update_stage(name, {"status": "running", "fingerprint": fp, "started_at": _now()})
+
+    def fail(self, name: str, error: str) -> None:
+        self._update_stage(name, {"status": "failed", "error": error, "finished_at": _now()})
+
+    def finish(self, name: str, fp: str, files: list[Path], metrics: dict[str, Any]) -> None:
+        """Record the stage's files with their sha256 and mark it done (one atomic write)."""
+        manifest = self.manifest()
+        rels = [str(Path(f).resolve().relative_to(self.root.resolve())) for f in files]
+        for rel in rels:
+            manifest["files"][rel] = sha256_file(self.root / rel)
+        record = manifest["stages"].get(name, {})
+        record.update(status="done", fingerprint=fp, files=rels, metrics=metrics, finished_at=_now())
+        record.pop("error", None)
+        manifest["stages"][name] = record
+        self._write(manifest)
+
+    def verify_file(self, rel: str | Path) -> Path:
+        """The absolute path of a recorded file, after checking its sha256."""
+        rel = str(rel)
+        expected = self.manifest()["files"].get(rel)
+        if expected is None:
+            raise UserError(f"{self.root / rel}: not recorded in {self.manifest_path}")
+        verify_sha256(self.root / rel, expected)
+        return self.root / rel
+
+    def _update_stage(self, name: str, fields: dict[str, Any]) -> None:
+        manifest = self.manifest()
+        manifest["stages"].setdefault(name, {}).update(fields)
+        self._write(manifest)
+
+    def _write(self, manifest: dict[str, Any]) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+
+def _new_manifest(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"format": 1, "run": cfg.name, "created_at": _now(), "stages": {}, "files": {}}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "machine": platform.machine(), "system": platform.system(), "processor": _cpu_model(),
+        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

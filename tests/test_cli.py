@@ -1,0 +1,141 @@
+"""The CLI and the stage bookkeeping, end to end on the tiny preset (in-process, no Ray)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distillery import pipeline
+from distillery.artifacts import sha256_file
+from distillery.cli import main
+from conftest import ROOT
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def _run(tmp_path, *args):
+    return main([*args, "--config", TINY, "--set", f"storage_path={tmp_path / 'runs'}"])
+
+
+def _manifest(tmp_path):
+    return json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+
+
+def test_run_writes_a_verified_run_directory(tmp_path, capsys):
+    assert _run(tmp_path, "run") == 0
+    root = tmp_path / "runs" / "tiny"
+    manifest = _manifest(tmp_path)
+    assert {n: s["status"] for n, s in manifest["stages"].items()} == dict.fromkeys(
+        ["data", "teacher", "student", "evaluate"], "done")
+    for rel, digest in manifest["files"].items():
+        assert sha256_file(root / rel) == digest, rel
+    for which in ("teacher", "student"):
+        assert {f"{which}/model.safetensors", f"{which}/arch.json"} <= manifest["files"].keys()
+    assert manifest["config"]["name"] == "tiny" and manifest["versions"]["torch"]
+    assert manifest["hardware"]["cpus"] >= 1
+    assert (root / "config.yaml").exists()
+    results = json.loads((root / "results.json").read_text())
+    assert results["teacher"]["macs"] > results["student"]["macs"]
+    out = capsys.readouterr().out
+    assert "[teacher] epoch 2/2" in out and "samples/s" in out and f"run directory: {root}" in out
+
+
+def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
+    assert _run(tmp_path, "run") == 0
+    weights = tmp_path / "runs" / "tiny" / "teacher" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    capsys.readouterr()
+    assert _run(tmp_path, "run") == 0
+    assert capsys.readouterr().out.count("done already") == 4
+    assert weights.stat().st_mtime_ns == before
+    assert _run(tmp_path, "train", "--model", "teacher", "--force") == 0
+    assert weights.stat().st_mtime_ns != before
+
+
+def test_changed_config_redoes_only_what_it_touches(tmp_path, capsys):
+    assert _run(tmp_path, "run") == 0
+    capsys.readouterr()
+    assert main(["run", "--config", TINY, "--set", f"storage_path={tmp_path / 'runs'}",
+                 "--set", "student.train.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "[data] done already" in out and "[teacher] done already" in out
+    assert "[student] running" in out and "[evaluate] running" in out
+    assert _manifest(tmp_path)["stages"]["student"]["metrics"]["epochs"] == 1
+
+
+def test_crash_mid_run_resumes_at_the_failed_stage(tmp_path, capsys, monkeypatch):
+    real = pipeline.train_model
+
+    def crash_on_student(run, cfg, which, log):
+        if which == "student":
+            raise RuntimeError("injected crash")
+        return real(run, cfg, which, log)
+
+    monkeypatch.setattr(pipeline, "train_model", crash_on_student)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        _run(tmp_path, "run")
+    stages = _manifest(tmp_path)["stages"]
+    assert stages["teacher"]["status"] == "done"
+    assert stages["student"]["status"] == "failed" and "injected crash" in stages["student"]["error"]
+    monkeypatch.setattr(pipeline, "train_model", real)
+    capsys.readouterr()
+    assert _run(tmp_path, "run") == 0
+    out = capsys.readouterr().out
+    assert "[teacher] done already" in out and "[student] running" in out
+    assert _manifest(tmp_path)["stages"]["student"]["status"] == "done"
+
+
+def test_tampered_weights_are_refused_by_evaluate_and_retrained_by_run(tmp_path, capsys):
+    assert _run(tmp_path, "run") == 0
+    weights = tmp_path / "runs" / "tiny" / "teacher" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert _run(tmp_path, "evaluate") == 2
+    assert "stage(s) teacher not done" in capsys.readouterr().err
+    assert _run(tmp_path, "run") == 0
+    assert "[teacher] running" in capsys.readouterr().out
+
+
+def test_evaluate_before_training_says_what_to_do(tmp_path, capsys):
+    assert _run(tmp_path, "evaluate") == 2
+    assert "run `distillery train`" in capsys.readouterr().err
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "distillery.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--config", "no/such.yaml"], "config file not found: no/such.yaml"),
+    (["run", "--set", "teacher.train.epochs=-3"], "teacher.train.epochs: Input should be greater than or equal to 1"),
+    (["data", "prepare", "cifar10", "--path", "/no/such/dir"], "/no/such/dir"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
+    out = _cli(*args, "--set", f"storage_path={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0
+
+
+def test_unknown_dataset_is_refused(tmp_path):
+    out = _cli("data", "prepare", "mnist")
+    assert out.returncode == 2 and "invalid choice: 'mnist'" in out.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["data", "prepare"], ["train"], ["evaluate"], ["run"]])
+def test_help(command):
+    out = _cli(*command, "--help")
+    assert out.returncode == 0 and "usage: distillery" in out.stdout
+
+
+def test_data_prepare_command(tmp_path, capsys):
+    assert main(["data", "prepare", "synthetic", "--set", f"storage_path={tmp_path}",
+                 "--set", "data.num_samples=100", "--set", "name=syn"]) == 0
+    data_manifest = json.loads((tmp_path / "syn" / "data" / "manifest.json").read_text())
+    assert data_manifest["source"] == "synthetic"
+    assert sum(c["total"] for c in data_manifest["counts"].values()) == 100
