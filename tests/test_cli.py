@@ -139,3 +139,10 @@ def test_data_prepare_command(tmp_path, capsys):
     data_manifest = json.loads((tmp_path / "syn" / "data" / "manifest.json").read_text())
     assert data_manifest["source"] == "synthetic"
     assert sum(c["total"] for c in data_manifest["counts"].values()) == 100
+
+
+def test_digits_teacher_reaches_99_percent(tmp_path):
+    """The default preset's teacher on the real digits data (issue target: >= 99.0% test accuracy)."""
+    assert main(["train", "--model", "teacher", "--set", f"storage_path={tmp_path}"]) == 0
+    metrics = json.loads((tmp_path / "digits" / "teacher" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.99

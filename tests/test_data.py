@@ -138,6 +138,7 @@ def test_cifar10_round_trip(tmp_path):
     raw = _cifar_records(20, seed=99)
     want = torch.from_numpy(raw[:, 1:].reshape(-1, 3, 32, 32).astype(np.float32) / np.float32(255))
     assert _rows(xs[2], ys[2]) == _rows(want, torch.from_numpy(raw[:, 0].astype(np.int64)))
+    assert ys[2].tolist() != raw[:, 0].tolist()  # shuffled (seeded), so streamed batches mix classes
 
 
 def test_cifar10_without_meta_uses_numbers(tmp_path):
@@ -412,8 +413,9 @@ def test_decode_batch_matches_load_split(small_dir):
     for images in (flat, table.column("image").to_numpy(zero_copy_only=False)):  # 2-D, or object of rows
         bx, by = data.decode_batch({"image": images, "label": labels}, shape)
         assert torch.equal(bx, x) and torch.equal(by, y)
-    bx, _ = data.decode_batch(table.slice(5, 3))  # shape from schema metadata; honours slice offsets
-    assert torch.equal(bx, x[5:8])
+    for part in (table.slice(5, 3), table.to_batches()[0].slice(5, 3)):  # shape from schema metadata
+        bx, by = data.decode_batch(part)  # and slice offsets honoured
+        assert torch.equal(bx, x[5:8]) and torch.equal(by, y[5:8])
     with pytest.raises(UserError, match="image_shape"):
         data.decode_batch({"image": flat, "label": labels})
 

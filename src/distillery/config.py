@@ -43,7 +43,7 @@ class ResNetConfig(_Strict):
 
     kind: Literal["resnet"] = "resnet"
     width: int = Field(32, ge=4, le=1024, description="channels of the first stage; doubles per stage")
-    blocks: list[Annotated[int, Field(ge=1, le=16)]] = Field([1, 1], min_length=1, max_length=4)
+    blocks: list[Annotated[int, Field(ge=1, le=16)]] = Field([2, 2], min_length=1, max_length=4)
 
 
 class CNNConfig(_Strict):
