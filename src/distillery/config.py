@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, model_validator, ConfigDict, Field, ValidationError, field_validator
 
 from distillery.errors import UserError
 
@@ -68,6 +68,40 @@ class TrainConfig(_Strict):
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     augment: bool = Field(True, description="random 1-pixel shifts (and flips for cifar10)")
+    parallelism: Literal["ddp", "fsdp", "pipeline"] = Field(
+        "ddp", description="ddp: replicas, gradients all-reduced; fsdp: parameters, gradients and optimizer "
+        "state sharded (FSDP2); pipeline: the model cut into one stage per worker (GPipe micro-batches)")
+    microbatches: int = Field(4, ge=1, le=1024, description="pipeline only: micro-batches per batch")
+
+
+class HintConfig(_Strict):
+    """Feature (hint) distillation between a teacher and a student layer (FitNets)."""
+
+    teacher_layer: str = Field(description="a module name in the teacher, e.g. stages.1")
+    student_layer: str = Field(description="a module name in the student, e.g. conv2")
+    weight: float = Field(1.0, gt=0.0, le=100.0, description="weight of the MSE between the adapted features")
+
+
+class DistillConfig(_Strict):
+    """Hinton et al. (2015): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y)."""
+
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the soft (teacher) term")
+    hints: list[HintConfig] = Field([], max_length=4)
+    cache_teacher_logits: bool = Field(
+        False, description="compute the teacher's logits once with Ray Data into Parquet and reuse them "
+        "(the student then trains without augmentation: the logits are for the stored images)")
+
+
+class RayConfig(_Strict):
+    """Where and how wide the Ray Train stages run."""
+
+    address: str | None = Field(None, description="Ray cluster address; default: the job's cluster, else a local one")
+    workers: int = Field(2, ge=1, le=1024, description="Ray Train workers per training stage")
+    use_gpu: bool = Field(False, description="one GPU per worker, nccl, bf16 autocast")
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
+    max_failures: int = Field(3, ge=0, le=100, description="worker failures a stage survives (resuming from its last checkpoint)")
+    checkpoints_to_keep: int = Field(2, ge=1, le=100)
 
 
 class StageConfig(_Strict):
@@ -100,6 +134,17 @@ class PipelineConfig(_Strict):
     data: DataConfig = DataConfig()
     teacher: _stage(ResNetConfig()) = StageConfig(model=ResNetConfig())
     student: _stage(CNNConfig()) = StageConfig(model=CNNConfig())
+    distill: DistillConfig = DistillConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "PipelineConfig":
+        if self.distill.hints and self.student.train.parallelism == "pipeline":
+            raise ValueError("distill.hints need student.train.parallelism ddp or fsdp "
+                             "(a pipeline stage does not see the hinted layer's features)")
+        if self.distill.hints and self.distill.cache_teacher_logits:
+            raise ValueError("distill.hints need the live teacher; set distill.cache_teacher_logits: false")
+        return self
 
     @field_validator("name")
     @classmethod

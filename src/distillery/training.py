@@ -1,9 +1,10 @@
 """The training loop: plain PyTorch, no Ray.
 
-Later stages run exactly these functions inside Ray Train workers; they take iterables of
-`(x, y)` batches so the same loop reads in-memory tensors here and Ray Data shards there.
-`compute_loss(model, x, y) -> scalar` is the hook through which distillation swaps in
-its loss without touching the loop.
+Ray Train workers run exactly `train_epoch` and `evaluate`; they take iterables of
+`(x, target)` batches so the same loop reads in-memory tensors here and Ray Data shards
+there, and a `step` function so a parallelism strategy (DDP, FSDP, pipeline) swaps in its
+own optimizer step without touching the loop. Losses are `loss_fn(logits, target)`
+(see `losses`), so distillation changes the target, not the loop.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillery.config import TrainConfig
+from distillery.losses import LossFn, cross_entropy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+StepFn = Callable[[torch.Tensor, torch.Tensor], "float | None"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -55,10 +57,14 @@ def random_shift(x: torch.Tensor, generator: torch.Generator | None = None, pad:
     return out
 
 
-def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
-    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-    return loss
+def optimizer_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: LossFn,
+                   opt: torch.optim.Optimizer) -> float:
+    """One plain step: forward, loss, backward, update. Returns the batch's mean loss."""
+    loss = loss_fn(model(x), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -70,28 +76,39 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     total = max(1, cfg.epochs * steps_per_epoch)
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    shapes = {"onecycle": _one_cycle, "cosine": _cosine, "constant": lambda p: 1.0}
+    # A factor of training progress, clamped at 1: a worker whose data shard holds a batch
+    # more than the estimate in steps_per_epoch must not crash the schedule (OneCycleLR would).
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: shapes[cfg.schedule](min(step / total, 1.0)))
 
 
-def train_epoch(model: nn.Module, data: Iterable[Batch], opt: torch.optim.Optimizer,
-                sched: torch.optim.lr_scheduler.LRScheduler, compute_loss: LossFn) -> dict[str, float]:
-    """One pass over `data`; returns mean loss, samples seen and samples/s."""
+def _cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _one_cycle(progress: float, warmup: float = 0.3) -> float:
+    """OneCycleLR's shape: lr/25 rising to lr over 30% of training, then cosine to ~0."""
+    if progress < warmup:
+        return 0.04 + 0.96 * progress / warmup
+    return 1e-4 + (1.0 - 1e-4) * _cosine((progress - warmup) / (1.0 - warmup))
+
+
+def train_epoch(model: nn.Module, data: Iterable[Batch], step: StepFn,
+                sched: torch.optim.lr_scheduler.LRScheduler) -> dict[str, float]:
+    """One pass over `data` with `step(x, target) -> loss or None`; returns the mean loss
+    (nan where this rank computes none, e.g. early pipeline stages), samples and samples/s."""
     model.train()
-    total, seen, start = 0.0, 0, time.perf_counter()
-    for x, y in data:
-        loss = compute_loss(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    total, seen, with_loss, start = 0.0, 0, 0, time.perf_counter()
+    for x, target in data:
+        loss = step(x, target)
         sched.step()
-        total += loss.item() * len(y)
-        seen += len(y)
+        seen += len(x)
+        if loss is not None:
+            total += loss * len(x)
+            with_loss += len(x)
     seconds = time.perf_counter() - start
-    return {"loss": total / max(seen, 1), "samples": seen, "samples_per_s": seen / max(seconds, 1e-9)}
+    return {"loss": total / with_loss if with_loss else math.nan, "samples": seen,
+            "samples_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
 
 
 @torch.no_grad()
@@ -110,18 +127,20 @@ def evaluate(model: nn.Module, data: Iterable[Batch]) -> dict[str, float]:
 
 
 def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, seed: int,
-        flip: bool = False, compute_loss: LossFn | None = None,
+        flip: bool = False, loss_fn: LossFn | None = None,
         on_epoch: Callable[[dict], None] = lambda m: None) -> list[dict]:
-    """Train in-process on tensors; call `on_epoch` with each epoch's metrics; return them all."""
+    """Train in one process on tensors (`train` = (x, target)); call `on_epoch` with each
+    epoch's metrics; return them all."""
     gen = seed_everything(seed)
-    compute_loss = compute_loss or cross_entropy(cfg.label_smoothing)
+    loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, math.ceil(len(train[0]) / cfg.batch_size))
+    step = lambda x, target: optimizer_step(model, x, target, loss_fn, opt)  # noqa: E731
     history = []
     for epoch in range(1, cfg.epochs + 1):
         x = random_shift(train[0], gen, flip=flip) if cfg.augment else train[0]
-        metrics = {"epoch": epoch, **train_epoch(model, batches(x, train[1], cfg.batch_size, shuffle=True, generator=gen),
-                                                 opt, sched, compute_loss)}
+        data = batches(x, train[1], cfg.batch_size, shuffle=True, generator=gen)
+        metrics = {"epoch": epoch, **train_epoch(model, data, step, sched)}
         if val is not None and len(val[0]):
             metrics.update({f"val_{k}": v for k, v in evaluate(model, batches(*val, 1024)).items() if k != "samples"})
         on_epoch(metrics)
