@@ -42,7 +42,7 @@ class ResNetConfig(_Strict):
     """The teacher: a ResNet-style CNN (basic blocks, stride-2 between stages)."""
 
     kind: Literal["resnet"] = "resnet"
-    width: int = Field(32, ge=4, le=1024, description="channels of the first stage; doubles per stage")
+    width: int = Field(48, ge=4, le=1024, description="channels of the first stage; doubles per stage")
     blocks: list[Annotated[int, Field(ge=1, le=16)]] = Field([2, 2], min_length=1, max_length=4)
 
 

@@ -21,7 +21,7 @@ from distillery.config import PipelineConfig
 from distillery.errors import UserError
 from distillery.models import build_model, make_spec, summarize
 from distillery.rundir import RunDir, fingerprint
-from distillery.training import batches, evaluate, fit
+from distillery.training import batches, evaluate, fit, seed_everything
 
 Log = Callable[[str], None]
 StageFn = Callable[[RunDir, PipelineConfig, Log], tuple[list[Path], dict[str, Any]]]
@@ -90,6 +90,7 @@ def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple
     manifest, splits = load_splits(run)
     stage = getattr(cfg, which)
     spec = make_spec(stage.model, manifest["image_shape"], manifest["num_classes"])
+    seed_everything(cfg.seed)  # the initial weights too, not only the data order
     model = build_model(spec)
     log(f"[{which}] {summarize(model, spec)}")
     # Horizontal flips suit natural images (CIFAR-10), not digits, where they change the class.
