@@ -1,4 +1,5 @@
-"""The CLI and the stage bookkeeping, end to end on the tiny preset (in-process, no Ray)."""
+"""The CLI and the stage bookkeeping, end to end on the tiny preset, training in this
+process (`ray.workers=0`); tests/test_ray_train.py runs the same stages on Ray Train."""
 
 import json
 import os
@@ -17,7 +18,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _run(tmp_path, *args):
-    return main([*args, "--config", TINY, "--set", f"storage_path={tmp_path / 'runs'}"])
+    return main([*args, "--config", TINY, "--set", f"storage_path={tmp_path / 'runs'}", "--set", "ray.workers=0"])
 
 
 def _manifest(tmp_path):
@@ -29,16 +30,17 @@ def test_run_writes_a_verified_run_directory(tmp_path, capsys):
     root = tmp_path / "runs" / "tiny"
     manifest = _manifest(tmp_path)
     assert {n: s["status"] for n, s in manifest["stages"].items()} == dict.fromkeys(
-        ["data", "teacher", "student", "evaluate"], "done")
+        ["data", "teacher", "student_scratch", "student", "evaluate"], "done")
     for rel, digest in manifest["files"].items():
         assert sha256_file(root / rel) == digest, rel
-    for which in ("teacher", "student"):
+    for which in ("teacher", "student_scratch", "student"):
         assert {f"{which}/model.safetensors", f"{which}/arch.json"} <= manifest["files"].keys()
     assert manifest["config"]["name"] == "tiny" and manifest["versions"]["torch"]
     assert manifest["hardware"]["cpus"] >= 1
     assert (root / "config.yaml").exists()
     results = json.loads((root / "results.json").read_text())
-    assert results["teacher"]["macs"] > results["student"]["macs"]
+    assert results["models"]["teacher"]["macs"] > results["models"]["student"]["macs"]
+    assert set(results["distillation"]) == {"gain", "gap", "gap_closed"}
     out = capsys.readouterr().out
     assert "[teacher] epoch 2/2" in out and "samples/s" in out and f"run directory: {root}" in out
 
@@ -49,7 +51,7 @@ def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
     before = weights.stat().st_mtime_ns
     capsys.readouterr()
     assert _run(tmp_path, "run") == 0
-    assert capsys.readouterr().out.count("done already") == 4
+    assert capsys.readouterr().out.count("done already") == 5
     assert weights.stat().st_mtime_ns == before
     assert _run(tmp_path, "train", "--model", "teacher", "--force") == 0
     assert weights.stat().st_mtime_ns != before
@@ -58,11 +60,14 @@ def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
 def test_changed_config_redoes_only_what_it_touches(tmp_path, capsys):
     assert _run(tmp_path, "run") == 0
     capsys.readouterr()
-    assert main(["run", "--config", TINY, "--set", f"storage_path={tmp_path / 'runs'}",
-                 "--set", "student.train.epochs=1"]) == 0
+    assert _run(tmp_path, "run", "--set", "distill.temperature=2") == 0
     out = capsys.readouterr().out
     assert "[data] done already" in out and "[teacher] done already" in out
+    assert "[student_scratch] done already" in out
     assert "[student] running" in out and "[evaluate] running" in out
+    assert _run(tmp_path, "run", "--set", "distill.temperature=2", "--set", "student.train.epochs=1") == 0
+    out = capsys.readouterr().out
+    assert "[teacher] done already" in out and "[student_scratch] running" in out
     assert _manifest(tmp_path)["stages"]["student"]["metrics"]["epochs"] == 1
 
 
@@ -95,7 +100,10 @@ def test_tampered_weights_are_refused_by_evaluate_and_retrained_by_run(tmp_path,
     assert _run(tmp_path, "evaluate") == 2
     assert "stage(s) teacher not done" in capsys.readouterr().err
     assert _run(tmp_path, "run") == 0
-    assert "[teacher] running" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[teacher] running" in out
+    assert "[student] running" in out  # distilled from the old teacher: stale
+    assert "[student_scratch] done already" in out
 
 
 def test_evaluate_before_training_says_what_to_do(tmp_path, capsys):
@@ -127,7 +135,7 @@ def test_unknown_dataset_is_refused(tmp_path):
     assert out.returncode == 2 and "invalid choice: 'mnist'" in out.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["data", "prepare"], ["train"], ["evaluate"], ["run"]])
+@pytest.mark.parametrize("command", [[], ["data", "prepare"], ["train"], ["distill"], ["evaluate"], ["run"]])
 def test_help(command):
     out = _cli(*command, "--help")
     assert out.returncode == 0 and "usage: distillery" in out.stdout
@@ -143,6 +151,6 @@ def test_data_prepare_command(tmp_path, capsys):
 
 def test_digits_teacher_reaches_99_percent(tmp_path):
     """The default preset's teacher on the real digits data (issue target: >= 99.0% test accuracy)."""
-    assert main(["train", "--model", "teacher", "--set", f"storage_path={tmp_path}"]) == 0
+    assert main(["train", "--model", "teacher", "--set", f"storage_path={tmp_path}", "--set", "ray.workers=0"]) == 0
     metrics = json.loads((tmp_path / "digits" / "teacher" / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.99

@@ -29,14 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--path", help="cifar10: folder with the *.bin files; parquet: a file or folder")
     _config_args(prepare)
 
-    train = sub.add_parser("train", help="train the teacher and/or the student alone (prepares data first if needed)")
-    train.add_argument("--model", choices=["teacher", "student", "all"], default="all")
+    train = sub.add_parser("train", help="train the teacher and the student alone on Ray Train (prepares data first if needed)")
+    train.add_argument("--model", choices=["teacher", "student_scratch", "all"], default="all",
+                       help="student_scratch: the student trained alone, the baseline for distillation")
     _config_args(train)
+
+    distill = sub.add_parser("distill", help="distill the trained teacher into the student on Ray Train")
+    _config_args(distill)
 
     evaluate = sub.add_parser("evaluate", help="reload the trained models from disk, verify and score them")
     _config_args(evaluate)
 
-    run = sub.add_parser("run", help="the whole pipeline: data, teacher, student, evaluate")
+    run = sub.add_parser("run", help="the whole pipeline: data, teacher, student alone, distilled student, evaluate")
     _config_args(run)
     return parser
 
@@ -67,9 +71,12 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "data":
         stages = ["data"]
     elif args.command == "train":
-        stages = ["data"] + (["teacher", "student"] if args.model == "all" else [args.model])
+        stages = ["data"] + (["teacher", "student_scratch", "student"] if args.model == "all" else [args.model])
+    elif args.command == "distill":
+        require_done(cfg, ["data", "teacher"])
+        stages = ["student"]
     elif args.command == "evaluate":
-        require_done(cfg, ["data", "teacher", "student"])
+        require_done(cfg, ["data", "teacher", "student_scratch", "student"])
         stages = ["evaluate"]
     else:
         stages = None

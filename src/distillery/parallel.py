@@ -31,8 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from distillery.errors import UserError
+from distillery.losses import LossFn
+from distillery.training import optimizer_step
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 STRATEGIES = ("none", "ddp", "fsdp", "pipeline")
 
 
@@ -151,18 +152,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 # ---------------------------------------------------------------- helpers shared by strategies
 
 
-def _local_step(model: nn.Module, x: Tensor, target: Tensor, loss_fn: LossFn,
-                opt: torch.optim.Optimizer) -> float:
-    """Forward, backward, update on this rank's batch; returns its mean loss. DDP/FSDP average
-    the grads across ranks inside backward, so equal shares give the whole batch's gradient."""
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), target)
-    loss.backward()
-    opt.step()
-    return loss.item()
-
-
 @torch.no_grad()
 def _eval_forward(model: nn.Module, x: Tensor) -> Tensor:
     """Eval-mode logits [N, K] of x [N, C, H, W]; the module's train/eval mode is restored."""
@@ -218,7 +207,8 @@ class Replicated:
         return model.module if isinstance(model, DistributedDataParallel) else model
 
     def train_step(self, model, x, target, loss_fn, opt) -> float:
-        return _local_step(model, x, target, loss_fn, opt)
+        model.train()  # DDP/FSDP average the grads across ranks inside backward
+        return optimizer_step(model, x, target, loss_fn, opt)
 
     def predict(self, model, x) -> Tensor:
         return _eval_forward(self.unwrap(model), x)
@@ -269,7 +259,8 @@ class FSDP:
         return fully_shard(model, mesh=mesh)
 
     def train_step(self, model, x, target, loss_fn, opt) -> float:
-        return _local_step(model, x, target, loss_fn, opt)
+        model.train()  # DDP/FSDP average the grads across ranks inside backward
+        return optimizer_step(model, x, target, loss_fn, opt)
 
     def predict(self, model, x) -> Tensor:
         return _eval_forward(model, x)

@@ -1,10 +1,12 @@
 """The stages of a run, in order, each skipped when its outputs exist and verify.
 
-    data -> teacher -> student -> evaluate
+    data -> teacher -> student_scratch -> student -> evaluate
 
-Each stage is a function `(run, cfg, log) -> (files, metrics)`; `run_stages` wraps them
-with the bookkeeping (fingerprints, manifest status, skip on re-run, `--force`).
-Training here runs in-process; the Ray Train stages replace the train step, not this file's shape.
+`student_scratch` is the student trained alone, `student` the same network distilled from
+the teacher; the evaluation reports what share of the teacher-student gap distillation
+closed. Each stage is a function `(run, cfg, log) -> (files, metrics)`; `run_stages` wraps
+them with the bookkeeping (fingerprints, manifest status, skip on re-run, `--force`).
+Training runs on Ray Train (`raytrain`), or in this process when `ray.workers` is 0.
 """
 
 from __future__ import annotations
@@ -19,32 +21,40 @@ from distillery import data
 from distillery.artifacts import atomic_write_bytes, atomic_write_json, load_model, save_model
 from distillery.config import PipelineConfig
 from distillery.errors import UserError
+from distillery.losses import distillation, pack_target
 from distillery.models import build_model, make_spec, summarize
 from distillery.rundir import RunDir, fingerprint
 from distillery.training import batches, evaluate, fit, seed_everything
 
 Log = Callable[[str], None]
 StageFn = Callable[[RunDir, PipelineConfig, Log], tuple[list[Path], dict[str, Any]]]
-MODELS = ("teacher", "student")
+MODELS = ("teacher", "student_scratch", "student")
 EVAL_BATCH = 1024
+# What each stage reads. A stage that runs again makes everything downstream stale: a
+# student distilled from an older teacher is not the one this teacher would give.
+INPUTS = {"data": [], "teacher": ["data"], "student_scratch": ["data"], "student": ["data", "teacher"],
+          "evaluate": ["data", *MODELS]}
+
+
+def downstream(name: str) -> list[str]:
+    direct = [stage for stage, inputs in INPUTS.items() if name in inputs]
+    return direct + [d for stage in direct for d in downstream(stage) if d not in direct]
 
 
 def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """Each stage's fingerprint: the config it reads plus the fingerprints of its inputs."""
+    workers = cfg.ray.model_dump(include={"workers", "use_gpu", "cpus_per_worker"})
     fp = {"data": fingerprint(cfg.data.model_dump(), cfg.seed)}
-    for name in MODELS:
-        fp[name] = fingerprint(fp["data"], getattr(cfg, name).model_dump(), cfg.seed)
+    fp["teacher"] = fingerprint(fp["data"], cfg.teacher.model_dump(), cfg.seed, workers)
+    fp["student_scratch"] = fingerprint(fp["data"], cfg.student.model_dump(), cfg.seed, workers)
+    fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), cfg.distill.model_dump(), cfg.seed, workers)
     fp["evaluate"] = fingerprint(*(fp[name] for name in MODELS))
     return fp
 
 
 def stage_functions() -> dict[str, StageFn]:
-    return {
-        "data": prepare_data,
-        "teacher": lambda run, cfg, log: train_model(run, cfg, "teacher", log),
-        "student": lambda run, cfg, log: train_model(run, cfg, "student", log),
-        "evaluate": evaluate_run,
-    }
+    train = lambda which: lambda run, cfg, log: train_model(run, cfg, which, log)  # noqa: E731
+    return {"data": prepare_data, **{name: train(name) for name in MODELS}, "evaluate": evaluate_run}
 
 
 def run_stages(cfg: PipelineConfig, stages: list[str] | None = None, *, force: bool = False,
@@ -58,8 +68,8 @@ def run_stages(cfg: PipelineConfig, stages: list[str] | None = None, *, force: b
         if not force and run.is_done(name, fps[name]):
             log(f"[{name}] done already (outputs verified); --force redoes it")
             continue
-        log(f"[{name}] running")
-        run.start(name, fps[name])
+        attempt = run.start(name, fps[name], fresh=force)
+        log(f"[{name}] running" + (f" (attempt {attempt})" if attempt > 1 else ""))
         start = time.perf_counter()
         try:
             files, metrics = functions[name](run, cfg, log)
@@ -67,6 +77,7 @@ def run_stages(cfg: PipelineConfig, stages: list[str] | None = None, *, force: b
             run.fail(name, f"{type(e).__name__}: {e}")
             raise
         run.finish(name, fps[name], files, {**metrics, "seconds": round(time.perf_counter() - start, 2)})
+        run.mark_stale(downstream(name))
     return run
 
 
@@ -86,23 +97,63 @@ def load_splits(run: RunDir) -> tuple[dict[str, Any], dict[str, tuple[torch.Tens
 
 
 def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple[list[Path], dict[str, Any]]:
-    """Train the teacher or the student alone, save it, and score it on the test split."""
+    """Train the teacher, the student alone, or the student distilled; save and score it."""
     manifest, splits = load_splits(run)
-    stage = getattr(cfg, which)
+    stage = cfg.teacher if which == "teacher" else cfg.student
     spec = make_spec(stage.model, manifest["image_shape"], manifest["num_classes"])
-    seed_everything(cfg.seed)  # the initial weights too, not only the data order
-    model = build_model(spec)
-    log(f"[{which}] {summarize(model, spec)}")
-    # Horizontal flips suit natural images (CIFAR-10), not digits, where they change the class.
-    history = fit(model, splits["train"], splits["val"], stage.train, seed=cfg.seed,
-                  flip=manifest["source"] == "cifar10", on_epoch=_progress(which, stage.train.epochs, log))
+    teacher_dir = run.verify_file("teacher/arch.json").parent if which == "student" else None
+    log(f"[{which}] {summarize(build_model(spec), spec)}"
+        + (f", distilled from the teacher (T={cfg.distill.temperature}, alpha={cfg.distill.alpha})" if teacher_dir else ""))
+    if cfg.ray.workers == 0:
+        model, history = _train_here(cfg, which, spec, manifest, splits, teacher_dir, log)
+    else:
+        model, history = _train_on_ray(run, cfg, which, spec, manifest, teacher_dir)
     test = evaluate(model, batches(*splits["test"], EVAL_BATCH))
-    metrics = {**summarize(model, spec), "test_accuracy": test["accuracy"],
-               "final_loss": history[-1]["loss"], "epochs": len(history)}
+    metrics = {**summarize(model, spec), "test_accuracy": test["accuracy"], "final_loss": history[-1]["loss"],
+               "epochs": len(history), "workers": cfg.ray.workers, "parallelism": stage.train.parallelism}
     files = save_model(run.root / which, model, spec)
     atomic_write_json(run.root / which / "metrics.json", {**metrics, "history": history})
     log(f"[{which}] test accuracy {test['accuracy']:.2%}")
     return [*files, run.root / which / "metrics.json"], metrics
+
+
+def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, splits: dict,
+                teacher_dir: Path | None, log: Log) -> tuple[torch.nn.Module, list[dict]]:
+    """The same loop in this process, without Ray (`ray.workers: 0`): quick tests, debugging."""
+    tcfg = (cfg.teacher if which == "teacher" else cfg.student).train
+    seed_everything(cfg.seed)  # the initial weights too, not only the data order
+    model = build_model(spec)
+    extra: dict[str, Any] = {}
+    if teacher_dir is not None:
+        teacher, _ = load_model(teacher_dir)
+        teacher.requires_grad_(False)
+        extra = {"loss_fn": distillation(cfg.distill.temperature, cfg.distill.alpha),
+                 "make_target": lambda x, y: pack_target(y, teacher(x))}
+    history = fit(model, splits["train"], splits["val"], tcfg, seed=cfg.seed, flip=_flips(manifest),
+                  on_epoch=_progress(which, tcfg.epochs, log), **extra)
+    return model.eval(), history
+
+
+def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, manifest: dict,
+                  teacher_dir: Path | None) -> tuple[torch.nn.Module, list[dict]]:
+    from distillery.raytrain import fit_on_ray  # the core never imports ray
+
+    record = run.stage(which)
+    job = {"which": which, "spec": spec, "image_shape": manifest["image_shape"], "flip": _flips(manifest),
+           "train_rows": manifest["counts"]["train"]["total"],
+           "teacher_dir": str(teacher_dir.resolve()) if teacher_dir else None}
+    # One Ray Train run per stage attempt: a crashed attempt resumes from its checkpoints,
+    # a new attempt (changed config, --force) starts clean.
+    name = f"{which}-{record['fingerprint']}-{record['attempt']}"
+    state, history = fit_on_ray(job, cfg, storage=run.root / "ray", name=name, data_dir=run.root / "data")
+    model = build_model(spec)
+    model.load_state_dict(state)
+    return model.eval(), history
+
+
+def _flips(manifest: dict) -> bool:
+    # Horizontal flips suit natural images (CIFAR-10), not digits, where they change the class.
+    return manifest["source"] == "cifar10"
 
 
 def _progress(which: str, epochs: int, log: Log) -> Callable[[dict], None]:
@@ -113,27 +164,41 @@ def _progress(which: str, epochs: int, log: Log) -> Callable[[dict], None]:
 
 
 def evaluate_run(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
-    """Reload every trained model from disk (verifying it) and score it on val and test."""
+    """Reload every trained model from disk (verifying it), score it on val and test, and say
+    what share of the teacher-student gap distillation closed."""
     _, splits = load_splits(run)
-    results = {}
+    models = {}
     for which in MODELS:
         run.verify_file(f"{which}/arch.json")
         model, arch = load_model(run.root / which)
         scores = {split: evaluate(model, batches(*splits[split], EVAL_BATCH)) for split in ("val", "test")}
-        results[which] = {**summarize(model, arch["spec"]),
-                          "weights_bytes": (run.root / which / arch["weights"]).stat().st_size,
-                          **{f"{split}_accuracy": s["accuracy"] for split, s in scores.items()}}
+        models[which] = {**summarize(model, arch["spec"]),
+                         "weights_bytes": (run.root / which / arch["weights"]).stat().st_size,
+                         **{f"{split}_accuracy": s["accuracy"] for split, s in scores.items()}}
+    results = {"models": models, "distillation": distillation_gain(models)}
     atomic_write_json(run.root / "results.json", results)
     atomic_write_bytes(run.root / "results.md", results_table(results).encode())
     log(results_table(results))
     return [run.root / "results.json", run.root / "results.md"], results
 
 
-def results_table(results: dict[str, dict[str, Any]]) -> str:
+def distillation_gain(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Test-accuracy gain of the distilled student over the same student trained alone, and
+    the share of the teacher-student gap it closed (None when there is no gap to close)."""
+    teacher, alone, distilled = (models[m]["test_accuracy"] for m in MODELS)
+    gap = teacher - alone
+    return {"gain": distilled - alone, "gap": gap, "gap_closed": (distilled - alone) / gap if gap > 0 else None}
+
+
+def results_table(results: dict[str, Any]) -> str:
     rows = ["| model | params | MACs | weights (KiB) | val acc | test acc |", "|---|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
+    for name, r in results["models"].items():
         rows.append(f"| {name} | {r['params']:,} | {r['macs']:,} | {r['weights_bytes'] / 1024:,.1f} "
                     f"| {r['val_accuracy']:.2%} | {r['test_accuracy']:.2%} |")
+    kd = results["distillation"]
+    closed = f"{kd['gap_closed']:.0%} of the {kd['gap']:.2%} teacher-student gap" if kd["gap_closed"] is not None \
+        else "no teacher-student gap to close"
+    rows.append(f"\nDistillation: student {kd['gain']:+.2%} test accuracy over training alone ({closed}); one seed.")
     return "\n".join(rows) + "\n"
 
 

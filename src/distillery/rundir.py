@@ -74,8 +74,15 @@ class RunDir:
             return False
         return True
 
-    def start(self, name: str, fp: str) -> None:
-        self._update_stage(name, {"status": "running", "fingerprint": fp, "started_at": _now()})
+    def start(self, name: str, fp: str, fresh: bool = False) -> int:
+        """Mark `name` running; return its attempt number. A stage that crashed or failed with
+        the same fingerprint keeps its attempt (so Ray Train resumes its checkpoints); a
+        finished or changed one starts a new attempt from scratch."""
+        prev = self.stage(name)
+        resume = not fresh and prev.get("fingerprint") == fp and prev.get("status") in ("running", "failed")
+        attempt = prev.get("attempt", 0) + (0 if resume else 1)
+        self._update_stage(name, {"status": "running", "fingerprint": fp, "attempt": attempt, "started_at": _now()})
+        return attempt
 
     def fail(self, name: str, error: str) -> None:
         self._update_stage(name, {"status": "failed", "error": error, "finished_at": _now()})
@@ -90,6 +97,14 @@ class RunDir:
         record.update(status="done", fingerprint=fp, files=rels, metrics=metrics, finished_at=_now())
         record.pop("error", None)
         manifest["stages"][name] = record
+        self._write(manifest)
+
+    def mark_stale(self, names: list[str]) -> None:
+        """Force `names` to run again (their inputs changed), keeping their records."""
+        manifest = self.manifest()
+        for name in names:
+            if manifest["stages"].get(name, {}).get("status") == "done":
+                manifest["stages"][name]["status"] = "stale"
         self._write(manifest)
 
     def verify_file(self, rel: str | Path) -> Path:

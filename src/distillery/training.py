@@ -22,6 +22,7 @@ from distillery.losses import LossFn, cross_entropy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 StepFn = Callable[[torch.Tensor, torch.Tensor], "float | None"]
+TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -127,10 +128,11 @@ def evaluate(model: nn.Module, data: Iterable[Batch]) -> dict[str, float]:
 
 
 def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, seed: int,
-        flip: bool = False, loss_fn: LossFn | None = None,
+        flip: bool = False, loss_fn: LossFn | None = None, make_target: TargetFn = lambda x, y: y,
         on_epoch: Callable[[dict], None] = lambda m: None) -> list[dict]:
-    """Train in one process on tensors (`train` = (x, target)); call `on_epoch` with each
-    epoch's metrics; return them all."""
+    """Train in one process on tensors `train` = (x, y); `make_target(x, y)` builds each
+    batch's target after augmentation (distillation packs the teacher's logits in); call
+    `on_epoch` with each epoch's metrics; return them all."""
     gen = seed_everything(seed)
     loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
     opt = make_optimizer(model, cfg)
@@ -139,7 +141,7 @@ def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, 
     history = []
     for epoch in range(1, cfg.epochs + 1):
         x = random_shift(train[0], gen, flip=flip) if cfg.augment else train[0]
-        data = batches(x, train[1], cfg.batch_size, shuffle=True, generator=gen)
+        data = ((xb, make_target(xb, yb)) for xb, yb in batches(x, train[1], cfg.batch_size, shuffle=True, generator=gen))
         metrics = {"epoch": epoch, **train_epoch(model, data, step, sched)}
         if val is not None and len(val[0]):
             metrics.update({f"val_{k}": v for k, v in evaluate(model, batches(*val, 1024)).items() if k != "samples"})

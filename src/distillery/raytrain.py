@@ -1,0 +1,246 @@
+"""The Ray layer of training: a TorchTrainer around the plain loop of `training`.
+
+Driver side, `fit_on_ray` reads the Parquet shards with Ray Data, starts one worker per
+`ray.workers`, and returns the trained model's full state dict read from the last
+registered checkpoint. Worker side, `train_worker` is the plain loop plus what Ray adds:
+its dataset shard, a parallelism strategy (`parallel`), and a checkpoint per epoch
+(`checkpoint`) through which a restarted worker group resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ray
+import ray.data
+import ray.train
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from distillery import checkpoint, data
+from distillery.artifacts import load_model
+from distillery.config import PipelineConfig, from_dict
+from distillery.losses import cross_entropy, distillation, pack_target
+from distillery.models import build_model
+from distillery.parallel import Strategy, make_strategy
+from distillery.training import TargetFn, batches, make_optimizer, make_scheduler, random_shift, seed_everything, train_epoch
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- driver
+
+
+def ensure_ray(cfg: PipelineConfig) -> None:
+    """Join the cluster this job runs on (or `ray.address`), else start a local instance."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    # Logical CPUs beyond the workers' share, so Ray Data's read tasks are never starved
+    # by the training workers holding every CPU (a deadlock on a 2-core machine).
+    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_worker)) + 2
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    quiet = ray.data.DataContext.get_current()  # per-epoch progress bars would drown the epoch lines
+    quiet.enable_progress_bars = quiet.print_on_execution_start = quiet.enable_auto_log_stats = False
+
+
+def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, *, storage: Path, name: str,
+               data_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Train `job` with Ray Train; return (full model state_dict, per-epoch history).
+
+    Re-running with the same `storage`/`name` resumes from the last registered checkpoint.
+    """
+    ensure_ray(cfg)
+    tcfg = _stage_cfg(cfg, job["which"]).train
+    # Only the training split streams through Ray Data; the small val split is read once per
+    # worker from the same verified shards (re-executing a dataset each epoch cost seconds).
+    datasets = {"train": ray.data.read_parquet([str(p) for p in data.shard_paths(data_dir, "train")]).materialize()}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={**job, "pipeline": cfg.to_dict(), "data_dir": str(data_dir.resolve())},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
+                             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        datasets=datasets,
+        # Pipeline stages must all see the same batches, so they read the whole split in a
+        # fixed order; data-parallel workers each read their own shard.
+        dataset_config=DataConfig(datasets_to_split=["train"] if tcfg.parallelism != "pipeline" else [],
+                                  execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        checkpoint.verify(Path(folder), cfg.ray.workers)
+        state = checkpoint.merged_model_state(Path(folder))
+        history = checkpoint.read_history(Path(folder))
+    _drop_unregistered(storage / name, {Path(c.path).name for c, _ in result.best_checkpoints})
+    return state, history
+
+
+def _drop_unregistered(trial_dir: Path, registered: set[str]) -> None:
+    """Delete checkpoint folders Ray left on disk without registering them (a worker that
+    died right after reporting), so they neither pile up nor get mistaken for complete."""
+    for folder in trial_dir.glob("checkpoint_*"):
+        if folder.is_dir() and folder.name not in registered:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stage_cfg(cfg: PipelineConfig, which: str):
+    return cfg.teacher if which == "teacher" else cfg.student
+
+
+# ---------------------------------------------------------------- worker
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the plain loop of `training`, checkpointed every epoch."""
+    cfg = from_dict(config["pipeline"], source="train_loop_config")  # typed at the boundary
+    tcfg = _stage_cfg(cfg, config["which"]).train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # 1 thread per core: no oversubscription
+    device = ray.train.torch.get_device()
+    strategy = make_strategy(tcfg.parallelism, rank=rank, world_size=world, microbatches=tcfg.microbatches)
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    model = strategy.wrap(build_model(config["spec"]).to(device), config["spec"])
+    teacher = _frozen_teacher(config["teacher_dir"], device) if config.get("teacher_dir") else None
+    loss_fn = distillation(cfg.distill.temperature, cfg.distill.alpha) if teacher else cross_entropy(tcfg.label_smoothing)
+    make_target: TargetFn = (lambda x, y: pack_target(y, teacher(x))) if teacher else (lambda x, y: y)
+
+    split = tcfg.parallelism != "pipeline"
+    batch = math.ceil(tcfg.batch_size / world) if split else tcfg.batch_size  # same global batch as 1 worker
+    rows = math.ceil(config["train_rows"] / world) if split else config["train_rows"]
+    opt = make_optimizer(model, tcfg)
+    sched = make_scheduler(opt, tcfg, math.ceil(rows / batch))
+    first, history = _resume(strategy, model, opt, sched, rank, world)
+    val = data.load_split(config["data_dir"], "val")
+    step = lambda x, target: strategy.train_step(model, x, target, loss_fn, opt)  # noqa: E731
+
+    for epoch in range(first, tcfg.epochs + 1):
+        seed = zlib.crc32(f"{cfg.seed}/{epoch}/{rank if split else 0}".encode())
+        batches = _train_batches(config, batch, seed, tcfg.augment, make_target, device, check_same=not split)
+        start = time.perf_counter()
+        stats = train_epoch(model, batches, step, sched)
+        scores = _validate(strategy, model, val, device)
+        metrics = _epoch_metrics(epoch, stats, scores, time.perf_counter() - start, world, split)
+        history.append(metrics)
+        if rank == 0:
+            print(_progress_line(config["which"], tcfg.epochs, metrics), flush=True)
+        _report(metrics, strategy, model, opt, sched, rank, world, history)
+
+
+def _frozen_teacher(folder: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The teacher as a pure function: eval mode, no gradients, never trained."""
+    teacher, _ = load_model(folder)
+    teacher.to(device).eval().requires_grad_(False)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return teacher(x)
+    return logits
+
+
+def _resume(strategy: Strategy, model, opt, sched, rank: int, world: int) -> tuple[int, list[dict]]:
+    """(first epoch to run, history so far), from Ray's latest registered checkpoint if any."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 1, []
+    with ckpt.as_directory() as folder:
+        state, history = checkpoint.restore(Path(folder), rank=rank, world_size=world, strategy=strategy,
+                                            model=model, opt=opt)
+    sched.load_state_dict(state["scheduler"])
+    if rank == 0:
+        print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
+    return state["epoch"] + 1, history
+
+
+def _train_batches(config: dict, batch_size: int, seed: int, augment: bool, make_target: TargetFn,
+                   device: torch.device, check_same: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This worker's shard as (x [B, C, H, W], target) batches, shuffled and augmented per epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    shard = ray.train.get_dataset_shard("train")
+    for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                                    local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed):
+        x, y = data.decode_batch(table, config["image_shape"])
+        if check_same:
+            _check_same_batch(y)
+        if augment:
+            x = random_shift(x, gen, flip=config["flip"])
+        x, y = x.to(device), y.to(device)
+        yield x, make_target(x, y)
+
+
+def _check_same_batch(y: torch.Tensor) -> None:
+    """Pipeline stages must see identical batches: compare a checksum of the labels."""
+    digest = torch.tensor([float((y * torch.arange(1, len(y) + 1)).sum()), float(len(y))])
+    high, low = digest.clone(), digest.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    if not torch.equal(high, low):
+        raise RuntimeError("pipeline ranks received different batches; the data order is not deterministic")
+
+
+def _validate(strategy: Strategy, model, val: tuple[torch.Tensor, torch.Tensor],
+              device: torch.device) -> dict[str, float]:
+    """Accuracy and loss over the whole val split. Every rank runs it (FSDP's and the
+    pipeline's forward are collectives); the pipeline's last stage alone has logits. Summing
+    over ranks scales the counts and the samples alike, so the ratios stay exact."""
+    totals = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, samples
+    for x, y in batches(*val, 1024):
+        logits = strategy.predict(model, x.to(device))
+        if logits is not None:
+            logits = logits.float().cpu()
+            totals += torch.tensor([(logits.argmax(1) == y).sum().item(),
+                                    F.cross_entropy(logits, y, reduction="sum").item(), len(y)],
+                                   dtype=torch.float64)
+    dist.all_reduce(totals)
+    if totals[2] == 0:
+        return {}
+    return {"val_accuracy": (totals[0] / totals[2]).item(), "val_loss": (totals[1] / totals[2]).item()}
+
+
+def _epoch_metrics(epoch: int, stats: dict, val: dict, wall: float, world: int, split: bool) -> dict[str, Any]:
+    """Gather per-worker throughput and the mean training loss to every rank."""
+    has_loss = not math.isnan(stats["loss"])
+    mine = torch.tensor([stats["samples_per_s"], stats["samples"], stats["loss"] if has_loss else 0.0, float(has_loss)],
+                        dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    per_worker = [round(t[0].item(), 1) for t in every]
+    samples = sum(t[1].item() for t in every) if split else every[0][1].item()
+    losses = [t[2].item() for t in every if t[3] > 0]
+    return {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), **val,
+            "samples_per_s": round(samples / max(wall, 1e-9), 1), "samples_per_s_per_worker": per_worker,
+            "epoch_seconds": round(wall, 3)}
+
+
+def _progress_line(which: str, epochs: int, m: dict) -> str:
+    val = f"  val_acc {m['val_accuracy']:.2%}" if "val_accuracy" in m else ""
+    return (f"[{which}] epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}{val}  "
+            f"{m['samples_per_s']:,.0f} samples/s ({', '.join(f'{v:,.0f}' for v in m['samples_per_s_per_worker'])} "
+            f"per worker)  {m['epoch_seconds']:.2f} s")
+
+
+def _report(metrics: dict, strategy: Strategy, model, opt, sched, rank: int, world: int, history: list[dict]) -> None:
+    """Every rank writes its share of the checkpoint; Ray merges and registers it."""
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint.write(Path(folder), rank=rank, world_size=world, epoch=metrics["epoch"], strategy=strategy,
+                         model=model, opt=opt, trainer_state={"scheduler": sched.state_dict()}, history=history)
+        scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        ray.train.report(scalar, checkpoint=Checkpoint.from_directory(folder))
