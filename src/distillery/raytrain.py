@@ -139,6 +139,8 @@ def train_worker(config: dict[str, Any]) -> None:
         stats = train_epoch(model, batches, step, sched)
         scores = _validate(strategy, model, val, device)
         metrics = _epoch_metrics(epoch, stats, scores, time.perf_counter() - start, world, split)
+        if epoch == first and history:
+            metrics["resumed_from"] = first - 1  # evidence of a restart, kept in the history
         history.append(metrics)
         if rank == 0:
             print(_progress_line(config["which"], tcfg.epochs, metrics), flush=True)

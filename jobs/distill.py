@@ -1,0 +1,18 @@
+"""Distill the trained teacher into the student on Ray Train.
+
+Locally:     python jobs/distill.py --config configs/digits.yaml
+On a cluster: ray job submit --address ADDR --working-dir . -- python jobs/distill.py --config configs/digits.yaml
+(with an absolute or shared `storage_path`, since a job's working directory is temporary)
+Same code as `distillery distill`; it needs the trained teacher (`jobs/train.py`) of the same config.
+"""
+
+import sys
+from pathlib import Path
+
+# A job submitted with --working-dir runs from an uploaded copy of the repo: find src/ there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from distillery.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["distill", *sys.argv[1:]]))

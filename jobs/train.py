@@ -1,0 +1,18 @@
+"""Train the teacher (and the student alone, the distillation baseline) on Ray Train.
+
+Locally:     python jobs/train.py --config configs/digits.yaml
+On a cluster: ray job submit --address ADDR --working-dir . -- python jobs/train.py --config configs/digits.yaml
+(with an absolute or shared `storage_path`, since a job's working directory is temporary)
+Same code as `distillery train`; it prepares the data first if needed.
+"""
+
+import sys
+from pathlib import Path
+
+# A job submitted with --working-dir runs from an uploaded copy of the repo: find src/ there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from distillery.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))
