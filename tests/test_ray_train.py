@@ -105,3 +105,26 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
     assert [h["epoch"] for h in history] == list(range(1, 13))
     resumed = [h["resumed_from"] for h in history if "resumed_from" in h]
     assert resumed and resumed[0] >= 2  # at most the epoch in flight was lost
+
+
+def test_cached_teacher_logits_are_computed_once_and_reused(tmp_path):
+    cfg = _cfg(tmp_path, "distill.cache_teacher_logits=true", "student.train.epochs=2")
+    run_stages(cfg, ["data", "teacher", "teacher_logits", "student"], log=lambda m: None)
+    root = tmp_path / "tiny"
+    import pyarrow.parquet as pq
+    import torch
+    from distillery import data
+
+    table = pq.read_table(sorted((root / "teacher_logits").glob("*.parquet")))
+    x, _ = data.decode_batch(table, [1, 8, 8])
+    teacher, _ = load_model(root / "teacher")
+    cached = torch.tensor(table.column("teacher_logits").to_pylist())
+    assert cached.shape == (len(x), 4)
+    assert torch.allclose(cached, teacher(x).detach(), atol=1e-5)
+    assert len(_metrics(tmp_path, "student")["history"]) == 2
+    # A second student with another temperature reuses the cache: the stage is not redone.
+    lines = []
+    run_stages(_cfg(tmp_path, "distill.cache_teacher_logits=true", "student.train.epochs=2", "distill.temperature=2"),
+               ["data", "teacher", "teacher_logits", "student"], log=lines.append)
+    assert "[teacher_logits] done already (outputs verified); --force redoes it" in lines
+    assert any(line.startswith("[student] running") for line in lines)

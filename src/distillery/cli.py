@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> None:
     # Imported here so `distillery --help` stays fast (torch is slow to import).
     from distillery.config import load_config
-    from distillery.pipeline import require_done, run_stages
+    from distillery.pipeline import require_done, run_stages, uses_logit_cache
 
     overrides = list(args.overrides)
     if args.command == "data":
@@ -74,7 +74,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         stages = ["data"] + (["teacher", "student_scratch", "student"] if args.model == "all" else [args.model])
     elif args.command == "distill":
         require_done(cfg, ["data", "teacher"])
-        stages = ["student"]
+        stages = (["teacher_logits"] if uses_logit_cache(cfg) else []) + ["student"]
     elif args.command == "evaluate":
         require_done(cfg, ["data", "teacher", "student_scratch", "student"])
         stages = ["evaluate"]

@@ -32,8 +32,8 @@ MODELS = ("teacher", "student_scratch", "student")
 EVAL_BATCH = 1024
 # What each stage reads. A stage that runs again makes everything downstream stale: a
 # student distilled from an older teacher is not the one this teacher would give.
-INPUTS = {"data": [], "teacher": ["data"], "student_scratch": ["data"], "student": ["data", "teacher"],
-          "evaluate": ["data", *MODELS]}
+INPUTS = {"data": [], "teacher": ["data"], "teacher_logits": ["data", "teacher"], "student_scratch": ["data"],
+          "student": ["data", "teacher", "teacher_logits"], "evaluate": ["data", *MODELS]}
 
 
 def downstream(name: str) -> list[str]:
@@ -46,15 +46,24 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     workers = cfg.ray.model_dump(include={"workers", "use_gpu", "cpus_per_worker"})
     fp = {"data": fingerprint(cfg.data.model_dump(), cfg.seed)}
     fp["teacher"] = fingerprint(fp["data"], cfg.teacher.model_dump(), cfg.seed, workers)
+    fp["teacher_logits"] = fingerprint(fp["teacher"])
     fp["student_scratch"] = fingerprint(fp["data"], cfg.student.model_dump(), cfg.seed, workers)
     fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), cfg.distill.model_dump(), cfg.seed, workers)
     fp["evaluate"] = fingerprint(*(fp[name] for name in MODELS))
     return fp
 
 
-def stage_functions() -> dict[str, StageFn]:
+def stage_functions(cfg: PipelineConfig) -> dict[str, StageFn]:
+    """The stages of this config, in order (`teacher_logits` only when distillation reads a cache)."""
     train = lambda which: lambda run, cfg, log: train_model(run, cfg, which, log)  # noqa: E731
-    return {"data": prepare_data, **{name: train(name) for name in MODELS}, "evaluate": evaluate_run}
+    cache = {"teacher_logits": cache_logits} if uses_logit_cache(cfg) else {}
+    return {"data": prepare_data, "teacher": train("teacher"), **cache,
+            **{name: train(name) for name in MODELS[1:]}, "evaluate": evaluate_run}
+
+
+def uses_logit_cache(cfg: PipelineConfig) -> bool:
+    # In-process training computes the teacher's logits per batch: no Ray Data stage to cache them.
+    return cfg.distill.cache_teacher_logits and cfg.ray.workers > 0
 
 
 def run_stages(cfg: PipelineConfig, stages: list[str] | None = None, *, force: bool = False,
@@ -63,7 +72,7 @@ def run_stages(cfg: PipelineConfig, stages: list[str] | None = None, *, force: b
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = RunDir.open(cfg)
-    fps, functions = fingerprints(cfg), stage_functions()
+    fps, functions = fingerprints(cfg), stage_functions(cfg)
     for name in stages or list(functions):
         if not force and run.is_done(name, fps[name]):
             log(f"[{name}] done already (outputs verified); --force redoes it")
@@ -117,6 +126,17 @@ def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple
     return [*files, run.root / which / "metrics.json"], metrics
 
 
+def cache_logits(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
+    """The teacher's logits for every training image, once, with Ray Data (see raytrain)."""
+    from distillery.raytrain import cache_teacher_logits
+
+    manifest, _ = load_splits(run)
+    teacher_dir = run.verify_file("teacher/arch.json").parent
+    files = cache_teacher_logits(cfg, run.root / "data", teacher_dir, manifest["image_shape"], run.root / "teacher_logits")
+    log(f"[teacher_logits] {manifest['counts']['train']['total']} rows -> {run.root / 'teacher_logits'}")
+    return files, {"files": len(files)}
+
+
 def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, splits: dict,
                 teacher_dir: Path | None, log: Log) -> tuple[torch.nn.Module, list[dict]]:
     """The same loop in this process, without Ray (`ray.workers: 0`): quick tests, debugging."""
@@ -142,6 +162,9 @@ def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, mani
     job = {"which": which, "spec": spec, "image_shape": manifest["image_shape"], "flip": _flips(manifest),
            "train_rows": manifest["counts"]["train"]["total"],
            "teacher_dir": str(teacher_dir.resolve()) if teacher_dir else None}
+    if which == "student" and uses_logit_cache(cfg):
+        rels = run.stage("teacher_logits")["files"]
+        job.update(teacher_dir=None, train_files=[str(run.verify_file(rel).resolve()) for rel in rels])
     # One Ray Train run per stage attempt: a crashed attempt resumes from its checkpoints,
     # a new attempt (changed config, --force) starts clean.
     name = f"{which}-{record['fingerprint']}-{record['attempt']}"

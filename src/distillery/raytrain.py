@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import pyarrow as pa
 import ray
 import ray.data
 import ray.train
@@ -68,7 +69,8 @@ def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, *, storage: Path, name:
     tcfg = _stage_cfg(cfg, job["which"]).train
     # Only the training split streams through Ray Data; the small val split is read once per
     # worker from the same verified shards (re-executing a dataset each epoch cost seconds).
-    datasets = {"train": ray.data.read_parquet([str(p) for p in data.shard_paths(data_dir, "train")]).materialize()}
+    train_files = job.get("train_files") or [str(p) for p in data.shard_paths(data_dir, "train")]
+    datasets = {"train": ray.data.read_parquet(train_files).materialize()}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={**job, "pipeline": cfg.to_dict(), "data_dir": str(data_dir.resolve())},
@@ -91,6 +93,37 @@ def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, *, storage: Path, name:
         history = checkpoint.read_history(Path(folder))
     _drop_unregistered(storage / name, {Path(c.path).name for c, _ in result.best_checkpoints})
     return state, history
+
+
+class TeacherLogits:
+    """Ray Data UDF: append the frozen teacher's logits to a batch of shard rows."""
+
+    def __init__(self, folder: str, image_shape: list[int]):
+        self.teacher, self.image_shape = _frozen_teacher(folder, torch.device("cpu")), image_shape
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        x, _ = data.decode_batch(table, self.image_shape)
+        logits = self.teacher(x).float().numpy()  # [N, K]
+        column = pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), logits.shape[1])
+        return table.append_column("teacher_logits", column)
+
+
+def cache_teacher_logits(cfg: PipelineConfig, data_dir: Path, teacher_dir: Path, image_shape: list[int],
+                         out_dir: Path) -> list[Path]:
+    """Compute the teacher's logits for the train split once, with Ray Data, into Parquet
+    beside the images, so every student distilled from this teacher reuses them."""
+    ensure_ray(cfg)
+    files = [str(p) for p in data.shard_paths(data_dir, "train")]
+    ds = ray.data.read_parquet(files).map_batches(
+        TeacherLogits, fn_constructor_kwargs={"folder": str(teacher_dir.resolve()), "image_shape": image_shape},
+        batch_format="pyarrow", batch_size=1024, concurrency=1)
+    # Written beside the final folder, then renamed: a crash leaves no half-written cache.
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.write_parquet(str(tmp.resolve()))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return sorted(out_dir.glob("*.parquet"))
 
 
 def _drop_unregistered(trial_dir: Path, registered: set[str]) -> None:
@@ -120,7 +153,8 @@ def train_worker(config: dict[str, Any]) -> None:
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = strategy.wrap(build_model(config["spec"]).to(device), config["spec"])
     teacher = _frozen_teacher(config["teacher_dir"], device) if config.get("teacher_dir") else None
-    loss_fn = distillation(cfg.distill.temperature, cfg.distill.alpha) if teacher else cross_entropy(tcfg.label_smoothing)
+    distilled = teacher is not None or config.get("train_files")  # live teacher, or its cached logits
+    loss_fn = distillation(cfg.distill.temperature, cfg.distill.alpha) if distilled else cross_entropy(tcfg.label_smoothing)
     make_target: TargetFn = (lambda x, y: pack_target(y, teacher(x))) if teacher else (lambda x, y: y)
 
     split = tcfg.parallelism != "pipeline"
@@ -182,10 +216,19 @@ def _train_batches(config: dict, batch_size: int, seed: int, augment: bool, make
         x, y = data.decode_batch(table, config["image_shape"])
         if check_same:
             _check_same_batch(y)
+        if "teacher_logits" in table.column_names:  # cached: the logits of these exact images
+            yield x.to(device), pack_target(y, _logits(table)).to(device)
+            continue
         if augment:
             x = random_shift(x, gen, flip=config["flip"])
         x, y = x.to(device), y.to(device)
         yield x, make_target(x, y)
+
+
+def _logits(table: pa.Table) -> torch.Tensor:
+    """The cached `teacher_logits` column -> float32 [N, K]."""
+    column = table.column("teacher_logits").combine_chunks()
+    return torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), -1).copy())
 
 
 def _check_same_batch(y: torch.Tensor) -> None:
