@@ -53,8 +53,9 @@ def test_teacher_trains_on_two_workers(tmp_path, parallelism):
     assert 1 <= len(kept) <= cfg.ray.checkpoints_to_keep
 
 
-def test_distillation_runs_on_ray_with_a_frozen_teacher(tmp_path):
-    cfg = _cfg(tmp_path, "student.train.epochs=3")
+@pytest.mark.parametrize("hints", [[], ["distill.hints=[{teacher_layer: stages.1, student_layer: conv2}]"]])
+def test_distillation_runs_on_ray_with_a_frozen_teacher(tmp_path, hints):
+    cfg = _cfg(tmp_path, "student.train.epochs=3", *hints)
     lines = []
     run_stages(cfg, ["data", "teacher", "student"], log=lines.append)
     assert any("distilled from the teacher" in line for line in lines)

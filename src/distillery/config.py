@@ -141,9 +141,9 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "PipelineConfig":
-        if self.distill.hints and self.student.train.parallelism == "pipeline":
-            raise ValueError("distill.hints need student.train.parallelism ddp or fsdp "
-                             "(a pipeline stage does not see the hinted layer's features)")
+        if self.distill.hints and self.student.train.parallelism != "ddp":
+            raise ValueError("distill.hints need student.train.parallelism: ddp (the adapters wrap the "
+                             "student, which FSDP's per-layer sharding and pipeline stages do not see whole)")
         if self.distill.hints and self.distill.cache_teacher_logits:
             raise ValueError("distill.hints need the live teacher; set distill.cache_teacher_logits: false")
         return self

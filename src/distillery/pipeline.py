@@ -21,6 +21,7 @@ from distillery import data
 from distillery.artifacts import atomic_write_bytes, atomic_write_json, load_model, save_model
 from distillery.config import PipelineConfig
 from distillery.errors import UserError
+from distillery.hints import wrap_for_hints
 from distillery.losses import distillation, pack_target
 from distillery.models import build_model, make_spec, summarize
 from distillery.rundir import RunDir, fingerprint
@@ -143,13 +144,18 @@ def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, spl
     tcfg = (cfg.teacher if which == "teacher" else cfg.student).train
     seed_everything(cfg.seed)  # the initial weights too, not only the data order
     model = build_model(spec)
-    extra: dict[str, Any] = {}
+    trained, extra = model, {}
     if teacher_dir is not None:
         teacher, _ = load_model(teacher_dir)
         teacher.requires_grad_(False)
-        extra = {"loss_fn": distillation(cfg.distill.temperature, cfg.distill.alpha),
-                 "make_target": lambda x, y: pack_target(y, teacher(x))}
-    history = fit(model, splits["train"], splits["val"], tcfg, seed=cfg.seed, flip=_flips(manifest),
+        d = cfg.distill
+        if d.hints:
+            trained, make_target, loss_fn = wrap_for_hints(model, teacher, d.hints, manifest["image_shape"],
+                                                           manifest["num_classes"], d.temperature, d.alpha)
+            extra = {"loss_fn": loss_fn, "make_target": make_target}
+        else:
+            extra = {"loss_fn": distillation(d.temperature, d.alpha), "make_target": lambda x, y: pack_target(y, teacher(x))}
+    history = fit(trained, splits["train"], splits["val"], tcfg, seed=cfg.seed, flip=_flips(manifest),
                   on_epoch=_progress(which, tcfg.epochs, log), **extra)
     return model.eval(), history
 
@@ -169,6 +175,8 @@ def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, mani
     # a new attempt (changed config, --force) starts clean.
     name = f"{which}-{record['fingerprint']}-{record['attempt']}"
     state, history = fit_on_ray(job, cfg, storage=run.root / "ray", name=name, data_dir=run.root / "data")
+    if which == "student" and cfg.distill.hints:  # trained wrapped with its adapters: keep the student
+        state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
     model = build_model(spec)
     model.load_state_dict(state)
     return model.eval(), history

@@ -32,7 +32,8 @@ from ray.train.torch import TorchTrainer
 from distillery import checkpoint, data
 from distillery.artifacts import load_model
 from distillery.config import PipelineConfig, from_dict
-from distillery.losses import cross_entropy, distillation, pack_target
+from distillery.hints import wrap_for_hints
+from distillery.losses import LossFn, cross_entropy, distillation, pack_target
 from distillery.models import build_model
 from distillery.parallel import Strategy, make_strategy
 from distillery.training import TargetFn, batches, make_optimizer, make_scheduler, random_shift, seed_everything, train_epoch
@@ -99,7 +100,7 @@ class TeacherLogits:
     """Ray Data UDF: append the frozen teacher's logits to a batch of shard rows."""
 
     def __init__(self, folder: str, image_shape: list[int]):
-        self.teacher, self.image_shape = _frozen_teacher(folder, torch.device("cpu")), image_shape
+        self.teacher, self.image_shape = _no_grad(_frozen_teacher(folder, torch.device("cpu"))), image_shape
 
     def __call__(self, table: pa.Table) -> pa.Table:
         x, _ = data.decode_batch(table, self.image_shape)
@@ -151,11 +152,8 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     strategy = make_strategy(tcfg.parallelism, rank=rank, world_size=world, microbatches=tcfg.microbatches)
     seed_everything(cfg.seed)  # identical initial weights on every rank
-    model = strategy.wrap(build_model(config["spec"]).to(device), config["spec"])
-    teacher = _frozen_teacher(config["teacher_dir"], device) if config.get("teacher_dir") else None
-    distilled = teacher is not None or config.get("train_files")  # live teacher, or its cached logits
-    loss_fn = distillation(cfg.distill.temperature, cfg.distill.alpha) if distilled else cross_entropy(tcfg.label_smoothing)
-    make_target: TargetFn = (lambda x, y: pack_target(y, teacher(x))) if teacher else (lambda x, y: y)
+    model, loss_fn, make_target = _objective(cfg, config, build_model(config["spec"]), device)
+    model = strategy.wrap(model.to(device), config["spec"])
 
     split = tcfg.parallelism != "pipeline"
     batch = math.ceil(tcfg.batch_size / world) if split else tcfg.batch_size  # same global batch as 1 worker
@@ -181,15 +179,34 @@ def train_worker(config: dict[str, Any]) -> None:
         _report(metrics, strategy, model, opt, sched, rank, world, history)
 
 
-def _frozen_teacher(folder: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The teacher as a pure function: eval mode, no gradients, never trained."""
-    teacher, _ = load_model(folder)
-    teacher.to(device).eval().requires_grad_(False)
+def _objective(cfg: PipelineConfig, config: dict, model: torch.nn.Module,
+               device: torch.device) -> tuple[torch.nn.Module, LossFn, TargetFn]:
+    """(model to train, loss, target builder): plain, distilled from the live teacher (with
+    hints, the student wrapped with its adapters), or distilled from cached logits."""
+    tcfg, d = _stage_cfg(cfg, config["which"]).train, cfg.distill
+    if config.get("train_files"):  # cached logits arrive in the batches
+        return model, distillation(d.temperature, d.alpha), lambda x, y: y
+    if not config.get("teacher_dir"):
+        return model, cross_entropy(tcfg.label_smoothing), lambda x, y: y
+    teacher = _frozen_teacher(config["teacher_dir"], device)
+    if d.hints:
+        wrapped, make_target, loss_fn = wrap_for_hints(model, teacher, d.hints, config["image_shape"],
+                                                       config["spec"]["num_classes"], d.temperature, d.alpha)
+        return wrapped, loss_fn, make_target
+    return model, distillation(d.temperature, d.alpha), lambda x, y: pack_target(y, _no_grad(teacher)(x))
 
-    def logits(x: torch.Tensor) -> torch.Tensor:
+
+def _frozen_teacher(folder: str, device: torch.device) -> torch.nn.Module:
+    """The teacher, frozen: eval mode, no gradients, never trained."""
+    teacher, _ = load_model(folder)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def _no_grad(fn: Callable) -> Callable:
+    def call(*args):
         with torch.no_grad():
-            return teacher(x)
-    return logits
+            return fn(*args)
+    return call
 
 
 def _resume(strategy: Strategy, model, opt, sched, rank: int, world: int) -> tuple[int, list[dict]]:
