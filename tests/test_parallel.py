@@ -93,6 +93,7 @@ def _worker(rank: int, name: str, out: str) -> None:
             _train_and_reload(strategy, kind, io)
         _resume(strategy, io)
         _packed_target(strategy, io)
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT)
     finally:
         dist.destroy_process_group()
 

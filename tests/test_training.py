@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from distillery.config import CNNConfig, TrainConfig
@@ -84,3 +85,31 @@ def test_core_modules_do_not_import_ray():
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_device_selection_on_a_cpu_machine():
+    from distillery.errors import UserError
+    from distillery.training import pick_device
+
+    assert pick_device(False) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert pick_device(True).type == "cuda"
+    else:
+        with pytest.raises(UserError, match="ray.use_gpu is true but this process sees no CUDA device"):
+            pick_device(True)
+
+
+def test_autocast_is_a_no_op_on_cpu():
+    from distillery.training import with_autocast
+
+    step = lambda x, t: x.dtype  # noqa: E731
+    assert with_autocast(step, torch.device("cpu"), bf16=True) is step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+def test_training_on_gpu_with_bf16_autocast():
+    x, y = _toy_data()
+    model = _student()
+    history = fit(model, (x, y), None, TrainConfig(epochs=3, batch_size=32, lr=0.01, bf16=True), seed=0,
+                  device=torch.device("cuda"))
+    assert next(model.parameters()).is_cuda and history[-1]["loss"] < history[0]["loss"]

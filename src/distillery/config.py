@@ -72,6 +72,7 @@ class TrainConfig(_Strict):
         "ddp", description="ddp: replicas, gradients all-reduced; fsdp: parameters, gradients and optimizer "
         "state sharded (FSDP2); pipeline: the model cut into one stage per worker (GPipe micro-batches)")
     microbatches: int = Field(4, ge=1, le=1024, description="pipeline only: micro-batches per batch")
+    bf16: bool = Field(False, description="bf16 autocast of the forward pass on GPU (ignored on CPU)")
 
 
 class HintConfig(_Strict):

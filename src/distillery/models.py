@@ -139,7 +139,7 @@ def count_macs(model: nn.Module, in_shape: list[int]) -> int:
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, *in_shape))
+        model(torch.zeros(1, *in_shape, device=next((p.device for p in model.parameters()), None)))
     model.train(was_training)
     return counter.get_total_flops() // 2
 

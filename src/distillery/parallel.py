@@ -106,7 +106,8 @@ def split_points(spec: dict, num_stages: int, model: nn.Module) -> list[int]:
 @torch.no_grad()
 def _profile(layers: list[tuple[str, nn.Module]], in_shape: list[int]) -> tuple[list[int], list[tuple[int, ...]]]:
     """Per layer: MACs on one image and the per-image output shape (eval mode, modes restored)."""
-    macs, shapes, x = [], [], torch.zeros(1, *in_shape)
+    device = next((p.device for _, layer in layers for p in layer.parameters()), torch.device("cpu"))
+    macs, shapes, x = [], [], torch.zeros(1, *in_shape, device=device)
     for _, layer in layers:
         was_training = layer.training
         layer.eval()  # BN in train mode would update running stats (and fail on 1x1 maps)
@@ -163,6 +164,10 @@ def _eval_forward(model: nn.Module, x: Tensor) -> Tensor:
         model.train(was_training)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _cpu_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Detached CPU copies, so later training cannot change a checkpoint being written."""
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
@@ -200,7 +205,10 @@ class Replicated:
         self.name, self.rank = name, rank
 
     def wrap(self, model: nn.Module, spec: dict) -> nn.Module:
-        return DistributedDataParallel(model) if self.name == "ddp" else model  # CPU: no device_ids
+        if self.name != "ddp":
+            return model
+        device = _device(model)  # DDP takes device_ids on a GPU and none on the CPU
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
@@ -250,7 +258,7 @@ class FSDP:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (self.world_size,))
+        mesh = init_device_mesh(_device(model).type, (self.world_size,))
         # Inner units first, root last: the root then owns only what no block claimed, and each
         # block's all-gather is freed right after its forward (reshard_after_forward default).
         for _, layer in stage_layers(model, spec):
@@ -397,9 +405,9 @@ class Pipeline:
             # requires_grad is what tells torch which gradients travel back between stages.
             size, grads_in = n // m, training and self.rank > 0
             stage = PipelineStage(
-                model, stage_index=self.rank, num_stages=self.world_size, device=torch.device("cpu"),
-                input_args=torch.empty(size, *model.in_shape, dtype=x.dtype, requires_grad=grads_in),
-                output_args=torch.empty(size, *model.out_shape, dtype=x.dtype, requires_grad=training))
+                model, stage_index=self.rank, num_stages=self.world_size, device=x.device,
+                input_args=torch.empty(size, *model.in_shape, dtype=x.dtype, requires_grad=grads_in, device=x.device),
+                output_args=torch.empty(size, *model.out_shape, dtype=x.dtype, requires_grad=training, device=x.device))
             # A loss makes GPipe run backward; it reads the module's current loss so that a new
             # loss_fn per call (e.g. per epoch) reuses the schedule. GPipe sums the micro-batches'
             # backward, then scale_grads=True divides every grad by m (perform_reduce_grad): with

@@ -25,7 +25,7 @@ from distillery.hints import wrap_for_hints
 from distillery.losses import distillation, pack_target
 from distillery.models import build_model, make_spec, summarize
 from distillery.rundir import RunDir, fingerprint
-from distillery.training import batches, evaluate, fit, seed_everything
+from distillery.training import batches, evaluate, fit, pick_device, seed_everything
 
 Log = Callable[[str], None]
 StageFn = Callable[[RunDir, PipelineConfig, Log], tuple[list[Path], dict[str, Any]]]
@@ -155,9 +155,12 @@ def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, spl
             extra = {"loss_fn": loss_fn, "make_target": make_target}
         else:
             extra = {"loss_fn": distillation(d.temperature, d.alpha), "make_target": lambda x, y: pack_target(y, teacher(x))}
+    device = pick_device(cfg.ray.use_gpu)
+    if teacher_dir is not None:
+        teacher.to(device)
     history = fit(trained, splits["train"], splits["val"], tcfg, seed=cfg.seed, flip=_flips(manifest),
-                  on_epoch=_progress(which, tcfg.epochs, log), **extra)
-    return model.eval(), history
+                  device=device, on_epoch=_progress(which, tcfg.epochs, log), **extra)
+    return model.cpu().eval(), history
 
 
 def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, manifest: dict,

@@ -36,7 +36,8 @@ from distillery.hints import wrap_for_hints
 from distillery.losses import LossFn, cross_entropy, distillation, pack_target
 from distillery.models import build_model
 from distillery.parallel import Strategy, make_strategy
-from distillery.training import TargetFn, batches, make_optimizer, make_scheduler, random_shift, seed_everything, train_epoch
+from distillery.training import (TargetFn, batches, make_optimizer, make_scheduler, random_shift, seed_everything,
+                                 train_epoch, with_autocast)
 
 Log = Callable[[str], None]
 
@@ -162,7 +163,7 @@ def train_worker(config: dict[str, Any]) -> None:
     sched = make_scheduler(opt, tcfg, math.ceil(rows / batch))
     first, history = _resume(strategy, model, opt, sched, rank, world)
     val = data.load_split(config["data_dir"], "val")
-    step = lambda x, target: strategy.train_step(model, x, target, loss_fn, opt)  # noqa: E731
+    step = with_autocast(lambda x, target: strategy.train_step(model, x, target, loss_fn, opt), device, tcfg.bf16)
 
     for epoch in range(first, tcfg.epochs + 1):
         seed = zlib.crc32(f"{cfg.seed}/{epoch}/{rank if split else 0}".encode())

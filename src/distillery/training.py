@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillery.config import TrainConfig
+from distillery.errors import UserError
 from distillery.losses import LossFn, cross_entropy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -34,6 +35,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
             shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[Batch]:
     """Yield `(x[i:i+B], y[i:i+B])`; a seeded permutation first when shuffling."""
     order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+    order = order.to(x.device)
     for start in range(0, len(x), batch_size):
         idx = order[start:start + batch_size]
         yield x[idx], y[idx]
@@ -47,15 +49,37 @@ def random_shift(x: torch.Tensor, generator: torch.Generator | None = None, pad:
     """
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # [N, 1, H, 1]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # [N, 1, 1, W]
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    dev = x.device  # the generator stays on the CPU, so a seed means the same shifts anywhere
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # [N, 1, H, 1]
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # [N, 1, 1, W]
+    index = (torch.arange(n, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None])
+    out = padded[index[0], index[1], rows, cols]
     if flip:
-        mirror = torch.rand(n, generator=generator) < 0.5
+        mirror = (torch.rand(n, generator=generator) < 0.5).to(dev)
         out[mirror] = out[mirror].flip(-1)
     return out
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    """The GPU when asked for (and present), else the CPU."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("ray.use_gpu is true but this process sees no CUDA device")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def with_autocast(step: StepFn, device: torch.device, bf16: bool) -> StepFn:
+    """`step` under bf16 autocast on CUDA when `bf16`; unchanged otherwise (and on CPU)."""
+    if not (bf16 and device.type == "cuda"):
+        return step
+
+    def autocast_step(x: torch.Tensor, target: torch.Tensor) -> float | None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return step(x, target)
+    return autocast_step
 
 
 def optimizer_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: LossFn,
@@ -129,15 +153,19 @@ def evaluate(model: nn.Module, data: Iterable[Batch]) -> dict[str, float]:
 
 def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, seed: int,
         flip: bool = False, loss_fn: LossFn | None = None, make_target: TargetFn = lambda x, y: y,
+        device: torch.device = torch.device("cpu"),
         on_epoch: Callable[[dict], None] = lambda m: None) -> list[dict]:
-    """Train in one process on tensors `train` = (x, y); `make_target(x, y)` builds each
-    batch's target after augmentation (distillation packs the teacher's logits in); call
+    """Train in one process on tensors `train` = (x, y) on `device`; `make_target(x, y)` builds
+    each batch's target after augmentation (distillation packs the teacher's logits in); call
     `on_epoch` with each epoch's metrics; return them all."""
     gen = seed_everything(seed)
+    model.to(device)
+    train = (train[0].to(device), train[1].to(device))  # small in-memory splits: move them once
+    val = (val[0].to(device), val[1].to(device)) if val is not None else None
     loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, math.ceil(len(train[0]) / cfg.batch_size))
-    step = lambda x, target: optimizer_step(model, x, target, loss_fn, opt)  # noqa: E731
+    step = with_autocast(lambda x, target: optimizer_step(model, x, target, loss_fn, opt), device, cfg.bf16)
     history = []
     for epoch in range(1, cfg.epochs + 1):
         x = random_shift(train[0], gen, flip=flip) if cfg.augment else train[0]
