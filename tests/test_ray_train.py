@@ -1,7 +1,7 @@
 """Ray Train stages on a real local Ray instance (integration tier, ~3 minutes on 2 cores)."""
 
 import json
-import signal
+import os
 import subprocess
 import threading
 import time
@@ -66,8 +66,15 @@ def test_distillation_runs_on_ray_with_a_frozen_teacher(tmp_path, hints):
 
 
 def _ray_worker_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
+    """Ray Train workers of this test's own Ray instance: descendants of this process (another
+    Ray on the same machine must not lose a worker to this test)."""
+    rows = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()
+    parent = {int(r.split()[0]): int(r.split()[1]) for r in rows}
+    mine, new = set(), {os.getpid()}
+    while new:
+        mine |= new
+        new = {pid for pid, ppid in parent.items() if ppid in mine} - mine
+    return [int(r.split()[0]) for r in rows if "RayTrainWorker" in r and int(r.split()[0]) in mine]
 
 
 def _registered_epoch(root: Path) -> int:
