@@ -156,6 +156,11 @@ class PipelineConfig(_Strict):
             raise ValueError("use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return v
 
+    def stage_for(self, which: str) -> StageConfig:
+        """The model and training config of a training stage: the teacher's, or the student's
+        (shared by the student alone and the distilled student)."""
+        return self.teacher if which == "teacher" else self.student
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

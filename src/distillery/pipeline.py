@@ -109,7 +109,7 @@ def load_splits(run: RunDir) -> tuple[dict[str, Any], dict[str, tuple[torch.Tens
 def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """Train the teacher, the student alone, or the student distilled; save and score it."""
     manifest, splits = load_splits(run)
-    stage = cfg.teacher if which == "teacher" else cfg.student
+    stage = cfg.stage_for(which)
     spec = make_spec(stage.model, manifest["image_shape"], manifest["num_classes"])
     teacher_dir = run.verify_file("teacher/arch.json").parent if which == "student" else None
     log(f"[{which}] {summarize(build_model(spec), spec)}"
@@ -141,7 +141,7 @@ def cache_logits(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
 def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, splits: dict,
                 teacher_dir: Path | None, log: Log) -> tuple[torch.nn.Module, list[dict]]:
     """The same loop in this process, without Ray (`ray.workers: 0`): quick tests, debugging."""
-    tcfg = (cfg.teacher if which == "teacher" else cfg.student).train
+    tcfg = cfg.stage_for(which).train
     seed_everything(cfg.seed)  # the initial weights too, not only the data order
     model = build_model(spec)
     trained, extra = model, {}

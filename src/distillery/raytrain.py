@@ -68,7 +68,7 @@ def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, *, storage: Path, name:
     Re-running with the same `storage`/`name` resumes from the last registered checkpoint.
     """
     ensure_ray(cfg)
-    tcfg = _stage_cfg(cfg, job["which"]).train
+    tcfg = cfg.stage_for(job["which"]).train
     # Only the training split streams through Ray Data; the small val split is read once per
     # worker from the same verified shards (re-executing a dataset each epoch cost seconds).
     train_files = job.get("train_files") or [str(p) for p in data.shard_paths(data_dir, "train")]
@@ -136,17 +136,13 @@ def _drop_unregistered(trial_dir: Path, registered: set[str]) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _stage_cfg(cfg: PipelineConfig, which: str):
-    return cfg.teacher if which == "teacher" else cfg.student
-
-
 # ---------------------------------------------------------------- worker
 
 
 def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the plain loop of `training`, checkpointed every epoch."""
     cfg = from_dict(config["pipeline"], source="train_loop_config")  # typed at the boundary
-    tcfg = _stage_cfg(cfg, config["which"]).train
+    tcfg = cfg.stage_for(config["which"]).train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # 1 thread per core: no oversubscription
@@ -184,7 +180,7 @@ def _objective(cfg: PipelineConfig, config: dict, model: torch.nn.Module,
                device: torch.device) -> tuple[torch.nn.Module, LossFn, TargetFn]:
     """(model to train, loss, target builder): plain, distilled from the live teacher (with
     hints, the student wrapped with its adapters), or distilled from cached logits."""
-    tcfg, d = _stage_cfg(cfg, config["which"]).train, cfg.distill
+    tcfg, d = cfg.stage_for(config["which"]).train, cfg.distill
     if config.get("train_files"):  # cached logits arrive in the batches
         return model, distillation(d.temperature, d.alpha), lambda x, y: y
     if not config.get("teacher_dir"):
