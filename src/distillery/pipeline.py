@@ -100,15 +100,17 @@ def prepare_data(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     return files, {"counts": counts, "image_shape": manifest["image_shape"], "num_classes": manifest["num_classes"]}
 
 
-def load_splits(run: RunDir) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """The data manifest (verified against the run manifest) and every split as tensors."""
+def load_splits(run: RunDir, splits: tuple[str, ...] = data.SPLITS
+                ) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The data manifest (verified against the run manifest) and the named splits as tensors."""
     data_dir = run.verify_file("data/manifest.json").parent
-    return data.read_manifest(data_dir), {split: data.load_split(data_dir, split) for split in data.SPLITS}
+    return data.read_manifest(data_dir), {split: data.load_split(data_dir, split) for split in splits}
 
 
 def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """Train the teacher, the student alone, or the student distilled; save and score it."""
-    manifest, splits = load_splits(run)
+    # On Ray the workers read the training data themselves: the driver needs only the test split.
+    manifest, splits = load_splits(run, data.SPLITS if cfg.ray.workers == 0 else ("test",))
     stage = cfg.stage_for(which)
     spec = make_spec(stage.model, manifest["image_shape"], manifest["num_classes"])
     teacher_dir = run.verify_file("teacher/arch.json").parent if which == "student" else None
@@ -131,7 +133,7 @@ def cache_logits(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     """The teacher's logits for every training image, once, with Ray Data (see raytrain)."""
     from distillery.raytrain import cache_teacher_logits
 
-    manifest, _ = load_splits(run)
+    manifest, _ = load_splits(run, ())
     teacher_dir = run.verify_file("teacher/arch.json").parent
     files = cache_teacher_logits(cfg, run.root / "data", teacher_dir, manifest["image_shape"], run.root / "teacher_logits")
     log(f"[teacher_logits] {manifest['counts']['train']['total']} rows -> {run.root / 'teacher_logits'}")
@@ -200,7 +202,7 @@ def _progress(which: str, epochs: int, log: Log) -> Callable[[dict], None]:
 def evaluate_run(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """Reload every trained model from disk (verifying it), score it on val and test, and say
     what share of the teacher-student gap distillation closed."""
-    _, splits = load_splits(run)
+    _, splits = load_splits(run, ("val", "test"))
     models = {}
     for which in MODELS:
         run.verify_file(f"{which}/arch.json")
