@@ -23,7 +23,7 @@ BatchNorm running statistics stay per rank (each sees only its share); checkpoin
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn

@@ -25,7 +25,7 @@ from distillery.hints import wrap_for_hints
 from distillery.losses import distillation, pack_target
 from distillery.models import build_model, make_spec, summarize
 from distillery.rundir import RunDir, fingerprint
-from distillery.training import batches, evaluate, fit, pick_device, seed_everything
+from distillery.training import batches, evaluate, fit, pick_device, progress_line, seed_everything
 
 Log = Callable[[str], None]
 StageFn = Callable[[RunDir, PipelineConfig, Log], tuple[list[Path], dict[str, Any]]]
@@ -161,7 +161,7 @@ def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, spl
     if teacher_dir is not None:
         teacher.to(device)
     history = fit(trained, splits["train"], splits["val"], tcfg, seed=cfg.seed, flip=_flips(manifest),
-                  device=device, on_epoch=_progress(which, tcfg.epochs, log), **extra)
+                  device=device, on_epoch=lambda m: log(progress_line(which, tcfg.epochs, m)), **extra)
     return model.cpu().eval(), history
 
 
@@ -190,13 +190,6 @@ def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, mani
 def _flips(manifest: dict) -> bool:
     # Horizontal flips suit natural images (CIFAR-10), not digits, where they change the class.
     return manifest["source"] == "cifar10"
-
-
-def _progress(which: str, epochs: int, log: Log) -> Callable[[dict], None]:
-    def show(m: dict) -> None:
-        val = f"  val_acc {m['val_accuracy']:.2%}" if "val_accuracy" in m else ""
-        log(f"[{which}] epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}{val}  {m['samples_per_s']:,.0f} samples/s")
-    return show
 
 
 def evaluate_run(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:

@@ -36,8 +36,8 @@ from distillery.hints import wrap_for_hints
 from distillery.losses import LossFn, cross_entropy, distillation, pack_target
 from distillery.models import build_model
 from distillery.parallel import Strategy, make_strategy
-from distillery.training import (TargetFn, batches, make_optimizer, make_scheduler, random_shift, seed_everything,
-                                 train_epoch, with_autocast)
+from distillery.training import (TargetFn, batches, make_optimizer, make_scheduler, progress_line, random_shift,
+                                 seed_everything, train_epoch, with_autocast)
 
 Log = Callable[[str], None]
 
@@ -172,7 +172,7 @@ def train_worker(config: dict[str, Any]) -> None:
             metrics["resumed_from"] = first - 1  # evidence of a restart, kept in the history
         history.append(metrics)
         if rank == 0:
-            print(_progress_line(config["which"], tcfg.epochs, metrics), flush=True)
+            print(progress_line(config["which"], tcfg.epochs, metrics), flush=True)
         _report(metrics, strategy, model, opt, sched, rank, world, history)
 
 
@@ -287,13 +287,6 @@ def _epoch_metrics(epoch: int, stats: dict, val: dict, wall: float, world: int, 
     return {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), **val,
             "samples_per_s": round(samples / max(wall, 1e-9), 1), "samples_per_s_per_worker": per_worker,
             "epoch_seconds": round(wall, 3)}
-
-
-def _progress_line(which: str, epochs: int, m: dict) -> str:
-    val = f"  val_acc {m['val_accuracy']:.2%}" if "val_accuracy" in m else ""
-    return (f"[{which}] epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}{val}  "
-            f"{m['samples_per_s']:,.0f} samples/s ({', '.join(f'{v:,.0f}' for v in m['samples_per_s_per_worker'])} "
-            f"per worker)  {m['epoch_seconds']:.2f} s")
 
 
 def _report(metrics: dict, strategy: Strategy, model, opt, sched, rank: int, world: int, history: list[dict]) -> None:

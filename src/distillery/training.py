@@ -151,6 +151,16 @@ def evaluate(model: nn.Module, data: Iterable[Batch]) -> dict[str, float]:
     return {"accuracy": correct / n, "loss": loss / n, "samples": n}
 
 
+def progress_line(which: str, epochs: int, m: dict) -> str:
+    """One epoch's metrics as the line shown while training (Ray runs add per-worker figures)."""
+    val = f"  val_acc {m['val_accuracy']:.2%}" if "val_accuracy" in m else ""
+    line = f"[{which}] epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}{val}  {m['samples_per_s']:,.0f} samples/s"
+    if "samples_per_s_per_worker" in m:
+        line += (f" ({', '.join(f'{v:,.0f}' for v in m['samples_per_s_per_worker'])} per worker)"
+                 f"  {m['epoch_seconds']:.2f} s")
+    return line
+
+
 def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, seed: int,
         flip: bool = False, loss_fn: LossFn | None = None, make_target: TargetFn = lambda x, y: y,
         device: torch.device = torch.device("cpu"),
