@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, model_validator, ConfigDict, Field, ValidationError, field_validator
 
+from distillery.compression.recipe import CompressConfig
 from distillery.errors import UserError
 
 
@@ -138,6 +139,7 @@ class PipelineConfig(_Strict):
     # distillation helps it most without (it regularises in augmentation's place).
     student: _stage(CNNConfig()) = StageConfig(model=CNNConfig(width_mult=0.5), train=TrainConfig(epochs=40, augment=False))
     distill: DistillConfig = DistillConfig()
+    compress: CompressConfig = CompressConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

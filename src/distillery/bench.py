@@ -1,0 +1,256 @@
+"""Honest model-level speed measurement: the numbers every "faster" claim rests on.
+
+A compressed model is only worth deploying if it is measurably faster, and on this CPU the
+fastest way to run a model differs per model (a PT2E int8 graph is slow until compiled; a
+small fp32 CNN may be fastest in eager). So each model is timed in every execution mode and
+keeps its best one. Timing rules that make the figures comparable between models:
+
+- a fixed thread count (restored afterwards) and the same seeded inputs for every mode;
+- warm-up at both batch sizes before any timing, so compilation and first-call allocation
+  are never timed (compile time is reported on its own as `compile_s`);
+- latency is batch 1 (p50 and p99 over many runs), throughput is batch `throughput_batch`
+  (batch / median seconds), and achieved GFLOP/s is set against the machine's stated peak.
+
+Plain PyTorch: no Ray, so the benchmark job and the tests use it in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch._dynamo
+import torch._dynamo.config as dynamo_config
+import torch._inductor.config as inductor_config
+from torch import Tensor, nn
+
+MODES = ("eager", "channels_last", "compile")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    threads: int = 1
+    """torch.set_num_threads during the measurement, restored afterwards."""
+    latency_runs: int = 200
+    """Timed batch-1 runs after warm-up; p50 and p99 come from these."""
+    warmup: int = 20
+    """Untimed batch-1 runs before the latency runs (the first ones compile, in compile mode)."""
+    throughput_batch: int = 256
+    throughput_runs: int = 10
+    """Timed runs at `throughput_batch`; throughput = batch / median seconds."""
+    throughput_warmup: int = 2
+    """Untimed runs at `throughput_batch` (at least 1): a big batch is warm after one or two, and each costs a lot."""
+    peak_gflops_per_core: float = 250.0
+    """Stated fp32 peak of this machine (PLATFORM.md: ~500 GFLOP/s on 2 cores)."""
+    peak_int8_gops_per_core: float = 1000.0
+    """Stated int8 VNNI peak (~2 TOP/s on 2 cores)."""
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "latency_runs", "warmup", "throughput_batch", "throughput_runs", "throughput_warmup"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BenchSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.latency_runs < 2:
+            raise ValueError(f"BenchSettings.latency_runs must be >= 2 for a p99, got {self.latency_runs}")
+
+
+def machine_info() -> dict:
+    """What a speed figure was measured on: CPU model, logical cores, torch and Python versions."""
+    return {
+        "cpu": _cpu_model() or platform.processor() or "unknown",
+        "logical_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def runner(model: nn.Module, mode: str) -> Callable[[Tensor], Tensor]:
+    """A callable that runs `model` in `mode`; `model` itself is never modified.
+
+    eager:         the model as is.
+    channels_last: a deep copy in channels_last memory format; 4-D inputs are converted too.
+    compile:       torch.compile(model, dynamic=False) with inductor freezing, which folds the
+                   weights into constants (what makes PT2E int8 graphs fast on CPU). Freezing only
+                   applies when called without autograd (torch.no_grad / inference_mode), and
+                   every new input shape compiles again at its first call.
+    """
+    if mode == "eager":
+        return model
+    if mode == "channels_last":
+        return _channels_last_runner(model)
+    if mode == "compile":
+        return _compiled_runner(model)
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def _channels_last_runner(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def run(x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return cl_model(x)
+
+    return run
+
+
+def _compiled_runner(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    # Inductor compiles lazily at the first call of each shape, so freezing must be on then,
+    # not only around torch.compile. Later calls skip the patches: they would be timed.
+    with inductor_config.patch(freezing=True):
+        compiled = torch.compile(model, dynamic=False)
+    seen: set[tuple[int, ...]] = set()
+
+    def run(x: Tensor) -> Tensor:
+        shape = tuple(x.shape)
+        if shape in seen:
+            return compiled(x)
+        # Past dynamo's recompile limit a compiled module silently runs eager; raise instead, so
+        # eager figures are never reported as compiled ones.
+        with inductor_config.patch(freezing=True), dynamo_config.patch(fail_on_recompile_limit_hit=True):
+            out = compiled(x)
+        seen.add(shape)
+        return out
+
+    return run
+
+
+def measure(model: nn.Module, in_shape: list[int], macs: int, settings: BenchSettings,
+            modes: Sequence[str] = MODES, int8: bool = False) -> dict:
+    """Time `model` in each mode and keep the fastest; best = highest throughput at batch
+    `settings.throughput_batch`.
+
+    Per mode: {"p50_ms", "p99_ms" (batch 1), "throughput" (images/s), "gflops" (achieved,
+    2 * macs * throughput / 1e9), "peak_fraction" (gflops / (peak per core * threads); the int8
+    peak when `int8`), and "compile_s" for compile}. A mode that raises is recorded as
+    {"error": "<ExceptionType>: message"} and the others still run (a quantized graph may not
+    support channels_last). Returns {"threads", "batch", "runs", "modes", "best_mode"} plus the
+    best mode's figures at the top level; raises ValueError, with the errors, if every mode failed.
+    The model runs in eval mode under inference_mode; its training flags are restored afterwards.
+    Compile mode first calls torch._dynamo.reset(), which drops every other compiled function of
+    the process (recompiling is quick: inductor's on-disk cache survives, keyed on thread count).
+    """
+    x1, xb = _inputs(in_shape, settings.throughput_batch)
+    results: dict[str, dict] = {}
+    with _threads(settings.threads), _eval_mode(model):
+        for mode in modes:
+            try:
+                run = _fresh_runner(model, mode)
+                with torch.inference_mode():
+                    figures, first_calls_s = _measure_mode(run, x1, xb, macs, settings, int8)
+                results[mode] = {**figures, "compile_s": first_calls_s} if mode == "compile" else figures
+            except Exception as e:  # noqa: BLE001 - one broken mode must not lose the others' figures
+                results[mode] = {"error": f"{type(e).__name__}: {e}"}
+    return _summarize(results, settings)
+
+
+def _fresh_runner(model: nn.Module, mode: str) -> Callable[[Tensor], Tensor]:
+    # Built outside inference_mode: a deep copy made inside it would hold inference tensors.
+    if mode == "compile":
+        # Every compiled module adds cache entries to one code object that all compiled modules
+        # share, and past 8 of them dynamo gives up: without a reset the 5th model measured in a
+        # process could not be compiled. This discards the process's other compiled code too.
+        torch._dynamo.reset()
+    return runner(model, mode)
+
+
+def _inputs(in_shape: list[int], batch: int) -> tuple[Tensor, Tensor]:
+    # Seeded, and shared by all modes so that every mode does exactly the same work.
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(1, *in_shape, generator=gen), torch.randn(batch, *in_shape, generator=gen)
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # an exported (e.g. PT2E-quantized) graph refuses eval(); its mode was fixed at export
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag  # by attribute: train() is refused by exported graphs too
+
+
+def _measure_mode(run: Callable[[Tensor], Tensor], x1: Tensor, xb: Tensor, macs: int,
+                  settings: BenchSettings, int8: bool) -> tuple[dict, float]:
+    """(figures, seconds of the first call at each batch size: the compile time in compile mode)."""
+    # The first call per batch size compiles (compile mode) or allocates; warm both before timing any.
+    first_calls_s = _time_once(run, x1) + _time_once(run, xb)
+    for _ in range(settings.warmup - 1):
+        run(x1)
+    for _ in range(settings.throughput_warmup - 1):
+        run(xb)
+    latencies = [_time_once(run, x1) for _ in range(settings.latency_runs)]
+    batch_s = statistics.median(_time_once(run, xb) for _ in range(settings.throughput_runs))
+    throughput = xb.shape[0] / batch_s
+    gflops = 2 * macs * throughput / 1e9
+    peak = settings.peak_int8_gops_per_core if int8 else settings.peak_gflops_per_core
+    figures = {
+        "p50_ms": statistics.median(latencies) * 1e3,
+        # inclusive: interpolates between measured runs, so p50 <= p99 <= slowest run
+        "p99_ms": statistics.quantiles(latencies, n=100, method="inclusive")[98] * 1e3,
+        "throughput": throughput,
+        "gflops": gflops,
+        "peak_fraction": gflops / (peak * settings.threads),
+    }
+    return figures, first_calls_s
+
+
+def _time_once(run: Callable[[Tensor], Tensor], x: Tensor) -> float:
+    start = time.perf_counter()
+    run(x)
+    return time.perf_counter() - start
+
+
+def _summarize(results: dict[str, dict], settings: BenchSettings) -> dict:
+    ok = {mode: r for mode, r in results.items() if "error" not in r}
+    if not ok:
+        errors = "; ".join(f"{mode}: {r['error']}" for mode, r in results.items())
+        raise ValueError(f"every mode failed to run: {errors or 'no modes given'}")
+    best = max(ok, key=lambda mode: ok[mode]["throughput"])
+    runs = {"warmup": settings.warmup, "latency": settings.latency_runs, "throughput": settings.throughput_runs}
+    return {"threads": settings.threads, "batch": settings.throughput_batch, "runs": runs,
+            "modes": results, "best_mode": best, **ok[best]}
+
+
+def is_faster(variant: dict, parent: dict, *, min_gain: float = 0.0) -> bool:
+    """True when the variant's best mode beats the parent's best mode on throughput at the
+    throughput batch OR on p50 latency at batch 1 (both as returned by `measure`).
+
+    `min_gain` is the relative margin a win must exceed (0.05 = 5%), to keep timing noise from
+    counting as a speed-up; the default 0 compares the figures as they are.
+    """
+    more_throughput = variant["throughput"] > parent["throughput"] * (1 + min_gain)
+    lower_latency = variant["p50_ms"] * (1 + min_gain) < parent["p50_ms"]
+    return more_throughput or lower_latency

@@ -1,0 +1,170 @@
+"""Compression recipes: a variant is a parent model plus a list of `model -> model` steps.
+
+Each step is a small typed config (torchao's `quantize_(model, config)` style); the list is
+saved as `recipe.json` beside the weights it produced, and a fresh process re-applies it to
+rebuild the variant without pickle. What can be checked without a model (sparsity below 1,
+step order, parents that exist, bit widths the backend runs) is checked here, when the config
+loads; layer names are checked against the parent model before any work starts
+(`compression.validate`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class PruneUnstructured(_Strict):
+    """Global magnitude pruning of conv/linear weights to `sparsity` (zeros stay zeros).
+
+    Followed by `finetune`, the sparsity is reached gradually over the fine-tuning epochs
+    (Zhu & Gupta 2017, cubic schedule); otherwise at once."""
+
+    kind: Literal["prune_unstructured"] = "prune_unstructured"
+    sparsity: float = Field(gt=0.0, lt=1.0, description="fraction of prunable weights set to zero")
+    exclude: list[str] = Field([], description="module names left dense, e.g. conv1")
+
+
+class PruneChannels(_Strict):
+    """Dependency-aware removal of conv channels and linear units (Torch-Pruning) until the
+    model needs `mac_ratio` times fewer multiply-accumulates. The classifier keeps its outputs."""
+
+    kind: Literal["prune_channels"] = "prune_channels"
+    mac_ratio: float = Field(gt=1.0, le=100.0, description="target MACs(parent) / MACs(pruned)")
+    importance: Literal["l1", "l2"] = Field("l2", description="norm of a channel group's weights")
+    exclude: list[str] = Field([], description="module names whose channels are kept, e.g. conv1")
+
+
+class Finetune(_Strict):
+    """Train the pruned model further, distilled from the teacher, on Ray Train (DDP)."""
+
+    kind: Literal["finetune"] = "finetune"
+    epochs: int = Field(10, ge=1, le=1000)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    distill: bool = Field(True, description="KD from the teacher (the distill section's T and alpha)")
+
+
+class Int8Dynamic(_Strict):
+    """torchao's default int8 path: int8 weights, activations quantized per batch at run time
+    (linear layers; convolutions stay fp32)."""
+
+    kind: Literal["int8_dynamic"] = "int8_dynamic"
+
+
+class Int8Static(_Strict):
+    """Whole-network int8 post-training quantization (torchao PT2E, x86 inductor quantizer),
+    calibrated on a sample of the train split; quantization-aware training instead when
+    post-training quantization loses more than `max_drop` validation accuracy."""
+
+    kind: Literal["int8_static"] = "int8_static"
+    calibration_samples: int = Field(512, ge=1, le=1_000_000)
+    max_drop: float = Field(0.005, ge=-1.0, le=1.0, description="allowed val-accuracy loss before QAT (0.005 = 0.5 point)")
+    qat_epochs: int = Field(3, ge=1, le=1000)
+    qat_lr: float = Field(1e-4, gt=0.0, le=1.0)
+
+
+class WeightOnly(_Strict):
+    """Low-bit ("sub-integer") weight-only quantization of linear layers, per group of input
+    weights (torchao IntxWeightOnlyConfig): int4 by default, down to int1."""
+
+    kind: Literal["weight_only"] = "weight_only"
+    bits: int = Field(4, description="1 to 8")
+    group_size: int = Field(32, ge=1, le=65_536, description="input weights sharing one scale")
+
+    @field_validator("bits")
+    @classmethod
+    def _supported(cls, v: int) -> int:
+        if not 1 <= v <= 8:
+            raise ValueError(f"the torchao backend supports 1- to 8-bit weights, not {v}")
+        return v
+
+
+Step = Annotated[Union[PruneUnstructured, PruneChannels, Finetune, Int8Dynamic, Int8Static, WeightOnly],
+                 Field(discriminator="kind")]
+PRUNE_KINDS = ("prune_unstructured", "prune_channels")
+QUANT_KINDS = ("int8_dynamic", "int8_static", "weight_only")
+BASE_MODELS = ("student", "teacher")
+
+
+class VariantConfig(_Strict):
+    """One variant: `parent` (student, teacher or an earlier variant) and its steps."""
+
+    name: str
+    parent: str = "student"
+    steps: list[Step] = Field(min_length=1, max_length=8)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,47}", v) or v in (*BASE_MODELS, "auto", "student_scratch"):
+            raise ValueError("use 1-48 lower-case letters, digits, '_' or '-' (not student, teacher or auto)")
+        return v
+
+    @model_validator(mode="after")
+    def _order(self) -> "VariantConfig":
+        kinds = [s.kind for s in self.steps]
+        quant = [i for i, k in enumerate(kinds) if k in QUANT_KINDS]
+        if len(quant) > 1 or (quant and quant[0] != len(kinds) - 1):
+            raise ValueError("at most one quantization step, and it must be the last (a quantized model is not pruned)")
+        if any(k == "finetune" and (i == 0 or kinds[i - 1] not in PRUNE_KINDS) for i, k in enumerate(kinds)):
+            raise ValueError("finetune must follow a prune step (quantization-aware training is int8_static's)")
+        return self
+
+    def describe(self) -> str:
+        """`parent -> step(args) -> ...`, for tables."""
+        parts = [self.parent]
+        for step in self.steps:
+            args = ", ".join(f"{k}={v}" for k, v in step.model_dump(exclude={"kind"}).items()
+                             if k in ("sparsity", "mac_ratio", "epochs", "bits"))
+            parts.append(f"{step.kind}({args})" if args else step.kind)
+        return " -> ".join(parts)
+
+
+class BenchConfig(_Strict):
+    """How every variant is timed (see `bench`)."""
+
+    threads: int = Field(1, ge=1, le=1024, description="torch threads while timing (1: as a Serve replica runs)")
+    latency_runs: int = Field(200, ge=10, le=100_000, description="batch-1 runs for p50/p99")
+    throughput_batch: int = Field(256, ge=1, le=65_536)
+    throughput_runs: int = Field(10, ge=1, le=10_000)
+    modes: list[Literal["eager", "channels_last", "compile"]] = Field(["eager", "channels_last", "compile"], min_length=1)
+
+
+def _default_variants() -> list[VariantConfig]:
+    tune = Finetune(epochs=10)
+    return [
+        VariantConfig(name="sparse50", steps=[PruneUnstructured(sparsity=0.5), tune]),
+        VariantConfig(name="slim", steps=[PruneChannels(mac_ratio=2.0), tune]),
+        VariantConfig(name="int8-dynamic", steps=[Int8Dynamic()]),
+        VariantConfig(name="int8", steps=[Int8Static()]),
+        VariantConfig(name="int4-weights", steps=[WeightOnly(bits=4)]),
+        VariantConfig(name="slim-int8", parent="slim", steps=[Int8Static()]),
+        VariantConfig(name="teacher-int8", parent="teacher", steps=[Int8Static()]),
+    ]
+
+
+class CompressConfig(_Strict):
+    """The variants to build and measure, and the accuracy floor for the recommendation."""
+
+    variants: list[VariantConfig] = Field(default_factory=_default_variants, max_length=64)
+    floor_below_teacher: float = Field(0.01, ge=0.0, le=1.0, description="recommend only variants within this "
+                                       "test accuracy of the teacher (0.01 = 1 point)")
+    bench: BenchConfig = BenchConfig()
+
+    @model_validator(mode="after")
+    def _parents(self) -> "CompressConfig":
+        seen: set[str] = set(BASE_MODELS)
+        for v in self.variants:
+            if v.name in seen:
+                raise ValueError(f"variant {v.name!r} is defined twice (or shadows a base model)")
+            if v.parent not in seen:
+                raise ValueError(f"variant {v.name!r}: parent {v.parent!r} is not student, teacher or an earlier variant")
+            seen.add(v.name)
+        return self

@@ -1,0 +1,194 @@
+"""Save and reload a variant without pickle: `arch.json` + `model.safetensors`.
+
+`arch.json` holds the base model's spec, the per-layer channel counts of a channel-pruned
+model (`layers`), the storage `format` and what quantization to re-apply; the safetensors
+file holds plain tensors only. Three formats:
+
+    dense    float weights; a weight with enough zeros is stored as a bit mask plus its
+             non-zero values (only where that is smaller than dense)
+    torchao  torchao's own flattened quantized tensors (int8 data + scales) and a JSON
+             header that names their classes from torchao's allow-list
+    pt2e     the fp32 model with int8 weights where an observer reads them directly, plus
+             every observer's recorded scale and zero point (see `quantize`)
+
+A reload builds the spec, resizes the pruned layers, re-applies the quantization and loads
+the tensors: the same outputs as before saving on the same machine and kernels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict, unflatten_tensor_state_dict
+
+from distillery.artifacts import ARCH_FILE, WEIGHTS_FILE, atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.compression import quantize
+from distillery.compression.prune import layer_shapes, resize
+from distillery.compression.recipe import Int8Dynamic, WeightOnly
+from distillery.errors import UserError
+from distillery.models import build_model
+
+QPARAMS = "qparams."  # safetensors key prefix of recorded observer parameters
+TORCHAO_STEPS = {"int8_dynamic": Int8Dynamic, "weight_only": WeightOnly}
+
+
+# ---------------------------------------------------------------- save
+
+
+def save_dense(folder: Path, model: nn.Module, spec: dict, base_shapes: dict) -> list[Path]:
+    """An fp32 (possibly pruned) model; sparse-encode the weights where that is smaller."""
+    tensors, sparse = {}, {}
+    for name, t in model.state_dict().items():
+        packed = _sparse(t)
+        if packed is None:
+            tensors[name] = t.detach().contiguous().clone()
+        else:
+            tensors[f"{name}::mask"], tensors[f"{name}::values"] = packed
+            sparse[name] = list(t.shape)
+    return _write(folder, tensors, {"format": "dense", "sparse": sparse, **_layers(model, spec, base_shapes)})
+
+
+def save_torchao(folder: Path, model: nn.Module, spec: dict, base_shapes: dict, step) -> list[Path]:
+    tensors, metadata = flatten_tensor_state_dict(model.state_dict())
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    return _write(folder, tensors, {"format": "torchao", "quant": step.model_dump(), **_layers(model, spec, base_shapes)},
+                  metadata=metadata)
+
+
+def save_pt2e(folder: Path, fp32: nn.Module, prepared: torch.fx.GraphModule, spec: dict, base_shapes: dict,
+              qat: bool) -> list[Path]:
+    """`fp32`: the float model as exported (after QAT: with the trained weights); `prepared`:
+    its calibrated (or QAT-trained) prepared graph."""
+    qparams = quantize.record_qparams(prepared)
+    tensors = {k: v.detach().contiguous().clone() for k, v in fp32.state_dict().items()}
+    int8 = {}
+    for param, obs in quantize.weight_observers(prepared).items():
+        # A weight the quantizer changed first (batch norm folded in) stays fp32: its int8
+        # form would not be the weight this model loads.
+        if param in tensors and torch.equal(prepared.get_parameter(param).detach(), tensors[param]):
+            tensors[param] = quantize.int8_weight(tensors[param], qparams[obs])
+            int8[param] = obs
+    for name, q in qparams.items():
+        tensors[f"{QPARAMS}{name}.scale"], tensors[f"{QPARAMS}{name}.zero_point"] = q["scale"], q["zero_point"]
+    observers = {name: {k: v for k, v in q.items() if k not in ("scale", "zero_point")} for name, q in qparams.items()}
+    quant = {"kind": "int8_static", "qat": qat, "observers": observers, "int8_weights": int8}
+    return _write(folder, tensors, {"format": "pt2e", "quant": quant, **_layers(fp32, spec, base_shapes)})
+
+
+def _layers(model: nn.Module, spec: dict, base_shapes: dict) -> dict[str, Any]:
+    """The spec, and the layer sizes where they differ from the spec's (channel pruning)."""
+    shapes = layer_shapes(model)
+    changed = {name: size for name, size in shapes.items() if base_shapes.get(name) != size}
+    return {"spec": spec, "layers": changed}
+
+
+def _write(folder: Path, tensors: dict[str, torch.Tensor], arch: dict, metadata: dict | None = None) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_FILE
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    arch = {**arch, "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(weights),
+            "versions": {"torch": torch.__version__, "torchao": _torchao_version()}}
+    atomic_write_json(folder / ARCH_FILE, arch)
+    return [weights, folder / ARCH_FILE]
+
+
+def _sparse(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed bit mask, non-zero values) when smaller than the dense tensor, else None."""
+    if not t.is_floating_point() or t.dim() < 2:
+        return None
+    flat = t.detach().reshape(-1)
+    nonzero = flat != 0
+    nnz = int(nonzero.sum())
+    if (flat.numel() + 7) // 8 + nnz * t.element_size() >= flat.numel() * t.element_size():
+        return None
+    return torch.from_numpy(np.packbits(nonzero.numpy())), flat[nonzero].clone()
+
+
+def _unsparse(mask: torch.Tensor, values: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    n = int(np.prod(shape))
+    where = torch.from_numpy(np.unpackbits(mask.numpy(), count=n).astype(bool))
+    if int(where.sum()) != values.numel():
+        raise UserError(f"sparse tensor of shape {shape}: mask and values disagree")
+    out = torch.zeros(n, dtype=values.dtype)
+    out[where] = values
+    return out.reshape(shape)
+
+
+def _torchao_version() -> str:
+    import torchao
+
+    return torchao.__version__
+
+
+# ---------------------------------------------------------------- load
+
+
+def load_variant(folder: str | Path) -> tuple[nn.Module, dict]:
+    """Verify and rebuild a saved variant (any format); return (model in eval mode, arch)."""
+    folder = Path(folder)
+    arch = read_json(folder / ARCH_FILE)
+    if not isinstance(arch, dict) or not {"spec", "weights", "weights_sha256"} <= arch.keys():
+        raise UserError(f"{folder / ARCH_FILE}: not a distillery arch file (needs spec, weights, weights_sha256)")
+    weights = folder / arch["weights"]
+    verify_sha256(weights, arch["weights_sha256"])
+    tensors, metadata = _read(weights)
+    model = resize(build_model(arch["spec"]), arch.get("layers") or {})
+    fmt = arch.get("format", "dense")
+    try:
+        if fmt == "dense":
+            model.load_state_dict(_dense_state(tensors, arch.get("sparse") or {}), strict=True)
+        elif fmt == "torchao":
+            model = _load_torchao(model, tensors, metadata, arch["quant"])
+        elif fmt == "pt2e":
+            model = _load_pt2e(model, tensors, arch["quant"], arch["spec"]["in_shape"])
+        else:
+            raise UserError(f"{folder / ARCH_FILE}: unknown format {fmt!r}")
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"{weights}: does not fit {ARCH_FILE} ({type(e).__name__}: {e})") from None
+    model.eval()  # (an exported graph's eval() returns None)
+    return model, arch
+
+
+def _read(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except SafetensorError as e:
+        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
+
+
+def _dense_state(tensors: dict[str, torch.Tensor], sparse: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    state = {k: v for k, v in tensors.items() if "::" not in k}
+    for name, shape in sparse.items():
+        state[name] = _unsparse(tensors[f"{name}::mask"], tensors[f"{name}::values"], shape)
+    return state
+
+
+def _load_torchao(model: nn.Module, tensors: dict, metadata: dict, quant: dict) -> nn.Module:
+    step = TORCHAO_STEPS[quant["kind"]].model_validate(quant)
+    quantize.apply_torchao(model, step)  # the same tensor classes, then the saved data into them
+    state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    if leftover:
+        raise UserError(f"unexpected tensors {sorted(leftover)[:3]} in a torchao variant")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _load_pt2e(model: nn.Module, tensors: dict, quant: dict, in_shape: list[int]) -> nn.Module:
+    qparams = {name: {**attrs, "scale": tensors[f"{QPARAMS}{name}.scale"],
+                      "zero_point": tensors[f"{QPARAMS}{name}.zero_point"]}
+               for name, attrs in quant["observers"].items()}
+    state = {k: v for k, v in tensors.items() if not k.startswith(QPARAMS)}
+    for param, obs in quant["int8_weights"].items():
+        state[param] = quantize.dequantized_weight(state[param], qparams[obs])
+    model.load_state_dict(state, strict=True)
+    prepared = quantize.freeze(quantize.prepare(model, in_shape, qat=quant["qat"]), qparams)
+    return quantize.convert(prepared)
+

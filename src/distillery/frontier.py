@@ -1,0 +1,188 @@
+"""The speed-vs-accuracy frontier of a run's variants, the one to deploy, and the report files.
+
+Every variant (teacher, students, compressed children) is one plain record of measured figures.
+The deployable choices are the Pareto front (no other variant is both at least as fast and at
+least as accurate), and the recommendation for an accuracy floor is the fastest variant at
+batch 1 that meets it, skipping variants that measured no faster than the model they came from.
+The report is written four ways: JSON for programs, CSV for spreadsheets, Markdown for people,
+and a PNG plot; each file atomically, so a reader never sees half a report.
+
+Plain Python and matplotlib (Agg, no display): no Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from distillery.artifacts import atomic_write_bytes, atomic_write_json
+
+REQUIRED = ("name", "parent", "recipe", "test_accuracy", "params", "macs", "size_bytes", "best_mode",
+            "p50_ms", "p99_ms", "throughput", "peak_fraction", "not_faster", "role")
+ROLES = ("teacher", "student", "student_scratch", "variant")
+CSV_COLUMNS = (*REQUIRED, "on_front")
+# How each role is drawn: marker, legend label. Variants are the many small points.
+_ROLE_STYLE = {"teacher": ("s", "teacher"), "student": ("D", "student (distilled)"),
+               "student_scratch": ("^", "student (from scratch)"), "variant": ("o", "compressed variant")}
+
+
+def validate(records: Sequence[dict]) -> None:
+    """Raise ValueError naming the record and the problem: a missing key, an unknown role, a repeated name."""
+    _require(records, REQUIRED)
+    seen: set[str] = set()
+    for r in records:
+        if r["role"] not in ROLES:
+            raise ValueError(f"variant record {r['name']!r}: role {r['role']!r} is not one of {ROLES}")
+        if r["name"] in seen:
+            raise ValueError(f"variant record {r['name']!r}: name used twice; names identify variants")
+        seen.add(r["name"])
+
+
+def _require(records: Sequence[dict], keys: Sequence[str]) -> None:
+    for i, record in enumerate(records):
+        missing = [key for key in keys if key not in record]
+        if missing:
+            label = repr(record.get("name", f"#{i}"))
+            raise ValueError(f"variant record {label}: missing key {missing[0]!r} (needs {', '.join(keys)})")
+
+
+def pareto_front(records: Sequence[dict], *, x: str = "p50_ms", y: str = "test_accuracy") -> list[str]:
+    """Names of the records that no other record dominates (lower-or-equal `x` AND higher-or-equal
+    `y`, one of them strictly), sorted by `x`. Equal points do not dominate each other."""
+    _require(records, ("name", x, y))
+    def dominates(a: dict, b: dict) -> bool:
+        return a[x] <= b[x] and a[y] >= b[y] and (a[x] < b[x] or a[y] > b[y])
+
+    front = [r for r in records if not any(dominates(other, r) for other in records)]
+    return [r["name"] for r in sorted(front, key=lambda r: (r[x], -r[y], r["name"]))]
+
+
+def recommend(records: Sequence[dict], floor: float) -> dict | None:
+    """The record to deploy for accuracy floor `floor`: among records with test_accuracy >= floor
+    that are not `not_faster`, the lowest p50 latency at batch 1 (ties: higher throughput, then
+    smaller size). Returns {"name", "floor", "reason"} or None when nothing meets the floor."""
+    validate(records)
+    candidates = [r for r in records if r["test_accuracy"] >= floor and not r["not_faster"]]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda r: (r["p50_ms"], -r["throughput"], r["size_bytes"]))
+    reason = (f"{best['name']} is the fastest of {len(candidates)} variant(s) with test accuracy >= {floor:.2%}: "
+              f"p50 {best['p50_ms']:.3f} ms (p99 {best['p99_ms']:.3f} ms) at batch 1, "
+              f"{best['throughput']:,.0f} img/s, test accuracy {best['test_accuracy']:.2%}, "
+              f"{best['size_bytes'] / 1024:.1f} KiB, run {best['best_mode']}.")
+    return {"name": best["name"], "floor": floor, "reason": reason}
+
+
+def write_frontier(out_dir: Path, records: list[dict], *, floor: float, machine: dict,
+                   settings: dict) -> list[Path]:
+    """Write frontier.json, frontier.csv, frontier.md and frontier.png into `out_dir`; return their paths.
+
+    `machine` is bench.machine_info(), `settings` the bench settings as a dict (both are the
+    evidence a reader needs to trust the figures).
+    """
+    validate(records)
+    if not records:
+        raise ValueError("no variant records to report")
+    out_dir = Path(out_dir)
+    front, rec = pareto_front(records), recommend(records, floor)
+    paths = [out_dir / f"frontier.{ext}" for ext in ("json", "csv", "md", "png")]
+    atomic_write_json(paths[0], {"machine": machine, "settings": settings, "floor": floor,
+                                 "recommended": rec, "pareto": front, "variants": records})
+    atomic_write_bytes(paths[1], _csv(records, front).encode())
+    atomic_write_bytes(paths[2], _markdown(records, front, rec, floor, machine, settings).encode())
+    atomic_write_bytes(paths[3], _png(records, front, rec, floor))
+    return paths
+
+
+def _csv(records: Sequence[dict], front: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in records:
+        writer.writerow([*(r[key] for key in REQUIRED), r["name"] in front])
+    return buf.getvalue()
+
+
+_MD_HEADER = ("name", "recipe", "test acc", "params", "MACs", "size KiB", "best mode", "p50 ms", "p99 ms",
+              "img/s", "% of peak", "on front", "note")
+
+
+def _md_row(r: dict, on_front: bool) -> list[str]:
+    note = "not faster than its parent" if r["not_faster"] else ""
+    return [r["name"], r["recipe"], f"{r['test_accuracy']:.2%}", f"{r['params']:,}", f"{r['macs']:,}",
+            f"{r['size_bytes'] / 1024:.1f}", r["best_mode"], f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
+            f"{r['throughput']:,.0f}", f"{r['peak_fraction']:.1%}", "yes" if on_front else "", note]
+
+
+def _md_cell(value: str) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")  # a pipe in a recipe would split the row
+
+
+def _markdown(records: Sequence[dict], front: list[str], rec: dict | None, floor: float, machine: dict,
+              settings: dict) -> str:
+    lines = ["# Speed vs accuracy", "", "| " + " | ".join(_MD_HEADER) + " |", "|" + "---|" * len(_MD_HEADER)]
+    for r in records:
+        lines.append("| " + " | ".join(_md_cell(c) for c in _md_row(r, r["name"] in front)) + " |")
+    verdict = f"**Recommended** ({rec['name']}): {rec['reason']}" if rec else \
+        f"**No variant** reaches the accuracy floor of {floor:.2%}."
+    return "\n".join([*lines, "", verdict, "", _evidence_line(machine, settings), ""])
+
+
+def _evidence_line(machine: dict, settings: dict) -> str:
+    m, s = machine, settings
+    return (f"Measured on {m.get('cpu', 'an unknown CPU')} ({m.get('logical_cores', '?')} logical cores, "
+            f"torch {m.get('torch', '?')}) with {s.get('threads', '?')} thread(s): p50/p99 over "
+            f"{s.get('latency_runs', '?')} batch-1 runs after {s.get('warmup', '?')} warm-up runs, throughput "
+            f"at batch {s.get('throughput_batch', '?')} (median of {s.get('throughput_runs', '?')} runs); "
+            f"each variant in its fastest mode.")
+
+
+def _png(records: Sequence[dict], front: list[str], rec: dict | None, floor: float) -> bytes:
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    FigureCanvasAgg(fig)  # render with Agg explicitly: no display, no global pyplot state
+    ax = fig.subplots()
+    _plot_points(ax, records)
+    _plot_front(ax, records, front)
+    ax.axhline(floor * 100, color="grey", linestyle=":", linewidth=1, label=f"accuracy floor {floor:.1%}")
+    if rec:
+        r = next(r for r in records if r["name"] == rec["name"])
+        ax.scatter([r["p50_ms"]], [r["test_accuracy"] * 100], s=500, facecolors="none", edgecolors="red",
+                   linewidths=2, label=f"recommended: {r['name']}", zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("p50 latency at batch 1 (ms, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Speed vs accuracy (marker area ~ model size)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _plot_points(ax, records: Sequence[dict]) -> None:
+    biggest = max(r["size_bytes"] for r in records) or 1
+    for role, (marker, label) in _ROLE_STYLE.items():
+        group = [r for r in records if r["role"] == role]
+        if not group:
+            continue
+        # Area proportional to size; a floor keeps the smallest models visible.
+        sizes = [max(12.0, 400.0 * r["size_bytes"] / biggest) for r in group]
+        ax.scatter([r["p50_ms"] for r in group], [r["test_accuracy"] * 100 for r in group], s=sizes,
+                   marker=marker, alpha=0.7, label=label, zorder=3)
+    for r in records:
+        ax.annotate(r["name"], (r["p50_ms"], r["test_accuracy"] * 100), xytext=(5, 4),
+                    textcoords="offset points", fontsize=7)
+
+
+def _plot_front(ax, records: Sequence[dict], front: list[str]) -> None:
+    # Sorted by latency, accuracy rises along the front: "post" steps show the best accuracy
+    # available at each latency budget.
+    by_name = {r["name"]: r for r in records}
+    xs = [by_name[n]["p50_ms"] for n in front]
+    ys = [by_name[n]["test_accuracy"] * 100 for n in front]
+    ax.step(xs, ys, where="post", color="black", linewidth=1, label="Pareto front", zorder=2)
