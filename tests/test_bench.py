@@ -2,7 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from distillery.bench import MODES, BenchSettings, is_faster, machine_info, measure, runner
+from distillery.bench import (
+    MODES,
+    BenchSettings,
+    is_faster,
+    machine_info,
+    measure,
+    runner,
+)
 from distillery.models import count_macs
 
 FAST = BenchSettings(latency_runs=20, warmup=3, throughput_batch=32, throughput_runs=3)
@@ -89,8 +96,8 @@ def test_a_failing_mode_is_recorded_and_the_others_still_measure():
 def test_every_mode_failing_raises_with_the_errors():
     with pytest.raises(ValueError, match="channels_last: RuntimeError: channels_last not supported"):
         measure(RefusesChannelsLast(), [3, 8, 8], 1000, FAST, modes=("channels_last",))
-    with pytest.raises(ValueError, match="unknown mode 'fast'"):
-        measure(tiny_model(), IN_SHAPE, 1000, FAST, modes=("fast",))
+    with pytest.raises(ValueError, match=r"unknown mode\(s\) \['fast'\]"):
+        measure(tiny_model(), IN_SHAPE, 1000, FAST, modes=("eager", "fast"))
 
 
 def test_threads_and_training_flag_restored():

@@ -148,6 +148,9 @@ def measure(model: nn.Module, in_shape: list[int], macs: int, settings: BenchSet
     Compile mode first calls torch._dynamo.reset(), which drops every other compiled function of
     the process (recompiling is quick: inductor's on-disk cache survives, keyed on thread count).
     """
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:  # a typo is a caller's bug, not a mode that failed to run
+        raise ValueError(f"unknown mode(s) {unknown}; expected some of {MODES}")
     x1, xb = _inputs(in_shape, settings.throughput_batch)
     results: dict[str, dict] = {}
     with _threads(settings.threads), _eval_mode(model):

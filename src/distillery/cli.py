@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="reload the trained models from disk, verify and score them")
     _config_args(evaluate)
 
-    run = sub.add_parser("run", help="the whole pipeline: data, teacher, student alone, distilled student, evaluate")
+    compress = sub.add_parser("compress", help="prune and quantize the trained models into variants, measure "
+                              "them all, write the frontier report (fine-tuning on Ray Train)")
+    _config_args(compress)
+
+    run = sub.add_parser("run", help="the whole pipeline: data, teacher, student alone, distilled student, "
+                         "evaluate, compress")
     _config_args(run)
     return parser
 
@@ -78,12 +83,17 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         require_done(cfg, ["data", "teacher", "student_scratch", "student"])
         stages = ["evaluate"]
+    elif args.command == "compress":
+        require_done(cfg, ["data", "teacher", "student_scratch", "student"])
+        stages = ["compress"]
     else:
         stages = None
     run = run_stages(cfg, stages, force=args.force, log=log)
     log(f"run directory: {run.root.resolve()}")
     if (run.root / "results.md").exists() and args.command in ("run", "evaluate"):
         log(f"results: {(run.root / 'results.md').resolve()}")
+    if (run.root / "frontier.md").exists() and args.command in ("run", "compress"):
+        log(f"frontier: {(run.root / 'frontier.md').resolve()}")
 
 
 if __name__ == "__main__":

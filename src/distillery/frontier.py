@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from distillery.artifacts import atomic_write_bytes, atomic_write_json
 
@@ -153,15 +155,26 @@ def _png(records: Sequence[dict], front: list[str], rec: dict | None, floor: flo
         r = next(r for r in records if r["name"] == rec["name"])
         ax.scatter([r["p50_ms"]], [r["test_accuracy"] * 100], s=500, facecolors="none", edgecolors="red",
                    linewidths=2, label=f"recommended: {r['name']}", zorder=4)
-    ax.set_xscale("log")
+    _log_latency_axis(ax, [r["p50_ms"] for r in records])
     ax.set_xlabel("p50 latency at batch 1 (ms, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Speed vs accuracy (marker area ~ model size)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    legend = ax.legend(loc="lower right", fontsize="small")
+    for handle in legend.legend_handles:  # one marker size in the legend: there size means nothing
+        if isinstance(handle, PathCollection):
+            handle.set_sizes([40])
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
+
+
+def _log_latency_axis(ax, latencies: list[float]) -> None:
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # "0.3", not "3x10^-1"
+    ax.xaxis.set_major_formatter(plain)
+    # Within about a decade there are one or two major ticks: label the minor ones too.
+    ax.xaxis.set_minor_formatter(plain if max(latencies) < 20 * min(latencies) else NullFormatter())
 
 
 def _plot_points(ax, records: Sequence[dict]) -> None:

@@ -1,10 +1,11 @@
 """The stages of a run, in order, each skipped when its outputs exist and verify.
 
-    data -> teacher -> student_scratch -> student -> evaluate
+    data -> teacher -> student_scratch -> student -> evaluate -> compress
 
 `student_scratch` is the student trained alone, `student` the same network distilled from
 the teacher; the evaluation reports what share of the teacher-student gap distillation
-closed. Each stage is a function `(run, cfg, log) -> (files, metrics)`; `run_stages` wraps
+closed; `compress` turns the student (and the teacher) into pruned and quantized variants
+and measures them all (`compress`, `frontier`). Each stage is a function `(run, cfg, log) -> (files, metrics)`; `run_stages` wraps
 them with the bookkeeping (fingerprints, manifest status, skip on re-run, `--force`).
 Training runs on Ray Train (`raytrain`), or in this process when `ray.workers` is 0.
 """
@@ -34,7 +35,8 @@ EVAL_BATCH = 1024
 # What each stage reads. A stage that runs again makes everything downstream stale: a
 # student distilled from an older teacher is not the one this teacher would give.
 INPUTS = {"data": [], "teacher": ["data"], "teacher_logits": ["data", "teacher"], "student_scratch": ["data"],
-          "student": ["data", "teacher", "teacher_logits"], "evaluate": ["data", *MODELS]}
+          "student": ["data", "teacher", "teacher_logits"], "evaluate": ["data", *MODELS],
+          "compress": ["data", *MODELS]}
 
 
 def downstream(name: str) -> list[str]:
@@ -51,6 +53,8 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp["student_scratch"] = fingerprint(fp["data"], cfg.student.model_dump(), cfg.seed, workers)
     fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), cfg.distill.model_dump(), cfg.seed, workers)
     fp["evaluate"] = fingerprint(*(fp[name] for name in MODELS))
+    fp["compress"] = fingerprint(*(fp[name] for name in MODELS), cfg.compress.model_dump(), cfg.distill.model_dump(),
+                                 cfg.seed, workers)
     return fp
 
 
@@ -59,7 +63,7 @@ def stage_functions(cfg: PipelineConfig) -> dict[str, StageFn]:
     train = lambda which: lambda run, cfg, log: train_model(run, cfg, which, log)  # noqa: E731
     cache = {"teacher_logits": cache_logits} if uses_logit_cache(cfg) else {}
     return {"data": prepare_data, "teacher": train("teacher"), **cache,
-            **{name: train(name) for name in MODELS[1:]}, "evaluate": evaluate_run}
+            **{name: train(name) for name in MODELS[1:]}, "evaluate": evaluate_run, "compress": compress_models}
 
 
 def uses_logit_cache(cfg: PipelineConfig) -> bool:
@@ -229,6 +233,14 @@ def results_table(results: dict[str, Any]) -> str:
         else "no teacher-student gap to close"
     rows.append(f"\nDistillation: student {kd['gain']:+.2%} test accuracy over training alone ({closed}); one seed.")
     return "\n".join(rows) + "\n"
+
+
+def compress_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
+    """Prune and quantize into the configured variants, measure them all, write the frontier."""
+    from distillery.compress import compress_run  # torchao and Torch-Pruning load only here
+
+    manifest, splits = load_splits(run)
+    return compress_run(run, cfg, log, splits, manifest)
 
 
 def require_done(cfg: PipelineConfig, names: list[str]) -> None:

@@ -31,7 +31,9 @@ from ray.train.torch import TorchTrainer
 
 from distillery import checkpoint, data
 from distillery.artifacts import load_model
-from distillery.config import PipelineConfig, from_dict
+from distillery.compression.prune import GradualSparsity
+from distillery.compression.recipe import PruneUnstructured
+from distillery.config import PipelineConfig, TrainConfig, from_dict
 from distillery.hints import wrap_for_hints
 from distillery.losses import LossFn, cross_entropy, distillation, pack_target
 from distillery.models import build_model
@@ -68,7 +70,7 @@ def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, *, storage: Path, name:
     Re-running with the same `storage`/`name` resumes from the last registered checkpoint.
     """
     ensure_ray(cfg)
-    tcfg = cfg.stage_for(job["which"]).train
+    tcfg = train_config(cfg, job)
     # Only the training split streams through Ray Data; the small val split is read once per
     # worker from the same verified shards (re-executing a dataset each epoch cost seconds).
     train_files = job.get("train_files") or [str(p) for p in data.shard_paths(data_dir, "train")]
@@ -142,14 +144,16 @@ def _drop_unregistered(trial_dir: Path, registered: set[str]) -> None:
 def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the plain loop of `training`, checkpointed every epoch."""
     cfg = from_dict(config["pipeline"], source="train_loop_config")  # typed at the boundary
-    tcfg = cfg.stage_for(config["which"]).train
+    tcfg = train_config(cfg, config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # 1 thread per core: no oversubscription
     device = ray.train.torch.get_device()
     strategy = make_strategy(tcfg.parallelism, rank=rank, world_size=world, microbatches=tcfg.microbatches)
     seed_everything(cfg.seed)  # identical initial weights on every rank
-    model, loss_fn, make_target = _objective(cfg, config, build_model(config["spec"]), device)
+    plain = _initial_model(config)
+    sparsity = GradualSparsity(plain, PruneUnstructured(**config["prune"]), tcfg.epochs) if config.get("prune") else None
+    model, loss_fn, make_target = _objective(cfg, config, plain, device)
     model = strategy.wrap(model.to(device), config["spec"])
 
     split = tcfg.parallelism != "pipeline"
@@ -158,6 +162,8 @@ def train_worker(config: dict[str, Any]) -> None:
     opt = make_optimizer(model, tcfg)
     sched = make_scheduler(opt, tcfg, math.ceil(rows / batch))
     first, history = _resume(strategy, model, opt, sched, rank, world)
+    if sparsity is not None:  # DDP shares `plain`'s parameters: masking them masks the replica
+        opt.register_step_post_hook(sparsity.after_step)
     val = data.load_split(config["data_dir"], "val")
     step = with_autocast(lambda x, target: strategy.train_step(model, x, target, loss_fn, opt), device, tcfg.bf16)
 
@@ -165,6 +171,8 @@ def train_worker(config: dict[str, Any]) -> None:
         seed = zlib.crc32(f"{cfg.seed}/{epoch}/{rank if split else 0}".encode())
         batches = _train_batches(config, batch, seed, tcfg.augment, make_target, device, check_same=not split)
         start = time.perf_counter()
+        if sparsity is not None:
+            sparsity.start_epoch(epoch)
         stats = train_epoch(model, batches, step, sched)
         scores = _validate(strategy, model, val, device)
         metrics = _epoch_metrics(epoch, stats, scores, time.perf_counter() - start, world, split)
@@ -174,6 +182,20 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(progress_line(config["which"], tcfg.epochs, metrics), flush=True)
         _report(metrics, strategy, model, opt, sched, rank, world, history)
+
+
+def train_config(cfg: PipelineConfig, job: dict[str, Any]) -> TrainConfig:
+    """The job's own training config (fine-tuning a variant), else its stage's."""
+    return TrainConfig.model_validate(job["train"]) if job.get("train") else cfg.stage_for(job["which"]).train
+
+
+def _initial_model(config: dict[str, Any]) -> torch.nn.Module:
+    """A fresh model from the spec, or a saved (pruned) model to fine-tune."""
+    if config.get("init_dir"):
+        from distillery.compression.store import load_variant
+
+        return load_variant(config["init_dir"])[0].train()
+    return build_model(config["spec"])
 
 
 def _objective(cfg: PipelineConfig, config: dict, model: torch.nn.Module,
@@ -186,7 +208,7 @@ def _objective(cfg: PipelineConfig, config: dict, model: torch.nn.Module,
     if not config.get("teacher_dir"):
         return model, cross_entropy(tcfg.label_smoothing), lambda x, y: y
     teacher = _frozen_teacher(config["teacher_dir"], device)
-    if d.hints:
+    if d.hints and config.get("hints", True):  # fine-tuning a pruned variant: logits only
         wrapped, make_target, loss_fn = wrap_for_hints(model, teacher, d.hints, config["image_shape"],
                                                        config["spec"]["num_classes"], d.temperature, d.alpha)
         return wrapped, loss_fn, make_target

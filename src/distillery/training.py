@@ -164,10 +164,13 @@ def progress_line(which: str, epochs: int, m: dict) -> str:
 def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, seed: int,
         flip: bool = False, loss_fn: LossFn | None = None, make_target: TargetFn = lambda x, y: y,
         device: torch.device = torch.device("cpu"),
-        on_epoch: Callable[[dict], None] = lambda m: None) -> list[dict]:
+        on_epoch: Callable[[dict], None] = lambda m: None,
+        on_epoch_start: Callable[[int], None] = lambda epoch: None,
+        after_step: Callable[[], None] | None = None) -> list[dict]:
     """Train in one process on tensors `train` = (x, y) on `device`; `make_target(x, y)` builds
     each batch's target after augmentation (distillation packs the teacher's logits in); call
-    `on_epoch` with each epoch's metrics; return them all."""
+    `on_epoch` with each epoch's metrics; return them all. `on_epoch_start(epoch)` and
+    `after_step()` (after every optimizer step) let pruning keep its zeros."""
     gen = seed_everything(seed)
     model.to(device)
     train = (train[0].to(device), train[1].to(device))  # small in-memory splits: move them once
@@ -176,8 +179,11 @@ def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, 
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, math.ceil(len(train[0]) / cfg.batch_size))
     step = with_autocast(lambda x, target: optimizer_step(model, x, target, loss_fn, opt), device, cfg.bf16)
+    if after_step is not None:
+        opt.register_step_post_hook(lambda *_: after_step())
     history = []
     for epoch in range(1, cfg.epochs + 1):
+        on_epoch_start(epoch)
         x = random_shift(train[0], gen, flip=flip) if cfg.augment else train[0]
         data = ((xb, make_target(xb, yb)) for xb, yb in batches(x, train[1], cfg.batch_size, shuffle=True, generator=gen))
         metrics = {"epoch": epoch, **train_epoch(model, data, step, sched)}

@@ -1,8 +1,8 @@
 """Pruning steps, each `model -> model`, in place.
 
-Unstructured: global magnitude pruning with `torch.nn.utils.prune`, made permanent at once
-(`prune.remove`), so no `weight_orig`/`weight_mask` is ever saved. It gives no speed-up on
-dense kernels; it is here for size and as the article's "weight pruning".
+Unstructured: global magnitude pruning, zeros written into the weights themselves, so no
+`weight_orig`/`weight_mask` is ever saved. It gives no speed-up on dense kernels; it is here
+for size and as the article's "weight pruning".
 Structured: Torch-Pruning removes whole conv channels and linear units and shrinks every
 layer that depends on them, which is what makes a model faster.
 """
@@ -14,7 +14,6 @@ from typing import Iterable
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.nn.utils import prune
 
 from distillery.compression.recipe import PruneChannels, PruneUnstructured
 from distillery.errors import UserError
@@ -39,14 +38,22 @@ def prunable(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Modu
 
 
 def prune_unstructured(model: nn.Module, step: PruneUnstructured, sparsity: float | None = None) -> nn.Module:
-    """Zero the smallest-magnitude weights across all prunable layers (one global threshold)
-    until `sparsity` (default: the step's) of them are zero. Weights already zero count."""
+    """Zero the smallest-magnitude weights across all prunable layers (one global ranking)
+    until `sparsity` (default: the step's) of them are zero. Weights already zero count.
+
+    In place on the weights' storage (not `torch.nn.utils.prune`, whose reparametrisation
+    swaps `weight.data`): the same code then runs under DDP, whose replicas share these
+    parameters, and leaves nothing like `weight_orig`/`weight_mask` behind."""
     layers = prunable(model, step.exclude)
-    params = [(m, "weight") for m in layers.values()]
-    prune.global_unstructured(params, pruning_method=prune.L1Unstructured,
-                              amount=step.sparsity if sparsity is None else sparsity)
-    for m, name in params:
-        prune.remove(m, name)  # permanent: the zeros move into `weight`, the mask goes
+    scores = torch.cat([m.weight.detach().abs().reshape(-1) for m in layers.values()])
+    k = round((step.sparsity if sparsity is None else sparsity) * scores.numel())
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep[torch.topk(scores, k, largest=False).indices] = False
+    masks, start = {}, 0
+    for name, m in layers.items():
+        masks[name] = keep[start:start + m.weight.numel()].reshape(m.weight.shape)
+        start += m.weight.numel()
+    apply_masks(model, masks)
     return model
 
 
