@@ -63,7 +63,7 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher.requires_grad_(False),
                   record["fingerprint"], record["attempt"])
     bases = {name: load_model(run.verify_file(f"{name}/arch.json").parent) for name in ROLES}
-    check_recipes(cfg.compress.variants, {name: model for name, (model, _) in bases.items()})
+    check_recipes(cfg.compress.variants, {name: model for name, (model, _) in bases.items()}, ctx.in_shape)
     settings = bench.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
     records, files = {}, []
     for name, (model, arch) in bases.items():
@@ -80,7 +80,7 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
         files += [*built.files, built.files[0].parent / "metrics.json"]
     for rec in records.values():
         parent = records.get(rec["parent"]) if rec["parent"] else None
-        rec["not_faster"] = parent is not None and not bench.is_faster(rec, parent)
+        rec["not_faster"] = parent is not None and not bench.is_faster(rec, parent, min_gain=cfg.compress.speedup_margin)
     floor = records["teacher"]["test_accuracy"] - cfg.compress.floor_below_teacher
     files += frontier.write_frontier(run.root, list(records.values()), floor=floor, machine=bench.machine_info(),
                                      settings={**asdict(settings), "modes": cfg.compress.bench.modes})
@@ -90,9 +90,9 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
                    "floor": floor}
 
 
-def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module]) -> None:
-    """Everything checkable against the models, before any work: layer names, group sizes,
-    and no step on top of a quantized variant."""
+def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in_shape: list[int]) -> None:
+    """Everything checkable against the models, before any work: layer names, reachable MAC
+    ratios, group sizes, and no step on top of a quantized variant."""
     root = {name: name for name in BASE_MODELS}
     quantized = set()
     for v in variants:
@@ -103,6 +103,8 @@ def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module]) ->
         for step in v.steps:
             if step.kind in ("prune_unstructured", "prune_channels"):
                 prune.check_layers(model, step.exclude, f"compress.variants.{v.name}.{step.kind}.exclude")
+            if step.kind == "prune_channels" and v.parent in BASE_MODELS:  # a dry run: cheap, and only it can tell
+                prune.prune_channels(copy.deepcopy(model), step, in_shape)
             if step.kind == "weight_only" and not any(s.kind == "prune_channels" for s in v.steps):
                 quantize.check_weight_only(model, step)
         if v.steps[-1].kind in ("int8_dynamic", "int8_static", "weight_only"):

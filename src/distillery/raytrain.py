@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import zlib
@@ -58,7 +59,8 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     # Logical CPUs beyond the workers' share, so Ray Data's read tasks are never starved
     # by the training workers holding every CPU (a deadlock on a 2-core machine).
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_worker)) + 2
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"worker_process_setup_hook": quiet_ray_train_logs})
     quiet = ray.data.DataContext.get_current()  # per-epoch progress bars would drown the epoch lines
     quiet.enable_progress_bars = quiet.print_on_execution_start = quiet.enable_auto_log_stats = False
 
@@ -143,6 +145,7 @@ def _drop_unregistered(trial_dir: Path, registered: set[str]) -> None:
 
 def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the plain loop of `training`, checkpointed every epoch."""
+    quiet_ray_train_logs()  # again: Ray Train configures its loggers after the process setup hook ran
     cfg = from_dict(config["pipeline"], source="train_loop_config")  # typed at the boundary
     tcfg = train_config(cfg, config)
     ctx = ray.train.get_context()
@@ -180,7 +183,7 @@ def train_worker(config: dict[str, Any]) -> None:
             metrics["resumed_from"] = first - 1  # evidence of a restart, kept in the history
         history.append(metrics)
         if rank == 0:
-            print(progress_line(config["which"], tcfg.epochs, metrics), flush=True)
+            _say(progress_line(config["which"], tcfg.epochs, metrics))
         _report(metrics, strategy, model, opt, sched, rank, world, history)
 
 
@@ -196,6 +199,24 @@ def _initial_model(config: dict[str, Any]) -> torch.nn.Module:
 
         return load_variant(config["init_dir"])[0].train()
     return build_model(config["spec"])
+
+
+def _say(line: str) -> None:
+    """One line to the driver's console. Not print(): Ray Train patches print in its workers
+    to log each line and also echo it, so every line would show twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def quiet_ray_train_logs() -> None:
+    """Every worker process's setup hook: drop Ray Train's per-report INFO line and, without
+    the dashboard's state API, the placement-group cleaner's warning every few seconds;
+    both would bury the epoch lines. Other Ray Train warnings still show."""
+    from ray.train.v2._internal.execution import context  # its logger is named by file path, not module
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # "dataset execution finished" for every epoch
 
 
 def _objective(cfg: PipelineConfig, config: dict, model: torch.nn.Module,
@@ -238,7 +259,7 @@ def _resume(strategy: Strategy, model, opt, sched, rank: int, world: int) -> tup
                                             model=model, opt=opt)
     sched.load_state_dict(state["scheduler"])
     if rank == 0:
-        print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
+        _say(f"resumed from the checkpoint of epoch {state['epoch']}")
     return state["epoch"] + 1, history
 
 

@@ -108,13 +108,15 @@ def prune_channels(model: nn.Module, step: PruneChannels, in_shape: list[int], m
     ignored = [classifier(model)] + [model.get_submodule(name) for name in step.exclude]
     pruner = tp.pruner.MetaPruner(
         model, torch.zeros(1, *in_shape), importance=tp.importance.GroupMagnitudeImportance(p=1 if step.importance == "l1" else 2),
-        pruning_ratio=max_steps / 100, iterative_steps=max_steps, ignored_layers=ignored)
+        pruning_ratio=max_steps / 100, iterative_steps=max_steps, ignored_layers=ignored,
+        round_to=step.round_to if step.round_to > 1 else None)
     for _ in range(max_steps):
         pruner.step()
         if base / count_macs(model, in_shape) >= step.mac_ratio:
             return model
-    raise UserError(f"prune_channels: mac_ratio {step.mac_ratio} not reachable with {', '.join(step.exclude) or 'no'} "
-                    f"layers excluded (got {base / count_macs(model, in_shape):.2f}x at {max_steps}% of every layer)")
+    raise UserError(f"prune_channels: mac_ratio {step.mac_ratio} not reachable with round_to {step.round_to} and "
+                    f"{', '.join(step.exclude) or 'no'} layers excluded (got {base / count_macs(model, in_shape):.2f}x); "
+                    "lower mac_ratio or round_to, or exclude fewer layers")
 
 
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:

@@ -39,6 +39,10 @@ class PruneChannels(_Strict):
     mac_ratio: float = Field(gt=1.0, le=100.0, description="target MACs(parent) / MACs(pruned)")
     importance: Literal["l1", "l2"] = Field("l2", description="norm of a channel group's weights")
     exclude: list[str] = Field([], description="module names whose channels are kept, e.g. conv1")
+    # Measured on the digits teacher (2x fewer MACs, compiled, 1 thread): 33/67 channels ran
+    # 1.3x faster than the original, 32/72 1.8x, 32/64 (round_to 16) 2.7x.
+    round_to: int = Field(16, ge=1, le=1024, description="keep channel counts multiples of this: vector kernels "
+                          "run whole registers (1: any count)")
 
 
 class Finetune(_Strict):
@@ -141,12 +145,15 @@ def _default_variants() -> list[VariantConfig]:
     tune = Finetune(epochs=10)
     return [
         VariantConfig(name="sparse50", steps=[PruneUnstructured(sparsity=0.5), tune]),
-        VariantConfig(name="slim", steps=[PruneChannels(mac_ratio=2.0), tune]),
+        VariantConfig(name="slim", steps=[PruneChannels(mac_ratio=2.0, round_to=8), tune]),  # 16 is all conv1 has
         VariantConfig(name="int8-dynamic", steps=[Int8Dynamic()]),
         VariantConfig(name="int8", steps=[Int8Static()]),
         VariantConfig(name="int4-weights", steps=[WeightOnly(bits=4)]),
         VariantConfig(name="slim-int8", parent="slim", steps=[Int8Static()]),
         VariantConfig(name="teacher-int8", parent="teacher", steps=[Int8Static()]),
+        # The digits student is so small (0.1M MACs) that call overhead, not arithmetic, bounds
+        # its speed; channel pruning pays off on the compute-bound teacher (10M MACs).
+        VariantConfig(name="teacher-slim", parent="teacher", steps=[PruneChannels(mac_ratio=2.0), tune]),
     ]
 
 
@@ -156,6 +163,8 @@ class CompressConfig(_Strict):
     variants: list[VariantConfig] = Field(default_factory=_default_variants, max_length=64)
     floor_below_teacher: float = Field(0.01, ge=0.0, le=1.0, description="recommend only variants within this "
                                        "test accuracy of the teacher (0.01 = 1 point)")
+    speedup_margin: float = Field(0.05, ge=0.0, le=1.0, description="a variant counts as faster than its parent "
+                                  "only by more than this fraction: timing noise on a shared machine is a few percent")
     bench: BenchConfig = BenchConfig()
 
     @model_validator(mode="after")
