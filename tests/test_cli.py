@@ -29,7 +29,7 @@ def test_run_writes_a_verified_run_directory(tmp_path, capsys):
     root = tmp_path / "runs" / "tiny"
     manifest = _manifest(tmp_path)
     assert {n: s["status"] for n, s in manifest["stages"].items()} == dict.fromkeys(
-        ["data", "teacher", "student_scratch", "student", "evaluate"], "done")
+        ["data", "teacher", "student_scratch", "student", "evaluate", "compress"], "done")
     for rel, digest in manifest["files"].items():
         assert sha256_file(root / rel) == digest, rel
     for which in ("teacher", "student_scratch", "student"):
@@ -50,7 +50,7 @@ def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
     before = weights.stat().st_mtime_ns
     capsys.readouterr()
     assert _run(tmp_path, "run") == 0
-    assert capsys.readouterr().out.count("done already") == 5
+    assert capsys.readouterr().out.count("done already") == 6
     assert weights.stat().st_mtime_ns == before
     assert _run(tmp_path, "train", "--model", "teacher", "--force") == 0
     assert weights.stat().st_mtime_ns != before
@@ -63,7 +63,7 @@ def test_changed_config_redoes_only_what_it_touches(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[data] done already" in out and "[teacher] done already" in out
     assert "[student_scratch] done already" in out
-    assert "[student] running" in out and "[evaluate] running" in out
+    assert "[student] running" in out and "[evaluate] running" in out and "[compress] running" in out
     assert _run(tmp_path, "run", "--set", "distill.temperature=2", "--set", "student.train.epochs=1") == 0
     out = capsys.readouterr().out
     assert "[teacher] done already" in out and "[student_scratch] running" in out

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from distillery import bench, frontier
-from distillery.artifacts import atomic_write_json, load_model
+from distillery.artifacts import atomic_write_json, load_model, read_json
 from distillery.compression import prune, quantize, store
 from distillery.compression.recipe import BASE_MODELS, Finetune, Int8Static, VariantConfig
 from distillery.config import PipelineConfig, TrainConfig
@@ -63,7 +63,6 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher.requires_grad_(False),
                   record["fingerprint"], record["attempt"])
     bases = {name: load_model(run.verify_file(f"{name}/arch.json").parent) for name in ROLES}
-    check_recipes(cfg.compress.variants, {name: model for name, (model, _) in bases.items()}, ctx.in_shape)
     settings = bench.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
     records, files = {}, []
     for name, (model, arch) in bases.items():
@@ -92,23 +91,36 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
 
 def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in_shape: list[int]) -> None:
     """Everything checkable against the models, before any work: layer names, reachable MAC
-    ratios, group sizes, and no step on top of a quantized variant."""
-    root = {name: name for name in BASE_MODELS}
+    ratios, group sizes, and no step on top of a quantized variant. Channel pruning is dry-run
+    on a copy (cheap, and only trying tells whether a ratio is reachable), so the steps after
+    it, and the variants built on it, are checked against the widths it leaves."""
+    shapes = dict(bases)  # name -> a model of that variant's widths
     quantized = set()
     for v in variants:
         if v.parent in quantized:
             raise UserError(f"compress.variants.{v.name}: parent {v.parent!r} is quantized; build on its fp32 parent")
-        root[v.name] = root[v.parent]
-        model = bases[root[v.name]]
-        for step in v.steps:
-            if step.kind in ("prune_unstructured", "prune_channels"):
-                prune.check_layers(model, step.exclude, f"compress.variants.{v.name}.{step.kind}.exclude")
-            if step.kind == "prune_channels" and v.parent in BASE_MODELS:  # a dry run: cheap, and only it can tell
-                prune.prune_channels(copy.deepcopy(model), step, in_shape)
-            if step.kind == "weight_only" and not any(s.kind == "prune_channels" for s in v.steps):
-                quantize.check_weight_only(model, step)
+        model = copy.deepcopy(shapes[v.parent])
+        try:
+            for step in v.steps:
+                if step.kind in ("prune_unstructured", "prune_channels"):
+                    prune.check_layers(model, step.exclude, f"{step.kind}.exclude")
+                if step.kind == "prune_channels":
+                    prune.prune_channels(model, step, in_shape)
+                if step.kind == "weight_only":
+                    quantize.check_weight_only(model, step)
+        except UserError as e:
+            raise UserError(f"compress.variants.{v.name}: {e}") from None
+        shapes[v.name] = model
         if v.steps[-1].kind in ("int8_dynamic", "int8_static", "weight_only"):
             quantized.add(v.name)
+
+
+def check_run(run: RunDir, cfg: PipelineConfig) -> None:
+    """`check_recipes` against this run's trained models: before the stage starts, so a
+    refused recipe leaves the run's finished compress stage as it was."""
+    manifest = read_json(run.verify_file("data/manifest.json"))
+    bases = {name: load_model(run.verify_file(f"{name}/arch.json").parent)[0] for name in ROLES}
+    check_recipes(cfg.compress.variants, bases, manifest["image_shape"])
 
 
 # ---------------------------------------------------------------- building

@@ -82,6 +82,7 @@ def run_stages(cfg: PipelineConfig, stages: list[str] | None = None, *, force: b
         if not force and run.is_done(name, fps[name]):
             log(f"[{name}] done already (outputs verified); --force redoes it")
             continue
+        PRECHECKS.get(name, lambda run, cfg: None)(run, cfg)  # a refusal leaves the stage's record as it was
         attempt = run.start(name, fps[name], fresh=force)
         log(f"[{name}] running" + (f" (attempt {attempt})" if attempt > 1 else ""))
         start = time.perf_counter()
@@ -233,6 +234,15 @@ def results_table(results: dict[str, Any]) -> str:
         else "no teacher-student gap to close"
     rows.append(f"\nDistillation: student {kd['gain']:+.2%} test accuracy over training alone ({closed}); one seed.")
     return "\n".join(rows) + "\n"
+
+
+def check_compress(run: RunDir, cfg: PipelineConfig) -> None:
+    from distillery.compress import check_run
+
+    check_run(run, cfg)
+
+
+PRECHECKS = {"compress": check_compress}  # checks of a stage's config against its inputs, before it starts
 
 
 def compress_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
