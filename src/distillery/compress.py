@@ -62,24 +62,28 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     teacher, _ = load_model(run.verify_file("teacher/arch.json").parent)
     ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher.requires_grad_(False),
                   record["fingerprint"], record["attempt"])
-    bases = {name: load_model(run.verify_file(f"{name}/arch.json").parent) for name in ROLES}
+    built = {v.name: build(ctx, v) for v in cfg.compress.variants}
+    # Timed only once everything is built, one after another: no training in between to
+    # compete for the cores, and parent and child measured minutes apart at most.
     settings = bench.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
     records, files = {}, []
-    for name, (model, arch) in bases.items():
+    for name in ROLES:
+        model, arch = load_model(run.verify_file(f"{name}/arch.json").parent)
         size = (run.root / name / arch["weights"]).stat().st_size
         records[name] = measure(ctx, settings, name, ROLES[name], PARENT_OF[name], name, model, model, size)
     for v in cfg.compress.variants:
-        built = build(ctx, v)
-        model, arch = store.load_variant(built.files[0].parent)  # score what is on disk
-        size = built.files[0].stat().st_size
-        rec = measure(ctx, settings, v.name, "variant", v.parent, v.describe(), model, built.fp32, size,
-                      int8=v.steps[-1].kind == "int8_static")
-        records[v.name] = {**rec, "steps": built.details}
-        atomic_write_json(built.files[0].parent / "metrics.json", records[v.name])
-        files += [*built.files, built.files[0].parent / "metrics.json"]
+        folder = built[v.name].files[0].parent
+        model, arch = store.load_variant(folder)  # score what is on disk
+        rec = measure(ctx, settings, v.name, "variant", v.parent, v.describe(), model, built[v.name].fp32,
+                      built[v.name].files[0].stat().st_size, int8=v.steps[-1].kind == "int8_static")
+        records[v.name] = {**rec, "steps": built[v.name].details}
     for rec in records.values():
         parent = records.get(rec["parent"]) if rec["parent"] else None
         rec["not_faster"] = parent is not None and not bench.is_faster(rec, parent, min_gain=cfg.compress.speedup_margin)
+    for v in cfg.compress.variants:
+        folder = built[v.name].files[0].parent
+        atomic_write_json(folder / "metrics.json", records[v.name])
+        files += [*built[v.name].files, folder / "metrics.json"]
     floor = records["teacher"]["test_accuracy"] - cfg.compress.floor_below_teacher
     files += frontier.write_frontier(run.root, list(records.values()), floor=floor, machine=bench.machine_info(),
                                      settings={**asdict(settings), "modes": cfg.compress.bench.modes})
