@@ -44,6 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
                               "them all, write the frontier report (fine-tuning on Ray Train)")
     _config_args(compress)
 
+    srv = sub.add_parser("serve", help="serve a run's models on Ray Serve over HTTP (Open Inference Protocol); "
+                         "`serve build RUN_DIR -o FILE` writes the Serve config YAML instead")
+    srv.add_argument("words", nargs="+", metavar="[build] RUN_DIR", help="a run directory, e.g. runs/digits")
+    srv.add_argument("-o", "--output", help="build: where to write the config (default: RUN_DIR/serve/config.yaml)")
+    srv.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a serve setting of the run's config, e.g. --set serve.port=8001")
+
+    query = sub.add_parser("query", help="send images to a served model and print predictions and latency")
+    query.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    query.add_argument("--model", required=True, help="a served model's name, or auto")
+    source = query.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="a .npy file of float32 images [N, C, H, W]")
+    source.add_argument("--sample", type=int, metavar="N", help="N images from the run's test split")
+    query.add_argument("--run-dir", default="runs/digits", help="for --sample (default: %(default)s)")
+    query.add_argument("--min-accuracy", type=float, help="auto: the fastest model at least this accurate")
+    query.add_argument("--max-latency-ms", type=float, help="auto: the most accurate model at most this slow")
+    query.add_argument("--api-key-env", help="name of an environment variable holding the API key")
+
     run = sub.add_parser("run", help="the whole pipeline: data, teacher, student alone, distilled student, "
                          "evaluate, compress")
     _config_args(run)
@@ -64,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> None:
+    if args.command in ("serve", "query"):
+        from distillery import serve_cli
+
+        return serve_cli.serve(args) if args.command == "serve" else serve_cli.query(args)
     # Imported here so `distillery --help` stays fast (torch is slow to import).
     from distillery.config import load_config
     from distillery.pipeline import require_done, run_stages, uses_logit_cache

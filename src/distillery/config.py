@@ -106,6 +106,39 @@ class RayConfig(_Strict):
     checkpoints_to_keep: int = Field(2, ge=1, le=100)
 
 
+class ServeConfig(_Strict):
+    """The Ray Serve deployment of a run's models (see `serving`)."""
+
+    host: str = Field("127.0.0.1", description="where the HTTP proxy listens; 0.0.0.0 exposes it to the network")
+    port: int = Field(8000, ge=1, le=65_535)
+    models: list[str] | None = Field(None, description="models to serve; default: the Pareto front and the recommended one")
+    auto: bool = Field(True, description="serve the adaptive model `auto`")
+    auto_busy_at: int = Field(4, ge=1, le=10_000, description="requests in flight on a model before auto steps to the next")
+    min_replicas: int = Field(1, ge=0, le=1000)
+    max_replicas: int = Field(2, ge=1, le=1000)
+    target_ongoing_requests: float = Field(2.0, gt=0.0, le=10_000.0)
+    upscale_delay_s: float = Field(3.0, ge=0.0, le=3600.0)
+    downscale_delay_s: float = Field(30.0, ge=0.0, le=86_400.0)
+    max_ongoing_requests: int = Field(16, ge=1, le=100_000, description="per replica")
+    max_queued_requests: int = Field(64, ge=0, le=1_000_000, description="per deployment; beyond it: 503")
+    request_timeout_s: float = Field(10.0, gt=0.0, le=3600.0, description="beyond it: 408")
+    max_batch_size: int = Field(64, ge=1, le=65_536, description="images per forward pass (dynamic batching)")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0)
+    num_cpus: float = Field(0.5, gt=0.0, le=256.0, description="per replica (logical; the replica runs 1 torch thread)")
+    max_body_bytes: int = Field(8 << 20, ge=1024, le=1 << 31)
+    max_elements: int = Field(1 << 20, ge=1, le=1 << 30, description="floats per request")
+    health_check_period_s: float = Field(10.0, gt=0.0, le=3600.0)
+    health_check_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    api_key_env: str | None = Field(None, description="name of an environment variable holding an API key; "
+                                    "when set, every route but health needs header x-api-key")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
 class StageConfig(_Strict):
     """A model to build and how to train it. `model.kind` defaults per stage."""
 
@@ -140,6 +173,7 @@ class PipelineConfig(_Strict):
     student: _stage(CNNConfig()) = StageConfig(model=CNNConfig(width_mult=0.5), train=TrainConfig(epochs=40, augment=False))
     distill: DistillConfig = DistillConfig()
     compress: CompressConfig = CompressConfig()
+    serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

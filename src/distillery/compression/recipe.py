@@ -107,8 +107,8 @@ class VariantConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,47}", v) or v in (*BASE_MODELS, "auto", "student_scratch"):
-            raise ValueError("use 1-48 lower-case letters, digits, '_' or '-' (not student, teacher or auto)")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,47}", v) or v in (*BASE_MODELS, "auto", "server", "student_scratch"):
+            raise ValueError("use 1-48 lower-case letters, digits, '_' or '-' (not student, teacher, auto or server)")
         return v
 
     @model_validator(mode="after")

@@ -1,0 +1,108 @@
+"""What to serve and how to run it: the catalog of a run's measured models, a plain predictor,
+and the `auto` model's choice. No Ray here: the benchmark, the tests and a Serve replica all
+use the same `Predictor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distillery import bench
+from distillery.artifacts import load_model, read_json
+from distillery.errors import UserError
+from distillery.protocol import ProtocolError
+
+BASES = ("teacher", "student", "student_scratch")
+SERVING_MODES = ("eager", "channels_last")  # compiled graphs recompile per batch size: not in a replica yet
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model as the frontier measured it, in the mode a replica runs it."""
+
+    name: str
+    folder: str
+    in_shape: list[int]
+    num_classes: int
+    test_accuracy: float
+    p50_ms: float        # batch 1, in `mode`, 1 thread, from the frontier
+    mode: str
+    recommended: bool = False
+
+
+def catalog(run_dir: str | Path, names: list[str] | None = None) -> list[ServedModel]:
+    """The models to serve from a run's frontier: `names`, or by default the Pareto front and
+    the recommended variant. Unknown names are refused, listing what the run has."""
+    run_dir = Path(run_dir)
+    front = read_json(run_dir / "frontier.json")
+    records = {r["name"]: r for r in front["variants"]}
+    recommended = (front.get("recommended") or {}).get("name")
+    wanted = names or sorted(set(front["pareto"]) | ({recommended} if recommended else set()),
+                             key=lambda n: records[n]["p50_ms"])
+    unknown = [n for n in wanted if n not in records]
+    if unknown:
+        raise UserError(f"{run_dir}: no measured model named {', '.join(unknown)} (the run has {', '.join(records)})")
+    return [_served(run_dir, records[n], n == recommended) for n in wanted]
+
+
+def _served(run_dir: Path, rec: dict, recommended: bool) -> ServedModel:
+    folder = run_dir / rec["name"] if rec["name"] in BASES else run_dir / "variants" / rec["name"]
+    arch = read_json(folder / "arch.json")
+    modes = {m: f for m, f in rec["modes"].items() if m in SERVING_MODES and "p50_ms" in f}
+    if not modes:
+        raise UserError(f"{rec['name']}: no measured {' or '.join(SERVING_MODES)} mode to serve it in")
+    mode = min(modes, key=lambda m: modes[m]["p50_ms"])  # serving is latency-bound: batch 1 decides
+    return ServedModel(rec["name"], str(folder), arch["spec"]["in_shape"], arch["spec"]["num_classes"],
+                       rec["test_accuracy"], modes[mode]["p50_ms"], mode, recommended)
+
+
+class Predictor:
+    """A verified model (sha256 checked on load) run in its serving mode, one thread."""
+
+    def __init__(self, served: ServedModel, threads: int = 1):
+        from distillery.compression.store import load_variant
+
+        torch.set_num_threads(threads)
+        folder = Path(served.folder)
+        model, _ = load_model(folder) if served.name in BASES else load_variant(folder)
+        self.served, self._run = served, bench.runner(model, served.mode)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] float32 -> logits [N, K] float32."""
+        return self._run(x).float()
+
+
+def choose(models: list[ServedModel], min_accuracy: float | None, max_latency_ms: float | None,
+           inflight: Mapping[str, int] | None = None, busy_at: int = 4) -> ServedModel:
+    """The `auto` model's pick: the fastest model with test accuracy >= `min_accuracy`, or the
+    most accurate one whose p50 is <= `max_latency_ms`, or (neither given) the recommended one.
+    Under load (`inflight[name] >= busy_at`) it steps down to the next faster model that still
+    meets the target, if one is less busy (the fastest model above a floor has none)."""
+    if not models:
+        raise ProtocolError(503, "no models are served")
+    if min_accuracy is not None:
+        ok = sorted((m for m in models if m.test_accuracy >= min_accuracy), key=lambda m: m.p50_ms)
+        if not ok:
+            best = max(models, key=lambda m: m.test_accuracy)
+            raise ProtocolError(422, f"no served model reaches test accuracy {min_accuracy:.4f} "
+                                     f"(the most accurate, {best.name}, has {best.test_accuracy:.4f})")
+    elif max_latency_ms is not None:
+        ok = sorted((m for m in models if m.p50_ms <= max_latency_ms), key=lambda m: (-m.test_accuracy, m.p50_ms))
+        if not ok:
+            fastest = min(models, key=lambda m: m.p50_ms)
+            raise ProtocolError(422, f"no served model answers within {max_latency_ms} ms at p50 "
+                                     f"(the fastest, {fastest.name}, takes {fastest.p50_ms:.3f} ms)")
+    else:
+        first = next((m for m in models if m.recommended), max(models, key=lambda m: m.test_accuracy))
+        ok = [first] + sorted((m for m in models if m.p50_ms < first.p50_ms and
+                               m.test_accuracy >= first.test_accuracy - 0.01), key=lambda m: -m.test_accuracy)
+    load, preferred = inflight or {}, ok[0]
+    if load.get(preferred.name, 0) < busy_at:
+        return preferred
+    faster = [m for m in ok[1:] if m.p50_ms < preferred.p50_ms]  # stepping down only ever speeds up
+    return next((m for m in faster if load.get(m.name, 0) < busy_at), preferred)

@@ -1,0 +1,152 @@
+"""The Open Inference Protocol (KServe v2) over HTTP/JSON, as pure functions.
+
+Request:  {"id"?: str, "inputs": [{"name": "input", "shape": [N, C, H, W], "datatype": "FP32",
+           "data": [... N*C*H*W numbers, row-major (nested lists accepted)]}],
+           "parameters"?: {"min_accuracy"?: float, "max_latency_ms"?: float}}
+Response: {"model_name", "id"?, "outputs": [{"name": "logits", "datatype": "FP32", "shape": [N, K],
+           "data": [...]}, {"name": "label", "datatype": "INT64", "shape": [N], "data": [...]}],
+           "parameters": {"variant": <the model that answered>}}
+
+Every refusal is a `ProtocolError(status, message)` that names what is wrong; the serving
+layer turns it into `{"error": message}` with that status. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+INPUT_NAME = "input"
+AUTO_PARAMETERS = ("min_accuracy", "max_latency_ms")
+
+
+class ProtocolError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 8 << 20  # a 1024-image batch of 3x32x32 as JSON is ~25 MB: send it in pieces
+    max_elements: int = 1 << 20    # floats per request
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    x: torch.Tensor             # [N, C, H, W] float32
+    id: str | None
+    parameters: dict[str, Any]
+
+
+def check_size(content_length: str | None, limits: Limits) -> None:
+    """Refuse a body whose declared length is over the limit before reading it."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limits.max_body_bytes:
+        raise ProtocolError(413, f"request body of {content_length} bytes is over the limit of {limits.max_body_bytes}")
+
+
+def parse_infer(body: bytes, in_shape: list[int], limits: Limits) -> InferRequest:
+    """Validate an infer request for a model taking [N, *in_shape] FP32 images."""
+    if len(body) > limits.max_body_bytes:
+        raise ProtocolError(413, f"request body of {len(body)} bytes is over the limit of {limits.max_body_bytes}")
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(400, f"body is not valid JSON: {e}") from None
+    except RecursionError:  # e.g. 100,000 nested brackets, well under the size limit
+        raise ProtocolError(400, "body is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError(400, "body must be a JSON object with an 'inputs' list")
+    unknown = set(doc) - {"id", "inputs", "outputs", "parameters"}
+    if unknown:
+        raise ProtocolError(400, f"unknown request field(s): {', '.join(sorted(unknown))}")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        got = "none" if not isinstance(inputs, list) else str(len(inputs))
+        raise ProtocolError(400, f"expected exactly one input named '{INPUT_NAME}', got {got}")
+    params = doc.get("parameters", {})
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise ProtocolError(400, "'parameters' must be an object")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(400, "'id' must be a string")
+    return InferRequest(_tensor(inputs[0], in_shape, limits), request_id, params)
+
+
+def _tensor(spec: Any, in_shape: list[int], limits: Limits) -> torch.Tensor:
+    if not isinstance(spec, dict):
+        raise ProtocolError(400, "an input must be an object with name, shape, datatype and data")
+    missing = {"name", "shape", "datatype", "data"} - set(spec)
+    if missing:
+        raise ProtocolError(400, f"input is missing {', '.join(sorted(missing))}")
+    if spec["name"] != INPUT_NAME:
+        raise ProtocolError(400, f"unknown input {spec['name']!r}; this model's input is '{INPUT_NAME}'")
+    if spec["datatype"] != "FP32":
+        raise ProtocolError(400, f"input datatype must be FP32, got {spec['datatype']!r}")
+    shape = spec["shape"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        raise ProtocolError(400, f"shape must be a list of integers, got {shape!r}")
+    if len(shape) != 1 + len(in_shape) or shape[1:] != list(in_shape) or shape[0] < 1:
+        raise ProtocolError(400, f"shape must be [N, {', '.join(map(str, in_shape))}] with N >= 1, got {shape}")
+    count = math.prod(shape)
+    if count > limits.max_elements:  # checked on the declared shape, before touching the data
+        raise ProtocolError(413, f"{count} elements is over the limit of {limits.max_elements} per request")
+    try:
+        # No dtype here: numpy would turn "1.5" and true into numbers. Ragged lists, strings,
+        # booleans and integers too large for a float come out as another kind and are refused.
+        data = np.asarray(spec["data"])
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        data = None
+    if data is None or data.dtype.kind not in "fiu":
+        raise ProtocolError(400, "data must be numbers (a flat row-major list, or nested lists)")
+    data = data.astype(np.float32)
+    if data.size != count:
+        raise ProtocolError(400, f"data has {data.size} elements, shape {shape} needs {count}")
+    if not np.isfinite(data).all():
+        raise ProtocolError(400, "data contains NaN or infinity")
+    return torch.from_numpy(data.reshape(shape).copy())
+
+
+def infer_response(model: str, request_id: str | None, logits: torch.Tensor, variant: str) -> dict[str, Any]:
+    """logits [N, K] -> the response with logits (FP32) and predicted labels (INT64)."""
+    labels = logits.argmax(1)
+    out = {"model_name": model, "outputs": [
+        {"name": "logits", "datatype": "FP32", "shape": list(logits.shape), "data": logits.reshape(-1).tolist()},
+        {"name": "label", "datatype": "INT64", "shape": [len(labels)], "data": labels.tolist()}],
+        "parameters": {"variant": variant}}
+    if request_id is not None:
+        out["id"] = request_id
+    return out
+
+
+def model_metadata(name: str, in_shape: list[int], num_classes: int, platform: str = "pytorch") -> dict[str, Any]:
+    return {"name": name, "versions": ["1"], "platform": platform,
+            "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *in_shape]}],
+            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, num_classes]},
+                        {"name": "label", "datatype": "INT64", "shape": [-1]}]}
+
+
+def server_metadata(version: str) -> dict[str, Any]:
+    return {"name": "distillery", "version": version, "extensions": []}
+
+
+def auto_targets(params: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(min_accuracy, max_latency_ms) of an `auto` request; at most one may be given."""
+    def number(key: str, low: float, high: float) -> float | None:
+        value = params.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ProtocolError(400, f"parameters.{key} must be a number in [{low}, {high}], got {value!r}")
+        return float(value)
+
+    accuracy, latency = number("min_accuracy", 0.0, 1.0), number("max_latency_ms", 0.0, 1e6)
+    if accuracy is not None and latency is not None:
+        raise ProtocolError(400, "give parameters.min_accuracy or parameters.max_latency_ms, not both")
+    return accuracy, latency

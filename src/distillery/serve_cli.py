@@ -1,0 +1,107 @@
+"""`distillery serve` and `distillery query`: the command-line ends of the serving layer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from distillery.errors import UserError
+
+
+def serve(args: argparse.Namespace) -> None:
+    build = args.words[0] == "build"
+    words = args.words[1:] if build else args.words
+    if len(words) != 1:
+        raise UserError("usage: distillery serve [build] RUN_DIR")
+    run_dir = Path(words[0])
+    cfg = _run_config(run_dir, args.overrides)
+    from distillery import serving
+
+    key = serving.read_api_key(cfg.serve.api_key_env)
+    if build:
+        out = Path(args.output or run_dir / "serve" / "config.yaml")
+        doc = serving.config_document(str(run_dir.resolve()), cfg.serve, key)
+        from distillery.artifacts import atomic_write_bytes
+
+        atomic_write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
+        print(f"Serve config for {len(doc['applications'])} applications: {out}\n  serve run {out}")
+        return
+    from distillery.raytrain import ensure_ray
+
+    ensure_ray(cfg)
+    url = serving.deploy(str(run_dir.resolve()), cfg.serve, key)
+    print(f"serving {url} (models: {url}/models); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+
+
+def _run_config(run_dir: Path, overrides: list[str]):
+    from distillery.config import load_config
+
+    if not (run_dir / "frontier.json").is_file():
+        raise UserError(f"{run_dir}: no frontier.json; run `distillery compress` (or `distillery run`) first")
+    bad = [o for o in overrides if not o.startswith("serve.")]
+    if bad:
+        raise UserError(f"--set {bad[0]!r}: only serve.* settings can change when serving a finished run")
+    return load_config(run_dir / "config.yaml", overrides)
+
+
+def query(args: argparse.Namespace) -> None:
+    x, truth = _images(args)
+    params = {k: v for k, v in (("min_accuracy", args.min_accuracy), ("max_latency_ms", args.max_latency_ms))
+              if v is not None}
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}],
+            **({"parameters": params} if params else {})}
+    headers = {"content-type": "application/json"}
+    if args.api_key_env:
+        headers["x-api-key"] = os.environ.get(args.api_key_env, "")
+    url = f"{args.url.rstrip('/')}/v2/models/{args.model}/infer"
+    start = time.perf_counter()
+    reply = _post(url, json.dumps(body).encode(), headers)
+    ms = 1e3 * (time.perf_counter() - start)
+    labels = next(o["data"] for o in reply["outputs"] if o["name"] == "label")
+    shown = [f"{p}" + (f" (true {t})" if t is not None else "") for p, t in zip(labels, truth)]
+    print(f"model {args.model} answered by {reply['parameters']['variant']} in {ms:.1f} ms for {len(labels)} image(s)")
+    print("predicted: " + ", ".join(shown))
+    if truth[0] is not None:
+        print(f"correct: {sum(p == t for p, t in zip(labels, truth))}/{len(labels)}")
+
+
+def _images(args: argparse.Namespace) -> tuple[np.ndarray, list]:
+    if args.input:
+        try:
+            x = np.load(args.input, allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{args.input}: not a readable .npy array ({e})") from None
+        return x, [None] * len(x)
+    from distillery import data
+
+    if args.sample < 1:
+        raise UserError("--sample needs N >= 1")
+    x, y = data.load_split(Path(args.run_dir) / "data", "test")
+    return x[:args.sample].numpy(), y[:args.sample].tolist()
+
+
+def _post(url: str, body: bytes, headers: dict) -> dict:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")
+        raise UserError(f"{url}: HTTP {e.code}: {detail}") from None
+    except urllib.error.URLError as e:
+        raise UserError(f"{url}: cannot connect ({e.reason}); is `distillery serve` running?") from None

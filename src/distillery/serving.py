@@ -1,0 +1,284 @@
+"""The Ray Serve layer: one application per served model, an `auto` router, a server app.
+
+Every Serve hop costs ~3 ms of CPU on a small machine, so each model is its own application
+with route prefix `/v2/models/<name>`: the HTTP proxy hands a request straight to that model's
+replicas (one hop). Only `auto` pays a second hop, to the model it picks. The `/v2` app answers
+health, server metadata, and any model name that is not served (404).
+
+    proxy -> /v2/models/<name>/...  -> Model replicas (dynamic batching)      one hop
+          -> /v2/models/auto/...    -> Auto -> Model replicas of its pick       two hops
+          -> /v2/...                -> Server (health, metadata, unknown models)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from importlib import metadata
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from distillery.config import ServeConfig
+from distillery.predictor import Predictor, ServedModel, catalog, choose
+from distillery.protocol import (InferRequest, Limits, ProtocolError, auto_targets, check_size, infer_response,
+                                 model_metadata, parse_infer, server_metadata)
+
+API_KEY_HEADER = "x-api-key"
+
+
+class AppArgs(BaseModel):
+    """What one Serve application needs; `serve build` writes these into the config YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str                       # "model", "auto" or "server"
+    run_dir: str
+    models: list[str]               # model: [its name]; auto and server: every served model
+    settings: dict[str, Any] = {}   # ServeConfig fields
+    api_key_sha256: str | None = None
+
+
+def build_application(args: AppArgs) -> serve.Application:
+    """The application for `args.kind`, with its autoscaling and limits applied."""
+    cfg = ServeConfig.model_validate(args.settings)
+    served = catalog(args.run_dir, args.models)
+    common = {"api_key_sha256": args.api_key_sha256, "limits": asdict(limits(cfg))}
+    if args.kind == "model":
+        return Model.options(**deployment_options(cfg)).bind(served[0], cfg.max_batch_size,
+                                                             cfg.batch_wait_timeout_s, **common)
+    if args.kind == "auto":
+        return Auto.options(**deployment_options(cfg)).bind(served, cfg.auto_busy_at, **common)
+    return Server.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
+        [m.name for m in served], bool(cfg.auto), args.api_key_sha256)
+
+
+def limits(cfg: ServeConfig) -> Limits:
+    return Limits(max_body_bytes=cfg.max_body_bytes, max_elements=cfg.max_elements)
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Replicas, autoscaling, queue and health settings of a model (or auto) deployment."""
+    return {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                   "target_ongoing_requests": cfg.target_ongoing_requests,
+                                   "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+                                   "metrics_interval_s": 1.0, "look_back_period_s": 5.0},
+            "max_ongoing_requests": cfg.max_ongoing_requests, "max_queued_requests": cfg.max_queued_requests,
+            "health_check_period_s": cfg.health_check_period_s, "health_check_timeout_s": cfg.health_check_timeout_s,
+            "ray_actor_options": {"num_cpus": cfg.num_cpus}}
+
+
+def api_key_digest(key: str | None) -> str | None:
+    """Replicas get the key's sha256, never the key: configs and Ray's dashboard show args."""
+    return hashlib.sha256(key.encode()).hexdigest() if key else None
+
+
+def read_api_key(env_name: str | None) -> str | None:
+    if not env_name:
+        return None
+    key = os.environ.get(env_name)
+    if not key:
+        from distillery.errors import UserError
+
+        raise UserError(f"serve.api_key_env is {env_name!r} but that environment variable is empty or unset")
+    return key
+
+
+# ---------------------------------------------------------------- request plumbing
+
+
+def _error(e: ProtocolError) -> JSONResponse:
+    return JSONResponse({"error": e.message}, status_code=e.status)
+
+
+def _check_key(request: Request, digest: str | None) -> None:
+    if digest is None:
+        return
+    given = request.headers.get(API_KEY_HEADER, "")
+    if not hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), digest):
+        raise ProtocolError(401, f"missing or wrong API key (send it in the {API_KEY_HEADER} header)")
+
+
+def _subpath(request: Request) -> str:
+    """The path under this application's route prefix: "", "/ready" or "/infer"."""
+    return request.url.path[len(request.scope.get("root_path", "")):].rstrip("/")
+
+
+async def _read_infer(request: Request, in_shape: list[int], lim: Limits) -> InferRequest:
+    if request.method != "POST":
+        raise ProtocolError(405, "infer takes POST")
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if kind not in ("application/json", ""):
+        raise ProtocolError(415, f"content type {kind!r} is not supported; send application/json")
+    check_size(request.headers.get("content-length"), lim)
+    return parse_infer(await request.body(), in_shape, lim)
+
+
+# ---------------------------------------------------------------- deployments
+
+
+@serve.deployment
+class Model:
+    """One served model: verified on load, dynamic batching over concurrent requests."""
+
+    def __init__(self, served: ServedModel, max_batch_size: int, batch_wait_s: float,
+                 api_key_sha256: str | None, limits: dict):
+        self.predictor = Predictor(served)  # verifies sha256; a bad artifact fails the replica here
+        self.served, self.digest, self.limits, self.max_batch = served, api_key_sha256, Limits(**limits), max_batch_size
+        self._predict_batch.set_max_batch_size(max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(batch_wait_s)
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        try:
+            _check_key(request, self.digest)
+            sub = _subpath(request)
+            if sub == "":
+                return JSONResponse(model_metadata(self.served.name, self.served.in_shape, self.served.num_classes))
+            if sub == "/ready":
+                return JSONResponse({"name": self.served.name, "ready": True})
+            if sub != "/infer":
+                raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/{self.served.name}")
+            req = await _read_infer(request, self.served.in_shape, self.limits)
+            logits, together = await self.infer(req.x)
+            body = infer_response(self.served.name, req.id, logits, self.served.name)
+            body["parameters"]["batched_requests"] = together
+            return JSONResponse(body)
+        except ProtocolError as e:
+            return _error(e)
+
+    async def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(logits, how many requests shared the forward pass). Also the `auto` model's entry."""
+        if len(x) >= self.max_batch:  # already a full batch: nothing to gain from waiting
+            return self.predictor(x), 1
+        return await self._predict_batch(x)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=lambda xs: sum(len(x) for x in xs))
+    async def _predict_batch(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        sizes = [len(x) for x in xs]
+        logits = self.predictor(torch.cat(xs))
+        return [(part, len(xs)) for part in logits.split(sizes)]
+
+    def check_health(self) -> None:
+        self.predictor(torch.zeros(1, *self.served.in_shape))
+
+
+@serve.deployment
+class Auto:
+    """The virtual model `auto`: picks a served model per request (see `predictor.choose`)."""
+
+    def __init__(self, served: list[ServedModel], busy_at: int, api_key_sha256: str | None, limits: dict):
+        self.served, self.busy_at, self.digest, self.limits = served, busy_at, api_key_sha256, Limits(**limits)
+        self.handles: dict[str, DeploymentHandle] = {m.name: serve.get_deployment_handle("Model", app_name=m.name)
+                                                      for m in served}
+        self.inflight: dict[str, int] = defaultdict(int)
+        shapes = {tuple(m.in_shape) for m in served}
+        if len(shapes) != 1:
+            raise ValueError(f"auto needs models of one input shape, got {sorted(shapes)}")
+        self.in_shape, self.num_classes = list(shapes.pop()), served[0].num_classes
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        try:
+            _check_key(request, self.digest)
+            sub = _subpath(request)
+            if sub == "":
+                return JSONResponse(model_metadata("auto", self.in_shape, self.num_classes, platform="distillery-auto"))
+            if sub == "/ready":
+                return JSONResponse({"name": "auto", "ready": True})
+            if sub != "/infer":
+                raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/auto")
+            req = await _read_infer(request, self.in_shape, self.limits)
+            pick = choose(self.served, *auto_targets(req.parameters), inflight=self.inflight, busy_at=self.busy_at)
+            start = time.perf_counter()
+            self.inflight[pick.name] += 1
+            try:
+                logits, together = await self.handles[pick.name].infer.remote(req.x)
+            finally:
+                self.inflight[pick.name] -= 1
+            body = infer_response("auto", req.id, logits, pick.name)
+            body["parameters"].update(batched_requests=together, model_ms=round(1e3 * (time.perf_counter() - start), 3),
+                                      test_accuracy=pick.test_accuracy, p50_ms_measured=pick.p50_ms)
+            return JSONResponse(body)
+        except ProtocolError as e:
+            return _error(e)
+
+
+@serve.deployment
+class Server:
+    """`/v2`: liveness, readiness (every served application running), server metadata, and a
+    404 naming the served models for any other model name."""
+
+    def __init__(self, models: list[str], auto: bool, api_key_sha256: str | None):
+        self.models, self.digest = models + (["auto"] if auto else []), api_key_sha256
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        path = request.url.path.rstrip("/")
+        if path == "/v2/health/live":
+            return JSONResponse({"live": True})
+        if path == "/v2/health/ready":
+            ready = _all_running(self.models)
+            return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+        try:
+            _check_key(request, self.digest)
+            if path == "/v2":
+                return JSONResponse(server_metadata(metadata.version("distillery")))
+            if path == "/v2/models":
+                return JSONResponse({"models": self.models})
+            if path.startswith("/v2/models/"):
+                name = path.split("/")[3]
+                raise ProtocolError(404, f"unknown model {name!r}; served: {', '.join(self.models)}")
+            raise ProtocolError(404, f"no route {request.url.path}")
+        except ProtocolError as e:
+            return _error(e)
+
+
+def _all_running(names: list[str]) -> bool:
+    apps = serve.status().applications
+    return all(name in apps and apps[name].status == "RUNNING" for name in names)
+
+
+# ---------------------------------------------------------------- the set of applications
+
+
+def applications(run_dir: str, cfg: ServeConfig, api_key: str | None) -> list[dict[str, Any]]:
+    """[{name, route_prefix, args}] for every served model, `auto` and the `/v2` server app.
+    Every artifact is verified here first: a tampered one stops the deployment before any
+    replica starts (and each replica verifies again when it loads)."""
+    served = catalog(run_dir, cfg.models)
+    for m in served:
+        Predictor(m)  # sha256 checked on load
+    names, digest, settings = [m.name for m in served], api_key_digest(api_key), cfg.model_dump()
+    args = lambda kind, models: AppArgs(kind=kind, run_dir=str(run_dir), models=models,  # noqa: E731
+                                        settings=settings, api_key_sha256=digest)
+    apps = [{"name": n, "route_prefix": f"/v2/models/{n}", "args": args("model", [n])} for n in names]
+    if cfg.auto:
+        apps.append({"name": "auto", "route_prefix": "/v2/models/auto", "args": args("auto", names)})
+    apps.append({"name": "server", "route_prefix": "/v2", "args": args("server", names)})
+    return apps
+
+
+def http_options(cfg: ServeConfig) -> dict[str, Any]:
+    return {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s}
+
+
+def deploy(run_dir: str, cfg: ServeConfig, api_key: str | None) -> str:
+    """Start Serve on the connected Ray instance and run every application; return the URL."""
+    apps = applications(run_dir, cfg, api_key)
+    serve.start(http_options=http_options(cfg))
+    for app in apps:  # models first: `auto` looks their handles up
+        serve.run(build_application(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
+    return f"http://{cfg.host}:{cfg.port}/v2"
+
+
+def config_document(run_dir: str, cfg: ServeConfig, api_key: str | None) -> dict[str, Any]:
+    """A Serve config for `serve run` / `serve deploy`, with the same applications."""
+    return {"proxy_location": "HeadOnly", "http_options": http_options(cfg),
+            "applications": [{"name": a["name"], "route_prefix": a["route_prefix"], "import_path": "serve.app:build_app",
+                               "args": a["args"].model_dump()} for a in applications(run_dir, cfg, api_key)]}
