@@ -243,3 +243,47 @@ def test_query_client_prints_predictions(server, capsys):
     assert "for 3 image(s)" in capsys.readouterr().out
     assert main(["query", "--url", base, "--model", "auto", "--sample", "1", "--run-dir", str(run_dir)]) == 2
     assert "HTTP 401" in capsys.readouterr().err
+
+
+def _load_body(run_dir: Path) -> bytes:
+    from distillery.loadgen import infer_body
+
+    x = _test_images(run_dir, 1)
+    return infer_body(x.reshape(-1).tolist(), list(x.shape))
+
+
+HEADERS = {"content-type": "application/json", "x-api-key": KEY}
+
+
+def test_closed_loop_counts_add_up_and_replicas_are_sampled(server, tmp_path):
+    from distillery import bench
+    from distillery import loadtest as lt
+
+    base, run_dir, _ = server
+    name = catalog(run_dir)[0].name
+    rows = lt.sweep(base, name, _load_body(run_dir), [1, 4], 1.5, HEADERS)
+    for r in rows:
+        assert r["requests"] == len(r["samples"]) == r["ok"] + sum(r["errors"].values())
+        assert r["ok"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert sum(p["requests"] for p in r["per_second"]) == r["requests"]
+        assert r["replicas"] and all(n == 1 for _, n in r["replicas"])  # max_replicas is 1 here
+        assert r["variants"] == {name: r["ok"]} and r["generator_cpu"] > 0
+    files = lt.write_report(tmp_path, rows, None, bench.machine_info())
+    assert [f.name for f in files] == ["loadtest.json", "loadtest.md", "loadtest.png", "requests.csv"]
+    assert len((tmp_path / "requests.csv").read_text().splitlines()) == 1 + sum(r["requests"] for r in rows)
+    assert f"| {name} | 4 |" in (tmp_path / "loadtest.md").read_text()
+
+
+def test_open_loop_keeps_its_schedule_and_loses_nothing(server):
+    from distillery import loadtest as lt
+
+    base, run_dir, _ = server
+    name = catalog(run_dir)[0].name
+    result = lt.ramp(base, name, _load_body(run_dir), [(1.0, 20.0), (1.0, 40.0)], HEADERS)
+    assert result["requests"] == 60 and result["lost"] == 0
+    assert result["ok"] + result["rejected_503"] == 60
+    due = [s.scheduled for s in result["samples"]]
+    assert due == sorted(due) and due[20] == pytest.approx(1.0) and due[-1] == pytest.approx(1.975)
+    lateness = sorted(s.sent - s.scheduled for s in result["samples"])
+    assert lateness[int(0.9 * len(lateness))] < 0.1  # sent on time, however the server answers
+    assert result["initial_replicas"] == 1 and result["replicas"]

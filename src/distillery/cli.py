@@ -62,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--max-latency-ms", type=float, help="auto: the most accurate model at most this slow")
     query.add_argument("--api-key-env", help="name of an environment variable holding the API key")
 
+    load = sub.add_parser("loadtest", help="drive served models over HTTP: a concurrency sweep per model and an "
+                          "autoscaling ramp; writes loadtest.{json,md,png} and requests.csv")
+    load.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    load.add_argument("--run-dir", default="runs/digits", help="the served run: models and test images (default: %(default)s)")
+    load.add_argument("--models", help="comma-separated (default: every model the run serves, and auto)")
+    load.add_argument("--concurrency", default="1,2,4,8,16,32", help="closed-loop levels (default: %(default)s)")
+    load.add_argument("--duration", type=float, default=5.0, help="seconds per level (default: %(default)s)")
+    load.add_argument("--ramp", default="10:10,20:100,30:10", metavar="S:RATE,...",
+                      help="open-loop autoscaling ramp: seconds at requests/s, ... ('' skips it; default: %(default)s)")
+    load.add_argument("--ramp-model", help="model for the ramp (default: the recommended one)")
+    load.add_argument("--images", type=int, default=1, help="images per request (default: %(default)s)")
+    load.add_argument("--out", help="report folder (default: RUN_DIR/serve/loadtest)")
+    load.add_argument("--api-key-env", help="name of an environment variable holding the API key")
+
     run = sub.add_parser("run", help="the whole pipeline: data, teacher, student alone, distilled student, "
                          "evaluate, compress")
     _config_args(run)
@@ -82,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> None:
-    if args.command in ("serve", "query"):
+    if args.command in ("serve", "query", "loadtest"):
         from distillery import serve_cli
 
-        return serve_cli.serve(args) if args.command == "serve" else serve_cli.query(args)
+        return {"serve": serve_cli.serve, "query": serve_cli.query, "loadtest": serve_cli.loadtest}[args.command](args)
     # Imported here so `distillery --help` stays fast (torch is slow to import).
     from distillery.config import load_config
     from distillery.pipeline import require_done, run_stages, uses_logit_cache

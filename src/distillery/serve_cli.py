@@ -105,3 +105,64 @@ def _post(url: str, body: bytes, headers: dict) -> dict:
         raise UserError(f"{url}: HTTP {e.code}: {detail}") from None
     except urllib.error.URLError as e:
         raise UserError(f"{url}: cannot connect ({e.reason}); is `distillery serve` running?") from None
+
+
+def loadtest(args: argparse.Namespace) -> None:
+    from distillery import bench, data
+    from distillery import loadtest as lt
+    from distillery.loadgen import infer_body
+    from distillery.predictor import catalog
+
+    run_dir = Path(args.run_dir)
+    served = catalog(run_dir)
+    models = args.models.split(",") if args.models else [m.name for m in served] + ["auto"]
+    x = data.load_split(run_dir / "data", "test")[0][:args.images]
+    body = infer_body(x.reshape(-1).tolist(), list(x.shape))
+    headers = {"content-type": "application/json"}
+    if args.api_key_env:
+        headers["x-api-key"] = os.environ.get(args.api_key_env, "")
+    _connect_ray()
+    levels = _ints(args.concurrency, "--concurrency")
+    sweeps = []
+    for model in models:
+        print(f"[loadtest] {model}: closed loop at {levels}, {args.duration:g} s each", flush=True)
+        sweeps += lt.sweep(args.url.rstrip("/"), model, body, levels, args.duration, headers)
+    scaling = None
+    if args.ramp:
+        model = args.ramp_model or next((m.name for m in served if m.recommended), served[0].name)
+        print(f"[loadtest] {model}: autoscaling ramp {args.ramp}", flush=True)
+        scaling = lt.ramp(args.url.rstrip("/"), model, body, _steps(args.ramp), headers)
+    out = Path(args.out or run_dir / "serve" / "loadtest")
+    files = lt.write_report(out, sweeps, scaling, bench.machine_info())
+    print((out / "loadtest.md").read_text() + f"report: {files[0].parent}")
+
+
+def _connect_ray() -> None:
+    """Join the Ray instance that serves (for replica counts); go on without it if none."""
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError):
+            print("[loadtest] no Ray cluster reachable: replica counts will be missing", flush=True)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{flag}: expected integers >= 1, got {text!r}")
+    return values
+
+
+def _steps(text: str) -> list[tuple[float, float]]:
+    try:
+        steps = [(float(d), float(r)) for d, r in (part.split(":") for part in text.split(","))]
+    except ValueError:
+        raise UserError(f"--ramp: expected SECONDS:RATE,... e.g. 10:10,20:100,30:10, got {text!r}") from None
+    if any(d <= 0 or r <= 0 for d, r in steps):
+        raise UserError(f"--ramp: seconds and rates must be positive, got {text!r}")
+    return steps
