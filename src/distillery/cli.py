@@ -67,10 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     load.add_argument("--run-dir", default="runs/digits", help="the served run: models and test images (default: %(default)s)")
     load.add_argument("--models", help="comma-separated (default: every model the run serves, and auto)")
-    load.add_argument("--concurrency", default="1,2,4,8,16,32", help="closed-loop levels (default: %(default)s)")
+    load.add_argument("--concurrency", default="1,2,4,8,16,32", help="closed-loop levels ('' skips the sweep; default: %(default)s)")
     load.add_argument("--duration", type=float, default=5.0, help="seconds per level (default: %(default)s)")
-    load.add_argument("--ramp", default="10:10,20:100,30:10", metavar="S:RATE,...",
-                      help="open-loop autoscaling ramp: seconds at requests/s, ... ('' skips it; default: %(default)s)")
+    load.add_argument("--ramp", default="10:10,20:120,45:5", metavar="S:RATE,...",
+                      help="open-loop autoscaling ramp, run first: seconds at requests/s, ... ('' skips it; "
+                      "default: %(default)s, long enough at the end to see the scale-down after serve.downscale_delay_s)")
     load.add_argument("--ramp-model", help="model for the ramp (default: the recommended one)")
     load.add_argument("--images", type=int, default=1, help="images per request (default: %(default)s)")
     load.add_argument("--out", help="report folder (default: RUN_DIR/serve/loadtest)")

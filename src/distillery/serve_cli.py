@@ -122,16 +122,15 @@ def loadtest(args: argparse.Namespace) -> None:
     if args.api_key_env:
         headers["x-api-key"] = os.environ.get(args.api_key_env, "")
     _connect_ray()
-    levels = _ints(args.concurrency, "--concurrency")
-    sweeps = []
-    for model in models:
-        print(f"[loadtest] {model}: closed loop at {levels}, {args.duration:g} s each", flush=True)
-        sweeps += lt.sweep(args.url.rstrip("/"), model, body, levels, args.duration, headers)
-    scaling = None
-    if args.ramp:
+    levels = _ints(args.concurrency, "--concurrency") if args.concurrency else []
+    scaling, sweeps = None, []
+    if args.ramp:  # first, while the deployment still runs its minimum of replicas
         model = args.ramp_model or next((m.name for m in served if m.recommended), served[0].name)
         print(f"[loadtest] {model}: autoscaling ramp {args.ramp}", flush=True)
         scaling = lt.ramp(args.url.rstrip("/"), model, body, _steps(args.ramp), headers)
+    for model in models if levels else []:
+        print(f"[loadtest] {model}: closed loop at {levels}, {args.duration:g} s each", flush=True)
+        sweeps += lt.sweep(args.url.rstrip("/"), model, body, levels, args.duration, headers)
     out = Path(args.out or run_dir / "serve" / "loadtest")
     files = lt.write_report(out, sweeps, scaling, bench.machine_info())
     print((out / "loadtest.md").read_text() + f"report: {files[0].parent}")
