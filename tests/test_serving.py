@@ -287,3 +287,24 @@ def test_open_loop_keeps_its_schedule_and_loses_nothing(server):
     lateness = sorted(s.sent - s.scheduled for s in result["samples"])
     assert lateness[int(0.9 * len(lateness))] < 0.1  # sent on time, however the server answers
     assert result["initial_replicas"] == 1 and result["replicas"]
+
+
+def test_a_stock_triton_client_works_in_json_and_binary(server):
+    """Triton's own HTTP client, unchanged: metadata, JSON tensors, binary tensors both ways."""
+    import tritonclient.http as triton
+
+    base, run_dir, _ = server
+    model = catalog(run_dir)[0]
+    client = triton.InferenceServerClient(base.removeprefix("http://"))
+    headers = {"x-api-key": KEY}
+    assert client.is_server_live() and client.is_model_ready(model.name, headers=headers)
+    assert client.get_model_metadata(model.name, headers=headers)["inputs"][0]["name"] == "input"
+    x = _test_images(run_dir, 64)
+    expected = Predictor(model)(x)
+    for binary in (False, True):
+        inp = triton.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x.numpy(), binary_data=binary)
+        outs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("logits", "label")]
+        result = client.infer(model.name, [inp], outputs=outs, headers=headers)
+        assert result.as_numpy("label").tolist() == expected.argmax(1).tolist()
+        assert np.allclose(result.as_numpy("logits"), expected.numpy(), atol=1e-5)

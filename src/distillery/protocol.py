@@ -7,6 +7,10 @@ Response: {"model_name", "id"?, "outputs": [{"name": "logits", "datatype": "FP32
            "data": [...]}, {"name": "label", "datatype": "INT64", "shape": [N], "data": [...]}],
            "parameters": {"variant": <the model that answered>}}
 
+Triton's binary tensor extension is understood both ways: an input whose `parameters` hold
+`binary_data_size` comes as raw FP32 bytes after the JSON (Inference-Header-Content-Length
+gives the JSON's length), and outputs come back the same way when the request asks for them.
+
 Every refusal is a `ProtocolError(status, message)` that names what is wrong; the serving
 layer turns it into `{"error": message}` with that status. Nothing here imports Ray.
 """
@@ -50,10 +54,13 @@ def check_size(content_length: str | None, limits: Limits) -> None:
         raise ProtocolError(413, f"request body of {content_length} bytes is over the limit of {limits.max_body_bytes}")
 
 
-def parse_infer(body: bytes, in_shape: list[int], limits: Limits) -> InferRequest:
-    """Validate an infer request for a model taking [N, *in_shape] FP32 images."""
+def parse_infer(body: bytes, in_shape: list[int], limits: Limits, header_length: str | None = None) -> InferRequest:
+    """Validate an infer request for a model taking [N, *in_shape] FP32 images. With Triton's
+    binary tensor extension (`header_length` from the Inference-Header-Content-Length header),
+    the body is that many bytes of JSON followed by the raw little-endian FP32 tensor."""
     if len(body) > limits.max_body_bytes:
         raise ProtocolError(413, f"request body of {len(body)} bytes is over the limit of {limits.max_body_bytes}")
+    body, blob = _split_binary(body, header_length)
     try:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -76,13 +83,40 @@ def parse_infer(body: bytes, in_shape: list[int], limits: Limits) -> InferReques
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(400, "'id' must be a string")
-    return InferRequest(_tensor(inputs[0], in_shape, limits), request_id, params)
+    return InferRequest(_tensor(inputs[0], in_shape, limits, blob), request_id, params)
 
 
-def _tensor(spec: Any, in_shape: list[int], limits: Limits) -> torch.Tensor:
+def wants_binary_output(body: bytes, header_length: str | None) -> bool:
+    """Whether the request asked for binary outputs (Triton's `binary_data_output` parameter,
+    or `binary_data` on a requested output)."""
+    try:
+        doc = json.loads(_split_binary(body, header_length)[0])
+    except (ValueError, RecursionError, ProtocolError):
+        return False
+    if not isinstance(doc, dict):
+        return False
+    if isinstance(doc.get("parameters"), dict) and doc["parameters"].get("binary_data_output") is True:
+        return True
+    outputs = doc.get("outputs") if isinstance(doc.get("outputs"), list) else []
+    return any(isinstance(o, dict) and isinstance(o.get("parameters"), dict) and o["parameters"].get("binary_data")
+               for o in outputs)
+
+
+def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes | None]:
+    if header_length is None:
+        return body, None
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise ProtocolError(400, f"Inference-Header-Content-Length {header_length!r} does not fit a "
+                                 f"{len(body)}-byte body")
+    n = int(header_length)
+    return body[:n], body[n:]
+
+
+def _tensor(spec: Any, in_shape: list[int], limits: Limits, blob: bytes | None = None) -> torch.Tensor:
     if not isinstance(spec, dict):
         raise ProtocolError(400, "an input must be an object with name, shape, datatype and data")
-    missing = {"name", "shape", "datatype", "data"} - set(spec)
+    binary = isinstance(spec.get("parameters"), dict) and "binary_data_size" in spec["parameters"]
+    missing = {"name", "shape", "datatype"} - set(spec) | (set() if binary else {"data"} - set(spec))
     if missing:
         raise ProtocolError(400, f"input is missing {', '.join(sorted(missing))}")
     if spec["name"] != INPUT_NAME:
@@ -97,6 +131,8 @@ def _tensor(spec: Any, in_shape: list[int], limits: Limits) -> torch.Tensor:
     count = math.prod(shape)
     if count > limits.max_elements:  # checked on the declared shape, before touching the data
         raise ProtocolError(413, f"{count} elements is over the limit of {limits.max_elements} per request")
+    if binary:
+        return _binary_tensor(spec["parameters"]["binary_data_size"], blob, shape, count)
     try:
         # No dtype here: numpy would turn "1.5" and true into numbers. Ragged lists, strings,
         # booleans and integers too large for a float come out as another kind and are refused.
@@ -111,6 +147,31 @@ def _tensor(spec: Any, in_shape: list[int], limits: Limits) -> torch.Tensor:
     if not np.isfinite(data).all():
         raise ProtocolError(400, "data contains NaN or infinity")
     return torch.from_numpy(data.reshape(shape).copy())
+
+
+def _binary_tensor(size: Any, blob: bytes | None, shape: list[int], count: int) -> torch.Tensor:
+    if blob is None:
+        raise ProtocolError(400, "binary_data_size given without the Inference-Header-Content-Length header")
+    if size != count * 4 or len(blob) != size:
+        raise ProtocolError(400, f"binary input: shape {shape} needs {count * 4} bytes of FP32, "
+                                 f"binary_data_size says {size!r}, the body holds {len(blob)}")
+    data = np.frombuffer(blob, dtype="<f4").reshape(shape)
+    if not np.isfinite(data).all():
+        raise ProtocolError(400, "data contains NaN or infinity")
+    return torch.from_numpy(data.astype(np.float32))  # a copy: the buffer is read-only
+
+
+def binary_response(doc: dict[str, Any]) -> tuple[bytes, int]:
+    """The response with every output's data moved after the JSON as raw little-endian bytes;
+    returns (body, JSON header length) for the Inference-Header-Content-Length header."""
+    blobs, outputs = [], []
+    for out in doc["outputs"]:
+        dtype = "<f4" if out["datatype"] == "FP32" else "<i8"
+        raw = np.asarray(out["data"], dtype=dtype).tobytes()
+        blobs.append(raw)
+        outputs.append({k: v for k, v in out.items() if k != "data"} | {"parameters": {"binary_data_size": len(raw)}})
+    header = json.dumps({**doc, "outputs": outputs}).encode()
+    return header + b"".join(blobs), len(header)
 
 
 def infer_response(model: str, request_id: str | None, logits: torch.Tensor, variant: str) -> dict[str, Any]:
@@ -133,7 +194,7 @@ def model_metadata(name: str, in_shape: list[int], num_classes: int, platform: s
 
 
 def server_metadata(version: str) -> dict[str, Any]:
-    return {"name": "distillery", "version": version, "extensions": []}
+    return {"name": "distillery", "version": version, "extensions": ["binary_tensor_data"]}
 
 
 def auto_targets(params: dict[str, Any]) -> tuple[float | None, float | None]:

@@ -26,12 +26,12 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from distillery.config import ServeConfig
 from distillery.predictor import Predictor, ServedModel, catalog, choose
-from distillery.protocol import (InferRequest, Limits, ProtocolError, auto_targets, check_size, infer_response,
-                                 model_metadata, parse_infer, server_metadata)
+from distillery.protocol import (InferRequest, Limits, ProtocolError, auto_targets, binary_response, check_size,
+                                 infer_response, model_metadata, parse_infer, server_metadata, wants_binary_output)
 
 API_KEY_HEADER = "x-api-key"
 
@@ -112,14 +112,29 @@ def _subpath(request: Request) -> str:
     return request.url.path[len(request.scope.get("root_path", "")):].rstrip("/")
 
 
-async def _read_infer(request: Request, in_shape: list[int], lim: Limits) -> InferRequest:
+BINARY_HEADER = "inference-header-content-length"
+
+
+async def _read_infer(request: Request, in_shape: list[int], lim: Limits) -> tuple[InferRequest, bool]:
+    """(the parsed request, whether it wants binary outputs)."""
     if request.method != "POST":
         raise ProtocolError(405, "infer takes POST")
+    header_length = request.headers.get(BINARY_HEADER)
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
-    if kind not in ("application/json", ""):
-        raise ProtocolError(415, f"content type {kind!r} is not supported; send application/json")
+    allowed = ("application/json", "") + (("application/octet-stream",) if header_length is not None else ())
+    if kind not in allowed:
+        raise ProtocolError(415, f"content type {kind!r} is not supported; send application/json "
+                                 f"(or application/octet-stream with {BINARY_HEADER})")
     check_size(request.headers.get("content-length"), lim)
-    return parse_infer(await request.body(), in_shape, lim)
+    body = await request.body()
+    return parse_infer(body, in_shape, lim, header_length), wants_binary_output(body, header_length)
+
+
+def _reply(doc: dict, binary: bool) -> Response:
+    if not binary:
+        return JSONResponse(doc)
+    body, header_length = binary_response(doc)
+    return Response(body, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})
 
 
 # ---------------------------------------------------------------- deployments
@@ -136,7 +151,7 @@ class Model:
         self._predict_batch.set_max_batch_size(max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(batch_wait_s)
 
-    async def __call__(self, request: Request) -> JSONResponse:
+    async def __call__(self, request: Request) -> Response:
         try:
             _check_key(request, self.digest)
             sub = _subpath(request)
@@ -146,11 +161,11 @@ class Model:
                 return JSONResponse({"name": self.served.name, "ready": True})
             if sub != "/infer":
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/{self.served.name}")
-            req = await _read_infer(request, self.served.in_shape, self.limits)
+            req, binary = await _read_infer(request, self.served.in_shape, self.limits)
             logits, together = await self.infer(req.x)
             body = infer_response(self.served.name, req.id, logits, self.served.name)
             body["parameters"]["batched_requests"] = together
-            return JSONResponse(body)
+            return _reply(body, binary)
         except ProtocolError as e:
             return _error(e)
 
@@ -184,7 +199,7 @@ class Auto:
             raise ValueError(f"auto needs models of one input shape, got {sorted(shapes)}")
         self.in_shape, self.num_classes = list(shapes.pop()), served[0].num_classes
 
-    async def __call__(self, request: Request) -> JSONResponse:
+    async def __call__(self, request: Request) -> Response:
         try:
             _check_key(request, self.digest)
             sub = _subpath(request)
@@ -194,7 +209,7 @@ class Auto:
                 return JSONResponse({"name": "auto", "ready": True})
             if sub != "/infer":
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/auto")
-            req = await _read_infer(request, self.in_shape, self.limits)
+            req, binary = await _read_infer(request, self.in_shape, self.limits)
             pick = choose(self.served, *auto_targets(req.parameters), inflight=self.inflight, busy_at=self.busy_at)
             start = time.perf_counter()
             self.inflight[pick.name] += 1
@@ -205,7 +220,7 @@ class Auto:
             body = infer_response("auto", req.id, logits, pick.name)
             body["parameters"].update(batched_requests=together, model_ms=round(1e3 * (time.perf_counter() - start), 3),
                                       test_accuracy=pick.test_accuracy, p50_ms_measured=pick.p50_ms)
-            return JSONResponse(body)
+            return _reply(body, binary)
         except ProtocolError as e:
             return _error(e)
 
@@ -218,7 +233,7 @@ class Server:
     def __init__(self, models: list[str], auto: bool, api_key_sha256: str | None):
         self.models, self.digest = models + (["auto"] if auto else []), api_key_sha256
 
-    async def __call__(self, request: Request) -> JSONResponse:
+    async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/")
         if path == "/v2/health/live":
             return JSONResponse({"live": True})
