@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "default: %(default)s, long enough at the end to see the scale-down after serve.downscale_delay_s)")
     load.add_argument("--ramp-model", help="model for the ramp (default: the recommended one)")
     load.add_argument("--images", type=int, default=1, help="images per request (default: %(default)s)")
+    load.add_argument("--p99-target-ms", type=float, default=100.0,
+                      help="p99 target for the sustained rate and the tuning (default: %(default)s)")
+    load.add_argument("--tune", action="store_true", help="also try batch sizes and waits per model on one replica; "
+                      "write the best under the p99 target to RUN_DIR/serve/tuned.json (used by `serve build`)")
     load.add_argument("--out", help="report folder (default: RUN_DIR/serve/loadtest)")
     load.add_argument("--api-key-env", help="name of an environment variable holding the API key")
 

@@ -90,11 +90,14 @@ def scaling_summary(samples: list[loadgen.Sample], replicas: list[tuple[float, i
 # ---------------------------------------------------------------- report
 
 
-def write_report(out_dir: Path, sweeps: list[dict], scaling: dict | None, machine: dict) -> list[Path]:
-    """loadtest.json (no per-request rows), loadtest.md, loadtest.png, requests.csv."""
+def write_report(out_dir: Path, sweeps: list[dict], scaling: dict | None, machine: dict,
+                 extra: dict[str, Any] | None = None) -> list[Path]:
+    """loadtest.json (no per-request rows), loadtest.md, loadtest.png, requests.csv. `extra`
+    may hold `frontier` (serving_frontier), `overhead` and `tuning` sections."""
     out_dir.mkdir(parents=True, exist_ok=True)
     strip = lambda row: {k: v for k, v in row.items() if k != "samples"}  # noqa: E731
-    doc = {"machine": machine, "sweeps": [strip(r) for r in sweeps], "scaling": strip(scaling) if scaling else None}
+    doc = {"machine": machine, "sweeps": [strip(r) for r in sweeps], "scaling": strip(scaling) if scaling else None,
+           **(extra or {})}
     atomic_write_json(out_dir / "loadtest.json", doc)
     atomic_write_bytes(out_dir / "loadtest.md", markdown(doc).encode())
     atomic_write_bytes(out_dir / "loadtest.png", plot(doc))
@@ -133,19 +136,49 @@ def markdown(doc: dict) -> str:
                   f"down at {s['scaled_down_at_s']} s; p99 {_ms(s['p99_before_ms'])} ms before, "
                   f"{_ms(s['p99_scaled_ms'])} ms scaled, {_ms(s['p99_after_ms'])} ms after; "
                   f"{s['ok']} of {s['requests']} answered 200, {s['rejected_503']} rejected with 503, {s['lost']} lost."]
+    lines += _frontier_lines(doc.get("frontier"), doc.get("overhead")) + _tuning_lines(doc.get("tuning"))
     m = doc["machine"]
     lines += ["", f"Machine: {m.get('cpu')}, {m.get('logical_cores')} logical cores; the load generator ran on the "
               "same machine (its CPU share is in the table). Latency counts from the scheduled send time."]
     return "\n".join(lines) + "\n"
 
 
+def _frontier_lines(frontier: list[dict] | None, overhead: dict | None) -> list[str]:
+    if not frontier:
+        return []
+    target = frontier[0]["p99_target_ms"]
+    lines = ["", f"Serving-level frontier (highest closed-loop rate with p99 <= {target:g} ms and no errors):", "",
+             "| model | test acc | model p50 ms (batch 1) | sustained requests/s | at concurrency | in process, calls/s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for f in frontier:
+        here = (overhead or {}).get(f["model"])
+        lines.append(f"| {f['model']} | {f['test_accuracy']:.2%} | {f['model_p50_ms']:.3f} | {f['sustained_rps']:.1f} | "
+                     f"{f['at_concurrency'] or '-'} | {f'{here:,.0f}' if here else '-'} |")
+    return lines
+
+
+def _tuning_lines(tuning: list[dict] | None) -> list[str]:
+    if not tuning:
+        return []
+    lines = ["", "Serve tuning (one replica; written to serve/tuned.json and used by `distillery serve build`):", ""]
+    for t in tuning:
+        c = t["chosen"]
+        tried = ", ".join(f"{x['max_batch_size']}/{x['batch_wait_timeout_s'] * 1e3:g} ms: {x['throughput']:.0f}/s "
+                          f"p99 {_ms(x['p99_ms'])}" for x in t["trials"])
+        lines.append(f"- {t['model']}: max_batch_size {c['max_batch_size']}, batch_wait_timeout_s "
+                     f"{c['batch_wait_timeout_s']}, target_ongoing_requests {c['target_ongoing_requests']:g} "
+                     f"(tried batch/wait: {tried})")
+    return lines
+
+
 def plot(doc: dict) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.5))
+    fig = Figure(figsize=(16, 4.5))
     FigureCanvasAgg(fig)
-    ax_tp, ax_p99, ax_time = fig.subplots(1, 3)
+    ax_tp, ax_p99, ax_time, ax_front = fig.subplots(1, 4)
+    _plot_frontier(ax_front, doc.get("frontier"))
     for model in dict.fromkeys(r["model"] for r in doc["sweeps"]):
         rows = [r for r in doc["sweeps"] if r["model"] == model]
         ax_tp.plot([r["concurrency"] for r in rows], [r["throughput"] for r in rows], marker="o", label=model)
@@ -172,3 +205,80 @@ def plot(doc: dict) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- serving frontier and tuning
+
+
+def sustained(rows: list[dict], p99_target_ms: float) -> dict[str, Any] | None:
+    """The sweep row with the most requests/s whose p99 is within the target (None: none is)."""
+    ok = [r for r in rows if r["p99_ms"] is not None and r["p99_ms"] <= p99_target_ms and not r["errors"]]
+    return max(ok, key=lambda r: r["throughput"]) if ok else None
+
+
+def serving_frontier(sweeps: list[dict], served: list, p99_target_ms: float) -> list[dict[str, Any]]:
+    """Per served model: test accuracy, the model-level p50 (compression stage) and the highest
+    request rate it sustained with p99 within the target (this load test)."""
+    out = []
+    for m in served:
+        best = sustained([r for r in sweeps if r["model"] == m.name], p99_target_ms)
+        out.append({"model": m.name, "test_accuracy": m.test_accuracy, "model_p50_ms": m.p50_ms,
+                    "sustained_rps": best["throughput"] if best else 0.0,
+                    "at_concurrency": best["concurrency"] if best else None, "p99_target_ms": p99_target_ms})
+    return out
+
+
+def tune(base_url: str, run_dir: str, model: str, body: bytes, cfg, api_key: str | None, grid: list[tuple[int, float]],
+         concurrency: int, seconds: float, p99_target_ms: float, headers: dict) -> dict[str, Any]:
+    """Redeploy `model` on one replica with each (max_batch_size, batch_wait_timeout_s) of
+    `grid`, load it at `concurrency`, keep the setting with the most requests/s within the
+    p99 target; `target_ongoing_requests` becomes the smallest concurrency that reached 90% of
+    that throughput in a sweep at those settings. The model is left deployed as tuned."""
+    from ray import serve
+
+    from distillery.serving import AppArgs, api_key_digest, build_application
+
+    def deploy(**update) -> None:
+        settings = cfg.model_copy(update=update).model_dump()
+        args = AppArgs(kind="model", run_dir=run_dir, models=[model], settings=settings,
+                       api_key_sha256=api_key_digest(api_key))
+        serve.run(build_application(args), name=model, route_prefix=f"/v2/models/{model}")
+
+    trials = []
+    for batch, wait in grid:
+        deploy(max_batch_size=batch, batch_wait_timeout_s=wait, min_replicas=1, max_replicas=1)
+        row = sweep(base_url, model, body, [concurrency], seconds, headers)[0]
+        trials.append({"max_batch_size": batch, "batch_wait_timeout_s": wait, "throughput": row["throughput"],
+                       "p99_ms": row["p99_ms"], "errors": row["errors"]})
+    within = [t for t in trials if t["p99_ms"] is not None and t["p99_ms"] <= p99_target_ms and not t["errors"]]
+    best = max(within, key=lambda t: t["throughput"]) if within else min(trials, key=lambda t: t["p99_ms"] or 1e9)
+    deploy(max_batch_size=best["max_batch_size"], batch_wait_timeout_s=best["batch_wait_timeout_s"],
+           min_replicas=1, max_replicas=1)
+    levels = sorted({1, 2, 4, 8, 16, concurrency})
+    curve = sweep(base_url, model, body, levels, seconds, headers)
+    top = max(r["throughput"] for r in curve)
+    target = next(r["concurrency"] for r in curve if r["throughput"] >= 0.9 * top)
+    chosen = {"max_batch_size": best["max_batch_size"], "batch_wait_timeout_s": best["batch_wait_timeout_s"],
+              "target_ongoing_requests": float(target)}
+    deploy(**chosen)  # back to its autoscaling bounds, tuned
+    return {"model": model, "chosen": chosen, "within_p99_target": bool(within), "trials": trials,
+            "curve": [{k: r[k] for k in ("concurrency", "throughput", "p99_ms")} for r in curve]}
+
+
+def _plot_frontier(ax, frontier: list[dict] | None) -> None:
+    """Accuracy against requests/s: sustained over HTTP (this test) and, for comparison, the
+    model alone (1000 / its batch-1 p50 from the compression stage)."""
+    if not frontier:
+        ax.set_visible(False)
+        return
+    acc = [100 * f["test_accuracy"] for f in frontier]
+    ax.scatter([f["sustained_rps"] for f in frontier], acc, label="served (p99 within target)", marker="o")
+    ax.scatter([1e3 / f["model_p50_ms"] for f in frontier], acc, label="model alone, batch 1", marker="x")
+    for f, a in zip(frontier, acc):
+        ax.annotate(f["model"], (f["sustained_rps"], a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("requests/s (log)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("serving vs model-level frontier", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

@@ -131,8 +131,12 @@ def loadtest(args: argparse.Namespace) -> None:
     for model in models if levels else []:
         print(f"[loadtest] {model}: closed loop at {levels}, {args.duration:g} s each", flush=True)
         sweeps += lt.sweep(args.url.rstrip("/"), model, body, levels, args.duration, headers)
+    extra = {"frontier": lt.serving_frontier(sweeps, served, args.p99_target_ms),
+             "overhead": _in_process_rates(served, x, args.duration)} if sweeps else {}
+    if args.tune:
+        extra["tuning"] = _tune(args, run_dir, served, body, headers, max(levels or [32]))
     out = Path(args.out or run_dir / "serve" / "loadtest")
-    files = lt.write_report(out, sweeps, scaling, bench.machine_info())
+    files = lt.write_report(out, sweeps, scaling, bench.machine_info(), extra)
     print((out / "loadtest.md").read_text() + f"report: {files[0].parent}")
 
 
@@ -165,3 +169,39 @@ def _steps(text: str) -> list[tuple[float, float]]:
     if any(d <= 0 or r <= 0 for d, r in steps):
         raise UserError(f"--ramp: seconds and rates must be positive, got {text!r}")
     return steps
+
+
+def _in_process_rates(served: list, x, seconds: float) -> dict[str, float]:
+    """Calls/s of each model's own predictor in this process at the load's batch size: the
+    ceiling the HTTP figures are compared with."""
+    from distillery.predictor import Predictor
+
+    rates = {}
+    for m in served:
+        predictor, n, start = Predictor(m), 0, time.perf_counter()
+        while time.perf_counter() - start < min(seconds, 2.0):
+            predictor(x)
+            n += 1
+        rates[m.name] = n / (time.perf_counter() - start)
+    return rates
+
+
+def _tune(args, run_dir: Path, served: list, body: bytes, headers: dict, concurrency: int) -> list[dict]:
+    import ray
+
+    from distillery import loadtest as lt
+    from distillery.artifacts import atomic_write_json
+    from distillery.serving import TUNED, read_api_key
+
+    if not ray.is_initialized():
+        raise UserError("--tune redeploys models: it needs the Ray cluster that serves them (none reachable)")
+    cfg = _run_config(run_dir, []).serve
+    key = read_api_key(cfg.api_key_env)
+    grid = [(1, 0.0), (16, 0.002), (64, 0.005), (64, 0.02)]
+    results = []
+    for m in served:
+        print(f"[loadtest] tuning {m.name}: batch/wait {grid} at concurrency {concurrency}", flush=True)
+        results.append(lt.tune(args.url.rstrip("/"), str(run_dir.resolve()), m.name, body, cfg, key, grid,
+                               concurrency, args.duration, args.p99_target_ms, headers))
+    atomic_write_json(run_dir / TUNED, {r["model"]: r for r in results})
+    return results

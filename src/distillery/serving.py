@@ -17,6 +17,7 @@ import hmac
 import os
 import time
 from collections import defaultdict
+from pathlib import Path
 from dataclasses import asdict
 from importlib import metadata
 from typing import Any
@@ -269,14 +270,27 @@ def applications(run_dir: str, cfg: ServeConfig, api_key: str | None) -> list[di
     served = catalog(run_dir, cfg.models)
     for m in served:
         Predictor(m)  # sha256 checked on load
-    names, digest, settings = [m.name for m in served], api_key_digest(api_key), cfg.model_dump()
-    args = lambda kind, models: AppArgs(kind=kind, run_dir=str(run_dir), models=models,  # noqa: E731
-                                        settings=settings, api_key_sha256=digest)
-    apps = [{"name": n, "route_prefix": f"/v2/models/{n}", "args": args("model", [n])} for n in names]
+    names, digest, tuned = [m.name for m in served], api_key_digest(api_key), read_tuned(run_dir)
+    args = lambda kind, models, extra={}: AppArgs(kind=kind, run_dir=str(run_dir), models=models,  # noqa: E731
+                                                  settings=cfg.model_dump() | extra, api_key_sha256=digest)
+    apps = [{"name": n, "route_prefix": f"/v2/models/{n}", "args": args("model", [n], tuned.get(n, {}))} for n in names]
     if cfg.auto:
         apps.append({"name": "auto", "route_prefix": "/v2/models/auto", "args": args("auto", names)})
     apps.append({"name": "server", "route_prefix": "/v2", "args": args("server", names)})
     return apps
+
+
+TUNED = "serve/tuned.json"  # written by `distillery loadtest --tune`, per model
+
+
+def read_tuned(run_dir: str) -> dict[str, dict[str, Any]]:
+    """Per-model settings chosen by `distillery loadtest --tune`, if it ran."""
+    path = Path(run_dir) / TUNED
+    if not path.is_file():
+        return {}
+    from distillery.artifacts import read_json
+
+    return {model: t["chosen"] for model, t in read_json(path).items()}
 
 
 def http_options(cfg: ServeConfig) -> dict[str, Any]:
