@@ -308,3 +308,42 @@ def test_a_stock_triton_client_works_in_json_and_binary(server):
         result = client.infer(model.name, [inp], outputs=outs, headers=headers)
         assert result.as_numpy("label").tolist() == expected.argmax(1).tolist()
         assert np.allclose(result.as_numpy("logits"), expected.numpy(), atol=1e-5)
+
+
+def test_tuning_picks_a_tried_setting_and_serve_build_uses_it(server, tmp_path):
+    from distillery import loadtest as lt
+    from distillery import serving
+    from distillery.artifacts import atomic_write_json
+
+    base, run_dir, cfg = server
+    name = catalog(run_dir)[0].name
+    grid = [(1, 0.0), (16, 0.002)]
+    result = lt.tune(base, str(run_dir), name, _load_body(run_dir), cfg, KEY, grid, concurrency=4, seconds=1.0,
+                     p99_target_ms=10_000.0, headers=HEADERS, settle_s=0.5)
+    chosen = result["chosen"]
+    assert (chosen["max_batch_size"], chosen["batch_wait_timeout_s"]) in grid and len(result["trials"]) == 2
+    assert result["within_p99_target"]  # a 10 s target: every trial is within it
+    best = max(result["trials"], key=lambda t: t["throughput"])
+    assert chosen["max_batch_size"] == best["max_batch_size"]
+    assert chosen["target_ongoing_requests"] in {r["concurrency"] for r in result["curve"]}
+    assert _call(f"{base}/v2/models/{name}/infer", _infer_body(_test_images(run_dir, 1)))[0] == 200  # still serves
+    copy = tmp_path / "tiny"
+    shutil.copytree(run_dir, copy)
+    atomic_write_json(copy / serving.TUNED, {name: result})
+    apps = {a["name"]: a["args"].settings for a in serving.applications(str(copy), cfg, KEY)}
+    assert apps[name]["max_batch_size"] == chosen["max_batch_size"]
+    assert apps[name]["target_ongoing_requests"] == chosen["target_ongoing_requests"]
+    others = [n for n in apps if n not in (name, "auto", "server")]
+    assert all(apps[n]["max_batch_size"] == cfg.max_batch_size for n in others)
+
+
+def test_serving_frontier_takes_the_best_rate_within_the_p99_target():
+    from distillery import loadtest as lt
+    from distillery.predictor import ServedModel
+
+    m = ServedModel("a", "x", [1, 8, 8], 10, 0.9, 0.1, "eager")
+    rows = [{"model": "a", "concurrency": c, "throughput": t, "p99_ms": p, "errors": e}
+            for c, t, p, e in ((1, 50.0, 10.0, {}), (4, 150.0, 40.0, {}), (16, 300.0, 150.0, {}), (8, 200.0, 60.0, {"503": 1}))]
+    front = lt.serving_frontier(rows, [m], p99_target_ms=100.0)
+    assert front == [{"model": "a", "test_accuracy": 0.9, "model_p50_ms": 0.1, "sustained_rps": 150.0,
+                      "at_concurrency": 4, "p99_target_ms": 100.0}]

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--models", help="comma-separated (default: every model the run serves, and auto)")
     load.add_argument("--concurrency", default="1,2,4,8,16,32", help="closed-loop levels ('' skips the sweep; default: %(default)s)")
     load.add_argument("--duration", type=float, default=5.0, help="seconds per level (default: %(default)s)")
-    load.add_argument("--ramp", default="10:10,20:120,45:5", metavar="S:RATE,...",
+    load.add_argument("--ramp", default="10:10,20:300,45:5", metavar="S:RATE,...",
                       help="open-loop autoscaling ramp, run first: seconds at requests/s, ... ('' skips it; "
                       "default: %(default)s, long enough at the end to see the scale-down after serve.downscale_delay_s)")
     load.add_argument("--ramp-model", help="model for the ramp (default: the recommended one)")

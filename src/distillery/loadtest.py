@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -229,11 +230,12 @@ def serving_frontier(sweeps: list[dict], served: list, p99_target_ms: float) -> 
 
 
 def tune(base_url: str, run_dir: str, model: str, body: bytes, cfg, api_key: str | None, grid: list[tuple[int, float]],
-         concurrency: int, seconds: float, p99_target_ms: float, headers: dict) -> dict[str, Any]:
+         concurrency: int, seconds: float, p99_target_ms: float, headers: dict, settle_s: float = 5.0) -> dict[str, Any]:
     """Redeploy `model` on one replica with each (max_batch_size, batch_wait_timeout_s) of
     `grid`, load it at `concurrency`, keep the setting with the most requests/s within the
-    p99 target; `target_ongoing_requests` becomes the smallest concurrency that reached 90% of
-    that throughput in a sweep at those settings. The model is left deployed as tuned."""
+    p99 target; `target_ongoing_requests` becomes the highest concurrency whose p99 stayed within
+    the target in a sweep at those settings (so autoscaling adds replicas before p99 leaves it).
+    The model is left deployed as tuned."""
     from ray import serve
 
     from distillery.serving import AppArgs, api_key_digest, build_application
@@ -243,6 +245,10 @@ def tune(base_url: str, run_dir: str, model: str, body: bytes, cfg, api_key: str
         args = AppArgs(kind="model", run_dir=run_dir, models=[model], settings=settings,
                        api_key_sha256=api_key_digest(api_key))
         serve.run(build_application(args), name=model, route_prefix=f"/v2/models/{model}")
+        # A new replica imports torch and loads the model while the old one drains: on 2 cores
+        # that takes the CPU for seconds. Measured before it settles, every setting looks bad.
+        time.sleep(settle_s)
+        sweep(base_url, model, body, [concurrency], 2.0, headers)  # warm-up, not recorded
 
     trials = []
     for batch, wait in grid:
@@ -256,8 +262,8 @@ def tune(base_url: str, run_dir: str, model: str, body: bytes, cfg, api_key: str
            min_replicas=1, max_replicas=1)
     levels = sorted({1, 2, 4, 8, 16, concurrency})
     curve = sweep(base_url, model, body, levels, seconds, headers)
-    top = max(r["throughput"] for r in curve)
-    target = next(r["concurrency"] for r in curve if r["throughput"] >= 0.9 * top)
+    within_curve = [r["concurrency"] for r in curve if r["p99_ms"] is not None and r["p99_ms"] <= p99_target_ms]
+    target = max(within_curve, default=1)  # scale out before a replica's p99 leaves the target
     chosen = {"max_batch_size": best["max_batch_size"], "batch_wait_timeout_s": best["batch_wait_timeout_s"],
               "target_ongoing_requests": float(target)}
     deploy(**chosen)  # back to its autoscaling bounds, tuned
