@@ -140,3 +140,13 @@ def test_bench_and_frontier_do_not_import_ray():
     code = "import sys, distillery.bench, distillery.frontier; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_recommend_prefers_the_more_accurate_of_two_equally_fast_records():
+    fast_alone = rec("alone", p50=0.080, acc=0.986)
+    distilled = rec("distilled", p50=0.083, acc=0.992)  # 4% slower: timing noise on one machine
+    assert recommend([fast_alone, distilled], floor=0.98)["name"] == "alone"  # no margin: strictly fastest
+    best = recommend([fast_alone, distilled], floor=0.98, margin=0.05)
+    assert best["name"] == "distilled" and "equally fast" in best["reason"]
+    slower = rec("slower", p50=0.090, acc=0.999)  # 12.5% slower: outside the margin
+    assert recommend([fast_alone, slower], floor=0.98, margin=0.05)["name"] == "alone"

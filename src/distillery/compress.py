@@ -86,8 +86,9 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
         files += [*built[v.name].files, folder / "metrics.json"]
     floor = records["teacher"]["test_accuracy"] - cfg.compress.floor_below_teacher
     files += frontier.write_frontier(run.root, list(records.values()), floor=floor, machine=bench.machine_info(),
-                                     settings={**asdict(settings), "modes": cfg.compress.bench.modes})
-    best = frontier.recommend(list(records.values()), floor)
+                                     settings={**asdict(settings), "modes": cfg.compress.bench.modes},
+                                     margin=cfg.compress.speedup_margin)
+    best = frontier.recommend(list(records.values()), floor, cfg.compress.speedup_margin)
     log(f"[compress] recommended: {best['reason'] if best else 'nothing meets the accuracy floor'}")
     return files, {"variants": len(cfg.compress.variants), "recommended": best["name"] if best else None,
                    "floor": floor}

@@ -64,16 +64,21 @@ def pareto_front(records: Sequence[dict], *, x: str = "p50_ms", y: str = "test_a
     return [r["name"] for r in sorted(front, key=lambda r: (r[x], -r[y], r["name"]))]
 
 
-def recommend(records: Sequence[dict], floor: float) -> dict | None:
+def recommend(records: Sequence[dict], floor: float, margin: float = 0.0) -> dict | None:
     """The record to deploy for accuracy floor `floor`: among records with test_accuracy >= floor
     that are not `not_faster`, the lowest p50 latency at batch 1 (ties: higher throughput, then
-    smaller size). Returns {"name", "floor", "reason"} or None when nothing meets the floor."""
+    smaller size). Records within `margin` (a fraction) of that p50 count as equally fast, and the
+    most accurate of them wins: timing noise must not pick the less accurate of two equal
+    networks. Returns {"name", "floor", "reason"} or None when nothing meets the floor."""
     validate(records)
     candidates = [r for r in records if r["test_accuracy"] >= floor and not r["not_faster"]]
     if not candidates:
         return None
-    best = min(candidates, key=lambda r: (r["p50_ms"], -r["throughput"], r["size_bytes"]))
-    reason = (f"{best['name']} is the fastest of {len(candidates)} variant(s) with test accuracy >= {floor:.2%}: "
+    fastest = min(r["p50_ms"] for r in candidates)
+    tied = [r for r in candidates if r["p50_ms"] <= fastest * (1 + margin)]
+    best = min(tied, key=lambda r: (-r["test_accuracy"] if margin else 0, r["p50_ms"], -r["throughput"], r["size_bytes"]))
+    lead = "the fastest" if len(tied) == 1 else f"the most accurate of the {len(tied)} equally fast (within {margin:.0%})"
+    reason = (f"{best['name']} is {lead} of {len(candidates)} variant(s) with test accuracy >= {floor:.2%}: "
               f"p50 {best['p50_ms']:.3f} ms (p99 {best['p99_ms']:.3f} ms) at batch 1, "
               f"{best['throughput']:,.0f} img/s, test accuracy {best['test_accuracy']:.2%}, "
               f"{best['size_bytes'] / 1024:.1f} KiB, run {best['best_mode']}.")
@@ -81,7 +86,7 @@ def recommend(records: Sequence[dict], floor: float) -> dict | None:
 
 
 def write_frontier(out_dir: Path, records: list[dict], *, floor: float, machine: dict,
-                   settings: dict) -> list[Path]:
+                   settings: dict, margin: float = 0.0) -> list[Path]:
     """Write frontier.json, frontier.csv, frontier.md and frontier.png into `out_dir`; return their paths.
 
     `machine` is bench.machine_info(), `settings` the bench settings as a dict (both are the
@@ -91,7 +96,7 @@ def write_frontier(out_dir: Path, records: list[dict], *, floor: float, machine:
     if not records:
         raise ValueError("no variant records to report")
     out_dir = Path(out_dir)
-    front, rec = pareto_front(records), recommend(records, floor)
+    front, rec = pareto_front(records), recommend(records, floor, margin)
     paths = [out_dir / f"frontier.{ext}" for ext in ("json", "csv", "md", "png")]
     atomic_write_json(paths[0], {"machine": machine, "settings": settings, "floor": floor,
                                  "recommended": rec, "pareto": front, "variants": records})
