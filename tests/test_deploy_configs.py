@@ -1,5 +1,5 @@
-"""cluster.yaml is a valid Ray cluster launcher config (Ray's own schema), with the node
-types the project needs and no secrets."""
+"""Deployment configs: cluster.yaml is a valid Ray cluster launcher config (Ray's own schema)
+with the node types the project needs and no secrets; serve/example.yaml is well formed."""
 
 from pathlib import Path
 
@@ -44,3 +44,25 @@ def test_cluster_yaml_holds_no_secrets():
     assert "ssh_private_key" not in cfg["auth"]
     # The auth token travels as a file from the user's machine: only its path is in the config.
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+
+def test_the_example_serve_config_is_well_formed():
+    """serve/example.yaml: every application's args and settings pass the builder's own types,
+    its import path resolves to the typed builder, routes follow the one-hop layout."""
+    import importlib
+    import sys
+
+    from distillery.config import ServeConfig
+    from distillery.serving import AppArgs
+
+    sys.path.insert(0, str(ROOT))
+    doc = yaml.safe_load((ROOT / "serve" / "example.yaml").read_text())
+    assert doc["http_options"]["host"] == "127.0.0.1"
+    for app in doc["applications"]:
+        module, _, name = app["import_path"].partition(":")
+        assert callable(getattr(importlib.import_module(module), name))
+        args = AppArgs.model_validate(app["args"])
+        ServeConfig.model_validate(args.settings)  # unknown or out-of-range settings raise
+        expected = "/v2" if args.kind == "server" else f"/v2/models/{app['name']}"
+        assert app["route_prefix"] == expected
