@@ -63,35 +63,41 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher.requires_grad_(False),
                   record["fingerprint"], record["attempt"])
     built = {v.name: build(ctx, v) for v in cfg.compress.variants}
-    # Timed only once everything is built, one after another: no training in between to
-    # compete for the cores, and parent and child measured minutes apart at most.
     settings = bench.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
-    records, files = {}, []
-    for name in ROLES:
-        model, arch = load_model(run.verify_file(f"{name}/arch.json").parent)
-        size = (run.root / name / arch["weights"]).stat().st_size
-        records[name] = measure(ctx, settings, name, ROLES[name], PARENT_OF[name], name, model, model, size)
-    for v in cfg.compress.variants:
-        folder = built[v.name].files[0].parent
-        model, arch = store.load_variant(folder)  # score what is on disk
-        rec = measure(ctx, settings, v.name, "variant", v.parent, v.describe(), model, built[v.name].fp32,
-                      built[v.name].files[0].stat().st_size, int8=v.steps[-1].kind == "int8_static")
-        records[v.name] = {**rec, "steps": built[v.name].details}
+    records = measure_all(ctx, settings, built)
+    margin = cfg.compress.speedup_margin
     for rec in records.values():
         parent = records.get(rec["parent"]) if rec["parent"] else None
-        rec["not_faster"] = parent is not None and not bench.is_faster(rec, parent, min_gain=cfg.compress.speedup_margin)
+        rec["not_faster"] = parent is not None and not bench.is_faster(rec, parent, min_gain=margin)
+    files = []
     for v in cfg.compress.variants:
         folder = built[v.name].files[0].parent
         atomic_write_json(folder / "metrics.json", records[v.name])
         files += [*built[v.name].files, folder / "metrics.json"]
     floor = records["teacher"]["test_accuracy"] - cfg.compress.floor_below_teacher
     files += frontier.write_frontier(run.root, list(records.values()), floor=floor, machine=bench.machine_info(),
-                                     settings={**asdict(settings), "modes": cfg.compress.bench.modes},
-                                     margin=cfg.compress.speedup_margin)
-    best = frontier.recommend(list(records.values()), floor, cfg.compress.speedup_margin)
+                                     settings={**asdict(settings), "modes": cfg.compress.bench.modes}, margin=margin)
+    best = frontier.recommend(list(records.values()), floor, margin)
     log(f"[compress] recommended: {best['reason'] if best else 'nothing meets the accuracy floor'}")
-    return files, {"variants": len(cfg.compress.variants), "recommended": best["name"] if best else None,
-                   "floor": floor}
+    return files, {"variants": len(built), "recommended": best["name"] if best else None, "floor": floor}
+
+
+def measure_all(ctx: Context, settings: bench.BenchSettings, built: dict[str, Built]) -> dict[str, dict[str, Any]]:
+    """The trained models and every variant as reloaded from disk, scored and timed. Timed only
+    once everything is built, one after another: no training in between competes for the
+    cores, and a parent and its child are measured minutes apart at most."""
+    records = {}
+    for name in ROLES:
+        model, arch = load_model(ctx.run.verify_file(f"{name}/arch.json").parent)
+        size = (ctx.run.root / name / arch["weights"]).stat().st_size
+        records[name] = measure(ctx, settings, name, ROLES[name], PARENT_OF[name], name, model, model, size)
+    for v in ctx.cfg.compress.variants:
+        b = built[v.name]
+        model, _ = store.load_variant(b.files[0].parent)  # score what is on disk
+        rec = measure(ctx, settings, v.name, "variant", v.parent, v.describe(), model, b.fp32,
+                      b.files[0].stat().st_size, int8=v.steps[-1].kind == "int8_static")
+        records[v.name] = {**rec, "steps": b.details}
+    return records
 
 
 def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in_shape: list[int]) -> None:
