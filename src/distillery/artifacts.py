@@ -106,16 +106,22 @@ def save_model(folder: str | Path, model: torch.nn.Module, spec: dict, **extra: 
     return [weights, folder / ARCH_FILE]
 
 
-def load_model(folder: str | Path, build: Callable[[dict], torch.nn.Module] | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build the model from `arch.json`, verify and load its weights; return (model, arch)."""
-    if build is None:
-        from distillery.models import build_model as build
+def read_arch(folder: str | Path) -> tuple[dict, Path]:
+    """A model folder's `arch.json` and its weights file, verified against the recorded sha256."""
     folder = Path(folder)
     arch = read_json(folder / ARCH_FILE)
     if not isinstance(arch, dict) or not {"spec", "weights", "weights_sha256"} <= arch.keys():
         raise UserError(f"{folder / ARCH_FILE}: not a distillery arch file (needs spec, weights, weights_sha256)")
     weights = folder / arch["weights"]
     verify_sha256(weights, arch["weights_sha256"])
+    return arch, weights
+
+
+def load_model(folder: str | Path, build: Callable[[dict], torch.nn.Module] | None = None) -> tuple[torch.nn.Module, dict]:
+    """Build the model from `arch.json`, verify and load its weights; return (model, arch)."""
+    if build is None:
+        from distillery.models import build_model as build
+    arch, weights = read_arch(folder)
     try:
         state = load_file(str(weights))
     except SafetensorError as e:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict, unflatten_tensor_state_dict
 
-from distillery.artifacts import ARCH_FILE, WEIGHTS_FILE, atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.artifacts import ARCH_FILE, WEIGHTS_FILE, atomic_path, atomic_write_json, read_arch, sha256_file
 from distillery.compression import quantize
 from distillery.compression.prune import layer_shapes, resize
 from distillery.compression.recipe import Int8Dynamic, WeightOnly
@@ -132,12 +132,7 @@ def _torchao_version() -> str:
 
 def load_variant(folder: str | Path) -> tuple[nn.Module, dict]:
     """Verify and rebuild a saved variant (any format); return (model in eval mode, arch)."""
-    folder = Path(folder)
-    arch = read_json(folder / ARCH_FILE)
-    if not isinstance(arch, dict) or not {"spec", "weights", "weights_sha256"} <= arch.keys():
-        raise UserError(f"{folder / ARCH_FILE}: not a distillery arch file (needs spec, weights, weights_sha256)")
-    weights = folder / arch["weights"]
-    verify_sha256(weights, arch["weights_sha256"])
+    arch, weights = read_arch(folder)
     tensors, metadata = _read(weights)
     model = resize(build_model(arch["spec"]), arch.get("layers") or {})
     fmt = arch.get("format", "dense")
