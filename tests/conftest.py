@@ -1,3 +1,4 @@
+import socket
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,13 @@ import pytest
 from distillery.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

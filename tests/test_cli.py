@@ -17,7 +17,9 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _run(tmp_path, *args):
-    return main([*args, "--config", TINY, "--set", f"storage_path={tmp_path / 'runs'}", "--set", "ray.workers=0"])
+    # Serving and the load test are covered by tests/test_pipeline.py; here: training in process.
+    return main([*args, "--config", TINY, "--set", f"storage_path={tmp_path / 'runs'}", "--set", "ray.workers=0",
+                 "--set", "serve.enabled=false"])
 
 
 def _manifest(tmp_path):
@@ -29,7 +31,7 @@ def test_run_writes_a_verified_run_directory(tmp_path, capsys):
     root = tmp_path / "runs" / "tiny"
     manifest = _manifest(tmp_path)
     assert {n: s["status"] for n, s in manifest["stages"].items()} == dict.fromkeys(
-        ["data", "teacher", "student_scratch", "student", "evaluate", "compress"], "done")
+        ["data", "teacher", "student_scratch", "student", "evaluate", "compress", "report"], "done")
     for rel, digest in manifest["files"].items():
         assert sha256_file(root / rel) == digest, rel
     for which in ("teacher", "student_scratch", "student"):
@@ -50,7 +52,7 @@ def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
     before = weights.stat().st_mtime_ns
     capsys.readouterr()
     assert _run(tmp_path, "run") == 0
-    assert capsys.readouterr().out.count("done already") == 6
+    assert capsys.readouterr().out.count("done already") == 7
     assert weights.stat().st_mtime_ns == before
     assert _run(tmp_path, "train", "--model", "teacher", "--force") == 0
     assert weights.stat().st_mtime_ns != before

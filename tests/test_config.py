@@ -29,7 +29,7 @@ def test_overrides_are_typed_and_nested():
 @pytest.mark.parametrize("override, expected", [
     ("teacher.train.epochs=0", "teacher.train.epochs: Input should be greater than or equal to 1"),
     ("teacher.train.epocs=3", "teacher.train.epocs: unknown key (allowed here: augment, batch_size, bf16, epochs"),
-    ("bogus=1", "bogus: unknown key (allowed here: compress, data, distill, name"),
+    ("bogus=1", "bogus: unknown key (allowed here: compress, data, distill, loadtest, name"),
     ("data.source=mnist", "data.source: Input should be 'digits', 'cifar10', 'parquet' or 'synthetic'"),
     ("teacher.model.width=wide", "teacher.model.width: Input should be a valid integer"),
     ("teacher.train.lr=true", "teacher.train.lr: Input should be a valid number"),
@@ -40,6 +40,10 @@ def test_overrides_are_typed_and_nested():
     ("name=../escape", "name: Value error, use 1-64 letters"),
     ("data.image_shape=[1,8]", "data.image_shape: List should have at least 3 items"),
     ("teacher.train.epochs='5'", "teacher.train.epochs: Input should be a valid integer"),
+    ("storage_path=s3://bucket/runs", "storage_path: Value error, object-store URIs are not supported yet"),
+    ("loadtest.ramp=[[5]]", "loadtest.ramp.0: List should have at least 2 items"),
+    ("loadtest.ramp=[[5,-1]]", "loadtest.ramp.0.1: Input should be greater than 0"),
+    ("serve.enabled=maybe", "serve.enabled: Input should be a valid boolean"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(UserError) as e:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -23,16 +22,10 @@ from distillery.cli import main
 from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.predictor import Predictor, catalog, choose
+from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-1234"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +38,9 @@ def server(tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("serve") / "runs"
     assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage}",
-                 "--set", "ray.workers=0"]) == 0
+                 "--set", "ray.workers=0", "--set", "serve.enabled=false"]) == 0
     run_dir = storage / "tiny"
-    cfg = ServeConfig(port=_free_port(), batch_wait_timeout_s=0.05, max_elements=4096, max_body_bytes=64 * 1024,
+    cfg = ServeConfig(port=free_port(), batch_wait_timeout_s=0.05, max_elements=4096, max_body_bytes=64 * 1024,
                       max_replicas=1, api_key_env="DISTILLERY_TEST_KEY")
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:

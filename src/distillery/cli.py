@@ -82,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--api-key-env", help="name of an environment variable holding the API key")
 
     run = sub.add_parser("run", help="the whole pipeline: data, teacher, student alone, distilled student, "
-                         "evaluate, compress")
+                         "evaluate, compress, serve and load-test, report; then keep serving")
     _config_args(run)
+    run.add_argument("--no-keep-serving", dest="keep_serving", action="store_false",
+                     help="take the deployment down at the end instead of serving until Ctrl-C (on a cluster: "
+                     "instead of leaving it running after the job ends)")
     return parser
 
 
@@ -135,6 +138,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         log(f"results: {(run.root / 'results.md').resolve()}")
     if (run.root / "frontier.md").exists() and args.command in ("run", "compress"):
         log(f"frontier: {(run.root / 'frontier.md').resolve()}")
+    if args.command == "run":
+        log(f"report: {(run.root / 'report.md').resolve()}")
+        if cfg.serve.enabled:
+            from distillery.serve_cli import after_run
+
+            after_run(run.root, cfg, args.keep_serving, log)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,8 @@ class RayConfig(_Strict):
 class ServeConfig(_Strict):
     """The Ray Serve deployment of a run's models (see `serving`)."""
 
+    enabled: bool = Field(True, description="`distillery run`: deploy the run's models, load-test them and keep "
+                          "serving at the end (false: stop after the report, nothing served)")
     host: str = Field("127.0.0.1", description="where the HTTP proxy listens; 0.0.0.0 exposes it to the network")
     port: int = Field(8000, ge=1, le=65_535)
     models: list[str] | None = Field(None, description="models to serve; default: the Pareto front and the recommended one")
@@ -131,6 +133,8 @@ class ServeConfig(_Strict):
     max_elements: int = Field(1 << 20, ge=1, le=1 << 30, description="floats per request")
     health_check_period_s: float = Field(10.0, gt=0.0, le=3600.0)
     health_check_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Serve's own logs")
+    access_log: bool = Field(False, description="log every request (one line each: floods the console under load)")
     api_key_env: str | None = Field(None, description="name of an environment variable holding an API key; "
                                     "when set, every route but health needs header x-api-key")
 
@@ -139,6 +143,22 @@ class ServeConfig(_Strict):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
         return self
+
+
+class LoadTestConfig(_Strict):
+    """The load test of `distillery run` (and the defaults of `distillery loadtest`)."""
+
+    models: list[str] | None = Field(None, description="default: every served model and auto")
+    concurrency: list[Annotated[int, Field(ge=1, le=10_000)]] = Field([1, 8, 32], max_length=32,
+                                                                   description="closed-loop levels; [] skips the sweep")
+    duration_s: float = Field(3.0, gt=0.0, le=3600.0, description="per level")
+    # Long enough at the end to see the scale-down after serve.downscale_delay_s.
+    ramp: list[Annotated[list[Annotated[float, Field(gt=0.0, le=100_000.0)]], Field(min_length=2, max_length=2)]] = Field(
+        [[5.0, 10.0], [15.0, 300.0], [45.0, 5.0]], max_length=32,
+        description="open-loop autoscaling ramp, run first: [seconds, requests/s] steps; [] skips it")
+    ramp_model: str | None = Field(None, description="default: the recommended model")
+    images: int = Field(1, ge=1, le=4096, description="images per request")
+    p99_target_ms: float = Field(100.0, gt=0.0, le=600_000.0)
 
 
 class StageConfig(_Strict):
@@ -176,6 +196,7 @@ class PipelineConfig(_Strict):
     distill: DistillConfig = DistillConfig()
     compress: CompressConfig = CompressConfig()
     serve: ServeConfig = ServeConfig()
+    loadtest: LoadTestConfig = LoadTestConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
@@ -186,6 +207,17 @@ class PipelineConfig(_Strict):
         if self.distill.hints and self.distill.cache_teacher_logits:
             raise ValueError("distill.hints need the live teacher; set distill.cache_teacher_logits: false")
         return self
+
+    @field_validator("storage_path")
+    @classmethod
+    def _local_or_shared_path(cls, v: str) -> str:
+        # Workers read the data shards and the teacher by path, so every node must see the run
+        # directory at the same path: a shared filesystem. Object-store URIs are not wired
+        # through those reads yet; refuse them instead of writing a local folder named "s3:".
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", v):
+            raise ValueError("object-store URIs are not supported yet: mount the bucket at the same path on every "
+                             "node (e.g. mountpoint-s3, gcsfuse) and give that path, or use a shared filesystem")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -11,11 +11,13 @@ import asyncio
 import csv
 import io
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from distillery import loadgen
 from distillery.artifacts import atomic_write_bytes, atomic_write_json
+from distillery.config import LoadTestConfig
 
 Steps = list[tuple[float, float]]
 
@@ -88,6 +90,68 @@ def scaling_summary(samples: list[loadgen.Sample], replicas: list[tuple[float, i
             "lost": sum(s.status not in (200, 503) for s in samples)}
 
 
+def run_loadtest(base_url: str, run_dir: Path, lcfg: LoadTestConfig, headers: dict, out: Path,
+                 log: Callable[[str], None] = print, tuning: Callable[[bytes, int], list[dict]] | None = None
+                 ) -> list[Path]:
+    """The load test of a served run: the autoscaling ramp first (while the deployment still
+    runs its minimum of replicas), then a closed-loop sweep per model, the serving-level
+    frontier and each model's in-process rate; `tuning(body, concurrency)` adds its section.
+    Writes the report into `out`; returns its files."""
+    from distillery import bench, data
+    from distillery.predictor import catalog
+
+    served = catalog(run_dir)
+    models = lcfg.models or [m.name for m in served] + ["auto"]
+    x = data.load_split(run_dir / "data", "test")[0][:lcfg.images]
+    body = loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape))
+    scaling, sweeps = None, []
+    if lcfg.ramp:
+        model = lcfg.ramp_model or next((m.name for m in served if m.recommended), served[0].name)
+        log(f"[loadtest] {model}: autoscaling ramp " + ", ".join(f"{d:g} s at {r:g}/s" for d, r in lcfg.ramp))
+        scaling = ramp(base_url, model, body, [(d, r) for d, r in lcfg.ramp], headers)
+    for model in models if lcfg.concurrency else []:
+        log(f"[loadtest] {model}: closed loop at concurrency {lcfg.concurrency}, {lcfg.duration_s:g} s each")
+        sweeps += sweep(base_url, model, body, lcfg.concurrency, lcfg.duration_s, headers)
+    extra = {"frontier": serving_frontier(sweeps, served, lcfg.p99_target_ms),
+             "overhead": in_process_rates(served, x, lcfg.duration_s)} if sweeps else {}
+    if tuning is not None:
+        extra["tuning"] = tuning(body, max(lcfg.concurrency or [32]))
+    return write_report(out, sweeps, scaling, bench.machine_info(), extra)
+
+
+def summary(report_json: Path) -> dict[str, Any]:
+    """The headline figures of a written load test, for the run manifest."""
+    from distillery.artifacts import read_json
+
+    doc = read_json(report_json)
+    best = {}
+    for r in doc["sweeps"]:
+        best[r["model"]] = max(best.get(r["model"], 0.0), r["throughput"])
+    s = doc["scaling"] or {}
+    errors = Counter()  # sweeps: by status; the ramp counts its own
+    for r in doc["sweeps"]:
+        errors.update(r["errors"])
+    return {"peak_requests_per_s": best, "requests": sum(r["requests"] for r in doc["sweeps"]) + s.get("requests", 0),
+            "rejected_503": errors["503"] + s.get("rejected_503", 0),
+            "lost": sum(n for code, n in errors.items() if code != "503") + s.get("lost", 0),
+            **{k: s.get(k) for k in ("initial_replicas", "peak_replicas", "scaled_up_at_s", "scaled_down_at_s")}}
+
+
+def in_process_rates(served: list, x, seconds: float) -> dict[str, float]:
+    """Calls/s of each model's own predictor in this process at the load's batch size: the
+    ceiling the HTTP figures are compared with."""
+    from distillery.predictor import Predictor
+
+    rates = {}
+    for m in served:
+        predictor, n, start = Predictor(m), 0, time.perf_counter()
+        while time.perf_counter() - start < min(seconds, 2.0):
+            predictor(x)
+            n += 1
+        rates[m.name] = n / (time.perf_counter() - start)
+    return rates
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -132,10 +196,12 @@ def markdown(doc: dict) -> str:
                      f"{max(counts) if counts else '-'} | {r['generator_cpu']:.0%} |")
     s = doc["scaling"]
     if s:
+        scaled = "did not scale up" if s["scaled_up_at_s"] is None else (
+            f"scaled up at {s['scaled_up_at_s']:g} s, " + ("did not scale back down" if s["scaled_down_at_s"] is None
+                                                            else f"back down at {s['scaled_down_at_s']:g} s"))
         lines += ["", f"Autoscaling ramp on {s['model']} ({', '.join(f'{d:g} s at {q:g}/s' for d, q in s['steps'])}): "
-                  f"replicas {s['initial_replicas']} -> {s['peak_replicas']}, scaled up at {s['scaled_up_at_s']} s, "
-                  f"down at {s['scaled_down_at_s']} s; p99 {_ms(s['p99_before_ms'])} ms before, "
-                  f"{_ms(s['p99_scaled_ms'])} ms scaled, {_ms(s['p99_after_ms'])} ms after; "
+                  f"replicas {s['initial_replicas']} -> {s['peak_replicas']}, {scaled}; p99 {_ms(s['p99_before_ms'])} "
+                  f"ms before, {_ms(s['p99_scaled_ms'])} ms scaled, {_ms(s['p99_after_ms'])} ms after; "
                   f"{s['ok']} of {s['requests']} answered 200, {s['rejected_503']} rejected with 503, {s['lost']} lost."]
     lines += _frontier_lines(doc.get("frontier"), doc.get("overhead")) + _tuning_lines(doc.get("tuning"))
     m = doc["machine"]

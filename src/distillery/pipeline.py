@@ -1,13 +1,16 @@
 """The stages of a run, in order, each skipped when its outputs exist and verify.
 
-    data -> teacher -> student_scratch -> student -> evaluate -> compress
+    data -> teacher -> student_scratch -> student -> evaluate -> compress -> serve -> report
 
 `student_scratch` is the student trained alone, `student` the same network distilled from
 the teacher; the evaluation reports what share of the teacher-student gap distillation
 closed; `compress` turns the student (and the teacher) into pruned and quantized variants
-and measures them all (`compress`, `frontier`). Each stage is a function `(run, cfg, log) -> (files, metrics)`; `run_stages` wraps
-them with the bookkeeping (fingerprints, manifest status, skip on re-run, `--force`).
-Training runs on Ray Train (`raytrain`), or in this process when `ray.workers` is 0.
+and measures them all (`compress`, `frontier`); `serve` deploys the frontier on Ray Serve
+and load-tests it over HTTP (`serving`, `loadtest`; left out with `serve.enabled: false`);
+`report` writes report.md (`report`). Each stage is a function `(run, cfg, log) -> (files,
+metrics)`; `run_stages` wraps them with the bookkeeping (fingerprints, manifest status, skip
+on re-run, `--force`). Training runs on Ray Train (`raytrain`), or in this process when
+`ray.workers` is 0.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ EVAL_BATCH = 1024
 # student distilled from an older teacher is not the one this teacher would give.
 INPUTS = {"data": [], "teacher": ["data"], "teacher_logits": ["data", "teacher"], "student_scratch": ["data"],
           "student": ["data", "teacher", "teacher_logits"], "evaluate": ["data", *MODELS],
-          "compress": ["data", *MODELS]}
+          "compress": ["data", *MODELS], "serve": ["data", "compress"], "report": ["data", "evaluate", "compress", "serve"]}
 
 
 def downstream(name: str) -> list[str]:
@@ -55,6 +58,8 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp["evaluate"] = fingerprint(*(fp[name] for name in MODELS))
     fp["compress"] = fingerprint(*(fp[name] for name in MODELS), cfg.compress.model_dump(), cfg.distill.model_dump(),
                                  cfg.seed, workers)
+    fp["serve"] = fingerprint(fp["compress"], cfg.serve.model_dump(), cfg.loadtest.model_dump())
+    fp["report"] = fingerprint(fp["evaluate"], fp["compress"], fp["serve"] if cfg.serve.enabled else None)
     return fp
 
 
@@ -62,8 +67,10 @@ def stage_functions(cfg: PipelineConfig) -> dict[str, StageFn]:
     """The stages of this config, in order (`teacher_logits` only when distillation reads a cache)."""
     train = lambda which: lambda run, cfg, log: train_model(run, cfg, which, log)  # noqa: E731
     cache = {"teacher_logits": cache_logits} if uses_logit_cache(cfg) else {}
+    served = {"serve": serve_models} if cfg.serve.enabled else {}
     return {"data": prepare_data, "teacher": train("teacher"), **cache,
-            **{name: train(name) for name in MODELS[1:]}, "evaluate": evaluate_run, "compress": compress_models}
+            **{name: train(name) for name in MODELS[1:]}, "evaluate": evaluate_run, "compress": compress_models,
+            **served, "report": write_report}
 
 
 def uses_logit_cache(cfg: PipelineConfig) -> bool:
@@ -251,6 +258,25 @@ def compress_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Pa
 
     manifest, splits = load_splits(run)
     return compress_run(run, cfg, log, splits, manifest)
+
+
+def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
+    """Deploy the frontier on Ray Serve (autoscaled) and load-test it over HTTP."""
+    from distillery.loadtest import run_loadtest, summary
+    from distillery.serve_cli import deploy_run, write_serve_config  # Ray Serve loads only here
+
+    config = write_serve_config(run.root, cfg, run.root / "serve" / "config.yaml")
+    url, headers = deploy_run(run.root, cfg, log)
+    files = run_loadtest(url.removesuffix("/v2"), run.root, cfg.loadtest, headers, run.root / "serve" / "loadtest", log)
+    return [config, *files], {"url": url, **summary(files[0])}
+
+
+def write_report(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
+    from distillery.report import write
+
+    files = write(run.root, cfg, run.manifest())
+    log(f"[report] {files[0]}")
+    return files, {}
 
 
 def require_done(cfg: PipelineConfig, names: list[str]) -> None:

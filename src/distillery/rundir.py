@@ -46,10 +46,12 @@ class RunDir:
     def open(cls, cfg: PipelineConfig) -> "RunDir":
         run = cls(Path(cfg.storage_path) / cfg.name)
         run.root.mkdir(parents=True, exist_ok=True)
-        manifest = run.manifest() if run.manifest_path.exists() else _new_manifest(cfg)
-        manifest.update(config=cfg.to_dict(), git_sha=_git_sha(), versions=_versions(), hardware=_hardware())
-        save_resolved(cfg, run.root / "config.yaml")
-        run._write(manifest)
+        before = run.manifest() if run.manifest_path.exists() else None
+        manifest = {**(before or _new_manifest(cfg)), "config": cfg.to_dict(), "git_sha": _git_sha(),
+                    "versions": _versions(), "hardware": _hardware()}
+        if manifest != before:  # re-running a finished run on the same machine writes nothing
+            save_resolved(cfg, run.root / "config.yaml")
+            run._write(manifest)
         return run
 
     def manifest(self) -> dict[str, Any]:

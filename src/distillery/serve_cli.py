@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from pydantic import ValidationError
 
 from distillery.errors import UserError
 
@@ -23,29 +24,77 @@ def serve(args: argparse.Namespace) -> None:
         raise UserError("usage: distillery serve [build] RUN_DIR")
     run_dir = Path(words[0])
     cfg = _run_config(run_dir, args.overrides)
-    from distillery import serving
-
-    key = serving.read_api_key(cfg.serve.api_key_env)
     if build:
-        out = Path(args.output or run_dir / "serve" / "config.yaml")
-        doc = serving.config_document(str(run_dir.resolve()), cfg.serve, key)
-        from distillery.artifacts import atomic_write_bytes
-
-        atomic_write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
-        print(f"Serve config for {len(doc['applications'])} applications: {out}\n  serve run {out}")
+        out = write_serve_config(run_dir, cfg, Path(args.output or run_dir / "serve" / "config.yaml"))
+        print(f"Serve config: {out}\n  serve run {out}")
         return
-    from distillery.raytrain import ensure_ray
-
-    ensure_ray(cfg)
-    url = serving.deploy(str(run_dir.resolve()), cfg.serve, key)
+    url, _ = deploy_run(run_dir, cfg, lambda m: None)
     print(f"serving {url} (models: {url}/models); Ctrl-C stops", flush=True)
+    _serve_until_interrupted()
+
+
+def _serve_until_interrupted() -> None:
+    from ray import serve as ray_serve
+
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve as ray_serve
-
         ray_serve.shutdown()
+
+
+def write_serve_config(run_dir: Path, cfg, out: Path) -> Path:
+    """The run's applications as a Serve config file, for `serve run` / `serve deploy`."""
+    from distillery import serving
+    from distillery.artifacts import atomic_write_bytes
+
+    doc = serving.config_document(str(run_dir.resolve()), cfg.serve, serving.read_api_key(cfg.serve.api_key_env))
+    atomic_write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
+    return out
+
+
+def deploy_run(run_dir: Path, cfg, log) -> tuple[str, dict[str, str]]:
+    """Deploy a run's models on the Ray cluster (a local one if none); return (URL, the
+    headers a client needs)."""
+    from distillery import serving
+    from distillery.raytrain import ensure_ray
+
+    key = serving.read_api_key(cfg.serve.api_key_env)
+    ensure_ray(cfg)
+    start = time.perf_counter()
+    url = serving.deploy(str(run_dir.resolve()), cfg.serve, key)
+    log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}")
+    return url, {"content-type": "application/json", **({"x-api-key": key} if key else {})}
+
+
+def after_run(run_dir: Path, cfg, keep: bool, log) -> None:
+    """The end of `distillery run`: keep the run's models served, or take them down.
+    Serve outlives this process on a cluster (the job may end); a local Ray instance dies
+    with it, so locally this waits for Ctrl-C."""
+    import ray
+    from ray import serve as ray_serve
+
+    from distillery import raytrain, serving
+
+    local = not raytrain.cluster_address(cfg)  # a local instance ends with this process
+    names = serving.app_names(str(run_dir.resolve()), cfg.serve)
+    if not keep:
+        if ray.is_initialized() and local:
+            ray_serve.shutdown()
+        elif ray.is_initialized():  # a shared cluster: take down this run's applications only
+            for name in names:
+                ray_serve.delete(name)
+        log("[serve] shut down (--no-keep-serving)")
+        return
+    raytrain.ensure_ray(cfg)
+    if serving.running(names):
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}/v2"
+    else:
+        url, _ = deploy_run(run_dir, cfg, log)
+    log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run_dir} --model auto --sample 4")
+    if local:
+        log("Ctrl-C stops serving")
+        _serve_until_interrupted()
 
 
 def _run_config(run_dir: Path, overrides: list[str]):
@@ -108,35 +157,25 @@ def _post(url: str, body: bytes, headers: dict) -> dict:
 
 
 def loadtest(args: argparse.Namespace) -> None:
-    from distillery import bench, data
     from distillery import loadtest as lt
-    from distillery.loadgen import infer_body
-    from distillery.predictor import catalog
+    from distillery.config import LoadTestConfig
 
     run_dir = Path(args.run_dir)
-    served = catalog(run_dir)
-    models = args.models.split(",") if args.models else [m.name for m in served] + ["auto"]
-    x = data.load_split(run_dir / "data", "test")[0][:args.images]
-    body = infer_body(x.reshape(-1).tolist(), list(x.shape))
+    try:
+        lcfg = LoadTestConfig(models=args.models.split(",") if args.models else None,
+                              concurrency=_ints(args.concurrency, "--concurrency") if args.concurrency else [],
+                              duration_s=args.duration, ramp=[list(s) for s in _steps(args.ramp)] if args.ramp else [],
+                              ramp_model=args.ramp_model, images=args.images, p99_target_ms=args.p99_target_ms)
+    except ValidationError as e:
+        raise UserError(f"loadtest: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
     headers = {"content-type": "application/json"}
     if args.api_key_env:
         headers["x-api-key"] = os.environ.get(args.api_key_env, "")
     _connect_ray()
-    levels = _ints(args.concurrency, "--concurrency") if args.concurrency else []
-    scaling, sweeps = None, []
-    if args.ramp:  # first, while the deployment still runs its minimum of replicas
-        model = args.ramp_model or next((m.name for m in served if m.recommended), served[0].name)
-        print(f"[loadtest] {model}: autoscaling ramp {args.ramp}", flush=True)
-        scaling = lt.ramp(args.url.rstrip("/"), model, body, _steps(args.ramp), headers)
-    for model in models if levels else []:
-        print(f"[loadtest] {model}: closed loop at {levels}, {args.duration:g} s each", flush=True)
-        sweeps += lt.sweep(args.url.rstrip("/"), model, body, levels, args.duration, headers)
-    extra = {"frontier": lt.serving_frontier(sweeps, served, args.p99_target_ms),
-             "overhead": _in_process_rates(served, x, args.duration)} if sweeps else {}
-    if args.tune:
-        extra["tuning"] = _tune(args, run_dir, served, body, headers, max(levels or [32]))
+    url = args.url.rstrip("/")
+    tuning = (lambda body, concurrency: _tune(args, run_dir, body, headers, concurrency)) if args.tune else None
     out = Path(args.out or run_dir / "serve" / "loadtest")
-    files = lt.write_report(out, sweeps, scaling, bench.machine_info(), extra)
+    files = lt.run_loadtest(url, run_dir, lcfg, headers, out, log=lambda m: print(m, flush=True), tuning=tuning)
     print((out / "loadtest.md").read_text() + f"report: {files[0].parent}")
 
 
@@ -171,26 +210,12 @@ def _steps(text: str) -> list[tuple[float, float]]:
     return steps
 
 
-def _in_process_rates(served: list, x, seconds: float) -> dict[str, float]:
-    """Calls/s of each model's own predictor in this process at the load's batch size: the
-    ceiling the HTTP figures are compared with."""
-    from distillery.predictor import Predictor
-
-    rates = {}
-    for m in served:
-        predictor, n, start = Predictor(m), 0, time.perf_counter()
-        while time.perf_counter() - start < min(seconds, 2.0):
-            predictor(x)
-            n += 1
-        rates[m.name] = n / (time.perf_counter() - start)
-    return rates
-
-
-def _tune(args, run_dir: Path, served: list, body: bytes, headers: dict, concurrency: int) -> list[dict]:
+def _tune(args, run_dir: Path, body: bytes, headers: dict, concurrency: int) -> list[dict]:
     import ray
 
     from distillery import loadtest as lt
     from distillery.artifacts import atomic_write_json
+    from distillery.predictor import catalog
     from distillery.serving import TUNED, read_api_key
 
     if not ray.is_initialized():
@@ -199,7 +224,7 @@ def _tune(args, run_dir: Path, served: list, body: bytes, headers: dict, concurr
     key = read_api_key(cfg.api_key_env)
     grid = [(1, 0.0), (16, 0.002), (64, 0.005), (64, 0.02)]
     results = []
-    for m in served:
+    for m in catalog(run_dir):
         print(f"[loadtest] tuning {m.name}: batch/wait {grid} at concurrency {concurrency}", flush=True)
         results.append(lt.tune(args.url.rstrip("/"), str(run_dir.resolve()), m.name, body, cfg, key, grid,
                                concurrency, args.duration, args.p99_target_ms, headers))

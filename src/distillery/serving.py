@@ -239,7 +239,7 @@ class Server:
         if path == "/v2/health/live":
             return JSONResponse({"live": True})
         if path == "/v2/health/ready":
-            ready = _all_running(self.models)
+            ready = running(self.models)
             return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
         try:
             _check_key(request, self.digest)
@@ -255,7 +255,7 @@ class Server:
             return _error(e)
 
 
-def _all_running(names: list[str]) -> bool:
+def running(names: list[str]) -> bool:
     apps = serve.status().applications
     return all(name in apps and apps[name].status == "RUNNING" for name in names)
 
@@ -280,6 +280,11 @@ def applications(run_dir: str, cfg: ServeConfig, api_key: str | None) -> list[di
     return apps
 
 
+def app_names(run_dir: str, cfg: ServeConfig) -> list[str]:
+    """The Serve applications `applications` deploys, without loading any model."""
+    return [m.name for m in catalog(run_dir, cfg.models)] + (["auto"] if cfg.auto else []) + ["server"]
+
+
 TUNED = "serve/tuned.json"  # written by `distillery loadtest --tune`, per model
 
 
@@ -297,17 +302,26 @@ def http_options(cfg: ServeConfig) -> dict[str, Any]:
     return {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s}
 
 
+def logging_config(cfg: ServeConfig) -> dict[str, Any]:
+    return {"log_level": cfg.log_level, "enable_access_log": cfg.access_log}
+
+
 def deploy(run_dir: str, cfg: ServeConfig, api_key: str | None) -> str:
     """Start Serve on the connected Ray instance and run every application; return the URL."""
     apps = applications(run_dir, cfg, api_key)
-    serve.start(http_options=http_options(cfg))
-    for app in apps:  # models first: `auto` looks their handles up
-        serve.run(build_application(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
+    serve.start(http_options=http_options(cfg), logging_config=logging_config(cfg))
+    targets = [serve.RunTarget(build_application(a["args"]), name=a["name"], route_prefix=a["route_prefix"],
+                               logging_config=logging_config(cfg)) for a in apps]
+    models = [t for t, a in zip(targets, apps) if a["args"].kind == "model"]
+    # The models start together (one at a time took ~4 s each), then `auto` and the server,
+    # which look the models' handles up.
+    serve.run_many(models)
+    serve.run_many([t for t in targets if t not in models])
     return f"http://{cfg.host}:{cfg.port}/v2"
 
 
 def config_document(run_dir: str, cfg: ServeConfig, api_key: str | None) -> dict[str, Any]:
     """A Serve config for `serve run` / `serve deploy`, with the same applications."""
-    return {"proxy_location": "HeadOnly", "http_options": http_options(cfg),
+    return {"proxy_location": "HeadOnly", "http_options": http_options(cfg), "logging_config": logging_config(cfg),
             "applications": [{"name": a["name"], "route_prefix": a["route_prefix"], "import_path": "serve.app:build_app",
                                "args": a["args"].model_dump()} for a in applications(run_dir, cfg, api_key)]}

@@ -1,0 +1,129 @@
+"""report.md: the one page a user reads first after `distillery run`.
+
+Built only from what the run wrote and verified (manifest, results, frontier, load test),
+so every figure in it is one the stages measured; nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distillery.artifacts import atomic_write_bytes, read_json
+from distillery.config import PipelineConfig
+from distillery.pipeline import results_table
+
+TRAINED = ("teacher", "student_scratch", "student")
+
+
+def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any]) -> list[Path]:
+    """Write root/report.md from the run's artifacts, and root/serve/request.json (a real
+    test image as an inference request, for the curl example); return their paths."""
+    data = read_json(root / "data" / "manifest.json")
+    request = example_request(root)
+    frontier = read_json(root / "frontier.json")
+    served = root / "serve" / "loadtest" / "loadtest.md"
+    parts = [f"# {cfg.name}: what was trained, how fast it runs, how to use it", "",
+             _training(root, cfg, manifest, data),
+             "## Speed vs accuracy", "", _body(root / "frontier.md"), "![frontier](frontier.png)", "",
+             _recommendation(frontier),
+             "## Serving", "", _body(served) + "\n![load test](serve/loadtest/loadtest.png)\n" if cfg.serve.enabled and
+             served.is_file() else "Not served in this run (`serve.enabled: false`).\n",
+             _how_to_query(cfg, frontier, data, request),
+             _machine(manifest)]
+    path = root / "report.md"
+    atomic_write_bytes(path, "\n".join(parts).encode())
+    return [path, request]
+
+
+def example_request(root: Path) -> Path:
+    """The first test image as an Open Inference Protocol request body."""
+    from distillery import data
+    from distillery.loadgen import infer_body
+
+    x, _ = data.load_split(root / "data", "test")
+    path = root / "serve" / "request.json"
+    atomic_write_bytes(path, infer_body(x[:1].reshape(-1).tolist(), list(x[:1].shape)))
+    return path
+
+
+def _training(root: Path, cfg: PipelineConfig, manifest: dict, data: dict) -> str:
+    counts = {split: data["counts"][split]["total"] for split in ("train", "val", "test")}
+    stages = manifest["stages"]
+    lines = ["## What was trained", "",
+             f"Data: `{data['source']}`, {counts['train']:,} train / {counts['val']:,} val / {counts['test']:,} test "
+             f"images of shape {data['image_shape']}, {data['num_classes']} classes.", ""]
+    for which in TRAINED:
+        m = stages[which]["metrics"]
+        lines.append(f"- **{which}**: {m['kind']}, {m['epochs']} epochs, {m['workers'] or 'no'} Ray Train workers "
+                     f"({m['parallelism']}), {m['seconds']:.0f} s")
+    d = cfg.distill
+    lines += ["", f"The student was distilled from the frozen teacher (temperature {d.temperature:g}, "
+              f"alpha {d.alpha:g}); `student_scratch` is the same network trained alone, the baseline.", "",
+              results_table(read_json(root / "results.json"))]
+    return "\n".join(lines)
+
+
+def _body(md: Path) -> str:
+    """A generated markdown report without its title line and its recommendation (which the
+    report gives a section of its own)."""
+    lines = md.read_text().splitlines()[1:]
+    return "\n".join(line for line in lines if not line.startswith("**Recommended**")).strip() + "\n"
+
+
+def _recommendation(frontier: dict) -> str:
+    rec = frontier["recommended"]
+    if rec is None:
+        return f"## Recommended\n\nNo variant reaches the accuracy floor of {frontier['floor']:.2%}.\n"
+    return (f"## Recommended: `{rec['name']}`\n\n{rec['reason']} Variants within a few percent of the fastest "
+            "count as equally fast; among them the most accurate wins.\n")
+
+
+def _how_to_query(cfg: PipelineConfig, frontier: dict, data: dict, request: Path) -> str:
+    s = cfg.serve
+    url = f"http://{s.host}:{s.port}"
+    model = (frontier["recommended"] or {}).get("name", "auto")
+    shape = [1, *data["image_shape"]]
+    key = f' -H "x-api-key: ${s.api_key_env}"' if s.api_key_env else ""
+    key_py = f', headers={{"x-api-key": os.environ["{s.api_key_env}"]}}' if s.api_key_env else ""
+    return f"""## How to query the deployment
+
+While `distillery run` (or `distillery serve {request.parents[1]}`) serves, with curl (Open
+Inference Protocol, JSON; `{model}` is the recommended model, `auto` picks one per request;
+`{request}` holds the first test image as a request):
+
+```bash
+curl -s {url}/v2/health/ready
+curl -s{key} {url}/v2/models
+curl -s{key} -H 'content-type: application/json' -d @{request} {url}/v2/models/{model}/infer
+curl -s{key} -H 'content-type: application/json' -d @{request} {url}/v2/models/auto/infer
+```
+
+`auto` takes `"parameters": {{"max_latency_ms": ...}}` or `{{"min_accuracy": ...}}` in the request body.
+
+With an Open Inference Protocol client (`pip install tritonclient[http]`), binary tensors:
+
+```python
+import os, numpy as np, tritonclient.http as http
+client = http.InferenceServerClient("{s.host}:{s.port}")
+x = np.zeros({tuple(shape)}, dtype=np.float32)
+inp = http.InferInput("input", list(x.shape), "FP32")
+inp.set_data_from_numpy(x, binary_data=True)
+reply = client.infer("{model}", [inp]{key_py})
+print(reply.as_numpy("label"), reply.as_numpy("logits"))
+```
+
+Or `distillery query --run-dir {request.parents[1]} --model auto --sample 8`.
+"""
+
+
+def _machine(manifest: dict) -> str:
+    hw, v = manifest["hardware"], manifest["versions"]
+    stages = manifest["stages"]
+    done = sorted((r["started_at"], name, r["metrics"]["seconds"]) for name, r in stages.items()
+                  if r.get("status") == "done" and "seconds" in r.get("metrics", {}))
+    times = ", ".join(f"{name} {seconds:.0f} s" for _, name, seconds in done)
+    return (f"## Machine and versions\n\n{hw['processor'] or hw['machine']}, {hw['cpus']} logical cores, "
+            f"{hw['memory_gib']} GiB, {hw['system']}; "
+            + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; git {manifest.get('git_sha') or 'unknown'}.\n\n"
+            f"Stage times: {times}.\n")

@@ -1,0 +1,109 @@
+"""`ray job submit` of jobs/pipeline.py against a cluster this test starts with `ray start --head`
+on 127.0.0.1, token authentication on: refused without the token, run to the end with it
+(Ray Train on the cluster's workers, Serve deployed on the cluster), the deployment still
+answering over HTTP after the job ended, and the cluster stopped afterwards."""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """(dashboard address, token, env for clients with the token) of a one-node cluster."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    dashboard = free_port()
+    # Ray's unix sockets live under its temp dir and their paths must stay under ~107 bytes:
+    # pytest's tmp paths are too long.
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
+         f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}"],
+        env=env, stdout=open(tmp / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_until_up(address, token, head, tmp / "head.log")
+        yield address, token, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_until_up(address: str, token: str, head: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert head.poll() is None, log.read_text()[-3000:]
+        try:
+            request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError("the head node did not come up in 120 s: " + log.read_text()[-3000:])
+
+
+def _submit(address: str, env: dict, *job_args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                           sys.executable, *job_args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_submit_without_the_token_is_refused(cluster, tmp_path):
+    address, _, env = cluster
+    # No token anywhere: not in the environment, not in ~/.ray/auth_token.
+    anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(tmp_path)}
+    result = _submit(address, anonymous, "-c", "print('should not run')", timeout=120)
+    assert result.returncode != 0
+    assert "should not run" not in result.stdout
+    assert "token" in (result.stdout + result.stderr).lower()
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_job_runs_on_the_cluster_and_keeps_serving(cluster, tmp_path):
+    address, token, env = cluster
+    storage, port = tmp_path / "runs", free_port()
+    result = _submit(address, env, "jobs/pipeline.py", "--config", "configs/tiny.yaml",
+                     "--set", f"storage_path={storage}", "--set", f"serve.port={port}", timeout=800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "succeeded" in result.stdout
+    root = storage / "tiny"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+    assert manifest["stages"]["teacher"]["metrics"]["workers"] == 2  # Ray Train on the cluster
+    assert (root / "report.md").is_file() and f"serving http://127.0.0.1:{port}/v2" in result.stdout
+    # The job has ended; Serve lives on in the cluster and answers a real test image.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10) as r:
+        assert r.status == 200
+    model = json.loads((root / "frontier.json").read_text())["recommended"]["name"]
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{model}/infer",
+                                     data=(root / "serve" / "request.json").read_bytes(),
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        reply = json.loads(r.read())
+    assert reply["model_name"] == model and {o["name"] for o in reply["outputs"]} >= {"label", "logits"}
