@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from distillery.errors import UserError
+from distillery.errors import TrainingFailed, UserError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"distillery: error: {e}", file=sys.stderr)
         return 2
+    except TrainingFailed as e:
+        print(f"distillery: training failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("distillery: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

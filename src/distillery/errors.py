@@ -8,3 +8,7 @@ non-zero instead of showing a traceback. Bugs stay ordinary exceptions.
 
 class UserError(Exception):
     """A mistake in the user's input: config, data, artifact or request."""
+
+
+class TrainingFailed(Exception):
+    """A training stage that failed on every attempt Ray Train was allowed (`ray.max_failures`)."""

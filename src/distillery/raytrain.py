@@ -35,6 +35,7 @@ from distillery.artifacts import load_model
 from distillery.compression.prune import GradualSparsity
 from distillery.compression.recipe import PruneUnstructured
 from distillery.config import PipelineConfig, TrainConfig, from_dict
+from distillery.errors import TrainingFailed
 from distillery.hints import wrap_for_hints
 from distillery.losses import LossFn, cross_entropy, distillation, pack_target
 from distillery.models import build_model
@@ -101,13 +102,26 @@ def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, *, storage: Path, name:
         dataset_config=DataConfig(datasets_to_split=["train"] if tcfg.parallelism != "pipeline" else [],
                                   execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as e:
+        raise TrainingFailed(f"{name}: {_first_failure(e)} (the worker group was restarted "
+                             f"{cfg.ray.max_failures} time(s), `ray.max_failures`, and failed every time); "
+                             f"re-run the same command to resume from the last checkpoint") from e
     with result.checkpoint.as_directory() as folder:
         checkpoint.verify(Path(folder), cfg.ray.workers)
         state = checkpoint.merged_model_state(Path(folder))
         history = checkpoint.read_history(Path(folder))
     _drop_unregistered(storage / name, {Path(c.path).name for c, _ in result.best_checkpoints})
     return state, history
+
+
+def _first_failure(e: "ray.train.WorkerGroupError") -> str:
+    """The first worker's error as one line: its exception type and message, not the traceback."""
+    failure = next(iter(e.worker_failures.values()), e)
+    cause = getattr(failure, "cause", None) or failure  # a RayTaskError wraps the worker's exception
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
 
 
 class TeacherLogits:

@@ -1,0 +1,289 @@
+"""Serving under faults, bad input at volume, backpressure and timeouts, and what listens on
+which address: on a real local Ray instance with Serve over HTTP on 127.0.0.1. Every load
+loop is bounded in requests and seconds. The figures each test saw are printed (`-s`) and
+quoted in the README's reliability section."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from distillery import data, loadgen
+from distillery.cli import main
+from distillery.config import ServeConfig
+from distillery.errors import UserError
+from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.integration
+MODEL = "student"
+
+
+@dataclass
+class Served:
+    url: str            # http://127.0.0.1:PORT
+    run_dir: Path
+    cfg: ServeConfig
+    body: bytes         # a one-image infer request
+    dashboard_port: int
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Served:
+    """The tiny run's student on 2 replicas, with a 3 s request timeout and small body limits."""
+    import ray
+    from ray import serve
+
+    from distillery import serving
+
+    storage = tmp_path_factory.mktemp("reliability") / "runs"
+    assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage}",
+                 "--set", "ray.workers=0", "--set", "serve.enabled=false"]) == 0
+    run_dir = storage / "tiny"
+    cfg = ServeConfig(port=free_port(), models=[MODEL], auto=False, min_replicas=2, max_replicas=2,
+                      max_elements=4096, max_body_bytes=64 * 1024, request_timeout_s=3.0)
+    dashboard = free_port()
+    ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_port=dashboard)  # for the state API
+    try:
+        url = serving.deploy(str(run_dir), cfg, None).removesuffix("/v2")
+        x = data.load_split(run_dir / "data", "test")[0][:1]
+        yield Served(url, run_dir, cfg, loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape)), dashboard)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _post(url: str, body: bytes, content_type: str = "application/json", timeout: float = 30) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"content-type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _replicas(app: str = MODEL) -> dict[str, int]:
+    """{actor name: pid} of the app's live replicas, from Ray's state API."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    return {a.name: a.pid for a in actors if a.name and a.name.startswith(f"SERVE_REPLICA::{app}#")}
+
+
+def _steady_load(url: str, body: bytes, seconds: float, rate: float) -> tuple[threading.Thread, list]:
+    """Open-loop load in a background thread; the list receives the samples when it ends."""
+    out: list = []
+    steps = [(seconds, rate)]
+    headers = {"content-type": "application/json"}
+    thread = threading.Thread(target=lambda: out.extend(asyncio.run(loadgen.open_loop(url, body, steps, headers))))
+    thread.start()
+    return thread, out
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+# ---------------------------------------------------------------- bad input at volume
+
+
+def _malformed(body: bytes, infer: str, base: str, limit_bytes: int) -> list[tuple[str, str, bytes, str]]:
+    """(kind, url, body, content type) for every class of bad request."""
+    doc = json.loads(body)
+    spec = doc["inputs"][0]
+
+    def with_input(**change) -> bytes:
+        return json.dumps({"inputs": [{**spec, **change}]}).encode()
+
+    n = math.prod(spec["shape"])
+    return [
+        ("bad JSON", infer, b'{"inputs": [', "application/json"),
+        ("truncated body", infer, body[: len(body) // 2], "application/json"),
+        ("wrong shape", infer, with_input(shape=[1, 1, 4, 4], data=spec["data"][:16]), "application/json"),
+        ("shape/data mismatch", infer, with_input(data=spec["data"][:-1]), "application/json"),
+        ("wrong datatype", infer, with_input(datatype="INT8"), "application/json"),
+        ("NaN", infer, with_input(data=[float("nan")] * n), "application/json"),  # json writes NaN, Infinity
+        ("infinity", infer, with_input(data=[float("inf")] * n), "application/json"),
+        ("non-numbers", infer, with_input(data=["x"] * n), "application/json"),
+        ("huge declared shape", infer, with_input(shape=[10 ** 9, 1, 8, 8]), "application/json"),
+        ("oversized body", infer, b"[" + b"0," * (limit_bytes // 2) + b"0]", "application/json"),
+        ("missing inputs", infer, b'{"outputs": []}', "application/json"),
+        ("misnamed input", infer, with_input(name="image"), "application/json"),
+        ("wrong content type", infer, body, "text/plain"),
+        ("unknown model", f"{base}/v2/models/nope/infer", body, "application/json"),
+    ]
+
+
+def test_a_thousand_malformed_requests_get_4xx_and_no_replica_restarts(served):
+    url, cfg, body = served.url, served.cfg, served.body
+    before = _replicas()
+    kinds = _malformed(body, f"{url}/v2/models/{MODEL}/infer", url, cfg.max_body_bytes)
+    per_kind = math.ceil(1000 / len(kinds))
+    jobs = [k for k in kinds for _ in range(per_kind)]
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda k: (k[0], *_post(k[1], k[2], k[3])), jobs))
+    seconds = time.monotonic() - start
+    statuses: dict[str, set[int]] = {}
+    for kind, status, reply in answers:
+        statuses.setdefault(kind, set()).add(status)
+        assert 400 <= status < 500, (kind, status, reply[:200])
+        assert json.loads(reply)["error"], kind  # a message naming the problem
+    print(f"\n{len(answers)} malformed requests of {len(kinds)} kinds in {seconds:.1f} s: "
+          + ", ".join(f"{k} {sorted(s)}" for k, s in statuses.items()))
+    assert _replicas() == before  # same replicas, same processes
+    assert _post(f"{url}/v2/models/{MODEL}/infer", body)[0] == 200
+
+
+# ---------------------------------------------------------------- faults under load
+
+
+def test_a_killed_replica_is_replaced_and_only_its_requests_fail(served):
+    import ray
+
+    url, body = served.url, served.body
+    before = _replicas()
+    assert len(before) == 2
+    victim = sorted(before)[0]
+    thread, samples = _steady_load(f"{url}/v2/models/{MODEL}/infer", body, seconds=15, rate=40)
+    time.sleep(4)
+    t0 = time.monotonic()
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    thread.join(timeout=60)
+    replaced = _wait_for(lambda: len(_replicas()) == 2 and victim not in _replicas(), 60)
+    failed = [s for s in samples if s.status != 200]
+    print(f"\nreplica killed under 40 requests/s: {len(samples)} requests, {len(failed)} failed "
+          f"({sorted({s.status for s in failed})}); replaced in {time.monotonic() - t0:.1f} s")
+    assert replaced, f"no replacement replica: {_replicas()}"
+    assert len(samples) == 600
+    # Only what the dead replica held can fail: at 40/s and ~20 ms each, a handful at most.
+    assert len(failed) <= 5, [(s.sent, s.status) for s in failed]
+
+
+def test_rolling_update_under_load_answers_every_request(served):
+    from distillery import serving
+
+    url, run_dir, cfg, body = served.url, served.run_dir, served.cfg, served.body
+    before = _replicas()
+    thread, samples = _steady_load(f"{url}/v2/models/{MODEL}/infer", body, seconds=20, rate=30)
+    time.sleep(3)
+    serving.deploy(str(run_dir), cfg.model_copy(update={"batch_wait_timeout_s": 0.002}), None)  # new config
+    thread.join(timeout=60)
+    after = _replicas()
+    statuses = sorted({s.status for s in samples})
+    print(f"\nrolling update under 30 requests/s: {len(samples)} requests, statuses {statuses}, "
+          f"replicas {sorted(before.values())} -> {sorted(after.values())}")
+    assert not set(before) & set(after), "the update did not replace the replicas"
+    assert len(samples) == 600 and statuses == [200]
+
+
+def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(served):
+    from ray import serve
+
+    from distillery import serving
+
+    url, run_dir, cfg, body = served.url, served.run_dir, served.cfg, served.body
+    weights = run_dir / MODEL / "model.safetensors"
+    backup = weights.with_name("backup.safetensors")
+    shutil.copy2(weights, backup)
+    before = _replicas()
+    try:
+        weights.write_bytes(weights.read_bytes()[:-64])  # the new version's weights are damaged
+        with pytest.raises(UserError, match="model.safetensors"):  # the driver refuses to deploy it
+            serving.deploy(str(run_dir), cfg, None)
+        # Past the driver's check, straight to Serve: the new replicas fail their constructor.
+        app = serving.build_application(serving.AppArgs(kind="model", run_dir=str(run_dir), models=[MODEL],
+                                                        settings=cfg.model_dump() | {"batch_wait_timeout_s": 0.003}))
+        with pytest.raises(RuntimeError, match=f"Deploying application {MODEL} failed"):
+            serve.run(app, name=MODEL, route_prefix=f"/v2/models/{MODEL}")
+        status = serve.status().applications[MODEL]  # the replica's own error names the file
+        print(f"\nfailed new version: application {status.status}; old replicas {sorted(before.values())}, "
+              f"now {sorted(_replicas().values())}")
+        message = status.status + " " + status.message + " ".join(d.message for d in status.deployments.values())
+        assert status.status == "DEPLOY_FAILED" and "model.safetensors" in message, message
+        codes = [_post(f"{url}/v2/models/{MODEL}/infer", body)[0] for _ in range(50)]
+        assert codes == [200] * 50
+        # Serve's rolling update stopped one old replica before the new ones failed; the rest
+        # of the old version keeps serving, and no replica of the new version does.
+        assert _replicas() and set(_replicas()) <= set(before)
+    finally:
+        shutil.move(backup, weights)
+        serving.deploy(str(run_dir), cfg, None)  # healthy again for the tests after this one
+
+
+# ---------------------------------------------------------------- backpressure and timeouts
+
+
+def test_requests_beyond_ongoing_and_queued_get_503_at_once_and_slow_ones_408(served):
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from distillery.serving import deployment_options
+
+    url, cfg = served.url, served.cfg
+    limits = cfg.model_copy(update={"max_ongoing_requests": 2, "max_queued_requests": 2, "min_replicas": 1,
+                                    "max_replicas": 1})
+
+    @serve.deployment
+    class Slow:
+        async def __call__(self, request: Request) -> JSONResponse:
+            await asyncio.sleep(float(request.query_params.get("s", "0")))
+            return JSONResponse({"ok": True})
+
+    serve.run(Slow.options(**deployment_options(limits)).bind(), name="slow", route_prefix="/slow")
+    base = f"{url}/slow"
+    with ThreadPoolExecutor(10) as pool:
+        timed = lambda _: (time.monotonic(), *_post(f"{base}?s=2.5", b"{}"), time.monotonic())  # noqa: E731
+        start = time.monotonic()
+        answers = list(pool.map(timed, range(10)))
+    rejected = [(t1 - start) for _, status, _, t1 in answers if status == 503]
+    held = [status for _, status, _, _ in answers if status != 503]
+    print(f"\n10 concurrent into 2 ongoing + 2 queued: {len(rejected)} x 503 within "
+          f"{max(rejected, default=0):.2f} s, the rest {sorted(held)}")
+    assert len(rejected) == 6 and max(rejected) < 1.0
+    assert all(status in (200, 408) for status in held)
+
+    status, _ = _post(f"{base}?s={cfg.request_timeout_s + 2}", b"{}")
+    assert status == 408
+    assert _post(f"{base}?s=0", b"{}")[0] == 200
+    serve.delete("slow")
+
+
+# ---------------------------------------------------------------- addresses
+
+
+def _listening() -> dict[int, str]:
+    """{port: address} of every listening TCP socket on this machine (from /proc)."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                address, port = local.split(":")
+                found[int(port, 16)] = address
+    return found
+
+
+def test_the_products_ports_listen_on_loopback_only(served):
+    cfg, dashboard = served.cfg, served.dashboard_port
+    listening = _listening()
+    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as /proc writes them
+    assert listening[cfg.port] in loopback, f"Serve's HTTP proxy on {listening[cfg.port]}"
+    assert listening[dashboard] in loopback, f"Ray's dashboard on {listening[dashboard]}"
+    print(f"\nServe :{cfg.port} and the dashboard :{dashboard} listen on loopback only")
