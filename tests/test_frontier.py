@@ -148,5 +148,14 @@ def test_recommend_prefers_the_more_accurate_of_two_equally_fast_records():
     assert recommend([fast_alone, distilled], floor=0.98)["name"] == "alone"  # no margin: strictly fastest
     best = recommend([fast_alone, distilled], floor=0.98, margin=0.05)
     assert best["name"] == "distilled" and "equally fast" in best["reason"]
-    slower = rec("slower", p50=0.090, acc=0.999)  # 12.5% slower: outside the margin
+    slower = rec("slower", p50=0.090, acc=0.999, size=60_000)  # another network, 12.5% slower: outside the margin
     assert recommend([fast_alone, slower], floor=0.98, margin=0.05)["name"] == "alone"
+
+
+def test_the_same_network_timed_slower_still_counts_as_equally_fast():
+    alone = rec("alone", p50=0.077, acc=0.986)
+    distilled = rec("distilled", p50=0.082, acc=0.992)  # 6.5% slower, same MACs, params and bytes
+    best = recommend([alone, distilled], floor=0.98, margin=0.05)
+    assert best["name"] == "distilled" and "same network" in best["reason"]
+    other = rec("other", p50=0.082, acc=0.999, size=41_000)  # different bytes: a different network
+    assert recommend([alone, other], floor=0.98, margin=0.05)["name"] == "alone"
