@@ -448,3 +448,13 @@ def test_compression_does_not_import_ray():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("steps, numerics", [
+    ([{"kind": "prune_unstructured", "sparsity": 0.5}, {"kind": "finetune"}], None),  # computes as its parent
+    ([{"kind": "int8_static"}], "int8_static"),
+    ([{"kind": "prune_channels", "mac_ratio": 2.0}, {"kind": "int8_dynamic"}], "int8_dynamic"),
+    ([{"kind": "weight_only", "bits": 4}], "int4_weights"),
+])
+def test_a_variant_names_the_arithmetic_it_computes_in(steps, numerics):
+    assert VariantConfig(name="v", parent="student", steps=steps).numerics() == numerics

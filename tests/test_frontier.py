@@ -14,9 +14,11 @@ from distillery.frontier import (
 )
 
 
-def rec(name, p50, acc, *, role="variant", parent="teacher", not_faster=False, throughput=None, size=40_000):
+def rec(name, p50, acc, *, role="variant", parent="teacher", not_faster=False, throughput=None, size=40_000,
+        macs=200_000, numerics="fp32"):
     return {"name": name, "parent": parent, "recipe": f"prune_channels(mac_ratio=2) -> finetune | {name}",
-            "test_accuracy": acc, "params": 10_000, "macs": 200_000, "size_bytes": size, "best_mode": "eager",
+            "test_accuracy": acc, "params": 10_000, "macs": macs, "numerics": numerics, "size_bytes": size,
+            "best_mode": "eager",
             "p50_ms": p50, "p99_ms": p50 * 1.5, "throughput": throughput or 1000 / p50, "peak_fraction": 0.12,
             "not_faster": not_faster, "role": role}
 
@@ -148,14 +150,15 @@ def test_recommend_prefers_the_more_accurate_of_two_equally_fast_records():
     assert recommend([fast_alone, distilled], floor=0.98)["name"] == "alone"  # no margin: strictly fastest
     best = recommend([fast_alone, distilled], floor=0.98, margin=0.05)
     assert best["name"] == "distilled" and "equally fast" in best["reason"]
-    slower = rec("slower", p50=0.090, acc=0.999, size=60_000)  # another network, 12.5% slower: outside the margin
+    slower = rec("slower", p50=0.090, acc=0.999, macs=300_000)  # another network, 12.5% slower: outside the margin
     assert recommend([fast_alone, slower], floor=0.98, margin=0.05)["name"] == "alone"
 
 
 def test_the_same_network_timed_slower_still_counts_as_equally_fast():
     alone = rec("alone", p50=0.077, acc=0.986)
-    distilled = rec("distilled", p50=0.082, acc=0.992)  # 6.5% slower, same MACs, params and bytes
-    best = recommend([alone, distilled], floor=0.98, margin=0.05)
+    distilled = rec("distilled", p50=0.082, acc=0.992)  # 6.5% slower, same MACs, params and numerics
+    sparse = rec("sparse", p50=0.070, acc=0.989, size=20_000)  # zeros stored sparsely, computed densely
+    best = recommend([alone, distilled, sparse], floor=0.98, margin=0.05)
     assert best["name"] == "distilled" and "same network" in best["reason"]
-    other = rec("other", p50=0.082, acc=0.999, size=41_000)  # different bytes: a different network
-    assert recommend([alone, other], floor=0.98, margin=0.05)["name"] == "alone"
+    int8 = rec("int8", p50=0.082, acc=0.999, numerics="int8_static")  # other arithmetic: not the same network
+    assert recommend([alone, int8], floor=0.98, margin=0.05)["name"] == "alone"

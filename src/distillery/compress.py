@@ -90,13 +90,14 @@ def measure_all(ctx: Context, settings: bench.BenchSettings, built: dict[str, Bu
     for name in ROLES:
         model, arch = load_model(ctx.run.verify_file(f"{name}/arch.json").parent)
         size = (ctx.run.root / name / arch["weights"]).stat().st_size
-        records[name] = measure(ctx, settings, name, ROLES[name], PARENT_OF[name], name, model, model, size)
+        records[name] = {**measure(ctx, settings, name, ROLES[name], PARENT_OF[name], name, model, model, size),
+                         "numerics": "fp32"}
     for v in ctx.cfg.compress.variants:
         b = built[v.name]
         model, _ = store.load_variant(b.files[0].parent)  # score what is on disk
         rec = measure(ctx, settings, v.name, "variant", v.parent, v.describe(), model, b.fp32,
                       b.files[0].stat().st_size, int8=v.steps[-1].kind == "int8_static")
-        records[v.name] = {**rec, "steps": b.details}
+        records[v.name] = {**rec, "steps": b.details, "numerics": v.numerics() or records[v.parent]["numerics"]}
     return records
 
 

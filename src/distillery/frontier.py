@@ -68,17 +68,18 @@ def recommend(records: Sequence[dict], floor: float, margin: float = 0.0) -> dic
     """The record to deploy for accuracy floor `floor`: among records with test_accuracy >= floor
     that are not `not_faster`, the lowest p50 latency at batch 1 (ties: higher throughput, then
     smaller size). Records within `margin` (a fraction) of that p50 count as equally fast, and so
-    do records of the same network as the fastest (same MACs, parameters and bytes on disk: the
-    same computation, whatever the timer said); the most accurate of them wins: timing noise must
-    not pick the less accurate of two equal networks (a fresh run timed the student trained alone
-    6.5% faster than the identical distilled one). Returns {"name", "floor", "reason"} or None
-    when nothing meets the floor."""
+    do records of the same computation as the fastest (same MACs, parameters and `numerics`:
+    unstructured zeros do not speed up dense kernels either), whatever the timer said; the most
+    accurate of them wins. Timing noise must not pick the less accurate of two equal networks:
+    fresh runs timed the student trained alone 6.5%, and its 50%-sparse copy 12%, faster than the
+    identical distilled student. Returns {"name", "floor", "reason"} or None when nothing meets
+    the floor."""
     validate(records)
     candidates = [r for r in records if r["test_accuracy"] >= floor and not r["not_faster"]]
     if not candidates:
         return None
     fastest = min(candidates, key=lambda r: r["p50_ms"])
-    same = lambda r: margin and all(r[k] == fastest[k] for k in ("macs", "params", "size_bytes"))  # noqa: E731
+    same = lambda r: margin and all(r.get(k) == fastest.get(k) for k in ("macs", "params", "numerics"))  # noqa: E731
     tied = [r for r in candidates if r["p50_ms"] <= fastest["p50_ms"] * (1 + margin) or same(r)]
     best = min(tied, key=lambda r: (-r["test_accuracy"] if margin else 0, r["p50_ms"], -r["throughput"], r["size_bytes"]))
     lead = "the fastest" if len(tied) == 1 else \

@@ -121,6 +121,15 @@ class VariantConfig(_Strict):
             raise ValueError("finetune must follow a prune step (quantization-aware training is int8_static's)")
         return self
 
+    def numerics(self) -> str | None:
+        """The arithmetic its last quantization step leaves (int8_static, int4_weights, ...);
+        None when its steps do not quantize (it computes as its parent does)."""
+        quantized = [s for s in self.steps if s.kind in ("int8_dynamic", "int8_static", "weight_only")]
+        if not quantized:
+            return None
+        last = quantized[-1]
+        return f"int{last.bits}_weights" if last.kind == "weight_only" else last.kind
+
     def describe(self) -> str:
         """`parent -> step(args) -> ...`, for tables."""
         parts = [self.parent]
