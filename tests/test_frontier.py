@@ -26,12 +26,12 @@ def rec(name, p50, acc, *, role="variant", parent="teacher", not_faster=False, t
 @pytest.fixture
 def records():
     return [
-        rec("teacher", 2.0, 0.99, role="teacher", parent=None, size=400_000),
+        rec("teacher", 2.0, 0.99, role="teacher", parent=None, size=400_000, macs=2_000_000),
         rec("student", 0.5, 0.97, role="student"),
         rec("scratch", 0.5, 0.95, role="student_scratch"),  # dominated by student (same speed, less accurate)
-        rec("int8", 0.3, 0.96, parent="student", size=12_000),
-        rec("slow_int8", 0.6, 0.97, parent="student", not_faster=True),  # dominated by student
-        rec("pruned", 0.2, 0.90, parent="student", size=20_000),
+        rec("int8", 0.3, 0.96, parent="student", size=12_000, numerics="int8_static"),
+        rec("slow_int8", 0.6, 0.97, parent="student", not_faster=True, numerics="int8_dynamic"),  # dominated
+        rec("pruned", 0.2, 0.90, parent="student", size=20_000, macs=80_000),
     ]
 
 
@@ -162,3 +162,9 @@ def test_the_same_network_timed_slower_still_counts_as_equally_fast():
     assert best["name"] == "distilled" and "same network" in best["reason"]
     int8 = rec("int8", p50=0.082, acc=0.999, numerics="int8_static")  # other arithmetic: not the same network
     assert recommend([alone, int8], floor=0.98, margin=0.05)["name"] == "alone"
+
+
+def test_pareto_the_same_computation_timed_faster_does_not_displace_the_more_accurate():
+    alone, distilled = rec("alone", 0.077, 0.986), rec("distilled", 0.083, 0.992)  # one network, timer noise
+    assert pareto_front([alone, distilled]) == ["distilled"]
+    assert pareto_front([alone, rec("other", 0.083, 0.992, macs=300_000)]) == ["alone", "other"]
