@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -84,15 +85,22 @@ def test_submit_without_the_token_is_refused(cluster, tmp_path):
     assert "token" in (result.stdout + result.stderr).lower()
 
 
+@pytest.fixture(scope="module")
+def submitted(cluster, tmp_path_factory):
+    """The tiny pipeline submitted once: (cluster, run dir, serve port, `ray job submit`'s result)."""
+    address, _, env = cluster
+    storage, port = tmp_path_factory.mktemp("job") / "runs", free_port()
+    args = ["jobs/pipeline.py", "--config", "configs/tiny.yaml", "--set", f"storage_path={storage}",
+            "--set", f"serve.port={port}"]
+    result = _submit(address, env, *args, timeout=800)
+    return cluster, args, storage / "tiny", port, result
+
+
 @pytest.mark.timeout(900)
-def test_pipeline_job_runs_on_the_cluster_and_keeps_serving(cluster, tmp_path):
-    address, token, env = cluster
-    storage, port = tmp_path / "runs", free_port()
-    result = _submit(address, env, "jobs/pipeline.py", "--config", "configs/tiny.yaml",
-                     "--set", f"storage_path={storage}", "--set", f"serve.port={port}", timeout=800)
+def test_pipeline_job_runs_on_the_cluster_and_keeps_serving(submitted):
+    _, _, root, port, result = submitted
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "succeeded" in result.stdout
-    root = storage / "tiny"
     manifest = json.loads((root / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
     assert manifest["stages"]["teacher"]["metrics"]["workers"] == 2  # Ray Train on the cluster
@@ -107,3 +115,16 @@ def test_pipeline_job_runs_on_the_cluster_and_keeps_serving(cluster, tmp_path):
     with urllib.request.urlopen(request, timeout=30) as r:
         reply = json.loads(r.read())
     assert reply["model_name"] == model and {o["name"] for o in reply["outputs"]} >= {"label", "logits"}
+
+
+def test_resubmitting_the_finished_job_with_no_keep_serving_changes_nothing_and_takes_it_down(submitted):
+    (address, _, env), args, root, port, first = submitted
+    assert first.returncode == 0
+    manifest = (root / "manifest.json").read_bytes()
+    result = _submit(address, env, *args, "--no-keep-serving", timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.stdout.count("done already") == len(json.loads(manifest)["stages"])
+    assert (root / "manifest.json").read_bytes() == manifest
+    assert "[serve] shut down (--no-keep-serving)" in result.stdout
+    with pytest.raises(urllib.error.URLError):  # the cluster still runs; the deployment is gone
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models", timeout=10)

@@ -79,10 +79,12 @@ def after_run(run_dir: Path, cfg, keep: bool, log) -> None:
     local = not raytrain.cluster_address(cfg)  # a local instance ends with this process
     names = serving.app_names(str(run_dir.resolve()), cfg.serve)
     if not keep:
-        if ray.is_initialized() and local:
+        if local and ray.is_initialized():
             ray_serve.shutdown()
-        elif ray.is_initialized():  # a shared cluster: take down this run's applications only
-            for name in names:
+        elif not local:  # a shared cluster: take down this run's applications, and only those
+            raytrain.ensure_ray(cfg)
+            running = ray_serve.status().applications
+            for name in (n for n in names if n in running):
                 ray_serve.delete(name)
         log("[serve] shut down (--no-keep-serving)")
         return
