@@ -4,6 +4,12 @@ stages resumed, a finished run re-run as a no-op. Training runs in this process
 (`ray.workers=0`, Ray Train is covered by test_ray_train.py and test_cluster_job.py)."""
 
 import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -133,3 +139,40 @@ def test_no_keep_serving_took_the_deployment_down(pipeline_runs):
     assert "[serve] shut down (--no-keep-serving)" in outputs[-1]
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5)
+
+
+def test_a_finished_run_keeps_serving_until_ctrl_c(pipeline_runs):
+    """The README's main command without --no-keep-serving: every stage done already, the run's
+    models deployed again and served until SIGINT, then taken down; exit code 0."""
+    root, _, port, before = pipeline_runs
+    cmd = [sys.executable, "-m", "distillery.cli", "run", "--config", TINY, "--set", f"storage_path={root.parent}",
+           "--set", "ray.workers=0", "--set", f"serve.port={port}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen, deadline = [], time.monotonic() + 240
+    try:
+        while not any("Ctrl-C stops serving" in line for line in seen):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-3000:]
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        assert sum("done already" in line for line in seen) == len(STAGES)
+        assert any(f"serving http://127.0.0.1:{port}/v2" in line for line in seen)
+        model = json.loads((root / "frontier.json").read_text())["recommended"]["name"]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{model}/infer",
+                                         data=(root / "serve" / "request.json").read_bytes(),
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert json.loads(r.read())["model_name"] == model
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, to the driver only
+        code = proc.wait(timeout=120)
+    assert code == 0
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5)
+    # Nothing redone: every artifact untouched (the manifest's environment block may differ
+    # from the in-process runs above, e.g. torch's thread count in a fresh process).
+    unchanged = lambda files: {p: t for p, t in files.items() if p.name not in ("manifest.json", "config.yaml")}  # noqa: E731
+    assert unchanged({p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}) == unchanged(before)
