@@ -70,5 +70,5 @@ def test_unregistered_checkpoint_folders_are_removed(tmp_path):
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_c"):
         (tmp_path / name).mkdir()
     (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
-    _drop_unregistered(tmp_path, {"checkpoint_b", "checkpoint_c"})
+    _drop_unregistered(str(tmp_path), {"checkpoint_b", "checkpoint_c"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_b", "checkpoint_c", "checkpoint_manager_snapshot.json"]

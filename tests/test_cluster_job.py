@@ -1,8 +1,12 @@
 """`ray job submit` of jobs/pipeline.py against a cluster this test starts with `ray start --head`
 on 127.0.0.1, token authentication on: refused without the token, run to the end with it
 (Ray Train on the cluster's workers, Serve deployed on the cluster), the deployment still
-answering over HTTP after the job ended, and the cluster stopped afterwards."""
+answering over HTTP after the job ended, and the cluster stopped afterwards. Then the same
+pipeline with its run at an s3:// URI (a real S3 server on 127.0.0.1), from a driver whose
+cache is not the cluster's: as on separate nodes, the workers and replicas get everything
+they read from the bucket."""
 
+import hashlib
 import json
 import os
 import secrets
@@ -18,32 +22,36 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from distillery.artifacts import sha256_file
+from conftest import ROOT, free_port, make_bucket
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
+SERVE_PORT = free_port()  # one Serve instance per cluster: every run here serves on its port
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """(dashboard address, token, env for clients with the token) of a one-node cluster."""
+def cluster(tmp_path_factory, s3_server):
+    """(dashboard address, token, env for clients with the token, GCS address, the node's
+    distillery cache) of a one-node cluster that can reach the S3 server."""
     tmp = tmp_path_factory.mktemp("cluster")
     token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    dashboard = free_port()
+    env = {**os.environ, **s3_server, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "DISTILLERY_CACHE": str(tmp / "node-cache")}
+    env.pop("RAY_ADDRESS", None)
+    dashboard, gcs = free_port(), free_port()
     # Ray's unix sockets live under its temp dir and their paths must stay under ~107 bytes:
     # pytest's tmp paths are too long.
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4", "--disable-usage-stats",
          f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}"],
         env=env, stdout=open(tmp / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_until_up(address, token, head, tmp / "head.log")
-        yield address, token, env
+        yield address, token, env, f"127.0.0.1:{gcs}", tmp / "node-cache"
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
         try:
@@ -76,7 +84,7 @@ def _submit(address: str, env: dict, *job_args: str, timeout: float) -> subproce
 
 
 def test_submit_without_the_token_is_refused(cluster, tmp_path):
-    address, _, env = cluster
+    address, _, env, _, _ = cluster
     # No token anywhere: not in the environment, not in ~/.ray/auth_token.
     anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(tmp_path)}
     result = _submit(address, anonymous, "-c", "print('should not run')", timeout=120)
@@ -88,8 +96,8 @@ def test_submit_without_the_token_is_refused(cluster, tmp_path):
 @pytest.fixture(scope="module")
 def submitted(cluster, tmp_path_factory):
     """The tiny pipeline submitted once: (cluster, run dir, serve port, `ray job submit`'s result)."""
-    address, _, env = cluster
-    storage, port = tmp_path_factory.mktemp("job") / "runs", free_port()
+    address, _, env, _, _ = cluster
+    storage, port = tmp_path_factory.mktemp("job") / "runs", SERVE_PORT
     args = ["jobs/pipeline.py", "--config", "configs/tiny.yaml", "--set", f"storage_path={storage}",
             "--set", f"serve.port={port}"]
     result = _submit(address, env, *args, timeout=800)
@@ -118,7 +126,7 @@ def test_pipeline_job_runs_on_the_cluster_and_keeps_serving(submitted):
 
 
 def test_resubmitting_the_finished_job_with_no_keep_serving_changes_nothing_and_takes_it_down(submitted):
-    (address, _, env), args, root, port, first = submitted
+    (address, _, env, _, _), args, root, port, first = submitted
     assert first.returncode == 0
     manifest = (root / "manifest.json").read_bytes()
     result = _submit(address, env, *args, "--no-keep-serving", timeout=300)
@@ -128,3 +136,59 @@ def test_resubmitting_the_finished_job_with_no_keep_serving_changes_nothing_and_
     assert "[serve] shut down (--no-keep-serving)" in result.stdout
     with pytest.raises(urllib.error.URLError):  # the cluster still runs; the deployment is gone
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models", timeout=10)
+
+
+@pytest.mark.timeout(1200)
+def test_a_run_at_an_s3_uri_reaches_the_workers_and_replicas_through_the_bucket(cluster, tmp_path):
+    """The driver runs beside the cluster with a cache of its own; the Ray Train workers,
+    Ray Data tasks and Serve replicas use the node's. So everything they read had to come
+    from the bucket, verified, as it would on other nodes."""
+    import boto3
+
+    _, _, env, gcs, node_cache = cluster
+    bucket, s3 = make_bucket("cluster"), boto3.client("s3")
+    driver = {**env, "RAY_ADDRESS": gcs, "DISTILLERY_CACHE": str(tmp_path / "driver-cache")}
+    args = [sys.executable, "jobs/pipeline.py", "--config", "configs/tiny.yaml", "--set", f"storage_path={bucket}/runs",
+            "--set", f"serve.port={SERVE_PORT}", "--set", "distill.cache_teacher_logits=true"]
+    result = subprocess.run(args, env=driver, cwd=ROOT, capture_output=True, text=True, timeout=1000)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert f"run directory: {bucket}/runs/tiny (this node's copy: {tmp_path / 'driver-cache'}" in result.stdout
+    get = lambda rel: s3.get_object(Bucket="cluster", Key=f"runs/tiny/{rel}")["Body"].read()  # noqa: E731
+    manifest_bytes = get("manifest.json")
+    manifest = json.loads(manifest_bytes)
+    assert all(s["status"] == "done" for s in manifest["stages"].values()) and "teacher_logits" in manifest["stages"]
+    assert manifest["stages"]["teacher"]["metrics"]["workers"] == 2
+    for rel, sha in manifest["files"].items():  # the whole run is in the bucket, intact
+        assert hashlib.sha256(get(rel)).hexdigest() == sha, rel
+    assert any(k.startswith("runs/tiny/ray/teacher-") for k in _keys(s3, "cluster"))  # Ray Train's checkpoints
+
+    node = node_cache / "s3" / "cluster" / "runs" / "tiny"
+    fetched = {str(p.relative_to(node)) for p in node.rglob("*") if p.is_file()}
+    front = json.loads(get("frontier.json"))
+    served = set(front["pareto"]) | {front["recommended"]["name"]}
+    folders = {n if n in ("teacher", "student", "student_scratch") else f"variants/{n}" for n in served}
+    assert {"data/manifest.json", "data/val-00000.parquet", "teacher/model.safetensors"} <= fetched, fetched
+    assert {f"{folder}/model.safetensors" for folder in folders} <= fetched, (folders, fetched)
+    for rel in fetched & manifest["files"].keys():
+        assert sha256_file(node / rel) == manifest["files"][rel], rel
+
+    model = front["recommended"]["name"]
+    request = urllib.request.Request(f"http://127.0.0.1:{SERVE_PORT}/v2/models/{model}/infer",
+                                     data=get("serve/request.json"), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert json.loads(r.read())["model_name"] == model
+
+    # Another driver with nothing local: the run is whole in the bucket, so nothing runs again.
+    driver["DISTILLERY_CACHE"] = str(tmp_path / "second-driver-cache")
+    again = subprocess.run([*args, "--no-keep-serving"], env=driver, cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
+    assert again.stdout.count("done already") == len(manifest["stages"])
+    assert get("manifest.json") == manifest_bytes
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{SERVE_PORT}/v2/models/{model}", timeout=10)
+
+
+def _keys(s3, bucket: str) -> list[str]:
+    return [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]

@@ -119,22 +119,26 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
 
 
 def test_a_worker_that_always_fails_ends_the_stage_with_a_clear_error(tmp_path):
-    """Every attempt fails at start-up (the model to fine-tune is missing): after
+    """Every attempt fails at start-up (the model to fine-tune is damaged): after
     `ray.max_failures` restarts the stage stops with one line naming the cause, not a hang."""
     from distillery.errors import TrainingFailed
     from distillery.models import make_spec
     from distillery.raytrain import fit_on_ray
+    from distillery.rundir import RunDir
 
     cfg = _cfg(tmp_path, "ray.max_failures=1")
     run_stages(cfg, ["data"], log=lambda m: None)
+    broken = tmp_path / "tiny" / "variants" / "no-such-variant"
+    broken.mkdir(parents=True)
+    (broken / "arch.json").write_text("{}")
     manifest = json.loads((tmp_path / "tiny" / "data" / "manifest.json").read_text())
     spec = make_spec(cfg.student.model, manifest["image_shape"], manifest["num_classes"])
     job = {"which": "student_scratch", "spec": spec, "image_shape": manifest["image_shape"], "flip": False,
            "train_rows": manifest["counts"]["train"]["total"], "teacher_dir": None,
-           "init_dir": str(tmp_path / "no-such-variant")}
+           "init_dir": "variants/no-such-variant"}
     start = time.monotonic()
     with pytest.raises(TrainingFailed) as e:
-        fit_on_ray(job, cfg, storage=tmp_path / "ray", name="always-fails", data_dir=tmp_path / "tiny" / "data")
+        fit_on_ray(job, cfg, RunDir.at(cfg), name="always-fails")
     message = str(e.value)
     assert "no-such-variant" in message and "restarted 1 time(s)" in message and "\n" not in message
     assert time.monotonic() - start < 300

@@ -136,7 +136,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     else:
         stages = None
     run = run_stages(cfg, stages, force=args.force, log=log)
-    log(f"run directory: {run.root.resolve()}")
+    log(f"run directory: {run.describe()}")
     if (run.root / "results.md").exists() and args.command in ("run", "evaluate"):
         log(f"results: {(run.root / 'results.md').resolve()}")
     if (run.root / "frontier.md").exists() and args.command in ("run", "compress"):
@@ -146,7 +146,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         if cfg.serve.enabled:
             from distillery.serve_cli import after_run
 
-            after_run(run.root, cfg, args.keep_serving, log)
+            after_run(run, cfg, args.keep_serving, log)
 
 
 if __name__ == "__main__":

@@ -195,11 +195,11 @@ def finetune(ctx: Context, name: str, model: nn.Module, spec: dict, step: Finetu
     init = folder / "pruned"  # the workers' starting point, verified when they load it
     store.save_dense(init, model, spec, prune.layer_shapes(build_model(spec)))
     job = {"which": f"finetune:{name}", "spec": spec, "image_shape": ctx.in_shape, "flip": False,
-           "train_rows": len(ctx.splits["train"][0]), "train": tcfg.model_dump(), "init_dir": str(init.resolve()),
-           "teacher_dir": str((ctx.run.root / "teacher").resolve()) if step.distill else None, "hints": False,
+           "train_rows": len(ctx.splits["train"][0]), "train": tcfg.model_dump(),
+           "init_dir": str(init.relative_to(ctx.run.root)), "teacher_dir": "teacher" if step.distill else None,
+           "hints": False,
            "prune": gradual.model_dump() if gradual else None}
-    state, _ = fit_on_ray(job, ctx.cfg, storage=ctx.run.root / "ray", data_dir=ctx.run.root / "data",
-                          name=f"finetune-{name}-{ctx.fingerprint}-{ctx.attempt}")
+    state, _ = fit_on_ray(job, ctx.cfg, ctx.run, name=f"finetune-{name}-{ctx.fingerprint}-{ctx.attempt}")
     model.load_state_dict(state)
     return model.eval()
 

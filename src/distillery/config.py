@@ -185,7 +185,8 @@ class PipelineConfig(_Strict):
     """The whole run. One YAML file per preset in configs/."""
 
     name: str = Field("digits", description="run name: the run directory is storage_path/name")
-    storage_path: str = "runs"
+    storage_path: str = Field("runs", description="a folder (shared by every node on a cluster) or an s3:// or "
+                                                   "gs:// URI")
     seed: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1, le=1024, description="torch threads; default: all cores")
     data: DataConfig = DataConfig()
@@ -210,14 +211,10 @@ class PipelineConfig(_Strict):
 
     @field_validator("storage_path")
     @classmethod
-    def _local_or_shared_path(cls, v: str) -> str:
-        # Workers read the data shards and the teacher by path, so every node must see the run
-        # directory at the same path: a shared filesystem. Object-store URIs are not wired
-        # through those reads yet; refuse them instead of writing a local folder named "s3:".
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", v):
-            raise ValueError("object-store URIs are not supported yet: mount the bucket at the same path on every "
-                             "node (e.g. mountpoint-s3, gcsfuse) and give that path, or use a shared filesystem")
-        return v
+    def _folder_or_object_store(cls, v: str) -> str:
+        from distillery.storage import check_location
+
+        return check_location(v)
 
     @field_validator("name")
     @classmethod

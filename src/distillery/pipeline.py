@@ -146,9 +146,9 @@ def cache_logits(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     from distillery.raytrain import cache_teacher_logits
 
     manifest, _ = load_splits(run, ())
-    teacher_dir = run.verify_file("teacher/arch.json").parent
-    files = cache_teacher_logits(cfg, run.root / "data", teacher_dir, manifest["image_shape"], run.root / "teacher_logits")
-    log(f"[teacher_logits] {manifest['counts']['train']['total']} rows -> {run.root / 'teacher_logits'}")
+    run.verify_file("teacher/arch.json")
+    files = cache_teacher_logits(cfg, run, manifest["image_shape"])
+    log(f"[teacher_logits] {manifest['counts']['train']['total']} rows -> {run.location_of('teacher_logits')}")
     return files, {"files": len(files)}
 
 
@@ -183,15 +183,14 @@ def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, mani
 
     record = run.stage(which)
     job = {"which": which, "spec": spec, "image_shape": manifest["image_shape"], "flip": _flips(manifest),
-           "train_rows": manifest["counts"]["train"]["total"],
-           "teacher_dir": str(teacher_dir.resolve()) if teacher_dir else None}
+           "train_rows": manifest["counts"]["train"]["total"], "teacher_dir": "teacher" if teacher_dir else None}
     if which == "student" and uses_logit_cache(cfg):
         rels = run.stage("teacher_logits")["files"]
-        job.update(teacher_dir=None, train_files=[str(run.verify_file(rel).resolve()) for rel in rels])
+        job.update(teacher_dir=None, train_files=[rel for rel in rels if run.verify_file(rel)])
     # One Ray Train run per stage attempt: a crashed attempt resumes from its checkpoints,
     # a new attempt (changed config, --force) starts clean.
     name = f"{which}-{record['fingerprint']}-{record['attempt']}"
-    state, history = fit_on_ray(job, cfg, storage=run.root / "ray", name=name, data_dir=run.root / "data")
+    state, history = fit_on_ray(job, cfg, run, name=name)
     if which == "student" and cfg.distill.hints:  # trained wrapped with its adapters: keep the student
         state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
     model = build_model(spec)
@@ -265,8 +264,8 @@ def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     from distillery.loadtest import run_loadtest, summary
     from distillery.serve_cli import deploy_run, write_serve_config  # Ray Serve loads only here
 
-    config = write_serve_config(run.root, cfg, run.root / "serve" / "config.yaml")
-    url, headers = deploy_run(run.root, cfg, log)
+    config = write_serve_config(run.location, cfg, run.root / "serve" / "config.yaml")
+    url, headers = deploy_run(run.location, cfg, log)
     files = run_loadtest(url.removesuffix("/v2"), run.root, cfg.loadtest, headers, run.root / "serve" / "loadtest", log)
     return [config, *files], {"url": url, **summary(files[0])}
 
@@ -281,7 +280,9 @@ def write_report(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
 
 def require_done(cfg: PipelineConfig, names: list[str]) -> None:
     """Refuse to go on unless `names` finished with the current config and still verify."""
-    run, fps = RunDir(Path(cfg.storage_path) / cfg.name), fingerprints(cfg)
+    run, fps = RunDir.at(cfg), fingerprints(cfg)
+    if run.remote:
+        run.refresh()
     missing = [n for n in names if not run.manifest_path.exists() or not run.is_done(n, fps[n])]
     if missing:
         raise UserError(f"{run.root}: stage(s) {', '.join(missing)} not done for this config; "

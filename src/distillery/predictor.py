@@ -6,12 +6,12 @@ use the same `Predictor`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from distillery import bench
+from distillery import bench, storage
 from distillery.artifacts import load_model, read_json
 from distillery.errors import UserError
 from distillery.protocol import ProtocolError
@@ -25,19 +25,24 @@ class ServedModel:
     """One model as the frontier measured it, in the mode a replica runs it."""
 
     name: str
-    folder: str
+    folder: str          # a local (or shared) folder, or a URI
     in_shape: list[int]
     num_classes: int
     test_accuracy: float
     p50_ms: float        # batch 1, in `mode`, 1 thread, from the frontier
     mode: str
     recommended: bool = False
+    files: dict[str, str] = field(default_factory=dict)  # at a URI: what to fetch, with sha256
 
 
 def catalog(run_dir: str | Path, names: list[str] | None = None) -> list[ServedModel]:
     """The models to serve from a run's frontier: `names`, or by default the Pareto front and
-    the recommended variant. Unknown names are refused, listing what the run has."""
-    run_dir = Path(run_dir)
+    the recommended variant. Unknown names are refused, listing what the run has. A run at
+    a URI is read from this node's copy of its manifest, frontier and arch files."""
+    from distillery.rundir import local_view
+
+    location = str(run_dir)
+    run_dir, recorded = local_view(location, lambda rel: rel == "frontier.json" or rel.endswith("/arch.json"))
     front = read_json(run_dir / "frontier.json")
     records = {r["name"]: r for r in front["variants"]}
     recommended = (front.get("recommended") or {}).get("name")
@@ -46,18 +51,20 @@ def catalog(run_dir: str | Path, names: list[str] | None = None) -> list[ServedM
     unknown = [n for n in wanted if n not in records]
     if unknown:
         raise UserError(f"{run_dir}: no measured model named {', '.join(unknown)} (the run has {', '.join(records)})")
-    return [_served(run_dir, records[n], n == recommended) for n in wanted]
+    return [_served(location, run_dir, recorded, records[n], n == recommended) for n in wanted]
 
 
-def _served(run_dir: Path, rec: dict, recommended: bool) -> ServedModel:
-    folder = run_dir / rec["name"] if rec["name"] in BASES else run_dir / "variants" / rec["name"]
-    arch = read_json(folder / "arch.json")
+def _served(location: str, run_dir: Path, recorded: dict[str, str], rec: dict, recommended: bool) -> ServedModel:
+    rel = rec["name"] if rec["name"] in BASES else f"variants/{rec['name']}"
+    arch = read_json(run_dir / rel / "arch.json")
     modes = {m: f for m, f in rec["modes"].items() if m in SERVING_MODES and "p50_ms" in f}
     if not modes:
         raise UserError(f"{rec['name']}: no measured {' or '.join(SERVING_MODES)} mode to serve it in")
     mode = min(modes, key=lambda m: modes[m]["p50_ms"])  # serving is latency-bound: batch 1 decides
-    return ServedModel(rec["name"], str(folder), arch["spec"]["in_shape"], arch["spec"]["num_classes"],
-                       rec["test_accuracy"], modes[mode]["p50_ms"], mode, recommended)
+    files = {f.removeprefix(f"{rel}/"): sha for f, sha in recorded.items() if f.startswith(f"{rel}/")}
+    folder = storage.join(location, rel) if storage.is_uri(location) else str(run_dir / rel)
+    return ServedModel(rec["name"], folder, arch["spec"]["in_shape"], arch["spec"]["num_classes"],
+                       rec["test_accuracy"], modes[mode]["p50_ms"], mode, recommended, files)
 
 
 class Predictor:
@@ -67,7 +74,7 @@ class Predictor:
         from distillery.compression.store import load_variant
 
         torch.set_num_threads(threads)
-        folder = Path(served.folder)
+        folder = storage.fetch(served.folder, served.files)  # a run at a URI: this node's copy
         model, _ = load_model(folder) if served.name in BASES else load_variant(folder)
         self.served, self._run = served, bench.runner(model, served.mode)
 

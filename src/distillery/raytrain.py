@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 import ray.data
 import ray.train
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from distillery import checkpoint, data
+from distillery import checkpoint, data, storage
 from distillery.artifacts import load_model
 from distillery.compression.prune import GradualSparsity
 from distillery.compression.recipe import PruneUnstructured
@@ -40,6 +41,7 @@ from distillery.hints import wrap_for_hints
 from distillery.losses import LossFn, cross_entropy, distillation, pack_target
 from distillery.models import build_model
 from distillery.parallel import Strategy, make_strategy
+from distillery.rundir import RunDir
 from distillery.training import (TargetFn, batches, make_optimizer, make_scheduler, progress_line, random_shift,
                                  seed_everything, train_epoch, with_autocast)
 
@@ -70,11 +72,12 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     quiet.enable_progress_bars = quiet.print_on_execution_start = quiet.enable_auto_log_stats = False
 
 
-def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, *, storage: Path, name: str,
-               data_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Train `job` with Ray Train; return (full model state_dict, per-epoch history).
+def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, run: RunDir, *,
+               name: str) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Train `job` with Ray Train on the data of `run`; return (full model state_dict,
+    per-epoch history). `job` names the folders its workers read relative to the run.
 
-    Re-running with the same `storage`/`name` resumes from the last registered checkpoint.
+    Re-running with the same `run`/`name` resumes from the last registered checkpoint.
     """
     # Ray Train's controller takes one report per poll of its workers (every 2 s by default)
     # and a worker's next report waits for that: on small data that wait, not training, set
@@ -83,16 +86,19 @@ def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, *, storage: Path, name:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     ensure_ray(cfg)
     tcfg = train_config(cfg, job)
-    # Only the training split streams through Ray Data; the small val split is read once per
-    # worker from the same verified shards (re-executing a dataset each epoch cost seconds).
-    train_files = job.get("train_files") or [str(p) for p in data.shard_paths(data_dir, "train")]
-    datasets = {"train": ray.data.read_parquet(train_files).materialize()}
+    # Only the training split streams through Ray Data, read where the run lives (a folder
+    # or a URI); the small val split is read once per worker from the same verified shards
+    # (re-executing a dataset each epoch cost seconds).
+    fs, base = storage.filesystem(run.location)
+    train_files = job.get("train_files") or _rels(run, data.shard_paths(run.root / "data", "train"))
+    datasets = {"train": ray.data.read_parquet([f"{base}/{rel}" for rel in train_files], filesystem=fs).materialize()}
+    job = {**job, "run": run.location, "run_files": _worker_files(run, job), "data_dir": "data"}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={**job, "pipeline": cfg.to_dict(), "data_dir": str(data_dir.resolve())},
+        train_loop_config={**job, "pipeline": cfg.to_dict()},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
+        run_config=RunConfig(name=name, **_checkpoint_storage(run),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
                              logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -112,8 +118,29 @@ def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, *, storage: Path, name:
         checkpoint.verify(Path(folder), cfg.ray.workers)
         state = checkpoint.merged_model_state(Path(folder))
         history = checkpoint.read_history(Path(folder))
-    _drop_unregistered(storage / name, {Path(c.path).name for c, _ in result.best_checkpoints})
+    _drop_unregistered(run.location_of(f"ray/{name}"), {Path(c.path).name for c, _ in result.best_checkpoints})
     return state, history
+
+
+def _rels(run: RunDir, paths: list[Path]) -> list[str]:
+    return [str(p.relative_to(run.root)) for p in paths]
+
+
+def _worker_files(run: RunDir, job: dict[str, Any]) -> dict[str, str]:
+    """{path: sha256} of what every worker reads itself: the val split, and the teacher or the
+    weights to start from. A run at a URI gets them uploaded first, for workers on any node."""
+    val = data.shard_paths(run.root / "data", "val", verify=False)
+    folders = [run.root / job[key] for key in ("teacher_dir", "init_dir") if job.get(key)]
+    return run.share(["data/manifest.json", *_rels(run, val),
+                      *_rels(run, [f for folder in folders for f in sorted(folder.iterdir()) if f.is_file()])])
+
+
+def _checkpoint_storage(run: RunDir) -> dict[str, Any]:
+    """Ray Train's storage_path (and filesystem, for a URI): the run's `ray/` folder."""
+    if not run.remote:
+        return {"storage_path": str(run.root.resolve() / "ray")}
+    fs, path = storage.filesystem(run.location_of("ray"))
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _first_failure(e: "ray.train.WorkerGroupError") -> str:
@@ -127,7 +154,8 @@ def _first_failure(e: "ray.train.WorkerGroupError") -> str:
 class TeacherLogits:
     """Ray Data UDF: append the frozen teacher's logits to a batch of shard rows."""
 
-    def __init__(self, folder: str, image_shape: list[int]):
+    def __init__(self, run: str, files: dict[str, str], image_shape: list[int]):
+        folder = storage.fetch(run, files) / "teacher"
         self.teacher, self.image_shape = _no_grad(_frozen_teacher(folder, torch.device("cpu"))), image_shape
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -137,30 +165,41 @@ class TeacherLogits:
         return table.append_column("teacher_logits", column)
 
 
-def cache_teacher_logits(cfg: PipelineConfig, data_dir: Path, teacher_dir: Path, image_shape: list[int],
-                         out_dir: Path) -> list[Path]:
+def cache_teacher_logits(cfg: PipelineConfig, run: RunDir, image_shape: list[int]) -> list[Path]:
     """Compute the teacher's logits for the train split once, with Ray Data, into Parquet
-    beside the images, so every student distilled from this teacher reuses them."""
+    beside the images (`teacher_logits/`), so every student distilled from this teacher
+    reuses them."""
     ensure_ray(cfg)
-    files = [str(p) for p in data.shard_paths(data_dir, "train")]
-    ds = ray.data.read_parquet(files).map_batches(
-        TeacherLogits, fn_constructor_kwargs={"folder": str(teacher_dir.resolve()), "image_shape": image_shape},
-        batch_format="pyarrow", batch_size=1024, concurrency=1)
+    fs, base = storage.filesystem(run.location)
+    files = _rels(run, data.shard_paths(run.root / "data", "train"))
+    reader = {"run": run.location, "files": _worker_files(run, {"teacher_dir": "teacher"}), "image_shape": image_shape}
+    ds = ray.data.read_parquet([f"{base}/{rel}" for rel in files], filesystem=fs).map_batches(
+        TeacherLogits, fn_constructor_kwargs=reader, batch_format="pyarrow", batch_size=1024, concurrency=1)
     # Written beside the final folder, then renamed: a crash leaves no half-written cache.
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    out, tmp = run.root / "teacher_logits", run.root / "teacher_logits.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    ds.write_parquet(str(tmp.resolve()))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return sorted(out_dir.glob("*.parquet"))
+    if not run.remote:
+        ds.write_parquet(str(tmp.resolve()))
+    else:  # written where the tasks run can reach, then copied into this node's copy
+        scratch = run.location_of("teacher_logits.partial")
+        storage.delete(scratch)
+        ds.write_parquet(storage.filesystem(scratch)[1], filesystem=fs)
+        for rel in storage.list_files(scratch):
+            storage.download(scratch, rel, tmp / rel)
+        storage.delete(scratch)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return sorted(out.glob("*.parquet"))
 
 
-def _drop_unregistered(trial_dir: Path, registered: set[str]) -> None:
-    """Delete checkpoint folders Ray left on disk without registering them (a worker that
-    died right after reporting), so they neither pile up nor get mistaken for complete."""
-    for folder in trial_dir.glob("checkpoint_*"):
-        if folder.is_dir() and folder.name not in registered:
-            shutil.rmtree(folder, ignore_errors=True)
+def _drop_unregistered(trial: str, registered: set[str]) -> None:
+    """Delete checkpoint folders Ray left without registering them (a worker that died
+    right after reporting), so they neither pile up nor get mistaken for complete."""
+    fs, base = storage.filesystem(trial)
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") \
+                and info.base_name not in registered:
+            fs.delete_dir(info.path)
 
 
 # ---------------------------------------------------------------- worker
@@ -169,6 +208,9 @@ def _drop_unregistered(trial_dir: Path, registered: set[str]) -> None:
 def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the plain loop of `training`, checkpointed every epoch."""
     quiet_ray_train_logs()  # again: Ray Train configures its loggers after the process setup hook ran
+    root = storage.fetch(config["run"], config["run_files"])  # a run at a URI: this node's copy
+    config = {**config, **{key: str(root / config[key]) for key in ("data_dir", "teacher_dir", "init_dir")
+                           if config.get(key)}}
     cfg = from_dict(config["pipeline"], source="train_loop_config")  # typed at the boundary
     tcfg = train_config(cfg, config)
     ctx = ray.train.get_context()

@@ -8,6 +8,10 @@ A stage is done when the manifest says so, its fingerprint (a hash of the config
 and of the stages it read from) is unchanged, and every file it produced still verifies.
 So re-running a finished run is a no-op, a changed config redoes only what it touches, and
 a run killed mid-stage redoes that stage alone.
+
+A run at an object-store URI (`storage_path: s3://...`) is worked on in this node's copy
+(`storage.cache_dir`): opening it downloads the manifest and the files it records, and every
+manifest write uploads the files that changed, then the manifest.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from distillery import storage
 from distillery.artifacts import atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.config import PipelineConfig, save_resolved
 from distillery.errors import UserError
@@ -38,21 +43,47 @@ def fingerprint(*parts: Any) -> str:
 class RunDir:
     """One run's folder. Only the driver process writes the manifest."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, location: str | None = None):
         self.root = Path(root)
         self.manifest_path = self.root / "manifest.json"
+        self.location = location or str(self.root.resolve())  # where other processes find the run
+        self.remote = storage.is_uri(self.location)
+        self._uploaded: dict[str, str] = {}  # what the URI holds: path -> sha256
+
+    @classmethod
+    def at(cls, cfg: PipelineConfig) -> "RunDir":
+        """The run `cfg` names, without touching it."""
+        location = storage.join(cfg.storage_path, cfg.name)
+        return cls(storage.cache_dir(location), location) if storage.is_uri(location) else cls(location)
 
     @classmethod
     def open(cls, cfg: PipelineConfig) -> "RunDir":
-        run = cls(Path(cfg.storage_path) / cfg.name)
+        run = cls.at(cfg)
         run.root.mkdir(parents=True, exist_ok=True)
+        if run.remote:
+            run.refresh()
         before = run.manifest() if run.manifest_path.exists() else None
         manifest = {**(before or _new_manifest(cfg)), "config": cfg.to_dict(), "git_sha": _git_sha(),
                     "versions": _versions(), "hardware": _hardware()}
         if manifest != before:  # re-running a finished run on the same machine writes nothing
             save_resolved(cfg, run.root / "config.yaml")
-            run._write(manifest)
+            run._write(manifest, also=["config.yaml"])
         return run
+
+    def location_of(self, rel: str) -> str:
+        """Where another process (a Ray Train worker, a replica) finds `rel` of this run."""
+        return storage.join(self.location, rel)
+
+    def share(self, rels: list[str]) -> dict[str, str]:
+        """{rel: sha256} of these files of the run, uploaded first if the URI lacks them, so
+        a worker on any node can `storage.fetch` them."""
+        shas = {rel: sha256_file(self.root / rel) for rel in rels}
+        if self.remote:
+            self._upload([rel for rel, sha in shas.items() if self._uploaded.get(rel) != sha], shas)
+        return shas
+
+    def describe(self) -> str:
+        return f"{self.location} (this node's copy: {self.root})" if self.remote else str(self.root.resolve())
 
     def manifest(self) -> dict[str, Any]:
         manifest = read_json(self.manifest_path)
@@ -123,8 +154,50 @@ class RunDir:
         manifest["stages"].setdefault(name, {}).update(fields)
         self._write(manifest)
 
-    def _write(self, manifest: dict[str, Any]) -> None:
+    def _write(self, manifest: dict[str, Any], also: list[str] = ()) -> None:
         atomic_write_json(self.manifest_path, manifest)
+        if self.remote:  # the files first: the manifest at the URI never names a missing file
+            # Only files as recorded: one missing here (its stage will run again) or being
+            # rewritten by a running stage waits for that stage's `finish`.
+            files = manifest["files"]
+            self._upload([rel for rel, sha in files.items() if self._uploaded.get(rel) != sha
+                          and (self.root / rel).is_file() and sha256_file(self.root / rel) == sha], files)
+            storage.upload(self.root, [*also, "manifest.json"], self.location)
+
+    def _upload(self, rels: list[str], shas: dict[str, str]) -> None:
+        storage.upload(self.root, rels, self.location)
+        self._uploaded.update({rel: shas[rel] for rel in rels})
+
+    def refresh(self) -> None:
+        """Make this node's copy match the URI: its manifest, config and recorded files. A
+        recorded file that is missing or damaged there is left out, so its stage runs again."""
+        if not storage.download(self.location, "manifest.json", self.manifest_path):
+            self.manifest_path.unlink(missing_ok=True)  # the URI is the truth: a new run
+            return
+        storage.download(self.location, "config.yaml", self.root / "config.yaml")
+        files = self.manifest()["files"]
+        storage.fetch(self.location, files, missing_ok=True)
+        sizes = storage.list_files(self.location)
+        self._uploaded = {rel: sha for rel, sha in files.items() if sizes.get(rel) is not None
+                          and _matches(self.root / rel, sha, sizes[rel])}
+
+
+def _matches(path: Path, sha: str, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha
+
+
+def local_view(location: str, wanted: Callable[[str], bool]) -> tuple[Path, dict[str, str]]:
+    """(a local folder with the run's files, the sha256 the manifest records per file): a
+    run's folder itself ({} for the shas: read in place), or for a run at a URI this node's
+    copy of its manifest and of the recorded files `wanted` selects, each verified."""
+    if not storage.is_uri(location):
+        return Path(location), {}
+    root = storage.cache_dir(location)
+    if not storage.download(location, "manifest.json", root / "manifest.json"):
+        raise UserError(f"{location}: no manifest.json there; not a distillery run")
+    files = RunDir(root, location).manifest()["files"]
+    storage.fetch(location, {rel: sha for rel, sha in files.items() if wanted(rel)})
+    return root, files
 
 
 def _new_manifest(cfg: PipelineConfig) -> dict[str, Any]:

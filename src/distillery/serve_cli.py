@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
+from distillery import storage
 from distillery.errors import UserError
 
 
@@ -21,14 +22,14 @@ def serve(args: argparse.Namespace) -> None:
     build = args.words[0] == "build"
     words = args.words[1:] if build else args.words
     if len(words) != 1:
-        raise UserError("usage: distillery serve [build] RUN_DIR")
-    run_dir = Path(words[0])
-    cfg = _run_config(run_dir, args.overrides)
+        raise UserError("usage: distillery serve [build] RUN_DIR (a folder or an s3:// / gs:// URI)")
+    location = words[0] if storage.is_uri(words[0]) else str(Path(words[0]).resolve())
+    root, cfg = _run_config(location, args.overrides)
     if build:
-        out = write_serve_config(run_dir, cfg, Path(args.output or run_dir / "serve" / "config.yaml"))
+        out = write_serve_config(location, cfg, Path(args.output or root / "serve" / "config.yaml"))
         print(f"Serve config: {out}\n  serve run {out}")
         return
-    url, _ = deploy_run(run_dir, cfg, lambda m: None)
+    url, _ = deploy_run(location, cfg, lambda m: None)
     print(f"serving {url} (models: {url}/models); Ctrl-C stops", flush=True)
     _serve_until_interrupted()
 
@@ -43,31 +44,32 @@ def _serve_until_interrupted() -> None:
         ray_serve.shutdown()
 
 
-def write_serve_config(run_dir: Path, cfg, out: Path) -> Path:
-    """The run's applications as a Serve config file, for `serve run` / `serve deploy`."""
+def write_serve_config(location: str, cfg, out: Path) -> Path:
+    """The applications of the run at `location` (its folder or URI) as a Serve config file,
+    for `serve run` / `serve deploy`."""
     from distillery import serving
     from distillery.artifacts import atomic_write_bytes
 
-    doc = serving.config_document(str(run_dir.resolve()), cfg.serve, serving.read_api_key(cfg.serve.api_key_env))
+    doc = serving.config_document(location, cfg.serve, serving.read_api_key(cfg.serve.api_key_env))
     atomic_write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
     return out
 
 
-def deploy_run(run_dir: Path, cfg, log) -> tuple[str, dict[str, str]]:
-    """Deploy a run's models on the Ray cluster (a local one if none); return (URL, the
-    headers a client needs)."""
+def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
+    """Deploy the models of the run at `location` (its folder or URI) on the Ray cluster (a
+    local one if none); return (URL, the headers a client needs)."""
     from distillery import serving
     from distillery.raytrain import ensure_ray
 
     key = serving.read_api_key(cfg.serve.api_key_env)
     ensure_ray(cfg)
     start = time.perf_counter()
-    url = serving.deploy(str(run_dir.resolve()), cfg.serve, key)
+    url = serving.deploy(location, cfg.serve, key)
     log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}")
     return url, {"content-type": "application/json", **({"x-api-key": key} if key else {})}
 
 
-def after_run(run_dir: Path, cfg, keep: bool, log) -> None:
+def after_run(run, cfg, keep: bool, log) -> None:
     """The end of `distillery run`: keep the run's models served, or take them down.
     Serve outlives this process on a cluster (the job may end); a local Ray instance dies
     with it, so locally this waits for Ctrl-C."""
@@ -77,7 +79,7 @@ def after_run(run_dir: Path, cfg, keep: bool, log) -> None:
     from distillery import raytrain, serving
 
     local = not raytrain.cluster_address(cfg)  # a local instance ends with this process
-    names = serving.app_names(str(run_dir.resolve()), cfg.serve)
+    names = serving.app_names(run.location, cfg.serve)
     if not keep:
         if local and ray.is_initialized():
             ray_serve.shutdown()
@@ -92,22 +94,27 @@ def after_run(run_dir: Path, cfg, keep: bool, log) -> None:
     if serving.running(names):
         url = f"http://{cfg.serve.host}:{cfg.serve.port}/v2"
     else:
-        url, _ = deploy_run(run_dir, cfg, log)
-    log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run_dir} --model auto --sample 4")
+        url, _ = deploy_run(run.location, cfg, log)
+    log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run.root} --model auto --sample 4")
     if local:
         log("Ctrl-C stops serving")
         _serve_until_interrupted()
 
 
-def _run_config(run_dir: Path, overrides: list[str]):
+def _run_config(location: str, overrides: list[str]):
+    """(a local folder with the run's config and frontier, the run's config with `overrides`)."""
     from distillery.config import load_config
+    from distillery.rundir import local_view
 
-    if not (run_dir / "frontier.json").is_file():
-        raise UserError(f"{run_dir}: no frontier.json; run `distillery compress` (or `distillery run`) first")
     bad = [o for o in overrides if not o.startswith("serve.")]
     if bad:
         raise UserError(f"--set {bad[0]!r}: only serve.* settings can change when serving a finished run")
-    return load_config(run_dir / "config.yaml", overrides)
+    root, _ = local_view(location, lambda rel: rel == "frontier.json")
+    if storage.is_uri(location):
+        storage.download(location, "config.yaml", root / "config.yaml")
+    if not (root / "frontier.json").is_file():
+        raise UserError(f"{location}: no frontier.json; run `distillery compress` (or `distillery run`) first")
+    return root, load_config(root / "config.yaml", overrides)
 
 
 def query(args: argparse.Namespace) -> None:
@@ -222,7 +229,7 @@ def _tune(args, run_dir: Path, body: bytes, headers: dict, concurrency: int) -> 
 
     if not ray.is_initialized():
         raise UserError("--tune redeploys models: it needs the Ray cluster that serves them (none reachable)")
-    cfg = _run_config(run_dir, []).serve
+    cfg = _run_config(str(run_dir.resolve()), [])[1].serve
     key = read_api_key(cfg.api_key_env)
     grid = [(1, 0.0), (16, 0.002), (64, 0.005), (64, 0.02)]
     results = []

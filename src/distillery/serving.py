@@ -289,7 +289,7 @@ TUNED = "serve/tuned.json"  # written by `distillery loadtest --tune`, per model
 
 
 def read_tuned(run_dir: str) -> dict[str, dict[str, Any]]:
-    """Per-model settings chosen by `distillery loadtest --tune`, if it ran."""
+    """Per-model settings chosen by `distillery loadtest --tune`, if it ran (on a run folder)."""
     path = Path(run_dir) / TUNED
     if not path.is_file():
         return {}

@@ -1,0 +1,141 @@
+"""Where a run lives: a folder (local, or shared by every node), or an object-store URI.
+
+    storage_path: /shared/runs        every process reads and writes the run's files in place
+    storage_path: s3://bucket/runs    (or gs://) every process works on local copies
+
+For a run at a URI each node keeps copies under its cache folder (`DISTILLERY_CACHE`,
+default ~/.cache/distillery): the driver mirrors the whole run and uploads what each stage
+produced, files first and the manifest last, so the manifest at the URI never names a file
+that is not there; Ray Train workers and Serve replicas `fetch` only the files they read,
+each checked against the sha256 the run's manifest recorded. Ray Train's checkpoints and
+Ray Data's reads go to the URI directly through pyarrow's filesystems, which take their
+credentials and endpoint from the usual environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from distillery.artifacts import atomic_path, sha256_file
+from distillery.errors import UserError
+
+SCHEMES = ("s3", "gs")
+_BLOCK = 1 << 20
+
+
+def is_uri(location: str | Path) -> bool:
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(location)))
+
+
+def check_location(location: str) -> str:
+    """A folder path, or an s3:// / gs:// URI with a bucket; anything else is refused."""
+    if not is_uri(location):
+        return location
+    parts = urlsplit(location)
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"{parts.scheme}:// is not supported; give a folder (local or shared by every node) "
+                         f"or a URI starting with {' or '.join(s + '://' for s in SCHEMES)}")
+    if not parts.netloc:
+        raise ValueError(f"{location!r} names no bucket")
+    return location
+
+
+def join(location: str | Path, *parts: str) -> str:
+    """`location`/`parts`; a URI keeps its query (e.g. ?endpoint_override=...) at the end."""
+    if not is_uri(location):
+        return str(Path(location, *parts))
+    base, _, query = str(location).partition("?")
+    joined = "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return joined + (f"?{query}" if query else "")
+
+
+def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path within it) of a folder or URI."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).resolve())
+    try:
+        return pafs.FileSystem.from_uri(str(location))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{location}: cannot open ({e})") from None
+
+
+def cache_dir(location: str) -> Path:
+    """This node's folder for copies of files under the URI `location`."""
+    parts = urlsplit(location)
+    base = Path(os.environ.get("DISTILLERY_CACHE") or Path.home() / ".cache" / "distillery")
+    # The query (an endpoint, a region) names a different store: keep it apart.
+    tag = f"-{hashlib.sha256(parts.query.encode()).hexdigest()[:8]}" if parts.query else ""
+    return base / parts.scheme / (parts.netloc + tag) / parts.path.strip("/")
+
+
+def fetch(location: str | Path, files: Mapping[str, str], *, missing_ok: bool = False) -> Path:
+    """A local folder holding `files` (path under `location` -> sha256): `location` itself
+    when it is a folder, else this node's copy, downloading what is missing or differs.
+    A file that does not arrive intact is refused, naming it (or skipped if `missing_ok`)."""
+    if not is_uri(location):
+        return Path(location)
+    root, (fs, base) = cache_dir(str(location)), filesystem(location)
+    for rel, sha in files.items():
+        dest = root / rel
+        if dest.is_file() and sha256_file(dest) == sha:
+            continue
+        try:
+            _download(fs, f"{base}/{rel}", dest, sha)
+        except (UserError, OSError) as e:
+            if not missing_ok:
+                raise UserError(f"{join(location, rel)}: {e}") from None
+    return root
+
+
+def _download(fs: pafs.FileSystem, path: str, dest: Path, sha: str | None) -> None:
+    """Copy one object to `dest` atomically, checking its sha256 before it gets the name."""
+    digest = hashlib.sha256()
+    with atomic_path(dest) as tmp:
+        with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
+            while block := src.read(_BLOCK):
+                digest.update(block)
+                out.write(block)
+        if sha is not None and digest.hexdigest() != sha:
+            raise UserError(f"sha256 mismatch (expected {sha[:12]}…, got {digest.hexdigest()[:12]}…); "
+                            "the object is corrupt or was changed after it was written")
+
+
+def download(location: str, rel: str, dest: Path) -> bool:
+    """Copy the object `location`/`rel` to `dest` (no check: the run's manifest, its root of
+    trust); False when there is no such object."""
+    fs, base = filesystem(location)
+    if fs.get_file_info(f"{base}/{rel}").type != pafs.FileType.File:
+        return False
+    _download(fs, f"{base}/{rel}", dest, None)
+    return True
+
+
+def upload(root: Path, rels: Iterable[str], location: str) -> None:
+    """Copy `root`/rel to `location`/rel for each rel. An object appears only once it is
+    complete (S3 and GCS publish an upload when it is closed)."""
+    fs, base = filesystem(location)
+    for rel in rels:
+        with open(root / rel, "rb") as src, fs.open_output_stream(f"{base}/{rel}") as out:
+            while block := src.read(_BLOCK):
+                out.write(block)
+
+
+def list_files(location: str | Path) -> dict[str, int]:
+    """{path relative to it: size in bytes} of every file under a folder or URI."""
+    fs, base = filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return {i.path[len(base):].lstrip("/"): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def delete(location: str | Path) -> None:
+    """Remove a folder (or every object under a URI prefix); nothing if it is not there."""
+    fs, base = filesystem(location)
+    if fs.get_file_info(base).type != pafs.FileType.NotFound:
+        fs.delete_dir(base)
