@@ -2,7 +2,8 @@
 
 Locally:     python jobs/train.py --config configs/digits.yaml
 On a cluster: ray job submit --address ADDR --working-dir . -- python jobs/train.py --config configs/digits.yaml
-(with an absolute or shared `storage_path`, since a job's working directory is temporary)
+(with a `storage_path` every node reaches, a shared folder or an s3:// / gs:// URI: a job's
+working directory is temporary)
 Same code as `distillery train`; it prepares the data first if needed.
 """
 

@@ -29,6 +29,8 @@ def test_locations_join_and_unsupported_schemes_are_refused():
         storage.check_location("hdfs://namenode/runs")
     with pytest.raises(ValueError, match="names no bucket"):
         storage.check_location("s3:///runs")
+    with pytest.raises(ValueError, match="'..' are not allowed"):
+        storage.check_location("s3://bucket/runs/../../etc")
 
 
 def test_a_fetched_object_is_verified_and_a_damaged_one_never_gets_the_name(s3_server, tmp_path, monkeypatch):

@@ -44,6 +44,8 @@ def check_location(location: str) -> str:
                          f"or a URI starting with {' or '.join(s + '://' for s in SCHEMES)}")
     if not parts.netloc:
         raise ValueError(f"{location!r} names no bucket")
+    if any(segment in (".", "..") for segment in parts.path.split("/")):
+        raise ValueError(f"{location!r}: '.' and '..' are not allowed in a URI's path")  # cache folders mirror it
     return location
 
 
