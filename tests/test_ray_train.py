@@ -5,16 +5,17 @@ import os
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
+from conftest import ROOT  # noqa: E402
+from test_ray_resume import registered_epoch  # noqa: E402
+
 from distillery.artifacts import load_model  # noqa: E402
 from distillery.config import load_config  # noqa: E402
 from distillery.pipeline import run_stages  # noqa: E402
-from conftest import ROOT  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -77,17 +78,6 @@ def _ray_worker_pids() -> list[int]:
     return [int(r.split()[0]) for r in rows if "RayTrainWorker" in r and int(r.split()[0]) in mine]
 
 
-def _registered_epoch(root: Path) -> int:
-    """The epoch of the latest checkpoint Ray Train has registered (its own snapshot file)."""
-    for snapshot in root.glob("ray/teacher-*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-        except (json.JSONDecodeError, OSError):  # being rewritten right now
-            continue
-        return latest.get("metrics", {}).get("epoch", 0)
-    return 0
-
-
 def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
     """SIGKILL a training worker once two checkpoints are registered: the group restarts and
     resumes from the last registered one instead of from scratch."""
@@ -98,7 +88,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
     def kill_after_two_checkpoints():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            registered = _registered_epoch(root)
+            registered = registered_epoch(str(root))
             if registered >= 2 and _ray_worker_pids():
                 pid = _ray_worker_pids()[-1]
                 subprocess.run(["kill", "-9", str(pid)])
@@ -150,6 +140,7 @@ def test_cached_teacher_logits_are_computed_once_and_reused(tmp_path):
     root = tmp_path / "tiny"
     import pyarrow.parquet as pq
     import torch
+
     from distillery import data
 
     table = pq.read_table(sorted((root / "teacher_logits").glob("*.parquet")))
