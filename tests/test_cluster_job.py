@@ -178,6 +178,20 @@ def test_a_run_at_an_s3_uri_reaches_the_workers_and_replicas_through_the_bucket(
     with urllib.request.urlopen(request, timeout=30) as r:
         assert json.loads(r.read())["model_name"] == model
 
+    # A client elsewhere names the run by its URI: its test images come from the bucket.
+    client = {**driver, "DISTILLERY_CACHE": str(tmp_path / "client-cache")}
+    cli = [str(BIN / "distillery")]
+    common = ["--url", f"http://127.0.0.1:{SERVE_PORT}", "--run-dir", f"{bucket}/runs/tiny"]
+    query = subprocess.run([*cli, "query", *common, "--model", "auto", "--sample", "4"], env=client, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert query.returncode == 0 and "correct: " in query.stdout, query.stdout + query.stderr
+    load = subprocess.run([*cli, "loadtest", *common, "--models", model, "--concurrency", "2", "--duration", "1",
+                           "--ramp", ""], env=client, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert load.returncode == 0, load.stdout[-3000:] + load.stderr[-3000:]
+    sweep = json.loads((tmp_path / "loadtest" / "tiny" / "loadtest.json").read_text())["sweeps"]
+    assert [(r["model"], r["concurrency"]) for r in sweep] == [(model, 2)] and sweep[0]["requests"] > 0
+    assert not sweep[0]["errors"]
+
     # Another driver with nothing local: the run is whole in the bucket, so nothing runs again.
     driver["DISTILLERY_CACHE"] = str(tmp_path / "second-driver-cache")
     again = subprocess.run([*args, "--no-keep-serving"], env=driver, cwd=ROOT, capture_output=True, text=True,

@@ -124,3 +124,36 @@ def test_a_run_at_a_uri_with_no_manifest_there_starts_fresh(s3_server, tmp_path,
     run_stages(_cfg(bucket), ["data"], log=logs.append)
     assert "[data] running" in logs
     assert RunDir.at(_cfg(bucket)).stage("data")["status"] == "done"
+
+
+def test_clients_read_a_run_at_a_uri_from_the_bucket(s3_server, tmp_path, monkeypatch):
+    """`distillery query --sample` and `distillery loadtest` read the test split from the
+    bucket, verified; `loadtest --tune`'s settings go there, for `serve` on any node."""
+    import torch
+
+    from distillery import data
+    from distillery.loadtest import held_out_images
+    from distillery.serving import read_tuned, save_tuned
+
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "driver"))
+    bucket, s3 = make_bucket("clients"), boto3.client("s3")
+    run = run_stages(_cfg(bucket), ["data"], log=lambda m: None)
+    expected = data.load_split(run.root / "data", "test")
+
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "client"))  # a client elsewhere
+    x, y = held_out_images(run.location)
+    assert len(y) > 0 and torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+    assert read_tuned(run.location) == {}
+    save_tuned(run.location, {"student": {"chosen": {"max_batch_size": 16}}})
+
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "another"))
+    assert read_tuned(run.location) == {"student": {"max_batch_size": 16}}
+    s3.delete_object(Bucket="clients", Key="runs/tiny/serve/tuned.json")
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "client"))  # its copy is stale now
+    assert read_tuned(run.location) == {}
+
+    shard = next(rel for rel in run.manifest()["files"] if rel.startswith("data/test-"))
+    s3.put_object(Bucket="clients", Key=f"runs/tiny/{shard}", Body=b"not parquet")
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "third"))
+    with pytest.raises(UserError, match=rf"s3://clients/runs/tiny/{shard}: sha256 mismatch"):
+        held_out_images(run.location)

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = query.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="a .npy file of float32 images [N, C, H, W]")
     source.add_argument("--sample", type=int, metavar="N", help="N images from the run's test split")
-    query.add_argument("--run-dir", default="runs/digits", help="for --sample (default: %(default)s)")
+    query.add_argument("--run-dir", default="runs/digits",
+                       help="for --sample: the run's folder or s3:// / gs:// URI (default: %(default)s)")
     query.add_argument("--min-accuracy", type=float, help="auto: the fastest model at least this accurate")
     query.add_argument("--max-latency-ms", type=float, help="auto: the most accurate model at most this slow")
     query.add_argument("--api-key-env", help="name of an environment variable holding the API key")
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     load = sub.add_parser("loadtest", help="drive served models over HTTP: a concurrency sweep per model and an "
                           "autoscaling ramp; writes loadtest.{json,md,png} and requests.csv")
     load.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
-    load.add_argument("--run-dir", default="runs/digits", help="the served run: models and test images (default: %(default)s)")
+    load.add_argument("--run-dir", default="runs/digits", help="the served run, its folder or s3:// / gs:// URI: "
+                      "models and test images (default: %(default)s)")
     load.add_argument("--models", help="comma-separated (default: every model the run serves, and auto)")
     load.add_argument("--concurrency", default="1,2,4,8,16,32", help="closed-loop levels ('' skips the sweep; default: %(default)s)")
     load.add_argument("--duration", type=float, default=5.0, help="seconds per level (default: %(default)s)")
@@ -78,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="p99 target for the sustained rate and the tuning (default: %(default)s)")
     load.add_argument("--tune", action="store_true", help="also try batch sizes and waits per model on one replica; "
                       "write the best under the p99 target to RUN_DIR/serve/tuned.json (used by `serve build`)")
-    load.add_argument("--out", help="report folder (default: RUN_DIR/serve/loadtest)")
+    load.add_argument("--out", help="report folder (default: RUN_DIR/serve/loadtest; for a run at a URI, "
+                      "./loadtest/NAME, since the bucket holds the run's recorded load test)")
     load.add_argument("--api-key-env", help="name of an environment variable holding the API key")
 
     run = sub.add_parser("run", help="the whole pipeline: data, teacher, student alone, distilled student, "

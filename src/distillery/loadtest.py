@@ -90,19 +90,29 @@ def scaling_summary(samples: list[loadgen.Sample], replicas: list[tuple[float, i
             "lost": sum(s.status not in (200, 503) for s in samples)}
 
 
-def run_loadtest(base_url: str, run_dir: Path, lcfg: LoadTestConfig, headers: dict, out: Path,
+def held_out_images(location: str | Path) -> tuple[Any, Any]:
+    """The run's test split (x, y), read from its folder or, for a run at a URI, from this
+    node's verified copy of the data files."""
+    from distillery import data
+    from distillery.rundir import local_view
+
+    root, _ = local_view(str(location), lambda rel: rel == "data/manifest.json" or rel.startswith("data/test-"))
+    return data.load_split(root / "data", "test")
+
+
+def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, headers: dict, out: Path,
                  log: Callable[[str], None] = print, tuning: Callable[[bytes, int], list[dict]] | None = None
                  ) -> list[Path]:
     """The load test of a served run: the autoscaling ramp first (while the deployment still
     runs its minimum of replicas), then a closed-loop sweep per model, the serving-level
     frontier and each model's in-process rate; `tuning(body, concurrency)` adds its section.
     Writes the report into `out`; returns its files."""
-    from distillery import bench, data
+    from distillery import bench
     from distillery.predictor import catalog
 
     served = catalog(run_dir)
     models = lcfg.models or [m.name for m in served] + ["auto"]
-    x = data.load_split(run_dir / "data", "test")[0][:lcfg.images]
+    x = held_out_images(run_dir)[0][:lcfg.images]
     body = loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape))
     scaling, sweeps = None, []
     if lcfg.ramp:

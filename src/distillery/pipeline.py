@@ -273,7 +273,7 @@ def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
 def write_report(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     from distillery.report import write
 
-    files = write(run.root, cfg, run.manifest())
+    files = write(run.root, cfg, run.manifest(), run.address)
     log(f"[report] {files[0]}")
     return files, {}
 

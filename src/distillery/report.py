@@ -16,9 +16,10 @@ from distillery.pipeline import results_table
 TRAINED = ("teacher", "student_scratch", "student")
 
 
-def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any]) -> list[Path]:
+def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any], address: str | None = None) -> list[Path]:
     """Write root/report.md from the run's artifacts, and root/serve/request.json (a real
-    test image as an inference request, for the curl example); return their paths."""
+    test image as an inference request, for the curl example); return their paths.
+    `address` is how commands name the run (its URI, if it lives in a bucket; default root)."""
     data = read_json(root / "data" / "manifest.json")
     request = example_request(root)
     frontier = read_json(root / "frontier.json")
@@ -29,7 +30,7 @@ def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any]) -> list[Pat
              _recommendation(frontier),
              "## Serving", "", _body(served) + "\n![load test](serve/loadtest/loadtest.png)\n" if cfg.serve.enabled and
              served.is_file() else "Not served in this run (`serve.enabled: false`).\n",
-             _how_to_query(cfg, frontier, data, request),
+             _how_to_query(cfg, frontier, data, request, address or str(root)),
              _machine(manifest)]
     path = root / "report.md"
     atomic_write_bytes(path, "\n".join(parts).encode())
@@ -79,7 +80,7 @@ def _recommendation(frontier: dict) -> str:
             "count as equally fast; among them the most accurate wins.\n")
 
 
-def _how_to_query(cfg: PipelineConfig, frontier: dict, data: dict, request: Path) -> str:
+def _how_to_query(cfg: PipelineConfig, frontier: dict, data: dict, request: Path, address: str) -> str:
     s = cfg.serve
     url = f"http://{s.host}:{s.port}"
     model = (frontier["recommended"] or {}).get("name", "auto")
@@ -88,7 +89,7 @@ def _how_to_query(cfg: PipelineConfig, frontier: dict, data: dict, request: Path
     key_py = f', headers={{"x-api-key": os.environ["{s.api_key_env}"]}}' if s.api_key_env else ""
     return f"""## How to query the deployment
 
-While `distillery run` (or `distillery serve {request.parents[1]}`) serves, with curl (Open
+While `distillery run` (or `distillery serve {address}`) serves, with curl (Open
 Inference Protocol, JSON; `{model}` is the recommended model, `auto` picks one per request;
 `{request}` holds the first test image as a request):
 
@@ -113,7 +114,7 @@ reply = client.infer("{model}", [inp]{key_py})
 print(reply.as_numpy("label"), reply.as_numpy("logits"))
 ```
 
-Or `distillery query --run-dir {request.parents[1]} --model auto --sample 8`.
+Or `distillery query --run-dir {address} --model auto --sample 8`.
 """
 
 

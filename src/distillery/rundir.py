@@ -82,6 +82,11 @@ class RunDir:
             self._upload([rel for rel, sha in shas.items() if self._uploaded.get(rel) != sha], shas)
         return shas
 
+    @property
+    def address(self) -> str:
+        """How a command names the run: its URI, or its folder as configured."""
+        return self.location if self.remote else str(self.root)
+
     def describe(self) -> str:
         return f"{self.location} (this node's copy: {self.root})" if self.remote else str(self.root.resolve())
 

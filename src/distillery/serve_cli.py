@@ -23,7 +23,7 @@ def serve(args: argparse.Namespace) -> None:
     words = args.words[1:] if build else args.words
     if len(words) != 1:
         raise UserError("usage: distillery serve [build] RUN_DIR (a folder or an s3:// / gs:// URI)")
-    location = words[0] if storage.is_uri(words[0]) else str(Path(words[0]).resolve())
+    location = _location(words[0])
     root, cfg = _run_config(location, args.overrides)
     if build:
         out = write_serve_config(location, cfg, Path(args.output or root / "serve" / "config.yaml"))
@@ -95,7 +95,7 @@ def after_run(run, cfg, keep: bool, log) -> None:
         url = f"http://{cfg.serve.host}:{cfg.serve.port}/v2"
     else:
         url, _ = deploy_run(run.location, cfg, log)
-    log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run.root} --model auto --sample 4")
+    log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run.address} --model auto --sample 4")
     if local:
         log("Ctrl-C stops serving")
         _serve_until_interrupted()
@@ -145,12 +145,17 @@ def _images(args: argparse.Namespace) -> tuple[np.ndarray, list]:
         except (OSError, ValueError) as e:
             raise UserError(f"{args.input}: not a readable .npy array ({e})") from None
         return x, [None] * len(x)
-    from distillery import data
+    from distillery.loadtest import held_out_images
 
     if args.sample < 1:
         raise UserError("--sample needs N >= 1")
-    x, y = data.load_split(Path(args.run_dir) / "data", "test")
+    x, y = held_out_images(_location(args.run_dir))
     return x[:args.sample].numpy(), y[:args.sample].tolist()
+
+
+def _location(run_dir: str) -> str:
+    """A run's folder (resolved) or its URI, as every serving function takes it."""
+    return run_dir if storage.is_uri(run_dir) else str(Path(run_dir).resolve())
 
 
 def _post(url: str, body: bytes, headers: dict) -> dict:
@@ -169,7 +174,7 @@ def loadtest(args: argparse.Namespace) -> None:
     from distillery import loadtest as lt
     from distillery.config import LoadTestConfig
 
-    run_dir = Path(args.run_dir)
+    location = _location(args.run_dir)
     try:
         lcfg = LoadTestConfig(models=args.models.split(",") if args.models else None,
                               concurrency=_ints(args.concurrency, "--concurrency") if args.concurrency else [],
@@ -182,10 +187,18 @@ def loadtest(args: argparse.Namespace) -> None:
         headers["x-api-key"] = os.environ.get(args.api_key_env, "")
     _connect_ray()
     url = args.url.rstrip("/")
-    tuning = (lambda body, concurrency: _tune(args, run_dir, body, headers, concurrency)) if args.tune else None
-    out = Path(args.out or run_dir / "serve" / "loadtest")
-    files = lt.run_loadtest(url, run_dir, lcfg, headers, out, log=lambda m: print(m, flush=True), tuning=tuning)
+    tuning = (lambda body, concurrency: _tune(args, location, body, headers, concurrency)) if args.tune else None
+    out = Path(args.out or _loadtest_folder(location))
+    files = lt.run_loadtest(url, location, lcfg, headers, out, log=lambda m: print(m, flush=True), tuning=tuning)
     print((out / "loadtest.md").read_text() + f"report: {files[0].parent}")
+
+
+def _loadtest_folder(location: str) -> Path:
+    """Where the report goes by default: into the run's folder; for a run at a URI, into a
+    local folder, since the bucket's copy of serve/loadtest is the run's recorded one."""
+    if not storage.is_uri(location):
+        return Path(location) / "serve" / "loadtest"
+    return Path("loadtest", Path(location.partition("?")[0]).name)
 
 
 def _connect_ray() -> None:
@@ -219,23 +232,22 @@ def _steps(text: str) -> list[tuple[float, float]]:
     return steps
 
 
-def _tune(args, run_dir: Path, body: bytes, headers: dict, concurrency: int) -> list[dict]:
+def _tune(args, location: str, body: bytes, headers: dict, concurrency: int) -> list[dict]:
     import ray
 
     from distillery import loadtest as lt
-    from distillery.artifacts import atomic_write_json
     from distillery.predictor import catalog
-    from distillery.serving import TUNED, read_api_key
+    from distillery.serving import read_api_key, save_tuned
 
     if not ray.is_initialized():
         raise UserError("--tune redeploys models: it needs the Ray cluster that serves them (none reachable)")
-    cfg = _run_config(str(run_dir.resolve()), [])[1].serve
+    cfg = _run_config(location, [])[1].serve
     key = read_api_key(cfg.api_key_env)
     grid = [(1, 0.0), (16, 0.002), (64, 0.005), (64, 0.02)]
     results = []
-    for m in catalog(run_dir):
+    for m in catalog(location):
         print(f"[loadtest] tuning {m.name}: batch/wait {grid} at concurrency {concurrency}", flush=True)
-        results.append(lt.tune(args.url.rstrip("/"), str(run_dir.resolve()), m.name, body, cfg, key, grid,
+        results.append(lt.tune(args.url.rstrip("/"), location, m.name, body, cfg, key, grid,
                                concurrency, args.duration, args.p99_target_ms, headers))
-    atomic_write_json(run_dir / TUNED, {r["model"]: r for r in results})
+    save_tuned(location, {r["model"]: r for r in results})
     return results

@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from distillery import storage
 from distillery.config import ServeConfig
 from distillery.predictor import Predictor, ServedModel, catalog, choose
 from distillery.protocol import (InferRequest, Limits, ProtocolError, auto_targets, binary_response, check_size,
@@ -288,14 +289,31 @@ def app_names(run_dir: str, cfg: ServeConfig) -> list[str]:
 TUNED = "serve/tuned.json"  # written by `distillery loadtest --tune`, per model
 
 
-def read_tuned(run_dir: str) -> dict[str, dict[str, Any]]:
-    """Per-model settings chosen by `distillery loadtest --tune`, if it ran (on a run folder)."""
-    path = Path(run_dir) / TUNED
+def read_tuned(location: str) -> dict[str, dict[str, Any]]:
+    """Per-model settings chosen by `distillery loadtest --tune`, if it ran on this run (its
+    folder, or its URI: this node's fresh copy)."""
+    path = Path(location) / TUNED
+    if storage.is_uri(location):
+        path = storage.cache_dir(location) / TUNED
+        if not storage.download(location, TUNED, path):
+            path.unlink(missing_ok=True)  # the URI is the truth: a copy of a deleted file is stale
     if not path.is_file():
         return {}
     from distillery.artifacts import read_json
 
     return {model: t["chosen"] for model, t in read_json(path).items()}
+
+
+def save_tuned(location: str, tuned: dict[str, dict[str, Any]]) -> Path:
+    """Write `distillery loadtest --tune`'s results where `read_tuned` finds them on any node:
+    the run's folder, or this node's copy uploaded to the run's URI."""
+    from distillery.artifacts import atomic_write_json
+
+    root = storage.cache_dir(location) if storage.is_uri(location) else Path(location)
+    atomic_write_json(root / TUNED, tuned)
+    if storage.is_uri(location):
+        storage.upload(root, [TUNED], location)
+    return root / TUNED
 
 
 def http_options(cfg: ServeConfig) -> dict[str, Any]:
