@@ -148,6 +148,9 @@ def test_clients_read_a_run_at_a_uri_from_the_bucket(s3_server, tmp_path, monkey
 
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "another"))
     assert read_tuned(run.location) == {"student": {"max_batch_size": 16}}
+    s3.put_object(Bucket="clients", Key="runs/tiny/serve/tuned.json", Body=b'{"student": {"batch": 16}}')
+    with pytest.raises(UserError, match="tuned.json: not written by `distillery loadtest --tune`"):
+        read_tuned(run.location)
     s3.delete_object(Bucket="clients", Key="runs/tiny/serve/tuned.json")
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "client"))  # its copy is stale now
     assert read_tuned(run.location) == {}

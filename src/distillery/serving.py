@@ -300,8 +300,14 @@ def read_tuned(location: str) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
     from distillery.artifacts import read_json
+    from distillery.errors import UserError
 
-    return {model: t["chosen"] for model, t in read_json(path).items()}
+    tuned = read_json(path)
+    if not isinstance(tuned, dict) or not all(isinstance(t, dict) and isinstance(t.get("chosen"), dict)
+                                              for t in tuned.values()):
+        raise UserError(f"{path}: not written by `distillery loadtest --tune` (expected {{model: {{chosen: {{...}}}}}}); "
+                        "delete it or tune again")
+    return {model: t["chosen"] for model, t in tuned.items()}
 
 
 def save_tuned(location: str, tuned: dict[str, dict[str, Any]]) -> Path:
