@@ -1,4 +1,12 @@
+import contextlib
+import json
+import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,33 +29,23 @@ def tiny_cfg(tmp_path):
     return load_config(ROOT / "configs" / "tiny.yaml", [f"storage_path={tmp_path / 'runs'}"])
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """An S3-compatible server on 127.0.0.1 (moto's, a real HTTP server speaking the S3 API):
-    yields the environment a client needs to reach it (endpoint, throwaway credentials).
-    Every test makes its own bucket with `make_bucket`."""
-    import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+@contextlib.contextmanager
+def _object_store(cmd: list[str], env: dict[str, str], url: str, log: Path):
+    """Run a storage server on 127.0.0.1 until it answers `url`, with `env` set in this
+    process (for pyarrow and the clients here; subprocesses get it from os.environ)."""
+    server = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     saved = {k: os.environ.get(k) for k in env}
     try:
-        for _ in range(100):
+        for _ in range(150):
             assert server.poll() is None, log.read_text()
             try:
-                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=1)
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except urllib.error.HTTPError:  # it answers
                 break
             except OSError:
                 time.sleep(0.2)
-        os.environ.update(env)  # for pyarrow and boto3 in this process
+        os.environ.update(env)
         yield env
     finally:
         server.terminate()
@@ -59,8 +57,41 @@ def s3_server(tmp_path_factory):
                 os.environ[k] = v
 
 
-def make_bucket(name: str) -> str:
-    """A new empty bucket on `s3_server`; returns its s3:// URI."""
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server on 127.0.0.1 (moto's, a real HTTP server speaking the S3 API):
+    yields the environment a client needs to reach it (endpoint, throwaway credentials).
+    Every test makes its own bucket with `make_bucket`."""
+    port = free_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    with _object_store([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env,
+                       env["AWS_ENDPOINT_URL"], tmp_path_factory.mktemp("moto") / "moto.log") as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A GCS emulator on 127.0.0.1 (gcp-storage-emulator: a real HTTP server speaking GCS's
+    JSON API), found through STORAGE_EMULATOR_HOST as Google's clients find one. Buckets:
+    `make_bucket(name, "gs")`."""
+    port = free_port()
+    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
+    cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+           "--in-memory"]
+    with _object_store(cmd, env, f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b",
+                       tmp_path_factory.mktemp("gcs") / "gcs.log") as env:
+        yield env
+
+
+def make_bucket(name: str, scheme: str = "s3") -> str:
+    """A new empty bucket on `s3_server` (or `gcs_server` for "gs"); returns its URI."""
+    if scheme == "gs":
+        request = urllib.request.Request(f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b?project=test",
+                                         data=json.dumps({"name": name}).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10)
+        return f"gs://{name}"
     import boto3
 
     boto3.client("s3").create_bucket(Bucket=name)

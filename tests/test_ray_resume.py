@@ -46,14 +46,16 @@ def registered_epoch(location: str) -> int:
     return 0
 
 
-@pytest.fixture(params=["folder", "bucket"])
+@pytest.fixture(params=["folder", "s3", "gs"])
 def run_storage(request, tmp_path):
-    """(storage_path, the run's location, environment for the command) in a folder or in a bucket."""
+    """(storage_path, the run's location, environment for the command) in a folder or in an
+    S3 or GCS bucket."""
     env = dict(os.environ)
     if request.param == "folder":
         return str(tmp_path), str(tmp_path / "tiny"), env
-    env.update(request.getfixturevalue("s3_server"), DISTILLERY_CACHE=str(tmp_path / "cache"))
-    bucket = make_bucket("resume")
+    server = request.getfixturevalue("s3_server" if request.param == "s3" else "gcs_server")
+    env.update(server, DISTILLERY_CACHE=str(tmp_path / "cache"))
+    bucket = make_bucket("resume", request.param)
     return f"{bucket}/runs", f"{bucket}/runs/tiny", env
 
 

@@ -1,4 +1,5 @@
-"""Runs at an s3:// URI, against a real S3 server on 127.0.0.1 (moto's): paths and URIs,
+"""Runs at an s3:// or gs:// URI, against real servers on 127.0.0.1 (moto's S3, and
+gcp-storage-emulator's GCS): paths and URIs,
 verified copies, and a run that lives in the bucket alone — a node with an empty cache
 picks it up where it stands, and a damaged object is refused or redone, never used.
 (The cluster test runs the whole pipeline at a URI with Ray Train workers and Serve
@@ -7,7 +8,6 @@ replicas reading from the bucket.)"""
 import hashlib
 import json
 
-import boto3
 import pytest
 
 from distillery import storage
@@ -18,6 +18,35 @@ from distillery.pipeline import run_stages
 from distillery.predictor import Predictor, ServedModel
 from distillery.rundir import RunDir
 from conftest import ROOT, make_bucket
+
+
+class Bucket:
+    """A new bucket on the store under test; objects read and written as another client would."""
+
+    def __init__(self, name: str, scheme: str):
+        self.uri = make_bucket(name, scheme)
+
+    def get(self, key: str) -> bytes:
+        fs, path = storage.filesystem(f"{self.uri}/{key}")
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    def put(self, key: str, body: bytes) -> None:
+        fs, path = storage.filesystem(f"{self.uri}/{key}")
+        with fs.open_output_stream(path) as f:
+            f.write(body)
+
+    def delete(self, key: str) -> None:
+        fs, path = storage.filesystem(f"{self.uri}/{key}")
+        fs.delete_file(path)
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request, tmp_path, monkeypatch):
+    """A factory of new buckets on S3 (moto) or GCS (the emulator); a fresh node cache."""
+    request.getfixturevalue({"s3": "s3_server", "gs": "gcs_server"}[request.param])
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    return lambda name: Bucket(name, request.param)
 
 
 def test_locations_join_and_unsupported_schemes_are_refused():
@@ -33,26 +62,29 @@ def test_locations_join_and_unsupported_schemes_are_refused():
         storage.check_location("s3://bucket/runs/../../etc")
 
 
-def test_a_fetched_object_is_verified_and_a_damaged_one_never_gets_the_name(s3_server, tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
-    uri = make_bucket("fetch") + "/folder"
+def test_a_fetched_object_is_verified_and_a_damaged_one_never_gets_the_name(bucket, tmp_path):
+    b = bucket("fetch")
+    uri, scheme = b.uri + "/folder", b.uri.split(":")[0]
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.bin").write_bytes(b"weights" * 1000)
     storage.upload(tmp_path / "src", ["a.bin"], uri)
     sha = sha256_file(tmp_path / "src" / "a.bin")
+    assert b.get("folder/a.bin") == b"weights" * 1000
 
     root = storage.fetch(uri, {"a.bin": sha})
     assert root == storage.cache_dir(uri) and (root / "a.bin").read_bytes() == b"weights" * 1000
 
-    boto3.client("s3").put_object(Bucket="fetch", Key="folder/a.bin", Body=b"tampered")
+    b.put("folder/a.bin", b"tampered")
     (root / "a.bin").unlink()
-    with pytest.raises(UserError, match=r"s3://fetch/folder/a.bin: sha256 mismatch"):
+    with pytest.raises(UserError, match=rf"{scheme}://fetch/folder/a.bin: sha256 mismatch"):
         storage.fetch(uri, {"a.bin": sha})
     assert not (root / "a.bin").exists() and list(root.iterdir()) == []  # no file, no temp file
     storage.fetch(uri, {"a.bin": sha, "missing.bin": sha}, missing_ok=True)
     assert list(root.iterdir()) == []
-    with pytest.raises(UserError, match="s3://fetch/folder/missing.bin"):
+    with pytest.raises(UserError, match=rf"{scheme}://fetch/folder/missing.bin"):
         storage.fetch(uri, {"missing.bin": sha})
+    storage.delete(uri)
+    assert storage.list_files(b.uri) == {}
 
 
 def _cfg(bucket: str, *overrides: str):
@@ -60,42 +92,41 @@ def _cfg(bucket: str, *overrides: str):
                        [f"storage_path={bucket}/runs", "ray.workers=0", "serve.enabled=false", *overrides])
 
 
-def test_a_run_at_a_uri_lives_in_the_bucket(s3_server, tmp_path, monkeypatch):
+def test_a_run_at_a_uri_lives_in_the_bucket(bucket, tmp_path, monkeypatch):
     """Stages upload their files, then the manifest; another node (an empty cache) sees the
     run as it stands, re-runs nothing, and redoes only a stage whose object was damaged."""
+    b, logs = bucket("run"), []
+    scheme = b.uri.split(":")[0]
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "node-a"))
-    bucket, logs = make_bucket("run"), []
-    run = run_stages(_cfg(bucket), ["data", "teacher"], log=logs.append)
-    assert run.remote and run.location == f"{bucket}/runs/tiny"
-    assert run.root == tmp_path / "node-a" / "s3" / "run" / "runs" / "tiny"
-    s3 = boto3.client("s3")
-    manifest = json.loads(s3.get_object(Bucket="run", Key="runs/tiny/manifest.json")["Body"].read())
+    run = run_stages(_cfg(b.uri), ["data", "teacher"], log=logs.append)
+    assert run.remote and run.location == f"{b.uri}/runs/tiny"
+    assert run.root == tmp_path / "node-a" / scheme / "run" / "runs" / "tiny"
+    manifest = json.loads(b.get("runs/tiny/manifest.json"))
     assert {n: s["status"] for n, s in manifest["stages"].items()} == {"data": "done", "teacher": "done"}
     for rel, sha in manifest["files"].items():  # every recorded file is in the bucket, intact
-        body = s3.get_object(Bucket="run", Key=f"runs/tiny/{rel}")["Body"].read()
-        assert sha256_file(run.root / rel) == sha and len(body) == (run.root / rel).stat().st_size
+        assert hashlib.sha256(b.get(f"runs/tiny/{rel}")).hexdigest() == sha == sha256_file(run.root / rel)
 
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "node-b"))  # another node, nothing local
     logs.clear()
-    run_stages(_cfg(bucket), ["data", "teacher"], log=logs.append)
+    run_stages(_cfg(b.uri), ["data", "teacher"], log=logs.append)
     assert logs == ["[data] done already (outputs verified); --force redoes it",
                     "[teacher] done already (outputs verified); --force redoes it"]
-    assert (tmp_path / "node-b" / "s3" / "run" / "runs" / "tiny" / "teacher" / "model.safetensors").is_file()
+    assert (tmp_path / "node-b" / scheme / "run" / "runs" / "tiny" / "teacher" / "model.safetensors").is_file()
 
     # The teacher's weights are damaged in the bucket: a third node redoes the teacher alone.
-    s3.put_object(Bucket="run", Key="runs/tiny/teacher/model.safetensors", Body=b"not weights")
+    b.put("runs/tiny/teacher/model.safetensors", b"not weights")
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "node-c"))
     logs.clear()
-    run = run_stages(_cfg(bucket), ["data", "teacher"], log=logs.append)
+    run = run_stages(_cfg(b.uri), ["data", "teacher"], log=logs.append)
     assert logs[0].startswith("[data] done already") and "[teacher] running (attempt 2)" in logs
-    weights = s3.get_object(Bucket="run", Key="runs/tiny/teacher/model.safetensors")["Body"].read()
+    weights = b.get("runs/tiny/teacher/model.safetensors")
     assert hashlib.sha256(weights).hexdigest() == run.manifest()["files"]["teacher/model.safetensors"]  # uploaded again
 
 
-def test_a_replica_loads_a_model_from_the_bucket_and_refuses_a_damaged_one(s3_server, tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "driver"))
-    bucket = make_bucket("serve")
-    run = run_stages(_cfg(bucket), ["data", "teacher"], log=lambda m: None)
+def test_a_replica_loads_a_model_from_the_bucket_and_refuses_a_damaged_one(bucket, tmp_path, monkeypatch):
+    b = bucket("serve")
+    scheme = b.uri.split(":")[0]
+    run = run_stages(_cfg(b.uri), ["data", "teacher"], log=lambda m: None)
     files = {rel.removeprefix("teacher/"): sha for rel, sha in run.manifest()["files"].items()
              if rel.startswith("teacher/")}
     served = ServedModel("teacher", run.location_of("teacher"), [1, 8, 8], 4, 0.5, 0.1, "eager", files=files)
@@ -105,28 +136,28 @@ def test_a_replica_loads_a_model_from_the_bucket_and_refuses_a_damaged_one(s3_se
 
     logits = Predictor(served)(torch.zeros(2, 1, 8, 8))
     assert logits.shape == (2, 4)
-    assert (tmp_path / "replica" / "s3" / "serve" / "runs" / "tiny" / "teacher" / "model.safetensors").is_file()
+    assert (tmp_path / "replica" / scheme / "serve" / "runs" / "tiny" / "teacher" / "model.safetensors").is_file()
 
-    boto3.client("s3").put_object(Bucket="serve", Key="runs/tiny/teacher/model.safetensors", Body=b"x")
+    b.put("runs/tiny/teacher/model.safetensors", b"x")
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "replica-2"))
-    with pytest.raises(UserError, match=r"s3://serve/runs/tiny/teacher/model.safetensors: sha256 mismatch"):
+    with pytest.raises(UserError, match=rf"{scheme}://serve/runs/tiny/teacher/model.safetensors: sha256 mismatch"):
         Predictor(served)
 
 
-def test_a_run_at_a_uri_with_no_manifest_there_starts_fresh(s3_server, tmp_path, monkeypatch):
+def test_a_run_at_a_uri_with_no_manifest_there_starts_fresh(bucket):
     """The bucket is the truth: a leftover local copy of a run the bucket no longer has is not
     taken for done."""
-    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
-    bucket = make_bucket("fresh")
-    run_stages(_cfg(bucket), ["data"], log=lambda m: None)
-    boto3.resource("s3").Bucket("fresh").objects.all().delete()
+    b = bucket("fresh")
+    run_stages(_cfg(b.uri), ["data"], log=lambda m: None)
+    storage.delete(f"{b.uri}/runs/tiny")
+    assert storage.list_files(b.uri) == {}
     logs = []
-    run_stages(_cfg(bucket), ["data"], log=logs.append)
+    run_stages(_cfg(b.uri), ["data"], log=logs.append)
     assert "[data] running" in logs
-    assert RunDir.at(_cfg(bucket)).stage("data")["status"] == "done"
+    assert RunDir.at(_cfg(b.uri)).stage("data")["status"] == "done"
 
 
-def test_clients_read_a_run_at_a_uri_from_the_bucket(s3_server, tmp_path, monkeypatch):
+def test_clients_read_a_run_at_a_uri_from_the_bucket(bucket, tmp_path, monkeypatch):
     """`distillery query --sample` and `distillery loadtest` read the test split from the
     bucket, verified; `loadtest --tune`'s settings go there, for `serve` on any node."""
     import torch
@@ -135,9 +166,9 @@ def test_clients_read_a_run_at_a_uri_from_the_bucket(s3_server, tmp_path, monkey
     from distillery.loadtest import held_out_images
     from distillery.serving import read_tuned, save_tuned
 
+    b = bucket("clients")
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "driver"))
-    bucket, s3 = make_bucket("clients"), boto3.client("s3")
-    run = run_stages(_cfg(bucket), ["data"], log=lambda m: None)
+    run = run_stages(_cfg(b.uri), ["data"], log=lambda m: None)
     expected = data.load_split(run.root / "data", "test")
 
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "client"))  # a client elsewhere
@@ -148,15 +179,15 @@ def test_clients_read_a_run_at_a_uri_from_the_bucket(s3_server, tmp_path, monkey
 
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "another"))
     assert read_tuned(run.location) == {"student": {"max_batch_size": 16}}
-    s3.put_object(Bucket="clients", Key="runs/tiny/serve/tuned.json", Body=b'{"student": {"batch": 16}}')
+    b.put("runs/tiny/serve/tuned.json", b'{"student": {"batch": 16}}')
     with pytest.raises(UserError, match="tuned.json: not written by `distillery loadtest --tune`"):
         read_tuned(run.location)
-    s3.delete_object(Bucket="clients", Key="runs/tiny/serve/tuned.json")
+    b.delete("runs/tiny/serve/tuned.json")
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "client"))  # its copy is stale now
     assert read_tuned(run.location) == {}
 
     shard = next(rel for rel in run.manifest()["files"] if rel.startswith("data/test-"))
-    s3.put_object(Bucket="clients", Key=f"runs/tiny/{shard}", Body=b"not parquet")
+    b.put(f"runs/tiny/{shard}", b"not parquet")
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "third"))
-    with pytest.raises(UserError, match=rf"s3://clients/runs/tiny/{shard}: sha256 mismatch"):
+    with pytest.raises(UserError, match=rf"{b.uri}/runs/tiny/{shard}: sha256 mismatch"):
         held_out_images(run.location)
