@@ -4,6 +4,7 @@ stages resumed, a finished run re-run as a no-op. Training runs in this process
 (`ray.workers=0`, Ray Train is covered by test_ray_train.py and test_cluster_job.py)."""
 
 import json
+import os
 import queue
 import signal
 import subprocess
@@ -168,7 +169,11 @@ def test_a_finished_run_keeps_serving_until_ctrl_c(pipeline_runs):
             assert json.loads(r.read())["model_name"] == model
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C, to the driver only
-        code = proc.wait(timeout=120)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # leave no Ray instance behind for the next tests
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
     assert code == 0
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5)

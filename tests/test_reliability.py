@@ -74,9 +74,12 @@ def _post(url: str, body: bytes, content_type: str = "application/json", timeout
 
 def _replicas(app: str = MODEL) -> dict[str, int]:
     """{actor name: pid} of the app's live replicas, from Ray's state API."""
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    # This process's Ray instance by name: another one on the machine must not make it ambiguous.
+    address = ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
     return {a.name: a.pid for a in actors if a.name and a.name.startswith(f"SERVE_REPLICA::{app}#")}
 
 

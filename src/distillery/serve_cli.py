@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -35,8 +36,16 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def _serve_until_interrupted() -> None:
+    """Serve until Ctrl-C or `kill` (SIGTERM), then take the deployments down."""
     from ray import serve as ray_serve
 
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Installed explicitly: a process started in the background by a non-interactive shell
+    # (`nohup ... &`, CI) inherits SIGINT as ignored, and would otherwise never stop on it.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
