@@ -84,6 +84,9 @@ def gcs_server(tmp_path_factory):
         yield env
 
 
+STORE_SERVERS = {"s3": "s3_server", "gs": "gcs_server"}  # scheme -> the fixture serving it
+
+
 def make_bucket(name: str, scheme: str = "s3") -> str:
     """A new empty bucket on `s3_server` (or `gcs_server` for "gs"); returns its URI."""
     if scheme == "gs":

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, make_bucket
+from conftest import ROOT, STORE_SERVERS, make_bucket
 
 from distillery import storage
 
@@ -53,7 +53,7 @@ def run_storage(request, tmp_path):
     env = dict(os.environ)
     if request.param == "folder":
         return str(tmp_path), str(tmp_path / "tiny"), env
-    server = request.getfixturevalue("s3_server" if request.param == "s3" else "gcs_server")
+    server = request.getfixturevalue(STORE_SERVERS[request.param])
     env.update(server, DISTILLERY_CACHE=str(tmp_path / "cache"))
     bucket = make_bucket("resume", request.param)
     return f"{bucket}/runs", f"{bucket}/runs/tiny", env

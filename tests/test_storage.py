@@ -17,7 +17,7 @@ from distillery.errors import UserError
 from distillery.pipeline import run_stages
 from distillery.predictor import Predictor, ServedModel
 from distillery.rundir import RunDir
-from conftest import ROOT, make_bucket
+from conftest import ROOT, STORE_SERVERS, make_bucket
 
 
 class Bucket:
@@ -44,7 +44,7 @@ class Bucket:
 @pytest.fixture(params=["s3", "gs"])
 def bucket(request, tmp_path, monkeypatch):
     """A factory of new buckets on S3 (moto) or GCS (the emulator); a fresh node cache."""
-    request.getfixturevalue({"s3": "s3_server", "gs": "gcs_server"}[request.param])
+    request.getfixturevalue(STORE_SERVERS[request.param])
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
     return lambda name: Bucket(name, request.param)
 
