@@ -1,16 +1,19 @@
-"""Serving figures, side by side in one run: Ray Serve on this machine, the load generator in
-this process (asyncio, keep-alive; its CPU share is printed), closed loop, 1-image requests
-unless stated; after a warm-up, two rounds in opposite orders, the mean reported.
+"""Serving figures, side by side in one run (issue 18's targets), 1-image requests unless stated.
 
     python benchmarks/serving.py [--run-dir runs/digits] [--seconds 5]
 
-1. framework ceiling: a no-op deployment served the same way (one hop) against the digits
-   student at concurrency 32;
-2. student against teacher (digits; and CIFAR-shaped 3x32x32 models with random weights,
-   speed only), one replica each with the same CPU budget, concurrency 32;
-3. dynamic batching on and off for the teacher at concurrency 32;
-4. 64-image requests (JSON and Triton binary tensors) against the same predictor in process
-   at batch 64.
+The load comes from `hey` (an external Go tool: `apt-get install hey`) when it is on PATH,
+else from the project's asyncio generator; either way its CPU share of the machine is printed,
+since it competes with the server for the same cores. Closed loop, after a warm-up; every
+figure is the mean of two rounds in opposite orders.
+
+1. ingress: a no-op deployment through Ray's Python proxy and through HAProxy (one Ray
+   instance each, started one after the other), concurrency 1 and 32;
+2. through HAProxy: the digits student at concurrency 1 against the no-op;
+3. CIFAR-shaped (3x32x32, random weights: speed only) student against teacher at
+   concurrency 32, and the highest rate each sustains with p99 <= 100 ms (concurrency 1-64);
+4. dynamic batching on and off for the CIFAR teacher at concurrency 32;
+5. 64-image requests (JSON and binary tensors) against the same predictor in process at batch 64.
 Writes benchmarks/results/serving.json.
 """
 
@@ -19,7 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
+import os
+import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,63 +36,49 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import RESULTS, table  # noqa: E402
 
-from distillery import bench, data, loadgen  # noqa: E402
+from distillery import bench, data, ingress, loadgen  # noqa: E402
 from distillery.artifacts import atomic_write_json, save_model  # noqa: E402
 from distillery.config import CNNConfig, ResNetConfig, ServeConfig  # noqa: E402
 from distillery.models import build_model, make_spec  # noqa: E402
 from distillery.predictor import Predictor, catalog  # noqa: E402
 
-CONCURRENCY = 32
+ONE = ServeConfig(min_replicas=1, max_replicas=1, num_cpus=0.5, max_ongoing_requests=128, max_queued_requests=1000,
+                  request_timeout_s=60)
+JSON = {"content-type": "application/json"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def hey(url: str, body: bytes, concurrency: int, seconds: float, headers: dict) -> dict:
+    """One closed-loop load with `hey`; per-request figures from its CSV output."""
+    with tempfile.NamedTemporaryFile(suffix=".body") as f:
+        f.write(body)
+        f.flush()
+        cmd = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-D", f.name, "-o", "csv",
+               "-t", "60", *[a for k, v in headers.items() if k != "content-type" for a in ("-H", f"{k}: {v}")],
+               "-T", headers.get("content-type", "application/json"), url]
+        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    rows = [line.split(",") for line in out.splitlines()[1:] if line and line[0].isdigit()]
+    ok = sorted(1e3 * float(r[0]) for r in rows if r[6] == "200")
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / wall
+    return {"requests": len(rows), "ok": len(ok), "errors": len(rows) - len(ok), "throughput": len(ok) / seconds,
+            "p50_ms": loadgen.percentile(ok, 50), "p99_ms": loadgen.percentile(ok, 99),
+            "generator_cpu": round(cpu / (os.cpu_count() or 1), 3)}
 
 
-def deploy(run_dir: Path, model: str, app: str, cfg: ServeConfig) -> None:
-    from ray import serve
-
-    from distillery.serving import AppArgs, build_application
-
-    args = AppArgs(kind="model", run_dir=str(run_dir), models=[model], settings=cfg.model_dump())
-    serve.run(build_application(args), name=app, route_prefix=f"/v2/models/{app}")
-
-
-def deploy_noop() -> None:
-    from ray import serve
-    from starlette.responses import JSONResponse
-
-    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})  # as the models below
-    class NoOp:
-        async def __call__(self, request):
-            await request.body()
-            return JSONResponse({"model_name": "noop", "outputs": [], "parameters": {"variant": "noop"}})
-
-    serve.run(NoOp.bind(), name="noop", route_prefix="/v2/models/noop")
-
-
-def load(base: str, app: str, body: bytes, seconds: float, concurrency: int = CONCURRENCY,
-         headers: dict | None = None) -> dict:
-    url = f"{base}/v2/models/{app}/infer"
-    run = loadgen.closed_loop(url, body, concurrency, seconds, headers or {"content-type": "application/json"})
+def asyncio_load(url: str, body: bytes, concurrency: int, seconds: float, headers: dict) -> dict:
+    run = loadgen.closed_loop(url, body, concurrency, seconds, headers)
     samples, _, cpu = asyncio.run(loadgen.with_replicas(run, None))
-    summary = loadgen.summarize(samples, seconds)
-    return {k: summary[k] for k in ("requests", "ok", "errors", "throughput", "p50_ms", "p99_ms")} | {
-        "generator_cpu": round(cpu, 3)}
+    s = loadgen.summarize(samples, seconds)
+    return {k: s[k] for k in ("requests", "ok", "throughput", "p50_ms", "p99_ms")} | {
+        "errors": s["requests"] - s["ok"], "generator_cpu": round(cpu / (os.cpu_count() or 1), 3)}
 
 
-def binary_body(x: torch.Tensor) -> tuple[bytes, dict]:
-    header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": x.numel() * 4}}]}).encode()
-    return header + x.numpy().astype("<f4").tobytes(), {"content-type": "application/octet-stream",
-                                                          "inference-header-content-length": str(len(header))}
+LOAD = hey if shutil.which("hey") else asyncio_load
 
 
 def cifar_run(folder: Path) -> Path:
-    """A run directory with CIFAR-shaped models of random weights and a measured frontier:
-    speed only (their accuracy is chance and is not reported)."""
+    """A run directory with CIFAR-shaped models of random weights and a measured frontier."""
     shape, records = [3, 32, 32], []
     torch.manual_seed(0)
     for name, cfg in (("teacher", ResNetConfig()), ("student", CNNConfig(width_mult=1.0))):
@@ -101,77 +93,176 @@ def cifar_run(folder: Path) -> Path:
     return folder
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(kind: str) -> str:
+    """A fresh local Ray instance with `kind` ingress and Serve on a free port; its base URL."""
+    import ray
+    from ray import serve
+
+    os.environ.update(ingress.ingress_env(kind, "127.0.0.1"))
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60},
+                logging_config={"log_level": "WARNING", "enable_access_log": False})
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_serve() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(run_dir: Path, model: str, app: str, cfg: ServeConfig) -> None:
+    from ray import serve
+
+    from distillery.serving import AppArgs, build_application
+
+    args = AppArgs(kind="model", run_dir=str(run_dir), models=[model], settings=cfg.model_dump())
+    serve.run(build_application(args), name=app, route_prefix=f"/v2/models/{app}")
+
+
+def deploy_noop() -> None:
+    from ray import serve
+    from starlette.responses import Response
+
+    @serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.5})  # as the models
+    class NoOp:
+        async def __call__(self, request):
+            await request.body()
+            return Response(b'{"model_name":"noop","outputs":[],"parameters":{"variant":"noop"}}',
+                            media_type="application/json")
+
+    serve.run(NoOp.bind(), name="noop", route_prefix="/v2/models/noop")
+
+
+def binary_body(x: torch.Tensor) -> tuple[bytes, dict]:
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.numel() * 4}}]}).encode()
+    return header + x.numpy().astype("<f4").tobytes(), {"content-type": "application/octet-stream",
+                                                          "inference-header-content-length": str(len(header))}
+
+
+def body(x: torch.Tensor) -> bytes:
+    return loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape))
+
+
+def rounds(base: str, loads: list[tuple[str, str, bytes, int]], secs: float) -> dict[str, dict]:
+    """Each (key, app, body, concurrency) load twice, in opposite orders; the mean of the two."""
+    for _, app, b, c in loads:  # warm-up, not recorded
+        LOAD(f"{base}/v2/models/{app}/infer", b, c, 1.0, JSON)
+    seen: dict[str, list[dict]] = {key: [] for key, *_ in loads}
+    for order in (loads, loads[::-1]):
+        for key, app, b, c in order:
+            seen[key].append(LOAD(f"{base}/v2/models/{app}/infer", b, c, secs, JSON))
+            print(f"  {key}: {seen[key][-1]}", flush=True)
+    return {key: {k: (sum(r[k] for r in rs) / len(rs) if isinstance(rs[0][k], float) else sum(r[k] for r in rs))
+                  for k in rs[0]} | {"throughput_rounds": [round(r["throughput"], 1) for r in rs]}
+            for key, rs in seen.items()}
+
+
+def best_within(base: str, app: str, b: bytes, secs: float, p99_ms: float = 100.0) -> dict:
+    """The highest requests/s at concurrency 1..64 whose p99 stays within `p99_ms`."""
+    levels = {c: LOAD(f"{base}/v2/models/{app}/infer", b, c, secs, JSON) for c in (1, 2, 4, 8, 16, 32, 64)}
+    ok = {c: r for c, r in levels.items() if r["errors"] == 0 and r["p99_ms"] is not None and r["p99_ms"] <= p99_ms}
+    c = max(ok, key=lambda c: ok[c]["throughput"]) if ok else None
+    return {"concurrency": c, "throughput": ok[c]["throughput"] if c else 0.0, "p99_ms": ok[c]["p99_ms"] if c else None,
+            "levels": {str(c): {k: r[k] for k in ("throughput", "p50_ms", "p99_ms", "errors")} for c, r in levels.items()}}
+
+
+def in_process(predictor: Predictor, x: torch.Tensor, secs: float) -> float:
+    """Images/s of `predictor` on batch `x` in this process (1 thread, as in a replica)."""
+    predictor(x)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < secs:
+        predictor(x)
+        n += 1
+    return len(x) * n / (time.perf_counter() - start)
+
+
+def proxy_phase(run_dir: Path, b1: bytes, secs: float) -> dict:
+    base = start_serve("proxy")
+    try:
+        deploy_noop()
+        deploy(run_dir, "student", "student", ONE)
+        time.sleep(5)  # replica processes finish starting: they share the 2 cores
+        return rounds(base, [("proxy noop c1", "noop", b1, 1), ("proxy noop c32", "noop", b1, 32),
+                             ("proxy student c1", "student", b1, 1), ("proxy student c32", "student", b1, 32)], secs)
+    finally:
+        stop_serve()
+
+
+def haproxy_phase(run_dir: Path, cifar: Path, secs: float) -> dict:
+    x = data.load_split(run_dir / "data", "test")[0]
+    b1, c1 = body(x[:1]), body(torch.rand(1, 3, 32, 32))
+    base = start_serve("haproxy")
+    try:
+        deploy_noop()
+        deploy(run_dir, "student", "student", ONE)
+        for name in ("student", "teacher"):
+            deploy(cifar, name, f"cifar-{name}", ONE)
+        deploy(cifar, "teacher", "cifar-teacher-nobatch", ONE.model_copy(update={"max_batch_size": 1}))
+        time.sleep(5)
+        runs = rounds(base, [("haproxy noop c1", "noop", b1, 1), ("haproxy noop c32", "noop", b1, 32),
+                             ("haproxy student c1", "student", b1, 1), ("haproxy student c32", "student", b1, 32),
+                             ("cifar-student c32", "cifar-student", c1, 32),
+                             ("cifar-teacher c32", "cifar-teacher", c1, 32),
+                             ("cifar-teacher-nobatch c32", "cifar-teacher-nobatch", c1, 32)], secs)
+        for name in ("cifar-student", "cifar-teacher"):
+            runs[f"{name} best p99<=100ms"] = best_within(base, name, c1, min(secs, 3.0))
+        bin64, headers = binary_body(x[:64])
+        runs["student x64 json c4"] = LOAD(f"{base}/v2/models/student/infer", body(x[:64]), 4, secs, JSON)
+        runs["student x64 binary c4"] = LOAD(f"{base}/v2/models/student/infer", bin64, 4, secs, headers)
+        return runs
+    finally:
+        stop_serve()
+
+
+def ratios(r: dict, student_b64: float) -> dict:
+    t = {k: v["throughput"] for k, v in r.items()}
+    return {
+        "haproxy_vs_proxy_noop_c1": t["haproxy noop c1"] / t["proxy noop c1"],
+        "haproxy_vs_proxy_noop_c32": t["haproxy noop c32"] / t["proxy noop c32"],
+        "haproxy_student_vs_noop_c1": t["haproxy student c1"] / t["haproxy noop c1"],
+        "cifar_student_vs_teacher_c32": t["cifar-student c32"] / t["cifar-teacher c32"],
+        "cifar_teacher_batching_on_vs_off_c32": t["cifar-teacher c32"] / t["cifar-teacher-nobatch c32"],
+        "x64_binary_images_vs_in_process": 64 * t["student x64 binary c4"] / student_b64,
+        "x64_json_images_vs_in_process": 64 * t["student x64 json c4"] / student_b64,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", type=Path, default=Path("runs/digits"))
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()
-    import ray
-    from ray import serve
-
     run_dir, secs = args.run_dir.resolve(), args.seconds
     cifar = cifar_run(Path(tempfile.mkdtemp()) / "cifar")
-    one = ServeConfig(min_replicas=1, max_replicas=1, num_cpus=0.5, max_ongoing_requests=64, max_queued_requests=1000)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    base = f"http://127.0.0.1:{port}"
-    deploy_noop()
-    for name in ("student", "teacher"):
-        deploy(run_dir, name, name, one)
-        deploy(cifar, name, f"cifar-{name}", one)
-    deploy(run_dir, "teacher", "teacher-nobatch", one.model_copy(update={"max_batch_size": 1}))
-    deploy(cifar, "teacher", "cifar-teacher-nobatch", one.model_copy(update={"max_batch_size": 1}))
-
-    x1 = data.load_split(run_dir / "data", "test")[0][:1]
-    x64 = data.load_split(run_dir / "data", "test")[0][:64]
-    body1 = loadgen.infer_body(x1.reshape(-1).tolist(), list(x1.shape))
-    c1 = torch.rand(1, 3, 32, 32)
-    cbody1 = loadgen.infer_body(c1.reshape(-1).tolist(), list(c1.shape))
-    out: dict = {"machine": {**bench.machine_info(), "replica": "1 replica, 0.5 logical CPU, 1 torch thread"},
-                 "seconds_per_load": secs, "concurrency": CONCURRENCY, "runs": {}}
-    runs = out["runs"]
-    loads = [("noop", body1), ("student", body1), ("teacher", body1), ("teacher-nobatch", body1),
-             ("cifar-student", cbody1), ("cifar-teacher", cbody1), ("cifar-teacher-nobatch", cbody1)]
-    time.sleep(10)  # let the replica processes finish starting: they compete for the same 2 cores
-    for app, body in loads:
-        load(base, app, body, 1.0)  # warm-up, not recorded
-    rounds: dict[str, list[dict]] = {app: [] for app, _ in loads}
-    for order in (loads, loads[::-1]):  # two rounds, opposite orders: drift hits every deployment alike
-        for app, body in order:
-            rounds[app].append(load(base, app, body, secs))
-            print(app, rounds[app][-1], flush=True)
-    for app, results in rounds.items():  # the mean of the two rounds
-        runs[app] = {k: (sum(r[k] for r in results) / len(results) if isinstance(results[0][k], float) else
-                         results[0][k]) for k in results[0]} | {"throughput_rounds": [r["throughput"] for r in results]}
-    json64 = loadgen.infer_body(x64.reshape(-1).tolist(), list(x64.shape))
-    bin64, headers = binary_body(x64)
-    runs["student x64 json"] = load(base, "student", json64, secs, concurrency=4)
-    runs["student x64 binary"] = load(base, "student", bin64, secs, concurrency=4, headers=headers)
-    predictor = Predictor(catalog(run_dir, ["student"])[0])
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < secs:
-        predictor(x64)
-        n += 1
-    in_process = 64 * n / (time.perf_counter() - start)
-    serve.shutdown()
-    ray.shutdown()
-
-    r = runs
-    out["ratios"] = {
-        "student_vs_noop_c32": r["student"]["throughput"] / r["noop"]["throughput"],
-        "digits_student_vs_teacher": r["student"]["throughput"] / r["teacher"]["throughput"],
-        "cifar_student_vs_teacher": r["cifar-student"]["throughput"] / r["cifar-teacher"]["throughput"],
-        "digits_teacher_batching_on_vs_off": r["teacher"]["throughput"] / r["teacher-nobatch"]["throughput"],
-        "cifar_teacher_batching_on_vs_off": r["cifar-teacher"]["throughput"] / r["cifar-teacher-nobatch"]["throughput"],
-        "x64_json_images_vs_in_process": 64 * r["student x64 json"]["throughput"] / in_process,
-        "x64_binary_images_vs_in_process": 64 * r["student x64 binary"]["throughput"] / in_process,
-    }
-    out["in_process_student_b64_images_per_s"] = in_process
-    rows = [[app, f"{v['throughput']:,.1f}", f"{v['p50_ms']:.1f}", f"{v['p99_ms']:.1f}", v["errors"] or "-",
-             f"{v['generator_cpu']:.0%}"] for app, v in runs.items()]
+    x = data.load_split(run_dir / "data", "test")[0]
+    student = Predictor(catalog(run_dir, ["student"])[0])
+    cifar_models = {n: Predictor(catalog(cifar, [n])[0]) for n in ("student", "teacher")}
+    here = {"student b64": in_process(student, x[:64], secs), "student b1": in_process(student, x[:1], secs)} | {
+        f"cifar-{n} b32": in_process(p, torch.rand(32, 3, 32, 32), secs) for n, p in cifar_models.items()}
+    runs = proxy_phase(run_dir, body(x[:1]), secs) | haproxy_phase(run_dir, cifar, secs)
+    out = {"machine": {**bench.machine_info(), "replica": "1 replica, 0.5 logical CPU, 1 torch thread"},
+           "load_tool": "hey" if LOAD is hey else "distillery.loadgen (asyncio, in this process)",
+           "seconds_per_load": secs, "in_process_images_per_s": here, "runs": runs,
+           "ratios": ratios(runs, here["student b64"])}
+    rows = [[k, f"{v['throughput']:,.1f}", f"{v['p50_ms']:.2f}" if v.get("p50_ms") else "-",
+             f"{v['p99_ms']:.1f}" if v.get("p99_ms") else "-", v.get("errors", "-") or "-",
+             f"{v['generator_cpu']:.0%}" if "generator_cpu" in v else f"c={v['concurrency']}"]
+            for k, v in runs.items()]
     print(table(["deployment (load)", "requests/s", "p50 ms", "p99 ms", "errors", "generator CPU"], rows))
-    print(json.dumps(out["ratios"], indent=1), f"\nin-process student, batch 64: {in_process:,.0f} images/s")
+    print(json.dumps(out["ratios"], indent=1), "\nin process (images/s):", json.dumps(here))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps(out, indent=2) + "\n")
 

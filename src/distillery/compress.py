@@ -271,7 +271,7 @@ def measure(ctx: Context, settings: bench.BenchSettings, name: str, role: str, p
     macs = count_macs(fp32, ctx.in_shape)  # of the float structure: pruning shows, int8 does not change it
     acc = {f"{split}_accuracy": _accuracy(model, ctx.splits[split]) for split in ("val", "test")}
     speed = bench.measure(model, ctx.in_shape, macs, settings, ctx.cfg.compress.bench.modes, int8=int8)
-    ctx.log(f"[compress] {name}: test {acc['test_accuracy']:.2%}, best {speed['best_mode']}: "
+    ctx.log(f"[compress] {name}: test {acc['test_accuracy']:.2%}, served {speed['best_mode']}: "
             f"p50 {speed['p50_ms']:.3f} ms at batch 1, {speed['throughput']:,.0f} images/s at batch {settings.throughput_batch}")
     return {"name": name, "role": role, "parent": parent, "recipe": recipe, **acc, "params": count_params(fp32),
             "macs": macs, "size_bytes": size_bytes, **speed}

@@ -111,7 +111,12 @@ class ServeConfig(_Strict):
 
     enabled: bool = Field(True, description="`distillery run`: deploy the run's models, load-test them and keep "
                           "serving at the end (false: stop after the report, nothing served)")
-    host: str = Field("127.0.0.1", description="where the HTTP proxy listens; 0.0.0.0 exposes it to the network")
+    host: str = Field("127.0.0.1", description="where every serving listener binds (HTTP ingress, replica ports, "
+                      "HAProxy's stats and metrics); 0.0.0.0 exposes them to the network")
+    ingress: Literal["auto", "haproxy", "proxy"] = Field(
+        "auto", description="HTTP ingress of a local Ray instance: HAProxy (Ray's fast ingress; ray[serve] ships the "
+        "binary on Linux), Ray Serve's Python proxy, or auto: HAProxy when found. A cluster uses what its nodes "
+        "were started with (cluster.yaml)")
     port: int = Field(8000, ge=1, le=65_535)
     models: list[str] | None = Field(None, description="models to serve; default: the Pareto front and the recommended one")
     auto: bool = Field(True, description="serve the adaptive model `auto`")
@@ -127,7 +132,8 @@ class ServeConfig(_Strict):
     max_queued_requests: int = Field(64, ge=0, le=1_000_000, description="per deployment; beyond it: 503")
     request_timeout_s: float = Field(10.0, gt=0.0, le=3600.0, description="beyond it: 408")
     max_batch_size: int = Field(64, ge=1, le=65_536, description="images per forward pass (dynamic batching)")
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description="the longest a batch waits for requests "
+                                        "this replica is still reading; a lone request never waits")
     num_cpus: float = Field(0.5, gt=0.0, le=256.0, description="per replica (logical; the replica runs 1 torch thread)")
     max_body_bytes: int = Field(8 << 20, ge=1024, le=1 << 31)
     max_elements: int = Field(1 << 20, ge=1, le=1 << 30, description="floats per request")

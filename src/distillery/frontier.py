@@ -64,6 +64,7 @@ def pareto_front(records: Sequence[dict], *, x: str = "p50_ms", y: str = "test_a
             return a[y] > b[y]
         return a[x] <= b[x] and a[y] >= b[y] and (a[x] < b[x] or a[y] > b[y])
 
+    records = [r for r in records if r.get("servable", True)]  # only what a replica can run is on offer
     front = [r for r in records if not any(dominates(other, r) for other in records)]
     return [r["name"] for r in sorted(front, key=lambda r: (r[x], -r[y], r["name"]))]
 
@@ -86,7 +87,7 @@ def recommend(records: Sequence[dict], floor: float, margin: float = 0.0) -> dic
     identical distilled student. Returns {"name", "floor", "reason"} or None when nothing meets
     the floor."""
     validate(records)
-    candidates = [r for r in records if r["test_accuracy"] >= floor and not r["not_faster"]]
+    candidates = [r for r in records if r["test_accuracy"] >= floor and not r["not_faster"] and r.get("servable", True)]
     if not candidates:
         return None
     fastest = min(candidates, key=lambda r: r["p50_ms"])
@@ -132,15 +133,18 @@ def _csv(records: Sequence[dict], front: list[str]) -> str:
     return buf.getvalue()
 
 
-_MD_HEADER = ("name", "recipe", "test acc", "params", "MACs", "size KiB", "best mode", "p50 ms", "p99 ms",
-              "img/s", "% of peak", "on front", "note")
+_MD_HEADER = ("name", "recipe", "test acc", "params", "MACs", "size KiB", "served mode", "p50 ms", "p99 ms",
+              "img/s", "% of peak", "compiled p50 ms (not served)", "on front", "note")
 
 
 def _md_row(r: dict, on_front: bool) -> list[str]:
-    note = "not faster than its parent" if r["not_faster"] else ""
+    note = "; ".join(n for n, on in (("not faster than its parent", r["not_faster"]),
+                                     ("no servable mode ran", not r.get("servable", True))) if on)
+    compiled = r.get("modes", {}).get("compile", {}).get("p50_ms")
     return [r["name"], r["recipe"], f"{r['test_accuracy']:.2%}", f"{r['params']:,}", f"{r['macs']:,}",
             f"{r['size_bytes'] / 1024:.1f}", r["best_mode"], f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-            f"{r['throughput']:,.0f}", f"{r['peak_fraction']:.1%}", "yes" if on_front else "", note]
+            f"{r['throughput']:,.0f}", f"{r['peak_fraction']:.1%}", f"{compiled:.3f}" if compiled else "-",
+            "yes" if on_front else "", note]
 
 
 def _md_cell(value: str) -> str:
@@ -163,7 +167,8 @@ def _evidence_line(machine: dict, settings: dict) -> str:
             f"torch {m.get('torch', '?')}) with {s.get('threads', '?')} thread(s): p50/p99 over "
             f"{s.get('latency_runs', '?')} batch-1 runs after {s.get('warmup', '?')} warm-up runs, throughput "
             f"at batch {s.get('throughput_batch', '?')} (median of {s.get('throughput_runs', '?')} runs); "
-            f"each variant in its fastest mode.")
+            f"each variant in its fastest mode that a Serve replica runs (eager or channels_last; "
+            f"compiled graphs are timed for comparison, not served).")
 
 
 def _png(records: Sequence[dict], front: list[str], rec: dict | None, floor: float) -> bytes:

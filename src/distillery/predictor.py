@@ -17,7 +17,6 @@ from distillery.errors import UserError
 from distillery.protocol import ProtocolError
 
 BASES = ("teacher", "student", "student_scratch")
-SERVING_MODES = ("eager", "channels_last")  # compiled graphs recompile per batch size: not in a replica yet
 
 
 @dataclass(frozen=True)
@@ -57,14 +56,14 @@ def catalog(run_dir: str | Path, names: list[str] | None = None) -> list[ServedM
 def _served(location: str, run_dir: Path, recorded: dict[str, str], rec: dict, recommended: bool) -> ServedModel:
     rel = rec["name"] if rec["name"] in BASES else f"variants/{rec['name']}"
     arch = read_json(run_dir / rel / "arch.json")
-    modes = {m: f for m, f in rec["modes"].items() if m in SERVING_MODES and "p50_ms" in f}
-    if not modes:
-        raise UserError(f"{rec['name']}: no measured {' or '.join(SERVING_MODES)} mode to serve it in")
-    mode = min(modes, key=lambda m: modes[m]["p50_ms"])  # serving is latency-bound: batch 1 decides
+    mode = rec["best_mode"]  # the mode its frontier figures come from: serve what was measured
+    if mode not in bench.SERVABLE_MODES:
+        raise UserError(f"{rec['name']}: measured only in {mode} mode, which a replica does not run "
+                        f"({' or '.join(bench.SERVABLE_MODES)} failed); it cannot be served")
     files = {f.removeprefix(f"{rel}/"): sha for f, sha in recorded.items() if f.startswith(f"{rel}/")}
     folder = storage.join(location, rel) if storage.is_uri(location) else str(run_dir / rel)
     return ServedModel(rec["name"], folder, arch["spec"]["in_shape"], arch["spec"]["num_classes"],
-                       rec["test_accuracy"], modes[mode]["p50_ms"], mode, recommended, files)
+                       rec["test_accuracy"], rec["p50_ms"], mode, recommended, files)
 
 
 class Predictor:

@@ -17,12 +17,13 @@ layer turns it into `{"error": message}` with that status. Nothing here imports 
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson  # 3-10x faster than json both ways; a replica decodes and encodes every request
 import torch
 
 INPUT_NAME = "input"
@@ -46,6 +47,7 @@ class InferRequest:
     x: torch.Tensor             # [N, C, H, W] float32
     id: str | None
     parameters: dict[str, Any]
+    binary_output: bool = False  # Triton's `binary_data_output`, or `binary_data` on a requested output
 
 
 def check_size(content_length: str | None, limits: Limits) -> None:
@@ -62,11 +64,11 @@ def parse_infer(body: bytes, in_shape: list[int], limits: Limits, header_length:
         raise ProtocolError(413, f"request body of {len(body)} bytes is over the limit of {limits.max_body_bytes}")
     body, blob = _split_binary(body, header_length)
     try:
-        doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:  # also too deep: orjson refuses nesting past 1,024 levels
+        if re.search(rb"\bNaN\b|\bInfinity\b", body):  # Python's json writes them; JSON has no such numbers
+            raise ProtocolError(400, "data contains NaN or infinity (not valid JSON numbers)") from None
         raise ProtocolError(400, f"body is not valid JSON: {e}") from None
-    except RecursionError:  # e.g. 100,000 nested brackets, well under the size limit
-        raise ProtocolError(400, "body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ProtocolError(400, "body must be a JSON object with an 'inputs' list")
     unknown = set(doc) - {"id", "inputs", "outputs", "parameters"}
@@ -83,19 +85,13 @@ def parse_infer(body: bytes, in_shape: list[int], limits: Limits, header_length:
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(400, "'id' must be a string")
-    return InferRequest(_tensor(inputs[0], in_shape, limits, blob), request_id, params)
+    return InferRequest(_tensor(inputs[0], in_shape, limits, blob), request_id, params, _wants_binary(doc, params))
 
 
-def wants_binary_output(body: bytes, header_length: str | None) -> bool:
+def _wants_binary(doc: dict, params: dict) -> bool:
     """Whether the request asked for binary outputs (Triton's `binary_data_output` parameter,
     or `binary_data` on a requested output)."""
-    try:
-        doc = json.loads(_split_binary(body, header_length)[0])
-    except (ValueError, RecursionError, ProtocolError):
-        return False
-    if not isinstance(doc, dict):
-        return False
-    if isinstance(doc.get("parameters"), dict) and doc["parameters"].get("binary_data_output") is True:
+    if params.get("binary_data_output") is True:
         return True
     outputs = doc.get("outputs") if isinstance(doc.get("outputs"), list) else []
     return any(isinstance(o, dict) and isinstance(o.get("parameters"), dict) and o["parameters"].get("binary_data")
@@ -170,7 +166,7 @@ def binary_response(doc: dict[str, Any]) -> tuple[bytes, int]:
         raw = np.asarray(out["data"], dtype=dtype).tobytes()
         blobs.append(raw)
         outputs.append({k: v for k, v in out.items() if k != "data"} | {"parameters": {"binary_data_size": len(raw)}})
-    header = json.dumps({**doc, "outputs": outputs}).encode()
+    header = orjson.dumps({**doc, "outputs": outputs})
     return header + b"".join(blobs), len(header)
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from distillery import checkpoint, data, storage
+from distillery import checkpoint, data, ingress, storage
 from distillery.artifacts import load_model
 from distillery.compression.prune import GradualSparsity
 from distillery.compression.recipe import PruneUnstructured
@@ -63,6 +63,8 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     if cluster_address(cfg):
         ray.init(address=cluster_address(cfg), logging_level=logging.WARNING)
         return
+    # Serve's ingress is chosen by the environment Ray starts with: set it before ray.init.
+    print(f"[serve] {ingress.apply(cfg.serve.ingress, cfg.serve.host)[1]}", flush=True)
     # Logical CPUs beyond the workers' share, so Ray Data's read tasks are never starved
     # by the training workers holding every CPU (a deadlock on a 2-core machine).
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_worker)) + 2

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from importlib import metadata
 from typing import Any
 
+import orjson
 import torch
 from pydantic import BaseModel, ConfigDict
 from ray import serve
@@ -30,10 +31,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from distillery import storage
+from distillery.batcher import Batcher
 from distillery.config import ServeConfig
 from distillery.predictor import Predictor, ServedModel, catalog, choose
 from distillery.protocol import (InferRequest, Limits, ProtocolError, auto_targets, binary_response, check_size,
-                                 infer_response, model_metadata, parse_infer, server_metadata, wants_binary_output)
+                                 infer_response, model_metadata, parse_infer, server_metadata)
 
 API_KEY_HEADER = "x-api-key"
 
@@ -111,14 +113,13 @@ def _check_key(request: Request, digest: str | None) -> None:
 
 def _subpath(request: Request) -> str:
     """The path under this application's route prefix: "", "/ready" or "/infer"."""
-    return request.url.path[len(request.scope.get("root_path", "")):].rstrip("/")
+    return request.scope["path"][len(request.scope.get("root_path", "")):].rstrip("/")
 
 
 BINARY_HEADER = "inference-header-content-length"
 
 
-async def _read_infer(request: Request, in_shape: list[int], lim: Limits) -> tuple[InferRequest, bool]:
-    """(the parsed request, whether it wants binary outputs)."""
+async def _read_infer(request: Request, in_shape: list[int], lim: Limits) -> InferRequest:
     if request.method != "POST":
         raise ProtocolError(405, "infer takes POST")
     header_length = request.headers.get(BINARY_HEADER)
@@ -128,13 +129,12 @@ async def _read_infer(request: Request, in_shape: list[int], lim: Limits) -> tup
         raise ProtocolError(415, f"content type {kind!r} is not supported; send application/json "
                                  f"(or application/octet-stream with {BINARY_HEADER})")
     check_size(request.headers.get("content-length"), lim)
-    body = await request.body()
-    return parse_infer(body, in_shape, lim, header_length), wants_binary_output(body, header_length)
+    return parse_infer(await request.body(), in_shape, lim, header_length)
 
 
 def _reply(doc: dict, binary: bool) -> Response:
     if not binary:
-        return JSONResponse(doc)
+        return Response(orjson.dumps(doc), media_type="application/json")
     body, header_length = binary_response(doc)
     return Response(body, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})
 
@@ -149,9 +149,8 @@ class Model:
     def __init__(self, served: ServedModel, max_batch_size: int, batch_wait_s: float,
                  api_key_sha256: str | None, limits: dict):
         self.predictor = Predictor(served)  # verifies sha256; a bad artifact fails the replica here
-        self.served, self.digest, self.limits, self.max_batch = served, api_key_sha256, Limits(**limits), max_batch_size
-        self._predict_batch.set_max_batch_size(max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.served, self.digest, self.limits = served, api_key_sha256, Limits(**limits)
+        self.batcher = Batcher(self.predictor, max_batch_size, batch_wait_s)
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -163,25 +162,18 @@ class Model:
                 return JSONResponse({"name": self.served.name, "ready": True})
             if sub != "/infer":
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/{self.served.name}")
-            req, binary = await _read_infer(request, self.served.in_shape, self.limits)
-            logits, together = await self.infer(req.x)
+            with self.batcher.admitted():
+                req = await _read_infer(request, self.served.in_shape, self.limits)
+            logits, together = await self.batcher(req.x)
             body = infer_response(self.served.name, req.id, logits, self.served.name)
             body["parameters"]["batched_requests"] = together
-            return _reply(body, binary)
+            return _reply(body, req.binary_output)
         except ProtocolError as e:
             return _error(e)
 
     async def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(logits, how many requests shared the forward pass). Also the `auto` model's entry."""
-        if len(x) >= self.max_batch:  # already a full batch: nothing to gain from waiting
-            return self.predictor(x), 1
-        return await self._predict_batch(x)
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=lambda xs: sum(len(x) for x in xs))
-    async def _predict_batch(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-        sizes = [len(x) for x in xs]
-        logits = self.predictor(torch.cat(xs))
-        return [(part, len(xs)) for part in logits.split(sizes)]
+        """(logits, how many requests shared the forward pass): the `auto` model's entry."""
+        return await self.batcher(x)
 
     def check_health(self) -> None:
         self.predictor(torch.zeros(1, *self.served.in_shape))
@@ -211,7 +203,7 @@ class Auto:
                 return JSONResponse({"name": "auto", "ready": True})
             if sub != "/infer":
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/auto")
-            req, binary = await _read_infer(request, self.in_shape, self.limits)
+            req = await _read_infer(request, self.in_shape, self.limits)
             pick = choose(self.served, *auto_targets(req.parameters), inflight=self.inflight, busy_at=self.busy_at)
             start = time.perf_counter()
             self.inflight[pick.name] += 1
@@ -222,7 +214,7 @@ class Auto:
             body = infer_response("auto", req.id, logits, pick.name)
             body["parameters"].update(batched_requests=together, model_ms=round(1e3 * (time.perf_counter() - start), 3),
                                       test_accuracy=pick.test_accuracy, p50_ms_measured=pick.p50_ms)
-            return _reply(body, binary)
+            return _reply(body, req.binary_output)
         except ProtocolError as e:
             return _error(e)
 
