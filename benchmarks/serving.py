@@ -11,7 +11,8 @@ figure is the mean of two rounds in opposite orders.
    instance each, started one after the other), concurrency 1 and 32;
 2. through HAProxy: the digits student at concurrency 1 against the no-op;
 3. CIFAR-shaped (3x32x32, random weights: speed only) student against teacher at
-   concurrency 32, and the highest rate each sustains with p99 <= 100 ms (concurrency 1-64);
+   concurrency 32 (JSON and binary tensors), and the highest rate each sustains with
+   p99 <= 100 ms (concurrency 1-64, JSON);
 4. dynamic batching on and off for the CIFAR teacher at concurrency 32;
 5. 64-image requests (JSON and binary tensors) against the same predictor in process at batch 64.
 Writes benchmarks/results/serving.json.
@@ -45,6 +46,7 @@ from distillery.predictor import Predictor, catalog  # noqa: E402
 ONE = ServeConfig(min_replicas=1, max_replicas=1, num_cpus=0.5, max_ongoing_requests=128, max_queued_requests=1000,
                   request_timeout_s=60)
 JSON = {"content-type": "application/json"}
+QUIET = {"log_level": "WARNING", "enable_access_log": False}  # as `distillery serve`: an access log line per request costs
 
 
 def hey(url: str, body: bytes, concurrency: int, seconds: float, headers: dict) -> dict:
@@ -87,7 +89,8 @@ def cifar_run(folder: Path) -> Path:
         save_model(folder / name, model, spec)
         speed = bench.measure(model, shape, 1, bench.BenchSettings(latency_runs=50, throughput_runs=3),
                               ["eager", "channels_last"])
-        records.append({"name": name, "test_accuracy": 0.0, "p50_ms": speed["p50_ms"], "modes": speed["modes"]})
+        records.append({"name": name, "test_accuracy": 0.0, "best_mode": speed["best_mode"], "p50_ms": speed["p50_ms"],
+                        "modes": speed["modes"]})
     atomic_write_json(folder / "frontier.json", {"variants": records, "pareto": ["student", "teacher"],
                                                  "recommended": None})
     return folder
@@ -110,7 +113,7 @@ def start_serve(kind: str) -> str:
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60},
-                logging_config={"log_level": "WARNING", "enable_access_log": False})
+                logging_config=QUIET)
     return f"http://127.0.0.1:{port}"
 
 
@@ -128,7 +131,7 @@ def deploy(run_dir: Path, model: str, app: str, cfg: ServeConfig) -> None:
     from distillery.serving import AppArgs, build_application
 
     args = AppArgs(kind="model", run_dir=str(run_dir), models=[model], settings=cfg.model_dump())
-    serve.run(build_application(args), name=app, route_prefix=f"/v2/models/{app}")
+    serve.run(build_application(args), name=app, route_prefix=f"/v2/models/{app}", logging_config=QUIET)
 
 
 def deploy_noop() -> None:
@@ -142,7 +145,7 @@ def deploy_noop() -> None:
             return Response(b'{"model_name":"noop","outputs":[],"parameters":{"variant":"noop"}}',
                             media_type="application/json")
 
-    serve.run(NoOp.bind(), name="noop", route_prefix="/v2/models/noop")
+    serve.run(NoOp.bind(), name="noop", route_prefix="/v2/models/noop", logging_config=QUIET)
 
 
 def binary_body(x: torch.Tensor) -> tuple[bytes, dict]:
@@ -156,14 +159,14 @@ def body(x: torch.Tensor) -> bytes:
     return loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape))
 
 
-def rounds(base: str, loads: list[tuple[str, str, bytes, int]], secs: float) -> dict[str, dict]:
+def rounds(base: str, loads: list[tuple[str, str, bytes, int]], secs: float, headers: dict = JSON) -> dict[str, dict]:
     """Each (key, app, body, concurrency) load twice, in opposite orders; the mean of the two."""
     for _, app, b, c in loads:  # warm-up, not recorded
-        LOAD(f"{base}/v2/models/{app}/infer", b, c, 1.0, JSON)
+        LOAD(f"{base}/v2/models/{app}/infer", b, c, 1.0, headers)
     seen: dict[str, list[dict]] = {key: [] for key, *_ in loads}
     for order in (loads, loads[::-1]):
         for key, app, b, c in order:
-            seen[key].append(LOAD(f"{base}/v2/models/{app}/infer", b, c, secs, JSON))
+            seen[key].append(LOAD(f"{base}/v2/models/{app}/infer", b, c, secs, headers))
             print(f"  {key}: {seen[key][-1]}", flush=True)
     return {key: {k: (sum(r[k] for r in rs) / len(rs) if isinstance(rs[0][k], float) else sum(r[k] for r in rs))
                   for k in rs[0]} | {"throughput_rounds": [round(r["throughput"], 1) for r in rs]}
@@ -212,11 +215,14 @@ def haproxy_phase(run_dir: Path, cifar: Path, secs: float) -> dict:
             deploy(cifar, name, f"cifar-{name}", ONE)
         deploy(cifar, "teacher", "cifar-teacher-nobatch", ONE.model_copy(update={"max_batch_size": 1}))
         time.sleep(5)
+        cbin, cheaders = binary_body(torch.rand(1, 3, 32, 32))
         runs = rounds(base, [("haproxy noop c1", "noop", b1, 1), ("haproxy noop c32", "noop", b1, 32),
                              ("haproxy student c1", "student", b1, 1), ("haproxy student c32", "student", b1, 32),
                              ("cifar-student c32", "cifar-student", c1, 32),
                              ("cifar-teacher c32", "cifar-teacher", c1, 32),
                              ("cifar-teacher-nobatch c32", "cifar-teacher-nobatch", c1, 32)], secs)
+        runs |= rounds(base, [("cifar-student binary c32", "cifar-student", cbin, 32),
+                              ("cifar-teacher binary c32", "cifar-teacher", cbin, 32)], secs, cheaders)
         for name in ("cifar-student", "cifar-teacher"):
             runs[f"{name} best p99<=100ms"] = best_within(base, name, c1, min(secs, 3.0))
         bin64, headers = binary_body(x[:64])
@@ -227,9 +233,15 @@ def haproxy_phase(run_dir: Path, cifar: Path, secs: float) -> dict:
         stop_serve()
 
 
-def ratios(r: dict, student_b64: float) -> dict:
-    t = {k: v["throughput"] for k, v in r.items()}
+def ratios(r: dict, here: dict) -> dict:
+    t, student_b64 = {k: v["throughput"] for k, v in r.items()}, here["student b64"]
     return {
+        # The most the student can reach at concurrency 1 against the no-op with no handler
+        # cost at all: each request still pays the model's own batch-1 time.
+        "student_c1_bound_vs_noop": 1 / (1 + t["haproxy noop c1"] / here["student b1"]),
+        "cifar_student_vs_teacher_c32_binary": t["cifar-student binary c32"] / t["cifar-teacher binary c32"],
+        # What batching can buy in process, one thread: the teacher at batch 32 vs batch 1.
+        "cifar_teacher_batching_bound_in_process": here["cifar-teacher b32"] / here["cifar-teacher b1"],
         "haproxy_vs_proxy_noop_c1": t["haproxy noop c1"] / t["proxy noop c1"],
         "haproxy_vs_proxy_noop_c32": t["haproxy noop c32"] / t["proxy noop c32"],
         "haproxy_student_vs_noop_c1": t["haproxy student c1"] / t["haproxy noop c1"],
@@ -251,12 +263,12 @@ def main() -> None:
     student = Predictor(catalog(run_dir, ["student"])[0])
     cifar_models = {n: Predictor(catalog(cifar, [n])[0]) for n in ("student", "teacher")}
     here = {"student b64": in_process(student, x[:64], secs), "student b1": in_process(student, x[:1], secs)} | {
-        f"cifar-{n} b32": in_process(p, torch.rand(32, 3, 32, 32), secs) for n, p in cifar_models.items()}
+        f"cifar-{n} b{b}": in_process(p, torch.rand(b, 3, 32, 32), secs) for n, p in cifar_models.items() for b in (1, 32)}
     runs = proxy_phase(run_dir, body(x[:1]), secs) | haproxy_phase(run_dir, cifar, secs)
     out = {"machine": {**bench.machine_info(), "replica": "1 replica, 0.5 logical CPU, 1 torch thread"},
            "load_tool": "hey" if LOAD is hey else "distillery.loadgen (asyncio, in this process)",
            "seconds_per_load": secs, "in_process_images_per_s": here, "runs": runs,
-           "ratios": ratios(runs, here["student b64"])}
+           "ratios": ratios(runs, here)}
     rows = [[k, f"{v['throughput']:,.1f}", f"{v['p50_ms']:.2f}" if v.get("p50_ms") else "-",
              f"{v['p99_ms']:.1f}" if v.get("p99_ms") else "-", v.get("errors", "-") or "-",
              f"{v['generator_cpu']:.0%}" if "generator_cpu" in v else f"c={v['concurrency']}"]

@@ -49,7 +49,7 @@ def test_requests_arriving_during_a_forward_pass_share_the_next_one():
 
     async def many():
         first = asyncio.ensure_future(batcher(_x(1, 0.0)))
-        await asyncio.sleep(0)  # the first forward pass starts and blocks the loop
+        await asyncio.sleep(0.01)  # meanwhile the first forward pass starts and blocks the loop
         rest = [asyncio.ensure_future(batcher(_x(1, float(i)))) for i in range(1, 6)]
         return await first, await asyncio.gather(*rest)
 
@@ -58,6 +58,16 @@ def test_requests_arriving_during_a_forward_pass_share_the_next_one():
     # each request gets its own rows back, in order
     assert [out[0, 0].item() for out, _ in rest] == [4.0 * i for i in range(1, 6)]
     assert all(together == 5 for _, together in rest)
+
+
+def test_requests_submitted_together_share_one_forward_pass():
+    forward = Recorder()
+    batcher = Batcher(forward, max_batch=64, wait_s=0.0)
+
+    async def together():
+        return await asyncio.gather(*(batcher(_x(1)) for _ in range(4)))
+
+    assert [n for _, n in asyncio.run(together())] == [4] * 4 and forward.batches == [4]
 
 
 def test_a_batch_never_holds_more_than_max_batch_images():

@@ -68,3 +68,12 @@ def test_the_wrapper_rewrites_the_config_and_runs_the_real_haproxy(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "valid" in (done.stdout + done.stderr).lower()
     assert "bind 127.0.0.1:8404" in config.read_text() and "bind *:" not in config.read_text()
+
+
+def test_the_line_names_the_ingress_ray_was_started_with(monkeypatch):
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    assert ingress.current().startswith("ingress: HAProxy")
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    assert "Python proxy" in ingress.current() and "RAY_SERVE_ENABLE_HA_PROXY=1" in ingress.current()
+    monkeypatch.setattr(ingress, "haproxy_binary", lambda: None)
+    assert "no HAProxy binary found" in ingress.current()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import math
 import shutil
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from distillery import data, loadgen
+from distillery import data, ingress, loadgen
 from distillery.cli import main
 from distillery.config import ServeConfig
 from distillery.errors import UserError
@@ -53,6 +54,7 @@ def served(tmp_path_factory) -> Served:
     cfg = ServeConfig(port=free_port(), models=[MODEL], auto=False, min_replicas=2, max_replicas=2,
                       max_elements=4096, max_body_bytes=64 * 1024, request_timeout_s=3.0)
     dashboard = free_port()
+    assert ingress.apply(cfg.ingress, cfg.host)[0] == "haproxy"  # the default ingress where the binary exists
     ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_port=dashboard)  # for the state API
     try:
         url = serving.deploy(str(run_dir), cfg, None).removesuffix("/v2")
@@ -274,6 +276,35 @@ def test_requests_beyond_ongoing_and_queued_get_503_at_once_and_slow_ones_408(se
     serve.delete("slow")
 
 
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
+    """Closed-loop load keeps 8 requests in flight through HAProxy, above the target of one
+    per replica, so Serve adds the second replica; without load it goes back to one."""
+    from ray import serve
+
+    from distillery import loadtest
+    from distillery.serving import AppArgs, build_application
+
+    scaling = served.cfg.model_copy(update={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                            "upscale_delay_s": 1.0, "downscale_delay_s": 3.0})
+    args = AppArgs(kind="model", run_dir=str(served.run_dir), models=[MODEL], settings=scaling.model_dump())
+    serve.run(build_application(args), name="scaling", route_prefix="/v2/models/scaling",
+              logging_config={"enable_access_log": False})
+    count = loadtest.replica_counter("scaling", "Model")
+    url = f"{served.url}/v2/models/scaling/infer"
+    run = loadgen.closed_loop(url, served.body, 8, 15.0, {"content-type": "application/json"})
+    samples, replicas, _ = asyncio.run(loadgen.with_replicas(run, count, every_s=0.5))
+    summary = loadtest.scaling_summary(samples, replicas)
+    assert summary["initial_replicas"] == 1 and summary["peak_replicas"] == 2, replicas
+    assert summary["lost"] == 0 and summary["ok"] == summary["requests"]
+    deadline = time.monotonic() + 40
+    while asyncio.run(count()) != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert asyncio.run(count()) == 1, "no scale-down 40 s after the load stopped"
+    print(f"\nautoscaling: 1 -> 2 replicas {summary['scaled_up_at_s']} s into the load; "
+          f"{summary['requests']} requests, all 200; back to 1 after it ended")
+    serve.delete("scaling")
+
+
 # ---------------------------------------------------------------- addresses
 
 
@@ -293,6 +324,15 @@ def test_the_products_ports_listen_on_loopback_only(served):
     cfg, dashboard = served.cfg, served.dashboard_port
     listening = _listening()
     loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as /proc writes them
-    assert listening[cfg.port] in loopback, f"Serve's HTTP proxy on {listening[cfg.port]}"
+    assert listening[cfg.port] in loopback, f"Serve's HTTP ingress on {listening[cfg.port]}"
     assert listening[dashboard] in loopback, f"Ray's dashboard on {listening[dashboard]}"
-    print(f"\nServe :{cfg.port} and the dashboard :{dashboard} listen on loopback only")
+    # HAProxy's stats and Prometheus listeners (Ray binds them to every interface; the
+    # wrapper pins them), Serve's fallback proxy, and each replica's own HTTP server.
+    haproxy = {name: int(os.environ[name]) for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                                                        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")}
+    replicas = {port: address for port, address in listening.items() if 30000 <= port <= 31000}
+    for name, port in haproxy.items():
+        assert listening.get(port) in loopback, f"{name}: port {port} on {listening.get(port)}"
+    assert replicas and all(a in loopback for a in replicas.values()), f"replica ports: {replicas}"
+    print(f"\nServe :{cfg.port}, the dashboard :{dashboard}, HAProxy's stats, metrics and fallback ports "
+          f"{sorted(haproxy.values())} and {len(replicas)} replica port(s) listen on loopback only")

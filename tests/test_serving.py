@@ -221,6 +221,16 @@ def test_generated_serve_config_names_every_application(server, tmp_path):
     assert model_app["route_prefix"] == f"/v2/models/{names[0]}" and model_app["args"]["kind"] == "model"
 
 
+def test_serve_env_prints_the_ingress_environment_for_serve_run(server, capsys):
+    _, run_dir, _ = server
+    assert main(["serve", "env", str(run_dir)]) == 0
+    env = dict(line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["DISTILLERY_HAPROXY_HOST"] == "127.0.0.1"
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("distillery-haproxy")
+    assert main(["serve", "env", str(run_dir), "--set", "serve.ingress=proxy"]) == 0
+    assert "RAY_SERVE_ENABLE_HA_PROXY=0" in capsys.readouterr().out
+
+
 def test_query_client_prints_predictions(server, capsys):
     base, run_dir, _ = server
     x = _test_images(run_dir, 3).numpy()
@@ -339,5 +349,5 @@ def test_serving_frontier_takes_the_best_rate_within_the_p99_target():
     rows = [{"model": "a", "concurrency": c, "throughput": t, "p99_ms": p, "errors": e}
             for c, t, p, e in ((1, 50.0, 10.0, {}), (4, 150.0, 40.0, {}), (16, 300.0, 150.0, {}), (8, 200.0, 60.0, {"503": 1}))]
     front = lt.serving_frontier(rows, [m], p99_target_ms=100.0)
-    assert front == [{"model": "a", "test_accuracy": 0.9, "model_p50_ms": 0.1, "sustained_rps": 150.0,
+    assert front == [{"model": "a", "test_accuracy": 0.9, "mode": "eager", "model_p50_ms": 0.1, "sustained_rps": 150.0,
                       "at_concurrency": 4, "p99_target_ms": 100.0}]

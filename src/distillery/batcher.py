@@ -43,6 +43,7 @@ class Batcher:
     async def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """x [N, ...] -> (logits [N, K], how many requests shared the forward pass)."""
         if len(x) >= self.max_batch:   # already a full batch: run it alone
+            await _let_arrivals_in()
             return self.forward(x), 1
         future = asyncio.get_running_loop().create_future()
         self.queue.append((x, future))
@@ -55,6 +56,7 @@ class Batcher:
     async def _drain(self) -> None:
         try:
             while self.queue:
+                await _let_arrivals_in()
                 await self._gather()
                 batch = self._take()
                 try:
@@ -65,7 +67,6 @@ class Batcher:
                     continue
                 for (x, f), part in zip(batch, logits.split([len(x) for x, _ in batch])):
                     f.done() or f.set_result((part, len(batch)))
-                await asyncio.sleep(0)  # let requests that came during the forward pass in
         finally:
             self.busy = False
 
@@ -89,3 +90,13 @@ class Batcher:
             n += 1
         batch, self.queue = self.queue[:n], self.queue[n:]
         return batch
+
+
+async def _let_arrivals_in() -> None:
+    """Two turns of the event loop before a forward pass: requests whose bytes have arrived are
+    read and admitted (one turn reads the socket, the next starts their handlers), so they join
+    the batch, and Serve counts them as ongoing. Without this, with user code on the replica's
+    own loop, they waited unread in the socket and the autoscaler saw ~0 ongoing requests under
+    any load."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)

@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(compress)
 
     srv = sub.add_parser("serve", help="serve a run's models on Ray Serve over HTTP (Open Inference Protocol); "
-                         "`serve build RUN_DIR -o FILE` writes the Serve config YAML instead")
-    srv.add_argument("words", nargs="+", metavar="[build] RUN_DIR", help="a run directory, e.g. runs/digits")
+                         "`serve build RUN_DIR -o FILE` writes the Serve config YAML instead; `serve env RUN_DIR` "
+                         "prints the environment that gives a Ray started next (e.g. by `serve run`) the run's ingress")
+    srv.add_argument("words", nargs="+", metavar="[build|env] RUN_DIR", help="a run directory, e.g. runs/digits")
     srv.add_argument("-o", "--output", help="build: where to write the config (default: RUN_DIR/serve/config.yaml)")
     srv.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a serve setting of the run's config, e.g. --set serve.port=8001")
@@ -71,10 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--models", help="comma-separated (default: every model the run serves, and auto)")
     load.add_argument("--concurrency", default="1,2,4,8,16,32", help="closed-loop levels ('' skips the sweep; default: %(default)s)")
     load.add_argument("--duration", type=float, default=5.0, help="seconds per level (default: %(default)s)")
-    load.add_argument("--ramp", default="10:10,20:300,45:5", metavar="S:RATE,...",
-                      help="open-loop autoscaling ramp, run first: seconds at requests/s, ... ('' skips it; "
-                      "default: %(default)s, long enough at the end to see the scale-down after serve.downscale_delay_s)")
-    load.add_argument("--ramp-model", help="model for the ramp (default: the recommended one)")
+    load.add_argument("--ramp", default="5:0.25,25:1.4,40:0.05", metavar="S:LOAD,...",
+                      help="open-loop autoscaling ramp, run first: seconds at a multiple of the ramp model's measured "
+                      "one-replica capacity, ... ('' skips it; default: %(default)s, long enough at the end to see "
+                      "the scale-down after serve.downscale_delay_s)")
+    load.add_argument("--ramp-model", help="model for the ramp (default: the slowest served one)")
+    load.add_argument("--ramp-images", type=int, default=16, help="images per ramp request (default: %(default)s)")
     load.add_argument("--images", type=int, default=1, help="images per request (default: %(default)s)")
     load.add_argument("--p99-target-ms", type=float, default=100.0,
                       help="p99 target for the sustained rate and the tuning (default: %(default)s)")

@@ -158,11 +158,17 @@ class LoadTestConfig(_Strict):
     concurrency: list[Annotated[int, Field(ge=1, le=10_000)]] = Field([1, 8, 32], max_length=32,
                                                                    description="closed-loop levels; [] skips the sweep")
     duration_s: float = Field(3.0, gt=0.0, le=3600.0, description="per level")
-    # Long enough at the end to see the scale-down after serve.downscale_delay_s.
+    # Rates as multiples of one replica's capacity, measured first: a ramp one replica cannot
+    # serve within the p99 target and two can, on any machine. Long enough at the end to see
+    # the scale-down after serve.downscale_delay_s.
     ramp: list[Annotated[list[Annotated[float, Field(gt=0.0, le=100_000.0)]], Field(min_length=2, max_length=2)]] = Field(
-        [[5.0, 10.0], [15.0, 300.0], [45.0, 5.0]], max_length=32,
-        description="open-loop autoscaling ramp, run first: [seconds, requests/s] steps; [] skips it")
-    ramp_model: str | None = Field(None, description="default: the recommended model")
+        [[5.0, 0.25], [25.0, 1.4], [40.0, 0.05]], max_length=32,
+        description="open-loop autoscaling ramp, run first: [seconds, load] steps, load as a multiple of the ramp "
+        "model's measured one-replica capacity; [] skips it")
+    ramp_model: str | None = Field(None, description="default: the slowest served model (compute-bound, so a second "
+                                   "replica adds capacity even on few cores)")
+    ramp_images: int = Field(16, ge=1, le=4096, description="images per ramp request: the work of a request, not "
+                             "the cost of sending it, should bound the replica")
     images: int = Field(1, ge=1, le=4096, description="images per request")
     p99_target_ms: float = Field(100.0, gt=0.0, le=600_000.0)
 

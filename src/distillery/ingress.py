@@ -59,12 +59,16 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-# Serve's replica settings from its `RAY_SERVE_THROUGHPUT_OPTIMIZED` set that pay here, without
-# the rest (that set also routes Ray's proxy over gRPC, slower on 2 cores): user code on the
-# replica's own event loop instead of a second thread (no cross-thread hand-off per request)
-# and request logs flushed in batches. The digits model via HAProxy, `hey`, 2 cores: 540 -> 738
-# requests/s at concurrency 1, 1,101 -> 1,680 at 32.
-SERVE_TUNING = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}
+# Serve replica settings that pay here. Request logs flushed in batches rather than per line.
+# A replica leaving a direct-ingress deployment (scale-down, update) waits at least 30 s by
+# default for an external load balancer to deregister it; Serve's own HAProxy drops it within
+# a reload (~0.1 s): 5 s keeps a margin without making every update and scale-down wait 30 s.
+# Not taken from Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED set: user code on the replica's own
+# event loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0) served the digits model 1.4-1.5x
+# faster, but then requests wait unread in the socket while the loop computes, the replica
+# reports ~0 ongoing requests under load, and autoscaling never scales up.
+SERVE_TUNING = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
 def ingress_env(kind: str, host: str, local: bool = True) -> dict[str, str]:
@@ -90,6 +94,18 @@ def ingress_env(kind: str, host: str, local: bool = True) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
     return env
+
+
+def current() -> str:
+    """One line naming the ingress of the Ray instance this process started or joined (a job
+    driver inherits its node's environment)."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        return f"ingress: HAProxy ({os.environ.get(BINARY_VAR) or haproxy_binary() or 'haproxy'})"
+    if haproxy_binary() is None:
+        hint = "no HAProxy binary found (ray[serve] ships one on Linux; or apt-get install haproxy)"
+    else:
+        hint = "serve.ingress=proxy, or a cluster started without RAY_SERVE_ENABLE_HA_PROXY=1 (cluster.yaml sets it)"
+    return f"ingress: Ray Serve's Python proxy, ~8x more CPU per request than HAProxy: {hint}"
 
 
 def apply(choice: str, host: str) -> tuple[str, str]:

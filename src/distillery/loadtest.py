@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from distillery import loadgen
+from distillery import ingress, loadgen
 from distillery.artifacts import atomic_write_bytes, atomic_write_json
 from distillery.config import LoadTestConfig
 
@@ -63,6 +63,25 @@ def ramp(base_url: str, model: str, body: bytes, steps: Steps, headers: dict | N
             "per_second": loadgen.per_second(samples), "replicas": replicas, "samples": samples}
 
 
+def calibrated_ramp(base_url: str, run_dir: str | Path, model: str, lcfg: LoadTestConfig, headers: dict,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """The autoscaling ramp at multiples of `model`'s one-replica capacity, measured first
+    (closed loop at 2 requests in flight for 3 s, `lcfg.ramp_images` images a request)."""
+    x = held_out_images(run_dir)[0][:lcfg.ramp_images]
+    body = loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape))
+    url = f"{base_url}/v2/models/{model}/infer"
+    # Two in flight: enough to keep one replica busy, not more than serve.target_ongoing_requests'
+    # default, so the probe itself does not scale the deployment up before the ramp.
+    probe = loadgen.summarize(asyncio.run(loadgen.closed_loop(url, body, 2, 3.0, headers)), 3.0)
+    capacity = max(probe["throughput"], 1.0)
+    steps = [(d, round(f * capacity, 1)) for d, f in lcfg.ramp]
+    log(f"[loadtest] {model}: one replica answers {capacity:.0f} requests/s of {lcfg.ramp_images} image(s); "
+        "autoscaling ramp " + ", ".join(f"{d:g} s at {r:g}/s" for d, r in steps))
+    return ramp(base_url, model, body, steps, headers) | {"capacity_rps": round(capacity, 1),
+                                                          "images": lcfg.ramp_images,
+                                                          "load_factors": [f for _, f in lcfg.ramp]}
+
+
 async def _with(run, model: str):
     deployment = "Auto" if model == "auto" else "Model"
     return await loadgen.with_replicas(run, replica_counter(model, deployment), every_s=1.0)
@@ -87,6 +106,7 @@ def scaling_summary(samples: list[loadgen.Sample], replicas: list[tuple[float, i
             "p99_after_ms": p99(down, end) if down is not None else None,
             "requests": len(samples), "ok": sum(s.status == 200 for s in samples),
             "rejected_503": sum(s.status == 503 for s in samples),
+            "rejected_503_once_scaled": sum(s.status == 503 and up is not None and s.sent >= up for s in samples),
             "lost": sum(s.status not in (200, 503) for s in samples)}
 
 
@@ -116,9 +136,8 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
     body = loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape))
     scaling, sweeps = None, []
     if lcfg.ramp:
-        model = lcfg.ramp_model or next((m.name for m in served if m.recommended), served[0].name)
-        log(f"[loadtest] {model}: autoscaling ramp " + ", ".join(f"{d:g} s at {r:g}/s" for d, r in lcfg.ramp))
-        scaling = ramp(base_url, model, body, [(d, r) for d, r in lcfg.ramp], headers)
+        model = lcfg.ramp_model or max(served, key=lambda m: m.p50_ms).name
+        scaling = calibrated_ramp(base_url, run_dir, model, lcfg, headers, log)
     for model in models if lcfg.concurrency else []:
         log(f"[loadtest] {model}: closed loop at concurrency {lcfg.concurrency}, {lcfg.duration_s:g} s each")
         sweeps += sweep(base_url, model, body, lcfg.concurrency, lcfg.duration_s, headers)
@@ -126,6 +145,7 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
              "overhead": in_process_rates(served, x, lcfg.duration_s)} if sweeps else {}
     if tuning is not None:
         extra["tuning"] = tuning(body, max(lcfg.concurrency or [32]))
+    extra["ingress"] = ingress.current()
     return write_report(out, sweeps, scaling, bench.machine_info(), extra)
 
 
@@ -209,13 +229,17 @@ def markdown(doc: dict) -> str:
         scaled = "did not scale up" if s["scaled_up_at_s"] is None else (
             f"scaled up at {s['scaled_up_at_s']:g} s, " + ("did not scale back down" if s["scaled_down_at_s"] is None
                                                             else f"back down at {s['scaled_down_at_s']:g} s"))
-        lines += ["", f"Autoscaling ramp on {s['model']} ({', '.join(f'{d:g} s at {q:g}/s' for d, q in s['steps'])}): "
+        measured = (f"one replica measured at {s['capacity_rps']:g} requests/s of {s['images']} image(s), so "
+                    if "capacity_rps" in s else "")
+        lines += ["", f"Autoscaling ramp on {s['model']} ({measured}{', '.join(f'{d:g} s at {q:g}/s' for d, q in s['steps'])}): "
                   f"replicas {s['initial_replicas']} -> {s['peak_replicas']}, {scaled}; p99 {_ms(s['p99_before_ms'])} "
                   f"ms before, {_ms(s['p99_scaled_ms'])} ms scaled, {_ms(s['p99_after_ms'])} ms after; "
-                  f"{s['ok']} of {s['requests']} answered 200, {s['rejected_503']} rejected with 503, {s['lost']} lost."]
+                  f"{s['ok']} of {s['requests']} answered 200, {s['rejected_503']} rejected with 503 "
+                  f"({s.get('rejected_503_once_scaled', '-')} of them sent after the scale-up), {s['lost']} lost."]
     lines += _frontier_lines(doc.get("frontier"), doc.get("overhead")) + _tuning_lines(doc.get("tuning"))
     m = doc["machine"]
-    lines += ["", f"Machine: {m.get('cpu')}, {m.get('logical_cores')} logical cores; the load generator ran on the "
+    lines += [""] + ([f"HTTP {doc['ingress']}."] if doc.get("ingress") else [])
+    lines += [f"Machine: {m.get('cpu')}, {m.get('logical_cores')} logical cores; the load generator ran on the "
               "same machine (its CPU share is in the table). Latency counts from the scheduled send time."]
     return "\n".join(lines) + "\n"
 
@@ -225,12 +249,12 @@ def _frontier_lines(frontier: list[dict] | None, overhead: dict | None) -> list[
         return []
     target = frontier[0]["p99_target_ms"]
     lines = ["", f"Serving-level frontier (highest closed-loop rate with p99 <= {target:g} ms and no errors):", "",
-             "| model | test acc | model p50 ms (batch 1) | sustained requests/s | at concurrency | in process, calls/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| model | test acc | served mode | model p50 ms (batch 1, that mode) | sustained requests/s | "
+             "at concurrency | in process, calls/s |", "|---|---:|---|---:|---:|---:|---:|"]
     for f in frontier:
         here = (overhead or {}).get(f["model"])
-        lines.append(f"| {f['model']} | {f['test_accuracy']:.2%} | {f['model_p50_ms']:.3f} | {f['sustained_rps']:.1f} | "
-                     f"{f['at_concurrency'] or '-'} | {f'{here:,.0f}' if here else '-'} |")
+        lines.append(f"| {f['model']} | {f['test_accuracy']:.2%} | {f.get('mode', '-')} | {f['model_p50_ms']:.3f} | "
+                     f"{f['sustained_rps']:.1f} | {f['at_concurrency'] or '-'} | {f'{here:,.0f}' if here else '-'} |")
     return lines
 
 
@@ -299,7 +323,7 @@ def serving_frontier(sweeps: list[dict], served: list, p99_target_ms: float) -> 
     out = []
     for m in served:
         best = sustained([r for r in sweeps if r["model"] == m.name], p99_target_ms)
-        out.append({"model": m.name, "test_accuracy": m.test_accuracy, "model_p50_ms": m.p50_ms,
+        out.append({"model": m.name, "test_accuracy": m.test_accuracy, "mode": m.mode, "model_p50_ms": m.p50_ms,
                     "sustained_rps": best["throughput"] if best else 0.0,
                     "at_concurrency": best["concurrency"] if best else None, "p99_target_ms": p99_target_ms})
     return out

@@ -64,7 +64,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         ray.init(address=cluster_address(cfg), logging_level=logging.WARNING)
         return
     # Serve's ingress is chosen by the environment Ray starts with: set it before ray.init.
-    print(f"[serve] {ingress.apply(cfg.serve.ingress, cfg.serve.host)[1]}", flush=True)
+    ingress.apply(cfg.serve.ingress, cfg.serve.host)
     # Logical CPUs beyond the workers' share, so Ray Data's read tasks are never starved
     # by the training workers holding every CPU (a deadlock on a 2-core machine).
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_worker)) + 2

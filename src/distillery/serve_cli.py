@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import time
 import urllib.error
@@ -15,22 +16,27 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
-from distillery import storage
+from distillery import ingress, storage
 from distillery.errors import UserError
 
 
 def serve(args: argparse.Namespace) -> None:
-    build = args.words[0] == "build"
-    words = args.words[1:] if build else args.words
+    verb = args.words[0] if args.words[0] in ("build", "env") else None
+    words = args.words[1:] if verb else args.words
     if len(words) != 1:
-        raise UserError("usage: distillery serve [build] RUN_DIR (a folder or an s3:// / gs:// URI)")
+        raise UserError("usage: distillery serve [build|env] RUN_DIR (a folder or an s3:// / gs:// URI)")
     location = _location(words[0])
     root, cfg = _run_config(location, args.overrides)
-    if build:
+    if verb == "env":  # for `eval "$(distillery serve env runs/digits)" && serve run serve/config.yaml`
+        kind, _ = ingress.resolve(cfg.serve.ingress)
+        env = ingress.ingress_env(kind, cfg.serve.host, local=False)
+        print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()))
+        return
+    if verb == "build":
         out = write_serve_config(location, cfg, Path(args.output or root / "serve" / "config.yaml"))
         print(f"Serve config: {out}\n  serve run {out}")
         return
-    url, _ = deploy_run(location, cfg, lambda m: None)
+    url, _ = deploy_run(location, cfg, lambda m: print(m, flush=True))
     print(f"serving {url} (models: {url}/models); Ctrl-C stops", flush=True)
     _serve_until_interrupted()
 
@@ -72,6 +78,7 @@ def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
 
     key = serving.read_api_key(cfg.serve.api_key_env)
     ensure_ray(cfg)
+    log(f"[serve] {ingress.current()}")
     start = time.perf_counter()
     url = serving.deploy(location, cfg.serve, key)
     log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}")
@@ -188,7 +195,8 @@ def loadtest(args: argparse.Namespace) -> None:
         lcfg = LoadTestConfig(models=args.models.split(",") if args.models else None,
                               concurrency=_ints(args.concurrency, "--concurrency") if args.concurrency else [],
                               duration_s=args.duration, ramp=[list(s) for s in _steps(args.ramp)] if args.ramp else [],
-                              ramp_model=args.ramp_model, images=args.images, p99_target_ms=args.p99_target_ms)
+                              ramp_model=args.ramp_model, ramp_images=args.ramp_images, images=args.images,
+                              p99_target_ms=args.p99_target_ms)
     except ValidationError as e:
         raise UserError(f"loadtest: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
     headers = {"content-type": "application/json"}
@@ -235,7 +243,7 @@ def _steps(text: str) -> list[tuple[float, float]]:
     try:
         steps = [(float(d), float(r)) for d, r in (part.split(":") for part in text.split(","))]
     except ValueError:
-        raise UserError(f"--ramp: expected SECONDS:RATE,... e.g. 10:10,20:100,30:10, got {text!r}") from None
+        raise UserError(f"--ramp: expected SECONDS:LOAD,... e.g. 5:0.25,25:1.4,40:0.05, got {text!r}") from None
     if any(d <= 0 or r <= 0 for d, r in steps):
         raise UserError(f"--ramp: seconds and rates must be positive, got {text!r}")
     return steps
