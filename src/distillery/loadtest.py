@@ -47,7 +47,7 @@ def sweep(base_url: str, model: str, body: bytes, levels: list[int], duration_s:
     url, rows = f"{base_url}/v2/models/{model}/infer", []
     for level in levels:
         run = loadgen.closed_loop(url, body, level, duration_s, headers or {})
-        samples, replicas, cpu = asyncio.run(_with(run, model))
+        samples, replicas, cpu = loadgen.run_niced(_with(run, model))
         rows.append({"model": model, "concurrency": level, "duration_s": duration_s,
                      **loadgen.summarize(samples, duration_s), "generator_cpu": round(cpu, 3),
                      "replicas": replicas, "per_second": loadgen.per_second(samples), "samples": samples})
@@ -58,7 +58,7 @@ def ramp(base_url: str, model: str, body: bytes, steps: Steps, headers: dict | N
     """Open loop through `steps` (requests/s up, then down) while sampling replicas: when the
     deployment scaled up, p99 before/during/after, and what was lost."""
     url = f"{base_url}/v2/models/{model}/infer"
-    samples, replicas, cpu = asyncio.run(_with(loadgen.open_loop(url, body, steps, headers or {}), model))
+    samples, replicas, cpu = loadgen.run_niced(_with(loadgen.open_loop(url, body, steps, headers or {}), model))
     return {"model": model, "steps": steps, **scaling_summary(samples, replicas), "generator_cpu": round(cpu, 3),
             "per_second": loadgen.per_second(samples), "replicas": replicas, "samples": samples}
 
@@ -72,7 +72,7 @@ def calibrated_ramp(base_url: str, run_dir: str | Path, model: str, lcfg: LoadTe
     url = f"{base_url}/v2/models/{model}/infer"
     # Two in flight: enough to keep one replica busy, not more than serve.target_ongoing_requests'
     # default, so the probe itself does not scale the deployment up before the ramp.
-    probe = loadgen.summarize(asyncio.run(loadgen.closed_loop(url, body, 2, 3.0, headers)), 3.0)
+    probe = loadgen.summarize(loadgen.run_niced(loadgen.closed_loop(url, body, 2, 3.0, headers)), 3.0)
     capacity = max(probe["throughput"], 1.0)
     steps = [(d, round(f * capacity, 1)) for d, f in lcfg.ramp]
     log(f"[loadtest] {model}: one replica answers {capacity:.0f} requests/s of {lcfg.ramp_images} image(s); "

@@ -1,13 +1,14 @@
 """The Ray Serve layer: one application per served model, an `auto` router, a server app.
 
-Every Serve hop costs ~3 ms of CPU on a small machine, so each model is its own application
-with route prefix `/v2/models/<name>`: the HTTP proxy hands a request straight to that model's
-replicas (one hop). Only `auto` pays a second hop, to the model it picks. The `/v2` app answers
-health, server metadata, and any model name that is not served (404).
+Each model is its own application with route prefix `/v2/models/<name>`, so the ingress
+(HAProxy by default, see `ingress`; Ray's Python proxy as the fallback) hands a request
+straight to that model's replicas, whose own HTTP servers answer it. Only `auto` pays an
+actor call more, to the model it picks. The `/v2` app answers health, server metadata, and
+any model name that is not served (404).
 
-    proxy -> /v2/models/<name>/...  -> Model replicas (dynamic batching)      one hop
-          -> /v2/models/auto/...    -> Auto -> Model replicas of its pick       two hops
-          -> /v2/...                -> Server (health, metadata, unknown models)
+    ingress -> /v2/models/<name>/...  -> Model replicas (dynamic batching, `batcher`)
+            -> /v2/models/auto/...    -> Auto -> Model replicas of its pick
+            -> /v2/...                -> Server (health, metadata, unknown models)
 """
 
 from __future__ import annotations
