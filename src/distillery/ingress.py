@@ -136,7 +136,7 @@ def haproxy_main() -> None:
     binary = os.environ.get(BINARY_VAR) or haproxy_binary()
     if not binary:
         sys.exit("distillery-haproxy: no HAProxy binary found")
-    if "-f" in args and host not in ("0.0.0.0", "*", "::"):
+    if "-f" in args and host not in ("0.0.0.0", "*", "::"):  # a host that exposes every interface: nothing to pin
         path = Path(args[args.index("-f") + 1])
         text = path.read_text()
         pinned = pin_binds(text, host)
