@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from distillery.artifacts import sha256_file
+from distillery import ingress
 from conftest import ROOT, free_port, make_bucket
 
 pytestmark = pytest.mark.integration
@@ -36,8 +37,10 @@ def cluster(tmp_path_factory, s3_server):
     distillery cache) of a one-node cluster that can reach the S3 server."""
     tmp = tmp_path_factory.mktemp("cluster")
     token = secrets.token_hex(32)
+    # Started without HAProxy (as a cluster whose nodes lack cluster.yaml's environment): the
+    # job serves through Ray's Python proxy, the fallback path; the other tests use HAProxy.
     env = {**os.environ, **s3_server, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "DISTILLERY_CACHE": str(tmp / "node-cache")}
+           "DISTILLERY_CACHE": str(tmp / "node-cache"), **ingress.ingress_env("proxy", "127.0.0.1")}
     env.pop("RAY_ADDRESS", None)
     dashboard, gcs = free_port(), free_port()
     # Ray's unix sockets live under its temp dir and their paths must stay under ~107 bytes:
@@ -109,6 +112,7 @@ def test_pipeline_job_runs_on_the_cluster_and_keeps_serving(submitted):
     _, _, root, port, result = submitted
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "succeeded" in result.stdout
+    assert "ingress: Ray Serve's Python proxy" in result.stdout  # and the job says how to get HAProxy
     manifest = json.loads((root / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
     assert manifest["stages"]["teacher"]["metrics"]["workers"] == 2  # Ray Train on the cluster

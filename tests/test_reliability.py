@@ -277,7 +277,7 @@ def test_requests_beyond_ongoing_and_queued_get_503_at_once_and_slow_ones_408(se
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
-    """200 requests/s through HAProxy for 30 s keep more requests in flight than the target
+    """200 requests/s through HAProxy for 45 s keep more requests in flight than the target
     (0.1 per replica), so Serve adds the second replica; without load it goes back to one.
     The load leaves most of the 2 cores free: a saturating load starves a starting replica
     (Ray runs replicas at a lower CPU priority than this process) until the load ends."""
@@ -292,7 +292,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
     serve.run(build_application(args), name="scaling", route_prefix="/v2/models/scaling",
               logging_config={"enable_access_log": False})
     count = loadtest.replica_counter("scaling", "Model")
-    run = loadgen.open_loop(f"{served.url}/v2/models/scaling/infer", served.body, [(30.0, 200.0)],
+    run = loadgen.open_loop(f"{served.url}/v2/models/scaling/infer", served.body, [(45.0, 200.0)],
                             {"content-type": "application/json"})
     samples, replicas, _ = loadgen.run_niced(loadgen.with_replicas(run, count, every_s=0.5))
     summary = loadtest.scaling_summary(samples, replicas)
