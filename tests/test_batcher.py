@@ -39,7 +39,8 @@ def test_a_lone_request_does_not_wait_for_the_batch_timeout():
         return time.perf_counter() - start, out, together
 
     elapsed, out, together = asyncio.run(one())
-    assert elapsed < 0.5 and together == 1 and forward.batches == [1]
+    assert together == 1 and forward.batches == [1]
+    assert elapsed < batcher.wait_s / 2  # it did not wait for the 5 s batch window
     assert out.tolist() == [[4.0, 4.0, 4.0]]
 
 

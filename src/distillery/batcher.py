@@ -28,6 +28,7 @@ class Batcher:
         self.arriving = 0            # requests admitted, not yet submitted
         self.busy = False            # a drain task is running
         self._changed = asyncio.Event()
+        self._drainer: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
@@ -50,7 +51,7 @@ class Batcher:
         self._changed.set()
         if not self.busy:
             self.busy = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:

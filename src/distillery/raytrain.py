@@ -63,8 +63,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     if cluster_address(cfg):
         ray.init(address=cluster_address(cfg), logging_level=logging.WARNING)
         return
-    # Serve's ingress is chosen by the environment Ray starts with: set it before ray.init.
-    ingress.apply(cfg.serve.ingress, cfg.serve.host)
+    ingress.apply(cfg.serve.ingress, cfg.serve.host)  # Serve's ingress: chosen by Ray's environment
     # Logical CPUs beyond the workers' share, so Ray Data's read tasks are never starved
     # by the training workers holding every CPU (a deadlock on a 2-core machine).
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_worker)) + 2
