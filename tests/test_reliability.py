@@ -54,7 +54,7 @@ def served(tmp_path_factory) -> Served:
     cfg = ServeConfig(port=free_port(), models=[MODEL], auto=False, min_replicas=2, max_replicas=2,
                       max_elements=4096, max_body_bytes=64 * 1024, request_timeout_s=3.0)
     dashboard = free_port()
-    assert ingress.apply(cfg.ingress, cfg.host)[0] == "haproxy"  # the default ingress where the binary exists
+    assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # the default ingress where the binary exists
     ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_port=dashboard)  # for the state API
     try:
         url = serving.deploy(str(run_dir), cfg, None).removesuffix("/v2")

@@ -42,7 +42,7 @@ def server(tmp_path_factory):
     run_dir = storage / "tiny"
     cfg = ServeConfig(port=free_port(), batch_wait_timeout_s=0.05, max_elements=4096, max_body_bytes=64 * 1024,
                       max_replicas=1, api_key_env="DISTILLERY_TEST_KEY")
-    assert ingress.apply(cfg.ingress, cfg.host)[0] == "haproxy"  # ray[serve] ships the binary on Linux
+    assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # ray[serve] ships the binary on Linux
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         url = serving.deploy(str(run_dir), cfg, KEY)

