@@ -63,11 +63,12 @@ def ramp(base_url: str, model: str, body: bytes, steps: Steps, headers: dict | N
             "per_second": loadgen.per_second(samples), "replicas": replicas, "samples": samples}
 
 
-def calibrated_ramp(base_url: str, run_dir: str | Path, model: str, lcfg: LoadTestConfig, headers: dict,
+def calibrated_ramp(base_url: str, images: Any, model: str, lcfg: LoadTestConfig, headers: dict,
                     log: Callable[[str], None]) -> dict[str, Any]:
     """The autoscaling ramp at multiples of `model`'s one-replica capacity, measured first
-    (closed loop at 2 requests in flight for 3 s, `lcfg.ramp_images` images a request)."""
-    x = held_out_images(run_dir)[0][:lcfg.ramp_images]
+    (closed loop at 2 requests in flight for 3 s, `lcfg.ramp_images` of `images` [N, C, H, W] a
+    request)."""
+    x = images[:lcfg.ramp_images]
     body = loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape))
     url = f"{base_url}/v2/models/{model}/infer"
     # Two in flight: enough to keep one replica busy, not more than serve.target_ongoing_requests'
@@ -132,12 +133,13 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
 
     served = catalog(run_dir)
     models = lcfg.models or [m.name for m in served] + ["auto"]
-    x = held_out_images(run_dir)[0][:lcfg.images]
+    test_images = held_out_images(run_dir)[0]
+    x = test_images[:lcfg.images]
     body = loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape))
     scaling, sweeps = None, []
     if lcfg.ramp:
         model = lcfg.ramp_model or max(served, key=lambda m: m.p50_ms).name
-        scaling = calibrated_ramp(base_url, run_dir, model, lcfg, headers, log)
+        scaling = calibrated_ramp(base_url, test_images, model, lcfg, headers, log)
     for model in models if lcfg.concurrency else []:
         log(f"[loadtest] {model}: closed loop at concurrency {lcfg.concurrency}, {lcfg.duration_s:g} s each")
         sweeps += sweep(base_url, model, body, lcfg.concurrency, lcfg.duration_s, headers)
