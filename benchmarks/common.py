@@ -1,7 +1,7 @@
 """What the benchmark scripts share: run the library's stages, describe the machine, write results.
 
 The scripts only choose configs and read back what the pipeline wrote (metrics.json,
-manifest.json, results.json); training is always `distillery.pipeline.run_stages`.
+manifest.json, results.json); training is always `distillery.pipeline.stages.run_stages`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import PipelineConfig, load_config
-from distillery.pipeline import run_stages
+from distillery.pipeline.stages import run_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "digits.yaml"

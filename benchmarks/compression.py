@@ -26,19 +26,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import PRESET, RESULTS, median, table  # noqa: E402
 
-from distillery import bench  # noqa: E402
-from distillery.artifacts import load_model  # noqa: E402
+from distillery.measure import timing  # noqa: E402
+from distillery.files import load_model  # noqa: E402
 from distillery.compression import quantize, store  # noqa: E402
 from distillery.compression.recipe import Int8Dynamic  # noqa: E402
 from distillery.config import CNNConfig, load_config  # noqa: E402
-from distillery.models import build_model, count_macs, make_spec  # noqa: E402
-from distillery.pipeline import run_stages  # noqa: E402
+from distillery.models.architectures import build_model, count_macs, make_spec  # noqa: E402
+from distillery.pipeline.stages import run_stages  # noqa: E402
 
-SETTINGS = bench.BenchSettings(threads=1)
+SETTINGS = timing.BenchSettings(threads=1)
 
 
 def timed(model, in_shape, macs, mode: str, int8: bool = False) -> dict:
-    m = bench.measure(model, in_shape, macs, SETTINGS, [mode], int8=int8)
+    m = timing.measure(model, in_shape, macs, SETTINGS, [mode], int8=int8)
     return {"throughput": m["throughput"], "p50_ms": m["p50_ms"], "p99_ms": m["p99_ms"], "mode": mode}
 
 
@@ -97,8 +97,8 @@ def cifar_shaped(repeats: int) -> dict:
     quantize.calibrate(prepared, torch.rand(512, *shape))
     ours = quantize.convert(prepared)
     torchao_default = quantize.apply_torchao(copy.deepcopy(fp32), Int8Dynamic())
-    fp32_best = bench.measure(fp32, shape, macs, SETTINGS)["best_mode"]
-    ao_best = bench.measure(torchao_default, shape, macs, SETTINGS, int8=True)["best_mode"]
+    fp32_best = timing.measure(fp32, shape, macs, SETTINGS)["best_mode"]
+    ao_best = timing.measure(torchao_default, shape, macs, SETTINGS, int8=True)["best_mode"]
     speed = repeat({"fp32 eager": (fp32, shape, macs, "eager"), f"fp32 ({fp32_best})": (fp32, shape, macs, fp32_best),
                     "int8 static, ours (compile)": (ours, shape, macs, "compile", True),
                     f"torchao default int8 ({ao_best})": (torchao_default, shape, macs, ao_best, True)}, repeats)
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=Path("runs/digits"))
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    result = {"machine": {**bench.machine_info(), "threads": SETTINGS.threads}, "repeats": args.repeats,
+    result = {"machine": {**timing.machine_info(), "threads": SETTINGS.threads}, "repeats": args.repeats,
               "digits": digits(args.run_dir, args.repeats), "cifar_shaped": cifar_shaped(args.repeats)}
     for part in ("digits", "cifar_shaped"):
         rows = [[name, f"{s['throughput']:,.0f}", f"{s['p50_ms']:.3f}"] for name, s in result[part]["speed"].items()]

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from distillery.config import CNNConfig, load_config
-from distillery.models import build_model, make_spec
-from distillery.parallel import make_strategy
-from distillery.losses import cross_entropy
-from distillery.pipeline import run_stages
+from distillery.models.architectures import build_model, make_spec
+from distillery.training.parallel import make_strategy
+from distillery.training.losses import cross_entropy
+from distillery.pipeline.stages import run_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 

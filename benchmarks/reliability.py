@@ -30,7 +30,7 @@ WHICH = "teacher"
 
 
 def start(storage: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "distillery.cli", "train", "--model", WHICH, "--config", str(PRESET),
+    cmd = [sys.executable, "-m", "distillery.cli.main", "train", "--model", WHICH, "--config", str(PRESET),
            "--set", f"storage_path={storage}"]
     # Its own session: killing the group takes its local Ray instance down too (a dead driver).
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -37,11 +37,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import RESULTS, table  # noqa: E402
 
-from distillery import bench, data, ingress, loadgen  # noqa: E402
-from distillery.artifacts import atomic_write_json, save_model  # noqa: E402
+from distillery.measure import timing  # noqa: E402
+from distillery import data  # noqa: E402
+from distillery.serving import ingress  # noqa: E402
+from distillery.loadtest import generator  # noqa: E402
+from distillery.files import atomic_write_json, save_model  # noqa: E402
 from distillery.config import CNNConfig, ResNetConfig, ServeConfig  # noqa: E402
-from distillery.models import build_model, make_spec  # noqa: E402
-from distillery.predictor import Predictor, catalog  # noqa: E402
+from distillery.models.architectures import build_model, make_spec  # noqa: E402
+from distillery.serving.predictor import Predictor, catalog  # noqa: E402
 
 ONE = ServeConfig(min_replicas=1, max_replicas=1, num_cpus=0.5, max_ongoing_requests=128, max_queued_requests=1000,
                   request_timeout_s=60)
@@ -64,14 +67,14 @@ def hey(url: str, body: bytes, concurrency: int, seconds: float, headers: dict) 
     ok = sorted(1e3 * float(r[0]) for r in rows if r[6] == "200")
     cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / wall
     return {"requests": len(rows), "ok": len(ok), "errors": len(rows) - len(ok), "throughput": len(ok) / seconds,
-            "p50_ms": loadgen.percentile(ok, 50), "p99_ms": loadgen.percentile(ok, 99),
+            "p50_ms": generator.percentile(ok, 50), "p99_ms": generator.percentile(ok, 99),
             "generator_cpu": round(cpu / (os.cpu_count() or 1), 3)}
 
 
 def asyncio_load(url: str, body: bytes, concurrency: int, seconds: float, headers: dict) -> dict:
-    run = loadgen.closed_loop(url, body, concurrency, seconds, headers)
-    samples, _, cpu = asyncio.run(loadgen.with_replicas(run, None))
-    s = loadgen.summarize(samples, seconds)
+    run = generator.closed_loop(url, body, concurrency, seconds, headers)
+    samples, _, cpu = asyncio.run(generator.with_replicas(run, None))
+    s = generator.summarize(samples, seconds)
     return {k: s[k] for k in ("requests", "ok", "throughput", "p50_ms", "p99_ms")} | {
         "errors": s["requests"] - s["ok"], "generator_cpu": round(cpu / (os.cpu_count() or 1), 3)}
 
@@ -87,7 +90,7 @@ def cifar_run(folder: Path) -> Path:
         spec = make_spec(cfg, shape, 10)
         model = build_model(spec).eval()
         save_model(folder / name, model, spec)
-        speed = bench.measure(model, shape, 1, bench.BenchSettings(latency_runs=50, throughput_runs=3),
+        speed = timing.measure(model, shape, 1, timing.BenchSettings(latency_runs=50, throughput_runs=3),
                               ["eager", "channels_last"])
         records.append({"name": name, "test_accuracy": 0.0, "best_mode": speed["best_mode"], "p50_ms": speed["p50_ms"],
                         "modes": speed["modes"]})
@@ -128,7 +131,7 @@ def stop_serve() -> None:
 def deploy(run_dir: Path, model: str, app: str, cfg: ServeConfig) -> None:
     from ray import serve
 
-    from distillery.serving import AppArgs, build_application
+    from distillery.serving.deployments import AppArgs, build_application
 
     args = AppArgs(kind="model", run_dir=str(run_dir), models=[model], settings=cfg.model_dump())
     serve.run(build_application(args), name=app, route_prefix=f"/v2/models/{app}", logging_config=QUIET)
@@ -156,7 +159,7 @@ def binary_body(x: torch.Tensor) -> tuple[bytes, dict]:
 
 
 def body(x: torch.Tensor) -> bytes:
-    return loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape))
+    return generator.infer_body(x.reshape(-1).tolist(), list(x.shape))
 
 
 def rounds(base: str, loads: list[tuple[str, str, bytes, int]], secs: float, headers: dict = JSON) -> dict[str, dict]:
@@ -265,8 +268,8 @@ def main() -> None:
     here = {"student b64": in_process(student, x[:64], secs), "student b1": in_process(student, x[:1], secs)} | {
         f"cifar-{n} b{b}": in_process(p, torch.rand(b, 3, 32, 32), secs) for n, p in cifar_models.items() for b in (1, 32)}
     runs = proxy_phase(run_dir, body(x[:1]), secs) | haproxy_phase(run_dir, cifar, secs)
-    out = {"machine": {**bench.machine_info(), "replica": "1 replica, 0.5 logical CPU, 1 torch thread"},
-           "load_tool": "hey" if LOAD is hey else "distillery.loadgen (asyncio, in this process)",
+    out = {"machine": {**timing.machine_info(), "replica": "1 replica, 0.5 logical CPU, 1 torch thread"},
+           "load_tool": "hey" if LOAD is hey else "distillery.loadtest.generator (asyncio, in this process)",
            "seconds_per_load": secs, "in_process_images_per_s": here, "runs": runs,
            "ratios": ratios(runs, here)}
     rows = [[k, f"{v['throughput']:,.1f}", f"{v['p50_ms']:.2f}" if v.get("p50_ms") else "-",

@@ -42,7 +42,7 @@ def pipeline(storage: str, env: dict[str, str]) -> tuple[float, int]:
     """One `distillery run` of the digits preset without serving: (wall seconds, stages it
     found done already)."""
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "distillery.cli", "run", "--config", str(PRESET),
+    out = subprocess.run([sys.executable, "-m", "distillery.cli.main", "run", "--config", str(PRESET),
                           "--set", f"storage_path={storage}", "--set", "serve.enabled=false"],
                          env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return time.perf_counter() - start, out.count("done already")

@@ -13,7 +13,7 @@ from pathlib import Path
 # A job submitted with --working-dir runs from an uploaded copy of the repo: find src/ there.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from distillery.cli import main  # noqa: E402
+from distillery.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["distill", *sys.argv[1:]]))

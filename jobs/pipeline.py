@@ -15,7 +15,7 @@ from pathlib import Path
 # A job submitted with --working-dir runs from an uploaded copy of the repo: find src/ there.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from distillery.cli import main  # noqa: E402
+from distillery.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillery.artifacts import (atomic_write_bytes, atomic_write_json, load_model, read_json, save_model,
+from distillery.files import (atomic_write_bytes, atomic_write_json, load_model, read_json, save_model,
                                   sha256_file, verify_sha256)
 from distillery.config import CNNConfig
 from distillery.errors import UserError
-from distillery.models import build_model, make_spec
+from distillery.models.architectures import build_model, make_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_write_killed_midway_leaves_the_previous_file(tmp_path):
     atomic_write_bytes(target, b"old contents")
     script = textwrap.dedent(f"""
         import sys, time
-        from distillery.artifacts import atomic_path
+        from distillery.files import atomic_path
         with atomic_path({str(target)!r}) as tmp:
             with open(tmp, "wb") as f:
                 f.write(b"x" * 4096); f.flush()

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from distillery.batcher import Batcher
+from distillery.serving.batcher import Batcher
 
 
 class Recorder:

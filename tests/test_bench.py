@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from distillery.bench import (
+from distillery.measure.timing import (
     MODES,
     BenchSettings,
     is_faster,
@@ -10,7 +10,7 @@ from distillery.bench import (
     measure,
     runner,
 )
-from distillery.models import count_macs
+from distillery.models.architectures import count_macs
 
 FAST = BenchSettings(latency_runs=20, warmup=3, throughput_batch=32, throughput_runs=3)
 IN_SHAPE = [1, 8, 8]

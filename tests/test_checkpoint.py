@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from distillery import checkpoint
+from distillery.training import checkpoint
 from distillery.config import CNNConfig, TrainConfig
 from distillery.errors import UserError
-from distillery.models import build_model, make_spec
-from distillery.parallel import make_strategy
-from distillery.training import make_optimizer
+from distillery.models.architectures import build_model, make_spec
+from distillery.training.parallel import make_strategy
+from distillery.training.loop import make_optimizer
 
 
 def _setup():
@@ -65,7 +65,7 @@ def test_checkpoint_from_another_world_size_is_refused(tmp_path):
 
 def test_unregistered_checkpoint_folders_are_removed(tmp_path):
     pytest.importorskip("ray")
-    from distillery.raytrain import _drop_unregistered
+    from distillery.training.on_ray import _drop_unregistered
 
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_c"):
         (tmp_path / name).mkdir()

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from distillery import pipeline
-from distillery.artifacts import sha256_file
-from distillery.cli import main
+from distillery.pipeline import stages
+from distillery.files import sha256_file
+from distillery.cli.main import main
 from conftest import ROOT
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -73,20 +73,20 @@ def test_changed_config_redoes_only_what_it_touches(tmp_path, capsys):
 
 
 def test_crash_mid_run_resumes_at_the_failed_stage(tmp_path, capsys, monkeypatch):
-    real = pipeline.train_model
+    real = stages.train_model
 
     def crash_on_student(run, cfg, which, log):
         if which == "student":
             raise RuntimeError("injected crash")
         return real(run, cfg, which, log)
 
-    monkeypatch.setattr(pipeline, "train_model", crash_on_student)
+    monkeypatch.setattr(stages, "train_model", crash_on_student)
     with pytest.raises(RuntimeError, match="injected crash"):
         _run(tmp_path, "run")
-    stages = _manifest(tmp_path)["stages"]
-    assert stages["teacher"]["status"] == "done"
-    assert stages["student"]["status"] == "failed" and "injected crash" in stages["student"]["error"]
-    monkeypatch.setattr(pipeline, "train_model", real)
+    recorded = _manifest(tmp_path)["stages"]
+    assert recorded["teacher"]["status"] == "done"
+    assert recorded["student"]["status"] == "failed" and "injected crash" in recorded["student"]["error"]
+    monkeypatch.setattr(stages, "train_model", real)
     capsys.readouterr()
     assert _run(tmp_path, "run") == 0
     out = capsys.readouterr().out
@@ -114,7 +114,7 @@ def test_evaluate_before_training_says_what_to_do(tmp_path, capsys):
 
 def _cli(*args, cwd=None):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "distillery.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "distillery.cli.main", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=120)
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from distillery.artifacts import sha256_file
-from distillery import ingress
+from distillery.files import sha256_file
+from distillery.serving import ingress
 from conftest import ROOT, free_port, make_bucket
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,10 @@ import shutil
 import pytest
 
 from distillery import data
-from distillery.artifacts import sha256_file
-from distillery.cli import main
+from distillery.files import sha256_file
+from distillery.cli.main import main
 from distillery.compression import store
-from distillery.training import batches, evaluate
+from distillery.training.loop import batches, evaluate
 from conftest import ROOT
 
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -16,14 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from distillery.artifacts import ARCH_FILE, WEIGHTS_FILE, save_model
-from distillery.compress import check_recipes
+from distillery.files import ARCH_FILE, WEIGHTS_FILE, save_model
+from distillery.compression.stage import check_recipes
 from distillery.compression import prune, quantize, store
 from distillery.compression.recipe import (Int8Dynamic, PruneChannels, PruneUnstructured, VariantConfig,
                                            WeightOnly)
 from distillery.config import CNNConfig, ResNetConfig, from_dict
 from distillery.errors import UserError
-from distillery.models import build_model, count_macs, make_spec
+from distillery.models.architectures import build_model, count_macs, make_spec
 from conftest import ROOT
 
 IN_SHAPE = [1, 8, 8]
@@ -444,7 +444,7 @@ def test_check_recipes_refuses_a_variant_built_on_a_quantized_parent():
 
 def test_compression_does_not_import_ray():
     code = ("import sys, distillery.compression.store, distillery.compression.prune, distillery.compression.quantize, "
-            "distillery.compress; assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))")
+            "distillery.compression.stage; assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -54,7 +54,7 @@ def test_the_example_serve_config_is_well_formed():
     import sys
 
     from distillery.config import ServeConfig
-    from distillery.serving import AppArgs
+    from distillery.serving.deployments import AppArgs
 
     sys.path.insert(0, str(ROOT))
     doc = yaml.safe_load((ROOT / "serve" / "example.yaml").read_text())

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from distillery.frontier import (
+from distillery.measure.frontier import (
     CSV_COLUMNS,
     pareto_front,
     recommend,
@@ -139,7 +139,7 @@ def test_write_frontier_without_a_recommendation(tmp_path, records):
 
 
 def test_bench_and_frontier_do_not_import_ray():
-    code = "import sys, distillery.bench, distillery.frontier; print('ray' in sys.modules)"
+    code = "import sys, distillery.measure.timing, distillery.measure.frontier; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

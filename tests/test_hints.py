@@ -3,9 +3,9 @@ import torch
 
 from distillery.config import CNNConfig, HintConfig, ResNetConfig, TrainConfig, load_config
 from distillery.errors import UserError
-from distillery.hints import wrap_for_hints
-from distillery.models import build_model, make_spec
-from distillery.training import fit
+from distillery.training.hints import wrap_for_hints
+from distillery.models.architectures import build_model, make_spec
+from distillery.training.loop import fit
 
 HINT = [HintConfig(teacher_layer="stages.1", student_layer="conv2", weight=1.0)]
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from distillery import ingress
+from distillery.serving import ingress
 from distillery.errors import UserError
 
 # What Ray 2.60 renders (abridged): the frontend on the configured host, stats and Prometheus on every interface.

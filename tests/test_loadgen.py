@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from distillery import loadgen
+from distillery.loadtest import generator
 
 
 def test_a_load_runs_niced_in_its_own_thread_and_returns_its_result():
@@ -17,7 +17,7 @@ def test_a_load_runs_niced_in_its_own_thread_and_returns_its_result():
         return threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     before = os.getpriority(os.PRIO_PROCESS, 0)
-    tid, niceness = loadgen.run_niced(load())
+    tid, niceness = generator.run_niced(load())
     assert tid != threading.get_native_id() and niceness == max(before, 15)
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # this thread keeps its priority
 
@@ -27,4 +27,4 @@ def test_a_failing_load_raises_in_the_caller():
         raise ValueError("no server")
 
     with pytest.raises(ValueError, match="no server"):
-        loadgen.run_niced(load())
+        generator.run_niced(load())

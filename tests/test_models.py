@@ -3,7 +3,7 @@ import torch
 
 from distillery.config import CNNConfig, ResNetConfig
 from distillery.errors import UserError
-from distillery.models import build_model, count_macs, count_params, make_spec, summarize
+from distillery.models.architectures import build_model, count_macs, count_params, make_spec, summarize
 
 
 @pytest.mark.parametrize("in_shape", [[1, 8, 8], [3, 32, 32]])

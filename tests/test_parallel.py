@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from distillery.config import CNNConfig, ResNetConfig
 from distillery.errors import UserError
-from distillery.models import build_model, make_spec
-from distillery.parallel import make_strategy, microbatch_count, split_points, stage_layers
+from distillery.models.architectures import build_model, make_spec
+from distillery.training.parallel import make_strategy, microbatch_count, split_points, stage_layers
 
 WORLD = 2
 CONFIGS = {"cnn": CNNConfig(width_mult=0.25), "resnet": ResNetConfig(width=8, blocks=[1, 1])}
@@ -341,7 +341,7 @@ def test_stage_layers_compose_to_the_forward(kind):
 
 def _layer_macs(kind: str) -> list[int]:
     """MACs of each piece of stage_layers on one image, via models.count_macs."""
-    from distillery.models import count_macs
+    from distillery.models.architectures import count_macs
 
     model, spec = model_of(kind, 0).eval(), spec_of(kind)
     costs, x = [], torch.zeros(1, *spec["in_shape"])

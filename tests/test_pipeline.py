@@ -17,9 +17,9 @@ import urllib.request
 import pytest
 import yaml
 
-from distillery import pipeline
-from distillery.artifacts import sha256_file
-from distillery.cli import main
+from distillery.pipeline import stages
+from distillery.files import sha256_file
+from distillery.cli.main import main
 from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -39,15 +39,15 @@ def pipeline_runs(tmp_path_factory):
     outputs = []
     capture = pytest.MonkeyPatch()
     try:
-        real = pipeline.write_report
+        real = stages.write_report
 
         def crash(run, cfg, log):
             raise RuntimeError("injected crash before the report")
 
-        capture.setattr(pipeline, "write_report", crash)
+        capture.setattr(stages, "write_report", crash)
         with pytest.raises(RuntimeError, match="injected crash"):
             _run(args, outputs)
-        capture.setattr(pipeline, "write_report", real)
+        capture.setattr(stages, "write_report", real)
         assert _run(args, outputs) == 0
         mtimes = {p: p.stat().st_mtime_ns for p in (storage / "tiny").rglob("*") if p.is_file()}
         assert _run(args, outputs) == 0
@@ -125,7 +125,7 @@ def test_report_has_every_section_with_the_measured_figures(pipeline_runs):
 def test_serve_config_and_example_request_are_usable(pipeline_runs):
     from ray.serve.schema import ServeDeploySchema
 
-    from distillery.protocol import Limits, parse_infer
+    from distillery.serving.protocol import Limits, parse_infer
 
     root, _, port, _ = pipeline_runs
     doc = yaml.safe_load((root / "serve" / "config.yaml").read_text())
@@ -146,7 +146,7 @@ def test_a_finished_run_keeps_serving_until_ctrl_c(pipeline_runs):
     """The README's main command without --no-keep-serving: every stage done already, the run's
     models deployed again and served until SIGINT, then taken down; exit code 0."""
     root, _, port, before = pipeline_runs
-    cmd = [sys.executable, "-m", "distillery.cli", "run", "--config", TINY, "--set", f"storage_path={root.parent}",
+    cmd = [sys.executable, "-m", "distillery.cli.main", "run", "--config", TINY, "--set", f"storage_path={root.parent}",
            "--set", "ray.workers=0", "--set", f"serve.port={port}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()

@@ -1,5 +1,5 @@
 """Fast unit tests of the pure serving pieces: the Open Inference Protocol codec
-(`distillery.protocol`) and the `auto` model's choice (`distillery.predictor.choose`).
+(`distillery.serving.protocol`) and the `auto` model's choice (`distillery.serving.predictor.choose`).
 No Ray, no HTTP, no model weights.
 """
 
@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from distillery.predictor import ServedModel, choose
-from distillery.protocol import (INPUT_NAME, InferRequest, Limits, ProtocolError, auto_targets, check_size,
+from distillery.serving.predictor import ServedModel, choose
+from distillery.serving.protocol import (INPUT_NAME, InferRequest, Limits, ProtocolError, auto_targets, check_size,
                                  infer_response, model_metadata, parse_infer, server_metadata)
 
 IN_SHAPE = [1, 8, 8]

@@ -11,13 +11,13 @@ import time
 import pytest
 from conftest import ROOT, STORE_SERVERS, make_bucket
 
-from distillery import storage
+from distillery.run import storage
 
 pytestmark = pytest.mark.integration
 
 
 def _train(storage_path, env):
-    cmd = [sys.executable, "-m", "distillery.cli", "train", "--model", "teacher", "--config",
+    cmd = [sys.executable, "-m", "distillery.cli.main", "train", "--model", "teacher", "--config",
            str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage_path}", "--set", "teacher.train.epochs=12"]
     # A session of its own, so killing it takes its local Ray instance down too.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

@@ -13,9 +13,9 @@ ray = pytest.importorskip("ray")
 from conftest import ROOT  # noqa: E402
 from test_ray_resume import registered_epoch  # noqa: E402
 
-from distillery.artifacts import load_model  # noqa: E402
+from distillery.files import load_model  # noqa: E402
 from distillery.config import load_config  # noqa: E402
-from distillery.pipeline import run_stages  # noqa: E402
+from distillery.pipeline.stages import run_stages  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -112,9 +112,9 @@ def test_a_worker_that_always_fails_ends_the_stage_with_a_clear_error(tmp_path):
     """Every attempt fails at start-up (the model to fine-tune is damaged): after
     `ray.max_failures` restarts the stage stops with one line naming the cause, not a hang."""
     from distillery.errors import TrainingFailed
-    from distillery.models import make_spec
-    from distillery.raytrain import fit_on_ray
-    from distillery.rundir import RunDir
+    from distillery.models.architectures import make_spec
+    from distillery.training.on_ray import fit_on_ray
+    from distillery.run.rundir import RunDir
 
     cfg = _cfg(tmp_path, "ray.max_failures=1")
     run_stages(cfg, ["data"], log=lambda m: None)

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from distillery import data, ingress, loadgen
-from distillery.cli import main
+from distillery import data
+from distillery.serving import ingress
+from distillery.loadtest import generator
+from distillery.cli.main import main
 from distillery.config import ServeConfig
 from distillery.errors import UserError
 from conftest import ROOT, free_port
@@ -45,7 +47,7 @@ def served(tmp_path_factory) -> Served:
     import ray
     from ray import serve
 
-    from distillery import serving
+    from distillery.serving import deployments
 
     storage = tmp_path_factory.mktemp("reliability") / "runs"
     assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage}",
@@ -57,9 +59,9 @@ def served(tmp_path_factory) -> Served:
     assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # the default ingress where the binary exists
     ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_port=dashboard)  # for the state API
     try:
-        url = serving.deploy(str(run_dir), cfg, None).removesuffix("/v2")
+        url = deployments.deploy(str(run_dir), cfg, None).removesuffix("/v2")
         x = data.load_split(run_dir / "data", "test")[0][:1]
-        yield Served(url, run_dir, cfg, loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape)), dashboard)
+        yield Served(url, run_dir, cfg, generator.infer_body(x.reshape(-1).tolist(), list(x.shape)), dashboard)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -90,7 +92,7 @@ def _steady_load(url: str, body: bytes, seconds: float, rate: float) -> tuple[th
     out: list = []
     steps = [(seconds, rate)]
     headers = {"content-type": "application/json"}
-    thread = threading.Thread(target=lambda: out.extend(asyncio.run(loadgen.open_loop(url, body, steps, headers))))
+    thread = threading.Thread(target=lambda: out.extend(asyncio.run(generator.open_loop(url, body, steps, headers))))
     thread.start()
     return thread, out
 
@@ -181,13 +183,13 @@ def test_a_killed_replica_is_replaced_and_only_its_requests_fail(served):
 
 
 def test_rolling_update_under_load_answers_every_request(served):
-    from distillery import serving
+    from distillery.serving import deployments
 
     url, run_dir, cfg, body = served.url, served.run_dir, served.cfg, served.body
     before = _replicas()
     thread, samples = _steady_load(f"{url}/v2/models/{MODEL}/infer", body, seconds=20, rate=30)
     time.sleep(3)
-    serving.deploy(str(run_dir), cfg.model_copy(update={"batch_wait_timeout_s": 0.002}), None)  # new config
+    deployments.deploy(str(run_dir), cfg.model_copy(update={"batch_wait_timeout_s": 0.002}), None)  # new config
     thread.join(timeout=60)
     after = _replicas()
     statuses = sorted({s.status for s in samples})
@@ -200,7 +202,7 @@ def test_rolling_update_under_load_answers_every_request(served):
 def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(served):
     from ray import serve
 
-    from distillery import serving
+    from distillery.serving import deployments
 
     url, run_dir, cfg, body = served.url, served.run_dir, served.cfg, served.body
     weights = run_dir / MODEL / "model.safetensors"
@@ -210,9 +212,9 @@ def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(served):
     try:
         weights.write_bytes(weights.read_bytes()[:-64])  # the new version's weights are damaged
         with pytest.raises(UserError, match="model.safetensors"):  # the driver refuses to deploy it
-            serving.deploy(str(run_dir), cfg, None)
+            deployments.deploy(str(run_dir), cfg, None)
         # Past the driver's check, straight to Serve: the new replicas fail their constructor.
-        app = serving.build_application(serving.AppArgs(kind="model", run_dir=str(run_dir), models=[MODEL],
+        app = deployments.build_application(deployments.AppArgs(kind="model", run_dir=str(run_dir), models=[MODEL],
                                                         settings=cfg.model_dump() | {"batch_wait_timeout_s": 0.003}))
         with pytest.raises(RuntimeError, match=f"Deploying application {MODEL} failed"):
             serve.run(app, name=MODEL, route_prefix=f"/v2/models/{MODEL}")
@@ -228,7 +230,7 @@ def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(served):
         assert _replicas() and set(_replicas()) <= set(before)
     finally:
         shutil.move(backup, weights)
-        serving.deploy(str(run_dir), cfg, None)  # healthy again for the tests after this one
+        deployments.deploy(str(run_dir), cfg, None)  # healthy again for the tests after this one
 
 
 # ---------------------------------------------------------------- backpressure and timeouts
@@ -239,7 +241,7 @@ def test_requests_beyond_ongoing_and_queued_get_503_at_once_and_slow_ones_408(se
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    from distillery.serving import deployment_options
+    from distillery.serving.deployments import deployment_options
 
     url, cfg = served.url, served.cfg
     limits = cfg.model_copy(update={"max_ongoing_requests": 2, "max_queued_requests": 2, "min_replicas": 1,
@@ -283,8 +285,8 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
     (Ray runs replicas at a lower CPU priority than this process) until the load ends."""
     from ray import serve
 
-    from distillery import loadtest
-    from distillery.serving import AppArgs, build_application
+    from distillery.loadtest import run as loadtest
+    from distillery.serving.deployments import AppArgs, build_application
 
     scaling = served.cfg.model_copy(update={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.1,
                                             "upscale_delay_s": 1.0, "downscale_delay_s": 3.0})
@@ -292,9 +294,9 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
     serve.run(build_application(args), name="scaling", route_prefix="/v2/models/scaling",
               logging_config={"enable_access_log": False})
     count = loadtest.replica_counter("scaling", "Model")
-    run = loadgen.open_loop(f"{served.url}/v2/models/scaling/infer", served.body, [(45.0, 200.0)],
+    run = generator.open_loop(f"{served.url}/v2/models/scaling/infer", served.body, [(45.0, 200.0)],
                             {"content-type": "application/json"})
-    samples, replicas, _ = loadgen.run_niced(loadgen.with_replicas(run, count, every_s=0.5))
+    samples, replicas, _ = generator.run_niced(generator.with_replicas(run, count, every_s=0.5))
     summary = loadtest.scaling_summary(samples, replicas)
     assert summary["initial_replicas"] == 1 and summary["peak_replicas"] == 2, replicas
     assert summary["lost"] == 0 and summary["ok"] == summary["requests"]

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from distillery import data, ingress
-from distillery.cli import main
+from distillery import data
+from distillery.serving import ingress
+from distillery.cli.main import main
 from distillery.config import ServeConfig
 from distillery.errors import UserError
-from distillery.predictor import Predictor, catalog, choose
+from distillery.serving.predictor import Predictor, catalog, choose
 from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -34,7 +35,7 @@ def server(tmp_path_factory):
     import ray
     from ray import serve
 
-    from distillery import serving
+    from distillery.serving import deployments
 
     storage = tmp_path_factory.mktemp("serve") / "runs"
     assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage}",
@@ -45,7 +46,7 @@ def server(tmp_path_factory):
     assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # ray[serve] ships the binary on Linux
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
-        url = serving.deploy(str(run_dir), cfg, KEY)
+        url = deployments.deploy(str(run_dir), cfg, KEY)
         yield url.removesuffix("/v2"), run_dir, cfg
     finally:
         serve.shutdown()
@@ -184,7 +185,7 @@ def test_api_key_is_required_on_every_route_but_health(server):
 def test_a_tampered_artifact_is_refused_before_and_inside_a_replica(server, tmp_path):
     from ray import serve
 
-    from distillery import serving
+    from distillery.serving import deployments
 
     _, run_dir, cfg = server
     copy = tmp_path / "tiny"
@@ -195,11 +196,11 @@ def test_a_tampered_artifact_is_refused_before_and_inside_a_replica(server, tmp_
     raw[-1] ^= 0xFF
     weights.write_bytes(bytes(raw))
     with pytest.raises(UserError, match=f"{weights}: sha256 mismatch"):
-        serving.applications(str(copy), cfg, KEY)
+        deployments.applications(str(copy), cfg, KEY)
     # A replica verifies again: deployed around the driver-side check, it never serves.
-    args = serving.AppArgs(kind="model", run_dir=str(copy), models=[model.name], settings=cfg.model_dump())
+    args = deployments.AppArgs(kind="model", run_dir=str(copy), models=[model.name], settings=cfg.model_dump())
     with pytest.raises(Exception, match="Deploying application tampered failed"):
-        serve.run(serving.build_application(args), name="tampered", route_prefix="/tampered")
+        serve.run(deployments.build_application(args), name="tampered", route_prefix="/tampered")
     app = serve.status().applications["tampered"]
     assert app.status == "DEPLOY_FAILED"
     assert f"{weights}: sha256 mismatch" in app.deployments["Model"].message
@@ -250,7 +251,7 @@ def test_query_client_prints_predictions(server, capsys):
 
 
 def _load_body(run_dir: Path) -> bytes:
-    from distillery.loadgen import infer_body
+    from distillery.loadtest.generator import infer_body
 
     x = _test_images(run_dir, 1)
     return infer_body(x.reshape(-1).tolist(), list(x.shape))
@@ -260,8 +261,8 @@ HEADERS = {"content-type": "application/json", "x-api-key": KEY}
 
 
 def test_closed_loop_counts_add_up_and_replicas_are_sampled(server, tmp_path):
-    from distillery import bench
-    from distillery import loadtest as lt
+    from distillery.measure import timing
+    from distillery.loadtest import run as lt
 
     base, run_dir, _ = server
     name = catalog(run_dir)[0].name
@@ -272,14 +273,14 @@ def test_closed_loop_counts_add_up_and_replicas_are_sampled(server, tmp_path):
         assert sum(p["requests"] for p in r["per_second"]) == r["requests"]
         assert r["replicas"] and all(n == 1 for _, n in r["replicas"])  # max_replicas is 1 here
         assert r["variants"] == {name: r["ok"]} and r["generator_cpu"] > 0
-    files = lt.write_report(tmp_path, rows, None, bench.machine_info())
+    files = lt.write_report(tmp_path, rows, None, timing.machine_info())
     assert [f.name for f in files] == ["loadtest.json", "loadtest.md", "loadtest.png", "requests.csv"]
     assert len((tmp_path / "requests.csv").read_text().splitlines()) == 1 + sum(r["requests"] for r in rows)
     assert f"| {name} | 4 |" in (tmp_path / "loadtest.md").read_text()
 
 
 def test_open_loop_keeps_its_schedule_and_loses_nothing(server):
-    from distillery import loadtest as lt
+    from distillery.loadtest import run as lt
 
     base, run_dir, _ = server
     name = catalog(run_dir)[0].name
@@ -315,9 +316,9 @@ def test_a_stock_triton_client_works_in_json_and_binary(server):
 
 
 def test_tuning_picks_a_tried_setting_and_serve_build_uses_it(server, tmp_path):
-    from distillery import loadtest as lt
-    from distillery import serving
-    from distillery.artifacts import atomic_write_json
+    from distillery.loadtest import run as lt
+    from distillery.serving import deployments
+    from distillery.files import atomic_write_json
 
     base, run_dir, cfg = server
     name = catalog(run_dir)[0].name
@@ -333,8 +334,8 @@ def test_tuning_picks_a_tried_setting_and_serve_build_uses_it(server, tmp_path):
     assert _call(f"{base}/v2/models/{name}/infer", _infer_body(_test_images(run_dir, 1)))[0] == 200  # still serves
     copy = tmp_path / "tiny"
     shutil.copytree(run_dir, copy)
-    atomic_write_json(copy / serving.TUNED, {name: result})
-    apps = {a["name"]: a["args"].settings for a in serving.applications(str(copy), cfg, KEY)}
+    atomic_write_json(copy / deployments.TUNED, {name: result})
+    apps = {a["name"]: a["args"].settings for a in deployments.applications(str(copy), cfg, KEY)}
     assert apps[name]["max_batch_size"] == chosen["max_batch_size"]
     assert apps[name]["target_ongoing_requests"] == chosen["target_ongoing_requests"]
     others = [n for n in apps if n not in (name, "auto", "server")]
@@ -342,8 +343,8 @@ def test_tuning_picks_a_tried_setting_and_serve_build_uses_it(server, tmp_path):
 
 
 def test_serving_frontier_takes_the_best_rate_within_the_p99_target():
-    from distillery import loadtest as lt
-    from distillery.predictor import ServedModel
+    from distillery.loadtest import run as lt
+    from distillery.serving.predictor import ServedModel
 
     m = ServedModel("a", "x", [1, 8, 8], 10, 0.9, 0.1, "eager")
     rows = [{"model": "a", "concurrency": c, "throughput": t, "p99_ms": p, "errors": e}

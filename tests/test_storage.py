@@ -10,13 +10,13 @@ import json
 
 import pytest
 
-from distillery import storage
-from distillery.artifacts import sha256_file
+from distillery.run import storage
+from distillery.files import sha256_file
 from distillery.config import load_config
 from distillery.errors import UserError
-from distillery.pipeline import run_stages
-from distillery.predictor import Predictor, ServedModel
-from distillery.rundir import RunDir
+from distillery.pipeline.stages import run_stages
+from distillery.serving.predictor import Predictor, ServedModel
+from distillery.run.rundir import RunDir
 from conftest import ROOT, STORE_SERVERS, make_bucket
 
 
@@ -163,8 +163,8 @@ def test_clients_read_a_run_at_a_uri_from_the_bucket(bucket, tmp_path, monkeypat
     import torch
 
     from distillery import data
-    from distillery.loadtest import held_out_images
-    from distillery.serving import read_tuned, save_tuned
+    from distillery.loadtest.run import held_out_images
+    from distillery.serving.deployments import read_tuned, save_tuned
 
     b = bucket("clients")
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "driver"))

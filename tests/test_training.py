@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from distillery.config import CNNConfig, TrainConfig
-from distillery.models import build_model, make_spec
-from distillery.training import batches, evaluate, fit, random_shift
+from distillery.models.architectures import build_model, make_spec
+from distillery.training.loop import batches, evaluate, fit, random_shift
 
 
 def _toy_data(n=256, seed=0):
@@ -80,8 +80,8 @@ def test_batches_cover_everything_once():
 
 
 def test_core_modules_do_not_import_ray():
-    code = ("import sys; import distillery.config, distillery.data, distillery.models, distillery.training, "
-            "distillery.artifacts, distillery.rundir, distillery.pipeline, distillery.cli; "
+    code = ("import sys; import distillery.config, distillery.data, distillery.models.architectures, distillery.training.loop, "
+            "distillery.files, distillery.run.rundir, distillery.pipeline.stages, distillery.cli.main; "
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -89,7 +89,7 @@ def test_core_modules_do_not_import_ray():
 
 def test_device_selection_on_a_cpu_machine():
     from distillery.errors import UserError
-    from distillery.training import pick_device
+    from distillery.training.loop import pick_device
 
     assert pick_device(False) == torch.device("cpu")
     if torch.cuda.is_available():
@@ -100,7 +100,7 @@ def test_device_selection_on_a_cpu_machine():
 
 
 def test_autocast_is_a_no_op_on_cpu():
-    from distillery.training import with_autocast
+    from distillery.training.loop import with_autocast
 
     step = lambda x, t: x.dtype  # noqa: E731
     assert with_autocast(step, torch.device("cpu"), bf16=True) is step

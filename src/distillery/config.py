@@ -224,7 +224,7 @@ class PipelineConfig(_Strict):
     @field_validator("storage_path")
     @classmethod
     def _folder_or_object_store(cls, v: str) -> str:
-        from distillery.storage import check_location
+        from distillery.run.storage import check_location
 
         return check_location(v)
 
@@ -316,6 +316,6 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 
 def save_resolved(cfg: PipelineConfig, path: str | Path) -> None:
-    from distillery.artifacts import atomic_write_bytes
+    from distillery.files import atomic_write_bytes
 
     atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

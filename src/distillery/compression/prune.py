@@ -17,7 +17,7 @@ from torch import nn
 
 from distillery.compression.recipe import PruneChannels, PruneUnstructured
 from distillery.errors import UserError
-from distillery.models import count_macs
+from distillery.models.architectures import count_macs
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
 RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)

@@ -31,11 +31,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from distillery import storage
-from distillery.batcher import Batcher
+from distillery.run import storage
+from distillery.serving.batcher import Batcher
 from distillery.config import ServeConfig
-from distillery.predictor import Predictor, ServedModel, catalog, choose
-from distillery.protocol import (InferRequest, Limits, ProtocolError, auto_targets, binary_response, check_size,
+from distillery.serving.predictor import Predictor, ServedModel, catalog, choose
+from distillery.serving.protocol import (InferRequest, Limits, ProtocolError, auto_targets, binary_response, check_size,
                                  infer_response, model_metadata, parse_infer, server_metadata)
 
 API_KEY_HEADER = "x-api-key"
@@ -292,7 +292,7 @@ def read_tuned(location: str) -> dict[str, dict[str, Any]]:
             path.unlink(missing_ok=True)  # the URI is the truth: a copy of a deleted file is stale
     if not path.is_file():
         return {}
-    from distillery.artifacts import read_json
+    from distillery.files import read_json
     from distillery.errors import UserError
 
     tuned = read_json(path)
@@ -306,7 +306,7 @@ def read_tuned(location: str) -> dict[str, dict[str, Any]]:
 def save_tuned(location: str, tuned: dict[str, dict[str, Any]]) -> Path:
     """Write `distillery loadtest --tune`'s results where `read_tuned` finds them on any node:
     the run's folder, or this node's copy uploaded to the run's URI."""
-    from distillery.artifacts import atomic_write_json
+    from distillery.files import atomic_write_json
 
     root = storage.cache_dir(location) if storage.is_uri(location) else Path(location)
     atomic_write_json(root / TUNED, tuned)

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from distillery.artifacts import atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.files import atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.errors import UserError
-from distillery.parallel import Strategy
+from distillery.training.parallel import Strategy
 
 
 def write(folder: Path, *, rank: int, world_size: int, epoch: int, strategy: Strategy, model: torch.nn.Module,

@@ -3,7 +3,7 @@
 `make_strategy(name, rank=, world_size=)` returns a `Strategy`; `wrap` turns the full model
 (identical on every rank, process group already initialised) into what this rank trains, and
 `train_step` / `predict` / `owned_state` / `optimizer_state` hide how the work is split. The
-models in `distillery.models` know nothing of this module.
+models in `distillery.models.architectures` know nothing of this module.
 
 Checkpoints are always keyed by the full, unwrapped model's names, so a run saved under one
 strategy can be merged and read back as a plain `state_dict` (and resumed under the same one).
@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from distillery.errors import UserError
-from distillery.losses import LossFn
-from distillery.training import optimizer_step
+from distillery.training.losses import LossFn
+from distillery.training.loop import optimizer_step
 
 STRATEGIES = ("none", "ddp", "fsdp", "pipeline")
 

@@ -15,14 +15,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from distillery import ingress, loadgen
-from distillery.artifacts import atomic_write_bytes, atomic_write_json
+from distillery.serving import ingress
+from distillery.loadtest import generator
+from distillery.files import atomic_write_bytes, atomic_write_json
 from distillery.config import LoadTestConfig
 
 Steps = list[tuple[float, float]]
 
 
-def replica_counter(app: str, deployment: str) -> loadgen.ReplicaFn | None:
+def replica_counter(app: str, deployment: str) -> generator.ReplicaFn | None:
     """A coroutine giving the RUNNING replicas of `app`'s deployment, or None without Ray."""
     import ray
 
@@ -46,11 +47,11 @@ def sweep(base_url: str, model: str, body: bytes, levels: list[int], duration_s:
     """Closed loop at each concurrency level; one summary per level (with per-second rows)."""
     url, rows = f"{base_url}/v2/models/{model}/infer", []
     for level in levels:
-        run = loadgen.closed_loop(url, body, level, duration_s, headers or {})
-        samples, replicas, cpu = loadgen.run_niced(_with(run, model))
+        run = generator.closed_loop(url, body, level, duration_s, headers or {})
+        samples, replicas, cpu = generator.run_niced(_with(run, model))
         rows.append({"model": model, "concurrency": level, "duration_s": duration_s,
-                     **loadgen.summarize(samples, duration_s), "generator_cpu": round(cpu, 3),
-                     "replicas": replicas, "per_second": loadgen.per_second(samples), "samples": samples})
+                     **generator.summarize(samples, duration_s), "generator_cpu": round(cpu, 3),
+                     "replicas": replicas, "per_second": generator.per_second(samples), "samples": samples})
     return rows
 
 
@@ -58,9 +59,9 @@ def ramp(base_url: str, model: str, body: bytes, steps: Steps, headers: dict | N
     """Open loop through `steps` (requests/s up, then down) while sampling replicas: when the
     deployment scaled up, p99 before/during/after, and what was lost."""
     url = f"{base_url}/v2/models/{model}/infer"
-    samples, replicas, cpu = loadgen.run_niced(_with(loadgen.open_loop(url, body, steps, headers or {}), model))
+    samples, replicas, cpu = generator.run_niced(_with(generator.open_loop(url, body, steps, headers or {}), model))
     return {"model": model, "steps": steps, **scaling_summary(samples, replicas), "generator_cpu": round(cpu, 3),
-            "per_second": loadgen.per_second(samples), "replicas": replicas, "samples": samples}
+            "per_second": generator.per_second(samples), "replicas": replicas, "samples": samples}
 
 
 def calibrated_ramp(base_url: str, images: Any, model: str, lcfg: LoadTestConfig, headers: dict,
@@ -69,11 +70,11 @@ def calibrated_ramp(base_url: str, images: Any, model: str, lcfg: LoadTestConfig
     (closed loop at 2 requests in flight for 3 s, `lcfg.ramp_images` of `images` [N, C, H, W] a
     request)."""
     x = images[:lcfg.ramp_images]
-    body = loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape))
+    body = generator.infer_body(x.reshape(-1).tolist(), list(x.shape))
     url = f"{base_url}/v2/models/{model}/infer"
     # Two in flight: enough to keep one replica busy, not more than serve.target_ongoing_requests'
     # default, so the probe itself does not scale the deployment up before the ramp.
-    probe = loadgen.summarize(loadgen.run_niced(loadgen.closed_loop(url, body, 2, 3.0, headers)), 3.0)
+    probe = generator.summarize(generator.run_niced(generator.closed_loop(url, body, 2, 3.0, headers)), 3.0)
     capacity = max(probe["throughput"], 1.0)
     steps = [(d, round(f * capacity, 1)) for d, f in lcfg.ramp]
     log(f"[loadtest] {model}: one replica answers {capacity:.0f} requests/s of {lcfg.ramp_images} image(s); "
@@ -85,10 +86,10 @@ def calibrated_ramp(base_url: str, images: Any, model: str, lcfg: LoadTestConfig
 
 async def _with(run, model: str):
     deployment = "Auto" if model == "auto" else "Model"
-    return await loadgen.with_replicas(run, replica_counter(model, deployment), every_s=1.0)
+    return await generator.with_replicas(run, replica_counter(model, deployment), every_s=1.0)
 
 
-def scaling_summary(samples: list[loadgen.Sample], replicas: list[tuple[float, int | None]]) -> dict[str, Any]:
+def scaling_summary(samples: list[generator.Sample], replicas: list[tuple[float, int | None]]) -> dict[str, Any]:
     """First scale-up time, peak replicas, p99 before / while / after more than the initial
     replicas ran, and requests lost (anything but 200 and a counted 503)."""
     counts = [(t, n) for t, n in replicas if n is not None]
@@ -97,7 +98,7 @@ def scaling_summary(samples: list[loadgen.Sample], replicas: list[tuple[float, i
     down = next((t for t, n in counts if up is not None and t > up and n <= start), None)
 
     def p99(lo: float, hi: float) -> float | None:
-        return loadgen.percentile([s.latency_ms for s in samples if s.status == 200 and lo <= s.scheduled < hi], 99)
+        return generator.percentile([s.latency_ms for s in samples if s.status == 200 and lo <= s.scheduled < hi], 99)
 
     end = max((s.scheduled for s in samples), default=0.0) + 1
     return {"initial_replicas": start, "peak_replicas": max((n for _, n in counts), default=None),
@@ -115,7 +116,7 @@ def held_out_images(location: str | Path) -> tuple[Any, Any]:
     """The run's test split (x, y), read from its folder or, for a run at a URI, from this
     node's verified copy of the data files."""
     from distillery import data
-    from distillery.rundir import local_view
+    from distillery.run.rundir import local_view
 
     root, _ = local_view(str(location), lambda rel: rel == "data/manifest.json" or rel.startswith("data/test-"))
     return data.load_split(root / "data", "test")
@@ -128,14 +129,14 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
     runs its minimum of replicas), then a closed-loop sweep per model, the serving-level
     frontier and each model's in-process rate; `tuning(body, concurrency)` adds its section.
     Writes the report into `out`; returns its files."""
-    from distillery import bench
-    from distillery.predictor import catalog
+    from distillery.measure import timing
+    from distillery.serving.predictor import catalog
 
     served = catalog(run_dir)
     models = lcfg.models or [m.name for m in served] + ["auto"]
     test_images = held_out_images(run_dir)[0]
     x = test_images[:lcfg.images]
-    body = loadgen.infer_body(x.reshape(-1).tolist(), list(x.shape))
+    body = generator.infer_body(x.reshape(-1).tolist(), list(x.shape))
     scaling, sweeps = None, []
     if lcfg.ramp:
         model = lcfg.ramp_model or max(served, key=lambda m: m.p50_ms).name
@@ -148,12 +149,12 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
     if tuning is not None:
         extra["tuning"] = tuning(body, max(lcfg.concurrency or [32]))
     extra["ingress"] = ingress.current()
-    return write_report(out, sweeps, scaling, bench.machine_info(), extra)
+    return write_report(out, sweeps, scaling, timing.machine_info(), extra)
 
 
 def summary(report_json: Path) -> dict[str, Any]:
     """The headline figures of a written load test, for the run manifest."""
-    from distillery.artifacts import read_json
+    from distillery.files import read_json
 
     doc = read_json(report_json)
     best = {}
@@ -172,7 +173,7 @@ def summary(report_json: Path) -> dict[str, Any]:
 def in_process_rates(served: list, x, seconds: float) -> dict[str, float]:
     """Calls/s of each model's own predictor in this process at the load's batch size: the
     ceiling the HTTP figures are compared with."""
-    from distillery.predictor import Predictor
+    from distillery.serving.predictor import Predictor
 
     rates = {}
     for m in served:
@@ -340,7 +341,7 @@ def tune(base_url: str, run_dir: str, model: str, body: bytes, cfg, api_key: str
     The model is left deployed as tuned."""
     from ray import serve
 
-    from distillery.serving import AppArgs, api_key_digest, build_application
+    from distillery.serving.deployments import AppArgs, api_key_digest, build_application
 
     def deploy(**update) -> None:
         settings = cfg.model_copy(update=update).model_dump()

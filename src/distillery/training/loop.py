@@ -19,7 +19,7 @@ from torch import nn
 
 from distillery.config import TrainConfig
 from distillery.errors import UserError
-from distillery.losses import LossFn, cross_entropy
+from distillery.training.losses import LossFn, cross_entropy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 StepFn = Callable[[torch.Tensor, torch.Tensor], "float | None"]

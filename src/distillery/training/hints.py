@@ -15,7 +15,7 @@ from torch import nn
 
 from distillery.config import HintConfig
 from distillery.errors import UserError
-from distillery.losses import LossFn, kd_loss, pack_target
+from distillery.training.losses import LossFn, kd_loss, pack_target
 
 
 def _module(model: nn.Module, name: str, role: str) -> nn.Module:

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from distillery.artifacts import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.config import DataConfig
 from distillery.errors import UserError
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from distillery import bench, storage
-from distillery.artifacts import load_model, read_json
+from distillery.measure import timing
+from distillery.run import storage
+from distillery.files import load_model, read_json
 from distillery.errors import UserError
-from distillery.protocol import ProtocolError
+from distillery.serving.protocol import ProtocolError
 
 BASES = ("teacher", "student", "student_scratch")
 
@@ -38,7 +39,7 @@ def catalog(run_dir: str | Path, names: list[str] | None = None) -> list[ServedM
     """The models to serve from a run's frontier: `names`, or by default the Pareto front and
     the recommended variant. Unknown names are refused, listing what the run has. A run at
     a URI is read from this node's copy of its manifest, frontier and arch files."""
-    from distillery.rundir import local_view
+    from distillery.run.rundir import local_view
 
     location = str(run_dir)
     run_dir, recorded = local_view(location, lambda rel: rel == "frontier.json" or rel.endswith("/arch.json"))
@@ -67,13 +68,13 @@ def _serving_mode(rec: dict) -> tuple[str, float]:
     """(mode, batch-1 p50) a replica runs `rec` in: its frontier figures' mode (serve what was
     measured). A frontier written before compiled modes stopped counting may name `compile`:
     then the best servable mode it timed, chosen as the compression stage now chooses."""
-    if rec["best_mode"] in bench.SERVABLE_MODES:
+    if rec["best_mode"] in timing.SERVABLE_MODES:
         return rec["best_mode"], rec["p50_ms"]
     timed = {m: f for m, f in rec["modes"].items() if "p50_ms" in f}
-    mode, servable = bench.best_mode(timed) if timed else (rec["best_mode"], False)
+    mode, servable = timing.best_mode(timed) if timed else (rec["best_mode"], False)
     if not servable:
         raise UserError(f"{rec['name']}: measured only in {rec['best_mode']} mode, which a replica does not run "
-                        f"({' or '.join(bench.SERVABLE_MODES)} failed); it cannot be served")
+                        f"({' or '.join(timing.SERVABLE_MODES)} failed); it cannot be served")
     return mode, timed[mode]["p50_ms"]
 
 
@@ -86,7 +87,7 @@ class Predictor:
         torch.set_num_threads(threads)
         folder = storage.fetch(served.folder, served.files)  # a run at a URI: this node's copy
         model, _ = load_model(folder) if served.name in BASES else load_variant(folder)
-        self.served, self._run = served, bench.runner(model, served.mode)
+        self.served, self._run = served, timing.runner(model, served.mode)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
-from distillery import ingress, storage
+from distillery.serving import ingress
+from distillery.run import storage
 from distillery.errors import UserError
 
 
@@ -61,10 +62,10 @@ def _serve_until_interrupted() -> None:
 def write_serve_config(location: str, cfg, out: Path) -> Path:
     """The applications of the run at `location` (its folder or URI) as a Serve config file,
     for `serve run` / `serve deploy`."""
-    from distillery import serving
-    from distillery.artifacts import atomic_write_bytes
+    from distillery.serving import deployments
+    from distillery.files import atomic_write_bytes
 
-    doc = serving.config_document(location, cfg.serve, serving.read_api_key(cfg.serve.api_key_env))
+    doc = deployments.config_document(location, cfg.serve, deployments.read_api_key(cfg.serve.api_key_env))
     atomic_write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
     return out
 
@@ -72,14 +73,14 @@ def write_serve_config(location: str, cfg, out: Path) -> Path:
 def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
     """Deploy the models of the run at `location` (its folder or URI) on the Ray cluster (a
     local one if none); return (URL, the headers a client needs)."""
-    from distillery import serving
-    from distillery.raytrain import ensure_ray
+    from distillery.serving import deployments
+    from distillery.training.on_ray import ensure_ray
 
-    key = serving.read_api_key(cfg.serve.api_key_env)
+    key = deployments.read_api_key(cfg.serve.api_key_env)
     ensure_ray(cfg)
     log(f"[serve] {ingress.current()}")
     start = time.perf_counter()
-    url = serving.deploy(location, cfg.serve, key)
+    url = deployments.deploy(location, cfg.serve, key)
     log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}")
     return url, {"content-type": "application/json", **({"x-api-key": key} if key else {})}
 
@@ -91,22 +92,23 @@ def after_run(run, cfg, keep: bool, log) -> None:
     import ray
     from ray import serve as ray_serve
 
-    from distillery import raytrain, serving
+    from distillery.training import on_ray
+    from distillery.serving import deployments
 
-    local = not raytrain.cluster_address(cfg)  # a local instance ends with this process
-    names = serving.app_names(run.location, cfg.serve)
+    local = not on_ray.cluster_address(cfg)  # a local instance ends with this process
+    names = deployments.app_names(run.location, cfg.serve)
     if not keep:
         if local and ray.is_initialized():
             ray_serve.shutdown()
         elif not local:  # a shared cluster: take down this run's applications, and only those
-            raytrain.ensure_ray(cfg)
+            on_ray.ensure_ray(cfg)
             running = ray_serve.status().applications
             for name in (n for n in names if n in running):
                 ray_serve.delete(name)
         log("[serve] shut down (--no-keep-serving)")
         return
-    raytrain.ensure_ray(cfg)
-    if serving.running(names):
+    on_ray.ensure_ray(cfg)
+    if deployments.running(names):
         url = f"http://{cfg.serve.host}:{cfg.serve.port}/v2"
     else:
         url, _ = deploy_run(run.location, cfg, log)
@@ -119,7 +121,7 @@ def after_run(run, cfg, keep: bool, log) -> None:
 def _run_config(location: str, overrides: list[str]):
     """(a local folder with the run's config and frontier, the run's config with `overrides`)."""
     from distillery.config import load_config
-    from distillery.rundir import local_view
+    from distillery.run.rundir import local_view
 
     bad = [o for o in overrides if not o.startswith("serve.")]
     if bad:
@@ -160,7 +162,7 @@ def _images(args: argparse.Namespace) -> tuple[np.ndarray, list]:
         except (OSError, ValueError) as e:
             raise UserError(f"{args.input}: not a readable .npy array ({e})") from None
         return x, [None] * len(x)
-    from distillery.loadtest import held_out_images
+    from distillery.loadtest.run import held_out_images
 
     if args.sample < 1:
         raise UserError("--sample needs N >= 1")
@@ -186,7 +188,7 @@ def _post(url: str, body: bytes, headers: dict) -> dict:
 
 
 def loadtest(args: argparse.Namespace) -> None:
-    from distillery import loadtest as lt
+    from distillery.loadtest import run as lt
     from distillery.config import LoadTestConfig
 
     location = _location(args.run_dir)
@@ -251,9 +253,9 @@ def _steps(text: str) -> list[tuple[float, float]]:
 def _tune(args, location: str, body: bytes, headers: dict, concurrency: int) -> list[dict]:
     import ray
 
-    from distillery import loadtest as lt
-    from distillery.predictor import catalog
-    from distillery.serving import read_api_key, save_tuned
+    from distillery.loadtest import run as lt
+    from distillery.serving.predictor import catalog
+    from distillery.serving.deployments import read_api_key, save_tuned
 
     if not ray.is_initialized():
         raise UserError("--tune redeploys models: it needs the Ray cluster that serves them (none reachable)")

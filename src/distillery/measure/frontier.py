@@ -22,7 +22,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from distillery.artifacts import atomic_write_bytes, atomic_write_json
+from distillery.files import atomic_write_bytes, atomic_write_json
 
 REQUIRED = ("name", "parent", "recipe", "test_accuracy", "params", "macs", "size_bytes", "best_mode",
             "p50_ms", "p99_ms", "throughput", "peak_fraction", "not_faster", "role")

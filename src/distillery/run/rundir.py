@@ -26,8 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from distillery import storage
-from distillery.artifacts import atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.run import storage
+from distillery.files import atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.config import PipelineConfig, save_resolved
 from distillery.errors import UserError
 

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from distillery.artifacts import atomic_path, sha256_file
+from distillery.files import atomic_path, sha256_file
 from distillery.errors import UserError
 
 SCHEMES = ("s3", "gs")

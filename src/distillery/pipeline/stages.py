@@ -22,14 +22,14 @@ from typing import Any, Callable
 import torch
 
 from distillery import data
-from distillery.artifacts import atomic_write_bytes, atomic_write_json, load_model, save_model
+from distillery.files import atomic_write_bytes, atomic_write_json, load_model, save_model
 from distillery.config import PipelineConfig
 from distillery.errors import UserError
-from distillery.hints import wrap_for_hints
-from distillery.losses import distillation, pack_target
-from distillery.models import build_model, make_spec, summarize
-from distillery.rundir import RunDir, fingerprint
-from distillery.training import batches, evaluate, fit, pick_device, progress_line, seed_everything
+from distillery.training.hints import wrap_for_hints
+from distillery.training.losses import distillation, pack_target
+from distillery.models.architectures import build_model, make_spec, summarize
+from distillery.run.rundir import RunDir, fingerprint
+from distillery.training.loop import batches, evaluate, fit, pick_device, progress_line, seed_everything
 
 Log = Callable[[str], None]
 StageFn = Callable[[RunDir, PipelineConfig, Log], tuple[list[Path], dict[str, Any]]]
@@ -143,7 +143,7 @@ def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple
 
 def cache_logits(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """The teacher's logits for every training image, once, with Ray Data (see raytrain)."""
-    from distillery.raytrain import cache_teacher_logits
+    from distillery.training.on_ray import cache_teacher_logits
 
     manifest, _ = load_splits(run, ())
     run.verify_file("teacher/arch.json")
@@ -179,7 +179,7 @@ def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, spl
 
 def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, manifest: dict,
                   teacher_dir: Path | None) -> tuple[torch.nn.Module, list[dict]]:
-    from distillery.raytrain import fit_on_ray  # the core never imports ray
+    from distillery.training.on_ray import fit_on_ray  # the core never imports ray
 
     record = run.stage(which)
     job = {"which": which, "spec": spec, "image_shape": manifest["image_shape"], "flip": _flips(manifest),
@@ -243,7 +243,7 @@ def results_table(results: dict[str, Any]) -> str:
 
 
 def check_compress(run: RunDir, cfg: PipelineConfig) -> None:
-    from distillery.compress import check_run
+    from distillery.compression.stage import check_run
 
     check_run(run, cfg)
 
@@ -253,7 +253,7 @@ PRECHECKS = {"compress": check_compress}  # checks of a stage's config against i
 
 def compress_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """Prune and quantize into the configured variants, measure them all, write the frontier."""
-    from distillery.compress import compress_run  # torchao and Torch-Pruning load only here
+    from distillery.compression.stage import compress_run  # torchao and Torch-Pruning load only here
 
     manifest, splits = load_splits(run)
     return compress_run(run, cfg, log, splits, manifest)
@@ -261,8 +261,8 @@ def compress_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Pa
 
 def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """Deploy the frontier on Ray Serve (autoscaled) and load-test it over HTTP."""
-    from distillery.loadtest import run_loadtest, summary
-    from distillery.serve_cli import deploy_run, write_serve_config  # Ray Serve loads only here
+    from distillery.loadtest.run import run_loadtest, summary
+    from distillery.cli.serve import deploy_run, write_serve_config  # Ray Serve loads only here
 
     config = write_serve_config(run.location, cfg, run.root / "serve" / "config.yaml")
     url, headers = deploy_run(run.location, cfg, log)
@@ -271,7 +271,7 @@ def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
 
 
 def write_report(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
-    from distillery.report import write
+    from distillery.pipeline.report import write
 
     files = write(run.root, cfg, run.manifest(), run.address)
     log(f"[report] {files[0]}")

@@ -120,7 +120,7 @@ def read_arch(folder: str | Path) -> tuple[dict, Path]:
 def load_model(folder: str | Path, build: Callable[[dict], torch.nn.Module] | None = None) -> tuple[torch.nn.Module, dict]:
     """Build the model from `arch.json`, verify and load its weights; return (model, arch)."""
     if build is None:
-        from distillery.models import build_model as build
+        from distillery.models.architectures import build_model as build
     arch, weights = read_arch(folder)
     try:
         state = load_file(str(weights))

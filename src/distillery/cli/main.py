@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> None:
     if args.command in ("serve", "query", "loadtest"):
-        from distillery import serve_cli
+        from distillery.cli import serve as serve_cli
 
         return {"serve": serve_cli.serve, "query": serve_cli.query, "loadtest": serve_cli.loadtest}[args.command](args)
     # Imported here so `distillery --help` stays fast (torch is slow to import).
     from distillery.config import load_config
-    from distillery.pipeline import require_done, run_stages, uses_logit_cache
+    from distillery.pipeline.stages import require_done, run_stages, uses_logit_cache
 
     overrides = list(args.overrides)
     if args.command == "data":
@@ -150,7 +150,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "run":
         log(f"report: {(run.root / 'report.md').resolve()}")
         if cfg.serve.enabled:
-            from distillery.serve_cli import after_run
+            from distillery.cli.serve import after_run
 
             after_run(run, cfg, args.keep_serving, log)
 

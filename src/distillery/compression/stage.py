@@ -18,16 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from distillery import bench, frontier
-from distillery.artifacts import atomic_write_json, load_model, read_json
+from distillery.measure import timing
+from distillery.measure import frontier
+from distillery.files import atomic_write_json, load_model, read_json
 from distillery.compression import prune, quantize, store
 from distillery.compression.recipe import BASE_MODELS, Finetune, Int8Static, VariantConfig
 from distillery.config import PipelineConfig, TrainConfig
 from distillery.errors import UserError
-from distillery.losses import distillation, pack_target
-from distillery.models import build_model, count_macs, count_params
-from distillery.rundir import RunDir
-from distillery.training import batches, evaluate, fit, progress_line
+from distillery.training.losses import distillation, pack_target
+from distillery.models.architectures import build_model, count_macs, count_params
+from distillery.run.rundir import RunDir
+from distillery.training.loop import batches, evaluate, fit, progress_line
 
 Log = Callable[[str], None]
 ROLES = {"teacher": "teacher", "student": "student", "student_scratch": "student_scratch"}
@@ -63,26 +64,26 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher.requires_grad_(False),
                   record["fingerprint"], record["attempt"])
     built = {v.name: build(ctx, v) for v in cfg.compress.variants}
-    settings = bench.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
+    settings = timing.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
     records = measure_all(ctx, settings, built)
     margin = cfg.compress.speedup_margin
     for rec in records.values():
         parent = records.get(rec["parent"]) if rec["parent"] else None
-        rec["not_faster"] = parent is not None and not bench.is_faster(rec, parent, min_gain=margin)
+        rec["not_faster"] = parent is not None and not timing.is_faster(rec, parent, min_gain=margin)
     files = []
     for v in cfg.compress.variants:
         folder = built[v.name].files[0].parent
         atomic_write_json(folder / "metrics.json", records[v.name])
         files += [*built[v.name].files, folder / "metrics.json"]
     floor = records["teacher"]["test_accuracy"] - cfg.compress.floor_below_teacher
-    files += frontier.write_frontier(run.root, list(records.values()), floor=floor, machine=bench.machine_info(),
+    files += frontier.write_frontier(run.root, list(records.values()), floor=floor, machine=timing.machine_info(),
                                      settings={**asdict(settings), "modes": cfg.compress.bench.modes}, margin=margin)
     best = frontier.recommend(list(records.values()), floor, margin)
     log(f"[compress] recommended: {best['reason'] if best else 'nothing meets the accuracy floor'}")
     return files, {"variants": len(built), "recommended": best["name"] if best else None, "floor": floor}
 
 
-def measure_all(ctx: Context, settings: bench.BenchSettings, built: dict[str, Built]) -> dict[str, dict[str, Any]]:
+def measure_all(ctx: Context, settings: timing.BenchSettings, built: dict[str, Built]) -> dict[str, dict[str, Any]]:
     """The trained models and every variant as reloaded from disk, scored and timed. Timed only
     once everything is built, one after another: no training in between competes for the
     cores, and a parent and its child are measured minutes apart at most."""
@@ -190,7 +191,7 @@ def finetune(ctx: Context, name: str, model: nn.Module, spec: dict, step: Finetu
     tcfg = TrainConfig(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size, schedule="cosine", augment=False)
     if ctx.cfg.ray.workers == 0:
         return _finetune_here(ctx, name, model, tcfg, step, gradual)
-    from distillery.raytrain import fit_on_ray  # the core never imports ray
+    from distillery.training.on_ray import fit_on_ray  # the core never imports ray
 
     init = folder / "pruned"  # the workers' starting point, verified when they load it
     store.save_dense(init, model, spec, prune.layer_shapes(build_model(spec)))
@@ -265,12 +266,12 @@ def _qat(ctx: Context, model: nn.Module, step: Int8Static) -> tuple[nn.Module, t
 # ---------------------------------------------------------------- measuring
 
 
-def measure(ctx: Context, settings: bench.BenchSettings, name: str, role: str, parent: str | None, recipe: str,
+def measure(ctx: Context, settings: timing.BenchSettings, name: str, role: str, parent: str | None, recipe: str,
             model: nn.Module, fp32: nn.Module, size_bytes: int, int8: bool = False) -> dict[str, Any]:
     """Accuracy on val and test, then speed in every configured mode (the fastest kept)."""
     macs = count_macs(fp32, ctx.in_shape)  # of the float structure: pruning shows, int8 does not change it
     acc = {f"{split}_accuracy": _accuracy(model, ctx.splits[split]) for split in ("val", "test")}
-    speed = bench.measure(model, ctx.in_shape, macs, settings, ctx.cfg.compress.bench.modes, int8=int8)
+    speed = timing.measure(model, ctx.in_shape, macs, settings, ctx.cfg.compress.bench.modes, int8=int8)
     ctx.log(f"[compress] {name}: test {acc['test_accuracy']:.2%}, served {speed['best_mode']}: "
             f"p50 {speed['p50_ms']:.3f} ms at batch 1, {speed['throughput']:,.0f} images/s at batch {settings.throughput_batch}")
     return {"name": name, "role": role, "parent": parent, "recipe": recipe, **acc, "params": count_params(fp32),

@@ -31,18 +31,21 @@ import torch.nn.functional as F
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from distillery import checkpoint, data, ingress, storage
-from distillery.artifacts import load_model
+from distillery.training import checkpoint
+from distillery import data
+from distillery.serving import ingress
+from distillery.run import storage
+from distillery.files import load_model
 from distillery.compression.prune import GradualSparsity
 from distillery.compression.recipe import PruneUnstructured
 from distillery.config import PipelineConfig, TrainConfig, from_dict
 from distillery.errors import TrainingFailed
-from distillery.hints import wrap_for_hints
-from distillery.losses import LossFn, cross_entropy, distillation, pack_target
-from distillery.models import build_model
-from distillery.parallel import Strategy, make_strategy
-from distillery.rundir import RunDir
-from distillery.training import (TargetFn, batches, make_optimizer, make_scheduler, progress_line, random_shift,
+from distillery.training.hints import wrap_for_hints
+from distillery.training.losses import LossFn, cross_entropy, distillation, pack_target
+from distillery.models.architectures import build_model
+from distillery.training.parallel import Strategy, make_strategy
+from distillery.run.rundir import RunDir
+from distillery.training.loop import (TargetFn, batches, make_optimizer, make_scheduler, progress_line, random_shift,
                                  seed_everything, train_epoch, with_autocast)
 
 Log = Callable[[str], None]

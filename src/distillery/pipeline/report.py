@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distillery.artifacts import atomic_write_bytes, read_json
+from distillery.files import atomic_write_bytes, read_json
 from distillery.config import PipelineConfig
-from distillery.pipeline import results_table
+from distillery.pipeline.stages import results_table
 
 TRAINED = ("teacher", "student_scratch", "student")
 
@@ -40,7 +40,7 @@ def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any], address: st
 def example_request(root: Path) -> Path:
     """The first test image as an Open Inference Protocol request body."""
     from distillery import data
-    from distillery.loadgen import infer_body
+    from distillery.loadtest.generator import infer_body
 
     x, _ = data.load_split(root / "data", "test")
     path = root / "serve" / "request.json"
