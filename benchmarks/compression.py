@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import PRESET, RESULTS, median, table  # noqa: E402
 
 from distillery.measure import timing  # noqa: E402
-from distillery.files import load_model  # noqa: E402
+from distillery.models.artifact import load_model  # noqa: E402
 from distillery.compression import quantize, store  # noqa: E402
 from distillery.compression.recipe import Int8Dynamic  # noqa: E402
 from distillery.config import CNNConfig, load_config  # noqa: E402

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillery.files import (atomic_write_bytes, atomic_write_json, load_model, read_json, save_model,
-                                  sha256_file, verify_sha256)
+from distillery.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.models.artifact import load_model, save_model
 from distillery.config import CNNConfig
 from distillery.errors import UserError
 from distillery.models.architectures import build_model, make_spec

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from distillery.files import ARCH_FILE, WEIGHTS_FILE, save_model
+from distillery.models.artifact import ARCH_FILE, WEIGHTS_FILE, save_model
 from distillery.compression.stage import check_recipes
 from distillery.compression import prune, quantize, store
 from distillery.compression.recipe import (Int8Dynamic, PruneChannels, PruneUnstructured, VariantConfig,

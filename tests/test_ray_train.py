@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 from conftest import ROOT  # noqa: E402
 from test_ray_resume import registered_epoch  # noqa: E402
 
-from distillery.files import load_model  # noqa: E402
+from distillery.models.artifact import load_model  # noqa: E402
 from distillery.config import load_config  # noqa: E402
 from distillery.pipeline.stages import run_stages  # noqa: E402
 
@@ -113,6 +113,7 @@ def test_a_worker_that_always_fails_ends_the_stage_with_a_clear_error(tmp_path):
     `ray.max_failures` restarts the stage stops with one line naming the cause, not a hang."""
     from distillery.errors import TrainingFailed
     from distillery.models.architectures import make_spec
+    from distillery.training.job import TrainJob
     from distillery.training.on_ray import fit_on_ray
     from distillery.run.rundir import RunDir
 
@@ -123,9 +124,8 @@ def test_a_worker_that_always_fails_ends_the_stage_with_a_clear_error(tmp_path):
     (broken / "arch.json").write_text("{}")
     manifest = json.loads((tmp_path / "tiny" / "data" / "manifest.json").read_text())
     spec = make_spec(cfg.student.model, manifest["image_shape"], manifest["num_classes"])
-    job = {"which": "student_scratch", "spec": spec, "image_shape": manifest["image_shape"], "flip": False,
-           "train_rows": manifest["counts"]["train"]["total"], "teacher_dir": None,
-           "init_dir": "variants/no-such-variant"}
+    job = TrainJob(which="student_scratch", spec=spec, train=cfg.student.train, image_shape=manifest["image_shape"],
+                   train_rows=manifest["counts"]["train"]["total"], init_dir="variants/no-such-variant")
     start = time.monotonic()
     with pytest.raises(TrainingFailed) as e:
         fit_on_ray(job, cfg, RunDir.at(cfg), name="always-fails")

@@ -12,17 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, model_validator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from distillery.compression.recipe import CompressConfig
 from distillery.errors import UserError
+from distillery.schema import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Where the images come from and how they are split."""
 
     source: Literal["digits", "cifar10", "parquet", "synthetic"] = "digits"
@@ -39,7 +36,7 @@ class DataConfig(_Strict):
     shard_rows: int = Field(50_000, ge=1, description="rows per Parquet shard")
 
 
-class ResNetConfig(_Strict):
+class ResNetConfig(Strict):
     """The teacher: a ResNet-style CNN (basic blocks, stride-2 between stages)."""
 
     kind: Literal["resnet"] = "resnet"
@@ -47,7 +44,7 @@ class ResNetConfig(_Strict):
     blocks: list[Annotated[int, Field(ge=1, le=16)]] = Field([2, 2], min_length=1, max_length=4)
 
 
-class CNNConfig(_Strict):
+class CNNConfig(Strict):
     """The student of the brief: conv-relu-pool twice, then two linear layers."""
 
     kind: Literal["cnn"] = "cnn"
@@ -57,7 +54,7 @@ class CNNConfig(_Strict):
 ModelConfig = Annotated[Union[ResNetConfig, CNNConfig], Field(discriminator="kind")]
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """One plain-PyTorch training run: optimizer, schedule, epochs."""
 
     epochs: int = Field(30, ge=1, le=10_000)
@@ -76,7 +73,7 @@ class TrainConfig(_Strict):
     bf16: bool = Field(False, description="bf16 autocast of the forward pass on GPU (ignored on CPU)")
 
 
-class HintConfig(_Strict):
+class HintConfig(Strict):
     """Feature (hint) distillation between a teacher and a student layer (FitNets)."""
 
     teacher_layer: str = Field(description="a module name in the teacher, e.g. stages.1")
@@ -84,7 +81,7 @@ class HintConfig(_Strict):
     weight: float = Field(1.0, gt=0.0, le=100.0, description="weight of the MSE between the adapted features")
 
 
-class DistillConfig(_Strict):
+class DistillConfig(Strict):
     """Hinton et al. (2015): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y)."""
 
     temperature: float = Field(4.0, gt=0.0, le=100.0)
@@ -95,7 +92,7 @@ class DistillConfig(_Strict):
         "(the student then trains without augmentation: the logits are for the stored images)")
 
 
-class RayConfig(_Strict):
+class RayConfig(Strict):
     """Where and how wide the Ray Train stages run."""
 
     address: str | None = Field(None, description="Ray cluster address; default: the job's cluster, else a local one")
@@ -106,7 +103,7 @@ class RayConfig(_Strict):
     checkpoints_to_keep: int = Field(2, ge=1, le=100)
 
 
-class ServeConfig(_Strict):
+class ServeConfig(Strict):
     """The Ray Serve deployment of a run's models (see `serving`)."""
 
     enabled: bool = Field(True, description="`distillery run`: deploy the run's models, load-test them and keep "
@@ -151,7 +148,7 @@ class ServeConfig(_Strict):
         return self
 
 
-class LoadTestConfig(_Strict):
+class LoadTestConfig(Strict):
     """The load test of `distillery run` (and the defaults of `distillery loadtest`)."""
 
     models: list[str] | None = Field(None, description="default: every served model and auto")
@@ -173,7 +170,7 @@ class LoadTestConfig(_Strict):
     p99_target_ms: float = Field(100.0, gt=0.0, le=600_000.0)
 
 
-class StageConfig(_Strict):
+class StageConfig(Strict):
     """A model to build and how to train it. `model.kind` defaults per stage."""
 
     model: ModelConfig
@@ -193,7 +190,7 @@ def _stage(default: BaseModel) -> Any:
     return Annotated[StageConfig, BeforeValidator(fill)]
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     """The whole run. One YAML file per preset in configs/."""
 
     name: str = Field("digits", description="run name: the run directory is storage_path/name")

@@ -6,19 +6,19 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
-import yaml
 from pydantic import ValidationError
 
-from distillery.serving import ingress
-from distillery.run import storage
+from distillery.config import LoadTestConfig, load_config
 from distillery.errors import UserError
+from distillery.run import storage
+from distillery.run.rundir import local_view
+from distillery.serving import ingress
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -33,96 +33,20 @@ def serve(args: argparse.Namespace) -> None:
         print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()))
         return
     if verb == "build":
+        from distillery.serving.deploy import write_serve_config  # Ray Serve loads only when needed
+
         out = write_serve_config(location, cfg, Path(args.output or root / "serve" / "config.yaml"))
         print(f"Serve config: {out}\n  serve run {out}")
         return
-    url, _ = deploy_run(location, cfg, lambda m: print(m, flush=True))
+    from distillery.serving import deploy  # Ray Serve loads only for the commands that deploy
+
+    url, _ = deploy.deploy_run(location, cfg, lambda m: print(m, flush=True))
     print(f"serving {url} (models: {url}/models); Ctrl-C stops", flush=True)
-    _serve_until_interrupted()
-
-
-def _serve_until_interrupted() -> None:
-    """Serve until Ctrl-C or `kill` (SIGTERM), then take the deployments down."""
-    from ray import serve as ray_serve
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    # Installed explicitly: a process started in the background by a non-interactive shell
-    # (`nohup ... &`, CI) inherits SIGINT as ignored, and would otherwise never stop on it.
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        ray_serve.shutdown()
-
-
-def write_serve_config(location: str, cfg, out: Path) -> Path:
-    """The applications of the run at `location` (its folder or URI) as a Serve config file,
-    for `serve run` / `serve deploy`."""
-    from distillery.serving import deployments
-    from distillery.files import atomic_write_bytes
-
-    doc = deployments.config_document(location, cfg.serve, deployments.read_api_key(cfg.serve.api_key_env))
-    atomic_write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
-    return out
-
-
-def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
-    """Deploy the models of the run at `location` (its folder or URI) on the Ray cluster (a
-    local one if none); return (URL, the headers a client needs)."""
-    from distillery.serving import deployments
-    from distillery.training.on_ray import ensure_ray
-
-    key = deployments.read_api_key(cfg.serve.api_key_env)
-    ensure_ray(cfg)
-    log(f"[serve] {ingress.current()}")
-    start = time.perf_counter()
-    url = deployments.deploy(location, cfg.serve, key)
-    log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}")
-    return url, {"content-type": "application/json", **({"x-api-key": key} if key else {})}
-
-
-def after_run(run, cfg, keep: bool, log) -> None:
-    """The end of `distillery run`: keep the run's models served, or take them down.
-    Serve outlives this process on a cluster (the job may end); a local Ray instance dies
-    with it, so locally this waits for Ctrl-C."""
-    import ray
-    from ray import serve as ray_serve
-
-    from distillery.training import on_ray
-    from distillery.serving import deployments
-
-    local = not on_ray.cluster_address(cfg)  # a local instance ends with this process
-    names = deployments.app_names(run.location, cfg.serve)
-    if not keep:
-        if local and ray.is_initialized():
-            ray_serve.shutdown()
-        elif not local:  # a shared cluster: take down this run's applications, and only those
-            on_ray.ensure_ray(cfg)
-            running = ray_serve.status().applications
-            for name in (n for n in names if n in running):
-                ray_serve.delete(name)
-        log("[serve] shut down (--no-keep-serving)")
-        return
-    on_ray.ensure_ray(cfg)
-    if deployments.running(names):
-        url = f"http://{cfg.serve.host}:{cfg.serve.port}/v2"
-    else:
-        url, _ = deploy_run(run.location, cfg, log)
-    log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run.address} --model auto --sample 4")
-    if local:
-        log("Ctrl-C stops serving")
-        _serve_until_interrupted()
+    deploy.serve_until_interrupted()
 
 
 def _run_config(location: str, overrides: list[str]):
     """(a local folder with the run's config and frontier, the run's config with `overrides`)."""
-    from distillery.config import load_config
-    from distillery.run.rundir import local_view
-
     bad = [o for o in overrides if not o.startswith("serve.")]
     if bad:
         raise UserError(f"--set {bad[0]!r}: only serve.* settings can change when serving a finished run")
@@ -188,8 +112,7 @@ def _post(url: str, body: bytes, headers: dict) -> dict:
 
 
 def loadtest(args: argparse.Namespace) -> None:
-    from distillery.loadtest import run as lt
-    from distillery.config import LoadTestConfig
+    from distillery.loadtest import run as lt  # Ray Serve and matplotlib: only for a load test
 
     location = _location(args.run_dir)
     try:
@@ -254,8 +177,8 @@ def _tune(args, location: str, body: bytes, headers: dict, concurrency: int) -> 
     import ray
 
     from distillery.loadtest import run as lt
-    from distillery.serving.predictor import catalog
     from distillery.serving.deployments import read_api_key, save_tuned
+    from distillery.serving.predictor import catalog
 
     if not ray.is_initialized():
         raise UserError("--tune redeploys models: it needs the Ray cluster that serves them (none reachable)")

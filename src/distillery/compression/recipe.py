@@ -13,14 +13,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from distillery.schema import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class PruneUnstructured(_Strict):
+class PruneUnstructured(Strict):
     """Global magnitude pruning of conv/linear weights to `sparsity` (zeros stay zeros).
 
     Followed by `finetune`, the sparsity is reached gradually over the fine-tuning epochs
@@ -31,7 +29,7 @@ class PruneUnstructured(_Strict):
     exclude: list[str] = Field([], description="module names left dense, e.g. conv1")
 
 
-class PruneChannels(_Strict):
+class PruneChannels(Strict):
     """Dependency-aware removal of conv channels and linear units (Torch-Pruning) until the
     model needs `mac_ratio` times fewer multiply-accumulates. The classifier keeps its outputs."""
 
@@ -45,7 +43,7 @@ class PruneChannels(_Strict):
                           "run whole registers (1: any count)")
 
 
-class Finetune(_Strict):
+class Finetune(Strict):
     """Train the pruned model further, distilled from the teacher, on Ray Train (DDP)."""
 
     kind: Literal["finetune"] = "finetune"
@@ -55,14 +53,14 @@ class Finetune(_Strict):
     distill: bool = Field(True, description="KD from the teacher (the distill section's T and alpha)")
 
 
-class Int8Dynamic(_Strict):
+class Int8Dynamic(Strict):
     """torchao's default int8 path: int8 weights, activations quantized per batch at run time
     (linear layers; convolutions stay fp32)."""
 
     kind: Literal["int8_dynamic"] = "int8_dynamic"
 
 
-class Int8Static(_Strict):
+class Int8Static(Strict):
     """Whole-network int8 post-training quantization (torchao PT2E, x86 inductor quantizer),
     calibrated on a sample of the train split; quantization-aware training instead when
     post-training quantization loses more than `max_drop` validation accuracy."""
@@ -74,7 +72,7 @@ class Int8Static(_Strict):
     qat_lr: float = Field(1e-4, gt=0.0, le=1.0)
 
 
-class WeightOnly(_Strict):
+class WeightOnly(Strict):
     """Low-bit ("sub-integer") weight-only quantization of linear layers, per group of input
     weights (torchao IntxWeightOnlyConfig): int4 by default, down to int1."""
 
@@ -97,7 +95,7 @@ QUANT_KINDS = ("int8_dynamic", "int8_static", "weight_only")
 BASE_MODELS = ("student", "teacher")
 
 
-class VariantConfig(_Strict):
+class VariantConfig(Strict):
     """One variant: `parent` (student, teacher or an earlier variant) and its steps."""
 
     name: str
@@ -140,7 +138,7 @@ class VariantConfig(_Strict):
         return " -> ".join(parts)
 
 
-class BenchConfig(_Strict):
+class BenchConfig(Strict):
     """How every variant is timed (see `bench`)."""
 
     threads: int = Field(1, ge=1, le=1024, description="torch threads while timing (1: as a Serve replica runs)")
@@ -166,7 +164,7 @@ def _default_variants() -> list[VariantConfig]:
     ]
 
 
-class CompressConfig(_Strict):
+class CompressConfig(Strict):
     """The variants to build and measure, and the accuracy floor for the recommendation."""
 
     variants: list[VariantConfig] = Field(default_factory=_default_variants, max_length=64)

@@ -18,17 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from distillery.measure import timing
-from distillery.measure import frontier
-from distillery.files import atomic_write_json, load_model, read_json
 from distillery.compression import prune, quantize, store
 from distillery.compression.recipe import BASE_MODELS, Finetune, Int8Static, VariantConfig
 from distillery.config import PipelineConfig, TrainConfig
 from distillery.errors import UserError
-from distillery.training.losses import distillation, pack_target
+from distillery.files import atomic_write_json, read_json
+from distillery.measure import frontier, timing
 from distillery.models.architectures import build_model, count_macs, count_params
+from distillery.models.artifact import load_model
 from distillery.run.rundir import RunDir
+from distillery.training.job import TrainJob
 from distillery.training.loop import batches, evaluate, fit, progress_line
+from distillery.training.objective import objective
 
 Log = Callable[[str], None]
 ROLES = {"teacher": "teacher", "student": "student", "student_scratch": "student_scratch"}
@@ -195,11 +196,9 @@ def finetune(ctx: Context, name: str, model: nn.Module, spec: dict, step: Finetu
 
     init = folder / "pruned"  # the workers' starting point, verified when they load it
     store.save_dense(init, model, spec, prune.layer_shapes(build_model(spec)))
-    job = {"which": f"finetune:{name}", "spec": spec, "image_shape": ctx.in_shape, "flip": False,
-           "train_rows": len(ctx.splits["train"][0]), "train": tcfg.model_dump(),
-           "init_dir": str(init.relative_to(ctx.run.root)), "teacher_dir": "teacher" if step.distill else None,
-           "hints": False,
-           "prune": gradual.model_dump() if gradual else None}
+    job = TrainJob(which=f"finetune:{name}", spec=spec, train=tcfg, image_shape=ctx.in_shape,
+                   train_rows=len(ctx.splits["train"][0]), init_dir=str(init.relative_to(ctx.run.root)),
+                   teacher_dir="teacher" if step.distill else None, hints=False, prune=gradual)
     state, _ = fit_on_ray(job, ctx.cfg, ctx.run, name=f"finetune-{name}-{ctx.fingerprint}-{ctx.attempt}")
     model.load_state_dict(state)
     return model.eval()
@@ -208,22 +207,13 @@ def finetune(ctx: Context, name: str, model: nn.Module, spec: dict, step: Finetu
 def _finetune_here(ctx: Context, name: str, model: nn.Module, tcfg: TrainConfig, step: Finetune,
                    gradual: prune.PruneUnstructured | None) -> nn.Module:
     sparsity = prune.GradualSparsity(model, gradual, tcfg.epochs) if gradual else None
-    fit(model, ctx.splits["train"], ctx.splits["val"], tcfg, seed=ctx.cfg.seed, **_kd(ctx, step.distill),
+    goal = objective(model, tcfg, ctx.cfg.distill, teacher=ctx.teacher if step.distill else None, hints=False)
+    fit(model, ctx.splits["train"], ctx.splits["val"], tcfg, seed=ctx.cfg.seed, loss_fn=goal.loss_fn,
+        make_target=goal.make_target,
         on_epoch=lambda m: ctx.log(progress_line(f"finetune:{name}", tcfg.epochs, m)),
         on_epoch_start=sparsity.start_epoch if sparsity else lambda epoch: None,
         after_step=sparsity.after_step if sparsity else None)
     return model.eval()
-
-
-def _kd(ctx: Context, on: bool) -> dict[str, Any]:
-    """fit()'s loss and target for distillation from the frozen teacher (nothing when off)."""
-    if not on:
-        return {}
-
-    def target(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return pack_target(y, ctx.teacher(x))
-    return {"loss_fn": distillation(ctx.cfg.distill.temperature, ctx.cfg.distill.alpha), "make_target": target}
 
 
 def _static_int8(ctx: Context, model: nn.Module, step: Int8Static, folder: Path, spec: dict,
@@ -256,7 +246,9 @@ def _qat(ctx: Context, model: nn.Module, step: Int8Static) -> tuple[nn.Module, t
     prepared = quantize.prepare(copy.deepcopy(model), ctx.in_shape, qat=True)
     tcfg = TrainConfig(epochs=step.qat_epochs, lr=step.qat_lr, schedule="cosine", augment=False)
     ctx.log("[compress] post-training int8 lost more than allowed: quantization-aware training")
-    fit(prepared, ctx.splits["train"], ctx.splits["val"], tcfg, seed=ctx.cfg.seed, **_kd(ctx, True),
+    goal = objective(prepared, tcfg, ctx.cfg.distill, teacher=ctx.teacher, hints=False)
+    fit(prepared, ctx.splits["train"], ctx.splits["val"], tcfg, seed=ctx.cfg.seed, loss_fn=goal.loss_fn,
+        make_target=goal.make_target,
         on_epoch=lambda m: ctx.log(progress_line("qat", tcfg.epochs, m)))
     trained = prepared.state_dict()
     fp32.load_state_dict({k: trained[k] for k in fp32.state_dict()})

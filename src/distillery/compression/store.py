@@ -27,12 +27,13 @@ from safetensors.torch import save_file
 from torch import nn
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict, unflatten_tensor_state_dict
 
-from distillery.files import ARCH_FILE, WEIGHTS_FILE, atomic_path, atomic_write_json, read_arch, sha256_file
 from distillery.compression import quantize
 from distillery.compression.prune import layer_shapes, resize
 from distillery.compression.recipe import Int8Dynamic, WeightOnly
 from distillery.errors import UserError
+from distillery.files import atomic_path, atomic_write_json, sha256_file
 from distillery.models.architectures import build_model
+from distillery.models.artifact import ARCH_FILE, WEIGHTS_FILE, read_arch
 
 QPARAMS = "qparams."  # safetensors key prefix of recorded observer parameters
 TORCHAO_STEPS = {"int8_dynamic": Int8Dynamic, "weight_only": WeightOnly}

@@ -43,9 +43,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from distillery.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.config import DataConfig
 from distillery.errors import UserError
+from distillery.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FILE = "manifest.json"

@@ -15,10 +15,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from distillery.serving import ingress
-from distillery.loadtest import generator
-from distillery.files import atomic_write_bytes, atomic_write_json
 from distillery.config import LoadTestConfig
+from distillery.files import atomic_write_bytes, atomic_write_json
+from distillery.loadtest import generator
+from distillery.serving import ingress
 
 Steps = list[tuple[float, float]]
 

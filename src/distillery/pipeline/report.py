@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distillery.files import atomic_write_bytes, read_json
 from distillery.config import PipelineConfig
-from distillery.pipeline.stages import results_table
+from distillery.files import atomic_write_bytes, read_json
+from distillery.measure.accuracy import results_table
 
 TRAINED = ("teacher", "student_scratch", "student")
 

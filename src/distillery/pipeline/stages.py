@@ -22,14 +22,17 @@ from typing import Any, Callable
 import torch
 
 from distillery import data
-from distillery.files import atomic_write_bytes, atomic_write_json, load_model, save_model
 from distillery.config import PipelineConfig
 from distillery.errors import UserError
-from distillery.training.hints import wrap_for_hints
-from distillery.training.losses import distillation, pack_target
+from distillery.files import atomic_write_bytes, atomic_write_json
+from distillery.measure.accuracy import distillation_gain, results_table
 from distillery.models.architectures import build_model, make_spec, summarize
+from distillery.models.artifact import load_model, save_model
+from distillery.pipeline import report
 from distillery.run.rundir import RunDir, fingerprint
+from distillery.training.job import TrainJob
 from distillery.training.loop import batches, evaluate, fit, pick_device, progress_line, seed_everything
+from distillery.training.objective import frozen_teacher, objective
 
 Log = Callable[[str], None]
 StageFn = Callable[[RunDir, PipelineConfig, Log], tuple[list[Path], dict[str, Any]]]
@@ -142,8 +145,8 @@ def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple
 
 
 def cache_logits(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
-    """The teacher's logits for every training image, once, with Ray Data (see raytrain)."""
-    from distillery.training.on_ray import cache_teacher_logits
+    """The teacher's logits for every training image, once, with Ray Data (see training.logits_cache)."""
+    from distillery.training.logits_cache import cache_teacher_logits  # the core never imports ray
 
     manifest, _ = load_splits(run, ())
     run.verify_file("teacher/arch.json")
@@ -158,22 +161,13 @@ def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, spl
     tcfg = cfg.stage_for(which).train
     seed_everything(cfg.seed)  # the initial weights too, not only the data order
     model = build_model(spec)
-    trained, extra = model, {}
-    if teacher_dir is not None:
-        teacher, _ = load_model(teacher_dir)
-        teacher.requires_grad_(False)
-        d = cfg.distill
-        if d.hints:
-            trained, make_target, loss_fn = wrap_for_hints(model, teacher, d.hints, manifest["image_shape"],
-                                                           manifest["num_classes"], d.temperature, d.alpha)
-            extra = {"loss_fn": loss_fn, "make_target": make_target}
-        else:
-            extra = {"loss_fn": distillation(d.temperature, d.alpha), "make_target": lambda x, y: pack_target(y, teacher(x))}
     device = pick_device(cfg.ray.use_gpu)
-    if teacher_dir is not None:
-        teacher.to(device)
-    history = fit(trained, splits["train"], splits["val"], tcfg, seed=cfg.seed, flip=_flips(manifest),
-                  device=device, on_epoch=lambda m: log(progress_line(which, tcfg.epochs, m)), **extra)
+    teacher = frozen_teacher(teacher_dir, device) if teacher_dir is not None else None
+    goal = objective(model, tcfg, cfg.distill, teacher=teacher, image_shape=manifest["image_shape"],
+                     num_classes=manifest["num_classes"])
+    history = fit(goal.model, splits["train"], splits["val"], tcfg, seed=cfg.seed, flip=_flips(manifest),
+                  device=device, loss_fn=goal.loss_fn, make_target=goal.make_target,
+                  on_epoch=lambda m: log(progress_line(which, tcfg.epochs, m)))
     return model.cpu().eval(), history
 
 
@@ -182,11 +176,12 @@ def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, mani
     from distillery.training.on_ray import fit_on_ray  # the core never imports ray
 
     record = run.stage(which)
-    job = {"which": which, "spec": spec, "image_shape": manifest["image_shape"], "flip": _flips(manifest),
-           "train_rows": manifest["counts"]["train"]["total"], "teacher_dir": "teacher" if teacher_dir else None}
+    job = TrainJob(which=which, spec=spec, train=cfg.stage_for(which).train, image_shape=manifest["image_shape"],
+                   flip=_flips(manifest), train_rows=manifest["counts"]["train"]["total"],
+                   teacher_dir="teacher" if teacher_dir else None)
     if which == "student" and uses_logit_cache(cfg):
         rels = run.stage("teacher_logits")["files"]
-        job.update(teacher_dir=None, train_files=[rel for rel in rels if run.verify_file(rel)])
+        job = job.model_copy(update={"teacher_dir": None, "train_files": [rel for rel in rels if run.verify_file(rel)]})
     # One Ray Train run per stage attempt: a crashed attempt resumes from its checkpoints,
     # a new attempt (changed config, --force) starts clean.
     name = f"{which}-{record['fingerprint']}-{record['attempt']}"
@@ -222,26 +217,6 @@ def evaluate_run(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     return [run.root / "results.json", run.root / "results.md"], results
 
 
-def distillation_gain(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Test-accuracy gain of the distilled student over the same student trained alone, and
-    the share of the teacher-student gap it closed (None when there is no gap to close)."""
-    teacher, alone, distilled = (models[m]["test_accuracy"] for m in MODELS)
-    gap = teacher - alone
-    return {"gain": distilled - alone, "gap": gap, "gap_closed": (distilled - alone) / gap if gap > 0 else None}
-
-
-def results_table(results: dict[str, Any]) -> str:
-    rows = ["| model | params | MACs | weights (KiB) | val acc | test acc |", "|---|---:|---:|---:|---:|---:|"]
-    for name, r in results["models"].items():
-        rows.append(f"| {name} | {r['params']:,} | {r['macs']:,} | {r['weights_bytes'] / 1024:,.1f} "
-                    f"| {r['val_accuracy']:.2%} | {r['test_accuracy']:.2%} |")
-    kd = results["distillation"]
-    closed = f"{kd['gap_closed']:.0%} of the {kd['gap']:.2%} teacher-student gap" if kd["gap_closed"] is not None \
-        else "no teacher-student gap to close"
-    rows.append(f"\nDistillation: student {kd['gain']:+.2%} test accuracy over training alone ({closed}); one seed.")
-    return "\n".join(rows) + "\n"
-
-
 def check_compress(run: RunDir, cfg: PipelineConfig) -> None:
     from distillery.compression.stage import check_run
 
@@ -262,7 +237,7 @@ def compress_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Pa
 def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """Deploy the frontier on Ray Serve (autoscaled) and load-test it over HTTP."""
     from distillery.loadtest.run import run_loadtest, summary
-    from distillery.cli.serve import deploy_run, write_serve_config  # Ray Serve loads only here
+    from distillery.serving.deploy import deploy_run, write_serve_config  # Ray Serve loads only here
 
     config = write_serve_config(run.location, cfg, run.root / "serve" / "config.yaml")
     url, headers = deploy_run(run.location, cfg, log)
@@ -271,9 +246,7 @@ def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
 
 
 def write_report(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
-    from distillery.pipeline.report import write
-
-    files = write(run.root, cfg, run.manifest(), run.address)
+    files = report.write(run.root, cfg, run.manifest(), run.address)
     log(f"[report] {files[0]}")
     return files, {}
 

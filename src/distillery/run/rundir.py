@@ -26,10 +26,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from distillery.run import storage
-from distillery.files import atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.config import PipelineConfig, save_resolved
 from distillery.errors import UserError
+from distillery.files import atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.run import storage
 
 _PACKAGES = ("distillery", "torch", "ray", "pyarrow", "torchao", "safetensors", "scikit-learn", "numpy")
 

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from distillery.files import atomic_path, sha256_file
 from distillery.errors import UserError
+from distillery.files import atomic_path, sha256_file
 
 SCHEMES = ("s3", "gs")
 _BLOCK = 1 << 20

@@ -18,9 +18,9 @@ import hmac
 import os
 import time
 from collections import defaultdict
-from pathlib import Path
 from dataclasses import asdict
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -31,12 +31,22 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from distillery.config import ServeConfig
 from distillery.run import storage
 from distillery.serving.batcher import Batcher
-from distillery.config import ServeConfig
 from distillery.serving.predictor import Predictor, ServedModel, catalog, choose
-from distillery.serving.protocol import (InferRequest, Limits, ProtocolError, auto_targets, binary_response, check_size,
-                                 infer_response, model_metadata, parse_infer, server_metadata)
+from distillery.serving.protocol import (
+    InferRequest,
+    Limits,
+    ProtocolError,
+    auto_targets,
+    binary_response,
+    check_size,
+    infer_response,
+    model_metadata,
+    parse_infer,
+    server_metadata,
+)
 
 API_KEY_HEADER = "x-api-key"
 
@@ -292,8 +302,8 @@ def read_tuned(location: str) -> dict[str, dict[str, Any]]:
             path.unlink(missing_ok=True)  # the URI is the truth: a copy of a deleted file is stale
     if not path.is_file():
         return {}
-    from distillery.files import read_json
     from distillery.errors import UserError
+    from distillery.files import read_json
 
     tuned = read_json(path)
     if not isinstance(tuned, dict) or not all(isinstance(t, dict) and isinstance(t.get("chosen"), dict)

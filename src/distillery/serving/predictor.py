@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from distillery.measure import timing
-from distillery.run import storage
-from distillery.files import load_model, read_json
 from distillery.errors import UserError
+from distillery.files import read_json
+from distillery.measure import timing
+from distillery.models.artifact import load_model
+from distillery.run import storage
 from distillery.serving.protocol import ProtocolError
 
 BASES = ("teacher", "student", "student_scratch")

@@ -1,6 +1,6 @@
 """The training loop: plain PyTorch, no Ray.
 
-Ray Train workers run exactly `train_epoch` and `evaluate`; they take iterables of
+Every way of training runs `run_epochs` (Ray Train workers too); it takes iterables of
 `(x, target)` batches so the same loop reads in-memory tensors here and Ray Data shards
 there, and a `step` function so a parallelism strategy (DDP, FSDP, pipeline) swaps in its
 own optimizer step without touching the loop. Losses are `loss_fn(logits, target)`
@@ -20,10 +20,10 @@ from torch import nn
 from distillery.config import TrainConfig
 from distillery.errors import UserError
 from distillery.training.losses import LossFn, cross_entropy
+from distillery.training.objective import TargetFn, labels_only
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 StepFn = Callable[[torch.Tensor, torch.Tensor], "float | None"]
-TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -162,7 +162,7 @@ def progress_line(which: str, epochs: int, m: dict) -> str:
 
 
 def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, seed: int,
-        flip: bool = False, loss_fn: LossFn | None = None, make_target: TargetFn = lambda x, y: y,
+        flip: bool = False, loss_fn: LossFn | None = None, make_target: TargetFn = labels_only,
         device: torch.device = torch.device("cpu"),
         on_epoch: Callable[[dict], None] = lambda m: None,
         on_epoch_start: Callable[[int], None] = lambda epoch: None,
@@ -181,14 +181,32 @@ def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, 
     step = with_autocast(lambda x, target: optimizer_step(model, x, target, loss_fn, opt), device, cfg.bf16)
     if after_step is not None:
         opt.register_step_post_hook(lambda *_: after_step())
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        on_epoch_start(epoch)
+
+    def epoch_batches(epoch: int) -> Iterator[Batch]:
         x = random_shift(train[0], gen, flip=flip) if cfg.augment else train[0]
-        data = ((xb, make_target(xb, yb)) for xb, yb in batches(x, train[1], cfg.batch_size, shuffle=True, generator=gen))
-        metrics = {"epoch": epoch, **train_epoch(model, data, step, sched)}
+        return ((xb, make_target(xb, yb)) for xb, yb in batches(x, train[1], cfg.batch_size, shuffle=True, generator=gen))
+
+    def score(epoch: int, stats: dict[str, float]) -> dict:
+        metrics = {"epoch": epoch, **stats}
         if val is not None and len(val[0]):
             metrics.update({f"val_{k}": v for k, v in evaluate(model, batches(*val, 1024)).items() if k != "samples"})
-        on_epoch(metrics)
+        return metrics
+    return run_epochs(model, step, sched, range(1, cfg.epochs + 1), epoch_batches, score,
+                      on_epoch_start=on_epoch_start, on_epoch=on_epoch)
+
+
+def run_epochs(model: nn.Module, step: StepFn, sched: torch.optim.lr_scheduler.LRScheduler, epochs: range,
+               epoch_batches: Callable[[int], Iterable[Batch]], score: Callable[[int, dict[str, float]], dict], *,
+               history: list[dict] | None = None, on_epoch_start: Callable[[int], None] = lambda epoch: None,
+               on_epoch: Callable[[dict], None] = lambda m: None) -> list[dict]:
+    """The epoch loop of every way of training (in process here, on Ray Train workers, fine-
+    tuning after pruning): per epoch, `train_epoch` over `epoch_batches(epoch)`, then
+    `score(epoch, stats)` -> the epoch's metrics (validation, gathering over workers), appended
+    to `history` (a resumed run passes the epochs it already has) and handed to `on_epoch`."""
+    history = [] if history is None else history
+    for epoch in epochs:
+        on_epoch_start(epoch)
+        metrics = score(epoch, train_epoch(model, epoch_batches(epoch), step, sched))
         history.append(metrics)
+        on_epoch(metrics)
     return history

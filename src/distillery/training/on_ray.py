@@ -1,24 +1,22 @@
-"""The Ray layer of training: a TorchTrainer around the plain loop of `training`.
+"""Training on Ray Train: a TorchTrainer around the loop of `training.loop`.
 
 Driver side, `fit_on_ray` reads the Parquet shards with Ray Data, starts one worker per
 `ray.workers`, and returns the trained model's full state dict read from the last
-registered checkpoint. Worker side, `train_worker` is the plain loop plus what Ray adds:
-its dataset shard, a parallelism strategy (`parallel`), and a checkpoint per epoch
-(`checkpoint`) through which a restarted worker group resumes.
+registered checkpoint. Worker side, `train_worker` validates its `TrainJob` and runs
+`run_epochs` with what Ray adds: its dataset shard, a parallelism strategy (`parallel`),
+and a checkpoint per epoch (`checkpoint`) through which a restarted worker group resumes.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -31,52 +29,34 @@ import torch.nn.functional as F
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from distillery.training import checkpoint
 from distillery import data
-from distillery.serving import ingress
-from distillery.run import storage
-from distillery.files import load_model
+from distillery.cluster import ensure_ray, quiet_ray_train_logs
 from distillery.compression.prune import GradualSparsity
-from distillery.compression.recipe import PruneUnstructured
-from distillery.config import PipelineConfig, TrainConfig, from_dict
+from distillery.config import PipelineConfig, from_dict
 from distillery.errors import TrainingFailed
-from distillery.training.hints import wrap_for_hints
-from distillery.training.losses import LossFn, cross_entropy, distillation, pack_target
 from distillery.models.architectures import build_model
-from distillery.training.parallel import Strategy, make_strategy
+from distillery.run import storage
 from distillery.run.rundir import RunDir
-from distillery.training.loop import (TargetFn, batches, make_optimizer, make_scheduler, progress_line, random_shift,
-                                 seed_everything, train_epoch, with_autocast)
-
-Log = Callable[[str], None]
-
+from distillery.training import checkpoint
+from distillery.training.job import TrainJob
+from distillery.training.loop import (
+    batches,
+    make_optimizer,
+    make_scheduler,
+    progress_line,
+    random_shift,
+    run_epochs,
+    seed_everything,
+    with_autocast,
+)
+from distillery.training.losses import pack_target
+from distillery.training.objective import TargetFn, frozen_teacher, objective
+from distillery.training.parallel import Strategy, make_strategy
 
 # ---------------------------------------------------------------- driver
 
 
-def cluster_address(cfg: PipelineConfig) -> str | None:
-    """The cluster to join: `ray.address`, else the one a submitted job runs on; None: local."""
-    return cfg.ray.address or os.environ.get("RAY_ADDRESS")
-
-
-def ensure_ray(cfg: PipelineConfig) -> None:
-    """Join the cluster this job runs on (or `ray.address`), else start a local instance."""
-    if ray.is_initialized():
-        return
-    if cluster_address(cfg):
-        ray.init(address=cluster_address(cfg), logging_level=logging.WARNING)
-        return
-    ingress.apply(cfg.serve.ingress, cfg.serve.host)  # Serve's ingress: chosen by Ray's environment
-    # Logical CPUs beyond the workers' share, so Ray Data's read tasks are never starved
-    # by the training workers holding every CPU (a deadlock on a 2-core machine).
-    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_worker)) + 2
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"worker_process_setup_hook": quiet_ray_train_logs})
-    quiet = ray.data.DataContext.get_current()  # per-epoch progress bars would drown the epoch lines
-    quiet.enable_progress_bars = quiet.print_on_execution_start = quiet.enable_auto_log_stats = False
-
-
-def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, run: RunDir, *,
+def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *,
                name: str) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Train `job` with Ray Train on the data of `run`; return (full model state_dict,
     per-epoch history). `job` names the folders its workers read relative to the run.
@@ -89,17 +69,17 @@ def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, run: RunDir, *,
     # and its workers from this process's environment; an explicit setting wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     ensure_ray(cfg)
-    tcfg = train_config(cfg, job)
     # Only the training split streams through Ray Data, read where the run lives (a folder
     # or a URI); the small val split is read once per worker from the same verified shards
     # (re-executing a dataset each epoch cost seconds).
     fs, base = storage.filesystem(run.location)
-    train_files = job.get("train_files") or _rels(run, data.shard_paths(run.root / "data", "train"))
+    train_files = job.train_files or run_rels(run, data.shard_paths(run.root / "data", "train"))
     datasets = {"train": ray.data.read_parquet([f"{base}/{rel}" for rel in train_files], filesystem=fs).materialize()}
-    job = {**job, "run": run.location, "run_files": _worker_files(run, job), "data_dir": "data"}
+    folders = [f for f in (job.teacher_dir, job.init_dir) if f]
+    job = job.model_copy(update={"run": run.location, "run_files": worker_files(run, folders)})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={**job, "pipeline": cfg.to_dict()},
+        train_loop_config={"job": job.to_worker(), "pipeline": cfg.to_dict()},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=name, **_checkpoint_storage(run),
@@ -109,7 +89,7 @@ def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, run: RunDir, *,
         datasets=datasets,
         # Pipeline stages must all see the same batches, so they read the whole split in a
         # fixed order; data-parallel workers each read their own shard.
-        dataset_config=DataConfig(datasets_to_split=["train"] if tcfg.parallelism != "pipeline" else [],
+        dataset_config=DataConfig(datasets_to_split=["train"] if job.train.parallelism != "pipeline" else [],
                                   execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     try:
@@ -126,17 +106,17 @@ def fit_on_ray(job: dict[str, Any], cfg: PipelineConfig, run: RunDir, *,
     return state, history
 
 
-def _rels(run: RunDir, paths: list[Path]) -> list[str]:
+def run_rels(run: RunDir, paths: list[Path]) -> list[str]:
     return [str(p.relative_to(run.root)) for p in paths]
 
 
-def _worker_files(run: RunDir, job: dict[str, Any]) -> dict[str, str]:
-    """{path: sha256} of what every worker reads itself: the val split, and the teacher or the
-    weights to start from. A run at a URI gets them uploaded first, for workers on any node."""
+def worker_files(run: RunDir, folders: list[str]) -> dict[str, str]:
+    """{path: sha256} of what every worker reads itself: the val split, and the run-relative
+    `folders` (the teacher, the weights to start from). A run at a URI gets them uploaded
+    first, for workers on any node."""
     val = data.shard_paths(run.root / "data", "val", verify=False)
-    folders = [run.root / job[key] for key in ("teacher_dir", "init_dir") if job.get(key)]
-    return run.share(["data/manifest.json", *_rels(run, val),
-                      *_rels(run, [f for folder in folders for f in sorted(folder.iterdir()) if f.is_file()])])
+    files = [f for folder in folders for f in sorted((run.root / folder).iterdir()) if f.is_file()]
+    return run.share(["data/manifest.json", *run_rels(run, val), *run_rels(run, files)])
 
 
 def _checkpoint_storage(run: RunDir) -> dict[str, Any]:
@@ -155,47 +135,6 @@ def _first_failure(e: "ray.train.WorkerGroupError") -> str:
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
 
 
-class TeacherLogits:
-    """Ray Data UDF: append the frozen teacher's logits to a batch of shard rows."""
-
-    def __init__(self, run: str, files: dict[str, str], image_shape: list[int]):
-        folder = storage.fetch(run, files) / "teacher"
-        self.teacher, self.image_shape = _no_grad(_frozen_teacher(folder, torch.device("cpu"))), image_shape
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        x, _ = data.decode_batch(table, self.image_shape)
-        logits = self.teacher(x).float().numpy()  # [N, K]
-        column = pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), logits.shape[1])
-        return table.append_column("teacher_logits", column)
-
-
-def cache_teacher_logits(cfg: PipelineConfig, run: RunDir, image_shape: list[int]) -> list[Path]:
-    """Compute the teacher's logits for the train split once, with Ray Data, into Parquet
-    beside the images (`teacher_logits/`), so every student distilled from this teacher
-    reuses them."""
-    ensure_ray(cfg)
-    fs, base = storage.filesystem(run.location)
-    files = _rels(run, data.shard_paths(run.root / "data", "train"))
-    reader = {"run": run.location, "files": _worker_files(run, {"teacher_dir": "teacher"}), "image_shape": image_shape}
-    ds = ray.data.read_parquet([f"{base}/{rel}" for rel in files], filesystem=fs).map_batches(
-        TeacherLogits, fn_constructor_kwargs=reader, batch_format="pyarrow", batch_size=1024, concurrency=1)
-    # Written beside the final folder, then renamed: a crash leaves no half-written cache.
-    out, tmp = run.root / "teacher_logits", run.root / "teacher_logits.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if not run.remote:
-        ds.write_parquet(str(tmp.resolve()))
-    else:  # written where the tasks run can reach, then copied into this node's copy
-        scratch = run.location_of("teacher_logits.partial")
-        storage.delete(scratch)
-        ds.write_parquet(storage.filesystem(scratch)[1], filesystem=fs)
-        for rel in storage.list_files(scratch):
-            storage.download(scratch, rel, tmp / rel)
-        storage.delete(scratch)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return sorted(out.glob("*.parquet"))
-
-
 def _drop_unregistered(trial: str, registered: set[str]) -> None:
     """Delete checkpoint folders Ray left without registering them (a worker that died
     right after reporting), so they neither pile up nor get mistaken for complete."""
@@ -210,64 +149,64 @@ def _drop_unregistered(trial: str, registered: set[str]) -> None:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: the plain loop of `training`, checkpointed every epoch."""
+    """One Ray Train worker: `run_epochs` over this worker's shard, checkpointed every epoch."""
     quiet_ray_train_logs()  # again: Ray Train configures its loggers after the process setup hook ran
-    root = storage.fetch(config["run"], config["run_files"])  # a run at a URI: this node's copy
-    config = {**config, **{key: str(root / config[key]) for key in ("data_dir", "teacher_dir", "init_dir")
-                           if config.get(key)}}
-    cfg = from_dict(config["pipeline"], source="train_loop_config")  # typed at the boundary
-    tcfg = train_config(cfg, config)
+    job = TrainJob.model_validate(config["job"])  # typed at the boundary: a bad job fails here
+    cfg = from_dict(config["pipeline"], source="train_loop_config")
+    root = storage.fetch(job.run, job.run_files)  # a run at a URI: this node's copy
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # 1 thread per core: no oversubscription
     device = ray.train.torch.get_device()
-    strategy = make_strategy(tcfg.parallelism, rank=rank, world_size=world, microbatches=tcfg.microbatches)
+    strategy = make_strategy(job.train.parallelism, rank=rank, world_size=world, microbatches=job.train.microbatches)
     seed_everything(cfg.seed)  # identical initial weights on every rank
-    plain = _initial_model(config)
-    sparsity = GradualSparsity(plain, PruneUnstructured(**config["prune"]), tcfg.epochs) if config.get("prune") else None
-    model, loss_fn, make_target = _objective(cfg, config, plain, device)
-    model = strategy.wrap(model.to(device), config["spec"])
+    plain = _initial_model(root, job)
+    sparsity = GradualSparsity(plain, job.prune, job.train.epochs) if job.prune else None
+    teacher = frozen_teacher(root / job.teacher_dir, device) if job.teacher_dir and not job.train_files else None
+    goal = objective(plain, job.train, cfg.distill, teacher=teacher, cached_logits=bool(job.train_files),
+                     hints=job.hints, image_shape=job.image_shape, num_classes=job.spec["num_classes"])
+    model = strategy.wrap(goal.model.to(device), job.spec)
 
-    split = tcfg.parallelism != "pipeline"
-    batch = math.ceil(tcfg.batch_size / world) if split else tcfg.batch_size  # same global batch as 1 worker
-    rows = math.ceil(config["train_rows"] / world) if split else config["train_rows"]
-    opt = make_optimizer(model, tcfg)
-    sched = make_scheduler(opt, tcfg, math.ceil(rows / batch))
+    split = job.train.parallelism != "pipeline"
+    batch = math.ceil(job.train.batch_size / world) if split else job.train.batch_size  # same global batch as 1 worker
+    rows = math.ceil(job.train_rows / world) if split else job.train_rows
+    opt = make_optimizer(model, job.train)
+    sched = make_scheduler(opt, job.train, math.ceil(rows / batch))
     first, history = _resume(strategy, model, opt, sched, rank, world)
     if sparsity is not None:  # DDP shares `plain`'s parameters: masking them masks the replica
         opt.register_step_post_hook(sparsity.after_step)
-    val = data.load_split(config["data_dir"], "val")
-    step = with_autocast(lambda x, target: strategy.train_step(model, x, target, loss_fn, opt), device, tcfg.bf16)
+    val = data.load_split(root / "data", "val")
+    step = with_autocast(lambda x, target: strategy.train_step(model, x, target, goal.loss_fn, opt), device,
+                         job.train.bf16)
 
-    for epoch in range(first, tcfg.epochs + 1):
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         seed = zlib.crc32(f"{cfg.seed}/{epoch}/{rank if split else 0}".encode())
-        batches = _train_batches(config, batch, seed, tcfg.augment, make_target, device, check_same=not split)
+        return _train_batches(job, batch, seed, goal.make_target, device, check_same=not split)
+
+    def score(epoch: int, stats: dict[str, float]) -> dict[str, Any]:
         start = time.perf_counter()
-        if sparsity is not None:
-            sparsity.start_epoch(epoch)
-        stats = train_epoch(model, batches, step, sched)
         scores = _validate(strategy, model, val, device)
-        metrics = _epoch_metrics(epoch, stats, scores, time.perf_counter() - start, world, split)
+        metrics = _epoch_metrics(epoch, stats, scores, stats["seconds"] + time.perf_counter() - start, world, split)
         if epoch == first and history:
             metrics["resumed_from"] = first - 1  # evidence of a restart, kept in the history
-        history.append(metrics)
+        return metrics
+
+    def finish(metrics: dict[str, Any]) -> None:
         if rank == 0:
-            _say(progress_line(config["which"], tcfg.epochs, metrics))
+            _say(progress_line(job.which, job.train.epochs, metrics))
         _report(metrics, strategy, model, opt, sched, rank, world, history)
 
-
-def train_config(cfg: PipelineConfig, job: dict[str, Any]) -> TrainConfig:
-    """The job's own training config (fine-tuning a variant), else its stage's."""
-    return TrainConfig.model_validate(job["train"]) if job.get("train") else cfg.stage_for(job["which"]).train
+    run_epochs(model, step, sched, range(first, job.train.epochs + 1), epoch_batches, score, history=history,
+               on_epoch_start=sparsity.start_epoch if sparsity else lambda epoch: None, on_epoch=finish)
 
 
-def _initial_model(config: dict[str, Any]) -> torch.nn.Module:
+def _initial_model(root: Path, job: TrainJob) -> torch.nn.Module:
     """A fresh model from the spec, or a saved (pruned) model to fine-tune."""
-    if config.get("init_dir"):
-        from distillery.compression.store import load_variant
+    if not job.init_dir:
+        return build_model(job.spec)
+    from distillery.compression.store import load_variant  # torchao: seconds of import, only when fine-tuning
 
-        return load_variant(config["init_dir"])[0].train()
-    return build_model(config["spec"])
+    return load_variant(root / job.init_dir)[0].train()
 
 
 def _say(line: str) -> None:
@@ -275,47 +214,6 @@ def _say(line: str) -> None:
     to log each line and also echo it, so every line would show twice."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def quiet_ray_train_logs() -> None:
-    """Every worker process's setup hook: drop Ray Train's per-report INFO line and, without
-    the dashboard's state API, the placement-group cleaner's warning every few seconds;
-    both would bury the epoch lines. Other Ray Train warnings still show."""
-    from ray.train.v2._internal.execution import context  # its logger is named by file path, not module
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # "dataset execution finished" for every epoch
-
-
-def _objective(cfg: PipelineConfig, config: dict, model: torch.nn.Module,
-               device: torch.device) -> tuple[torch.nn.Module, LossFn, TargetFn]:
-    """(model to train, loss, target builder): plain, distilled from the live teacher (with
-    hints, the student wrapped with its adapters), or distilled from cached logits."""
-    tcfg, d = cfg.stage_for(config["which"]).train, cfg.distill
-    if config.get("train_files"):  # cached logits arrive in the batches
-        return model, distillation(d.temperature, d.alpha), lambda x, y: y
-    if not config.get("teacher_dir"):
-        return model, cross_entropy(tcfg.label_smoothing), lambda x, y: y
-    teacher = _frozen_teacher(config["teacher_dir"], device)
-    if d.hints and config.get("hints", True):  # fine-tuning a pruned variant: logits only
-        wrapped, make_target, loss_fn = wrap_for_hints(model, teacher, d.hints, config["image_shape"],
-                                                       config["spec"]["num_classes"], d.temperature, d.alpha)
-        return wrapped, loss_fn, make_target
-    return model, distillation(d.temperature, d.alpha), lambda x, y: pack_target(y, _no_grad(teacher)(x))
-
-
-def _frozen_teacher(folder: str, device: torch.device) -> torch.nn.Module:
-    """The teacher, frozen: eval mode, no gradients, never trained."""
-    teacher, _ = load_model(folder)
-    return teacher.to(device).eval().requires_grad_(False)
-
-
-def _no_grad(fn: Callable) -> Callable:
-    def call(*args):
-        with torch.no_grad():
-            return fn(*args)
-    return call
 
 
 def _resume(strategy: Strategy, model, opt, sched, rank: int, world: int) -> tuple[int, list[dict]]:
@@ -332,21 +230,21 @@ def _resume(strategy: Strategy, model, opt, sched, rank: int, world: int) -> tup
     return state["epoch"] + 1, history
 
 
-def _train_batches(config: dict, batch_size: int, seed: int, augment: bool, make_target: TargetFn,
+def _train_batches(job: TrainJob, batch_size: int, seed: int, make_target: TargetFn,
                    device: torch.device, check_same: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This worker's shard as (x [B, C, H, W], target) batches, shuffled and augmented per epoch."""
     gen = torch.Generator().manual_seed(seed)
     shard = ray.train.get_dataset_shard("train")
     for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                     local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed):
-        x, y = data.decode_batch(table, config["image_shape"])
+        x, y = data.decode_batch(table, job.image_shape)
         if check_same:
             _check_same_batch(y)
         if "teacher_logits" in table.column_names:  # cached: the logits of these exact images
             yield x.to(device), pack_target(y, _logits(table)).to(device)
             continue
-        if augment:
-            x = random_shift(x, gen, flip=config["flip"])
+        if job.train.augment:
+            x = random_shift(x, gen, flip=job.flip)
         x, y = x.to(device), y.to(device)
         yield x, make_target(x, y)
 

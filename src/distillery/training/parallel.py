@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from distillery.errors import UserError
-from distillery.training.losses import LossFn
 from distillery.training.loop import optimizer_step
+from distillery.training.losses import LossFn
 
 STRATEGIES = ("none", "ddp", "fsdp", "pipeline")
 

@@ -1,0 +1,50 @@
+"""Joining Ray: the cluster a job was submitted to (or `ray.address`), else a local instance.
+
+Every stage that uses Ray (training, the logits cache, serving) calls `ensure_ray` first, so
+a local instance is started once, with Serve's ingress chosen before it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import ray
+import ray.data
+
+from distillery.config import PipelineConfig
+from distillery.serving import ingress
+
+
+def cluster_address(cfg: PipelineConfig) -> str | None:
+    """The cluster to join: `ray.address`, else the one a submitted job runs on; None: local."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS")
+
+
+def ensure_ray(cfg: PipelineConfig) -> None:
+    """Join the cluster this job runs on (or `ray.address`), else start a local instance."""
+    if ray.is_initialized():
+        return
+    if cluster_address(cfg):
+        ray.init(address=cluster_address(cfg), logging_level=logging.WARNING)
+        return
+    ingress.apply(cfg.serve.ingress, cfg.serve.host)  # Serve's ingress: chosen by Ray's environment
+    # Logical CPUs beyond the workers' share, so Ray Data's read tasks are never starved
+    # by the training workers holding every CPU (a deadlock on a 2-core machine).
+    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_worker)) + 2
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"worker_process_setup_hook": quiet_ray_train_logs})
+    quiet = ray.data.DataContext.get_current()  # per-epoch progress bars would drown the epoch lines
+    quiet.enable_progress_bars = quiet.print_on_execution_start = quiet.enable_auto_log_stats = False
+
+
+def quiet_ray_train_logs() -> None:
+    """Every worker process's setup hook: drop Ray Train's per-report INFO line and, without
+    the dashboard's state API, the placement-group cleaner's warning every few seconds;
+    both would bury the epoch lines. Other Ray Train warnings still show."""
+    from ray.train.v2._internal.execution import context  # its logger is named by file path, not module
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # "dataset execution finished" for every epoch

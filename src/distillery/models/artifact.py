@@ -1,0 +1,59 @@
+"""A model on disk: `model.safetensors` plus `arch.json` (the JSON spec and the weights'
+sha256), so a model folder verifies on its own and loads without unpickling anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from distillery.errors import UserError
+from distillery.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.models.architectures import build_model
+
+WEIGHTS_FILE = "model.safetensors"
+ARCH_FILE = "arch.json"
+
+
+def save_model(folder: str | Path, model: torch.nn.Module, spec: dict, **extra: Any) -> list[Path]:
+    """Write `model.safetensors` and `arch.json` (spec + weights sha256); return both paths."""
+    folder = Path(folder)
+    weights = folder / WEIGHTS_FILE
+    # clone(): safetensors refuses tensors that share storage (e.g. views from pruning).
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    arch = {"spec": spec, "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(weights), **extra}
+    atomic_write_json(folder / ARCH_FILE, arch)
+    return [weights, folder / ARCH_FILE]
+
+
+def read_arch(folder: str | Path) -> tuple[dict, Path]:
+    """A model folder's `arch.json` and its weights file, verified against the recorded sha256."""
+    folder = Path(folder)
+    arch = read_json(folder / ARCH_FILE)
+    if not isinstance(arch, dict) or not {"spec", "weights", "weights_sha256"} <= arch.keys():
+        raise UserError(f"{folder / ARCH_FILE}: not a distillery arch file (needs spec, weights, weights_sha256)")
+    weights = folder / arch["weights"]
+    verify_sha256(weights, arch["weights_sha256"])
+    return arch, weights
+
+
+def load_model(folder: str | Path, build: Callable[[dict], torch.nn.Module] | None = None) -> tuple[torch.nn.Module, dict]:
+    """Build the model from `arch.json`, verify and load its weights; return (model, arch)."""
+    build = build or build_model
+    arch, weights = read_arch(folder)
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as e:
+        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
+    model = build(arch["spec"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{weights}: weights do not fit the spec in {ARCH_FILE}: {e}") from None
+    return model.eval(), arch

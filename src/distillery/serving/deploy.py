@@ -1,0 +1,79 @@
+"""Putting a run's models on Ray Serve and keeping them there: the serve stage of
+`distillery run`, `distillery serve`, and the Serve config file for `serve run/deploy`."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import ray
+import yaml
+from ray import serve as ray_serve
+
+from distillery.cluster import cluster_address, ensure_ray
+from distillery.files import atomic_write_bytes
+from distillery.serving import deployments, ingress
+
+
+def serve_until_interrupted() -> None:
+    """Serve until Ctrl-C or `kill` (SIGTERM), then take the deployments down."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Installed explicitly: a process started in the background by a non-interactive shell
+    # (`nohup ... &`, CI) inherits SIGINT as ignored, and would otherwise never stop on it.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
+
+
+def write_serve_config(location: str, cfg, out: Path) -> Path:
+    """The applications of the run at `location` (its folder or URI) as a Serve config file,
+    for `serve run` / `serve deploy`."""
+    doc = deployments.config_document(location, cfg.serve, deployments.read_api_key(cfg.serve.api_key_env))
+    atomic_write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
+    return out
+
+
+def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
+    """Deploy the models of the run at `location` (its folder or URI) on the Ray cluster (a
+    local one if none); return (URL, the headers a client needs)."""
+    key = deployments.read_api_key(cfg.serve.api_key_env)
+    ensure_ray(cfg)
+    log(f"[serve] {ingress.current()}")
+    start = time.perf_counter()
+    url = deployments.deploy(location, cfg.serve, key)
+    log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}")
+    return url, {"content-type": "application/json", **({"x-api-key": key} if key else {})}
+
+
+def after_run(run, cfg, keep: bool, log) -> None:
+    """The end of `distillery run`: keep the run's models served, or take them down.
+    Serve outlives this process on a cluster (the job may end); a local Ray instance dies
+    with it, so locally this waits for Ctrl-C."""
+    local = not cluster_address(cfg)  # a local instance ends with this process
+    names = deployments.app_names(run.location, cfg.serve)
+    if not keep:
+        if local and ray.is_initialized():
+            ray_serve.shutdown()
+        elif not local:  # a shared cluster: take down this run's applications, and only those
+            ensure_ray(cfg)
+            running = ray_serve.status().applications
+            for name in (n for n in names if n in running):
+                ray_serve.delete(name)
+        log("[serve] shut down (--no-keep-serving)")
+        return
+    ensure_ray(cfg)
+    if deployments.running(names):
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}/v2"
+    else:
+        url, _ = deploy_run(run.location, cfg, log)
+    log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run.address} --model auto --sample 4")
+    if local:
+        log("Ctrl-C stops serving")
+        serve_until_interrupted()
