@@ -16,6 +16,14 @@ from distillery.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items):
+    """Everything under tests/integration/ is marked `integration` (real Ray, HTTP servers,
+    process groups): `-m "not integration"` or `pytest tests/unit` is the fast tier."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:

@@ -11,29 +11,42 @@ loads; layer names are checked against the parent model before any work starts
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
 from distillery.schema import Strict
 
 
-class PruneUnstructured(Strict):
+class StepConfig(Strict):
+    """What every step declares, so the recipe rules and the stage need no list of kinds."""
+
+    prunes: ClassVar[bool] = False  # removes weights or channels (a finetune may follow)
+    quantizes: ClassVar[bool] = False  # changes the numerics: the last step, nothing builds on it
+
+    def numerics(self) -> str | None:
+        """The arithmetic a quantization step leaves (int8_static, int4_weights, ...)."""
+        return None
+
+
+class PruneUnstructured(StepConfig):
     """Global magnitude pruning of conv/linear weights to `sparsity` (zeros stay zeros).
 
     Followed by `finetune`, the sparsity is reached gradually over the fine-tuning epochs
     (Zhu & Gupta 2017, cubic schedule); otherwise at once."""
 
     kind: Literal["prune_unstructured"] = "prune_unstructured"
+    prunes: ClassVar[bool] = True
     sparsity: float = Field(gt=0.0, lt=1.0, description="fraction of prunable weights set to zero")
     exclude: list[str] = Field([], description="module names left dense, e.g. conv1")
 
 
-class PruneChannels(Strict):
+class PruneChannels(StepConfig):
     """Dependency-aware removal of conv channels and linear units (Torch-Pruning) until the
     model needs `mac_ratio` times fewer multiply-accumulates. The classifier keeps its outputs."""
 
     kind: Literal["prune_channels"] = "prune_channels"
+    prunes: ClassVar[bool] = True
     mac_ratio: float = Field(gt=1.0, le=100.0, description="target MACs(parent) / MACs(pruned)")
     importance: Literal["l1", "l2"] = Field("l2", description="norm of a channel group's weights")
     exclude: list[str] = Field([], description="module names whose channels are kept, e.g. conv1")
@@ -43,7 +56,7 @@ class PruneChannels(Strict):
                           "run whole registers (1: any count)")
 
 
-class Finetune(Strict):
+class Finetune(StepConfig):
     """Train the pruned model further, distilled from the teacher, on Ray Train (DDP)."""
 
     kind: Literal["finetune"] = "finetune"
@@ -53,32 +66,44 @@ class Finetune(Strict):
     distill: bool = Field(True, description="KD from the teacher (the distill section's T and alpha)")
 
 
-class Int8Dynamic(Strict):
+class Int8Dynamic(StepConfig):
     """torchao's default int8 path: int8 weights, activations quantized per batch at run time
     (linear layers; convolutions stay fp32)."""
 
     kind: Literal["int8_dynamic"] = "int8_dynamic"
+    quantizes: ClassVar[bool] = True
+
+    def numerics(self) -> str:
+        return self.kind
 
 
-class Int8Static(Strict):
+class Int8Static(StepConfig):
     """Whole-network int8 post-training quantization (torchao PT2E, x86 inductor quantizer),
     calibrated on a sample of the train split; quantization-aware training instead when
     post-training quantization loses more than `max_drop` validation accuracy."""
 
     kind: Literal["int8_static"] = "int8_static"
+    quantizes: ClassVar[bool] = True
     calibration_samples: int = Field(512, ge=1, le=1_000_000)
     max_drop: float = Field(0.005, ge=-1.0, le=1.0, description="allowed val-accuracy loss before QAT (0.005 = 0.5 point)")
     qat_epochs: int = Field(3, ge=1, le=1000)
     qat_lr: float = Field(1e-4, gt=0.0, le=1.0)
 
+    def numerics(self) -> str:
+        return self.kind
 
-class WeightOnly(Strict):
+
+class WeightOnly(StepConfig):
     """Low-bit ("sub-integer") weight-only quantization of linear layers, per group of input
     weights (torchao IntxWeightOnlyConfig): int4 by default, down to int1."""
 
     kind: Literal["weight_only"] = "weight_only"
+    quantizes: ClassVar[bool] = True
     bits: int = Field(4, description="1 to 8")
     group_size: int = Field(32, ge=1, le=65_536, description="input weights sharing one scale")
+
+    def numerics(self) -> str:
+        return f"int{self.bits}_weights"
 
     @field_validator("bits")
     @classmethod
@@ -90,8 +115,6 @@ class WeightOnly(Strict):
 
 Step = Annotated[Union[PruneUnstructured, PruneChannels, Finetune, Int8Dynamic, Int8Static, WeightOnly],
                  Field(discriminator="kind")]
-PRUNE_KINDS = ("prune_unstructured", "prune_channels")
-QUANT_KINDS = ("int8_dynamic", "int8_static", "weight_only")
 BASE_MODELS = ("student", "teacher")
 
 
@@ -111,22 +134,19 @@ class VariantConfig(Strict):
 
     @model_validator(mode="after")
     def _order(self) -> "VariantConfig":
-        kinds = [s.kind for s in self.steps]
-        quant = [i for i, k in enumerate(kinds) if k in QUANT_KINDS]
-        if len(quant) > 1 or (quant and quant[0] != len(kinds) - 1):
+        steps = self.steps
+        quant = [i for i, s in enumerate(steps) if s.quantizes]
+        if len(quant) > 1 or (quant and quant[0] != len(steps) - 1):
             raise ValueError("at most one quantization step, and it must be the last (a quantized model is not pruned)")
-        if any(k == "finetune" and (i == 0 or kinds[i - 1] not in PRUNE_KINDS) for i, k in enumerate(kinds)):
+        if any(s.kind == "finetune" and (i == 0 or not steps[i - 1].prunes) for i, s in enumerate(steps)):
             raise ValueError("finetune must follow a prune step (quantization-aware training is int8_static's)")
         return self
 
     def numerics(self) -> str | None:
         """The arithmetic its last quantization step leaves (int8_static, int4_weights, ...);
         None when its steps do not quantize (it computes as its parent does)."""
-        quantized = [s for s in self.steps if s.kind in ("int8_dynamic", "int8_static", "weight_only")]
-        if not quantized:
-            return None
-        last = quantized[-1]
-        return f"int{last.bits}_weights" if last.kind == "weight_only" else last.kind
+        quantized = [s for s in self.steps if s.quantizes]
+        return quantized[-1].numerics() if quantized else None
 
     def describe(self) -> str:
         """`parent -> step(args) -> ...`, for tables."""

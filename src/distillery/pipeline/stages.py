@@ -23,6 +23,7 @@ import torch
 
 from distillery import data
 from distillery.config import PipelineConfig
+from distillery.data.sources import flips_keep_class
 from distillery.errors import UserError
 from distillery.files import atomic_write_bytes, atomic_write_json
 from distillery.measure.accuracy import distillation_gain, results_table
@@ -195,7 +196,7 @@ def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, mani
 
 def _flips(manifest: dict) -> bool:
     # Horizontal flips suit natural images (CIFAR-10), not digits, where they change the class.
-    return manifest["source"] == "cifar10"
+    return flips_keep_class(manifest["source"])
 
 
 def evaluate_run(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:

@@ -17,6 +17,7 @@ from distillery.measure import timing
 from distillery.models.artifact import load_model
 from distillery.run import storage
 from distillery.serving.protocol import ProtocolError
+from distillery.serving.runner import SERVABLE_MODES, runner
 
 BASES = ("teacher", "student", "student_scratch")
 
@@ -69,13 +70,13 @@ def _serving_mode(rec: dict) -> tuple[str, float]:
     """(mode, batch-1 p50) a replica runs `rec` in: its frontier figures' mode (serve what was
     measured). A frontier written before compiled modes stopped counting may name `compile`:
     then the best servable mode it timed, chosen as the compression stage now chooses."""
-    if rec["best_mode"] in timing.SERVABLE_MODES:
+    if rec["best_mode"] in SERVABLE_MODES:
         return rec["best_mode"], rec["p50_ms"]
     timed = {m: f for m, f in rec["modes"].items() if "p50_ms" in f}
     mode, servable = timing.best_mode(timed) if timed else (rec["best_mode"], False)
     if not servable:
         raise UserError(f"{rec['name']}: measured only in {rec['best_mode']} mode, which a replica does not run "
-                        f"({' or '.join(timing.SERVABLE_MODES)} failed); it cannot be served")
+                        f"({' or '.join(SERVABLE_MODES)} failed); it cannot be served")
     return mode, timed[mode]["p50_ms"]
 
 
@@ -88,7 +89,7 @@ class Predictor:
         torch.set_num_threads(threads)
         folder = storage.fetch(served.folder, served.files)  # a run at a URI: this node's copy
         model, _ = load_model(folder) if served.name in BASES else load_variant(folder)
-        self.served, self._run = served, timing.runner(model, served.mode)
+        self.served, self._run = served, runner(model, served.mode)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,341 @@
+"""Serving under faults, bad input at volume, backpressure and timeouts, and what listens on
+which address: on a real local Ray instance with Serve over HTTP on 127.0.0.1. Every load
+loop is bounded in requests and seconds. The figures each test saw are printed (`-s`) and
+quoted in the README's reliability section."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port
+from distillery import data
+from distillery.cli.main import main
+from distillery.config import ServeConfig
+from distillery.errors import UserError
+from distillery.loadtest import generator
+from distillery.serving import ingress
+
+MODEL = "student"
+
+
+@dataclass
+class Served:
+    url: str            # http://127.0.0.1:PORT
+    run_dir: Path
+    cfg: ServeConfig
+    body: bytes         # a one-image infer request
+    dashboard_port: int
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Served:
+    """The tiny run's student on 2 replicas, with a 3 s request timeout and small body limits."""
+    import ray
+    from ray import serve
+
+    from distillery.serving import deployments
+
+    storage = tmp_path_factory.mktemp("reliability") / "runs"
+    assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage}",
+                 "--set", "ray.workers=0", "--set", "serve.enabled=false"]) == 0
+    run_dir = storage / "tiny"
+    cfg = ServeConfig(port=free_port(), models=[MODEL], auto=False, min_replicas=2, max_replicas=2,
+                      max_elements=4096, max_body_bytes=64 * 1024, request_timeout_s=3.0)
+    dashboard = free_port()
+    assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # the default ingress where the binary exists
+    ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_port=dashboard)  # for the state API
+    try:
+        url = deployments.deploy(str(run_dir), cfg, None).removesuffix("/v2")
+        x = data.load_split(run_dir / "data", "test")[0][:1]
+        yield Served(url, run_dir, cfg, generator.infer_body(x.reshape(-1).tolist(), list(x.shape)), dashboard)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _post(url: str, body: bytes, content_type: str = "application/json", timeout: float = 30) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"content-type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _replicas(app: str = MODEL) -> dict[str, int]:
+    """{actor name: pid} of the app's live replicas, from Ray's state API."""
+    import ray
+    from ray.util.state import list_actors
+
+    # This process's Ray instance by name: another one on the machine must not make it ambiguous.
+    address = ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    return {a.name: a.pid for a in actors if a.name and a.name.startswith(f"SERVE_REPLICA::{app}#")}
+
+
+def _steady_load(url: str, body: bytes, seconds: float, rate: float) -> tuple[threading.Thread, list]:
+    """Open-loop load in a background thread; the list receives the samples when it ends."""
+    out: list = []
+    steps = [(seconds, rate)]
+    headers = {"content-type": "application/json"}
+    thread = threading.Thread(target=lambda: out.extend(asyncio.run(generator.open_loop(url, body, steps, headers))))
+    thread.start()
+    return thread, out
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+# ---------------------------------------------------------------- bad input at volume
+
+
+def _malformed(body: bytes, infer: str, base: str, limit_bytes: int) -> list[tuple[str, str, bytes, str]]:
+    """(kind, url, body, content type) for every class of bad request."""
+    doc = json.loads(body)
+    spec = doc["inputs"][0]
+
+    def with_input(**change) -> bytes:
+        return json.dumps({"inputs": [{**spec, **change}]}).encode()
+
+    n = math.prod(spec["shape"])
+    return [
+        ("bad JSON", infer, b'{"inputs": [', "application/json"),
+        ("truncated body", infer, body[: len(body) // 2], "application/json"),
+        ("wrong shape", infer, with_input(shape=[1, 1, 4, 4], data=spec["data"][:16]), "application/json"),
+        ("shape/data mismatch", infer, with_input(data=spec["data"][:-1]), "application/json"),
+        ("wrong datatype", infer, with_input(datatype="INT8"), "application/json"),
+        ("NaN", infer, with_input(data=[float("nan")] * n), "application/json"),  # json writes NaN, Infinity
+        ("infinity", infer, with_input(data=[float("inf")] * n), "application/json"),
+        ("non-numbers", infer, with_input(data=["x"] * n), "application/json"),
+        ("huge declared shape", infer, with_input(shape=[10 ** 9, 1, 8, 8]), "application/json"),
+        ("oversized body", infer, b"[" + b"0," * (limit_bytes // 2) + b"0]", "application/json"),
+        ("missing inputs", infer, b'{"outputs": []}', "application/json"),
+        ("misnamed input", infer, with_input(name="image"), "application/json"),
+        ("wrong content type", infer, body, "text/plain"),
+        ("unknown model", f"{base}/v2/models/nope/infer", body, "application/json"),
+    ]
+
+
+def test_a_thousand_malformed_requests_get_4xx_and_no_replica_restarts(served):
+    url, cfg, body = served.url, served.cfg, served.body
+    before = _replicas()
+    kinds = _malformed(body, f"{url}/v2/models/{MODEL}/infer", url, cfg.max_body_bytes)
+    per_kind = math.ceil(1000 / len(kinds))
+    jobs = [k for k in kinds for _ in range(per_kind)]
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda k: (k[0], *_post(k[1], k[2], k[3])), jobs))
+    seconds = time.monotonic() - start
+    statuses: dict[str, set[int]] = {}
+    for kind, status, reply in answers:
+        statuses.setdefault(kind, set()).add(status)
+        assert 400 <= status < 500, (kind, status, reply[:200])
+        assert json.loads(reply)["error"], kind  # a message naming the problem
+    print(f"\n{len(answers)} malformed requests of {len(kinds)} kinds in {seconds:.1f} s: "
+          + ", ".join(f"{k} {sorted(s)}" for k, s in statuses.items()))
+    assert _replicas() == before  # same replicas, same processes
+    assert _post(f"{url}/v2/models/{MODEL}/infer", body)[0] == 200
+
+
+# ---------------------------------------------------------------- faults under load
+
+
+def test_a_killed_replica_is_replaced_and_only_its_requests_fail(served):
+    import ray
+
+    url, body = served.url, served.body
+    before = _replicas()
+    assert len(before) == 2
+    victim = sorted(before)[0]
+    thread, samples = _steady_load(f"{url}/v2/models/{MODEL}/infer", body, seconds=15, rate=40)
+    time.sleep(4)
+    t0 = time.monotonic()
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    thread.join(timeout=60)
+    replaced = _wait_for(lambda: len(_replicas()) == 2 and victim not in _replicas(), 60)
+    failed = [s for s in samples if s.status != 200]
+    print(f"\nreplica killed under 40 requests/s: {len(samples)} requests, {len(failed)} failed "
+          f"({sorted({s.status for s in failed})}); replaced in {time.monotonic() - t0:.1f} s")
+    assert replaced, f"no replacement replica: {_replicas()}"
+    assert len(samples) == 600
+    # Only what the dead replica held can fail: at 40/s and ~20 ms each, a handful at most.
+    assert len(failed) <= 5, [(s.sent, s.status) for s in failed]
+
+
+def test_rolling_update_under_load_answers_every_request(served):
+    from distillery.serving import deployments
+
+    url, run_dir, cfg, body = served.url, served.run_dir, served.cfg, served.body
+    before = _replicas()
+    thread, samples = _steady_load(f"{url}/v2/models/{MODEL}/infer", body, seconds=20, rate=30)
+    time.sleep(3)
+    deployments.deploy(str(run_dir), cfg.model_copy(update={"batch_wait_timeout_s": 0.002}), None)  # new config
+    thread.join(timeout=60)
+    after = _replicas()
+    statuses = sorted({s.status for s in samples})
+    print(f"\nrolling update under 30 requests/s: {len(samples)} requests, statuses {statuses}, "
+          f"replicas {sorted(before.values())} -> {sorted(after.values())}")
+    assert not set(before) & set(after), "the update did not replace the replicas"
+    assert len(samples) == 600 and statuses == [200]
+
+
+def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(served):
+    from ray import serve
+
+    from distillery.serving import deployments
+
+    url, run_dir, cfg, body = served.url, served.run_dir, served.cfg, served.body
+    weights = run_dir / MODEL / "model.safetensors"
+    backup = weights.with_name("backup.safetensors")
+    shutil.copy2(weights, backup)
+    before = _replicas()
+    try:
+        weights.write_bytes(weights.read_bytes()[:-64])  # the new version's weights are damaged
+        with pytest.raises(UserError, match="model.safetensors"):  # the driver refuses to deploy it
+            deployments.deploy(str(run_dir), cfg, None)
+        # Past the driver's check, straight to Serve: the new replicas fail their constructor.
+        app = deployments.build_application(deployments.AppArgs(kind="model", run_dir=str(run_dir), models=[MODEL],
+                                                        settings=cfg.model_dump() | {"batch_wait_timeout_s": 0.003}))
+        with pytest.raises(RuntimeError, match=f"Deploying application {MODEL} failed"):
+            serve.run(app, name=MODEL, route_prefix=f"/v2/models/{MODEL}")
+        status = serve.status().applications[MODEL]  # the replica's own error names the file
+        print(f"\nfailed new version: application {status.status}; old replicas {sorted(before.values())}, "
+              f"now {sorted(_replicas().values())}")
+        message = status.status + " " + status.message + " ".join(d.message for d in status.deployments.values())
+        assert status.status == "DEPLOY_FAILED" and "model.safetensors" in message, message
+        codes = [_post(f"{url}/v2/models/{MODEL}/infer", body)[0] for _ in range(50)]
+        assert codes == [200] * 50
+        # Serve's rolling update stopped one old replica before the new ones failed; the rest
+        # of the old version keeps serving, and no replica of the new version does.
+        assert _replicas() and set(_replicas()) <= set(before)
+    finally:
+        shutil.move(backup, weights)
+        deployments.deploy(str(run_dir), cfg, None)  # healthy again for the tests after this one
+
+
+# ---------------------------------------------------------------- backpressure and timeouts
+
+
+def test_requests_beyond_ongoing_and_queued_get_503_at_once_and_slow_ones_408(served):
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from distillery.serving.deployments import deployment_options
+
+    url, cfg = served.url, served.cfg
+    limits = cfg.model_copy(update={"max_ongoing_requests": 2, "max_queued_requests": 2, "min_replicas": 1,
+                                    "max_replicas": 1})
+
+    @serve.deployment
+    class Slow:
+        async def __call__(self, request: Request) -> JSONResponse:
+            await asyncio.sleep(float(request.query_params.get("s", "0")))
+            return JSONResponse({"ok": True})
+
+    serve.run(Slow.options(**deployment_options(limits)).bind(), name="slow", route_prefix="/slow")
+    base = f"{url}/slow"
+    def post(_) -> tuple[int, float]:
+        sent = time.monotonic()
+        return _post(f"{base}?s=2.5", b"{}")[0], time.monotonic() - sent
+
+    with ThreadPoolExecutor(10) as pool:
+        first = [pool.submit(post, i) for i in range(4)]  # enough to fill 2 ongoing + 2 queued
+        time.sleep(0.5)
+        answers = list(pool.map(post, range(6))) + [f.result() for f in first]
+    rejected = [seconds for status, seconds in answers if status == 503]
+    admitted = sorted(status for status, _ in answers if status != 503)
+    print(f"\n10 requests (4, then 6) into 2 ongoing + 2 queued places: {len(rejected)} x 503, each within "
+          f"{max(rejected, default=0):.3f} s of being sent; the admitted answered {admitted}")
+    # Serve's router enforces the queue limit best effort: which requests it refuses varies from
+    # run to run, and one run of 10 sent at once admitted a fifth. None waits to be refused.
+    assert len(rejected) >= 5 and all(t < 1.0 for t in rejected)
+    assert admitted and all(status in (200, 408) for status in admitted)
+
+    status, _ = _post(f"{base}?s={cfg.request_timeout_s + 2}", b"{}")
+    assert status == 408
+    assert _post(f"{base}?s=0", b"{}")[0] == 200
+    serve.delete("slow")
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
+    """200 requests/s through HAProxy for 45 s keep more requests in flight than the target
+    (0.1 per replica), so Serve adds the second replica; without load it goes back to one.
+    The load leaves most of the 2 cores free: a saturating load starves a starting replica
+    (Ray runs replicas at a lower CPU priority than this process) until the load ends."""
+    from ray import serve
+
+    from distillery.loadtest import run as loadtest
+    from distillery.serving.deployments import AppArgs, build_application
+
+    scaling = served.cfg.model_copy(update={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.1,
+                                            "upscale_delay_s": 1.0, "downscale_delay_s": 3.0})
+    args = AppArgs(kind="model", run_dir=str(served.run_dir), models=[MODEL], settings=scaling.model_dump())
+    serve.run(build_application(args), name="scaling", route_prefix="/v2/models/scaling",
+              logging_config={"enable_access_log": False})
+    count = loadtest.replica_counter("scaling", "Model")
+    run = generator.open_loop(f"{served.url}/v2/models/scaling/infer", served.body, [(45.0, 200.0)],
+                            {"content-type": "application/json"})
+    samples, replicas, _ = generator.run_niced(generator.with_replicas(run, count, every_s=0.5))
+    summary = loadtest.scaling_summary(samples, replicas)
+    assert summary["initial_replicas"] == 1 and summary["peak_replicas"] == 2, replicas
+    assert summary["lost"] == 0 and summary["ok"] == summary["requests"]
+    deadline = time.monotonic() + 40
+    while asyncio.run(count()) != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert asyncio.run(count()) == 1, "no scale-down 40 s after the load stopped"
+    print(f"\nautoscaling: 1 -> 2 replicas {summary['scaled_up_at_s']} s into the load; "
+          f"{summary['requests']} requests, all 200; back to 1 after it ended")
+    serve.delete("scaling")
+
+
+# ---------------------------------------------------------------- addresses
+
+
+def _listening() -> dict[int, str]:
+    """{port: address} of every listening TCP socket on this machine (from /proc)."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                address, port = local.split(":")
+                found[int(port, 16)] = address
+    return found
+
+
+def test_the_products_ports_listen_on_loopback_only(served):
+    cfg, dashboard = served.cfg, served.dashboard_port
+    listening = _listening()
+    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as /proc writes them
+    assert listening[cfg.port] in loopback, f"Serve's HTTP ingress on {listening[cfg.port]}"
+    assert listening[dashboard] in loopback, f"Ray's dashboard on {listening[dashboard]}"
+    # HAProxy's stats and Prometheus listeners (Ray binds them to every interface; the
+    # wrapper pins them), Serve's fallback proxy, and each replica's own HTTP server.
+    haproxy = {name: int(os.environ[name]) for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                                                        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")}
+    replicas = {port: address for port, address in listening.items() if 30000 <= port <= 31000}
+    for name, port in haproxy.items():
+        assert listening.get(port) in loopback, f"{name}: port {port} on {listening.get(port)}"
+    assert replicas and all(a in loopback for a in replicas.values()), f"replica ports: {replicas}"
+    print(f"\nServe :{cfg.port}, the dashboard :{dashboard}, HAProxy's stats, metrics and fallback ports "
+          f"{sorted(haproxy.values())} and {len(replicas)} replica port(s) listen on loopback only")

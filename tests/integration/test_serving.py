@@ -1,0 +1,353 @@
+"""Ray Serve end to end: a real local Ray, real HTTP on 127.0.0.1, the tiny preset's models.
+
+One deployment for the module (Serve takes ~30 s to bring a handful of applications up on 2
+cores), with an API key configured so that its enforcement is tested on the same server.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, free_port
+from distillery import data
+from distillery.cli.main import main
+from distillery.config import ServeConfig
+from distillery.errors import UserError
+from distillery.serving import ingress
+from distillery.serving.predictor import Predictor, catalog, choose
+
+KEY = "test-key-1234"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, run dir, ServeConfig) of the tiny run's models served on Ray Serve."""
+    import ray
+    from ray import serve
+
+    from distillery.serving import deployments
+
+    storage = tmp_path_factory.mktemp("serve") / "runs"
+    assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage}",
+                 "--set", "ray.workers=0", "--set", "serve.enabled=false"]) == 0
+    run_dir = storage / "tiny"
+    cfg = ServeConfig(port=free_port(), batch_wait_timeout_s=0.05, max_elements=4096, max_body_bytes=64 * 1024,
+                      max_replicas=1, api_key_env="DISTILLERY_TEST_KEY")
+    assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # ray[serve] ships the binary on Linux
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    try:
+        url = deployments.deploy(str(run_dir), cfg, KEY)
+        yield url.removesuffix("/v2"), run_dir, cfg
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _call(url: str, body: bytes | None = None, *, key: str | None = KEY, method: str | None = None,
+          content_type: str = "application/json") -> tuple[int, dict]:
+    headers = {"content-type": content_type, **({"x-api-key": key} if key else {})}
+    request = urllib.request.Request(url, data=body, headers=headers, method=method or ("POST" if body else "GET"))
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _infer_body(x: torch.Tensor, **params) -> bytes:
+    doc = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    return json.dumps({**doc, **({"parameters": params} if params else {})}).encode()
+
+
+def _test_images(run_dir: Path, n: int) -> torch.Tensor:
+    return data.load_split(run_dir / "data", "test")[0][:n]
+
+
+def test_health_and_metadata_routes(server):
+    base, run_dir, _ = server
+    assert _call(f"{base}/v2/health/live", key=None) == (200, {"live": True})
+    assert _call(f"{base}/v2/health/ready", key=None) == (200, {"ready": True})
+    status, meta = _call(f"{base}/v2")
+    assert status == 200 and meta["name"] == "distillery"
+    names = [m.name for m in catalog(run_dir)]
+    status, listing = _call(f"{base}/v2/models")
+    assert status == 200 and listing["models"] == [*names, "auto"]
+    for name in [*names, "auto"]:
+        status, meta = _call(f"{base}/v2/models/{name}")
+        assert status == 200 and meta["name"] == name
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+        assert [o["name"] for o in meta["outputs"]] == ["logits", "label"]
+        assert _call(f"{base}/v2/models/{name}/ready") == (200, {"name": name, "ready": True})
+
+
+def test_predictions_over_http_equal_in_process_predictions(server):
+    base, run_dir, _ = server
+    x = _test_images(run_dir, 5)
+    for model in catalog(run_dir):
+        status, reply = _call(f"{base}/v2/models/{model.name}/infer", _infer_body(x))
+        assert status == 200, reply
+        logits, labels = reply["outputs"]
+        assert logits["datatype"] == "FP32" and logits["shape"] == [5, 4]
+        assert labels["datatype"] == "INT64" and labels["shape"] == [5]
+        here = Predictor(model)(x)
+        assert labels["data"] == here.argmax(1).tolist()
+        assert torch.allclose(torch.tensor(logits["data"]).reshape(5, 4), here, atol=1e-5)
+        assert reply["parameters"]["variant"] == model.name
+
+
+def test_concurrent_requests_are_batched(server):
+    base, run_dir, _ = server
+    name = catalog(run_dir)[0].name
+    x = _test_images(run_dir, 1)
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda _: _call(f"{base}/v2/models/{name}/infer", _infer_body(x)), range(32)))
+    assert all(status == 200 for status, _ in replies)
+    together = [r["parameters"]["batched_requests"] for _, r in replies]
+    assert max(together) > 1, together
+
+
+def test_auto_picks_by_accuracy_or_latency_and_names_the_model(server):
+    base, run_dir, _ = server
+    models, x = catalog(run_dir), _test_images(run_dir, 2)
+    floor = min(m.test_accuracy for m in models)
+    status, reply = _call(f"{base}/v2/models/auto/infer", _infer_body(x, min_accuracy=floor))
+    assert status == 200 and reply["parameters"]["variant"] == choose(models, floor, None).name
+    slowest = max(m.p50_ms for m in models)
+    status, reply = _call(f"{base}/v2/models/auto/infer", _infer_body(x, max_latency_ms=slowest))
+    assert status == 200 and reply["parameters"]["variant"] == choose(models, None, slowest).name
+    assert max(m.test_accuracy for m in models) < 1.0  # the tiny models are far from perfect
+    status, reply = _call(f"{base}/v2/models/auto/infer", _infer_body(x, min_accuracy=1.0))
+    assert status == 422 and "no served model reaches" in reply["error"]
+
+
+BAD = {
+    "malformed JSON": (b'{"inputs": [', 400, "not valid JSON"),
+    "missing input": (b'{"inputs": []}', 400, "exactly one input"),
+    "extra input": (json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                            "data": [0.0] * 64}] * 2}).encode(), 400, "exactly one input"),
+    "wrong name": (json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                           "data": [0.0] * 64}]}).encode(), 400, "unknown input"),
+    "wrong datatype": (json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT64",
+                                               "data": [0] * 64}]}).encode(), 400, "datatype"),
+    "wrong shape": (json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "FP32",
+                                            "data": [0.0] * 192}]}).encode(), 400, "shape must be"),
+    "NaN": (json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                    "data": [float("nan")] * 64}]}).encode(), 400, "NaN"),
+    "too many elements": (json.dumps({"inputs": [{"name": "input", "shape": [100, 1, 8, 8], "datatype": "FP32",
+                                                  "data": [0.0]}]}).encode(), 413, "over the limit"),
+    "body too large": (b" " * (65 * 1024) + b"{}", 413, "over the limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_requests_get_a_4xx_naming_the_problem_and_the_replica_keeps_serving(server, case):
+    base, run_dir, _ = server
+    name = catalog(run_dir)[0].name
+    body, status, phrase = BAD[case]
+    got, reply = _call(f"{base}/v2/models/{name}/infer", body)
+    assert got == status and phrase in reply["error"], reply
+    good, _ = _call(f"{base}/v2/models/{name}/infer", _infer_body(_test_images(run_dir, 1)))
+    assert good == 200
+
+
+def test_wrong_method_content_type_and_unknown_model(server):
+    base, run_dir, _ = server
+    name = catalog(run_dir)[0].name
+    assert _call(f"{base}/v2/models/{name}/infer", method="GET")[0] == 405
+    status, reply = _call(f"{base}/v2/models/{name}/infer", b"x", content_type="text/plain")
+    assert status == 415 and "application/json" in reply["error"]
+    status, reply = _call(f"{base}/v2/models/nope/infer", _infer_body(_test_images(run_dir, 1)))
+    assert status == 404 and "unknown model 'nope'" in reply["error"] and name in reply["error"]
+
+
+def test_api_key_is_required_on_every_route_but_health(server):
+    base, run_dir, _ = server
+    name = catalog(run_dir)[0].name
+    for path in ("/v2", "/v2/models", f"/v2/models/{name}", f"/v2/models/{name}/ready", "/v2/models/auto"):
+        assert _call(f"{base}{path}", key=None)[0] == 401, path
+        assert _call(f"{base}{path}", key="wrong")[0] == 401, path
+    body = _infer_body(_test_images(run_dir, 1))
+    assert _call(f"{base}/v2/models/{name}/infer", body, key=None)[0] == 401
+    assert _call(f"{base}/v2/models/auto/infer", body, key=None)[0] == 401
+    assert _call(f"{base}/v2/health/ready", key=None)[0] == 200
+
+
+def test_a_tampered_artifact_is_refused_before_and_inside_a_replica(server, tmp_path):
+    from ray import serve
+
+    from distillery.serving import deployments
+
+    _, run_dir, cfg = server
+    copy = tmp_path / "tiny"
+    shutil.copytree(run_dir, copy)
+    model = catalog(copy)[0]
+    weights = Path(model.folder) / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=f"{weights}: sha256 mismatch"):
+        deployments.applications(str(copy), cfg, KEY)
+    # A replica verifies again: deployed around the driver-side check, it never serves.
+    args = deployments.AppArgs(kind="model", run_dir=str(copy), models=[model.name], settings=cfg.model_dump())
+    with pytest.raises(Exception, match="Deploying application tampered failed"):
+        serve.run(deployments.build_application(args), name="tampered", route_prefix="/tampered")
+    app = serve.status().applications["tampered"]
+    assert app.status == "DEPLOY_FAILED"
+    assert f"{weights}: sha256 mismatch" in app.deployments["Model"].message
+    serve.delete("tampered")
+
+
+def test_generated_serve_config_names_every_application(server, tmp_path):
+    _, run_dir, _ = server
+    out = tmp_path / "config.yaml"
+    assert main(["serve", "build", str(run_dir), "-o", str(out)]) == 0
+    import yaml
+
+    doc = yaml.safe_load(out.read_text())
+    names = [m.name for m in catalog(run_dir)]
+    assert [a["name"] for a in doc["applications"]] == [*names, "auto", "server"]
+    assert {a["import_path"] for a in doc["applications"]} == {"serve.app:build_app"}
+    assert doc["http_options"]["host"] == "127.0.0.1"
+    model_app = doc["applications"][0]
+    assert model_app["route_prefix"] == f"/v2/models/{names[0]}" and model_app["args"]["kind"] == "model"
+
+
+def test_serve_env_prints_the_ingress_environment_for_serve_run(server, capsys):
+    _, run_dir, _ = server
+    assert main(["serve", "env", str(run_dir)]) == 0
+    env = dict(line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["DISTILLERY_HAPROXY_HOST"] == "127.0.0.1"
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("distillery-haproxy")
+    assert main(["serve", "env", str(run_dir), "--set", "serve.ingress=proxy"]) == 0
+    assert "RAY_SERVE_ENABLE_HA_PROXY=0" in capsys.readouterr().out
+
+
+def test_query_client_prints_predictions(server, capsys):
+    base, run_dir, _ = server
+    x = _test_images(run_dir, 3).numpy()
+    np.save(run_dir.parent / "three.npy", x)
+    import os
+
+    os.environ["DISTILLERY_TEST_KEY"] = KEY
+    assert main(["query", "--url", base, "--model", "auto", "--sample", "4", "--run-dir", str(run_dir),
+                 "--api-key-env", "DISTILLERY_TEST_KEY"]) == 0
+    out = capsys.readouterr().out
+    assert "answered by" in out and "correct:" in out
+    assert main(["query", "--url", base, "--model", "auto", "--input", str(run_dir.parent / "three.npy"),
+                 "--api-key-env", "DISTILLERY_TEST_KEY"]) == 0
+    assert "for 3 image(s)" in capsys.readouterr().out
+    assert main(["query", "--url", base, "--model", "auto", "--sample", "1", "--run-dir", str(run_dir)]) == 2
+    assert "HTTP 401" in capsys.readouterr().err
+
+
+def _load_body(run_dir: Path) -> bytes:
+    from distillery.loadtest.generator import infer_body
+
+    x = _test_images(run_dir, 1)
+    return infer_body(x.reshape(-1).tolist(), list(x.shape))
+
+
+HEADERS = {"content-type": "application/json", "x-api-key": KEY}
+
+
+def test_closed_loop_counts_add_up_and_replicas_are_sampled(server, tmp_path):
+    from distillery.loadtest import run as lt
+    from distillery.measure import timing
+
+    base, run_dir, _ = server
+    name = catalog(run_dir)[0].name
+    rows = lt.sweep(base, name, _load_body(run_dir), [1, 4], 1.5, HEADERS)
+    for r in rows:
+        assert r["requests"] == len(r["samples"]) == r["ok"] + sum(r["errors"].values())
+        assert r["ok"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert sum(p["requests"] for p in r["per_second"]) == r["requests"]
+        assert r["replicas"] and all(n == 1 for _, n in r["replicas"])  # max_replicas is 1 here
+        assert r["variants"] == {name: r["ok"]} and r["generator_cpu"] > 0
+    files = lt.write_report(tmp_path, rows, None, timing.machine_info())
+    assert [f.name for f in files] == ["loadtest.json", "loadtest.md", "loadtest.png", "requests.csv"]
+    assert len((tmp_path / "requests.csv").read_text().splitlines()) == 1 + sum(r["requests"] for r in rows)
+    assert f"| {name} | 4 |" in (tmp_path / "loadtest.md").read_text()
+
+
+def test_open_loop_keeps_its_schedule_and_loses_nothing(server):
+    from distillery.loadtest import run as lt
+
+    base, run_dir, _ = server
+    name = catalog(run_dir)[0].name
+    result = lt.ramp(base, name, _load_body(run_dir), [(1.0, 20.0), (1.0, 40.0)], HEADERS)
+    assert result["requests"] == 60 and result["lost"] == 0
+    assert result["ok"] + result["rejected_503"] == 60
+    due = [s.scheduled for s in result["samples"]]
+    assert due == sorted(due) and due[20] == pytest.approx(1.0) and due[-1] == pytest.approx(1.975)
+    lateness = sorted(s.sent - s.scheduled for s in result["samples"])
+    assert lateness[int(0.9 * len(lateness))] < 0.1  # sent on time, however the server answers
+    assert result["initial_replicas"] == 1 and result["replicas"]
+
+
+def test_a_stock_triton_client_works_in_json_and_binary(server):
+    """Triton's own HTTP client, unchanged: metadata, JSON tensors, binary tensors both ways."""
+    import tritonclient.http as triton
+
+    base, run_dir, _ = server
+    model = catalog(run_dir)[0]
+    client = triton.InferenceServerClient(base.removeprefix("http://"))
+    headers = {"x-api-key": KEY}
+    assert client.is_server_live() and client.is_model_ready(model.name, headers=headers)
+    assert client.get_model_metadata(model.name, headers=headers)["inputs"][0]["name"] == "input"
+    x = _test_images(run_dir, 64)
+    expected = Predictor(model)(x)
+    for binary in (False, True):
+        inp = triton.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x.numpy(), binary_data=binary)
+        outs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("logits", "label")]
+        result = client.infer(model.name, [inp], outputs=outs, headers=headers)
+        assert result.as_numpy("label").tolist() == expected.argmax(1).tolist()
+        assert np.allclose(result.as_numpy("logits"), expected.numpy(), atol=1e-5)
+
+
+def test_tuning_picks_a_tried_setting_and_serve_build_uses_it(server, tmp_path):
+    from distillery.files import atomic_write_json
+    from distillery.loadtest import run as lt
+    from distillery.serving import deployments
+
+    base, run_dir, cfg = server
+    name = catalog(run_dir)[0].name
+    grid = [(1, 0.0), (16, 0.002)]
+    result = lt.tune(base, str(run_dir), name, _load_body(run_dir), cfg, KEY, grid, concurrency=4, seconds=1.0,
+                     p99_target_ms=10_000.0, headers=HEADERS, settle_s=0.5)
+    chosen = result["chosen"]
+    assert (chosen["max_batch_size"], chosen["batch_wait_timeout_s"]) in grid and len(result["trials"]) == 2
+    assert result["within_p99_target"]  # a 10 s target: every trial is within it
+    best = max(result["trials"], key=lambda t: t["throughput"])
+    assert chosen["max_batch_size"] == best["max_batch_size"]
+    assert chosen["target_ongoing_requests"] in {r["concurrency"] for r in result["curve"]}
+    assert _call(f"{base}/v2/models/{name}/infer", _infer_body(_test_images(run_dir, 1)))[0] == 200  # still serves
+    copy = tmp_path / "tiny"
+    shutil.copytree(run_dir, copy)
+    atomic_write_json(copy / deployments.TUNED, {name: result})
+    apps = {a["name"]: a["args"].settings for a in deployments.applications(str(copy), cfg, KEY)}
+    assert apps[name]["max_batch_size"] == chosen["max_batch_size"]
+    assert apps[name]["target_ongoing_requests"] == chosen["target_ongoing_requests"]
+    others = [n for n in apps if n not in (name, "auto", "server")]
+    assert all(apps[n]["max_batch_size"] == cfg.max_batch_size for n in others)
+
+
+def test_serving_frontier_takes_the_best_rate_within_the_p99_target():
+    from distillery.loadtest import run as lt
+    from distillery.serving.predictor import ServedModel
+
+    m = ServedModel("a", "x", [1, 8, 8], 10, 0.9, 0.1, "eager")
+    rows = [{"model": "a", "concurrency": c, "throughput": t, "p99_ms": p, "errors": e}
+            for c, t, p, e in ((1, 50.0, 10.0, {}), (4, 150.0, 40.0, {}), (16, 300.0, 150.0, {}), (8, 200.0, 60.0, {"503": 1}))]
+    front = lt.serving_frontier(rows, [m], p99_target_ms=100.0)
+    assert front == [{"model": "a", "test_accuracy": 0.9, "mode": "eager", "model_p50_ms": 0.1, "sustained_rps": 150.0,
+                      "at_concurrency": 4, "p99_target_ms": 100.0}]

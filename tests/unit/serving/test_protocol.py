@@ -1,0 +1,476 @@
+"""Fast unit tests of the pure serving pieces: the Open Inference Protocol codec
+(`distillery.serving.protocol`) and the `auto` model's choice (`distillery.serving.predictor.choose`).
+No Ray, no HTTP, no model weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+
+import pytest
+import torch
+
+from distillery.serving.predictor import ServedModel, choose
+from distillery.serving.protocol import (
+    INPUT_NAME,
+    InferRequest,
+    Limits,
+    ProtocolError,
+    auto_targets,
+    check_size,
+    infer_response,
+    model_metadata,
+    parse_infer,
+    server_metadata,
+)
+
+IN_SHAPE = [1, 8, 8]
+LIMITS = Limits()
+
+
+def _input(data, shape=None, name=INPUT_NAME, datatype="FP32", **extra):
+    n = len(data) // 64 if shape is None and isinstance(data, list) else 1
+    spec = {"name": name, "shape": [n, *IN_SHAPE] if shape is None else shape, "datatype": datatype, "data": data}
+    spec.update(extra)
+    return spec
+
+
+def _body(inputs, **fields) -> bytes:
+    doc = {"inputs": inputs if isinstance(inputs, list) else [inputs]}
+    doc.update(fields)
+    return json.dumps(doc, allow_nan=True).encode()
+
+
+def _refused(body: bytes, limits: Limits = LIMITS) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        parse_infer(body, IN_SHAPE, limits)
+    return info.value
+
+
+def _flat(n: int = 2) -> list[float]:
+    return [i * 0.25 - 3.0 for i in range(n * 64)]
+
+
+# --- parse_infer: valid requests ---------------------------------------------------------
+
+def test_parse_flat_data_gives_float32_batch_equal_to_input():
+    data = _flat(2)
+    req = parse_infer(_body(_input(data), id="req-7", parameters={"min_accuracy": 0.9}), IN_SHAPE, LIMITS)
+    assert isinstance(req, InferRequest)
+    assert req.x.dtype == torch.float32
+    assert list(req.x.shape) == [2, 1, 8, 8]
+    assert torch.equal(req.x, torch.tensor(data, dtype=torch.float32).reshape(2, 1, 8, 8))
+    assert req.id == "req-7"
+    assert req.parameters == {"min_accuracy": 0.9}
+
+
+def test_parse_nested_data_gives_same_tensor_as_flat():
+    expected = torch.arange(3 * 64, dtype=torch.float32).reshape(3, 1, 8, 8) / 7
+    nested = expected.tolist()  # [3][1][8][8] nested lists
+    req = parse_infer(_body(_input(nested, shape=[3, 1, 8, 8])), IN_SHAPE, LIMITS)
+    assert req.x.dtype == torch.float32 and list(req.x.shape) == [3, 1, 8, 8]
+    assert torch.equal(req.x, expected)
+    flat = parse_infer(_body(_input(expected.reshape(-1).tolist(), shape=[3, 1, 8, 8])), IN_SHAPE, LIMITS)
+    assert torch.equal(flat.x, req.x)
+
+
+def test_parse_without_id_or_parameters():
+    req = parse_infer(_body(_input(_flat(1))), IN_SHAPE, LIMITS)
+    assert req.id is None and req.parameters == {}
+    assert list(req.x.shape) == [1, 1, 8, 8]
+
+
+def test_parse_other_in_shape():
+    data = list(range(2 * 3 * 4 * 5))
+    req = parse_infer(_body(_input(data, shape=[2, 3, 4, 5])), [3, 4, 5], LIMITS)
+    assert list(req.x.shape) == [2, 3, 4, 5]
+    assert req.x.reshape(-1).tolist() == [float(v) for v in data]
+
+
+def test_parsed_tensor_does_not_alias_between_requests():
+    a = parse_infer(_body(_input(_flat(1))), IN_SHAPE, LIMITS)
+    b = parse_infer(_body(_input(_flat(1))), IN_SHAPE, LIMITS)
+    a.x.zero_()
+    assert b.x.abs().sum() > 0
+
+
+# --- parse_infer: refusals -----------------------------------------------------------------
+
+def test_body_not_json():
+    e = _refused(b"{not json")
+    assert e.status == 400 and "not valid JSON" in e.message
+
+
+def test_body_not_utf8():
+    e = _refused(b"\xff\xfe\x00garbage")
+    assert e.status == 400 and "not valid JSON" in e.message
+
+
+@pytest.mark.parametrize("doc", [[1, 2], "inputs", 3, None])
+def test_json_not_an_object(doc):
+    e = _refused(json.dumps(doc).encode())
+    assert e.status == 400 and "JSON object" in e.message
+
+
+def test_unknown_top_level_field_named():
+    e = _refused(_body(_input(_flat(1)), priority=1, zzz=2))
+    assert e.status == 400 and "unknown request field" in e.message
+    assert "priority" in e.message and "zzz" in e.message
+
+
+@pytest.mark.parametrize("inputs,got", [(None, "none"), ("x", "none"), ([], "0")])
+def test_no_inputs(inputs, got):
+    doc = {} if inputs is None else {"inputs": inputs}
+    e = _refused(json.dumps(doc).encode())
+    assert e.status == 400 and "exactly one input" in e.message and f"got {got}" in e.message
+
+
+def test_two_inputs():
+    e = _refused(_body([_input(_flat(1)), _input(_flat(1))]))
+    assert e.status == 400 and "exactly one input" in e.message and "got 2" in e.message
+
+
+def test_input_not_an_object():
+    e = _refused(_body([[1, 2, 3]]))
+    assert e.status == 400 and "must be an object" in e.message
+
+
+@pytest.mark.parametrize("key", ["name", "shape", "datatype", "data"])
+def test_input_missing_a_key(key):
+    spec = _input(_flat(1))
+    del spec[key]
+    e = _refused(_body(spec))
+    assert e.status == 400 and "missing" in e.message and key in e.message
+
+
+def test_wrong_input_name():
+    e = _refused(_body(_input(_flat(1), name="pixels")))
+    assert e.status == 400 and "'pixels'" in e.message and f"'{INPUT_NAME}'" in e.message
+
+
+@pytest.mark.parametrize("datatype", ["INT64", "FP64", "fp32", None])
+def test_wrong_datatype(datatype):
+    e = _refused(_body(_input(_flat(1), datatype=datatype)))
+    assert e.status == 400 and "FP32" in e.message and repr(datatype) in e.message
+
+
+@pytest.mark.parametrize("shape", ["1,1,8,8", [1, 1, 8.0, 8], [1, "1", 8, 8], [True, 1, 8, 8], [1, 1, 8, None], 64])
+def test_shape_not_a_list_of_ints(shape):
+    e = _refused(_body(_input(_flat(1), shape=shape)))
+    assert e.status == 400 and "shape must be a list of integers" in e.message
+
+
+@pytest.mark.parametrize("shape", [[1, 8, 8], [1, 1, 1, 8, 8], [64], [], [1, 3, 8, 8], [1, 1, 8, 7], [1, 1, 7, 8],
+                                   [0, 1, 8, 8], [-1, 1, 8, 8]])
+def test_wrong_rank_or_dims_or_empty_batch(shape):
+    e = _refused(_body(_input(_flat(1), shape=shape)))
+    assert e.status == 400 and "shape must be [N, 1, 8, 8] with N >= 1" in e.message
+
+
+def test_declared_shape_over_element_limit_is_413_without_reading_data():
+    limits = Limits(max_elements=1000)
+    e = _refused(_body(_input(_flat(1), shape=[16, 1, 8, 8])), limits)  # 1024 > 1000
+    assert e.status == 413 and "1024 elements" in e.message and "1000" in e.message
+    # exactly at the limit is fine
+    parse_infer(_body(_input([0.0] * 1024, shape=[16, 1, 8, 8])), IN_SHAPE, Limits(max_elements=1024))
+
+
+def test_huge_declared_shape_refused_before_converting_data():
+    # 64e9 declared elements with 3 bogus values: a check after np.asarray would say 400
+    # (count mismatch or non-numeric), and an allocation by shape would never return.
+    body = _body(_input(["not", "a", "number"], shape=[10 ** 9, 1, 8, 8]))
+    start = time.perf_counter()
+    e = _refused(body)
+    assert time.perf_counter() - start < 1.0
+    assert e.status == 413 and "over the limit" in e.message
+
+
+@pytest.mark.parametrize("n_values", [63, 65, 0])
+def test_data_count_mismatch(n_values):
+    e = _refused(_body(_input([0.5] * n_values, shape=[1, 1, 8, 8])))
+    assert e.status == 400 and f"data has {n_values} elements" in e.message and "needs 64" in e.message
+
+
+@pytest.mark.parametrize("data", [["a"] * 64, [{"v": 1}] * 64, {"v": 1}, [[1.0] * 32, [1.0] * 31 + [[1.0]]],
+                                  [[1.0] * 32, [1.0] * 33]])
+def test_non_numeric_or_ragged_data(data):
+    e = _refused(_body(_input(data, shape=[1, 1, 8, 8])))
+    assert e.status == 400 and "data must be numbers" in e.message
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinity_in_data(bad):
+    data = [0.0] * 64
+    data[17] = bad
+    body = _body(_input(data, shape=[1, 1, 8, 8]))
+    assert b"NaN" in body or b"Infinity" in body  # the tokens Python's json reads back
+    e = _refused(body)
+    assert e.status == 400 and "NaN or infinity" in e.message
+
+
+def test_float32_overflow_is_refused_as_infinity():
+    data = [0.0] * 64
+    data[3] = 1e39  # finite in JSON, inf as float32
+    e = _refused(_body(_input(data, shape=[1, 1, 8, 8])))
+    assert e.status == 400 and "NaN or infinity" in e.message
+
+
+def test_body_over_byte_limit():
+    body = _body(_input(_flat(1)))
+    e = _refused(body, Limits(max_body_bytes=len(body) - 1))
+    assert e.status == 413 and f"{len(body)} bytes" in e.message
+    assert parse_infer(body, IN_SHAPE, Limits(max_body_bytes=len(body))).x.shape[0] == 1
+
+
+def test_oversized_body_refused_before_parsing():
+    # not JSON at all: a 413 (not a 400) shows the size check runs first
+    e = _refused(b"x" * 101, Limits(max_body_bytes=100))
+    assert e.status == 413
+
+
+@pytest.mark.parametrize("request_id", [7, ["a"], {"a": 1}, True])
+def test_id_not_a_string(request_id):
+    e = _refused(_body(_input(_flat(1)), id=request_id))
+    assert e.status == 400 and "'id' must be a string" in e.message
+
+
+@pytest.mark.parametrize("params", ["fast", [1], 3, True])
+def test_parameters_not_an_object(params):
+    e = _refused(_body(_input(_flat(1)), parameters=params))
+    assert e.status == 400 and "'parameters' must be an object" in e.message
+
+
+@pytest.mark.parametrize("params", [[], 0, False, ""])
+def test_falsy_parameters_not_an_object(params):
+    e = _refused(_body(_input(_flat(1)), parameters=params))
+    assert e.status == 400 and "'parameters' must be an object" in e.message
+
+
+def test_huge_integer_in_data_is_a_400():
+    data = [0] * 64
+    data[0] = 10 ** 400
+    e = _refused(_body(_input(data, shape=[1, 1, 8, 8])))
+    assert e.status == 400
+
+
+@pytest.mark.parametrize("value", ["1.5", True])
+def test_strings_and_bools_in_data_are_not_numbers(value):
+    e = _refused(_body(_input([value] * 64, shape=[1, 1, 8, 8])))
+    assert e.status == 400 and "data must be numbers" in e.message
+
+
+def test_deeply_nested_json_is_a_400():
+    e = _refused(b"[" * 100_000 + b"]" * 100_000)
+    assert e.status == 400
+
+
+# --- check_size ------------------------------------------------------------------------------
+
+def test_check_size_over_limit():
+    limits = Limits(max_body_bytes=1000)
+    with pytest.raises(ProtocolError) as info:
+        check_size("1001", limits)
+    assert info.value.status == 413 and "1001 bytes" in info.value.message and "1000" in info.value.message
+
+
+@pytest.mark.parametrize("value", [None, "1000", "0", "", "abc", "-5", "1e9", " 2000"])
+def test_check_size_absent_non_digit_or_within_limit(value):
+    assert check_size(value, Limits(max_body_bytes=1000)) is None
+
+
+# --- infer_response and metadata -------------------------------------------------------------
+
+def test_infer_response_logits_labels_variant_id():
+    logits = torch.tensor([[0.1, 2.5, -1.0], [3.0, 0.0, 1.0], [-2.0, -1.0, -0.5], [0.0, 0.0, 9.0]])
+    out = infer_response("auto", "abc", logits, "student_q8")
+    assert out["model_name"] == "auto" and out["id"] == "abc"
+    assert out["parameters"] == {"variant": "student_q8"}
+    by_name = {o["name"]: o for o in out["outputs"]}
+    assert [o["name"] for o in out["outputs"]] == ["logits", "label"]
+    lo, la = by_name["logits"], by_name["label"]
+    assert lo["datatype"] == "FP32" and lo["shape"] == [4, 3]
+    assert torch.equal(torch.tensor(lo["data"]).reshape(lo["shape"]), logits)  # row-major
+    assert lo["data"][:3] == pytest.approx([0.1, 2.5, -1.0])
+    assert la["datatype"] == "INT64" and la["shape"] == [4] and la["data"] == [1, 0, 2, 2]
+    assert all(type(v) is int for v in la["data"])
+    json.dumps(out)  # serialisable as is
+
+
+def test_infer_response_without_id_has_no_id_key():
+    out = infer_response("teacher", None, torch.zeros(1, 10), "teacher")
+    assert "id" not in out
+    assert out["outputs"][1]["shape"] == [1]
+
+
+def test_model_metadata():
+    meta = model_metadata("student", [3, 32, 32], 10)
+    assert meta["name"] == "student" and meta["platform"] == "pytorch"
+    assert meta["inputs"] == [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    assert meta["inputs"][0]["name"] == "input"
+    outs = {o["name"]: o for o in meta["outputs"]}
+    assert outs["logits"] == {"name": "logits", "datatype": "FP32", "shape": [-1, 10]}
+    assert outs["label"] == {"name": "label", "datatype": "INT64", "shape": [-1]}
+    assert model_metadata("x", IN_SHAPE, 4, platform="onnx")["platform"] == "onnx"
+
+
+def test_server_metadata():
+    meta = server_metadata("1.2.3")
+    assert meta["name"] == "distillery" and meta["version"] == "1.2.3"
+    assert isinstance(meta["extensions"], list)
+
+
+# --- auto_targets ----------------------------------------------------------------------------
+
+def test_auto_targets_none():
+    assert auto_targets({}) == (None, None)
+    assert auto_targets({"min_accuracy": None, "max_latency_ms": None}) == (None, None)
+
+
+def test_auto_targets_accuracy():
+    assert auto_targets({"min_accuracy": 0.98}) == (0.98, None)
+    assert auto_targets({"min_accuracy": 1}) == (1.0, None)
+
+
+def test_auto_targets_latency():
+    acc, lat = auto_targets({"max_latency_ms": 2})
+    assert (acc, lat) == (None, 2.0) and isinstance(lat, float)
+
+
+def test_auto_targets_both_refused():
+    with pytest.raises(ProtocolError) as info:
+        auto_targets({"min_accuracy": 0.9, "max_latency_ms": 2})
+    assert info.value.status == 400 and "not both" in info.value.message
+
+
+@pytest.mark.parametrize("key,value", [("min_accuracy", 1.01), ("min_accuracy", -0.1), ("min_accuracy", True),
+                                       ("min_accuracy", "0.9"), ("min_accuracy", float("nan")),
+                                       ("max_latency_ms", -1), ("max_latency_ms", 1e7), ("max_latency_ms", False),
+                                       ("max_latency_ms", "2"), ("max_latency_ms", float("inf")),
+                                       ("max_latency_ms", [2])])
+def test_auto_targets_bad_value_names_key(key, value):
+    with pytest.raises(ProtocolError) as info:
+        auto_targets({key: value})
+    assert info.value.status == 400 and f"parameters.{key}" in info.value.message
+
+
+# --- choose ----------------------------------------------------------------------------------
+
+def _m(name, acc, p50, recommended=False):
+    return ServedModel(name, "x", [1, 8, 8], 10, acc, p50, "eager", recommended)
+
+
+TEACHER = _m("teacher", 0.990, 5.0)
+STUDENT = _m("student", 0.985, 2.0, recommended=True)
+PRUNED = _m("pruned", 0.980, 1.5)
+QUANT = _m("quant", 0.970, 0.8)
+TINY = _m("tiny", 0.900, 0.3)
+MODELS = [TEACHER, STUDENT, PRUNED, QUANT, TINY]
+
+
+def test_choose_accuracy_floor_gives_fastest_meeting_it():
+    assert choose(MODELS, 0.98, None) is PRUNED
+    assert choose(MODELS, 0.985, None) is STUDENT
+    assert choose(MODELS, 0.99, None) is TEACHER
+    assert choose(MODELS, 0.5, None) is TINY
+
+
+def test_choose_latency_gives_most_accurate_within_it():
+    assert choose(MODELS, None, 2.0) is STUDENT   # p50 == target is within
+    assert choose(MODELS, None, 1.9) is PRUNED
+    assert choose(MODELS, None, 1.0) is QUANT
+    assert choose(MODELS, None, 100.0) is TEACHER
+
+
+def test_choose_latency_tie_on_accuracy_prefers_faster():
+    a, b = _m("a", 0.95, 1.2), _m("b", 0.95, 0.7)
+    assert choose([a, b], None, 2.0) is b
+    assert choose([b, a], None, 2.0) is b
+
+
+def test_choose_default_is_recommended():
+    assert choose(MODELS, None, None) is STUDENT
+
+
+def test_choose_default_without_recommended_is_most_accurate():
+    plain = [_m(m.name, m.test_accuracy, m.p50_ms) for m in MODELS]
+    assert choose(plain, None, None).name == "teacher"
+
+
+def test_choose_nothing_meets_floor_422_names_most_accurate():
+    with pytest.raises(ProtocolError) as info:
+        choose(MODELS, 0.995, None)
+    assert info.value.status == 422
+    assert "teacher" in info.value.message and "0.9900" in info.value.message and "0.9950" in info.value.message
+
+
+def test_choose_nothing_within_latency_422_names_fastest():
+    with pytest.raises(ProtocolError) as info:
+        choose(MODELS, None, 0.1)
+    assert info.value.status == 422
+    assert "tiny" in info.value.message and "0.300" in info.value.message and "0.1" in info.value.message
+
+
+def test_choose_under_load_with_an_accuracy_floor_never_slows_down():
+    # The fastest model above the floor has no faster one to step down to: it stays.
+    assert choose(MODELS, 0.98, None, {"pruned": 4}, busy_at=4) is PRUNED
+    assert choose(MODELS, 0.98, None, {"pruned": 3}, busy_at=4) is PRUNED
+
+
+def test_choose_under_load_latency_moves_to_faster_within_latency():
+    picked = choose(MODELS, None, 2.0, {"student": 4}, busy_at=4)
+    assert picked is PRUNED
+    assert picked.p50_ms < STUDENT.p50_ms and picked.p50_ms <= 2.0
+
+
+def test_choose_under_load_latency_never_moves_to_slower():
+    fast_good = _m("fast_good", 0.95, 1.0)
+    slow_ok = _m("slow_ok", 0.94, 1.8)
+    fastest = _m("fastest", 0.90, 0.5)
+    picked = choose([fast_good, slow_ok, fastest], None, 2.0, {"fast_good": 4}, busy_at=4)
+    assert picked.p50_ms < fast_good.p50_ms  # today: slow_ok (1.8 ms)
+
+
+def test_choose_under_load_default_moves_to_faster_close_in_accuracy():
+    picked = choose(MODELS, None, None, {"student": 4}, busy_at=4)
+    assert picked is PRUNED  # within 0.01 of the recommended, faster; QUANT is 0.015 below
+    assert choose(MODELS, None, None, {"student": 4, "pruned": 4}, busy_at=4) is STUDENT  # none left: preferred
+
+
+def test_choose_all_acceptable_busy_returns_preferred():
+    busy = {m.name: 100 for m in MODELS}
+    assert choose(MODELS, 0.98, None, busy) is PRUNED
+    assert choose(MODELS, None, 2.0, busy) is STUDENT
+    assert choose(MODELS, None, None, busy) is STUDENT
+
+
+def test_choose_never_returns_a_model_failing_the_target():
+    rng = random.Random(0)
+    for trial in range(300):
+        models = [_m(f"m{i}", round(rng.uniform(0.8, 1.0), 3), round(rng.uniform(0.1, 5.0), 2), i == 0)
+                  for i in range(rng.randint(1, 6))]
+        inflight = {m.name: rng.randint(0, 6) for m in models}
+        for acc, lat in [(rng.uniform(0.8, 1.0), None), (None, rng.uniform(0.1, 5.0))]:
+            try:
+                picked = choose(models, acc, lat, inflight, busy_at=4)
+            except ProtocolError as e:
+                assert e.status == 422
+                if acc is not None:
+                    assert all(m.test_accuracy < acc for m in models)
+                else:
+                    assert all(m.p50_ms > lat for m in models)
+                continue
+            assert picked in models
+            if acc is not None:
+                assert picked.test_accuracy >= acc
+            else:
+                assert picked.p50_ms <= lat
+
+
+def test_choose_order_of_models_does_not_matter():
+    for perm in itertools.permutations(MODELS):
+        assert choose(list(perm), 0.98, None) is PRUNED
+        assert choose(list(perm), None, 1.9) is PRUNED
+        assert choose(list(perm), None, None) is STUDENT
