@@ -16,13 +16,18 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_v
 
 from distillery.compression.recipe import CompressConfig
 from distillery.errors import UserError
+from distillery.files import atomic_write_bytes
+from distillery.run.storage import check_location
 from distillery.schema import Strict
+
+# Each has a loader registered in `data.sources` (a unit test keeps the two lists equal).
+DATA_SOURCES = ("digits", "cifar10", "parquet", "synthetic")
 
 
 class DataConfig(Strict):
     """Where the images come from and how they are split."""
 
-    source: Literal["digits", "cifar10", "parquet", "synthetic"] = "digits"
+    source: Literal[DATA_SOURCES] = "digits"
     path: str | None = Field(None, description="cifar10: folder of *.bin files; parquet: file or folder")
     image_column: str = "image"
     label_column: str = "label"
@@ -221,8 +226,6 @@ class PipelineConfig(Strict):
     @field_validator("storage_path")
     @classmethod
     def _folder_or_object_store(cls, v: str) -> str:
-        from distillery.run.storage import check_location
-
         return check_location(v)
 
     @field_validator("name")
@@ -313,6 +316,4 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 
 def save_resolved(cfg: PipelineConfig, path: str | Path) -> None:
-    from distillery.files import atomic_write_bytes
-
     atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

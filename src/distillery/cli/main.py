@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from distillery.config import DATA_SOURCES, load_config
 from distillery.errors import TrainingFailed, UserError
+from distillery.roles import TRAINED
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
     prepare = data.add_parser("prepare", help="write a dataset as Parquet shards + a data manifest into the run directory")
-    prepare.add_argument("source", choices=["digits", "cifar10", "parquet", "synthetic"])
+    prepare.add_argument("source", choices=DATA_SOURCES)
     prepare.add_argument("--path", help="cifar10: folder with the *.bin files; parquet: a file or folder")
     _config_args(prepare)
 
@@ -118,7 +120,6 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         return {"serve": serve_cli.serve, "query": serve_cli.query, "loadtest": serve_cli.loadtest}[args.command](args)
     # Imported here so `distillery --help` stays fast (torch is slow to import).
-    from distillery.config import load_config
     from distillery.pipeline.stages import require_done, run_stages, uses_logit_cache
 
     overrides = list(args.overrides)
@@ -129,15 +130,15 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "data":
         stages = ["data"]
     elif args.command == "train":
-        stages = ["data"] + (["teacher", "student_scratch", "student"] if args.model == "all" else [args.model])
+        stages = ["data"] + (list(TRAINED) if args.model == "all" else [args.model])
     elif args.command == "distill":
         require_done(cfg, ["data", "teacher"])
         stages = (["teacher_logits"] if uses_logit_cache(cfg) else []) + ["student"]
     elif args.command == "evaluate":
-        require_done(cfg, ["data", "teacher", "student_scratch", "student"])
+        require_done(cfg, ["data", *TRAINED])
         stages = ["evaluate"]
     elif args.command == "compress":
-        require_done(cfg, ["data", "teacher", "student_scratch", "student"])
+        require_done(cfg, ["data", *TRAINED])
         stages = ["compress"]
     else:
         stages = None

@@ -1,11 +1,12 @@
 """Compression recipes: a variant is a parent model plus a list of `model -> model` steps.
 
-Each step is a small typed config (torchao's `quantize_(model, config)` style); the list is
-saved as `recipe.json` beside the weights it produced, and a fresh process re-applies it to
-rebuild the variant without pickle. What can be checked without a model (sparsity below 1,
-step order, parents that exist, bit widths the backend runs) is checked here, when the config
-loads; layer names are checked against the parent model before any work starts
-(`compression.validate`).
+Each step is a small typed config (torchao's `quantize_(model, config)` style) with one
+handler in `steps`; the variant's config is saved as `recipe.json` beside the weights it
+produced, and `arch.json` there records what a fresh process re-applies to rebuild it
+without pickle (`store`). What can be checked without a model (sparsity below 1, step order,
+parents that exist, bit widths the backend runs) is checked here, when the config loads;
+layer names are checked against the parent model before any work starts (each handler's
+`check`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from distillery.roles import RESERVED_NAMES, VARIANT_BASES
 from distillery.schema import Strict
 
 
@@ -115,7 +117,6 @@ class WeightOnly(StepConfig):
 
 Step = Annotated[Union[PruneUnstructured, PruneChannels, Finetune, Int8Dynamic, Int8Static, WeightOnly],
                  Field(discriminator="kind")]
-BASE_MODELS = ("student", "teacher")
 
 
 class VariantConfig(Strict):
@@ -128,7 +129,7 @@ class VariantConfig(Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,47}", v) or v in (*BASE_MODELS, "auto", "server", "student_scratch"):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,47}", v) or v in RESERVED_NAMES:
             raise ValueError("use 1-48 lower-case letters, digits, '_' or '-' (not student, teacher, auto or server)")
         return v
 
@@ -196,7 +197,7 @@ class CompressConfig(Strict):
 
     @model_validator(mode="after")
     def _parents(self) -> "CompressConfig":
-        seen: set[str] = set(BASE_MODELS)
+        seen: set[str] = set(VARIANT_BASES)
         for v in self.variants:
             if v.name in seen:
                 raise ValueError(f"variant {v.name!r} is defined twice (or shadows a base model)")

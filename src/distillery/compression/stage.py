@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from distillery.compression import prune, store
-from distillery.compression.recipe import BASE_MODELS, VariantConfig
+from distillery.compression.recipe import VariantConfig
 from distillery.compression.steps import HANDLERS, Built, Context, Work, accuracy, apply_steps
 from distillery.config import PipelineConfig
 from distillery.errors import UserError
@@ -26,11 +26,10 @@ from distillery.files import atomic_write_json, read_json
 from distillery.measure import frontier, timing
 from distillery.models.architectures import build_model, count_macs, count_params
 from distillery.models.artifact import load_model
+from distillery.roles import PARENT, TRAINED, VARIANT, VARIANT_BASES
 from distillery.run.rundir import RunDir
 
 Log = Callable[[str], None]
-ROLES = {"teacher": "teacher", "student": "student", "student_scratch": "student_scratch"}
-PARENT_OF = {"teacher": None, "student": "teacher", "student_scratch": "teacher"}
 
 
 def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manifest: dict) -> tuple[list[Path], dict]:
@@ -63,15 +62,15 @@ def measure_all(ctx: Context, settings: timing.BenchSettings, built: dict[str, B
     once everything is built, one after another: no training in between competes for the
     cores, and a parent and its child are measured minutes apart at most."""
     records = {}
-    for name in ROLES:
+    for name in TRAINED:
         model, arch = load_model(ctx.run.verify_file(f"{name}/arch.json").parent)
         size = (ctx.run.root / name / arch["weights"]).stat().st_size
-        records[name] = {**measure(ctx, settings, name, ROLES[name], PARENT_OF[name], name, model, model, size),
+        records[name] = {**measure(ctx, settings, name, name, PARENT[name], name, model, model, size),
                          "numerics": "fp32"}
     for v in ctx.cfg.compress.variants:
         b = built[v.name]
         model, _ = store.load_variant(b.files[0].parent)  # score what is on disk
-        rec = measure(ctx, settings, v.name, "variant", v.parent, v.describe(), model, b.fp32,
+        rec = measure(ctx, settings, v.name, VARIANT, v.parent, v.describe(), model, b.fp32,
                       b.files[0].stat().st_size, int8=v.steps[-1].kind == "int8_static")
         records[v.name] = {**rec, "steps": b.details, "numerics": v.numerics() or records[v.parent]["numerics"]}
     return records
@@ -102,7 +101,7 @@ def check_run(run: RunDir, cfg: PipelineConfig) -> None:
     """`check_recipes` against this run's trained models: before the stage starts, so a
     refused recipe leaves the run's finished compress stage as it was."""
     manifest = read_json(run.verify_file("data/manifest.json"))
-    bases = {name: load_model(run.verify_file(f"{name}/arch.json").parent)[0] for name in ROLES}
+    bases = {name: load_model(run.verify_file(f"{name}/arch.json").parent)[0] for name in TRAINED}
     check_recipes(cfg.compress.variants, bases, manifest["image_shape"])
 
 
@@ -116,12 +115,14 @@ def build(ctx: Context, v: VariantConfig) -> Built:
                 copy.deepcopy(parent))
     ctx.log(f"[compress] {v.name}: {v.describe()}")
     files = apply_steps(ctx, work, v.steps)
-    return Built(files, work.model, work.details)
+    recipe = work.folder / "recipe.json"  # how the weights beside it were made
+    atomic_write_json(recipe, v.model_dump(mode="json"))
+    return Built([*files, recipe], work.model, work.details)
 
 
 def _parent(ctx: Context, name: str) -> tuple[nn.Module, dict]:
     """The parent's fp32 model and the spec of the base model it descends from."""
-    if name in BASE_MODELS:
+    if name in VARIANT_BASES:
         model, arch = load_model(ctx.run.verify_file(f"{name}/arch.json").parent)
     else:
         model, arch = store.load_variant(ctx.run.root / "variants" / name)

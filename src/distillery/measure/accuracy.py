@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from distillery.roles import TRAINED
+
 
 def distillation_gain(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Test-accuracy gain of the distilled student over the same student trained alone, and
     the share of the teacher-student gap it closed (None when there is no gap to close)."""
-    teacher, alone, distilled = (models[m]["test_accuracy"] for m in ("teacher", "student_scratch", "student"))
+    teacher, alone, distilled = (models[m]["test_accuracy"] for m in TRAINED)
     gap = teacher - alone
     return {"gain": distilled - alone, "gap": gap, "gap_closed": (distilled - alone) / gap if gap > 0 else None}
 

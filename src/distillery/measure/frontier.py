@@ -23,10 +23,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from distillery.files import atomic_write_bytes, atomic_write_json
+from distillery.roles import ROLES
 
 REQUIRED = ("name", "parent", "recipe", "test_accuracy", "params", "macs", "size_bytes", "best_mode",
             "p50_ms", "p99_ms", "throughput", "peak_fraction", "not_faster", "role")
-ROLES = ("teacher", "student", "student_scratch", "variant")
 CSV_COLUMNS = (*REQUIRED, "on_front")
 # How each role is drawn: marker, legend label. Variants are the many small points.
 _ROLE_STYLE = {"teacher": ("s", "teacher"), "student": ("D", "student (distilled)"),

@@ -1,5 +1,10 @@
-"""A model on disk: `model.safetensors` plus `arch.json` (the JSON spec and the weights'
-sha256), so a model folder verifies on its own and loads without unpickling anything.
+"""A model on disk: `model.safetensors` plus `arch.json` (the JSON spec, the storage format
+and the weights' sha256), so a model folder verifies on its own and loads without unpickling.
+
+Every model folder has this shape. Trained models are `format: dense` and load here;
+compressed variants add their format's fields (pruned layer sizes, sparse encoding, the
+quantization to re-apply) and a `recipe.json`, and load with `compression.store.load_variant`,
+which reads dense folders too.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ def save_model(folder: str | Path, model: torch.nn.Module, spec: dict, **extra: 
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp))
-    arch = {"spec": spec, "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(weights), **extra}
+    arch = {"format": "dense", "spec": spec, "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(weights), **extra}
     atomic_write_json(folder / ARCH_FILE, arch)
     return [weights, folder / ARCH_FILE]
 
@@ -47,6 +52,9 @@ def load_model(folder: str | Path, build: Callable[[dict], torch.nn.Module] | No
     """Build the model from `arch.json`, verify and load its weights; return (model, arch)."""
     build = build or build_model
     arch, weights = read_arch(folder)
+    if arch.get("format", "dense") != "dense" or arch.get("layers") or arch.get("sparse"):
+        raise UserError(f"{Path(folder) / ARCH_FILE}: a compressed variant ({arch.get('format')}); "
+                        "load it with distillery.compression.store.load_variant")
     try:
         state = load_file(str(weights))
     except SafetensorError as e:

@@ -12,8 +12,7 @@ from typing import Any
 from distillery.config import PipelineConfig
 from distillery.files import atomic_write_bytes, read_json
 from distillery.measure.accuracy import results_table
-
-TRAINED = ("teacher", "student_scratch", "student")
+from distillery.roles import TRAINED
 
 
 def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any], address: str | None = None) -> list[Path]:

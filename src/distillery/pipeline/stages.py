@@ -30,6 +30,7 @@ from distillery.measure.accuracy import distillation_gain, results_table
 from distillery.models.architectures import build_model, make_spec, summarize
 from distillery.models.artifact import load_model, save_model
 from distillery.pipeline import report
+from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir, fingerprint
 from distillery.training.job import TrainJob
 from distillery.training.loop import batches, evaluate, fit, pick_device, progress_line, seed_everything
@@ -37,13 +38,12 @@ from distillery.training.objective import frozen_teacher, objective
 
 Log = Callable[[str], None]
 StageFn = Callable[[RunDir, PipelineConfig, Log], tuple[list[Path], dict[str, Any]]]
-MODELS = ("teacher", "student_scratch", "student")
 EVAL_BATCH = 1024
 # What each stage reads. A stage that runs again makes everything downstream stale: a
 # student distilled from an older teacher is not the one this teacher would give.
 INPUTS = {"data": [], "teacher": ["data"], "teacher_logits": ["data", "teacher"], "student_scratch": ["data"],
-          "student": ["data", "teacher", "teacher_logits"], "evaluate": ["data", *MODELS],
-          "compress": ["data", *MODELS], "serve": ["data", "compress"], "report": ["data", "evaluate", "compress", "serve"]}
+          "student": ["data", "teacher", "teacher_logits"], "evaluate": ["data", *TRAINED],
+          "compress": ["data", *TRAINED], "serve": ["data", "compress"], "report": ["data", "evaluate", "compress", "serve"]}
 
 
 def downstream(name: str) -> list[str]:
@@ -59,8 +59,8 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp["teacher_logits"] = fingerprint(fp["teacher"])
     fp["student_scratch"] = fingerprint(fp["data"], cfg.student.model_dump(), cfg.seed, workers)
     fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), cfg.distill.model_dump(), cfg.seed, workers)
-    fp["evaluate"] = fingerprint(*(fp[name] for name in MODELS))
-    fp["compress"] = fingerprint(*(fp[name] for name in MODELS), cfg.compress.model_dump(), cfg.distill.model_dump(),
+    fp["evaluate"] = fingerprint(*(fp[name] for name in TRAINED))
+    fp["compress"] = fingerprint(*(fp[name] for name in TRAINED), cfg.compress.model_dump(), cfg.distill.model_dump(),
                                  cfg.seed, workers)
     fp["serve"] = fingerprint(fp["compress"], cfg.serve.model_dump(), cfg.loadtest.model_dump())
     fp["report"] = fingerprint(fp["evaluate"], fp["compress"], fp["serve"] if cfg.serve.enabled else None)
@@ -73,7 +73,7 @@ def stage_functions(cfg: PipelineConfig) -> dict[str, StageFn]:
     cache = {"teacher_logits": cache_logits} if uses_logit_cache(cfg) else {}
     served = {"serve": serve_models} if cfg.serve.enabled else {}
     return {"data": prepare_data, "teacher": train("teacher"), **cache,
-            **{name: train(name) for name in MODELS[1:]}, "evaluate": evaluate_run, "compress": compress_models,
+            **{name: train(name) for name in TRAINED[1:]}, "evaluate": evaluate_run, "compress": compress_models,
             **served, "report": write_report}
 
 
@@ -204,7 +204,7 @@ def evaluate_run(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     what share of the teacher-student gap distillation closed."""
     _, splits = load_splits(run, ("val", "test"))
     models = {}
-    for which in MODELS:
+    for which in TRAINED:
         run.verify_file(f"{which}/arch.json")
         model, arch = load_model(run.root / which)
         scores = {split: evaluate(model, batches(*splits[split], EVAL_BATCH)) for split in ("val", "test")}

@@ -15,11 +15,10 @@ from distillery.errors import UserError
 from distillery.files import read_json
 from distillery.measure import timing
 from distillery.models.artifact import load_model
+from distillery.roles import TRAINED
 from distillery.run import storage
 from distillery.serving.protocol import ProtocolError
 from distillery.serving.runner import SERVABLE_MODES, runner
-
-BASES = ("teacher", "student", "student_scratch")
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def catalog(run_dir: str | Path, names: list[str] | None = None) -> list[ServedM
 
 
 def _served(location: str, run_dir: Path, recorded: dict[str, str], rec: dict, recommended: bool) -> ServedModel:
-    rel = rec["name"] if rec["name"] in BASES else f"variants/{rec['name']}"
+    rel = rec["name"] if rec["name"] in TRAINED else f"variants/{rec['name']}"
     arch = read_json(run_dir / rel / "arch.json")
     mode, p50 = _serving_mode(rec)
     files = {f.removeprefix(f"{rel}/"): sha for f, sha in recorded.items() if f.startswith(f"{rel}/")}
@@ -88,7 +87,7 @@ class Predictor:
 
         torch.set_num_threads(threads)
         folder = storage.fetch(served.folder, served.files)  # a run at a URI: this node's copy
-        model, _ = load_model(folder) if served.name in BASES else load_variant(folder)
+        model, _ = load_model(folder) if served.name in TRAINED else load_variant(folder)
         self.served, self._run = served, runner(model, served.mode)
 
     @torch.inference_mode()

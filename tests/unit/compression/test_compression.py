@@ -434,3 +434,13 @@ def test_check_recipes_refuses_a_variant_built_on_a_quantized_parent():
 ])
 def test_a_variant_names_the_arithmetic_it_computes_in(steps, numerics):
     assert VariantConfig(name="v", parent="student", steps=steps).numerics() == numerics
+
+
+def test_every_step_kind_has_a_handler():
+    import typing
+
+    from distillery.compression.recipe import Step
+    from distillery.compression.steps import HANDLERS
+
+    kinds = {cls.model_fields["kind"].default for cls in typing.get_args(typing.get_args(Step)[0])}
+    assert kinds == set(HANDLERS)

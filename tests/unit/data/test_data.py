@@ -424,3 +424,11 @@ def test_source_inside_output_refused(tmp_path):
     src = _write_user(tmp_path / "in.parquet", _user_table())
     with pytest.raises(UserError, match="inside the output folder"):
         data.prepare(DataConfig(source="parquet", path=str(src)), tmp_path, seed=0)
+
+
+def test_every_configurable_source_has_a_registered_loader():
+    from distillery.config import DATA_SOURCES
+    from distillery.data.sources import SOURCES, flips_keep_class
+
+    assert sorted(SOURCES) == sorted(DATA_SOURCES)
+    assert flips_keep_class("cifar10") and not flips_keep_class("digits")  # flips change a digit's class

@@ -57,3 +57,14 @@ def test_bad_spec_names_the_key(spec, key):
 def test_cnn_refuses_images_too_small_to_pool_twice():
     with pytest.raises(UserError, match="at least 4x4"):
         build_model({"kind": "cnn", "in_shape": [1, 2, 2], "num_classes": 2, "channels": [4, 8], "hidden": 8})
+
+
+def test_every_configurable_model_kind_is_a_registered_architecture():
+    import typing
+
+    from distillery.config import ModelConfig
+    from distillery.models.architectures import ARCHITECTURES
+
+    union = typing.get_args(ModelConfig)[0]
+    kinds = {cls.model_fields["kind"].default for cls in typing.get_args(union)}
+    assert kinds == set(ARCHITECTURES)
