@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchao
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -123,8 +124,6 @@ def _unsparse(mask: torch.Tensor, values: torch.Tensor, shape: list[int]) -> tor
 
 
 def _torchao_version() -> str:
-    import torchao
-
     return torchao.__version__
 
 

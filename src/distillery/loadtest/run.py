@@ -15,21 +15,26 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import ray
+from ray import serve
+
+from distillery import data
 from distillery.config import LoadTestConfig
-from distillery.files import atomic_write_bytes, atomic_write_json
+from distillery.files import atomic_write_bytes, atomic_write_json, read_json
 from distillery.loadtest import generator
+from distillery.measure import timing
+from distillery.run.rundir import local_view
 from distillery.serving import ingress
+from distillery.serving.deployments import AppArgs, api_key_digest, build_application
+from distillery.serving.predictor import Predictor, catalog
 
 Steps = list[tuple[float, float]]
 
 
 def replica_counter(app: str, deployment: str) -> generator.ReplicaFn | None:
     """A coroutine giving the RUNNING replicas of `app`'s deployment, or None without Ray."""
-    import ray
-
     if not ray.is_initialized():
         return None
-    from ray import serve
 
     def count() -> int | None:
         status = serve.status().applications.get(app)
@@ -115,9 +120,6 @@ def scaling_summary(samples: list[generator.Sample], replicas: list[tuple[float,
 def held_out_images(location: str | Path) -> tuple[Any, Any]:
     """The run's test split (x, y), read from its folder or, for a run at a URI, from this
     node's verified copy of the data files."""
-    from distillery import data
-    from distillery.run.rundir import local_view
-
     root, _ = local_view(str(location), lambda rel: rel == "data/manifest.json" or rel.startswith("data/test-"))
     return data.load_split(root / "data", "test")
 
@@ -129,9 +131,6 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
     runs its minimum of replicas), then a closed-loop sweep per model, the serving-level
     frontier and each model's in-process rate; `tuning(body, concurrency)` adds its section.
     Writes the report into `out`; returns its files."""
-    from distillery.measure import timing
-    from distillery.serving.predictor import catalog
-
     served = catalog(run_dir)
     models = lcfg.models or [m.name for m in served] + ["auto"]
     test_images = held_out_images(run_dir)[0]
@@ -154,8 +153,6 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
 
 def summary(report_json: Path) -> dict[str, Any]:
     """The headline figures of a written load test, for the run manifest."""
-    from distillery.files import read_json
-
     doc = read_json(report_json)
     best = {}
     for r in doc["sweeps"]:
@@ -173,8 +170,6 @@ def summary(report_json: Path) -> dict[str, Any]:
 def in_process_rates(served: list, x, seconds: float) -> dict[str, float]:
     """Calls/s of each model's own predictor in this process at the load's batch size: the
     ceiling the HTTP figures are compared with."""
-    from distillery.serving.predictor import Predictor
-
     rates = {}
     for m in served:
         predictor, n, start = Predictor(m), 0, time.perf_counter()
@@ -276,7 +271,7 @@ def _tuning_lines(tuning: list[dict] | None) -> list[str]:
 
 
 def plot(doc: dict) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: only when a report is drawn
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(16, 4.5))
@@ -339,10 +334,6 @@ def tune(base_url: str, run_dir: str, model: str, body: bytes, cfg, api_key: str
     p99 target; `target_ongoing_requests` becomes the highest concurrency whose p99 stayed within
     the target in a sweep at those settings (so autoscaling adds replicas before p99 leaves it).
     The model is left deployed as tuned."""
-    from ray import serve
-
-    from distillery.serving.deployments import AppArgs, api_key_digest, build_application
-
     def deploy(**update) -> None:
         settings = cfg.model_copy(update=update).model_dump()
         args = AppArgs(kind="model", run_dir=run_dir, models=[model], settings=settings,

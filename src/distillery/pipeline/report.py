@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from distillery import data
 from distillery.config import PipelineConfig
 from distillery.files import atomic_write_bytes, read_json
+from distillery.loadtest.generator import infer_body
 from distillery.measure.accuracy import results_table
 from distillery.roles import TRAINED
 
@@ -38,9 +40,6 @@ def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any], address: st
 
 def example_request(root: Path) -> Path:
     """The first test image as an Open Inference Protocol request body."""
-    from distillery import data
-    from distillery.loadtest.generator import infer_body
-
     x, _ = data.load_split(root / "data", "test")
     path = root / "serve" / "request.json"
     atomic_write_bytes(path, infer_body(x[:1].reshape(-1).tolist(), list(x[:1].shape)))

@@ -219,7 +219,7 @@ def evaluate_run(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
 
 
 def check_compress(run: RunDir, cfg: PipelineConfig) -> None:
-    from distillery.compression.stage import check_run
+    from distillery.compression.stage import check_run  # torchao and Torch-Pruning load only here
 
     check_run(run, cfg)
 
@@ -237,7 +237,7 @@ def compress_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Pa
 
 def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """Deploy the frontier on Ray Serve (autoscaled) and load-test it over HTTP."""
-    from distillery.loadtest.run import run_loadtest, summary
+    from distillery.loadtest.run import run_loadtest, summary  # Ray Serve loads only here
     from distillery.serving.deploy import deploy_run, write_serve_config  # Ray Serve loads only here
 
     config = write_serve_config(run.location, cfg, run.root / "serve" / "config.yaml")

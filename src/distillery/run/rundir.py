@@ -233,7 +233,7 @@ def _versions() -> dict[str, str | None]:
 
 
 def _hardware() -> dict[str, Any]:
-    import torch
+    import torch  # torch only for the machine facts: the run folder itself needs none
 
     info: dict[str, Any] = {
         "machine": platform.machine(), "system": platform.system(), "processor": _cpu_model(),

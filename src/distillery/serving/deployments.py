@@ -32,6 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from distillery.config import ServeConfig
+from distillery.errors import UserError
+from distillery.files import atomic_write_json, read_json
 from distillery.run import storage
 from distillery.serving.batcher import Batcher
 from distillery.serving.predictor import Predictor, ServedModel, catalog, choose
@@ -101,8 +103,6 @@ def read_api_key(env_name: str | None) -> str | None:
         return None
     key = os.environ.get(env_name)
     if not key:
-        from distillery.errors import UserError
-
         raise UserError(f"serve.api_key_env is {env_name!r} but that environment variable is empty or unset")
     return key
 
@@ -302,9 +302,6 @@ def read_tuned(location: str) -> dict[str, dict[str, Any]]:
             path.unlink(missing_ok=True)  # the URI is the truth: a copy of a deleted file is stale
     if not path.is_file():
         return {}
-    from distillery.errors import UserError
-    from distillery.files import read_json
-
     tuned = read_json(path)
     if not isinstance(tuned, dict) or not all(isinstance(t, dict) and isinstance(t.get("chosen"), dict)
                                               for t in tuned.values()):
@@ -316,8 +313,6 @@ def read_tuned(location: str) -> dict[str, dict[str, Any]]:
 def save_tuned(location: str, tuned: dict[str, dict[str, Any]]) -> Path:
     """Write `distillery loadtest --tune`'s results where `read_tuned` finds them on any node:
     the run's folder, or this node's copy uploaded to the run's URI."""
-    from distillery.files import atomic_write_json
-
     root = storage.cache_dir(location) if storage.is_uri(location) else Path(location)
     atomic_write_json(root / TUNED, tuned)
     if storage.is_uri(location):

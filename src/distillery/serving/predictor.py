@@ -17,6 +17,7 @@ from distillery.measure import timing
 from distillery.models.artifact import load_model
 from distillery.roles import TRAINED
 from distillery.run import storage
+from distillery.run.rundir import local_view
 from distillery.serving.protocol import ProtocolError
 from distillery.serving.runner import SERVABLE_MODES, runner
 
@@ -40,8 +41,6 @@ def catalog(run_dir: str | Path, names: list[str] | None = None) -> list[ServedM
     """The models to serve from a run's frontier: `names`, or by default the Pareto front and
     the recommended variant. Unknown names are refused, listing what the run has. A run at
     a URI is read from this node's copy of its manifest, frontier and arch files."""
-    from distillery.run.rundir import local_view
-
     location = str(run_dir)
     run_dir, recorded = local_view(location, lambda rel: rel == "frontier.json" or rel.endswith("/arch.json"))
     front = read_json(run_dir / "frontier.json")
@@ -83,7 +82,7 @@ class Predictor:
     """A verified model (sha256 checked on load) run in its serving mode, one thread."""
 
     def __init__(self, served: ServedModel, threads: int = 1):
-        from distillery.compression.store import load_variant
+        from distillery.compression.store import load_variant  # torchao: seconds of import, only for variants
 
         torch.set_num_threads(threads)
         folder = storage.fetch(served.folder, served.files)  # a run at a URI: this node's copy
