@@ -64,7 +64,7 @@ def timings(history: list[dict], rows: int, wall: float, cfg) -> dict[str, Any]:
 
 
 def _threads(cfg) -> int:
-    # A Ray worker sets 1 thread per CPU it holds (raytrain.train_worker); a plain run, cfg.threads.
+    # A Ray worker sets 1 thread per CPU it holds (training.on_ray.train_worker); a plain run, cfg.threads.
     return max(1, int(cfg.ray.cpus_per_worker)) if cfg.ray.workers else cfg.threads
 
 

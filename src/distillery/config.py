@@ -109,7 +109,7 @@ class RayConfig(Strict):
 
 
 class ServeConfig(Strict):
-    """The Ray Serve deployment of a run's models (see `serving`)."""
+    """The Ray Serve deployment of a run's models (see `serving.deployments`)."""
 
     enabled: bool = Field(True, description="`distillery run`: deploy the run's models, load-test them and keep "
                           "serving at the end (false: stop after the report, nothing served)")

@@ -7,6 +7,7 @@
 """
 
 TRAINED = ("teacher", "student_scratch", "student")  # in training order
+SHOWN = ("teacher", "student", "student_scratch")  # in tables: the product before its baseline
 VARIANT = "variant"
 ROLES = (*TRAINED, VARIANT)
 # What each trained model descends from, for the frontier's parent column.

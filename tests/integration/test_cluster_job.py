@@ -80,9 +80,16 @@ def _wait_until_up(address: str, token: str, head: subprocess.Popen, log: Path) 
 
 
 def _submit(address: str, env: dict, *job_args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                           sys.executable, *job_args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    # Ray's dashboard can answer before its job agent is up; it then refuses the submission
+    # with "please try again later", which is what a user would do.
+    for _ in range(30):
+        result = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                                 "--", sys.executable, *job_args], env=env, cwd=ROOT, capture_output=True, text=True,
+                                timeout=timeout)
+        if "No available agent to submit job" not in result.stderr:
+            return result
+        time.sleep(2)
+    return result
 
 
 def test_submit_without_the_token_is_refused(cluster, tmp_path):

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 import shutil
 
 import pytest
@@ -95,7 +96,12 @@ def test_variants_are_saved_reloadable_and_scored_as_saved(run):
     formats = {"sparse": "dense", "slim": "dense", "q8": "pt2e", "w4": "torchao", "dyn": "torchao"}
     for name in NAMES:
         folder = root / "variants" / name
-        assert sorted(p.name for p in folder.iterdir()) == ["arch.json", "metrics.json", "model.safetensors"], name
+        assert sorted(p.name for p in folder.iterdir()) == ["arch.json", "metrics.json", "model.safetensors",
+                                                            "recipe.json"], name
+        recipe = json.loads((folder / "recipe.json").read_text())  # how the weights beside it were made
+        assert recipe["name"] == name and recipe["parent"] == records[name]["parent"], name
+        assert " -> ".join([recipe["parent"], *(step["kind"] for step in recipe["steps"])]) \
+            == re.sub(r"\([^)]*\)", "", records[name]["recipe"]), name
         model, arch = store.load_variant(folder)
         assert arch["format"] == formats[name], name
         metrics = json.loads((folder / "metrics.json").read_text())

@@ -160,7 +160,7 @@ class VariantConfig(Strict):
 
 
 class BenchConfig(Strict):
-    """How every variant is timed (see `bench`)."""
+    """How every variant is timed (see `measure.timing`)."""
 
     threads: int = Field(1, ge=1, le=1024, description="torch threads while timing (1: as a Serve replica runs)")
     latency_runs: int = Field(200, ge=10, le=100_000, description="batch-1 runs for p50/p99")

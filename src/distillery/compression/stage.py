@@ -26,7 +26,7 @@ from distillery.files import atomic_write_json, read_json
 from distillery.measure import frontier, timing
 from distillery.models.architectures import build_model, count_macs, count_params
 from distillery.models.artifact import load_model
-from distillery.roles import PARENT, TRAINED, VARIANT, VARIANT_BASES
+from distillery.roles import PARENT, SHOWN, TRAINED, VARIANT, VARIANT_BASES
 from distillery.run.rundir import RunDir
 
 Log = Callable[[str], None]
@@ -62,7 +62,7 @@ def measure_all(ctx: Context, settings: timing.BenchSettings, built: dict[str, B
     once everything is built, one after another: no training in between competes for the
     cores, and a parent and its child are measured minutes apart at most."""
     records = {}
-    for name in TRAINED:
+    for name in SHOWN:
         model, arch = load_model(ctx.run.verify_file(f"{name}/arch.json").parent)
         size = (ctx.run.root / name / arch["weights"]).stat().st_size
         records[name] = {**measure(ctx, settings, name, name, PARENT[name], name, model, model, size),

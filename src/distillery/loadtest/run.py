@@ -1,6 +1,6 @@
 """Load tests of a served run: a concurrency sweep per model, an autoscaling ramp, a report.
 
-The generator is `loadgen`; this module chooses the loads, reads the replica counts from
+The generator is `generator`; this module chooses the loads, reads the replica counts from
 Serve (when this process can reach the Ray cluster serving) and writes
 `loadtest.{json,md,png}` plus every request in `requests.csv`.
 """

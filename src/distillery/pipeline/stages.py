@@ -5,11 +5,11 @@
 `student_scratch` is the student trained alone, `student` the same network distilled from
 the teacher; the evaluation reports what share of the teacher-student gap distillation
 closed; `compress` turns the student (and the teacher) into pruned and quantized variants
-and measures them all (`compress`, `frontier`); `serve` deploys the frontier on Ray Serve
-and load-tests it over HTTP (`serving`, `loadtest`; left out with `serve.enabled: false`);
-`report` writes report.md (`report`). Each stage is a function `(run, cfg, log) -> (files,
+and measures them all (`compression.stage`, `measure.frontier`); `serve` deploys the frontier
+on Ray Serve and load-tests it over HTTP (`serving.deploy`, `loadtest.run`; left out with
+`serve.enabled: false`); `report` writes report.md (`pipeline.report`). Each stage is a function `(run, cfg, log) -> (files,
 metrics)`; `run_stages` wraps them with the bookkeeping (fingerprints, manifest status, skip
-on re-run, `--force`). Training runs on Ray Train (`raytrain`), or in this process when
+on re-run, `--force`). Training runs on Ray Train (`training.on_ray`), or in this process when
 `ray.workers` is 0.
 """
 

@@ -41,6 +41,7 @@ def test_auto_prefers_haproxy_and_says_so():
 
 def test_no_binary_auto_falls_back_with_a_hint_and_haproxy_is_refused(monkeypatch):
     monkeypatch.setattr(ingress, "haproxy_binary", lambda: None)
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)  # as if no local Ray was started with it
     assert ingress.resolve("auto") == "proxy"
     assert "apt-get install haproxy" in ingress.current()
     with pytest.raises(UserError, match="no HAProxy binary"):
