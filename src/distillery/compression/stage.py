@@ -10,7 +10,6 @@ teacher and both students are timed the same way, and `frontier` draws the trade
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from torch import nn
 
 from distillery.compression import prune, store
 from distillery.compression.recipe import VariantConfig
-from distillery.compression.steps import HANDLERS, Built, Context, Work, accuracy, apply_steps
+from distillery.compression.steps import HANDLERS, Built, Context, Log, Work, accuracy, apply_steps
 from distillery.config import PipelineConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_json, read_json
@@ -28,8 +27,6 @@ from distillery.models.architectures import build_model, count_macs, count_param
 from distillery.models.artifact import load_model
 from distillery.roles import PARENT, SHOWN, TRAINED, VARIANT, VARIANT_BASES
 from distillery.run.rundir import RunDir
-
-Log = Callable[[str], None]
 
 
 def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manifest: dict) -> tuple[list[Path], dict]:
