@@ -23,7 +23,7 @@ def _modules() -> dict[str, ast.Module]:
     return out
 
 
-def _top_level_imports(name: str, tree: ast.Module) -> set[str]:
+def _top_level_imports(tree: ast.Module) -> set[str]:
     """Modules this one imports when it is imported (not inside functions)."""
     found = set()
     for node in tree.body:
@@ -37,7 +37,7 @@ def _top_level_imports(name: str, tree: ast.Module) -> set[str]:
 
 def test_no_import_cycles():
     modules = _modules()
-    graph = {m: {i for i in _top_level_imports(m, t) if i in modules and i != m} for m, t in modules.items()}
+    graph = {m: {i for i in _top_level_imports(t) if i in modules and i != m} for m, t in modules.items()}
     state: dict[str, int] = {}
 
     def visit(m: str, path: list[str]) -> None:
@@ -55,10 +55,10 @@ def test_no_import_cycles():
 def test_ray_is_imported_only_at_the_edges():
     modules = _modules()
     importing_ray = {m for m, t in modules.items() if any(i == "ray" or i.startswith("ray.")
-                                                          for i in _top_level_imports(m, t))}
+                                                          for i in _top_level_imports(t))}
     assert importing_ray <= RAY_EDGE, importing_ray - RAY_EDGE
     core = sorted(m for m in modules if not any(m == e or m.startswith(e + ".") for e in RAY_EDGE)
-                  and not any(i in RAY_EDGE for i in _top_level_imports(m, modules[m])))
+                  and not any(i in RAY_EDGE for i in _top_level_imports(modules[m])))
     code = f"import sys, importlib; [importlib.import_module(m) for m in {core!r}]; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

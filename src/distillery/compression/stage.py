@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from distillery.compression import prune, store
@@ -27,12 +28,13 @@ from distillery.models.architectures import build_model, count_macs, count_param
 from distillery.models.artifact import load_model
 from distillery.roles import PARENT, SHOWN, TRAINED, VARIANT, VARIANT_BASES
 from distillery.run.rundir import RunDir
+from distillery.training.objective import frozen_teacher
 
 
 def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manifest: dict) -> tuple[list[Path], dict]:
     record = run.stage("compress")
-    teacher, _ = load_model(run.verify_file("teacher/arch.json").parent)
-    ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher.requires_grad_(False),
+    teacher = frozen_teacher(run.verify_file("teacher/arch.json").parent, torch.device("cpu"))
+    ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher,
                   record["fingerprint"], record["attempt"])
     built = {v.name: build(ctx, v) for v in cfg.compress.variants}
     settings = timing.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))

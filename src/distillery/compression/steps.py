@@ -22,15 +22,8 @@ import torch
 from torch import nn
 
 from distillery.compression import prune, quantize, store
-from distillery.compression.recipe import (
-    Finetune,
-    Int8Dynamic,
-    Int8Static,
-    PruneChannels,
-    PruneUnstructured,
-    StepConfig,
-    WeightOnly,
-)
+from distillery.compression.recipe import (Finetune, Int8Dynamic, Int8Static, PruneChannels, PruneUnstructured,
+                                           StepConfig, WeightOnly)
 from distillery.config import PipelineConfig, TrainConfig
 from distillery.models.architectures import build_model, count_macs
 from distillery.run.rundir import RunDir

@@ -9,15 +9,8 @@ split back as tensors for plain PyTorch; `shard_paths` hands the same files to R
 """
 
 from distillery.data.prepare import prepare, split_indices
-from distillery.data.shards import (
-                                    MANIFEST_FILE,
-                                    SPLITS,
-                                    decode_batch,
-                                    encode_table,
-                                    load_split,
-                                    read_manifest,
-                                    shard_paths,
-)
+from distillery.data.shards import (MANIFEST_FILE, SPLITS, decode_batch, encode_table, load_split, read_manifest,
+                                    shard_paths)
 from distillery.data.sources import SOURCES, Source, load_source
 
 __all__ = ["MANIFEST_FILE", "SOURCES", "SPLITS", "Source", "decode_batch", "encode_table", "load_source",

@@ -37,18 +37,8 @@ from distillery.files import atomic_write_json, read_json
 from distillery.run import storage
 from distillery.serving.batcher import Batcher
 from distillery.serving.predictor import Predictor, ServedModel, catalog, choose
-from distillery.serving.protocol import (
-    InferRequest,
-    Limits,
-    ProtocolError,
-    auto_targets,
-    binary_response,
-    check_size,
-    infer_response,
-    model_metadata,
-    parse_infer,
-    server_metadata,
-)
+from distillery.serving.protocol import (InferRequest, Limits, ProtocolError, auto_targets, binary_response, check_size,
+                                         infer_response, model_metadata, parse_infer, server_metadata)
 
 API_KEY_HEADER = "x-api-key"
 

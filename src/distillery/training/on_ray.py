@@ -39,16 +39,8 @@ from distillery.run import storage
 from distillery.run.rundir import RunDir
 from distillery.training import checkpoint
 from distillery.training.job import TrainJob
-from distillery.training.loop import (
-    batches,
-    make_optimizer,
-    make_scheduler,
-    progress_line,
-    random_shift,
-    run_epochs,
-    seed_everything,
-    with_autocast,
-)
+from distillery.training.loop import (batches, make_optimizer, make_scheduler, progress_line, random_shift, run_epochs,
+                                      seed_everything, with_autocast)
 from distillery.training.losses import pack_target
 from distillery.training.objective import TargetFn, frozen_teacher, objective
 from distillery.training.parallel import Strategy, make_strategy

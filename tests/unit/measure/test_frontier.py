@@ -3,13 +3,7 @@ import json
 
 import pytest
 
-from distillery.measure.frontier import (
-    CSV_COLUMNS,
-    pareto_front,
-    recommend,
-    validate,
-    write_frontier,
-)
+from distillery.measure.frontier import CSV_COLUMNS, pareto_front, recommend, validate, write_frontier
 
 
 def rec(name, p50, acc, *, role="variant", parent="teacher", not_faster=False, throughput=None, size=40_000,

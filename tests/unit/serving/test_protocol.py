@@ -14,18 +14,8 @@ import pytest
 import torch
 
 from distillery.serving.predictor import ServedModel, choose
-from distillery.serving.protocol import (
-    INPUT_NAME,
-    InferRequest,
-    Limits,
-    ProtocolError,
-    auto_targets,
-    check_size,
-    infer_response,
-    model_metadata,
-    parse_infer,
-    server_metadata,
-)
+from distillery.serving.protocol import (INPUT_NAME, InferRequest, Limits, ProtocolError, auto_targets, check_size,
+                                         infer_response, model_metadata, parse_infer, server_metadata)
 
 IN_SHAPE = [1, 8, 8]
 LIMITS = Limits()
