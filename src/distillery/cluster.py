@@ -24,8 +24,19 @@ def cluster_address(cfg: PipelineConfig) -> str | None:
 
 def ensure_ray(cfg: PipelineConfig) -> None:
     """Join the cluster this job runs on (or `ray.address`), else start a local instance."""
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _init(cfg)
+    context = ray.data.DataContext.get_current()  # this driver's; each Dataset carries a copy
+    # Per-epoch progress bars would drown the epoch lines.
+    context.enable_progress_bars = context.print_on_execution_start = context.enable_auto_log_stats = False
+    # Ray 2.60's default Parquet reader (DataSourceV2) lists files in a task that idles 3.5-5 s
+    # per dataset (measured here on a one-shard split: 92 ms of CPU in 3.6 s); the V1 reader
+    # reads the same shards in 0.15-0.2 s. We always pass the exact shard files, so listing
+    # buys nothing.
+    context.use_datasource_v2 = False
+
+
+def _init(cfg: PipelineConfig) -> None:
     if cluster_address(cfg):
         ray.init(address=cluster_address(cfg), logging_level=logging.WARNING)
         return
@@ -35,8 +46,6 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_worker)) + 2
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"worker_process_setup_hook": quiet_ray_train_logs})
-    quiet = ray.data.DataContext.get_current()  # per-epoch progress bars would drown the epoch lines
-    quiet.enable_progress_bars = quiet.print_on_execution_start = quiet.enable_auto_log_stats = False
 
 
 def quiet_ray_train_logs() -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -29,6 +30,19 @@ def _cfg(tmp_path, *overrides):
     return load_config(ROOT / "configs" / "tiny.yaml", [f"storage_path={tmp_path}", *overrides])
 
 
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory):
+    """The tiny preset's data and teacher, trained on Ray once for the tests that distill
+    from it; each test copies the run folder (a copy is a finished run: nothing is redone)."""
+    storage = tmp_path_factory.mktemp("teacher")
+    run_stages(_cfg(storage), ["data", "teacher"], log=lambda m: None)
+    return storage / "tiny"
+
+
+def _with_teacher(trained_teacher, tmp_path):
+    shutil.copytree(trained_teacher, tmp_path / "tiny")
+
+
 def _metrics(tmp_path, which):
     return json.loads((tmp_path / "tiny" / which / "metrics.json").read_text())
 
@@ -53,10 +67,12 @@ def test_teacher_trains_on_two_workers(tmp_path, parallelism):
 
 
 @pytest.mark.parametrize("hints", [[], ["distill.hints=[{teacher_layer: stages.1, student_layer: conv2}]"]])
-def test_distillation_runs_on_ray_with_a_frozen_teacher(tmp_path, hints):
+def test_distillation_runs_on_ray_with_a_frozen_teacher(trained_teacher, tmp_path, hints):
+    _with_teacher(trained_teacher, tmp_path)
     cfg = _cfg(tmp_path, "student.train.epochs=3", *hints)
     lines = []
     run_stages(cfg, ["data", "teacher", "student"], log=lines.append)
+    assert "[teacher] done already (outputs verified); --force redoes it" in lines
     assert any("distilled from the teacher" in line for line in lines)
     teacher_before = (tmp_path / "tiny" / "teacher" / "model.safetensors").read_bytes()
     metrics = _metrics(tmp_path, "student")
@@ -132,7 +148,8 @@ def test_a_worker_that_always_fails_ends_the_stage_with_a_clear_error(tmp_path):
     assert time.monotonic() - start < 300
 
 
-def test_cached_teacher_logits_are_computed_once_and_reused(tmp_path):
+def test_cached_teacher_logits_are_computed_once_and_reused(trained_teacher, tmp_path):
+    _with_teacher(trained_teacher, tmp_path)
     cfg = _cfg(tmp_path, "distill.cache_teacher_logits=true", "student.train.epochs=2")
     run_stages(cfg, ["data", "teacher", "teacher_logits", "student"], log=lambda m: None)
     root = tmp_path / "tiny"

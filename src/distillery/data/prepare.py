@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from sklearn.model_selection import train_test_split
 
 from distillery.config import DataConfig
 from distillery.data.shards import FORMAT, MANIFEST_FILE, SCHEMA_DOC, SHARD_NAME, SPLITS, encode_table
@@ -124,6 +123,8 @@ def _carve(pool: np.ndarray, labels: np.ndarray, size: int, state: int, what: st
         raise UserError(
             f"cannot split off {what} rows stratified by class: class {c} ({classes[c]!r}) has only 1 "
             f"row among the {pool.size} left to split; each class needs at least 2 (add data or drop it)")
+    from sklearn.model_selection import train_test_split  # 1 s of import: not for Ray workers reading shards
+
     try:
         rest, carved = train_test_split(pool, test_size=size, stratify=labels[pool], random_state=state)
     except ValueError as e:

@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from sklearn.datasets import load_digits
 
 from distillery.config import DataConfig
 from distillery.data.shards import SPLITS
@@ -74,6 +73,8 @@ def flips_keep_class(source_name: str) -> bool:
 
 @source("digits")
 def _digits(cfg: DataConfig, seed: int) -> Source:
+    from sklearn.datasets import load_digits  # 1 s of import: not for every Ray worker that reads shards
+
     d = load_digits()  # bundled with sklearn: works offline
     images = (d.images[:, None, :, :] / 16.0).astype(np.float32)  # pixel values are 0..16
     return Source(images, d.target.astype(np.int64), [str(n) for n in d.target_names], None, None)

@@ -324,11 +324,9 @@ def deploy(run_dir: str, cfg: ServeConfig, api_key: str | None) -> str:
     serve.start(http_options=http_options(cfg), logging_config=logging_config(cfg))
     targets = [serve.RunTarget(build_application(a["args"]), name=a["name"], route_prefix=a["route_prefix"],
                                logging_config=logging_config(cfg)) for a in apps]
-    models = [t for t, a in zip(targets, apps) if a["args"].kind == "model"]
-    # The models start together (one at a time took ~4 s each), then `auto` and the server,
-    # which look the models' handles up.
-    serve.run_many(models)
-    serve.run_many([t for t in targets if t not in models])
+    # Every application starts together (one at a time took ~4 s each); `auto`'s handles to
+    # the models are resolved on its first request, not when it starts.
+    serve.run_many(targets)
     return f"http://{cfg.host}:{cfg.port}/v2"
 
 
