@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 
 import ray
 import ray.data
@@ -37,15 +38,41 @@ def ensure_ray(cfg: PipelineConfig) -> None:
 
 
 def _init(cfg: PipelineConfig) -> None:
+    # The job's workers, and the Serve actors it starts (controller, proxies, replicas), run
+    # `worker_setup` first.
+    job_env = {"worker_process_setup_hook": worker_setup}
     if cluster_address(cfg):
-        ray.init(address=cluster_address(cfg), logging_level=logging.WARNING)
+        ray.init(address=cluster_address(cfg), logging_level=logging.WARNING, runtime_env=job_env)
         return
     ingress.apply(cfg.serve.ingress, cfg.serve.host)  # Serve's ingress: chosen by Ray's environment
     # Logical CPUs beyond the workers' share, so Ray Data's read tasks are never starved
     # by the training workers holding every CPU (a deadlock on a 2-core machine).
     num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.ray.workers * cfg.ray.cpus_per_worker)) + 2
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"worker_process_setup_hook": quiet_ray_train_logs})
+             runtime_env=job_env)
+
+
+def worker_setup() -> None:
+    """Every worker process of a distillery job, before it runs anything."""
+    quiet_ray_train_logs()
+    pin_grpc_listeners(os.environ.get(ingress.HOST_VAR))
+
+
+def pin_grpc_listeners(host: str | None) -> None:
+    """Ray 2.60 binds every gRPC server it starts for Serve (the fallback proxy's, each
+    ingress replica's) to `[::]`, all interfaces, whatever `http_options.host` says; nothing
+    in its config changes that. In this process, bind them to `host` instead."""
+    if not host or host in ("0.0.0.0", "*", "::"):
+        return
+    from ray.serve._private import default_impl  # Serve's helper; `grpc_util` looks it up on every call
+
+    add = default_impl.add_grpc_address
+    if getattr(add, "pinned_to", None) != host:
+        def pinned(server, address: str):
+            return add(server, re.sub(r"^\[::\]:", f"{host}:", address))
+
+        pinned.pinned_to = host
+        default_impl.add_grpc_address = pinned
 
 
 def quiet_ray_train_logs() -> None:

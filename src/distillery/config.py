@@ -120,6 +120,8 @@ class ServeConfig(Strict):
         "binary on Linux), Ray Serve's Python proxy, or auto: HAProxy when found. A cluster uses what its nodes "
         "were started with (cluster.yaml)")
     port: int = Field(8000, ge=1, le=65_535)
+    grpc_port: int | None = Field(8001, ge=1, le=65_535, description="the protocol's gRPC service "
+                                  "(inference.GRPCInferenceService) on this port; null: no gRPC")
     models: list[str] | None = Field(None, description="models to serve; default: the Pareto front and the recommended one")
     auto: bool = Field(True, description="serve the adaptive model `auto`")
     auto_busy_at: int = Field(4, ge=1, le=10_000, description="requests in flight on a model before auto steps to the next")

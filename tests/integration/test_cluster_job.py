@@ -114,7 +114,8 @@ def submitted(cluster, tmp_path_factory):
     from the node's: (cluster, bucket, pipeline args, driver cache, `ray job submit`'s result)."""
     address, _, env, _, _ = cluster
     bucket, cache = make_bucket("cluster"), tmp_path_factory.mktemp("driver") / "cache"
-    args = ["--config", "configs/tiny.yaml", "--set", f"storage_path={bucket}/runs", "--set", f"serve.port={SERVE_PORT}",
+    args = ["--config", "configs/tiny.yaml", "--set", f"storage_path={bucket}/runs",
+            "--set", f"serve.port={SERVE_PORT}", "--set", f"serve.grpc_port={free_port()}",
             "--set", "distill.cache_teacher_logits=true"]
     result = _submit(address, env, *_pipeline(cache, *args), timeout=800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -23,6 +23,7 @@ from distillery.files import sha256_file
 from distillery.pipeline import stages
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
+GRPC_PORT = free_port()  # both the in-process runs and the Ctrl-C one: the serve stage's config is the same
 STAGES = ["data", "teacher", "student_scratch", "student", "evaluate", "compress", "serve", "report"]
 
 
@@ -34,7 +35,7 @@ def pipeline_runs(tmp_path_factory):
 
     storage, port = tmp_path_factory.mktemp("pipeline") / "runs", free_port()
     args = ["run", "--config", TINY, "--set", f"storage_path={storage}", "--set", "ray.workers=0",
-            "--set", f"serve.port={port}", "--no-keep-serving"]
+            "--set", f"serve.port={port}", "--set", f"serve.grpc_port={GRPC_PORT}", "--no-keep-serving"]
     outputs = []
     capture = pytest.MonkeyPatch()
     try:
@@ -146,7 +147,7 @@ def test_a_finished_run_keeps_serving_until_ctrl_c(pipeline_runs):
     models deployed again and served until SIGINT, then taken down; exit code 0."""
     root, _, port, before = pipeline_runs
     cmd = [sys.executable, "-m", "distillery.cli.main", "run", "--config", TINY, "--set", f"storage_path={root.parent}",
-           "--set", "ray.workers=0", "--set", f"serve.port={port}"]
+           "--set", "ray.workers=0", "--set", f"serve.port={port}", "--set", f"serve.grpc_port={GRPC_PORT}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()

@@ -9,6 +9,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -23,6 +24,7 @@ import pytest
 from conftest import ROOT, free_port
 from distillery import data
 from distillery.cli.main import main
+from distillery.cluster import worker_setup
 from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.loadtest import generator
@@ -52,11 +54,12 @@ def served(tmp_path_factory) -> Served:
     assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage}",
                  "--set", "ray.workers=0", "--set", "serve.enabled=false"]) == 0
     run_dir = storage / "tiny"
-    cfg = ServeConfig(port=free_port(), models=[MODEL], auto=False, min_replicas=2, max_replicas=2,
+    cfg = ServeConfig(port=free_port(), grpc_port=free_port(), models=[MODEL], auto=False, min_replicas=2, max_replicas=2,
                       max_elements=4096, max_body_bytes=64 * 1024, request_timeout_s=3.0)
     dashboard = free_port()
     assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # the default ingress where the binary exists
-    ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_port=dashboard)  # for the state API
+    ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_port=dashboard,  # for the state API
+             runtime_env={"worker_process_setup_hook": worker_setup})  # as `cluster.ensure_ray` starts it
     try:
         url = deployments.deploy(str(run_dir), cfg, None).removesuffix("/v2")
         x = data.load_split(run_dir / "data", "test")[0][:1]
@@ -326,16 +329,24 @@ def _listening() -> dict[int, str]:
 def test_the_products_ports_listen_on_loopback_only(served):
     cfg, dashboard = served.cfg, served.dashboard_port
     listening = _listening()
-    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as /proc writes them
+    # 127.0.0.1, ::1 and ::ffff:127.0.0.1 (gRPC's IPv6 socket for 127.0.0.1) as /proc writes them
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
     assert listening[cfg.port] in loopback, f"Serve's HTTP ingress on {listening[cfg.port]}"
     assert listening[dashboard] in loopback, f"Ray's dashboard on {listening[dashboard]}"
     # HAProxy's stats and Prometheus listeners (Ray binds them to every interface; the
     # wrapper pins them), Serve's fallback proxy, and each replica's own HTTP server.
     haproxy = {name: int(os.environ[name]) for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                                                        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")}
-    replicas = {port: address for port, address in listening.items() if 30000 <= port <= 31000}
+                                                        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+                                                        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
+    haproxy["serve.grpc_port"] = cfg.grpc_port  # HAProxy's gRPC frontend
+    # Each replica's own HTTP and gRPC servers (Ray binds the gRPC ones to [::]; the job's
+    # worker setup pins them): the ports HAProxy sends requests to.
+    config = next(Path(os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent.rglob("*.cfg")).read_text()
+    targets = {int(port) for port in re.findall(r"server SERVE_REPLICA_\S+ [\d.]+:(\d+)", config)}
+    replicas = {port: listening.get(port) for port in targets}
     for name, port in haproxy.items():
         assert listening.get(port) in loopback, f"{name}: port {port} on {listening.get(port)}"
     assert replicas and all(a in loopback for a in replicas.values()), f"replica ports: {replicas}"
+    assert "proto h2" in config and len(targets) >= 4, config  # both replicas' HTTP and gRPC servers
     print(f"\nServe :{cfg.port}, the dashboard :{dashboard}, HAProxy's stats, metrics and fallback ports "
           f"{sorted(haproxy.values())} and {len(replicas)} replica port(s) listen on loopback only")

@@ -40,8 +40,8 @@ def server(tmp_path_factory):
     assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage}",
                  "--set", "ray.workers=0", "--set", "serve.enabled=false"]) == 0
     run_dir = storage / "tiny"
-    cfg = ServeConfig(port=free_port(), batch_wait_timeout_s=0.05, max_elements=4096, max_body_bytes=64 * 1024,
-                      max_replicas=1, api_key_env="DISTILLERY_TEST_KEY")
+    cfg = ServeConfig(port=free_port(), grpc_port=free_port(), batch_wait_timeout_s=0.05, max_elements=4096,
+                      max_body_bytes=64 * 1024, max_replicas=1, api_key_env="DISTILLERY_TEST_KEY")
     assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # ray[serve] ships the binary on Linux
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
@@ -214,9 +214,11 @@ def test_generated_serve_config_names_every_application(server, tmp_path):
 
     doc = yaml.safe_load(out.read_text())
     names = [m.name for m in catalog(run_dir)]
-    assert [a["name"] for a in doc["applications"]] == [*names, "auto", "server"]
+    assert [a["name"] for a in doc["applications"]] == [*names, "auto", "server", "grpc"]
     assert {a["import_path"] for a in doc["applications"]} == {"serve.app:build_app"}
     assert doc["http_options"]["host"] == "127.0.0.1"
+    assert doc["grpc_options"]["port"] == 8001 and doc["grpc_options"]["grpc_servicer_functions"] == [
+        "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"]
     model_app = doc["applications"][0]
     assert model_app["route_prefix"] == f"/v2/models/{names[0]}" and model_app["args"]["kind"] == "model"
 
@@ -341,13 +343,90 @@ def test_tuning_picks_a_tried_setting_and_serve_build_uses_it(server, tmp_path):
     assert all(apps[n]["max_batch_size"] == cfg.max_batch_size for n in others)
 
 
-def test_serving_frontier_takes_the_best_rate_within_the_p99_target():
-    from distillery.loadtest import run as lt
-    from distillery.serving.predictor import ServedModel
+# --- official clients, unchanged (the README's compatibility table) --------------------------
 
-    m = ServedModel("a", "x", [1, 8, 8], 10, 0.9, 0.1, "eager")
-    rows = [{"model": "a", "concurrency": c, "throughput": t, "p99_ms": p, "errors": e}
-            for c, t, p, e in ((1, 50.0, 10.0, {}), (4, 150.0, 40.0, {}), (16, 300.0, 150.0, {}), (8, 200.0, 60.0, {"503": 1}))]
-    front = lt.serving_frontier(rows, [m], p99_target_ms=100.0)
-    assert front == [{"model": "a", "test_accuracy": 0.9, "mode": "eager", "model_p50_ms": 0.1, "sustained_rps": 150.0,
-                      "at_concurrency": 4, "p99_target_ms": 100.0}]
+def test_version_routes_and_requested_outputs(server):
+    base, run_dir, _ = server
+    name, x = catalog(run_dir)[0].name, _test_images(run_dir, 2)
+    for model in (name, "auto"):
+        status, meta = _call(f"{base}/v2/models/{model}/versions/1")
+        assert status == 200 and meta["name"] == model and meta["versions"] == ["1"]
+        assert _call(f"{base}/v2/models/{model}/versions/1/ready") == (200, {"name": model, "ready": True})
+        status, reply = _call(f"{base}/v2/models/{model}/versions/1/infer", _infer_body(x))
+        assert status == 200 and reply["model_version"] == "1" and len(reply["outputs"]) == 2
+        status, err = _call(f"{base}/v2/models/{model}/versions/2/infer", _infer_body(x))
+        assert status == 404 and "no version '2'" in err["error"]
+    only_label = json.loads(_infer_body(x)) | {"outputs": [{"name": "label"}]}
+    status, reply = _call(f"{base}/v2/models/{name}/infer", json.dumps(only_label).encode())
+    assert status == 200 and [o["name"] for o in reply["outputs"]] == ["label"]
+    for wrong, says in (({"outputs": [{"name": "nope"}]}, "'nope'"), ({"model_name": "other"}, "'other'")):
+        status, err = _call(f"{base}/v2/models/{name}/infer", json.dumps(json.loads(_infer_body(x)) | wrong).encode())
+        assert status == 400 and says in err["error"]
+
+
+def test_kserve_sdk_over_http_and_grpc(server, tmp_path):
+    """KServe's own SDK, unchanged, in a client process of its own (`kserve_client.py`): REST
+    (it puts model_name and id in the body; JSON and binary tensors; `auto`) and gRPC."""
+    import subprocess
+    import sys
+
+    base, run_dir, cfg = server
+    model = catalog(run_dir)[0]
+    x = _test_images(run_dir, 16)
+    np.save(tmp_path / "x.npy", x.numpy())
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("kserve_client.py")), base,
+                           f"127.0.0.1:{cfg.grpc_port}", model.name, KEY, str(tmp_path / "x.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = Predictor(model)(x).argmax(1).tolist()
+    assert got["ready"] and not got["ready_wrong_key"] and got["grpc_wrong_key"] == "StatusCode.UNAUTHENTICATED"
+    assert all(got[call]["labels"] == expected for call in ("json", "binary", "grpc"))
+    assert got["json"]["id"] == got["binary"]["id"] == "k-1"
+    best = Predictor(next(m for m in catalog(run_dir) if m.name == _auto_default(run_dir)))(x).argmax(1).tolist()
+    assert got["auto"]["labels"] == got["grpc_auto"]["labels"] == best
+
+
+def _auto_default(run_dir: Path) -> str:
+    """The model `auto` answers with when a request names no target: the recommended one."""
+    return choose(catalog(run_dir), None, None).name
+
+
+def test_tritonclient_over_grpc(server):
+    """The protocol's gRPC service on Serve's gRPC ingress: no Ray metadata from the client;
+    refusals with the codes a client expects, and the replicas keep serving."""
+    import grpc
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    base, run_dir, cfg = server
+    model = catalog(run_dir)[0]
+    x = _test_images(run_dir, 16)
+    expected = Predictor(model)(x)
+    client, headers = triton.InferenceServerClient(f"127.0.0.1:{cfg.grpc_port}"), {"x-api-key": KEY}
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(model.name, headers=headers)
+    meta = client.get_model_metadata(model.name, headers=headers)
+    assert meta.inputs[0].name == "input" and list(meta.inputs[0].shape) == [-1, *model.in_shape]
+    assert client.get_server_metadata(headers=headers).name == "distillery"
+    auto = Predictor(next(m for m in catalog(run_dir) if m.name == _auto_default(run_dir)))(x)
+    for name, want in ((model.name, expected), ("auto", auto)):
+        inp = triton.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x.numpy())
+        result = client.infer(name, [inp], headers=headers, request_id="t-1")
+        assert result.as_numpy("label").tolist() == want.argmax(1).tolist()
+        assert np.allclose(result.as_numpy("logits"), want.numpy(), atol=1e-5) and result.get_response().id == "t-1"
+    refusals = {"wrong key": ("x", model.name, list(x.shape), grpc.StatusCode.UNAUTHENTICATED),
+                "unknown model": (KEY, "nope", list(x.shape), grpc.StatusCode.NOT_FOUND)}
+    for why, (key, name, shape, code) in refusals.items():
+        inp = triton.InferInput("input", shape, "FP32")
+        inp.set_data_from_numpy(x.numpy())
+        with pytest.raises(InferenceServerException) as e:
+            client.infer(name, [inp], headers={"x-api-key": key})
+        assert e.value.status() == f"StatusCode.{code.name}", why
+    bad = triton.InferInput("input", [16, 64], "FP32")
+    bad.set_data_from_numpy(x.numpy().reshape(16, 64))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(model.name, [bad], headers=headers)
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "shape must be" in e.value.message()
+    assert _call(f"{base}/v2/health/ready", key=None) == (200, {"ready": True})  # every replica still up

@@ -48,7 +48,9 @@ def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
     log(f"[serve] {ingress.current()}")
     start = time.perf_counter()
     url = deployments.deploy(location, cfg.serve, key)
-    log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}")
+    grpc = f"; gRPC (inference.GRPCInferenceService) on {cfg.serve.host}:{cfg.serve.grpc_port}" \
+        if cfg.serve.grpc_port else ""
+    log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}{grpc}")
     return url, {"content-type": "application/json", **({"x-api-key": key} if key else {})}
 
 

@@ -37,8 +37,10 @@ from distillery.files import atomic_write_json, read_json
 from distillery.run import storage
 from distillery.serving.batcher import Batcher
 from distillery.serving.predictor import Predictor, ServedModel, catalog, choose
-from distillery.serving.protocol import (InferRequest, Limits, ProtocolError, auto_targets, binary_response, check_size,
-                                         infer_response, model_metadata, parse_infer, server_metadata)
+from distillery.serving import grpc_app
+from distillery.serving.protocol import (MODEL_VERSION, InferRequest, Limits, ProtocolError, auto_targets,
+                                         binary_response, check_size, infer_response, model_metadata, parse_infer,
+                                         server_metadata)
 
 API_KEY_HEADER = "x-api-key"
 
@@ -47,7 +49,7 @@ class AppArgs(BaseModel):
     """What one Serve application needs; `serve build` writes these into the config YAML."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: str                       # "model", "auto" or "server"
+    kind: str                       # "model", "auto", "server" or "grpc"
     run_dir: str
     models: list[str]               # model: [its name]; auto and server: every served model
     settings: dict[str, Any] = {}   # ServeConfig fields
@@ -64,6 +66,9 @@ def build_application(args: AppArgs) -> serve.Application:
                                                              cfg.batch_wait_timeout_s, **common)
     if args.kind == "auto":
         return Auto.options(**deployment_options(cfg)).bind(served, cfg.auto_busy_at, **common)
+    if args.kind == "grpc":
+        return grpc_app.Grpc.options(**deployment_options(cfg)).bind(
+            served, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.auto_busy_at, cfg.auto, **common)
     return Server.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
         [m.name for m in served], bool(cfg.auto), args.api_key_sha256)
 
@@ -112,15 +117,22 @@ def _check_key(request: Request, digest: str | None) -> None:
         raise ProtocolError(401, f"missing or wrong API key (send it in the {API_KEY_HEADER} header)")
 
 
-def _subpath(request: Request) -> str:
-    """The path under this application's route prefix: "", "/ready" or "/infer"."""
-    return request.scope["path"][len(request.scope.get("root_path", "")):].rstrip("/")
+def _subpath(request: Request, model: str) -> str:
+    """The path under this model's route prefix: "", "/ready" or "/infer", with or without
+    `/versions/{version}` before it (404 for a version the model does not have)."""
+    sub = request.scope["path"][len(request.scope.get("root_path", "")):].rstrip("/")
+    if sub.startswith("/versions/"):
+        version, _, rest = sub.removeprefix("/versions/").partition("/")
+        if version != MODEL_VERSION:
+            raise ProtocolError(404, f"model {model!r} has no version {version!r}; its only version is {MODEL_VERSION}")
+        sub = f"/{rest}" if rest else ""
+    return sub
 
 
 BINARY_HEADER = "inference-header-content-length"
 
 
-async def _read_infer(request: Request, in_shape: list[int], lim: Limits) -> InferRequest:
+async def _read_infer(request: Request, model: str, in_shape: list[int], lim: Limits) -> InferRequest:
     if request.method != "POST":
         raise ProtocolError(405, "infer takes POST")
     header_length = request.headers.get(BINARY_HEADER)
@@ -130,7 +142,7 @@ async def _read_infer(request: Request, in_shape: list[int], lim: Limits) -> Inf
         raise ProtocolError(415, f"content type {kind!r} is not supported; send application/json "
                                  f"(or application/octet-stream with {BINARY_HEADER})")
     check_size(request.headers.get("content-length"), lim)
-    return parse_infer(await request.body(), in_shape, lim, header_length)
+    return parse_infer(await request.body(), in_shape, lim, header_length, model)
 
 
 def _reply(doc: dict, binary: bool) -> Response:
@@ -156,7 +168,7 @@ class Model:
     async def __call__(self, request: Request) -> Response:
         try:
             _check_key(request, self.digest)
-            sub = _subpath(request)
+            sub = _subpath(request, self.served.name)
             if sub == "":
                 return JSONResponse(model_metadata(self.served.name, self.served.in_shape, self.served.num_classes))
             if sub == "/ready":
@@ -164,9 +176,9 @@ class Model:
             if sub != "/infer":
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/{self.served.name}")
             with self.batcher.admitted():
-                req = await _read_infer(request, self.served.in_shape, self.limits)
+                req = await _read_infer(request, self.served.name, self.served.in_shape, self.limits)
             logits, together = await self.batcher(req.x)
-            body = infer_response(self.served.name, req.id, logits, self.served.name)
+            body = infer_response(self.served.name, req.id, logits, self.served.name, req.outputs)
             body["parameters"]["batched_requests"] = together
             return _reply(body, req.binary_output)
         except ProtocolError as e:
@@ -197,14 +209,14 @@ class Auto:
     async def __call__(self, request: Request) -> Response:
         try:
             _check_key(request, self.digest)
-            sub = _subpath(request)
+            sub = _subpath(request, "auto")
             if sub == "":
                 return JSONResponse(model_metadata("auto", self.in_shape, self.num_classes, platform="distillery-auto"))
             if sub == "/ready":
                 return JSONResponse({"name": "auto", "ready": True})
             if sub != "/infer":
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/auto")
-            req = await _read_infer(request, self.in_shape, self.limits)
+            req = await _read_infer(request, "auto", self.in_shape, self.limits)
             pick = choose(self.served, *auto_targets(req.parameters), inflight=self.inflight, busy_at=self.busy_at)
             start = time.perf_counter()
             self.inflight[pick.name] += 1
@@ -212,7 +224,7 @@ class Auto:
                 logits, together = await self.handles[pick.name].infer.remote(req.x)
             finally:
                 self.inflight[pick.name] -= 1
-            body = infer_response("auto", req.id, logits, pick.name)
+            body = infer_response("auto", req.id, logits, pick.name, req.outputs)
             body["parameters"].update(batched_requests=together, model_ms=round(1e3 * (time.perf_counter() - start), 3),
                                       test_accuracy=pick.test_accuracy, p50_ms_measured=pick.p50_ms)
             return _reply(body, req.binary_output)
@@ -271,12 +283,15 @@ def applications(run_dir: str, cfg: ServeConfig, api_key: str | None) -> list[di
     if cfg.auto:
         apps.append({"name": "auto", "route_prefix": "/v2/models/auto", "args": args("auto", names)})
     apps.append({"name": "server", "route_prefix": "/v2", "args": args("server", names)})
+    if cfg.grpc_port:  # Serve exposes an application to gRPC only if it has a route prefix
+        apps.append({"name": grpc_app.APP_NAME, "route_prefix": grpc_app.ROUTE, "args": args("grpc", names)})
     return apps
 
 
 def app_names(run_dir: str, cfg: ServeConfig) -> list[str]:
     """The Serve applications `applications` deploys, without loading any model."""
-    return [m.name for m in catalog(run_dir, cfg.models)] + (["auto"] if cfg.auto else []) + ["server"]
+    return [m.name for m in catalog(run_dir, cfg.models)] + (["auto"] if cfg.auto else []) + ["server"] + \
+        ([grpc_app.APP_NAME] if cfg.grpc_port else [])
 
 
 TUNED = "serve/tuned.json"  # written by `distillery loadtest --tune`, per model
@@ -314,6 +329,13 @@ def http_options(cfg: ServeConfig) -> dict[str, Any]:
     return {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s}
 
 
+def grpc_options(cfg: ServeConfig) -> dict[str, Any] | None:
+    if not cfg.grpc_port:
+        return None
+    return {"port": cfg.grpc_port, "grpc_servicer_functions": [grpc_app.SERVICER],
+            "request_timeout_s": cfg.request_timeout_s}
+
+
 def logging_config(cfg: ServeConfig) -> dict[str, Any]:
     return {"log_level": cfg.log_level, "enable_access_log": cfg.access_log}
 
@@ -321,7 +343,7 @@ def logging_config(cfg: ServeConfig) -> dict[str, Any]:
 def deploy(run_dir: str, cfg: ServeConfig, api_key: str | None) -> str:
     """Start Serve on the connected Ray instance and run every application; return the URL."""
     apps = applications(run_dir, cfg, api_key)
-    serve.start(http_options=http_options(cfg), logging_config=logging_config(cfg))
+    serve.start(http_options=http_options(cfg), grpc_options=grpc_options(cfg), logging_config=logging_config(cfg))
     targets = [serve.RunTarget(build_application(a["args"]), name=a["name"], route_prefix=a["route_prefix"],
                                logging_config=logging_config(cfg)) for a in apps]
     # Every application starts together (one at a time took ~4 s each); `auto`'s handles to
@@ -332,6 +354,8 @@ def deploy(run_dir: str, cfg: ServeConfig, api_key: str | None) -> str:
 
 def config_document(run_dir: str, cfg: ServeConfig, api_key: str | None) -> dict[str, Any]:
     """A Serve config for `serve run` / `serve deploy`, with the same applications."""
-    return {"proxy_location": "HeadOnly", "http_options": http_options(cfg), "logging_config": logging_config(cfg),
-            "applications": [{"name": a["name"], "route_prefix": a["route_prefix"], "import_path": "serve.app:build_app",
-                               "args": a["args"].model_dump()} for a in applications(run_dir, cfg, api_key)]}
+    apps = [{"name": a["name"], "route_prefix": a["route_prefix"], "import_path": "serve.app:build_app",
+             "args": a["args"].model_dump()} for a in applications(run_dir, cfg, api_key)]
+    grpc = {"grpc_options": grpc_options(cfg)} if cfg.grpc_port else {}
+    return {"proxy_location": "HeadOnly", "http_options": http_options(cfg), **grpc,
+            "logging_config": logging_config(cfg), "applications": apps}

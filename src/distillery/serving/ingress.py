@@ -24,6 +24,7 @@ from pathlib import Path
 
 HAPROXY_WRAPPER = "distillery-haproxy"  # console script: `haproxy_main` below
 HOST_VAR, BINARY_VAR = "DISTILLERY_HAPROXY_HOST", "DISTILLERY_HAPROXY_BINARY"
+GRPC_APP = "grpc"  # `grpc_app.APP_NAME` (that module imports Ray; this one runs inside HAProxy's start)
 from distillery.errors import UserError
 
 
@@ -75,8 +76,8 @@ def ingress_env(kind: str, host: str, local: bool = True) -> dict[str, str]:
     binds its stats and metrics listeners to `host`). For a local instance its ports and
     files are made private, so two instances on one machine (tests, benchmarks) never meet
     on Ray's fixed defaults (ports 8404, 9101, 8500, 9500; files in /tmp/haproxy-serve)."""
-    if kind != "haproxy":
-        return SERVE_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    if kind != "haproxy":  # HOST_VAR: where `grpc_app` binds the replicas' gRPC listeners
+        return SERVE_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "0", HOST_VAR: host}
     wrapper = shutil.which(HAPROXY_WRAPPER, path=str(Path(sys.executable).parent)) or shutil.which(HAPROXY_WRAPPER)
     env = SERVE_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "1", HOST_VAR: host, BINARY_VAR: haproxy_binary() or "haproxy"}
     if wrapper:
@@ -125,6 +126,17 @@ def pin_binds(config_text: str, host: str) -> str:
     return _ANY_HOST_BIND.sub(lambda m: f"{m.group(1)}{host}:{m.group(2)}", config_text)
 
 
+def route_grpc_to(config_text: str, app: str) -> str:
+    """Ray routes gRPC by `application` metadata and, with several applications, answers
+    NOT_FOUND to a call without it: stock protocol clients never send it. Make `app`'s
+    backend the gRPC frontend's default instead."""
+    found = re.search(rf"^\s*acl is_(\S+) req\.hdr\(application\) -m str {re.escape(app)}\s*$", config_text, re.M)
+    if not found:
+        return config_text
+    return re.sub(r"^(\s*default_backend\s+)default_grpc_backend\s*$", rf"\g<1>{found.group(1)}", config_text,
+                  flags=re.M)
+
+
 def haproxy_main() -> None:
     """`distillery-haproxy`: what Ray runs as its HAProxy binary (`RAY_SERVE_HAPROXY_BINARY_PATH`).
     Rewrites the config file Ray passes with `-f` so every listener is on DISTILLERY_HAPROXY_HOST,
@@ -133,10 +145,11 @@ def haproxy_main() -> None:
     binary = os.environ.get(BINARY_VAR) or haproxy_binary()
     if not binary:
         sys.exit("distillery-haproxy: no HAProxy binary found")
-    if "-f" in args and host not in ("0.0.0.0", "*", "::"):  # a host that exposes every interface: nothing to pin
+    if "-f" in args:
         path = Path(args[args.index("-f") + 1])
         text = path.read_text()
-        pinned = pin_binds(text, host)
+        everywhere = host in ("0.0.0.0", "*", "::")  # a host that exposes every interface: nothing to pin
+        pinned = route_grpc_to(text if everywhere else pin_binds(text, host), GRPC_APP)
         if pinned != text:
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
             tmp.write_text(pinned)

@@ -27,7 +27,12 @@ import orjson  # 3-10x faster than json both ways; a replica decodes and encodes
 import torch
 
 INPUT_NAME = "input"
+OUTPUT_NAMES = ("logits", "label")
+MODEL_VERSION = "1"  # every served model has one version
 AUTO_PARAMETERS = ("min_accuracy", "max_latency_ms")
+# `model_name` and `model_version` are sent by KServe's Python SDK (it also names the route);
+# tritonclient sends neither. Anything else no client sends is refused by name.
+REQUEST_FIELDS = {"id", "inputs", "outputs", "parameters", "model_name", "model_version"}
 
 
 class ProtocolError(Exception):
@@ -48,6 +53,7 @@ class InferRequest:
     id: str | None
     parameters: dict[str, Any]
     binary_output: bool = False  # Triton's `binary_data_output`, or `binary_data` on a requested output
+    outputs: tuple[str, ...] = OUTPUT_NAMES  # the outputs to answer with, in the order asked
 
 
 def check_size(content_length: str | None, limits: Limits) -> None:
@@ -56,10 +62,11 @@ def check_size(content_length: str | None, limits: Limits) -> None:
         raise ProtocolError(413, f"request body of {content_length} bytes is over the limit of {limits.max_body_bytes}")
 
 
-def parse_infer(body: bytes, in_shape: list[int], limits: Limits, header_length: str | None = None) -> InferRequest:
-    """Validate an infer request for a model taking [N, *in_shape] FP32 images. With Triton's
-    binary tensor extension (`header_length` from the Inference-Header-Content-Length header),
-    the body is that many bytes of JSON followed by the raw little-endian FP32 tensor."""
+def parse_infer(body: bytes, in_shape: list[int], limits: Limits, header_length: str | None = None,
+                model: str | None = None) -> InferRequest:
+    """Validate an infer request for `model`, which takes [N, *in_shape] FP32 images. With
+    Triton's binary tensor extension (`header_length` from the Inference-Header-Content-Length
+    header), the body is that many bytes of JSON followed by the raw little-endian FP32 tensor."""
     if len(body) > limits.max_body_bytes:
         raise ProtocolError(413, f"request body of {len(body)} bytes is over the limit of {limits.max_body_bytes}")
     body, blob = _split_binary(body, header_length)
@@ -71,9 +78,10 @@ def parse_infer(body: bytes, in_shape: list[int], limits: Limits, header_length:
         raise ProtocolError(400, f"body is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise ProtocolError(400, "body must be a JSON object with an 'inputs' list")
-    unknown = set(doc) - {"id", "inputs", "outputs", "parameters"}
+    unknown = set(doc) - REQUEST_FIELDS
     if unknown:
         raise ProtocolError(400, f"unknown request field(s): {', '.join(sorted(unknown))}")
+    check_route(doc.get("model_name"), doc.get("model_version"), model)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         got = "none" if not isinstance(inputs, list) else str(len(inputs))
@@ -85,7 +93,32 @@ def parse_infer(body: bytes, in_shape: list[int], limits: Limits, header_length:
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(400, "'id' must be a string")
-    return InferRequest(_tensor(inputs[0], in_shape, limits, blob), request_id, params, _wants_binary(doc, params))
+    return InferRequest(_tensor(inputs[0], in_shape, limits, blob), request_id, params, _wants_binary(doc, params),
+                        requested_outputs(doc.get("outputs")))
+
+
+def check_route(name: Any, version: Any, model: str | None) -> None:
+    """A `model_name` / `model_version` in the request must be the route's (empty means unset)."""
+    for key, given, expected in (("model_name", name, model), ("model_version", version, MODEL_VERSION)):
+        if given in (None, "") or expected is None:
+            continue
+        if given != expected:
+            raise ProtocolError(400, f"request says {key} {given!r} but was sent to {expected!r}")
+
+
+def requested_outputs(outputs: Any) -> tuple[str, ...]:
+    """The names a request's `outputs` asks for (all of them when it names none); an unknown
+    name is refused."""
+    if outputs is None or outputs == []:
+        return OUTPUT_NAMES
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                 for o in outputs):
+        raise ProtocolError(400, "'outputs' must be a list of objects with a 'name'")
+    unknown = [o["name"] for o in outputs if o["name"] not in OUTPUT_NAMES]
+    if unknown:
+        raise ProtocolError(400, f"unknown output(s) {', '.join(map(repr, unknown))}; this model's outputs are "
+                                 f"{', '.join(OUTPUT_NAMES)}")
+    return tuple(dict.fromkeys(o["name"] for o in outputs))
 
 
 def _wants_binary(doc: dict, params: dict) -> bool:
@@ -115,46 +148,64 @@ def _tensor(spec: Any, in_shape: list[int], limits: Limits, blob: bytes | None =
     missing = {"name", "shape", "datatype"} - set(spec) | (set() if binary else {"data"} - set(spec))
     if missing:
         raise ProtocolError(400, f"input is missing {', '.join(sorted(missing))}")
-    if spec["name"] != INPUT_NAME:
-        raise ProtocolError(400, f"unknown input {spec['name']!r}; this model's input is '{INPUT_NAME}'")
-    if spec["datatype"] != "FP32":
-        raise ProtocolError(400, f"input datatype must be FP32, got {spec['datatype']!r}")
-    shape = spec["shape"]
+    shape = check_input(spec["name"], spec["datatype"], spec["shape"], in_shape, limits)
+    if binary:
+        return _binary_tensor(spec["parameters"]["binary_data_size"], blob, shape)
+    return decode_numbers(spec["data"], shape)
+
+
+def check_input(name: Any, datatype: Any, shape: Any, in_shape: list[int], limits: Limits) -> list[int]:
+    """The input's declared name, datatype and shape, checked (HTTP and gRPC alike) before
+    any data is touched; returns the shape."""
+    if name != INPUT_NAME:
+        raise ProtocolError(400, f"unknown input {name!r}; this model's input is '{INPUT_NAME}'")
+    if datatype != "FP32":
+        raise ProtocolError(400, f"input datatype must be FP32, got {datatype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
         raise ProtocolError(400, f"shape must be a list of integers, got {shape!r}")
     if len(shape) != 1 + len(in_shape) or shape[1:] != list(in_shape) or shape[0] < 1:
         raise ProtocolError(400, f"shape must be [N, {', '.join(map(str, in_shape))}] with N >= 1, got {shape}")
-    count = math.prod(shape)
-    if count > limits.max_elements:  # checked on the declared shape, before touching the data
-        raise ProtocolError(413, f"{count} elements is over the limit of {limits.max_elements} per request")
-    if binary:
-        return _binary_tensor(spec["parameters"]["binary_data_size"], blob, shape, count)
+    if math.prod(shape) > limits.max_elements:
+        raise ProtocolError(413, f"{math.prod(shape)} elements is over the limit of {limits.max_elements} per request")
+    return shape
+
+
+def decode_numbers(values: Any, shape: list[int]) -> torch.Tensor:
+    """Numbers (flat or nested lists) -> a float32 tensor of `shape`."""
     try:
         # No dtype here: numpy would turn "1.5" and true into numbers. Ragged lists, strings,
         # booleans and integers too large for a float come out as another kind and are refused.
-        data = np.asarray(spec["data"])
+        data = np.asarray(values)
     except (ValueError, TypeError, OverflowError, RecursionError):
         data = None
     if data is None or data.dtype.kind not in "fiu":
         raise ProtocolError(400, "data must be numbers (a flat row-major list, or nested lists)")
     data = data.astype(np.float32)
-    if data.size != count:
-        raise ProtocolError(400, f"data has {data.size} elements, shape {shape} needs {count}")
-    if not np.isfinite(data).all():
-        raise ProtocolError(400, "data contains NaN or infinity")
-    return torch.from_numpy(data.reshape(shape).copy())
+    if data.size != math.prod(shape):
+        raise ProtocolError(400, f"data has {data.size} elements, shape {shape} needs {math.prod(shape)}")
+    return _finite(data.reshape(shape))
 
 
-def _binary_tensor(size: Any, blob: bytes | None, shape: list[int], count: int) -> torch.Tensor:
+def decode_raw(raw: bytes, shape: list[int]) -> torch.Tensor:
+    """Raw little-endian FP32 bytes (HTTP binary extension, gRPC raw contents) -> a tensor."""
+    if len(raw) != 4 * math.prod(shape):
+        raise ProtocolError(400, f"raw input: shape {shape} needs {4 * math.prod(shape)} bytes of FP32, got {len(raw)}")
+    return _finite(np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32))  # a copy: the buffer is read-only
+
+
+def _binary_tensor(size: Any, blob: bytes | None, shape: list[int]) -> torch.Tensor:
     if blob is None:
         raise ProtocolError(400, "binary_data_size given without the Inference-Header-Content-Length header")
-    if size != count * 4 or len(blob) != size:
-        raise ProtocolError(400, f"binary input: shape {shape} needs {count * 4} bytes of FP32, "
+    if size != 4 * math.prod(shape) or len(blob) != size:
+        raise ProtocolError(400, f"binary input: shape {shape} needs {4 * math.prod(shape)} bytes of FP32, "
                                  f"binary_data_size says {size!r}, the body holds {len(blob)}")
-    data = np.frombuffer(blob, dtype="<f4").reshape(shape)
+    return decode_raw(blob, shape)
+
+
+def _finite(data: np.ndarray) -> torch.Tensor:
     if not np.isfinite(data).all():
         raise ProtocolError(400, "data contains NaN or infinity")
-    return torch.from_numpy(data.astype(np.float32))  # a copy: the buffer is read-only
+    return torch.from_numpy(np.ascontiguousarray(data))
 
 
 def binary_response(doc: dict[str, Any]) -> tuple[bytes, int]:
@@ -170,20 +221,22 @@ def binary_response(doc: dict[str, Any]) -> tuple[bytes, int]:
     return header + b"".join(blobs), len(header)
 
 
-def infer_response(model: str, request_id: str | None, logits: torch.Tensor, variant: str) -> dict[str, Any]:
-    """logits [N, K] -> the response with logits (FP32) and predicted labels (INT64)."""
-    labels = logits.argmax(1)
-    out = {"model_name": model, "outputs": [
-        {"name": "logits", "datatype": "FP32", "shape": list(logits.shape), "data": logits.reshape(-1).tolist()},
-        {"name": "label", "datatype": "INT64", "shape": [len(labels)], "data": labels.tolist()}],
-        "parameters": {"variant": variant}}
+def infer_response(model: str, request_id: str | None, logits: torch.Tensor, variant: str,
+                   outputs: tuple[str, ...] = OUTPUT_NAMES) -> dict[str, Any]:
+    """logits [N, K] -> the response with `outputs`: logits (FP32), predicted labels (INT64)."""
+    tensors = {
+        "logits": lambda: {"datatype": "FP32", "shape": list(logits.shape), "data": logits.reshape(-1).tolist()},
+        "label": lambda: {"datatype": "INT64", "shape": [len(logits)], "data": logits.argmax(1).tolist()},
+    }
+    out = {"model_name": model, "model_version": MODEL_VERSION,
+           "outputs": [{"name": name, **tensors[name]()} for name in outputs], "parameters": {"variant": variant}}
     if request_id is not None:
         out["id"] = request_id
     return out
 
 
 def model_metadata(name: str, in_shape: list[int], num_classes: int, platform: str = "pytorch") -> dict[str, Any]:
-    return {"name": name, "versions": ["1"], "platform": platform,
+    return {"name": name, "versions": [MODEL_VERSION], "platform": platform,
             "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *in_shape]}],
             "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, num_classes]},
                         {"name": "label", "datatype": "INT64", "shape": [-1]}]}

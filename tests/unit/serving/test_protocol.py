@@ -111,6 +111,44 @@ def test_unknown_top_level_field_named():
     assert "priority" in e.message and "zzz" in e.message
 
 
+def test_fields_official_clients_send_are_accepted():
+    """KServe's SDK puts model_name, model_version and id in the body; tensor-level and
+    request-level parameters come from tritonclient."""
+    body = _body(_input(_flat(1), parameters={"some_tensor_flag": 1}), model_name="student", model_version="1",
+                 id="42", parameters={"binary_data_output": False})
+    req = parse_infer(body, IN_SHAPE, LIMITS, model="student")
+    assert req.id == "42" and req.x.shape == (1, *IN_SHAPE) and req.outputs == ("logits", "label")
+    blank = _body(_input(_flat(1)), model_name="", model_version="")  # an SDK leaving them unset
+    assert parse_infer(blank, IN_SHAPE, LIMITS, model="student").x.shape[0] == 1
+
+
+@pytest.mark.parametrize("field,value,named", [("model_name", "teacher", "'student'"), ("model_version", "2", "'1'")])
+def test_a_model_name_or_version_that_contradicts_the_route_names_both(field, value, named):
+    with pytest.raises(ProtocolError) as info:
+        parse_infer(_body(_input(_flat(1)), **{field: value}), IN_SHAPE, LIMITS, model="student")
+    assert info.value.status == 400 and field in info.value.message
+    assert repr(value) in info.value.message and named in info.value.message
+
+
+def test_requested_outputs_are_answered_in_the_order_asked():
+    req = parse_infer(_body(_input(_flat(2)), outputs=[{"name": "label"}]), IN_SHAPE, LIMITS)
+    assert req.outputs == ("label",)
+    out = infer_response("m", None, torch.tensor([[0.0, 1.0], [2.0, 0.0]]), "m", req.outputs)
+    assert [o["name"] for o in out["outputs"]] == ["label"] and out["outputs"][0]["data"] == [1, 0]
+    both = parse_infer(_body(_input(_flat(1)), outputs=[{"name": "label"}, {"name": "logits"}]), IN_SHAPE, LIMITS)
+    assert both.outputs == ("label", "logits")
+    assert parse_infer(_body(_input(_flat(1)), outputs=[]), IN_SHAPE, LIMITS).outputs == ("logits", "label")
+
+
+@pytest.mark.parametrize("outputs,says", [([{"name": "nope"}], "'nope'"),
+                                          ([{"name": "label"}, {"name": "probs"}], "'probs'"),
+                                          ({"name": "label"}, "list of objects"),
+                                          ([{"nom": "label"}], "list of objects")])
+def test_an_unknown_or_malformed_requested_output_is_refused_by_name(outputs, says):
+    e = _refused(_body(_input(_flat(1)), outputs=outputs))
+    assert e.status == 400 and says in e.message
+
+
 @pytest.mark.parametrize("inputs,got", [(None, "none"), ("x", "none"), ([], "0")])
 def test_no_inputs(inputs, got):
     doc = {} if inputs is None else {"inputs": inputs}

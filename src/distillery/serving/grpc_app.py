@@ -1,0 +1,130 @@
+"""The protocol's gRPC service on Ray Serve's gRPC ingress: one application, `grpc`.
+
+Ray routes a gRPC call to an application by its `application` metadata, which stock clients
+(tritonclient, KServe's SDK) never send: they name the model inside the message. So one
+application answers every gRPC call, and its replicas hold every served model, each behind
+its own `Batcher` (the HTTP path's batching), plus `auto`'s choice among them, with no hop to
+another actor. HAProxy sends calls without `application` metadata here (`ingress` rewrites
+its gRPC default backend); Ray's Python proxy needs `application: grpc` from the client.
+
+The messages come from tritonclient (see `grpc_codec`); `SERVICER` is what Serve's
+`grpc_servicer_functions` registers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from collections import defaultdict
+from importlib import metadata
+from typing import Any, Awaitable, Callable
+
+from ray import serve
+from starlette.responses import JSONResponse
+from tritonclient.grpc import service_pb2 as pb
+
+from distillery.cluster import pin_grpc_listeners
+from distillery.serving import grpc_codec, ingress
+from distillery.serving.batcher import Batcher
+from distillery.serving.predictor import Predictor, ServedModel, choose
+from distillery.serving.protocol import Limits, ProtocolError, auto_targets, model_metadata, server_metadata
+
+APP_NAME = ingress.GRPC_APP
+SERVICER = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+ROUTE = "/v2/grpc"  # Serve routes gRPC only to applications with an HTTP route; over HTTP it says where gRPC is
+
+
+# Our replicas pin their gRPC listeners to serve.host whatever started them (a `serve run`
+# of the config file has no job setup hook); see `cluster.pin_grpc_listeners`.
+pin_grpc_listeners(os.environ.get(ingress.HOST_VAR))
+
+
+@serve.deployment
+class Grpc:
+    """`inference.GRPCInferenceService` for every served model and `auto`."""
+
+    def __init__(self, served: list[ServedModel], max_batch_size: int, batch_wait_s: float, busy_at: int,
+                 auto: bool, api_key_sha256: str | None, limits: dict):
+        self.served, self.busy_at, self.digest, self.limits = served, busy_at, api_key_sha256, Limits(**limits)
+        self.batchers = {m.name: Batcher(Predictor(m), max_batch_size, batch_wait_s) for m in served}
+        self.models: dict[str, ServedModel | None] = {m.name: m for m in served} | ({"auto": None} if auto else {})
+        self.inflight: dict[str, int] = defaultdict(int)
+
+    def check_key(self, grpc_context: Any) -> None:
+        if self.digest is None:
+            return
+        given = dict(grpc_context.invocation_metadata()).get(grpc_codec.API_KEY_METADATA, "")
+        if not hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), self.digest):
+            raise ProtocolError(401, f"missing or wrong API key (send it as {grpc_codec.API_KEY_METADATA} metadata)")
+
+    async def answer(self, reply: str, work: Callable[[], Awaitable[Any]], grpc_context: Any,
+                     needs_key: bool = True) -> Any:
+        """Run `work`, checking the API key first; a ProtocolError becomes its gRPC status and
+        an empty `pb.<reply>`, never a crashed call. (Names, not classes: Serve pickles this
+        class, and the generated message classes do not pickle.)"""
+        try:
+            if needs_key:
+                self.check_key(grpc_context)
+            return await work()
+        except ProtocolError as e:
+            grpc_context.set_code(grpc_codec.status_code(e))
+            grpc_context.set_details(e.message)
+            return getattr(pb, reply)()
+
+    async def __call__(self, request: Any) -> Any:  # HTTP on ROUTE: the route exists only for Serve's gRPC routing
+        return JSONResponse({"error": "this is the gRPC service (inference.GRPCInferenceService) on serve.grpc_port; "
+                                      "over HTTP use /v2/models/{name}"}, status_code=404)
+
+    # One method per RPC, named as the RPC: Serve's gRPC ingress calls it with the message.
+    async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.answer("ServerLiveResponse", self._live, grpc_context, needs_key=False)
+
+    async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.answer("ServerReadyResponse", self._ready, grpc_context, needs_key=False)
+
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.answer("ModelReadyResponse", lambda: self._model_ready(request), grpc_context)
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.answer("ServerMetadataResponse", self._server_metadata, grpc_context)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.answer("ModelMetadataResponse", lambda: self._model_metadata(request), grpc_context)
+
+    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.answer("ModelInferResponse", lambda: self._infer(request), grpc_context)
+
+    async def _live(self) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def _ready(self) -> Any:
+        return pb.ServerReadyResponse(ready=True)  # this replica holds every model: it answers once it runs
+
+    async def _model_ready(self, request: Any) -> Any:
+        grpc_codec.find_model(self.models, request.name, request.version)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def _server_metadata(self) -> Any:
+        return grpc_codec.server_metadata(server_metadata(metadata.version("distillery")))
+
+    async def _model_metadata(self, request: Any) -> Any:
+        model = grpc_codec.find_model(self.models, request.name, request.version) or self.served[0]
+        platform = "pytorch" if request.name != "auto" else "distillery-auto"
+        return grpc_codec.model_metadata(model_metadata(request.name, model.in_shape, model.num_classes, platform))
+
+    async def _infer(self, request: Any) -> Any:
+        model = grpc_codec.find_model(self.models, request.model_name, request.model_version)
+        req = grpc_codec.parse_infer(request, (model or self.served[0]).in_shape, self.limits)
+        pick = model or choose(self.served, *auto_targets(req.parameters), inflight=self.inflight, busy_at=self.busy_at)
+        start = time.perf_counter()
+        self.inflight[pick.name] += 1
+        try:
+            logits, together = await self.batchers[pick.name](req.x)
+        finally:
+            self.inflight[pick.name] -= 1
+        extra = {} if model else {"model_ms": round(1e3 * (time.perf_counter() - start), 3),
+                                  "test_accuracy": pick.test_accuracy, "p50_ms_measured": pick.p50_ms}
+        return grpc_codec.infer_response(request.model_name, req.id, logits, pick.name, req.outputs,
+                                         batched_requests=together, **extra)
