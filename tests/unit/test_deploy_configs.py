@@ -53,6 +53,7 @@ def test_the_example_serve_config_is_well_formed():
     import sys
 
     from distillery.config import ServeConfig
+    from distillery.serving import grpc_app
     from distillery.serving.deployments import AppArgs
 
     sys.path.insert(0, str(ROOT))
@@ -63,5 +64,6 @@ def test_the_example_serve_config_is_well_formed():
         assert callable(getattr(importlib.import_module(module), name))
         args = AppArgs.model_validate(app["args"])
         ServeConfig.model_validate(args.settings)  # unknown or out-of-range settings raise
-        expected = "/v2" if args.kind == "server" else f"/v2/models/{app['name']}"
+        expected = {"server": "/v2", "grpc": "/v2/grpc"}.get(args.kind, f"/v2/models/{app['name']}")
         assert app["route_prefix"] == expected
+    assert doc["grpc_options"]["grpc_servicer_functions"] == [grpc_app.SERVICER]
