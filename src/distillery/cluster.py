@@ -27,6 +27,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     """Join the cluster this job runs on (or `ray.address`), else start a local instance."""
     if not ray.is_initialized():
         _init(cfg)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines, in this driver too
     context = ray.data.DataContext.get_current()  # this driver's; each Dataset carries a copy
     # Per-epoch progress bars would drown the epoch lines.
     context.enable_progress_bars = context.print_on_execution_start = context.enable_auto_log_stats = False

@@ -11,12 +11,14 @@ import re
 import shutil
 
 import pytest
+import yaml
 
 from conftest import ROOT
 from distillery import data
 from distillery.cli.main import main
 from distillery.compression import store
 from distillery.files import sha256_file
+from distillery.serving.predictor import catalog
 from distillery.training.loop import batches, evaluate
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -183,3 +185,30 @@ def test_a_recipe_naming_an_unknown_layer_is_refused_before_any_work(run, tmp_pa
         assert manifest["files"][rel] == sha256_file(root / rel), rel
     rc, out, _ = _main(storage, "compress", "--set", VARIANTS)
     assert rc == 0 and "[compress] done already" in out
+
+
+# --- the finished run as Serve configs (no deployment needed) ---------------------------------
+
+def test_generated_serve_config_names_every_application(run, tmp_path):
+    _, run_dir, _ = run
+    out = tmp_path / "config.yaml"
+    assert main(["serve", "build", str(run_dir), "-o", str(out)]) == 0
+    doc = yaml.safe_load(out.read_text())
+    names = [m.name for m in catalog(run_dir)]
+    assert [a["name"] for a in doc["applications"]] == [*names, "auto", "server", "grpc"]
+    assert {a["import_path"] for a in doc["applications"]} == {"serve.app:build_app"}
+    assert doc["http_options"]["host"] == "127.0.0.1"
+    assert doc["grpc_options"]["port"] == 8001 and doc["grpc_options"]["grpc_servicer_functions"] == [
+        "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"]
+    model_app = doc["applications"][0]
+    assert model_app["route_prefix"] == f"/v2/models/{names[0]}" and model_app["args"]["kind"] == "model"
+
+
+def test_serve_env_prints_the_ingress_environment_for_serve_run(run, capsys):
+    _, run_dir, _ = run
+    assert main(["serve", "env", str(run_dir)]) == 0
+    env = dict(line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["DISTILLERY_HAPROXY_HOST"] == "127.0.0.1"
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("distillery-haproxy")
+    assert main(["serve", "env", str(run_dir), "--set", "serve.ingress=proxy"]) == 0
+    assert "RAY_SERVE_ENABLE_HA_PROXY=0" in capsys.readouterr().out

@@ -206,33 +206,6 @@ def test_a_tampered_artifact_is_refused_before_and_inside_a_replica(server, tmp_
     serve.delete("tampered")
 
 
-def test_generated_serve_config_names_every_application(server, tmp_path):
-    _, run_dir, _ = server
-    out = tmp_path / "config.yaml"
-    assert main(["serve", "build", str(run_dir), "-o", str(out)]) == 0
-    import yaml
-
-    doc = yaml.safe_load(out.read_text())
-    names = [m.name for m in catalog(run_dir)]
-    assert [a["name"] for a in doc["applications"]] == [*names, "auto", "server", "grpc"]
-    assert {a["import_path"] for a in doc["applications"]} == {"serve.app:build_app"}
-    assert doc["http_options"]["host"] == "127.0.0.1"
-    assert doc["grpc_options"]["port"] == 8001 and doc["grpc_options"]["grpc_servicer_functions"] == [
-        "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"]
-    model_app = doc["applications"][0]
-    assert model_app["route_prefix"] == f"/v2/models/{names[0]}" and model_app["args"]["kind"] == "model"
-
-
-def test_serve_env_prints_the_ingress_environment_for_serve_run(server, capsys):
-    _, run_dir, _ = server
-    assert main(["serve", "env", str(run_dir)]) == 0
-    env = dict(line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines())
-    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["DISTILLERY_HAPROXY_HOST"] == "127.0.0.1"
-    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("distillery-haproxy")
-    assert main(["serve", "env", str(run_dir), "--set", "serve.ingress=proxy"]) == 0
-    assert "RAY_SERVE_ENABLE_HA_PROXY=0" in capsys.readouterr().out
-
-
 def test_query_client_prints_predictions(server, capsys):
     base, run_dir, _ = server
     x = _test_images(run_dir, 3).numpy()
@@ -383,13 +356,8 @@ def test_kserve_sdk_over_http_and_grpc(server, tmp_path):
     assert got["ready"] and not got["ready_wrong_key"] and got["grpc_wrong_key"] == "StatusCode.UNAUTHENTICATED"
     assert all(got[call]["labels"] == expected for call in ("json", "binary", "grpc"))
     assert got["json"]["id"] == got["binary"]["id"] == "k-1"
-    best = Predictor(next(m for m in catalog(run_dir) if m.name == _auto_default(run_dir)))(x).argmax(1).tolist()
+    best = Predictor(choose(catalog(run_dir), None, None))(x).argmax(1).tolist()  # `auto` with no target
     assert got["auto"]["labels"] == got["grpc_auto"]["labels"] == best
-
-
-def _auto_default(run_dir: Path) -> str:
-    """The model `auto` answers with when a request names no target: the recommended one."""
-    return choose(catalog(run_dir), None, None).name
 
 
 def test_tritonclient_over_grpc(server):
@@ -409,24 +377,22 @@ def test_tritonclient_over_grpc(server):
     meta = client.get_model_metadata(model.name, headers=headers)
     assert meta.inputs[0].name == "input" and list(meta.inputs[0].shape) == [-1, *model.in_shape]
     assert client.get_server_metadata(headers=headers).name == "distillery"
-    auto = Predictor(next(m for m in catalog(run_dir) if m.name == _auto_default(run_dir)))(x)
+    auto = Predictor(choose(catalog(run_dir), None, None))(x)
     for name, want in ((model.name, expected), ("auto", auto)):
         inp = triton.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x.numpy())
         result = client.infer(name, [inp], headers=headers, request_id="t-1")
         assert result.as_numpy("label").tolist() == want.argmax(1).tolist()
         assert np.allclose(result.as_numpy("logits"), want.numpy(), atol=1e-5) and result.get_response().id == "t-1"
-    refusals = {"wrong key": ("x", model.name, list(x.shape), grpc.StatusCode.UNAUTHENTICATED),
-                "unknown model": (KEY, "nope", list(x.shape), grpc.StatusCode.NOT_FOUND)}
-    for why, (key, name, shape, code) in refusals.items():
-        inp = triton.InferInput("input", shape, "FP32")
-        inp.set_data_from_numpy(x.numpy())
+    refusals = [  # (key, model, images as sent, parameters, code, what the message says)
+        ("x", model.name, x, {}, grpc.StatusCode.UNAUTHENTICATED, "API key"),
+        (KEY, "nope", x, {}, grpc.StatusCode.NOT_FOUND, "'nope'"),
+        (KEY, model.name, x.reshape(16, 64), {}, grpc.StatusCode.INVALID_ARGUMENT, "shape must be"),
+        (KEY, "auto", x, {"min_accuracy": 0.999}, grpc.StatusCode.INVALID_ARGUMENT, "no served model reaches")]
+    for key, name, images, params, code, says in refusals:
+        inp = triton.InferInput("input", list(images.shape), "FP32")
+        inp.set_data_from_numpy(images.numpy())
         with pytest.raises(InferenceServerException) as e:
-            client.infer(name, [inp], headers={"x-api-key": key})
-        assert e.value.status() == f"StatusCode.{code.name}", why
-    bad = triton.InferInput("input", [16, 64], "FP32")
-    bad.set_data_from_numpy(x.numpy().reshape(16, 64))
-    with pytest.raises(InferenceServerException) as e:
-        client.infer(model.name, [bad], headers=headers)
-    assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "shape must be" in e.value.message()
+            client.infer(name, [inp], headers={"x-api-key": key}, parameters=params or None)
+        assert e.value.status() == f"StatusCode.{code.name}" and says in e.value.message(), (name, params)
     assert _call(f"{base}/v2/health/ready", key=None) == (200, {"ready": True})  # every replica still up

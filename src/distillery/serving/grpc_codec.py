@@ -27,7 +27,8 @@ from distillery.serving.protocol import (MODEL_VERSION, InferRequest, Limits, Pr
 API_KEY_METADATA = "x-api-key"  # the HTTP header's name, as gRPC metadata
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                 404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-                413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+                413: grpc.StatusCode.RESOURCE_EXHAUSTED, 422: grpc.StatusCode.INVALID_ARGUMENT,  # `auto`: no model meets it
+                503: grpc.StatusCode.UNAVAILABLE}
 
 
 def status_code(e: ProtocolError) -> grpc.StatusCode:

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
-import ray.data
 import torch
 
 from distillery import data
@@ -17,7 +16,7 @@ from distillery.config import PipelineConfig
 from distillery.run import storage
 from distillery.run.rundir import RunDir
 from distillery.training.objective import frozen_teacher, no_grad
-from distillery.training.on_ray import run_rels, worker_files
+from distillery.training.on_ray import read_shards, run_rels, worker_files
 
 
 class TeacherLogits:
@@ -37,10 +36,10 @@ class TeacherLogits:
 def cache_teacher_logits(cfg: PipelineConfig, run: RunDir, image_shape: list[int]) -> list[Path]:
     """Write `teacher_logits/*.parquet` (the train shards' rows plus the teacher's logits)."""
     ensure_ray(cfg)
-    fs, base = storage.filesystem(run.location)
+    fs = storage.filesystem(run.location)[0]
     files = run_rels(run, data.shard_paths(run.root / "data", "train"))
     reader = {"run": run.location, "files": worker_files(run, ["teacher"]), "image_shape": image_shape}
-    ds = ray.data.read_parquet([f"{base}/{rel}" for rel in files], filesystem=fs).map_batches(
+    ds = read_shards(run, files).map_batches(
         TeacherLogits, fn_constructor_kwargs=reader, batch_format="pyarrow", batch_size=1024, concurrency=1)
     # Written beside the final folder, then renamed: a crash leaves no half-written cache.
     out, tmp = run.root / "teacher_logits", run.root / "teacher_logits.partial"

@@ -64,9 +64,8 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *,
     # Only the training split streams through Ray Data, read where the run lives (a folder
     # or a URI); the small val split is read once per worker from the same verified shards
     # (re-executing a dataset each epoch cost seconds).
-    fs, base = storage.filesystem(run.location)
     train_files = job.train_files or run_rels(run, data.shard_paths(run.root / "data", "train"))
-    datasets = {"train": ray.data.read_parquet([f"{base}/{rel}" for rel in train_files], filesystem=fs).materialize()}
+    datasets = {"train": read_shards(run, train_files).materialize()}
     folders = [f for f in (job.teacher_dir, job.init_dir) if f]
     job = job.model_copy(update={"run": run.location, "run_files": worker_files(run, folders)})
     trainer = TorchTrainer(
@@ -96,6 +95,14 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *,
         history = checkpoint.read_history(Path(folder))
     _drop_unregistered(run.location_of(f"ray/{name}"), {Path(c.path).name for c, _ in result.best_checkpoints})
     return state, history
+
+
+def read_shards(run: RunDir, rels: list[str]) -> "ray.data.Dataset":
+    """The run's Parquet files `rels`, read where the run lives (a folder or a URI), one block
+    per file as Ray's default (V2) reader gave: workers see the same rows in the same order,
+    so results do not depend on the reader `ensure_ray` picked (V1, for its speed)."""
+    fs, base = storage.filesystem(run.location)
+    return ray.data.read_parquet([f"{base}/{rel}" for rel in rels], filesystem=fs, override_num_blocks=len(rels))
 
 
 def run_rels(run: RunDir, paths: list[Path]) -> list[str]:

@@ -99,7 +99,8 @@ def test_metadata_messages_carry_the_http_documents():
 
 @pytest.mark.parametrize("status,code", [(400, grpc.StatusCode.INVALID_ARGUMENT),
                                          (401, grpc.StatusCode.UNAUTHENTICATED), (404, grpc.StatusCode.NOT_FOUND),
-                                         (413, grpc.StatusCode.RESOURCE_EXHAUSTED), (503, grpc.StatusCode.UNAVAILABLE),
+                                         (413, grpc.StatusCode.RESOURCE_EXHAUSTED), (422, grpc.StatusCode.INVALID_ARGUMENT),
+                                         (503, grpc.StatusCode.UNAVAILABLE),
                                          (500, grpc.StatusCode.INTERNAL)])
 def test_refusals_map_to_grpc_codes(status, code):
     assert grpc_codec.status_code(ProtocolError(status, "x")) == code
