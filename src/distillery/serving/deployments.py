@@ -14,7 +14,6 @@ any model name that is not served (404).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import time
 from collections import defaultdict
@@ -35,12 +34,12 @@ from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_json, read_json
 from distillery.run import storage
+from distillery.serving import grpc_app
 from distillery.serving.batcher import Batcher
 from distillery.serving.predictor import Predictor, ServedModel, catalog, choose
-from distillery.serving import grpc_app
 from distillery.serving.protocol import (MODEL_VERSION, InferRequest, Limits, ProtocolError, auto_targets,
-                                         binary_response, check_size, infer_response, model_metadata, parse_infer,
-                                         server_metadata)
+                                         binary_response, check_api_key, check_size, infer_response, model_metadata,
+                                         parse_infer, server_metadata)
 
 API_KEY_HEADER = "x-api-key"
 
@@ -113,11 +112,7 @@ def _error(e: ProtocolError) -> JSONResponse:
 
 
 def _check_key(request: Request, digest: str | None) -> None:
-    if digest is None:
-        return
-    given = request.headers.get(API_KEY_HEADER, "")
-    if not hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), digest):
-        raise ProtocolError(401, f"missing or wrong API key (send it in the {API_KEY_HEADER} header)")
+    check_api_key(request.headers.get(API_KEY_HEADER), digest, f"in the {API_KEY_HEADER} header")
 
 
 def _subpath(request: Request, model: str) -> str:

@@ -13,8 +13,6 @@ The messages come from tritonclient (see `grpc_codec`); `SERVICER` is what Serve
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import time
 from collections import defaultdict
@@ -29,7 +27,8 @@ from distillery.cluster import pin_grpc_listeners
 from distillery.serving import grpc_codec, ingress
 from distillery.serving.batcher import Batcher
 from distillery.serving.predictor import Predictor, ServedModel, choose
-from distillery.serving.protocol import Limits, ProtocolError, auto_targets, model_metadata, server_metadata
+from distillery.serving.protocol import (Limits, ProtocolError, auto_targets, check_api_key, model_metadata,
+                                         server_metadata)
 
 APP_NAME = ingress.GRPC_APP
 SERVICER = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
@@ -53,11 +52,8 @@ class Grpc:
         self.inflight: dict[str, int] = defaultdict(int)
 
     def check_key(self, grpc_context: Any) -> None:
-        if self.digest is None:
-            return
-        given = dict(grpc_context.invocation_metadata()).get(grpc_codec.API_KEY_METADATA, "")
-        if not hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), self.digest):
-            raise ProtocolError(401, f"missing or wrong API key (send it as {grpc_codec.API_KEY_METADATA} metadata)")
+        given = dict(grpc_context.invocation_metadata()).get(grpc_codec.API_KEY_METADATA)
+        check_api_key(given, self.digest, f"as {grpc_codec.API_KEY_METADATA} metadata")
 
     async def answer(self, reply: str, work: Callable[[], Awaitable[Any]], grpc_context: Any,
                      needs_key: bool = True) -> Any:

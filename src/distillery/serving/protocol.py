@@ -17,6 +17,8 @@ layer turns it into `{"error": message}` with that status. Nothing here imports 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import re
 from dataclasses import dataclass
@@ -54,6 +56,13 @@ class InferRequest:
     parameters: dict[str, Any]
     binary_output: bool = False  # Triton's `binary_data_output`, or `binary_data` on a requested output
     outputs: tuple[str, ...] = OUTPUT_NAMES  # the outputs to answer with, in the order asked
+
+
+def check_api_key(given: str | None, digest: str | None, how: str) -> None:
+    """Refuse (401) a request whose key's sha256 is not `digest` (None: no key configured);
+    `how` says where a client sends it. Replicas hold only the digest, never the key."""
+    if digest is not None and not hmac.compare_digest(hashlib.sha256((given or "").encode()).hexdigest(), digest):
+        raise ProtocolError(401, f"missing or wrong API key (send it {how})")
 
 
 def check_size(content_length: str | None, limits: Limits) -> None:

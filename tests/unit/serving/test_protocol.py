@@ -502,3 +502,17 @@ def test_choose_order_of_models_does_not_matter():
         assert choose(list(perm), 0.98, None) is PRUNED
         assert choose(list(perm), None, 1.9) is PRUNED
         assert choose(list(perm), None, None) is STUDENT
+
+
+def test_api_key_is_checked_against_its_digest_only():
+    import hashlib
+
+    from distillery.serving.protocol import check_api_key
+
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    assert check_api_key("s3cret", digest, "in the x-api-key header") is None
+    assert check_api_key(None, None, "anywhere") is None  # no key configured
+    for given in ("wrong", "", None):
+        with pytest.raises(ProtocolError) as e:
+            check_api_key(given, digest, "as x-api-key metadata")
+        assert e.value.status == 401 and "as x-api-key metadata" in e.value.message
