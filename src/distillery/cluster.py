@@ -63,7 +63,7 @@ def pin_grpc_listeners(host: str | None) -> None:
     """Ray 2.60 binds every gRPC server it starts for Serve (the fallback proxy's, each
     ingress replica's) to `[::]`, all interfaces, whatever `http_options.host` says; nothing
     in its config changes that. In this process, bind them to `host` instead."""
-    if not host or host in ("0.0.0.0", "*", "::"):
+    if not host or host in ingress.ALL_INTERFACES:
         return
     from ray.serve._private import default_impl  # Serve's helper; `grpc_util` looks it up on every call
 

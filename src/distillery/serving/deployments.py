@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections import defaultdict
 from dataclasses import asdict
 from importlib import metadata
@@ -36,9 +35,9 @@ from distillery.files import atomic_write_json, read_json
 from distillery.run import storage
 from distillery.serving import grpc_app
 from distillery.serving.batcher import Batcher
-from distillery.serving.predictor import Predictor, ServedModel, catalog, choose
-from distillery.serving.protocol import (MODEL_VERSION, InferRequest, Limits, ProtocolError, auto_targets,
-                                         binary_response, check_api_key, check_size, infer_response, model_metadata,
+from distillery.serving.predictor import Predictor, ServedModel, answer_auto, catalog
+from distillery.serving.protocol import (InferRequest, Limits, ProtocolError, binary_response, check_api_key,
+                                         check_size, check_version, infer_response, model_metadata,
                                          parse_infer, server_metadata)
 
 API_KEY_HEADER = "x-api-key"
@@ -121,8 +120,7 @@ def _subpath(request: Request, model: str) -> str:
     sub = request.scope["path"][len(request.scope.get("root_path", "")):].rstrip("/")
     if sub.startswith("/versions/"):
         version, _, rest = sub.removeprefix("/versions/").partition("/")
-        if version != MODEL_VERSION:
-            raise ProtocolError(404, f"model {model!r} has no version {version!r}; its only version is {MODEL_VERSION}")
+        check_version(model, version)
         sub = f"/{rest}" if rest else ""
     return sub
 
@@ -215,16 +213,10 @@ class Auto:
             if sub != "/infer":
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/auto")
             req = await _read_infer(request, "auto", self.in_shape, self.limits)
-            pick = choose(self.served, *auto_targets(req.parameters), inflight=self.inflight, busy_at=self.busy_at)
-            start = time.perf_counter()
-            self.inflight[pick.name] += 1
-            try:
-                logits, together = await self.handles[pick.name].infer.remote(req.x)
-            finally:
-                self.inflight[pick.name] -= 1
+            pick, logits, extra = await answer_auto(self.served, req.parameters, self.inflight, self.busy_at,
+                                                    lambda m: self.handles[m.name].infer.remote(req.x))
             body = infer_response("auto", req.id, logits, pick.name, req.outputs)
-            body["parameters"].update(batched_requests=together, model_ms=round(1e3 * (time.perf_counter() - start), 3),
-                                      test_accuracy=pick.test_accuracy, p50_ms_measured=pick.p50_ms)
+            body["parameters"].update(extra)
             return _reply(body, req.binary_output)
         except ProtocolError as e:
             return _error(e)

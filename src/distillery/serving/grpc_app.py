@@ -14,7 +14,6 @@ The messages come from tritonclient (see `grpc_codec`); `SERVICER` is what Serve
 from __future__ import annotations
 
 import os
-import time
 from collections import defaultdict
 from importlib import metadata
 from typing import Any, Awaitable, Callable
@@ -26,9 +25,8 @@ from tritonclient.grpc import service_pb2 as pb
 from distillery.cluster import pin_grpc_listeners
 from distillery.serving import grpc_codec, ingress
 from distillery.serving.batcher import Batcher
-from distillery.serving.predictor import Predictor, ServedModel, choose
-from distillery.serving.protocol import (Limits, ProtocolError, auto_targets, check_api_key, model_metadata,
-                                         server_metadata)
+from distillery.serving.predictor import Predictor, ServedModel, answer_auto
+from distillery.serving.protocol import Limits, ProtocolError, check_api_key, model_metadata, server_metadata
 
 APP_NAME = ingress.GRPC_APP
 SERVICER = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
@@ -113,14 +111,10 @@ class Grpc:
     async def _infer(self, request: Any) -> Any:
         model = grpc_codec.find_model(self.models, request.model_name, request.model_version)
         req = grpc_codec.parse_infer(request, (model or self.served[0]).in_shape, self.limits)
-        pick = model or choose(self.served, *auto_targets(req.parameters), inflight=self.inflight, busy_at=self.busy_at)
-        start = time.perf_counter()
-        self.inflight[pick.name] += 1
-        try:
-            logits, together = await self.batchers[pick.name](req.x)
-        finally:
-            self.inflight[pick.name] -= 1
-        extra = {} if model else {"model_ms": round(1e3 * (time.perf_counter() - start), 3),
-                                  "test_accuracy": pick.test_accuracy, "p50_ms_measured": pick.p50_ms}
-        return grpc_codec.infer_response(request.model_name, req.id, logits, pick.name, req.outputs,
-                                         batched_requests=together, **extra)
+        if model is not None:
+            logits, together = await self.batchers[model.name](req.x)
+            pick, extra = model, {"batched_requests": together}
+        else:
+            pick, logits, extra = await answer_auto(self.served, req.parameters, self.inflight, self.busy_at,
+                                                    lambda m: self.batchers[m.name](req.x))
+        return grpc_codec.infer_response(request.model_name, req.id, logits, pick.name, req.outputs, **extra)

@@ -22,12 +22,13 @@ import torch
 from tritonclient.grpc import service_pb2 as pb
 
 from distillery.serving.protocol import (MODEL_VERSION, InferRequest, Limits, ProtocolError, check_input,
-                                         decode_numbers, decode_raw, requested_outputs)
+                                         check_version, decode_numbers, decode_raw, requested_outputs)
 
 API_KEY_METADATA = "x-api-key"  # the HTTP header's name, as gRPC metadata
+# 422 is `auto` asked for a target no model meets.
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                 404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-                413: grpc.StatusCode.RESOURCE_EXHAUSTED, 422: grpc.StatusCode.INVALID_ARGUMENT,  # `auto`: no model meets it
+                413: grpc.StatusCode.RESOURCE_EXHAUSTED, 422: grpc.StatusCode.INVALID_ARGUMENT,
                 503: grpc.StatusCode.UNAVAILABLE}
 
 
@@ -39,8 +40,8 @@ def find_model(models: dict[str, Any], name: str, version: str) -> Any:
     """The model a message names (its version empty or the model's), else NOT_FOUND."""
     if name not in models:
         raise ProtocolError(404, f"unknown model {name!r}; served: {', '.join(models)}")
-    if version not in ("", MODEL_VERSION):
-        raise ProtocolError(404, f"model {name!r} has no version {version!r}; its only version is {MODEL_VERSION}")
+    if version:
+        check_version(name, version)
     return models[name]
 
 

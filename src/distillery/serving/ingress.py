@@ -24,6 +24,7 @@ from pathlib import Path
 
 HAPROXY_WRAPPER = "distillery-haproxy"  # console script: `haproxy_main` below
 HOST_VAR, BINARY_VAR = "DISTILLERY_HAPROXY_HOST", "DISTILLERY_HAPROXY_BINARY"
+ALL_INTERFACES = ("0.0.0.0", "*", "::")  # a serve.host that exposes every interface: nothing to pin
 GRPC_APP = "grpc"  # `grpc_app.APP_NAME` (that module imports Ray; this one runs inside HAProxy's start)
 from distillery.errors import UserError
 
@@ -148,8 +149,7 @@ def haproxy_main() -> None:
     if "-f" in args:
         path = Path(args[args.index("-f") + 1])
         text = path.read_text()
-        everywhere = host in ("0.0.0.0", "*", "::")  # a host that exposes every interface: nothing to pin
-        pinned = route_grpc_to(text if everywhere else pin_binds(text, host), GRPC_APP)
+        pinned = route_grpc_to(text if host in ALL_INTERFACES else pin_binds(text, host), GRPC_APP)
         if pinned != text:
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
             tmp.write_text(pinned)

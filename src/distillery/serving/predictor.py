@@ -5,7 +5,8 @@ use the same `Predictor`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from distillery.models.artifact import load_model
 from distillery.roles import TRAINED
 from distillery.run import storage
 from distillery.run.rundir import local_view
-from distillery.serving.protocol import ProtocolError
+from distillery.serving.protocol import ProtocolError, auto_targets
 from distillery.serving.runner import SERVABLE_MODES, runner
 
 
@@ -124,3 +125,20 @@ def choose(models: list[ServedModel], min_accuracy: float | None, max_latency_ms
         return preferred
     faster = [m for m in ok[1:] if m.p50_ms < preferred.p50_ms]  # stepping down only ever speeds up
     return next((m for m in faster if load.get(m.name, 0) < busy_at), preferred)
+
+
+async def answer_auto(models: list[ServedModel], parameters: dict, inflight: dict[str, int], busy_at: int,
+                      forward: Callable[[ServedModel], Awaitable[tuple[torch.Tensor, int]]]
+                      ) -> tuple[ServedModel, torch.Tensor, dict]:
+    """One `auto` request (HTTP or gRPC): pick a model for its `parameters` (`choose`), count
+    it in flight while `forward(pick)` runs, and return (pick, logits, the reply's parameters:
+    how many requests shared the pass, the model's time, what the pick was measured at)."""
+    pick = choose(models, *auto_targets(parameters), inflight=inflight, busy_at=busy_at)
+    start = time.perf_counter()
+    inflight[pick.name] += 1
+    try:
+        logits, together = await forward(pick)
+    finally:
+        inflight[pick.name] -= 1
+    return pick, logits, {"batched_requests": together, "model_ms": round(1e3 * (time.perf_counter() - start), 3),
+                          "test_accuracy": pick.test_accuracy, "p50_ms_measured": pick.p50_ms}

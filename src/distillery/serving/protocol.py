@@ -115,6 +115,12 @@ def check_route(name: Any, version: Any, model: str | None) -> None:
             raise ProtocolError(400, f"request says {key} {given!r} but was sent to {expected!r}")
 
 
+def check_version(model: str, version: str) -> None:
+    """A version a model is asked for by name (a route, a gRPC message): its one, or a 404."""
+    if version != MODEL_VERSION:
+        raise ProtocolError(404, f"model {model!r} has no version {version!r}; its only version is {MODEL_VERSION}")
+
+
 def requested_outputs(outputs: Any) -> tuple[str, ...]:
     """The names a request's `outputs` asks for (all of them when it names none); an unknown
     name is refused."""
