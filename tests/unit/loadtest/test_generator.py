@@ -28,3 +28,35 @@ def test_a_failing_load_raises_in_the_caller():
 
     with pytest.raises(ValueError, match="no server"):
         generator.run_niced(load())
+
+
+def test_the_open_loop_sends_on_schedule_without_waiting_for_answers():
+    """A real server on 127.0.0.1 that takes 2 s per answer: an open loop of 10 requests/s for
+    1 s sends all ten before the first answer, and counts latency from the scheduled time."""
+    from aiohttp import web
+
+    async def load():
+        async def slow(request):
+            await request.read()
+            await asyncio.sleep(2.0)
+            return web.Response(text='{"parameters":{"variant":"slow"}}', content_type="application/json")
+
+        app = web.Application()
+        app.router.add_post("/v2/models/m/infer", slow)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            return await generator.open_loop(f"http://127.0.0.1:{port}/v2/models/m/infer", b"{}",
+                                             [(1.0, 10.0)], {})
+        finally:
+            await runner.cleanup()
+
+    samples = generator.run_niced(load())
+    assert [s.status for s in samples] == [200] * 10 and {s.variant for s in samples} == {"slow"}
+    assert [s.scheduled for s in samples] == pytest.approx([i / 10 for i in range(10)])
+    first_answer = min(s.scheduled + s.latency_ms / 1e3 for s in samples)
+    assert max(s.sent for s in samples) < first_answer  # a closed loop would send one at a time
+    assert all(s.sent >= s.scheduled and s.latency_ms >= 2000 for s in samples)
