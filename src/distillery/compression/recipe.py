@@ -25,6 +25,7 @@ class StepConfig(Strict):
 
     prunes: ClassVar[bool] = False  # removes weights or channels (a finetune may follow)
     quantizes: ClassVar[bool] = False  # changes the numerics: the last step, nothing builds on it
+    combines: ClassVar[bool] = False  # joins the parent with another model: the only step, nothing builds on it
 
     def numerics(self) -> str | None:
         """The arithmetic a quantization step leaves (int8_static, int4_weights, ...)."""
@@ -115,7 +116,22 @@ class WeightOnly(StepConfig):
         return v
 
 
-Step = Annotated[Union[PruneUnstructured, PruneChannels, Finetune, Int8Dynamic, Int8Static, WeightOnly],
+class Cascade(StepConfig):
+    """A confidence cascade: the parent answers first, and the inputs it is unsure of (its
+    confidence below a threshold) go on to the larger model `to`. The threshold is the lowest
+    escalation rate whose validation accuracy reaches `target_accuracy` (default: `to`'s own
+    validation accuracy). Served as one model: one replica holds both networks."""
+
+    kind: Literal["cascade"] = "cascade"
+    combines: ClassVar[bool] = True
+    to: str = Field(description="the larger model: student, teacher or an earlier variant")
+    confidence: Literal["max_prob", "margin"] = Field(
+        "max_prob", description="the parent's top softmax probability, or its margin over the second")
+    target_accuracy: float | None = Field(None, gt=0.0, le=1.0, description="validation accuracy to reach "
+                                          "(0.99 = 99%); default: the larger model's")
+
+
+Step = Annotated[Union[PruneUnstructured, PruneChannels, Finetune, Int8Dynamic, Int8Static, WeightOnly, Cascade],
                  Field(discriminator="kind")]
 
 
@@ -141,7 +157,13 @@ class VariantConfig(Strict):
             raise ValueError("at most one quantization step, and it must be the last (a quantized model is not pruned)")
         if any(s.kind == "finetune" and (i == 0 or not steps[i - 1].prunes) for i, s in enumerate(steps)):
             raise ValueError("finetune must follow a prune step (quantization-aware training is int8_static's)")
+        if any(s.combines for s in steps) and len(steps) > 1:
+            raise ValueError("a cascade is a variant's only step (compress its members as variants of their own)")
         return self
+
+    def cascade_to(self) -> str | None:
+        """The larger model of a cascade variant, else None."""
+        return next((s.to for s in self.steps if s.combines), None)
 
     def numerics(self) -> str | None:
         """The arithmetic its last quantization step leaves (int8_static, int4_weights, ...);
@@ -155,6 +177,7 @@ class VariantConfig(Strict):
         for step in self.steps:
             args = ", ".join(f"{k}={v}" for k, v in step.model_dump(exclude={"kind"}).items()
                              if k in ("sparsity", "mac_ratio", "epochs", "bits"))
+            args = f"to={step.to}" if step.combines else args
             parts.append(f"{step.kind}({args})" if args else step.kind)
         return " -> ".join(parts)
 
@@ -182,6 +205,9 @@ def _default_variants() -> list[VariantConfig]:
         # The digits student is so small (0.1M MACs) that call overhead, not arithmetic, bounds
         # its speed; channel pruning pays off on the compute-bound teacher (10M MACs).
         VariantConfig(name="teacher-slim", parent="teacher", steps=[PruneChannels(mac_ratio=2.0), tune]),
+        # The student answers what it is sure of; the rest goes on to the teacher (or its slim copy).
+        VariantConfig(name="cascade", steps=[Cascade(to="teacher")]),
+        VariantConfig(name="cascade-slim", steps=[Cascade(to="teacher-slim")]),
     ]
 
 
@@ -201,7 +227,8 @@ class CompressConfig(Strict):
         for v in self.variants:
             if v.name in seen:
                 raise ValueError(f"variant {v.name!r} is defined twice (or shadows a base model)")
-            if v.parent not in seen:
-                raise ValueError(f"variant {v.name!r}: parent {v.parent!r} is not student, teacher or an earlier variant")
+            for role, name in (("parent", v.parent), ("cascade to", v.cascade_to() or v.parent)):
+                if name not in seen:
+                    raise ValueError(f"variant {v.name!r}: {role} {name!r} is not student, teacher or an earlier variant")
             seen.add(v.name)
         return self

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distillery.compression import prune, store
+from distillery.compression import cascade, prune, store
 from distillery.compression.recipe import VariantConfig
 from distillery.compression.steps import HANDLERS, Built, Context, Log, Work, accuracy, apply_steps
 from distillery.config import PipelineConfig
@@ -40,12 +40,12 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     settings = timing.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
     records = measure_all(ctx, settings, built)
     margin = cfg.compress.speedup_margin
-    for rec in records.values():
-        parent = records.get(rec["parent"]) if rec["parent"] else None
+    for rec in records.values():  # a cascade must beat its larger model, which it stands in for
+        parent = records.get(rec.get("compared_with") or rec["parent"]) if rec["parent"] else None
         rec["not_faster"] = parent is not None and not timing.is_faster(rec, parent, min_gain=margin)
     files = []
     for v in cfg.compress.variants:
-        folder = built[v.name].files[0].parent
+        folder = built[v.name].files[-1].parent  # recipe.json, in the variant's own folder
         atomic_write_json(folder / "metrics.json", records[v.name])
         files += [*built[v.name].files, folder / "metrics.json"]
     floor = records["teacher"]["test_accuracy"] - cfg.compress.floor_below_teacher
@@ -68,11 +68,33 @@ def measure_all(ctx: Context, settings: timing.BenchSettings, built: dict[str, B
                          "numerics": "fp32"}
     for v in ctx.cfg.compress.variants:
         b = built[v.name]
-        model, _ = store.load_variant(b.files[0].parent)  # score what is on disk
+        model, _ = store.load_variant(b.files[-1].parent)  # score what is on disk
+        if v.cascade_to():
+            records[v.name] = measure_cascade(ctx, settings, v, model, records) | {"steps": b.details}
+            continue
         rec = measure(ctx, settings, v.name, VARIANT, v.parent, v.describe(), model, b.fp32,
                       b.files[0].stat().st_size, int8=v.steps[-1].kind == "int8_static")
         records[v.name] = {**rec, "steps": b.details, "numerics": v.numerics() or records[v.parent]["numerics"]}
     return records
+
+
+def measure_cascade(ctx: Context, settings: timing.BenchSettings, v: VariantConfig, model: cascade.Cascade,
+                    records: dict[str, dict]) -> dict[str, Any]:
+    """A cascade as it runs on the test images: its cost depends on how many it escalates, so
+    MACs are the small model's plus the escalated share of the large one's, and it is timed on
+    the real test images (as every model is)."""
+    small, large = records[v.parent], records[v.cascade_to()]
+    with torch.inference_mode():
+        conf = cascade.confidence(model.small(ctx.splits["test"][0]), model.kind)
+    escalation = float((conf < model.threshold).float().mean())
+    macs = small["macs"] + round(escalation * large["macs"])
+    rec = measure(ctx, settings, v.name, VARIANT, v.parent, v.describe(), model, model,
+                  small["size_bytes"] + large["size_bytes"], macs=macs, params=small["params"] + large["params"],
+                  # compiled, every escalated count is a new shape for the large model: a recompile each
+                  modes=[m for m in ctx.cfg.compress.bench.modes if m != "compile"] or ["eager"])
+    ctx.log(f"[compress] {v.name}: escalates {escalation:.1%} of test images to {v.cascade_to()}")
+    return {**rec, "compared_with": v.cascade_to(), "test_escalation": escalation,
+            "numerics": f"cascade({small['numerics']}, {large['numerics']})"}
 
 
 def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in_shape: list[int]) -> None:
@@ -81,9 +103,12 @@ def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in
     on a copy (cheap, and only trying tells whether a ratio is reachable), so the steps after
     it, and the variants built on it, are checked against the widths it leaves."""
     shapes = dict(bases)  # name -> a model of that variant's widths
-    quantized = set()
+    quantized, cascades = set(), set()
     for v in variants:
-        if v.parent in quantized:
+        built_on = [n for n in (v.parent, v.cascade_to()) if n in cascades]
+        if built_on:
+            raise UserError(f"compress.variants.{v.name}: {built_on[0]!r} is a cascade; nothing is built on a cascade")
+        if v.parent in quantized and not v.cascade_to():  # a cascade may join quantized models
             raise UserError(f"compress.variants.{v.name}: parent {v.parent!r} is quantized; build on its fp32 parent")
         model = copy.deepcopy(shapes[v.parent])
         try:
@@ -94,6 +119,8 @@ def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in
         shapes[v.name] = model
         if v.steps[-1].quantizes:
             quantized.add(v.name)
+        if v.cascade_to():
+            cascades.add(v.name)
 
 
 def check_run(run: RunDir, cfg: PipelineConfig) -> None:
@@ -110,7 +137,7 @@ def check_run(run: RunDir, cfg: PipelineConfig) -> None:
 def build(ctx: Context, v: VariantConfig) -> Built:
     """Run the variant's steps on a copy of its parent and save the result."""
     parent, spec = _parent(ctx, v.parent)
-    work = Work(v.name, ctx.run.root / "variants" / v.name, spec, prune.layer_shapes(build_model(spec)),
+    work = Work(v.name, v.parent, ctx.run.root / "variants" / v.name, spec, prune.layer_shapes(build_model(spec)),
                 copy.deepcopy(parent))
     ctx.log(f"[compress] {v.name}: {v.describe()}")
     files = apply_steps(ctx, work, v.steps)
@@ -132,12 +159,17 @@ def _parent(ctx: Context, name: str) -> tuple[nn.Module, dict]:
 
 
 def measure(ctx: Context, settings: timing.BenchSettings, name: str, role: str, parent: str | None, recipe: str,
-            model: nn.Module, fp32: nn.Module, size_bytes: int, int8: bool = False) -> dict[str, Any]:
-    """Accuracy on val and test, then speed in every configured mode (the fastest kept)."""
-    macs = count_macs(fp32, ctx.in_shape)  # of the float structure: pruning shows, int8 does not change it
+            model: nn.Module, fp32: nn.Module, size_bytes: int, int8: bool = False, macs: int | None = None,
+            params: int | None = None, modes: list[str] | None = None) -> dict[str, Any]:
+    """Accuracy on val and test, then speed in every configured mode (the fastest kept), timed
+    on the test images."""
+    if macs is None:  # of the float structure: pruning shows, int8 does not change it
+        macs = count_macs(fp32, ctx.in_shape)
     acc = {f"{split}_accuracy": accuracy(model, ctx.splits[split]) for split in ("val", "test")}
-    speed = timing.measure(model, ctx.in_shape, macs, settings, ctx.cfg.compress.bench.modes, int8=int8)
+    speed = timing.measure(model, ctx.in_shape, macs, settings, modes or ctx.cfg.compress.bench.modes, int8=int8,
+                           images=ctx.splits["test"][0])
     ctx.log(f"[compress] {name}: test {acc['test_accuracy']:.2%}, served {speed['best_mode']}: "
             f"p50 {speed['p50_ms']:.3f} ms at batch 1, {speed['throughput']:,.0f} images/s at batch {settings.throughput_batch}")
-    return {"name": name, "role": role, "parent": parent, "recipe": recipe, **acc, "params": count_params(fp32),
+    return {"name": name, "role": role, "parent": parent, "recipe": recipe, **acc, "test_images": len(ctx.splits["test"][1]),
+            "params": count_params(fp32) if params is None else params,
             "macs": macs, "size_bytes": size_bytes, **speed}

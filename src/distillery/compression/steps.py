@@ -21,11 +21,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from distillery.compression import prune, quantize, store
-from distillery.compression.recipe import (Finetune, Int8Dynamic, Int8Static, PruneChannels, PruneUnstructured,
-                                           StepConfig, WeightOnly)
+from distillery.compression import cascade, prune, quantize, store
+from distillery.compression.recipe import (Cascade, Finetune, Int8Dynamic, Int8Static, PruneChannels,
+                                           PruneUnstructured, StepConfig, WeightOnly)
 from distillery.config import PipelineConfig, TrainConfig
 from distillery.models.architectures import build_model, count_macs
+from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir
 from distillery.training.job import TrainJob
 from distillery.training.loop import batches, evaluate, fit, progress_line
@@ -62,6 +63,7 @@ class Work:
     """A variant in the making: its fp32 model so far and what each step recorded."""
 
     name: str
+    parent: str
     folder: Path
     spec: dict  # of the base model it descends from
     base_shapes: dict
@@ -139,6 +141,31 @@ def _int8_dynamic(ctx: Context, work: Work, step: Int8Dynamic) -> list[Path]:
 def _weight_only(ctx: Context, work: Work, step: WeightOnly) -> list[Path]:
     quantize.check_weight_only(work.model, step)
     return _int8_dynamic(ctx, work, step)
+
+
+@handler("cascade")
+def _cascade(ctx: Context, work: Work, step: Cascade) -> list[Path]:
+    """Choose the threshold on the validation split, then save both members with it."""
+    large, _ = store.load_variant(model_dir(ctx.run, step.to))
+    conf, small_ok, large_ok = cascade.outcomes(work.model, large, *ctx.splits["val"], step.confidence)
+    target = step.target_accuracy if step.target_accuracy is not None else float(large_ok.float().mean())
+    chosen = cascade.choose_threshold(conf, small_ok, large_ok, target)
+    ctx.log(f"[compress] {work.name}: threshold {chosen['threshold']:.4f} ({step.confidence}) escalates "
+            f"{chosen['escalation']:.1%} of validation images to {step.to}: val accuracy {chosen['accuracy']:.2%} "
+            f"(target {target:.2%}{'' if chosen['reached'] else ', not reached'})")
+    work.details.append({"kind": step.kind, "to": step.to, "confidence": step.confidence, "target_accuracy": target,
+                         **{f"val_{k}": v for k, v in chosen.items() if k != "threshold"},
+                         "threshold": chosen["threshold"]})
+    members = {"small": model_dir(ctx.run, work.parent), "large": model_dir(ctx.run, step.to)}
+    return store.save_cascade(work.folder, members, work.spec, {"threshold": chosen["threshold"],
+                              "confidence": step.confidence, "small": work.parent, "large": step.to})
+
+
+def model_dir(run: RunDir, name: str) -> Path:
+    """The folder of a trained model (verified against the run's manifest) or of a variant."""
+    if name in TRAINED:
+        return run.verify_file(f"{name}/arch.json").parent
+    return run.root / "variants" / name
 
 
 def apply_steps(ctx: Context, work: Work, steps: list[StepConfig]) -> list[Path]:

@@ -2,7 +2,7 @@
 
 `arch.json` holds the base model's spec, the per-layer channel counts of a channel-pruned
 model (`layers`), the storage `format` and what quantization to re-apply; the safetensors
-file holds plain tensors only. Three formats:
+file holds plain tensors only. Four formats:
 
     dense    float weights; a weight with enough zeros is stored as a bit mask plus its
              non-zero values (only where that is smaller than dense)
@@ -10,6 +10,8 @@ file holds plain tensors only. Three formats:
              header that names their classes from torchao's allow-list
     pt2e     the fp32 model with int8 weights where an observer reads them directly, plus
              every observer's recorded scale and zero point (see `quantize`)
+    cascade  no weights of its own: its two members as model folders of their own (`small/`,
+             `large/`, any format), their arch.json sha256s, the threshold (see `cascade`)
 
 A reload builds the spec, resizes the pruned layers, re-applies the quantization and loads
 the tensors: the same outputs as before saving on the same machine and kernels.
@@ -17,6 +19,7 @@ the tensors: the same outputs as before saving on the same machine and kernels.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +32,11 @@ from torch import nn
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict, unflatten_tensor_state_dict
 
 from distillery.compression import quantize
+from distillery.compression.cascade import Cascade
 from distillery.compression.prune import layer_shapes, resize
 from distillery.compression.recipe import Int8Dynamic, WeightOnly
 from distillery.errors import UserError
-from distillery.files import atomic_path, atomic_write_json, sha256_file
+from distillery.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.models.architectures import build_model
 from distillery.models.artifact import ARCH_FILE, WEIGHTS_FILE, read_arch
 
@@ -81,6 +85,22 @@ def save_pt2e(folder: Path, fp32: nn.Module, prepared: torch.fx.GraphModule, spe
     observers = {name: {k: v for k, v in q.items() if k not in ("scale", "zero_point")} for name, q in qparams.items()}
     quant = {"kind": "int8_static", "qat": qat, "observers": observers, "int8_weights": int8}
     return _write(folder, tensors, {"format": "pt2e", "quant": quant, **_layers(fp32, spec, base_shapes)})
+
+
+def save_cascade(folder: Path, members: dict[str, Path], spec: dict, cascade: dict[str, Any]) -> list[Path]:
+    """A cascade: each member's verified folder copied into `folder/<role>` (role: small,
+    large), then an arch.json naming them by sha256 with `cascade`'s threshold and confidence."""
+    files, shas = [], {}
+    for role, source in members.items():
+        arch, weights = read_arch(source)
+        with atomic_path(folder / role / weights.name) as tmp:
+            shutil.copyfile(weights, tmp)
+        atomic_write_json(folder / role / ARCH_FILE, arch)
+        files += [folder / role / weights.name, folder / role / ARCH_FILE]
+        shas[role] = sha256_file(folder / role / ARCH_FILE)
+    atomic_write_json(folder / ARCH_FILE, {"format": "cascade", "spec": spec, "members": shas, **cascade,
+                                           "versions": {"torch": torch.__version__}})
+    return [*files, folder / ARCH_FILE]
 
 
 def _layers(model: nn.Module, spec: dict, base_shapes: dict) -> dict[str, Any]:
@@ -132,6 +152,9 @@ def _torchao_version() -> str:
 
 def load_variant(folder: str | Path) -> tuple[nn.Module, dict]:
     """Verify and rebuild a saved variant (any format); return (model in eval mode, arch)."""
+    head = read_json(Path(folder) / ARCH_FILE)
+    if isinstance(head, dict) and head.get("format") == "cascade":
+        return _load_cascade(Path(folder), head), head
     arch, weights = read_arch(folder)
     tensors, metadata = _read(weights)
     model = resize(build_model(arch["spec"]), arch.get("layers") or {})
@@ -149,6 +172,17 @@ def load_variant(folder: str | Path) -> tuple[nn.Module, dict]:
         raise UserError(f"{weights}: does not fit {ARCH_FILE} ({type(e).__name__}: {e})") from None
     model.eval()  # (an exported graph's eval() returns None)
     return model, arch
+
+
+def _load_cascade(folder: Path, arch: dict) -> nn.Module:
+    if not isinstance(arch.get("members"), dict) or {"small", "large"} - arch["members"].keys() or \
+            not isinstance(arch.get("threshold"), (int, float)) or arch.get("confidence") not in ("max_prob", "margin"):
+        raise UserError(f"{folder / ARCH_FILE}: a cascade needs members small and large, a threshold and a confidence")
+    members = {}
+    for role in ("small", "large"):
+        verify_sha256(folder / role / ARCH_FILE, arch["members"][role])
+        members[role] = load_variant(folder / role)[0]
+    return Cascade(members["small"], members["large"], arch["threshold"], arch["confidence"]).eval()
 
 
 def _read(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from distillery.files import atomic_write_bytes, atomic_write_json
+from distillery.measure.accuracy import with_interval
 from distillery.roles import ROLES
 
 REQUIRED = ("name", "parent", "recipe", "test_accuracy", "params", "macs", "size_bytes", "best_mode",
@@ -133,15 +134,16 @@ def _csv(records: Sequence[dict], front: list[str]) -> str:
     return buf.getvalue()
 
 
-_MD_HEADER = ("name", "recipe", "test acc", "params", "MACs", "size KiB", "served mode", "p50 ms", "p99 ms",
+_MD_HEADER = ("name", "recipe", "test acc (95% CI)", "params", "MACs", "size KiB", "served mode", "p50 ms", "p99 ms",
               "img/s", "% of peak", "compiled p50 ms (not served)", "on front", "note")
 
 
 def _md_row(r: dict, on_front: bool) -> list[str]:
-    note = "; ".join(n for n, on in (("not faster than its parent", r["not_faster"]),
+    slower = f"not faster than {r['compared_with']}" if r.get("compared_with") else "not faster than its parent"
+    note = "; ".join(n for n, on in ((slower, r["not_faster"]),
                                      ("no servable mode ran", not r.get("servable", True))) if on)
     compiled = r.get("modes", {}).get("compile", {}).get("p50_ms")
-    return [r["name"], r["recipe"], f"{r['test_accuracy']:.2%}", f"{r['params']:,}", f"{r['macs']:,}",
+    return [r["name"], r["recipe"], with_interval(r["test_accuracy"], r.get("test_images")), f"{r['params']:,}", f"{r['macs']:,}",
             f"{r['size_bytes'] / 1024:.1f}", r["best_mode"], f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
             f"{r['throughput']:,.0f}", f"{r['peak_fraction']:.1%}", f"{compiled:.3f}" if compiled else "-",
             "yes" if on_front else "", note]
@@ -158,7 +160,26 @@ def _markdown(records: Sequence[dict], front: list[str], rec: dict | None, floor
         lines.append("| " + " | ".join(_md_cell(c) for c in _md_row(r, r["name"] in front)) + " |")
     verdict = f"**Recommended** ({rec['name']}): {rec['reason']}" if rec else \
         f"**No variant** reaches the accuracy floor of {floor:.2%}."
-    return "\n".join([*lines, "", verdict, "", _evidence_line(machine, settings), ""])
+    return "\n".join([*lines, *_cascade_lines(records), "", verdict, "", _evidence_line(machine, settings), ""])
+
+
+def _cascade_lines(records: Sequence[dict]) -> list[str]:
+    """What each cascade escalated, and the accuracy it was asked to reach."""
+    by_name, lines = {r["name"]: r for r in records}, []
+    for r in records:
+        step = next((s for s in r.get("steps", []) if s.get("kind") == "cascade"), None)
+        if step is None:
+            continue
+        large = by_name.get(step["to"], {})
+        lines.append(f"- {r['name']}: {r['parent']} answers when its {step['confidence']} is >= "
+                     f"{step['threshold']:.4f}, else {step['to']}; chosen on the validation split to reach "
+                     f"{step['target_accuracy']:.2%} ({step['val_accuracy']:.2%} with {step['val_escalation']:.1%} "
+                     f"escalated{'' if step['val_reached'] else ', target not reached'}); on the test images it "
+                     f"escalated {r['test_escalation']:.1%}: {r['test_accuracy']:.2%} against "
+                     f"{large.get('test_accuracy', float('nan')):.2%} for {step['to']} alone; batch-1 mean "
+                     f"{r.get('mean_ms', float('nan')):.3f} ms against {large.get('mean_ms', float('nan')):.3f} ms "
+                     "(MACs in the table: the average per test image).")
+    return ["", "Cascades:", "", *lines] if lines else []
 
 
 def _evidence_line(machine: dict, settings: dict) -> str:

@@ -5,7 +5,9 @@ fastest way to run a model differs per model (a PT2E int8 graph is slow until co
 small fp32 CNN may be fastest in eager). So each model is timed in every execution mode and
 keeps its best one. Timing rules that make the figures comparable between models:
 
-- a fixed thread count (restored afterwards) and the same seeded inputs for every mode;
+- a fixed thread count (restored afterwards) and the same inputs for every mode: the caller's
+  images (a cascade's cost depends on them: the run's test images), else seeded noise; batch-1
+  runs go through the images one by one;
 - warm-up at both batch sizes before any timing, so compilation and first-call allocation
   are never timed (compile time is reported on its own as `compile_s`);
 - latency is batch 1 (p50 and p99 over many runs), throughput is batch `throughput_batch`
@@ -80,7 +82,7 @@ def _cpu_model() -> str | None:
 
 
 def measure(model: nn.Module, in_shape: list[int], macs: int, settings: BenchSettings,
-            modes: Sequence[str] = MODES, int8: bool = False) -> dict:
+            modes: Sequence[str] = MODES, int8: bool = False, images: Tensor | None = None) -> dict:
     """Time `model` in each mode and keep the fastest servable one (`SERVABLE_MODES`; any mode
     when none of those ran, with "servable": False); best = highest throughput at batch
     `settings.throughput_batch`.
@@ -98,7 +100,7 @@ def measure(model: nn.Module, in_shape: list[int], macs: int, settings: BenchSet
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:  # a typo is a caller's bug, not a mode that failed to run
         raise ValueError(f"unknown mode(s) {unknown}; expected some of {MODES}")
-    x1, xb = _inputs(in_shape, settings.throughput_batch)
+    x1, xb = _inputs(in_shape, settings.throughput_batch, images)
     results: dict[str, dict] = {}
     with _threads(settings.threads), _eval_mode(model):
         for mode in modes:
@@ -122,10 +124,15 @@ def _fresh_runner(model: nn.Module, mode: str) -> Callable[[Tensor], Tensor]:
     return runner(model, mode)
 
 
-def _inputs(in_shape: list[int], batch: int) -> tuple[Tensor, Tensor]:
-    # Seeded, and shared by all modes so that every mode does exactly the same work.
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(1, *in_shape, generator=gen), torch.randn(batch, *in_shape, generator=gen)
+def _inputs(in_shape: list[int], batch: int, images: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    """(batch-1 inputs to cycle through, one throughput batch): shared by all modes, so that
+    every mode does exactly the same work."""
+    if images is None or len(images) == 0:
+        gen = torch.Generator().manual_seed(0)
+        return [torch.randn(1, *in_shape, generator=gen)], torch.randn(batch, *in_shape, generator=gen)
+    images = images.float()
+    repeats = -(-batch // len(images))  # fewer images than a batch: repeat them
+    return list(images.split(1)), images.repeat(repeats, *[1] * (images.dim() - 1))[:batch].contiguous()
 
 
 @contextlib.contextmanager
@@ -152,22 +159,23 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag  # by attribute: train() is refused by exported graphs too
 
 
-def _measure_mode(run: Callable[[Tensor], Tensor], x1: Tensor, xb: Tensor, macs: int,
+def _measure_mode(run: Callable[[Tensor], Tensor], x1: list[Tensor], xb: Tensor, macs: int,
                   settings: BenchSettings, int8: bool) -> tuple[dict, float]:
     """(figures, seconds of the first call at each batch size: the compile time in compile mode)."""
     # The first call per batch size compiles (compile mode) or allocates; warm both before timing any.
-    first_calls_s = _time_once(run, x1) + _time_once(run, xb)
-    for _ in range(settings.warmup - 1):
-        run(x1)
+    first_calls_s = _time_once(run, x1[0]) + _time_once(run, xb)
+    for i in range(settings.warmup - 1):
+        run(x1[i % len(x1)])
     for _ in range(settings.throughput_warmup - 1):
         run(xb)
-    latencies = [_time_once(run, x1) for _ in range(settings.latency_runs)]
+    latencies = [_time_once(run, x1[i % len(x1)]) for i in range(settings.latency_runs)]
     batch_s = statistics.median(_time_once(run, xb) for _ in range(settings.throughput_runs))
     throughput = xb.shape[0] / batch_s
     gflops = 2 * macs * throughput / 1e9
     peak = settings.peak_int8_gops_per_core if int8 else settings.peak_gflops_per_core
     figures = {
         "p50_ms": statistics.median(latencies) * 1e3,
+        "mean_ms": statistics.fmean(latencies) * 1e3,  # what a cascade's rare escalations move
         # inclusive: interpolates between measured runs, so p50 <= p99 <= slowest run
         "p99_ms": statistics.quantiles(latencies, n=100, method="inclusive")[98] * 1e3,
         "throughput": throughput,
