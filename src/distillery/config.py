@@ -124,7 +124,8 @@ class ServeConfig(Strict):
                                   "(inference.GRPCInferenceService) on this port; null: no gRPC")
     models: list[str] | None = Field(None, description="models to serve; default: the Pareto front and the recommended one")
     auto: bool = Field(True, description="serve the adaptive model `auto`")
-    auto_busy_at: int = Field(4, ge=1, le=10_000, description="requests in flight on a model before auto steps to the next")
+    auto_slo_ms: float = Field(100.0, gt=0.0, le=600_000.0, description="auto's latency objective (ms, arrival to "
+                               "answer in its replica): the most accurate model that meets it at the current load")
     min_replicas: int = Field(1, ge=0, le=1000)
     max_replicas: int = Field(2, ge=1, le=1000)
     target_ongoing_requests: float = Field(2.0, gt=0.0, le=10_000.0)

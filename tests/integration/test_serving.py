@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,8 @@ from distillery.cli.main import main
 from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.serving import ingress
-from distillery.serving.predictor import Predictor, catalog, choose
+from distillery.serving.adapt import ladder
+from distillery.serving.predictor import Predictor, catalog
 
 KEY = "test-key-1234"
 
@@ -115,15 +117,14 @@ def test_concurrent_requests_are_batched(server):
     assert max(together) > 1, together
 
 
-def test_auto_picks_by_accuracy_or_latency_and_names_the_model(server):
+def test_auto_at_low_load_answers_with_the_most_accurate_model_and_names_it(server):
     base, run_dir, _ = server
     models, x = catalog(run_dir), _test_images(run_dir, 2)
-    floor = min(m.test_accuracy for m in models)
-    status, reply = _call(f"{base}/v2/models/auto/infer", _infer_body(x, min_accuracy=floor))
-    assert status == 200 and reply["parameters"]["variant"] == choose(models, floor, None).name
-    slowest = max(m.p50_ms for m in models)
-    status, reply = _call(f"{base}/v2/models/auto/infer", _infer_body(x, max_latency_ms=slowest))
-    assert status == 200 and reply["parameters"]["variant"] == choose(models, None, slowest).name
+    top = ladder(models)[0]
+    for params in ({}, {"min_accuracy": min(m.test_accuracy for m in models)}, {"max_latency_ms": 5_000}):
+        status, reply = _call(f"{base}/v2/models/auto/infer", _infer_body(x, **params))
+        assert status == 200 and reply["parameters"]["variant"] == top.name, params
+        assert reply["parameters"]["test_accuracy"] == top.test_accuracy
     assert max(m.test_accuracy for m in models) < 1.0  # the tiny models are far from perfect
     status, reply = _call(f"{base}/v2/models/auto/infer", _infer_body(x, min_accuracy=1.0))
     assert status == 422 and "no served model reaches" in reply["error"]
@@ -357,7 +358,7 @@ def test_kserve_sdk_over_http_and_grpc(server, tmp_path):
     assert got["ready"] and not got["ready_wrong_key"] and got["grpc_wrong_key"] == "StatusCode.UNAUTHENTICATED"
     assert all(got[call]["labels"] == expected for call in ("json", "binary", "grpc"))
     assert got["json"]["id"] == got["binary"]["id"] == "k-1"
-    best = Predictor(choose(catalog(run_dir), None, None))(x).argmax(1).tolist()  # `auto` with no target
+    best = Predictor(ladder(catalog(run_dir))[0])(x).argmax(1).tolist()  # `auto` at low load
     assert got["auto"]["labels"] == got["grpc_auto"]["labels"] == best
 
 
@@ -378,7 +379,7 @@ def test_tritonclient_over_grpc(server):
     meta = client.get_model_metadata(model.name, headers=headers)
     assert meta.inputs[0].name == "input" and list(meta.inputs[0].shape) == [-1, *model.in_shape]
     assert client.get_server_metadata(headers=headers).name == "distillery"
-    auto = Predictor(choose(catalog(run_dir), None, None))(x)
+    auto = Predictor(ladder(catalog(run_dir))[0])(x)
     for name, want in ((model.name, expected), ("auto", auto)):
         inp = triton.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x.numpy())
@@ -397,3 +398,70 @@ def test_tritonclient_over_grpc(server):
             client.infer(name, [inp], headers={"x-api-key": key}, parameters=params or None)
         assert e.value.status() == f"StatusCode.{code.name}" and says in e.value.message(), (name, params)
     assert _call(f"{base}/v2/health/ready", key=None) == (200, {"ready": True})  # every replica still up
+
+
+def _redeploy(name: str, kind: str, run_dir: Path, cfg: ServeConfig, models: list[str]) -> None:
+    from ray import serve
+
+    from distillery.serving.deployments import AppArgs, api_key_digest, build_application
+
+    from distillery.serving.deployments import logging_config
+
+    args = AppArgs(kind=kind, run_dir=str(run_dir), models=models, settings=cfg.model_dump(),
+                   api_key_sha256=api_key_digest(KEY))
+    serve.run(build_application(args), name=name, route_prefix=f"/v2/models/{name}", logging_config=logging_config(cfg))
+
+
+def test_a_served_cascade_answers_small_where_confident_else_large_row_by_row(server):
+    from ray import serve
+
+    from distillery.compression.cascade import confidence
+    from distillery.files import read_json
+
+    base, run_dir, cfg = server
+    arch = read_json(run_dir / "variants" / "cascade" / "arch.json")
+    small, large = (Predictor(m) for m in catalog(run_dir, [arch["small"], arch["large"]]))
+    x = _test_images(run_dir, 48)
+    s, big = small(x), large(x)
+    sure = confidence(s, arch["confidence"]) >= arch["threshold"]
+    expected = torch.where(sure, s.argmax(1), big.argmax(1))
+    assert torch.equal(Predictor(catalog(run_dir, ["cascade"])[0])(x).argmax(1), expected)  # in process
+    _redeploy("cascade", "model", run_dir, cfg, ["cascade"])
+    try:
+        status, reply = _call(f"{base}/v2/models/cascade/infer", _infer_body(x))
+        assert status == 200 and reply["outputs"][1]["data"] == expected.tolist()
+    finally:
+        serve.delete("cascade")
+
+
+def test_auto_steps_down_under_overload_and_back_up_when_it_ends(server):
+    """`auto` redeployed with a 3 ms objective that 16 concurrent clients overload: it steps down
+    the ladder (the answers name faster models); once the load ends it climbs back."""
+    from ray import serve
+
+    from distillery.files import read_json
+
+    base, run_dir, cfg = server
+    every = [r["name"] for r in read_json(run_dir / "frontier.json")["variants"]]
+    rungs = [m.name for m in ladder(catalog(run_dir, every))]
+    assert len(rungs) >= 2, rungs
+    _redeploy("auto", "auto", run_dir, cfg.model_copy(update={"auto_slo_ms": 3.0}), every)
+    try:
+        body = _infer_body(_test_images(run_dir, 8))
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda _: _call(f"{base}/v2/models/auto/infer", body), range(600)))
+        assert all(status == 200 for status, _ in replies)
+        answered = [r["parameters"]["variant"] for _, r in replies]
+        assert answered[0] == rungs[0] and set(answered) - {rungs[0]}, "never stepped down"
+        state = serve.get_deployment_handle("AutoState", app_name="auto")
+        doc = state.state.remote().result()
+        history = [model for _, model in doc["changes"]]
+        assert history and history[0] == rungs[1], (doc, rungs, answered[-50:])
+        deadline = time.time() + 30
+        while time.time() < deadline and state.state.remote().result()["model"] != rungs[0]:
+            time.sleep(0.5)  # no load: one rung up per hold period
+        status, reply = _call(f"{base}/v2/models/auto/infer", body)
+        assert status == 200 and reply["parameters"]["variant"] == rungs[0]
+        assert [model for _, model in state.state.remote().result()["changes"]][-1] == rungs[0]
+    finally:
+        _redeploy("auto", "auto", run_dir, cfg, [m.name for m in catalog(run_dir)])

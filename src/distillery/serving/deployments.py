@@ -2,12 +2,13 @@
 
 Each model is its own application with route prefix `/v2/models/<name>`, so the ingress
 (HAProxy by default, see `ingress`; Ray's Python proxy as the fallback) hands a request
-straight to that model's replicas, whose own HTTP servers answer it. Only `auto` pays an
-actor call more, to the model it picks. The `/v2` app answers health, server metadata, and
-any model name that is not served (404).
+straight to that model's replicas, whose own HTTP servers answer it. `auto`'s replicas hold
+every served model too (no hop to another actor) and pick one per request from the shared
+decision of `auto.AutoState`. The `/v2` app answers health, server metadata, and any model
+name that is not served (404).
 
     ingress -> /v2/models/<name>/...  -> Model replicas (dynamic batching, `batcher`)
-            -> /v2/models/auto/...    -> Auto -> Model replicas of its pick
+            -> /v2/models/auto/...    -> Auto replicas (every model, `auto.Router`) <-> AutoState
             -> /v2/...                -> Server (health, metadata, unknown models)
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import defaultdict
+import time
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -33,9 +34,10 @@ from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_json, read_json
 from distillery.run import storage
-from distillery.serving import grpc_app
+from distillery.serving import adapt, grpc_app
+from distillery.serving.auto import AutoState, Router
 from distillery.serving.batcher import Batcher
-from distillery.serving.predictor import Predictor, ServedModel, answer_auto, catalog
+from distillery.serving.predictor import Predictor, ServedModel, catalog
 from distillery.serving.protocol import (InferRequest, Limits, ProtocolError, binary_response, check_api_key,
                                          check_size, check_version, infer_response, model_metadata,
                                          parse_infer, server_metadata)
@@ -63,10 +65,12 @@ def build_application(args: AppArgs) -> serve.Application:
         return Model.options(**deployment_options(cfg)).bind(served[0], cfg.max_batch_size,
                                                              cfg.batch_wait_timeout_s, **common)
     if args.kind == "auto":
-        return Auto.options(**deployment_options(cfg)).bind(served, cfg.auto_busy_at, **common)
+        state = AutoState.bind([m.name for m in adapt.ladder(served)], cfg.auto_slo_ms)
+        return Auto.options(**deployment_options(cfg)).bind(served, cfg.max_batch_size, cfg.batch_wait_timeout_s,
+                                                            state, **common)
     if args.kind == "grpc":
         return grpc_app.Grpc.options(**deployment_options(cfg)).bind(
-            served, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.auto_busy_at, cfg.auto, **common)
+            served, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.auto, **common)
     return Server.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
         [m.name for m in served], bool(cfg.auto), args.api_key_sha256)
 
@@ -190,19 +194,20 @@ class Model:
 
 @serve.deployment
 class Auto:
-    """The virtual model `auto`: picks a served model per request (see `predictor.choose`)."""
+    """The virtual model `auto`: every served model behind its own `Batcher`, one picked per
+    request by `auto.Router` (see `adapt`)."""
 
-    def __init__(self, served: list[ServedModel], busy_at: int, api_key_sha256: str | None, limits: dict):
-        self.served, self.busy_at, self.digest, self.limits = served, busy_at, api_key_sha256, Limits(**limits)
-        self.handles: dict[str, DeploymentHandle] = {m.name: serve.get_deployment_handle("Model", app_name=m.name)
-                                                      for m in served}
-        self.inflight: dict[str, int] = defaultdict(int)
+    def __init__(self, served: list[ServedModel], max_batch_size: int, batch_wait_s: float, state: DeploymentHandle,
+                 api_key_sha256: str | None, limits: dict):
         shapes = {tuple(m.in_shape) for m in served}
         if len(shapes) != 1:
             raise ValueError(f"auto needs models of one input shape, got {sorted(shapes)}")
         self.in_shape, self.num_classes = list(shapes.pop()), served[0].num_classes
+        self.batchers = {m.name: Batcher(Predictor(m), max_batch_size, batch_wait_s) for m in served}
+        self.router, self.digest, self.limits = Router(served, state), api_key_sha256, Limits(**limits)
 
     async def __call__(self, request: Request) -> Response:
+        arrived = time.perf_counter()
         try:
             _check_key(request, self.digest)
             sub = _subpath(request, "auto")
@@ -213,13 +218,17 @@ class Auto:
             if sub != "/infer":
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/auto")
             req = await _read_infer(request, "auto", self.in_shape, self.limits)
-            pick, logits, extra = await answer_auto(self.served, req.parameters, self.inflight, self.busy_at,
-                                                    lambda m: self.handles[m.name].infer.remote(req.x))
+            pick, logits, extra = await self.router.answer(req.parameters, lambda m: self.batchers[m.name](req.x),
+                                                           arrived)
             body = infer_response("auto", req.id, logits, pick.name, req.outputs)
             body["parameters"].update(extra)
             return _reply(body, req.binary_output)
         except ProtocolError as e:
             return _error(e)
+
+    def check_health(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.forward(torch.zeros(1, *self.in_shape))
 
 
 @serve.deployment

@@ -14,7 +14,7 @@ The messages come from tritonclient (see `grpc_codec`); `SERVICER` is what Serve
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+import time
 from importlib import metadata
 from typing import Any, Awaitable, Callable
 
@@ -25,7 +25,8 @@ from tritonclient.grpc import service_pb2 as pb
 from distillery.cluster import pin_grpc_listeners
 from distillery.serving import grpc_codec, ingress
 from distillery.serving.batcher import Batcher
-from distillery.serving.predictor import Predictor, ServedModel, answer_auto
+from distillery.serving.auto import STATE, Router
+from distillery.serving.predictor import Predictor, ServedModel
 from distillery.serving.protocol import Limits, ProtocolError, check_api_key, model_metadata, server_metadata
 
 APP_NAME = ingress.GRPC_APP
@@ -42,12 +43,13 @@ pin_grpc_listeners(os.environ.get(ingress.HOST_VAR))
 class Grpc:
     """`inference.GRPCInferenceService` for every served model and `auto`."""
 
-    def __init__(self, served: list[ServedModel], max_batch_size: int, batch_wait_s: float, busy_at: int,
+    def __init__(self, served: list[ServedModel], max_batch_size: int, batch_wait_s: float,
                  auto: bool, api_key_sha256: str | None, limits: dict):
-        self.served, self.busy_at, self.digest, self.limits = served, busy_at, api_key_sha256, Limits(**limits)
+        self.served, self.digest, self.limits = served, api_key_sha256, Limits(**limits)
         self.batchers = {m.name: Batcher(Predictor(m), max_batch_size, batch_wait_s) for m in served}
         self.models: dict[str, ServedModel | None] = {m.name: m for m in served} | ({"auto": None} if auto else {})
-        self.inflight: dict[str, int] = defaultdict(int)
+        # `auto` over gRPC follows (and feeds) the HTTP `auto` application's shared decision.
+        self.router = Router(served, serve.get_deployment_handle(STATE, app_name="auto") if auto else None)
 
     def check_key(self, grpc_context: Any) -> None:
         given = dict(grpc_context.invocation_metadata()).get(grpc_codec.API_KEY_METADATA)
@@ -109,12 +111,13 @@ class Grpc:
         return grpc_codec.model_metadata(model_metadata(request.name, model.in_shape, model.num_classes, platform))
 
     async def _infer(self, request: Any) -> Any:
+        arrived = time.perf_counter()
         model = grpc_codec.find_model(self.models, request.model_name, request.model_version)
         req = grpc_codec.parse_infer(request, (model or self.served[0]).in_shape, self.limits)
         if model is not None:
             logits, together = await self.batchers[model.name](req.x)
             pick, extra = model, {"batched_requests": together}
         else:
-            pick, logits, extra = await answer_auto(self.served, req.parameters, self.inflight, self.busy_at,
-                                                    lambda m: self.batchers[m.name](req.x))
+            pick, logits, extra = await self.router.answer(req.parameters, lambda m: self.batchers[m.name](req.x),
+                                                           arrived)
         return grpc_codec.infer_response(request.model_name, req.id, logits, pick.name, req.outputs, **extra)

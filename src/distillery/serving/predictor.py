@@ -1,12 +1,10 @@
-"""What to serve and how to run it: the catalog of a run's measured models, a plain predictor,
-and the `auto` model's choice. No Ray here: the benchmark, the tests and a Serve replica all
+"""What to serve and how to run it: the catalog of a run's measured models and a plain
+predictor. No Ray here: the benchmark, the tests and a Serve replica all
 use the same `Predictor`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +17,6 @@ from distillery.models.artifact import load_model
 from distillery.roles import TRAINED
 from distillery.run import storage
 from distillery.run.rundir import local_view
-from distillery.serving.protocol import ProtocolError, auto_targets
 from distillery.serving.runner import SERVABLE_MODES, runner
 
 
@@ -94,51 +91,3 @@ class Predictor:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, C, H, W] float32 -> logits [N, K] float32."""
         return self._run(x).float()
-
-
-def choose(models: list[ServedModel], min_accuracy: float | None, max_latency_ms: float | None,
-           inflight: Mapping[str, int] | None = None, busy_at: int = 4) -> ServedModel:
-    """The `auto` model's pick: the fastest model with test accuracy >= `min_accuracy`, or the
-    most accurate one whose p50 is <= `max_latency_ms`, or (neither given) the recommended one.
-    Under load (`inflight[name] >= busy_at`) it steps down to the next faster model that still
-    meets the target, if one is less busy (the fastest model above a floor has none)."""
-    if not models:
-        raise ProtocolError(503, "no models are served")
-    if min_accuracy is not None:
-        ok = sorted((m for m in models if m.test_accuracy >= min_accuracy), key=lambda m: m.p50_ms)
-        if not ok:
-            best = max(models, key=lambda m: m.test_accuracy)
-            raise ProtocolError(422, f"no served model reaches test accuracy {min_accuracy:.4f} "
-                                     f"(the most accurate, {best.name}, has {best.test_accuracy:.4f})")
-    elif max_latency_ms is not None:
-        ok = sorted((m for m in models if m.p50_ms <= max_latency_ms), key=lambda m: (-m.test_accuracy, m.p50_ms))
-        if not ok:
-            fastest = min(models, key=lambda m: m.p50_ms)
-            raise ProtocolError(422, f"no served model answers within {max_latency_ms} ms at p50 "
-                                     f"(the fastest, {fastest.name}, takes {fastest.p50_ms:.3f} ms)")
-    else:
-        first = next((m for m in models if m.recommended), max(models, key=lambda m: m.test_accuracy))
-        ok = [first] + sorted((m for m in models if m.p50_ms < first.p50_ms and
-                               m.test_accuracy >= first.test_accuracy - 0.01), key=lambda m: -m.test_accuracy)
-    load, preferred = inflight or {}, ok[0]
-    if load.get(preferred.name, 0) < busy_at:
-        return preferred
-    faster = [m for m in ok[1:] if m.p50_ms < preferred.p50_ms]  # stepping down only ever speeds up
-    return next((m for m in faster if load.get(m.name, 0) < busy_at), preferred)
-
-
-async def answer_auto(models: list[ServedModel], parameters: dict, inflight: dict[str, int], busy_at: int,
-                      forward: Callable[[ServedModel], Awaitable[tuple[torch.Tensor, int]]]
-                      ) -> tuple[ServedModel, torch.Tensor, dict]:
-    """One `auto` request (HTTP or gRPC): pick a model for its `parameters` (`choose`), count
-    it in flight while `forward(pick)` runs, and return (pick, logits, the reply's parameters:
-    how many requests shared the pass, the model's time, what the pick was measured at)."""
-    pick = choose(models, *auto_targets(parameters), inflight=inflight, busy_at=busy_at)
-    start = time.perf_counter()
-    inflight[pick.name] += 1
-    try:
-        logits, together = await forward(pick)
-    finally:
-        inflight[pick.name] -= 1
-    return pick, logits, {"batched_requests": together, "model_ms": round(1e3 * (time.perf_counter() - start), 3),
-                          "test_accuracy": pick.test_accuracy, "p50_ms_measured": pick.p50_ms}

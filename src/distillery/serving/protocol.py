@@ -262,7 +262,8 @@ def server_metadata(version: str) -> dict[str, Any]:
 
 
 def auto_targets(params: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(min_accuracy, max_latency_ms) of an `auto` request; at most one may be given."""
+    """(min_accuracy, max_latency_ms) of an `auto` request: an accuracy floor and an end-to-end
+    latency objective, either, both or neither."""
     def number(key: str, low: float, high: float) -> float | None:
         value = params.get(key)
         if value is None:
@@ -271,7 +272,4 @@ def auto_targets(params: dict[str, Any]) -> tuple[float | None, float | None]:
             raise ProtocolError(400, f"parameters.{key} must be a number in [{low}, {high}], got {value!r}")
         return float(value)
 
-    accuracy, latency = number("min_accuracy", 0.0, 1.0), number("max_latency_ms", 0.0, 1e6)
-    if accuracy is not None and latency is not None:
-        raise ProtocolError(400, "give parameters.min_accuracy or parameters.max_latency_ms, not both")
-    return accuracy, latency
+    return number("min_accuracy", 0.0, 1.0), number("max_latency_ms", 0.0, 1e6)

@@ -1,19 +1,15 @@
-"""Fast unit tests of the pure serving pieces: the Open Inference Protocol codec
-(`distillery.serving.protocol`) and the `auto` model's choice (`distillery.serving.predictor.choose`).
+"""Fast unit tests of the Open Inference Protocol codec (`distillery.serving.protocol`).
 No Ray, no HTTP, no model weights.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import random
 import time
 
 import pytest
 import torch
 
-from distillery.serving.predictor import ServedModel, choose
 from distillery.serving.protocol import (INPUT_NAME, InferRequest, Limits, ProtocolError, auto_targets, check_size,
                                          infer_response, model_metadata, parse_infer, server_metadata)
 
@@ -367,10 +363,8 @@ def test_auto_targets_latency():
     assert (acc, lat) == (None, 2.0) and isinstance(lat, float)
 
 
-def test_auto_targets_both_refused():
-    with pytest.raises(ProtocolError) as info:
-        auto_targets({"min_accuracy": 0.9, "max_latency_ms": 2})
-    assert info.value.status == 400 and "not both" in info.value.message
+def test_auto_targets_floor_and_objective_together():
+    assert auto_targets({"min_accuracy": 0.9, "max_latency_ms": 2}) == (0.9, 2.0)
 
 
 @pytest.mark.parametrize("key,value", [("min_accuracy", 1.01), ("min_accuracy", -0.1), ("min_accuracy", True),
@@ -382,137 +376,3 @@ def test_auto_targets_bad_value_names_key(key, value):
     with pytest.raises(ProtocolError) as info:
         auto_targets({key: value})
     assert info.value.status == 400 and f"parameters.{key}" in info.value.message
-
-
-# --- choose ----------------------------------------------------------------------------------
-
-def _m(name, acc, p50, recommended=False):
-    return ServedModel(name, "x", [1, 8, 8], 10, acc, p50, "eager", recommended)
-
-
-TEACHER = _m("teacher", 0.990, 5.0)
-STUDENT = _m("student", 0.985, 2.0, recommended=True)
-PRUNED = _m("pruned", 0.980, 1.5)
-QUANT = _m("quant", 0.970, 0.8)
-TINY = _m("tiny", 0.900, 0.3)
-MODELS = [TEACHER, STUDENT, PRUNED, QUANT, TINY]
-
-
-def test_choose_accuracy_floor_gives_fastest_meeting_it():
-    assert choose(MODELS, 0.98, None) is PRUNED
-    assert choose(MODELS, 0.985, None) is STUDENT
-    assert choose(MODELS, 0.99, None) is TEACHER
-    assert choose(MODELS, 0.5, None) is TINY
-
-
-def test_choose_latency_gives_most_accurate_within_it():
-    assert choose(MODELS, None, 2.0) is STUDENT   # p50 == target is within
-    assert choose(MODELS, None, 1.9) is PRUNED
-    assert choose(MODELS, None, 1.0) is QUANT
-    assert choose(MODELS, None, 100.0) is TEACHER
-
-
-def test_choose_latency_tie_on_accuracy_prefers_faster():
-    a, b = _m("a", 0.95, 1.2), _m("b", 0.95, 0.7)
-    assert choose([a, b], None, 2.0) is b
-    assert choose([b, a], None, 2.0) is b
-
-
-def test_choose_default_is_recommended():
-    assert choose(MODELS, None, None) is STUDENT
-
-
-def test_choose_default_without_recommended_is_most_accurate():
-    plain = [_m(m.name, m.test_accuracy, m.p50_ms) for m in MODELS]
-    assert choose(plain, None, None).name == "teacher"
-
-
-def test_choose_nothing_meets_floor_422_names_most_accurate():
-    with pytest.raises(ProtocolError) as info:
-        choose(MODELS, 0.995, None)
-    assert info.value.status == 422
-    assert "teacher" in info.value.message and "0.9900" in info.value.message and "0.9950" in info.value.message
-
-
-def test_choose_nothing_within_latency_422_names_fastest():
-    with pytest.raises(ProtocolError) as info:
-        choose(MODELS, None, 0.1)
-    assert info.value.status == 422
-    assert "tiny" in info.value.message and "0.300" in info.value.message and "0.1" in info.value.message
-
-
-def test_choose_under_load_with_an_accuracy_floor_never_slows_down():
-    # The fastest model above the floor has no faster one to step down to: it stays.
-    assert choose(MODELS, 0.98, None, {"pruned": 4}, busy_at=4) is PRUNED
-    assert choose(MODELS, 0.98, None, {"pruned": 3}, busy_at=4) is PRUNED
-
-
-def test_choose_under_load_latency_moves_to_faster_within_latency():
-    picked = choose(MODELS, None, 2.0, {"student": 4}, busy_at=4)
-    assert picked is PRUNED
-    assert picked.p50_ms < STUDENT.p50_ms and picked.p50_ms <= 2.0
-
-
-def test_choose_under_load_latency_never_moves_to_slower():
-    fast_good = _m("fast_good", 0.95, 1.0)
-    slow_ok = _m("slow_ok", 0.94, 1.8)
-    fastest = _m("fastest", 0.90, 0.5)
-    picked = choose([fast_good, slow_ok, fastest], None, 2.0, {"fast_good": 4}, busy_at=4)
-    assert picked.p50_ms < fast_good.p50_ms  # today: slow_ok (1.8 ms)
-
-
-def test_choose_under_load_default_moves_to_faster_close_in_accuracy():
-    picked = choose(MODELS, None, None, {"student": 4}, busy_at=4)
-    assert picked is PRUNED  # within 0.01 of the recommended, faster; QUANT is 0.015 below
-    assert choose(MODELS, None, None, {"student": 4, "pruned": 4}, busy_at=4) is STUDENT  # none left: preferred
-
-
-def test_choose_all_acceptable_busy_returns_preferred():
-    busy = {m.name: 100 for m in MODELS}
-    assert choose(MODELS, 0.98, None, busy) is PRUNED
-    assert choose(MODELS, None, 2.0, busy) is STUDENT
-    assert choose(MODELS, None, None, busy) is STUDENT
-
-
-def test_choose_never_returns_a_model_failing_the_target():
-    rng = random.Random(0)
-    for trial in range(300):
-        models = [_m(f"m{i}", round(rng.uniform(0.8, 1.0), 3), round(rng.uniform(0.1, 5.0), 2), i == 0)
-                  for i in range(rng.randint(1, 6))]
-        inflight = {m.name: rng.randint(0, 6) for m in models}
-        for acc, lat in [(rng.uniform(0.8, 1.0), None), (None, rng.uniform(0.1, 5.0))]:
-            try:
-                picked = choose(models, acc, lat, inflight, busy_at=4)
-            except ProtocolError as e:
-                assert e.status == 422
-                if acc is not None:
-                    assert all(m.test_accuracy < acc for m in models)
-                else:
-                    assert all(m.p50_ms > lat for m in models)
-                continue
-            assert picked in models
-            if acc is not None:
-                assert picked.test_accuracy >= acc
-            else:
-                assert picked.p50_ms <= lat
-
-
-def test_choose_order_of_models_does_not_matter():
-    for perm in itertools.permutations(MODELS):
-        assert choose(list(perm), 0.98, None) is PRUNED
-        assert choose(list(perm), None, 1.9) is PRUNED
-        assert choose(list(perm), None, None) is STUDENT
-
-
-def test_api_key_is_checked_against_its_digest_only():
-    import hashlib
-
-    from distillery.serving.protocol import check_api_key
-
-    digest = hashlib.sha256(b"s3cret").hexdigest()
-    assert check_api_key("s3cret", digest, "in the x-api-key header") is None
-    assert check_api_key(None, None, "anywhere") is None  # no key configured
-    for given in ("wrong", "", None):
-        with pytest.raises(ProtocolError) as e:
-            check_api_key(given, digest, "as x-api-key metadata")
-        assert e.value.status == 401 and "as x-api-key metadata" in e.value.message

@@ -1,0 +1,137 @@
+"""How `auto` adapts to load: the most accurate model that meets a latency objective now.
+
+The served models form a ladder, most accurate first, each rung faster than the one above
+(a model that is neither more accurate nor faster than another is left off). A controller
+walks it from what the `auto` replicas measure end to end (arrival to reply, queueing in the
+replica included), pooled across replicas:
+
+- step down one rung when the current rung's p95 over the last `window_s` exceeds `down_at`
+  of the objective (before the objective itself is missed), remembering the request rate
+  (the highest over the next `hold_s`) and the replica count at which that rung failed: its
+  capacity;
+- step up when the current rung's p95 is below `up_at` of the objective, no change happened
+  for `hold_s` (hysteresis: the new rung's latency must show first), and the rate is below
+  `headroom` of the upper rung's remembered capacity, scaled by the replicas running now
+  (a forgotten capacity, after `forget_s`, lets it try again).
+
+A request's own objective (`max_latency_ms`) takes the most accurate rung whose recent p95 is
+within it; a floor (`min_accuracy`) cuts the ladder (`choose`). Plain Python: no Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from distillery.serving.protocol import ProtocolError
+
+
+class Rated(Protocol):
+    name: str
+    test_accuracy: float
+    p50_ms: float
+
+
+def ladder(models: list[Rated]) -> list[Rated]:
+    """Most accurate first; each later rung strictly faster (model-level p50) than every one above."""
+    out: list[Rated] = []
+    for m in sorted(models, key=lambda m: (-m.test_accuracy, m.p50_ms, m.name)):
+        if not out or m.p50_ms < out[-1].p50_ms:
+            out.append(m)
+    return out
+
+
+def choose(rungs: list[Rated], decision: dict, min_accuracy: float | None, max_latency_ms: float | None) -> Rated:
+    """The model for one request, from the shared `decision` ({"model": the default objective's
+    rung, "p95_ms": {model: recent p95 or None}}; empty before the first: the top rung):
+    that rung, or with `max_latency_ms` the most accurate rung whose recent p95 is within it
+    (an unmeasured one is tried; the fastest is the last resort); never below `min_accuracy`
+    (a rung under the floor gives way to the fastest one above it; 422 when none is above)."""
+    if not rungs:
+        raise ProtocolError(503, "no models are served")
+    allowed = [m for m in rungs if min_accuracy is None or m.test_accuracy >= min_accuracy]
+    if not allowed:
+        raise ProtocolError(422, f"no served model reaches test accuracy {min_accuracy:.4f} "
+                                 f"(the most accurate, {rungs[0].name}, has {rungs[0].test_accuracy:.4f})")
+    if max_latency_ms is None:
+        current = decision.get("model", rungs[0].name)
+        return next((m for m in allowed if m.name == current), allowed[-1])
+    p95 = decision.get("p95_ms") or {}
+    return next((m for m in allowed if p95.get(m.name) is None or p95[m.name] <= max_latency_ms), allowed[-1])
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+@dataclass
+class Controller:
+    names: list[str]          # the ladder, most accurate first
+    slo_ms: float
+    window_s: float = 2.0
+    down_at: float = 0.6      # of the objective: step down before it is missed
+    up_at: float = 0.3
+    headroom: float = 0.7     # step up only below this share of the upper rung's capacity
+    hold_s: float = 2.0
+    forget_s: float = 20.0
+    min_samples: int = 8
+    level: int = 0
+    changed_at: float = -math.inf
+    samples: deque = field(default_factory=deque)       # (t, model, latency_ms)
+    capacity: dict = field(default_factory=dict)        # rung -> (requests/s, replicas, when)
+    history: list = field(default_factory=list)         # (t, model chosen)
+
+    def observe(self, samples: list[tuple[float, str, float]]) -> None:
+        self.samples.extend(samples)
+
+    def p95(self, model: str, now: float) -> float | None:
+        values = [ms for t, m, ms in self.samples if m == model and t >= now - self.window_s]
+        return percentile(values, 95) if len(values) >= self.min_samples else None
+
+    def rate(self, now: float) -> float:
+        """Requests/s over the window (over the time since the first of them, in a window not yet full)."""
+        times = [t for t, _, _ in self.samples if t >= now - self.window_s]
+        return (len(times) - 1) / max(now - times[0], 1e-3) if len(times) > 1 else 0.0
+
+    def update(self, now: float, replicas: int = 1) -> str:
+        """Decide the rung for the default objective at time `now`; return its model."""
+        while self.samples and self.samples[0][0] < now - max(self.window_s, 10.0):
+            self.samples.popleft()
+        if now - self.changed_at < self.hold_s:
+            if self.level > 0 and self.history and self.capacity.get(self.level - 1, (0, 0, -1))[2] == self.changed_at:
+                # Just stepped down: the rung above failed at the load arriving now, which a sudden
+                # rise shows only after the step (the window still averages in the calm before).
+                rate, then, when = self.capacity[self.level - 1]
+                self.capacity[self.level - 1] = (max(rate, self.rate(now)), then, when)
+        else:
+            current = self.p95(self.names[self.level], now)
+            if current is not None and current > self.down_at * self.slo_ms and self.level < len(self.names) - 1:
+                self.capacity[self.level] = (self.rate(now), replicas, now)
+                self._move(+1, now)
+            elif self.level > 0 and (current is None or current < self.up_at * self.slo_ms) and \
+                    self._fits(self.level - 1, now, replicas):
+                self._move(-1, now)
+        return self.names[self.level]
+
+    def _fits(self, rung: int, now: float, replicas: int) -> bool:
+        known = self.capacity.get(rung)
+        if known is None or now - known[2] > self.forget_s:
+            return True
+        rate, then, _ = known
+        return self.rate(now) < self.headroom * rate * replicas / max(then, 1)
+
+    def _move(self, step: int, now: float) -> None:
+        self.level += step
+        self.changed_at = now
+        self.history.append((round(now, 3), self.names[self.level]))
+        del self.history[:-100]
+
+    def state(self, now: float) -> dict:
+        return {"slo_ms": self.slo_ms, "model": self.names[self.level], "ladder": self.names,
+                "requests_per_s": round(self.rate(now), 1),
+                "p95_ms": {n: self.p95(n, now) for n in self.names}, "changes": self.history[-20:]}

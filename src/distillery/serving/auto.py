@@ -1,0 +1,95 @@
+"""`auto` on Ray Serve: one shared controller, and a router in every replica that answers `auto`.
+
+`AutoState` is a one-replica deployment of the `auto` application holding the `adapt.Controller`.
+Every replica that answers `auto` (the HTTP `Auto` replicas and the gRPC replicas) keeps a
+`Router`: per request it picks from the last shared decision (no call on the request path),
+times the request from arrival to reply, and four times a second sends what it measured (and
+its requests in flight) to `AutoState`, which pools every replica's figures, counts the replicas
+that report, updates the controller and returns the new decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from distillery.serving import adapt
+from distillery.serving.predictor import ServedModel
+from distillery.serving.protocol import auto_targets
+
+STATE = "AutoState"
+SYNC_S = 0.25
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class AutoState:
+    def __init__(self, names: list[str], slo_ms: float):
+        self.controller = adapt.Controller(names, slo_ms)
+        self.replicas: dict[str, tuple[float, dict[str, int]]] = {}
+
+    def report(self, replica: str, samples: list[tuple[float, str, float]], inflight: dict[str, int]) -> dict:
+        now = time.time()
+        self.replicas = {r: v for r, v in self.replicas.items() if now - v[0] < 4 * SYNC_S + 1} | {replica: (now, inflight)}
+        self.controller.observe(samples)
+        model = self.controller.update(now, replicas=len(self.replicas))
+        ongoing = defaultdict(int)
+        for _, counts in self.replicas.values():
+            for name, n in counts.items():
+                ongoing[name] += n
+        return {"model": model, "p95_ms": {n: self.controller.p95(n, now) for n in self.controller.names},
+                "replicas": len(self.replicas), "ongoing": dict(ongoing)}
+
+    def state(self) -> dict:
+        return self.controller.state(time.time()) | {"replicas": len(self.replicas)}
+
+
+class Router:
+    """`auto` inside one replica: the pick, the timing, the reports to `AutoState`."""
+
+    def __init__(self, served: list[ServedModel], state: DeploymentHandle | None):
+        self.rungs = adapt.ladder(served)
+        self.state, self.id = state, uuid.uuid4().hex[:8]
+        self.decision: dict = {}
+        self.samples: list[tuple[float, str, float]] = []
+        self.inflight: dict[str, int] = defaultdict(int)
+        self._task: asyncio.Task | None = None
+
+    async def answer(self, parameters: dict, forward: Callable[[ServedModel], Awaitable[tuple[torch.Tensor, int]]],
+                     arrived: float) -> tuple[ServedModel, torch.Tensor, dict]:
+        """Pick a model for `parameters`, run `forward(pick)`, record the time from `arrived`
+        (perf_counter when the request reached the replica: reading and parsing count) to the
+        answer; return (pick, logits, the reply's parameters)."""
+        if self._task is None and self.state is not None:
+            self._task = asyncio.get_running_loop().create_task(self._sync())
+        pick = adapt.choose(self.rungs, self.decision, *auto_targets(parameters))
+        self.inflight[pick.name] += 1
+        try:
+            logits, together = await forward(pick)
+        finally:
+            self.inflight[pick.name] -= 1
+        ms = 1e3 * (time.perf_counter() - arrived)
+        self.samples.append((time.time(), pick.name, ms))
+        return pick, logits, {"batched_requests": together, "replica_ms": round(ms, 3),
+                              "test_accuracy": pick.test_accuracy,
+                              "slo_model": self.decision.get("model", self.rungs[0].name)}
+
+    async def _sync(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_S)
+            samples, self.samples = self.samples, []
+            try:
+                self.decision = await self.state.report.remote(self.id, samples, dict(self.inflight))
+            except Exception as e:  # noqa: BLE001 - keep answering with the last decision
+                log.warning("auto: no report to %s (%s: %s); keeping the last decision", STATE, type(e).__name__, e)
+                with contextlib.suppress(Exception):
+                    await asyncio.sleep(1.0)
