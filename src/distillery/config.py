@@ -170,6 +170,10 @@ class LoadTestConfig(Strict):
         [[5.0, 0.25], [25.0, 1.4], [40.0, 0.05]], max_length=32,
         description="open-loop autoscaling ramp, run first: [seconds, load] steps, load as a multiple of the ramp "
         "model's measured one-replica capacity; [] skips it")
+    adaptive: list[Annotated[list[Annotated[float, Field(gt=0.0, le=100_000.0)]], Field(min_length=2, max_length=2)]] = Field(
+        [[6.0, 0.4], [12.0, 1.6], [8.0, 0.4]], max_length=32,
+        description="the adaptive scenario: [seconds, load] steps, load as a multiple of the most accurate served "
+        "model's measured capacity, sent to it alone, to the fastest alone and to auto; [] skips it")
     ramp_model: str | None = Field(None, description="default: the slowest served model (compute-bound, so a second "
                                    "replica adds capacity even on few cores)")
     ramp_images: int = Field(16, ge=1, le=4096, description="images per ramp request: the work of a request, not "

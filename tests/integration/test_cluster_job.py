@@ -122,7 +122,7 @@ def submitted(cluster, tmp_path_factory):
     args = ["--config", "configs/tiny.yaml", "--set", f"storage_path={bucket}/runs",
             "--set", f"serve.port={SERVE_PORT}", "--set", f"serve.grpc_port={free_port()}",
             "--set", "distill.cache_teacher_logits=true", "--set", f"compress.variants={variants}",
-            "--set", "loadtest.concurrency=[2]", "--set", "loadtest.ramp=[]"]
+            "--set", "loadtest.concurrency=[2]", "--set", "loadtest.ramp=[]", "--set", "loadtest.adaptive=[]"]
     result = _submit(address, env, *_pipeline(cache, *args), timeout=800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     return cluster, bucket, args, cache, result

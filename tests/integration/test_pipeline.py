@@ -101,6 +101,14 @@ def test_the_load_test_answered_every_request(pipeline_runs):
     assert "auto" in served and len(served) >= 2
     assert all(r["requests"] > 0 and r["ok"] == r["requests"] for r in doc["sweeps"])
     assert doc["scaling"]["requests"] > 0 and doc["scaling"]["lost"] == 0
+    adaptive = doc["adaptive"]  # the scenario: the accurate model, the fastest, auto, on one schedule
+    assert set(adaptive["runs"]) == {adaptive["top"], adaptive["fastest"], "auto"}
+    for run in adaptive["runs"].values():
+        assert run["requests"] == sum(r["requests"] for r in run["per_second"]) > 0
+        assert set(run["variants"]) <= set(adaptive["ladder"]) and 0.0 <= run["seconds_within_slo"] <= 1.0
+    assert set(adaptive["runs"][adaptive["fastest"]]["variants"]) == {adaptive["fastest"]}
+    assert (root / "serve" / "loadtest" / "adaptive.png").stat().st_size > 0
+    assert "Adaptive scenario" in (root / "serve" / "loadtest" / "loadtest.md").read_text()
     stage = json.loads((root / "manifest.json").read_text())["stages"]["serve"]["metrics"]
     assert stage["lost"] == 0 and stage["requests"] == sum(r["requests"] for r in doc["sweeps"]) + doc["scaling"]["requests"]
 

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--models", help="comma-separated (default: every model the run serves, and auto)")
     load.add_argument("--concurrency", default="1,2,4,8,16,32", help="closed-loop levels ('' skips the sweep; default: %(default)s)")
     load.add_argument("--duration", type=float, default=5.0, help="seconds per level (default: %(default)s)")
+    load.add_argument("--adaptive", default="6:0.4,12:1.6,8:0.4", metavar="S:LOAD,...",
+                      help="the adaptive scenario, last: seconds at a multiple of the most accurate served model's "
+                      "measured capacity, sent to it, to the fastest and to auto ('' skips it; default: %(default)s)")
+    load.add_argument("--slo-ms", type=float, default=None, help="auto's objective, to judge the adaptive scenario "
+                      "by (default: --p99-target-ms)")
     load.add_argument("--ramp", default="5:0.25,25:1.4,40:0.05", metavar="S:LOAD,...",
                       help="open-loop autoscaling ramp, run first: seconds at a multiple of the ramp model's measured "
                       "one-replica capacity, ... ('' skips it; default: %(default)s, long enough at the end to see "

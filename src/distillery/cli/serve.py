@@ -119,6 +119,7 @@ def loadtest(args: argparse.Namespace) -> None:
         lcfg = LoadTestConfig(models=args.models.split(",") if args.models else None,
                               concurrency=_ints(args.concurrency, "--concurrency") if args.concurrency else [],
                               duration_s=args.duration, ramp=[list(s) for s in _steps(args.ramp)] if args.ramp else [],
+                              adaptive=[list(s) for s in _steps(args.adaptive)] if args.adaptive else [],
                               ramp_model=args.ramp_model, ramp_images=args.ramp_images, images=args.images,
                               p99_target_ms=args.p99_target_ms)
     except ValidationError as e:
@@ -130,7 +131,8 @@ def loadtest(args: argparse.Namespace) -> None:
     url = args.url.rstrip("/")
     tuning = (lambda body, concurrency: _tune(args, location, body, headers, concurrency)) if args.tune else None
     out = Path(args.out or _loadtest_folder(location))
-    files = lt.run_loadtest(url, location, lcfg, headers, out, log=lambda m: print(m, flush=True), tuning=tuning)
+    files = lt.run_loadtest(url, location, lcfg, headers, out, log=lambda m: print(m, flush=True), tuning=tuning,
+                            slo_ms=args.slo_ms)
     print((out / "loadtest.md").read_text() + f"report: {files[0].parent}")
 
 

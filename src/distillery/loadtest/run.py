@@ -21,7 +21,7 @@ from ray import serve
 from distillery import data
 from distillery.config import LoadTestConfig
 from distillery.files import atomic_write_bytes, atomic_write_json, read_json
-from distillery.loadtest import generator
+from distillery.loadtest import adaptive, generator
 from distillery.measure import timing
 from distillery.run.rundir import local_view
 from distillery.serving import ingress
@@ -125,12 +125,13 @@ def held_out_images(location: str | Path) -> tuple[Any, Any]:
 
 
 def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, headers: dict, out: Path,
-                 log: Callable[[str], None] = print, tuning: Callable[[bytes, int], list[dict]] | None = None
-                 ) -> list[Path]:
+                 log: Callable[[str], None] = print, tuning: Callable[[bytes, int], list[dict]] | None = None,
+                 slo_ms: float | None = None) -> list[Path]:
     """The load test of a served run: the autoscaling ramp first (while the deployment still
     runs its minimum of replicas), then a closed-loop sweep per model, the serving-level
-    frontier and each model's in-process rate; `tuning(body, concurrency)` adds its section.
-    Writes the report into `out`; returns its files."""
+    frontier and each model's in-process rate, then the adaptive scenario (objective `slo_ms`,
+    default the p99 target); `tuning(body, concurrency)` adds its section. Writes the report
+    into `out`; returns its files."""
     served = catalog(run_dir)
     models = lcfg.models or [m.name for m in served] + ["auto"]
     test_images = held_out_images(run_dir)[0]
@@ -145,6 +146,9 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
         sweeps += sweep(base_url, model, body, lcfg.concurrency, lcfg.duration_s, headers)
     extra = {"frontier": serving_frontier(sweeps, served, lcfg.p99_target_ms),
              "overhead": in_process_rates(served, x, lcfg.duration_s)} if sweeps else {}
+    if lcfg.adaptive and "auto" in models:
+        extra["adaptive"] = adaptive.scenario(base_url, served, test_images[:lcfg.ramp_images], lcfg.adaptive,
+                                              slo_ms or lcfg.p99_target_ms, headers, log)
     if tuning is not None:
         extra["tuning"] = tuning(body, max(lcfg.concurrency or [32]))
     extra["ingress"] = ingress.current()
@@ -195,7 +199,11 @@ def write_report(out_dir: Path, sweeps: list[dict], scaling: dict | None, machin
     atomic_write_bytes(out_dir / "loadtest.md", markdown(doc).encode())
     atomic_write_bytes(out_dir / "loadtest.png", plot(doc))
     atomic_write_bytes(out_dir / "requests.csv", _requests_csv(sweeps, scaling))
-    return [out_dir / name for name in ("loadtest.json", "loadtest.md", "loadtest.png", "requests.csv")]
+    names = ["loadtest.json", "loadtest.md", "loadtest.png", "requests.csv"]
+    if doc.get("adaptive"):
+        atomic_write_bytes(out_dir / "adaptive.png", adaptive.plot(doc["adaptive"]))
+        names.append("adaptive.png")
+    return [out_dir / name for name in names]
 
 
 def _requests_csv(sweeps: list[dict], scaling: dict | None) -> bytes:
@@ -234,7 +242,8 @@ def markdown(doc: dict) -> str:
                   f"ms before, {_ms(s['p99_scaled_ms'])} ms scaled, {_ms(s['p99_after_ms'])} ms after; "
                   f"{s['ok']} of {s['requests']} answered 200, {s['rejected_503']} rejected with 503 "
                   f"({s.get('rejected_503_once_scaled', '-')} of them sent after the scale-up), {s['lost']} lost."]
-    lines += _frontier_lines(doc.get("frontier"), doc.get("overhead")) + _tuning_lines(doc.get("tuning"))
+    lines += _frontier_lines(doc.get("frontier"), doc.get("overhead")) + adaptive.markdown_lines(doc.get("adaptive"))
+    lines += _tuning_lines(doc.get("tuning"))
     m = doc["machine"]
     lines += [""] + ([f"HTTP {doc['ingress']}."] if doc.get("ingress") else [])
     lines += [f"Machine: {m.get('cpu')}, {m.get('logical_cores')} logical cores; the load generator ran on the "

@@ -29,7 +29,9 @@ def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any], address: st
              _training(root, cfg, manifest, data),
              "## Speed vs accuracy", "", _body(root / "frontier.md"), "![frontier](frontier.png)", "",
              _recommendation(frontier),
-             "## Serving", "", _body(served) + "\n![load test](serve/loadtest/loadtest.png)\n" if cfg.serve.enabled and
+             "## Serving", "", _body(served) + "\n![load test](serve/loadtest/loadtest.png)\n" +
+             ("\n![adaptive scenario](serve/loadtest/adaptive.png)\n"
+              if (served.parent / "adaptive.png").is_file() else "") if cfg.serve.enabled and
              served.is_file() else "Not served in this run (`serve.enabled: false`).\n",
              _how_to_query(cfg, frontier, data, request, address or str(root)),
              _machine(manifest)]

@@ -242,7 +242,8 @@ def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
 
     config = write_serve_config(run.location, cfg, run.root / "serve" / "config.yaml")
     url, headers = deploy_run(run.location, cfg, log)
-    files = run_loadtest(url.removesuffix("/v2"), run.root, cfg.loadtest, headers, run.root / "serve" / "loadtest", log)
+    files = run_loadtest(url.removesuffix("/v2"), run.root, cfg.loadtest, headers, run.root / "serve" / "loadtest", log,
+                         slo_ms=cfg.serve.auto_slo_ms)
     return [config, *files], {"url": url, **summary(files[0])}
 
 
