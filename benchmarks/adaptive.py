@@ -1,0 +1,89 @@
+"""`auto` under rising load against the most accurate and the fastest model alone (issue 19's
+`auto` target), side by side in one run, repeated.
+
+    python benchmarks/adaptive.py [--run-dir runs/digits] [--repeats 3] [--images 16]
+                                  [--steps 6:0.4,12:1.6,8:0.4] [--slo-ms 100] [--max-replicas 1]
+
+One local Ray with HAProxy ingress serves the run as `distillery serve` does (its default
+models and `auto`, `serve.auto_slo_ms` = --slo-ms), at most --max-replicas per application so
+that repeats start alike. Each repeat is `loadtest.adaptive.scenario`: capacities measured,
+then the same open-loop schedule (load a multiple of the most accurate model's capacity,
+capped at 85% of the fastest's) sent to the most accurate model, to the fastest and to
+`auto`. Targets: `auto`'s p99 within the objective in >= 95% of the seconds while the
+accurate model alone misses it, and >= 90% of the first low-load step answered by the most
+accurate model. The generator shares the 2 cores (nice 15). Writes benchmarks/results/adaptive.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import machine, machine_lines, median, publish, table  # noqa: E402
+
+from distillery.config import ServeConfig  # noqa: E402
+from distillery.loadtest import adaptive  # noqa: E402
+from distillery.loadtest.run import held_out_images  # noqa: E402
+from distillery.serving.predictor import catalog  # noqa: E402
+
+
+def serve(run_dir: Path, slo_ms: float, max_replicas: int) -> str:
+    import ray
+
+    from distillery.serving import deployments, ingress
+
+    cfg = ServeConfig(grpc_port=None, auto_slo_ms=slo_ms, max_replicas=max_replicas)
+    ingress.apply("haproxy", cfg.host)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    deployments.deploy(str(run_dir), cfg, None)
+    time.sleep(5)  # replica processes finish starting: they share the 2 cores
+    return f"http://{cfg.host}:{cfg.port}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run-dir", type=Path, default=Path("runs/digits"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--steps", default="6:0.4,12:1.6,8:0.4")
+    ap.add_argument("--slo-ms", type=float, default=100.0)
+    ap.add_argument("--max-replicas", type=int, default=1)
+    args = ap.parse_args()
+    steps = [[float(v) for v in step.split(":")] for step in args.steps.split(",")]
+    base = serve(args.run_dir.resolve(), args.slo_ms, args.max_replicas)
+    images = held_out_images(args.run_dir)[0][:args.images]
+    served = catalog(args.run_dir)
+    repeats = []
+    for i in range(args.repeats):
+        repeats.append(adaptive.scenario(base, served, images, steps, args.slo_ms, {}, print))
+        time.sleep(5)  # the last queue drains
+    rows, verdicts = [], []
+    for i, doc in enumerate(repeats):
+        top, auto = doc["runs"][doc["top"]], doc["runs"]["auto"]
+        met = auto["seconds_within_slo"] >= 0.95 and top["seconds_within_slo"] < 1.0 and \
+            (auto["low_load_share_top"] or 0) >= 0.9
+        verdicts.append(met)
+        for r in doc["runs"].values():
+            rows.append([i + 1, r["model"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", sum(r["errors"].values()),
+                         f"{r['seconds_within_slo']:.0%}", "-" if r["low_load_share_top"] is None
+                         else f"{r['low_load_share_top']:.0%}",
+                         ", ".join(f"{m} {n}" for m, n in sorted(r["variants"].items(), key=lambda kv: -kv[1]))])
+    within = {m: median([d["runs"][m]["seconds_within_slo"] for d in repeats]) for m in repeats[0]["runs"]}
+    first = repeats[0]
+    report = table(["repeat", "sent to", "p50 ms", "p99 ms", "errors", "seconds within objective",
+                    "low load by the most accurate", "answered by"], rows)
+    report += (f"\n\n{args.images} image(s) a request; {first['top']} measured at {first['capacity_rps']:g} requests/s, "
+               f"{first['fastest']} at {first['fastest_capacity_rps']:g} (first repeat); schedule "
+               f"{', '.join(f'{d:g} s at {r:g}/s' for d, r in first['steps'])}; objective p99 <= {args.slo_ms:g} ms; "
+               f"at most {args.max_replicas} replica(s) per application. Median share of seconds within the "
+               f"objective: {', '.join(f'{m} {v:.0%}' for m, v in within.items())}; target met in "
+               f"{sum(verdicts)} of {len(verdicts)} repeats. " + machine_lines(machine("1")))
+    publish("adaptive", report, {"machine": machine("1"), "args": vars(args) | {"run_dir": str(args.run_dir)},
+                                 "repeats": repeats, "median_seconds_within": within, "target_met": verdicts}, quick=False)
+
+
+if __name__ == "__main__":
+    main()
