@@ -8,7 +8,7 @@ One local Ray with HAProxy ingress serves the run as `distillery serve` does (it
 models and `auto`, `serve.auto_slo_ms` = --slo-ms), at most --max-replicas per application so
 that repeats start alike. Each repeat is `loadtest.adaptive.scenario`: capacities measured,
 then the same open-loop schedule (load a multiple of the most accurate model's capacity,
-capped at 85% of the fastest's) sent to the most accurate model, to the fastest and to
+capped at 75% of the fastest's) sent to the most accurate model, to the fastest and to
 `auto`. Targets: `auto`'s p99 within the objective in >= 95% of the seconds while the
 accurate model alone misses it, and >= 90% of the first low-load step answered by the most
 accurate model. The generator shares the 2 cores (nice 15). Writes benchmarks/results/adaptive.json.
@@ -28,6 +28,10 @@ from distillery.config import ServeConfig  # noqa: E402
 from distillery.loadtest import adaptive  # noqa: E402
 from distillery.loadtest.run import held_out_images  # noqa: E402
 from distillery.serving.predictor import catalog  # noqa: E402
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def serve(run_dir: Path, slo_ms: float, max_replicas: int) -> str:
@@ -58,7 +62,8 @@ def main() -> None:
     served = catalog(args.run_dir)
     repeats = []
     for i in range(args.repeats):
-        repeats.append(adaptive.scenario(base, served, images, steps, args.slo_ms, {}, print))
+        repeats.append(adaptive.scenario(base, served, images, steps, args.slo_ms,
+                                         {"content-type": "application/json"}, print))
         time.sleep(5)  # the last queue drains
     rows, verdicts = [], []
     for i, doc in enumerate(repeats):
@@ -67,7 +72,7 @@ def main() -> None:
             (auto["low_load_share_top"] or 0) >= 0.9
         verdicts.append(met)
         for r in doc["runs"].values():
-            rows.append([i + 1, r["model"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", sum(r["errors"].values()),
+            rows.append([i + 1, r["model"], _ms(r["p50_ms"]), _ms(r["p99_ms"]), sum(r["errors"].values()),
                          f"{r['seconds_within_slo']:.0%}", "-" if r["low_load_share_top"] is None
                          else f"{r['low_load_share_top']:.0%}",
                          ", ".join(f"{m} {n}" for m, n in sorted(r["variants"].items(), key=lambda kv: -kv[1]))])

@@ -20,7 +20,7 @@ from typing import Any
 from distillery.loadtest import generator
 from distillery.serving.adapt import ladder
 
-PEAK_OF_FASTEST = 0.85
+PEAK_OF_FASTEST = 0.75  # at 0.85 the fastest alone missed a 100 ms p99 in 8-15% of the seconds here
 
 
 def scenario(base_url: str, served: list, images: Any, steps: list[list[float]], slo_ms: float, headers: dict,
@@ -39,8 +39,9 @@ def scenario(base_url: str, served: list, images: Any, steps: list[list[float]],
     low_until = sum(d for d, _ in steps[:low[0] + 1]) if low and low[0] == 0 else 0.0
     runs = {}
     for model in dict.fromkeys([top, fastest, "auto"]):
-        samples = generator.run_niced(generator.open_loop(f"{base_url}/v2/models/{model}/infer", body,
-                                                          schedule, headers))
+        url = f"{base_url}/v2/models/{model}/infer"  # 1 s of warm-up: first calls in a replica allocate
+        generator.run_niced(generator.closed_loop(url, body, 2, 1.0, headers))
+        samples = generator.run_niced(generator.open_loop(url, body, schedule, headers))
         runs[model] = judge(samples, slo_ms, top, low_until) | {"model": model}
     return {"top": top, "fastest": fastest, "ladder": [m.name for m in rungs], "capacity_rps": round(capacity, 1),
             "fastest_capacity_rps": round(fastest_capacity, 1), "images": len(images), "steps": schedule, "load_factors": [f for _, f in steps], "slo_ms": slo_ms,

@@ -5,12 +5,14 @@ The served models form a ladder, most accurate first, each rung faster than the 
 walks it from what the `auto` replicas measure end to end (arrival to reply, queueing in the
 replica included), pooled across replicas:
 
-- step down one rung when the current rung's p95 over the last `window_s` exceeds `down_at`
+- step down one rung when the current rung's p95 over the last `window_s` (or the age of its
+  oldest request still unanswered, which shows a queue before any slow answer does) exceeds `down_at`
   of the objective (before the objective itself is missed), remembering the request rate
   (the highest over the next `hold_s`) and the replica count at which that rung failed: its
   capacity;
 - step up when the current rung's p95 is below `up_at` of the objective, no change happened
-  for `hold_s` (hysteresis: the new rung's latency must show first), and the rate is below
+  for `hold_s` (hysteresis: the new rung's latency must show first; stepping down again waits
+  only `down_hold_s`, since a queue grows every moment a rung is overloaded), and the rate is below
   `headroom` of the upper rung's remembered capacity, scaled by the replicas running now
   (a forgotten capacity, after `forget_s`, lets it try again).
 
@@ -78,16 +80,32 @@ class Controller:
     up_at: float = 0.3
     headroom: float = 0.7     # step up only below this share of the upper rung's capacity
     hold_s: float = 2.0
+    down_hold_s: float = 0.5
     forget_s: float = 20.0
     min_samples: int = 8
     level: int = 0
     changed_at: float = -math.inf
     samples: deque = field(default_factory=deque)       # (t, model, latency_ms)
+    waiting: dict = field(default_factory=dict)         # model -> (t, age of its oldest unanswered request, ms)
     capacity: dict = field(default_factory=dict)        # rung -> (requests/s, replicas, when)
     history: list = field(default_factory=list)         # (t, model chosen)
 
-    def observe(self, samples: list[tuple[float, str, float]]) -> None:
+    def observe(self, samples: list[tuple[float, str, float]], oldest_ms: dict[str, float] | None = None,
+                now: float | None = None) -> None:
+        """Answered requests (t, model, latency_ms), and the age of each model's oldest request
+        still unanswered (the leading signal: a queue shows there before any slow answer)."""
         self.samples.extend(samples)
+        for model, age in (oldest_ms or {}).items():
+            t, known = self.waiting.get(model, (None, 0.0))
+            self.waiting[model] = (now, max(age, known) if t == now else age)
+
+    def pressure(self, model: str, now: float) -> float | None:
+        """The p95 of recent answers, or the age of the oldest unanswered request if longer."""
+        p95 = self.p95(model, now)
+        t, age = self.waiting.get(model, (None, 0.0))
+        if t is None or now - t > 1.0:
+            return p95
+        return max(p95 or 0.0, age) if (p95 is not None or age > 0) else None
 
     def p95(self, model: str, now: float) -> float | None:
         values = [ms for t, m, ms in self.samples if m == model and t >= now - self.window_s]
@@ -102,20 +120,20 @@ class Controller:
         """Decide the rung for the default objective at time `now`; return its model."""
         while self.samples and self.samples[0][0] < now - max(self.window_s, 10.0):
             self.samples.popleft()
-        if now - self.changed_at < self.hold_s:
-            if self.level > 0 and self.history and self.capacity.get(self.level - 1, (0, 0, -1))[2] == self.changed_at:
-                # Just stepped down: the rung above failed at the load arriving now, which a sudden
-                # rise shows only after the step (the window still averages in the calm before).
-                rate, then, when = self.capacity[self.level - 1]
-                self.capacity[self.level - 1] = (max(rate, self.rate(now)), then, when)
-        else:
-            current = self.p95(self.names[self.level], now)
-            if current is not None and current > self.down_at * self.slo_ms and self.level < len(self.names) - 1:
-                self.capacity[self.level] = (self.rate(now), replicas, now)
-                self._move(+1, now)
-            elif self.level > 0 and (current is None or current < self.up_at * self.slo_ms) and \
-                    self._fits(self.level - 1, now, replicas):
-                self._move(-1, now)
+        since = now - self.changed_at
+        if self.level > 0 and since < self.hold_s and self.capacity.get(self.level - 1, (0, 0, -1))[2] == self.changed_at:
+            # Just stepped down: the rung above failed at the load arriving now, which a sudden
+            # rise shows only after the step (the window still averages in the calm before).
+            rate, then, when = self.capacity[self.level - 1]
+            self.capacity[self.level - 1] = (max(rate, self.rate(now)), then, when)
+        current = self.pressure(self.names[self.level], now)
+        if since >= self.down_hold_s and current is not None and current > self.down_at * self.slo_ms \
+                and self.level < len(self.names) - 1:
+            self.capacity[self.level] = (self.rate(now), replicas, now)
+            self._move(+1, now)
+        elif since >= self.hold_s and self.level > 0 and (current is None or current < self.up_at * self.slo_ms) \
+                and self._fits(self.level - 1, now, replicas):
+            self._move(-1, now)
         return self.names[self.level]
 
     def _fits(self, rung: int, now: float, replicas: int) -> bool:

@@ -81,3 +81,14 @@ def test_a_forgotten_capacity_lets_the_controller_try_again_and_more_replicas_ra
     t = _load(c, t, 6.0, 100, busy)
     assert [m for _, m in c.history][:2] == ["student", "teacher"]  # tried again once forgotten...
     assert c.names[c.level] == "student"  # ...and stepped down again: still too much for it
+
+
+def test_a_queue_steps_down_before_any_slow_answer_arrives():
+    c = Controller(["teacher", "student"], slo_ms=100.0)
+    _load(c, 0.0, 3.0, 50, {"teacher": 20.0, "student": 10.0})
+    c.observe([], {"teacher": 75.0}, now=3.0)  # unanswered for 75 ms: past 60% of the objective
+    assert c.update(3.0) == "student"
+    c2 = Controller(["teacher", "student"], slo_ms=100.0)
+    _load(c2, 0.0, 3.0, 50, {"teacher": 20.0, "student": 10.0})
+    c2.observe([], {"teacher": 30.0}, now=3.0)
+    assert c2.update(3.0) == "teacher"
