@@ -21,18 +21,19 @@ from distillery.run.storage import check_location
 from distillery.schema import Strict
 
 # Each has a loader registered in `data.sources` (a unit test keeps the two lists equal).
-DATA_SOURCES = ("digits", "cifar10", "parquet", "synthetic")
+DATA_SOURCES = ("digits", "cifar10", "parquet", "synthetic", "folder")
 
 
 class DataConfig(Strict):
     """Where the images come from and how they are split."""
 
     source: Literal[DATA_SOURCES] = "digits"
-    path: str | None = Field(None, description="cifar10: folder of *.bin files; parquet: file or folder")
+    path: str | None = Field(None, description="cifar10: folder of *.bin files; parquet: file or folder; "
+                             "folder: <class>/ or <split>/<class>/ subfolders of images")
     image_column: str = "image"
     label_column: str = "label"
     image_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
-        None, min_length=3, max_length=3, description="C,H,W: parquet images stored flat; synthetic shape")
+        None, min_length=3, max_length=3, description="C,H,W: parquet images stored flat; synthetic shape; folder: resize to (C 1 or 3)")
     num_classes: int | None = Field(None, ge=2, le=100_000, description="synthetic only")
     num_samples: int = Field(1000, ge=10, description="synthetic only")
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
@@ -187,6 +188,9 @@ class StageConfig(Strict):
 
     model: ModelConfig
     train: TrainConfig = TrainConfig()
+    import_from: str | None = Field(None, description="teacher only: use this model instead of training one: a "
+                                    "model folder (arch.json + model.safetensors) or a finished run's directory "
+                                    "(its teacher); verified, scored on this run's test split, frozen")
 
 
 def _stage(default: BaseModel) -> Any:
@@ -228,6 +232,8 @@ class PipelineConfig(Strict):
                              "student, which FSDP's per-layer sharding and pipeline stages do not see whole)")
         if self.distill.hints and self.distill.cache_teacher_logits:
             raise ValueError("distill.hints need the live teacher; set distill.cache_teacher_logits: false")
+        if self.student.import_from:
+            raise ValueError("student.import_from: only the teacher is imported; the students are what this run makes")
         return self
 
     @field_validator("storage_path")

@@ -109,3 +109,53 @@ def test_digits_teacher_reaches_99_percent(tmp_path):
     assert main(["train", "--model", "teacher", "--set", f"storage_path={tmp_path}", "--set", "ray.workers=0"]) == 0
     metrics = json.loads((tmp_path / "digits" / "teacher" / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.99
+
+
+def test_a_run_on_an_image_folder_trains_compresses_and_reports(tmp_path, capsys):
+    """The whole pipeline (serving aside) on a folder of PNGs written here, one of them broken:
+    the broken file is skipped and named, and the trained models read the images' classes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    patterns = {"cross": np.eye(8)[::-1] + np.eye(8), "bar": np.pad(np.ones((8, 2)), ((0, 0), (3, 3)))}
+    for name, pattern in patterns.items():
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(100):
+            pixels = np.clip(pattern * 200 + rng.normal(0, 30, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).resize((16, 16)).save(tmp_path / "imgs" / name / f"{i}.png")
+    (tmp_path / "imgs" / "bar" / "broken.png").write_bytes(b"not a png")
+    assert _run(tmp_path, "run", "--set", "data.source=folder", "--set", f"data.path={tmp_path / 'imgs'}",
+                "--set", "data.image_shape=[1,8,8]", "--set", "data.num_classes=null",
+                "--set", "teacher.train.epochs=20") == 0
+    root = tmp_path / "runs" / "tiny"
+    data_manifest = json.loads((root / "data" / "manifest.json").read_text())
+    assert data_manifest["classes"] == ["bar", "cross"] and data_manifest["skipped"]["count"] == 1
+    assert "skipped 1 file(s)" in capsys.readouterr().out and "bar/broken.png" in data_manifest["skipped"]["files"][0]
+    results = json.loads((root / "results.json").read_text())
+    assert results["models"]["teacher"]["test_accuracy"] >= 0.9  # two easy patterns
+    frontier = json.loads((root / "frontier.json").read_text())
+    assert {"teacher", "student", "cascade"} <= {r["name"] for r in frontier["variants"]}
+
+
+def test_an_imported_teacher_distills_the_same_student_as_the_trained_one(tmp_path, capsys):
+    """Export a run's teacher (its folder), import it into a second run: the teacher is verified,
+    scored, recorded; the student distilled from it equals the first run's, weight for weight.
+    A teacher for other data is refused before any training, naming both shapes."""
+    assert _run(tmp_path, "run", "--set", "compress.variants=[]") == 0
+    first = tmp_path / "runs" / "tiny"
+    second = tmp_path / "again"
+    assert main(["run", "--config", TINY, "--set", f"storage_path={second}", "--set", "ray.workers=0",
+                 "--set", "serve.enabled=false", "--set", "compress.variants=[]",
+                 "--set", f"teacher.import_from={first}"]) == 0
+    run = second / "tiny"
+    teacher = json.loads((run / "manifest.json").read_text())["stages"]["teacher"]["metrics"]
+    assert teacher["imported_from"] == str((first / "teacher").resolve()) and teacher["epochs"] == 0
+    assert sha256_file(run / "teacher" / "model.safetensors") == sha256_file(first / "teacher" / "model.safetensors")
+    assert sha256_file(run / "student" / "model.safetensors") == sha256_file(first / "student" / "model.safetensors")
+    assert "imported from" in (run / "report.md").read_text()
+    # The digits preset: 1x8x8 images too, but 10 classes, not tiny's 4.
+    assert main(["train", "--set", f"storage_path={tmp_path / 'other'}", "--set", "ray.workers=0",
+                 "--set", f"teacher.import_from={first}"]) == 2
+    assert "gives 4 classes; this run's data has shape [1, 8, 8] and 10 classes" in capsys.readouterr().err
+    assert not (tmp_path / "other" / "digits" / "teacher" / "model.safetensors").exists()

@@ -6,10 +6,16 @@ from distillery.config import PipelineConfig, load_config, save_resolved
 from distillery.errors import UserError
 
 
-@pytest.mark.parametrize("preset", ["digits", "tiny", "cifar10"])
+@pytest.mark.parametrize("preset", ["digits", "tiny", "cifar10", "folder"])
 def test_presets_load(preset):
     cfg = load_config(ROOT / "configs" / f"{preset}.yaml")
     assert cfg.name == preset
+
+
+def test_the_import_preset_imports_a_teacher_and_only_a_teacher():
+    assert load_config(ROOT / "configs" / "import.yaml").teacher.import_from == "runs/digits"
+    with pytest.raises(UserError, match="only the teacher is imported"):
+        load_config(ROOT / "configs" / "import.yaml", ["student.import_from=runs/digits"])
 
 
 def test_digits_preset_is_the_builtin_default():
@@ -30,7 +36,7 @@ def test_overrides_are_typed_and_nested():
     ("teacher.train.epochs=0", "teacher.train.epochs: Input should be greater than or equal to 1"),
     ("teacher.train.epocs=3", "teacher.train.epocs: unknown key (allowed here: augment, batch_size, bf16, epochs"),
     ("bogus=1", "bogus: unknown key (allowed here: compress, data, distill, loadtest, name"),
-    ("data.source=mnist", "data.source: Input should be 'digits', 'cifar10', 'parquet' or 'synthetic'"),
+    ("data.source=mnist", "data.source: Input should be 'digits', 'cifar10', 'parquet', 'synthetic' or 'folder'"),
     ("teacher.model.width=wide", "teacher.model.width: Input should be a valid integer"),
     ("teacher.train.lr=true", "teacher.train.lr: Input should be a valid number"),
     ("teacher.train.lr=-1", "teacher.train.lr: Input should be greater than 0"),

@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
     prepare = data.add_parser("prepare", help="write a dataset as Parquet shards + a data manifest into the run directory")
     prepare.add_argument("source", choices=DATA_SOURCES)
-    prepare.add_argument("--path", help="cifar10: folder with the *.bin files; parquet: a file or folder")
+    prepare.add_argument("--path", help="cifar10: folder with the *.bin files; parquet: a file or folder; folder: "
+                         "<class>/ (or <split>/<class>/) subfolders of images, with --set data.image_shape=[C,H,W]")
     _config_args(prepare)
 
     train = sub.add_parser("train", help="train the teacher and the student alone on Ray Train (prepares data first if needed)")
@@ -62,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--sample", type=int, metavar="N", help="N images from the run's test split")
     query.add_argument("--run-dir", default="runs/digits",
                        help="for --sample: the run's folder or s3:// / gs:// URI (default: %(default)s)")
-    query.add_argument("--min-accuracy", type=float, help="auto: the fastest model at least this accurate")
-    query.add_argument("--max-latency-ms", type=float, help="auto: the most accurate model at most this slow")
+    query.add_argument("--min-accuracy", type=float, help="auto: a floor, never a model less accurate (test split)")
+    query.add_argument("--max-latency-ms", type=float, help="auto: this request's own objective (ms, end to end in the replica): the "
+                       "most accurate model whose recent p95 is within it")
     query.add_argument("--api-key-env", help="name of an environment variable holding the API key")
 
     load = sub.add_parser("loadtest", help="drive served models over HTTP: a concurrency sweep per model and an "

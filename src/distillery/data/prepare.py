@@ -44,6 +44,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict:
         "classes": source.classes,
         "seed": seed,
         "counts": {s: _counts(source.labels[splits[s]], k) for s in SPLITS},
+        "skipped": {"count": len(source.skipped), "files": list(source.skipped[:1000])},
         "shards": shards,
         "schema": SCHEMA_DOC,
     }

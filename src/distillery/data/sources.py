@@ -5,6 +5,9 @@
   parquet    the user's Parquet file or folder: a list-of-numbers image column and an
              integer label column; values are kept as given (no scaling)
   synthetic  seeded class prototypes plus noise, clipped to [0, 1]; learnable on purpose
+  folder     an image folder, `path/<class>/*` or `path/<split>/<class>/*` (PNG, JPEG, ... read
+             with Pillow), resized and centre-cropped to `image_shape`, values / 255; files
+             that are not readable images are skipped and listed in the manifest
 
 A new source is one loader `(DataConfig, seed) -> Source` registered here with `@source`
 (and its name added to `DataConfig.source`).
@@ -40,6 +43,7 @@ class Source(NamedTuple):
     classes: list[str]  # K names; labels are in [0, K)
     given: np.ndarray | None  # str [N] of "train"/"val"/"test", or None: split it all
     path: str | None  # resolved input path, for the manifest
+    skipped: tuple[str, ...] = ()  # "file: why" for every input file left out
 
 
 class SourceSpec(NamedTuple):
@@ -275,3 +279,58 @@ def _user_shape(cfg: DataConfig, length: int, first_file: Path) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- reading
+
+
+# Image folders ---------------------------------------------------------------------------
+
+
+@source("folder", natural_images=True)
+def _image_folder(cfg: DataConfig, seed: int) -> Source:
+    root = _input_path(cfg)
+    if not root.is_dir() or cfg.image_shape is None:
+        raise UserError(f"data.source folder needs data.path, a folder of <class>/ (or <split>/<class>/) "
+                        f"subfolders, and data.image_shape [C, H, W] to resize to (C 1 or 3); got {root}")
+    channels, height, width = cfg.image_shape
+    if channels not in (1, 3):
+        raise UserError(f"data.image_shape: {channels} channels; an image folder is read as 1 (grey) or 3 (RGB)")
+    splits = [d.name for d in sorted(root.iterdir()) if d.is_dir() and d.name in SPLITS]
+    tops = [(root / split, split) for split in splits] if splits else [(root, None)]
+    classes = sorted({d.name for top, _ in tops for d in top.iterdir() if d.is_dir()})
+    if len(classes) < 2:
+        raise UserError(f"{root}: found {len(classes)} class folder(s); an image folder needs one subfolder per class, "
+                        "at least two")
+    images, labels, given, skipped = [], [], [], []
+    for top, split in tops:
+        for label, name in enumerate(classes):
+            for file in sorted((top / name).iterdir()) if (top / name).is_dir() else []:
+                image, why = _read_image(file, "L" if channels == 1 else "RGB", (width, height))
+                if image is None:
+                    skipped.append(f"{file.relative_to(root)}: {why}")
+                    continue
+                images.append(image)
+                labels.append(label)
+                given.append(split)
+    if not images:
+        raise UserError(f"{root}: no readable images ({len(skipped)} file(s) skipped, e.g. {skipped[:1]})")
+    x = np.stack(images).astype(np.float32) / np.float32(255.0)
+    x = x[:, None] if channels == 1 else x.transpose(0, 3, 1, 2)
+    return Source(np.ascontiguousarray(x), np.asarray(labels, dtype=np.int64), classes,
+                  np.asarray(given, dtype=object) if splits else None, str(root), tuple(skipped))
+
+
+def _read_image(file: Path, mode: str, size: tuple[int, int]) -> tuple[np.ndarray | None, str]:
+    """(pixels [H, W] or [H, W, 3] uint8, "") or (None, why it was left out)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError  # Pillow: only for image folders
+
+    if not file.is_file():
+        return None, "not a file"
+    try:
+        with Image.open(file) as img:
+            img.load()
+            try:
+                converted = img.convert(mode)  # RGBA, palette, CMYK, 16-bit grey, ...: Pillow converts
+            except ValueError:
+                return None, f"image mode {img.mode} does not convert to {mode}"
+            return np.asarray(ImageOps.fit(converted, size)), ""
+    except (UnidentifiedImageError, OSError) as e:
+        return None, f"not a readable image ({type(e).__name__})"

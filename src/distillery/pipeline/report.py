@@ -56,6 +56,10 @@ def _training(root: Path, cfg: PipelineConfig, manifest: dict, data: dict) -> st
              f"images of shape {data['image_shape']}, {data['num_classes']} classes.", ""]
     for which in TRAINED:
         m = stages[which]["metrics"]
+        if "imported_from" in m:
+            lines.append(f"- **{which}**: {m['kind']}, imported from `{m['imported_from']}` (weights sha256 "
+                         f"{m['imported_weights_sha256'][:12]}...), not trained here, {m['seconds']:.0f} s")
+            continue
         lines.append(f"- **{which}**: {m['kind']}, {m['epochs']} epochs, {m['workers'] or 'no'} Ray Train workers "
                      f"({m['parallelism']}), {m['seconds']:.0f} s")
     d = cfg.distill
@@ -100,7 +104,8 @@ curl -s{key} -H 'content-type: application/json' -d @{request} {url}/v2/models/{
 curl -s{key} -H 'content-type: application/json' -d @{request} {url}/v2/models/auto/infer
 ```
 
-`auto` takes `"parameters": {{"max_latency_ms": ...}}` or `{{"min_accuracy": ...}}` in the request body.
+`auto` answers with the most accurate model that meets serve.auto_slo_ms at the current load; a request may add
+`"parameters": {{"max_latency_ms": ...}}` (its own objective) and `{{"min_accuracy": ...}}` (a floor).
 
 With an Open Inference Protocol client (`pip install tritonclient[http]`), binary tensors:
 

@@ -25,10 +25,10 @@ from distillery import data
 from distillery.config import PipelineConfig
 from distillery.data.sources import flips_keep_class
 from distillery.errors import UserError
-from distillery.files import atomic_write_bytes, atomic_write_json
+from distillery.files import atomic_write_bytes, atomic_write_json, sha256_file
 from distillery.measure.accuracy import distillation_gain, results_table
 from distillery.models.architectures import build_model, make_spec, summarize
-from distillery.models.artifact import load_model, save_model
+from distillery.models.artifact import ARCH_FILE, load_model, save_model
 from distillery.pipeline import report
 from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir, fingerprint
@@ -55,7 +55,7 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """Each stage's fingerprint: the config it reads plus the fingerprints of its inputs."""
     workers = cfg.ray.model_dump(include={"workers", "use_gpu", "cpus_per_worker"})
     fp = {"data": fingerprint(cfg.data.model_dump(), cfg.seed)}
-    fp["teacher"] = fingerprint(fp["data"], cfg.teacher.model_dump(), cfg.seed, workers)
+    fp["teacher"] = fingerprint(fp["data"], cfg.teacher.model_dump(), cfg.seed, workers, imported_digest(cfg))
     fp["teacher_logits"] = fingerprint(fp["teacher"])
     fp["student_scratch"] = fingerprint(fp["data"], cfg.student.model_dump(), cfg.seed, workers)
     fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), cfg.distill.model_dump(), cfg.seed, workers)
@@ -112,6 +112,10 @@ def prepare_data(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     manifest = data.prepare(cfg.data, out, seed=cfg.seed)
     counts = {split: manifest["counts"][split]["total"] for split in data.SPLITS}
     log(f"[data] {manifest['source']}: {counts} images of shape {manifest['image_shape']} -> {out}")
+    skipped = manifest.get("skipped") or {}
+    if skipped.get("count"):
+        log(f"[data] skipped {skipped['count']} file(s) that are not readable images (listed in {out}/manifest.json), "
+            f"e.g. {skipped['files'][0]}")
     files = [out / shard["path"] for shard in manifest["shards"]] + [out / "manifest.json"]
     return files, {"counts": counts, "image_shape": manifest["image_shape"], "num_classes": manifest["num_classes"]}
 
@@ -123,8 +127,46 @@ def load_splits(run: RunDir, splits: tuple[str, ...] = data.SPLITS
     return data.read_manifest(data_dir), {split: data.load_split(data_dir, split) for split in splits}
 
 
+def imported_digest(cfg: PipelineConfig) -> str | None:
+    """The sha256 of an imported teacher's arch.json (which holds its weights' sha256): a
+    changed model file makes the teacher stage run again, as a changed config does."""
+    return sha256_file(imported_folder(cfg.teacher.import_from) / ARCH_FILE) if cfg.teacher.import_from else None
+
+
+def imported_folder(location: str) -> Path:
+    """A model folder, or a finished run's teacher folder."""
+    path = Path(location).expanduser()
+    for folder in (path, path / "teacher"):
+        if (folder / ARCH_FILE).is_file():
+            return folder.resolve()
+    raise UserError(f"teacher.import_from: {path} holds no {ARCH_FILE} (give a model folder or a finished run's "
+                    "directory)")
+
+
+def import_teacher(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
+    """The user's teacher instead of a trained one: verified, checked against this run's data,
+    scored on its test split and saved into the run (so the run's manifest records it)."""
+    manifest, splits = load_splits(run, ("test",))
+    folder = imported_folder(cfg.teacher.import_from)
+    model, arch = load_model(folder)  # sha256 verified; safetensors and JSON only
+    spec = arch["spec"]
+    want = (list(manifest["image_shape"]), manifest["num_classes"])
+    if (list(spec["in_shape"]), spec["num_classes"]) != want:
+        raise UserError(f"teacher.import_from: {folder} takes images of shape {spec['in_shape']} and gives "
+                        f"{spec['num_classes']} classes; this run's data has shape {want[0]} and {want[1]} classes")
+    test = evaluate(model, batches(*splits["test"], EVAL_BATCH))
+    metrics = {**summarize(model, spec), "test_accuracy": test["accuracy"], "imported_from": str(folder),
+               "imported_weights_sha256": arch["weights_sha256"], "epochs": 0}
+    files = save_model(run.root / "teacher", model, spec)
+    atomic_write_json(run.root / "teacher" / "metrics.json", {**metrics, "history": []})
+    log(f"[teacher] imported from {folder}: {metrics['kind']}, test accuracy {test['accuracy']:.2%}")
+    return [*files, run.root / "teacher" / "metrics.json"], metrics
+
+
 def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """Train the teacher, the student alone, or the student distilled; save and score it."""
+    if which == "teacher" and cfg.teacher.import_from:
+        return import_teacher(run, cfg, log)
     # On Ray the workers read the training data themselves: the driver needs only the test split.
     manifest, splits = load_splits(run, data.SPLITS if cfg.ray.workers == 0 else ("test",))
     stage = cfg.stage_for(which)

@@ -85,6 +85,7 @@ class Controller:
     min_samples: int = 8
     level: int = 0
     changed_at: float = -math.inf
+    went_down: bool = False   # the last change was a step down
     samples: deque = field(default_factory=deque)       # (t, model, latency_ms)
     waiting: dict = field(default_factory=dict)         # model -> (t, age of its oldest unanswered request, ms)
     capacity: dict = field(default_factory=dict)        # rung -> (requests/s, replicas, when)
@@ -121,7 +122,7 @@ class Controller:
         while self.samples and self.samples[0][0] < now - max(self.window_s, 10.0):
             self.samples.popleft()
         since = now - self.changed_at
-        if self.level > 0 and since < self.hold_s and self.capacity.get(self.level - 1, (0, 0, -1))[2] == self.changed_at:
+        if self.went_down and since < self.hold_s:
             # Just stepped down: the rung above failed at the load arriving now, which a sudden
             # rise shows only after the step (the window still averages in the calm before).
             rate, then, when = self.capacity[self.level - 1]
@@ -145,7 +146,7 @@ class Controller:
 
     def _move(self, step: int, now: float) -> None:
         self.level += step
-        self.changed_at = now
+        self.changed_at, self.went_down = now, step > 0
         self.history.append((round(now, 3), self.names[self.level]))
         del self.history[:-100]
 

@@ -11,12 +11,11 @@ that report, updates the controller and returns the new decision.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import torch
@@ -44,10 +43,7 @@ class AutoState:
         self.replicas = {r: v for r, v in self.replicas.items() if now - v[0] < 4 * SYNC_S + 1} | {replica: (now, inflight)}
         self.controller.observe(samples, oldest_ms, now)
         model = self.controller.update(now, replicas=len(self.replicas))
-        ongoing = defaultdict(int)
-        for _, counts in self.replicas.values():
-            for name, n in counts.items():
-                ongoing[name] += n
+        ongoing = sum((Counter(counts) for _, counts in self.replicas.values()), Counter())
         return {"model": model, "p95_ms": {n: self.controller.p95(n, now) for n in self.controller.names},
                 "replicas": len(self.replicas), "ongoing": dict(ongoing)}
 
@@ -63,7 +59,6 @@ class Router:
         self.state, self.id = state, uuid.uuid4().hex[:8]
         self.decision: dict = {}
         self.samples: list[tuple[float, str, float]] = []
-        self.inflight: dict[str, int] = defaultdict(int)
         self.started: dict[int, tuple[str, float]] = {}  # request -> (model, perf_counter at arrival)
         self._ids = itertools.count()
         self._task: asyncio.Task | None = None
@@ -76,13 +71,11 @@ class Router:
         if self._task is None and self.state is not None:
             self._task = asyncio.get_running_loop().create_task(self._sync())
         pick = adapt.choose(self.rungs, self.decision, *auto_targets(parameters))
-        self.inflight[pick.name] += 1
         key = next(self._ids)
         self.started[key] = (pick.name, arrived)
         try:
             logits, together = await forward(pick)
         finally:
-            self.inflight[pick.name] -= 1
             self.started.pop(key, None)
         ms = 1e3 * (time.perf_counter() - arrived)
         self.samples.append((time.time(), pick.name, ms))
@@ -97,9 +90,9 @@ class Router:
             now, oldest = time.perf_counter(), {}
             for model, arrived in self.started.values():
                 oldest[model] = max(oldest.get(model, 0.0), 1e3 * (now - arrived))
+            inflight = Counter(model for model, _ in self.started.values())
             try:
-                self.decision = await self.state.report.remote(self.id, samples, dict(self.inflight), oldest)
+                self.decision = await self.state.report.remote(self.id, samples, dict(inflight), oldest)
             except Exception as e:  # noqa: BLE001 - keep answering with the last decision
                 log.warning("auto: no report to %s (%s: %s); keeping the last decision", STATE, type(e).__name__, e)
-                with contextlib.suppress(Exception):
-                    await asyncio.sleep(1.0)
+                await asyncio.sleep(1.0)
