@@ -71,6 +71,9 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
+WAITING_S = 0.3  # a replica's report of its waiting requests counts this long (it reports every 0.1 s)
+
+
 @dataclass
 class Controller:
     names: list[str]          # the ladder, most accurate first
@@ -87,7 +90,7 @@ class Controller:
     changed_at: float = -math.inf
     went_down: bool = False   # the last change was a step down
     samples: deque = field(default_factory=deque)       # (t, model, latency_ms)
-    waiting: dict = field(default_factory=dict)         # model -> (t, age of its oldest unanswered request, ms)
+    waiting: deque = field(default_factory=deque)       # (t, model, age of its oldest unanswered request in ms)
     capacity: dict = field(default_factory=dict)        # rung -> (requests/s, replicas, when)
     history: list = field(default_factory=list)         # (t, model chosen)
 
@@ -96,17 +99,14 @@ class Controller:
         """Answered requests (t, model, latency_ms), and the age of each model's oldest request
         still unanswered (the leading signal: a queue shows there before any slow answer)."""
         self.samples.extend(samples)
-        for model, age in (oldest_ms or {}).items():
-            t, known = self.waiting.get(model, (None, 0.0))
-            self.waiting[model] = (now, max(age, known) if t == now else age)
+        self.waiting.extend((now, model, age) for model, age in (oldest_ms or {}).items())
 
     def pressure(self, model: str, now: float) -> float | None:
-        """The p95 of recent answers, or the age of the oldest unanswered request if longer."""
+        """The p95 of recent answers, or the age of the oldest request still unanswered in any
+        replica's last report (within `WAITING_S`) if that is longer."""
         p95 = self.p95(model, now)
-        t, age = self.waiting.get(model, (None, 0.0))
-        if t is None or now - t > 1.0:
-            return p95
-        return max(p95 or 0.0, age) if (p95 is not None or age > 0) else None
+        ages = [age for t, m, age in self.waiting if m == model and now - t <= WAITING_S]
+        return max([p95 or 0.0, *ages]) if (p95 is not None or ages) else None
 
     def p95(self, model: str, now: float) -> float | None:
         values = [ms for t, m, ms in self.samples if m == model and t >= now - self.window_s]
@@ -121,6 +121,8 @@ class Controller:
         """Decide the rung for the default objective at time `now`; return its model."""
         while self.samples and self.samples[0][0] < now - max(self.window_s, 10.0):
             self.samples.popleft()
+        while self.waiting and self.waiting[0][0] < now - WAITING_S:
+            self.waiting.popleft()
         since = now - self.changed_at
         if self.went_down and since < self.hold_s:
             # Just stepped down: the rung above failed at the load arriving now, which a sudden

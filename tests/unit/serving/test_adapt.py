@@ -92,3 +92,11 @@ def test_a_queue_steps_down_before_any_slow_answer_arrives():
     _load(c2, 0.0, 3.0, 50, {"teacher": 20.0, "student": 10.0})
     c2.observe([], {"teacher": 30.0}, now=3.0)
     assert c2.update(3.0) == "teacher"
+
+
+def test_a_queue_in_any_replica_counts_until_its_report_is_stale():
+    c = Controller(["teacher", "student"], slo_ms=100.0)
+    c.observe([], {"teacher": 80.0}, now=1.00)  # replica 1: a request waiting 80 ms
+    c.observe([], {}, now=1.05)                 # replica 2: nothing waiting
+    assert c.pressure("teacher", 1.1) == 80.0
+    assert c.pressure("teacher", 1.5) is None   # replica 1's report is 0.5 s old: stale
