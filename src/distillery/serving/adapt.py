@@ -119,7 +119,7 @@ class Controller:
 
     def update(self, now: float, replicas: int = 1) -> str:
         """Decide the rung for the default objective at time `now`; return its model."""
-        while self.samples and self.samples[0][0] < now - max(self.window_s, 10.0):
+        while self.samples and self.samples[0][0] < now - self.window_s:
             self.samples.popleft()
         while self.waiting and self.waiting[0][0] < now - WAITING_S:
             self.waiting.popleft()
