@@ -190,13 +190,13 @@ def test_a_tampered_artifact_is_refused_before_and_inside_a_replica(server, tmp_
     _, run_dir, cfg = server
     copy = tmp_path / "tiny"
     shutil.copytree(run_dir, copy)
-    model = catalog(copy)[0]
+    model = catalog(copy, ["student"])[0]  # a model folder of its own (a served cascade's weights are its members')
     weights = Path(model.folder) / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-1] ^= 0xFF
     weights.write_bytes(bytes(raw))
     with pytest.raises(UserError, match=f"{weights}: sha256 mismatch"):
-        deployments.applications(str(copy), cfg, KEY)
+        deployments.applications(str(copy), cfg.model_copy(update={"models": ["student"]}), KEY)
     # A replica verifies again: deployed around the driver-side check, it never serves.
     args = deployments.AppArgs(kind="model", run_dir=str(copy), models=[model.name], settings=cfg.model_dump())
     with pytest.raises(Exception, match="Deploying application tampered failed"):

@@ -27,6 +27,7 @@ from distillery.serving.predictor import ServedModel
 from distillery.serving.protocol import auto_targets
 
 STATE = "AutoState"
+QUEUE = 2  # requests in flight on a model before the oldest one's age counts as a queue
 SYNC_S = 0.1  # a report costs ~3 ms of CPU; a queue can grow by a tenth of a second of load meanwhile
 log = logging.getLogger("ray.serve")
 
@@ -88,9 +89,10 @@ class Router:
             await asyncio.sleep(SYNC_S)
             samples, self.samples = self.samples, []
             now, oldest = time.perf_counter(), {}
-            for model, arrived in self.started.values():
-                oldest[model] = max(oldest.get(model, 0.0), 1e3 * (now - arrived))
             inflight = Counter(model for model, _ in self.started.values())
+            for model, arrived in self.started.values():
+                if inflight[model] >= QUEUE:  # one slow request (a cold start) is not a queue
+                    oldest[model] = max(oldest.get(model, 0.0), 1e3 * (now - arrived))
             try:
                 self.decision = await self.state.report.remote(self.id, samples, dict(inflight), oldest)
             except Exception as e:  # noqa: BLE001 - keep answering with the last decision
