@@ -30,10 +30,6 @@ from distillery.loadtest.run import held_out_images  # noqa: E402
 from distillery.serving.predictor import catalog  # noqa: E402
 
 
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f}"
-
-
 def serve(run_dir: Path, slo_ms: float, max_replicas: int) -> str:
     import ray
 
@@ -72,7 +68,7 @@ def main() -> None:
             (auto["low_load_share_top"] or 0) >= 0.9
         verdicts.append(met)
         for r in doc["runs"].values():
-            rows.append([i + 1, r["model"], _ms(r["p50_ms"]), _ms(r["p99_ms"]), sum(r["errors"].values()),
+            rows.append([i + 1, r["model"], adaptive.ms_text(r["p50_ms"]), adaptive.ms_text(r["p99_ms"]), sum(r["errors"].values()),
                          f"{r['seconds_within_slo']:.0%}", "-" if r["low_load_share_top"] is None
                          else f"{r['low_load_share_top']:.0%}",
                          ", ".join(f"{m} {n}" for m, n in sorted(r["variants"].items(), key=lambda kv: -kv[1]))])

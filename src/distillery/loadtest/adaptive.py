@@ -87,12 +87,13 @@ def markdown_lines(doc: dict | None) -> list[str]:
     for r in doc["runs"].values():
         share = "-" if r["low_load_share_top"] is None else f"{r['low_load_share_top']:.0%}"
         by = ", ".join(f"{m} {n}" for m, n in sorted(r["variants"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {r['model']} | {_ms(r['p50_ms'])} | {_ms(r['p99_ms'])} | {r['errors'] or '-'} | "
+        lines.append(f"| {r['model']} | {ms_text(r['p50_ms'])} | {ms_text(r['p99_ms'])} | {r['errors'] or '-'} | "
                      f"{r['seconds_within_slo']:.0%} | {by} | {share} |")
     return lines
 
 
-def _ms(v: float | None) -> str:
+def ms_text(v: float | None) -> str:
+    """A latency for a table: one decimal, '-' when there is none."""
     return "-" if v is None else f"{v:.1f}"
 
 

@@ -218,8 +218,7 @@ def _requests_csv(sweeps: list[dict], scaling: dict | None) -> bytes:
     return out.getvalue().encode()
 
 
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f}"
+_ms = adaptive.ms_text
 
 
 def markdown(doc: dict) -> str:
