@@ -40,7 +40,10 @@ def test_run_writes_a_verified_run_directory(tmp_path, capsys):
     assert results["models"]["teacher"]["macs"] > results["models"]["student"]["macs"]
     assert set(results["distillation"]) == {"gain", "gap", "gap_closed"}
     out = capsys.readouterr().out
-    assert "[teacher] epoch 2/2" in out and "samples/s" in out and f"run directory: {root}" in out
+    assert f"run directory: {root}" in out and "[teacher] test accuracy" in out
+    # Every epoch is in the run's log, not on the console (--verbose brings them back).
+    log = (root / "logs" / "run.log").read_text()
+    assert "[teacher] epoch 2/2" in log and "samples/s" in log and "epoch 2/2" not in out
 
 
 def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):

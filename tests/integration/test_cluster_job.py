@@ -128,6 +128,27 @@ def submitted(cluster, tmp_path_factory):
     return cluster, bucket, args, cache, result
 
 
+MAX_CONSOLE_LINES = 80
+
+
+def driver_output(stdout: str) -> str:
+    """What the job's driver printed: `ray job submit` frames it with lines of its own."""
+    body = stdout.split("Tailing logs until the job exits (disable with --no-wait):", 1)[1]
+    return body[:body.rindex("Job '")].rstrip().rstrip("-")
+
+
+def test_a_successful_run_prints_a_short_console_without_warnings_or_tracebacks(submitted):
+    """The pipeline's console on a non-interactive stdout, as `ray job submit` shows it: at most
+    MAX_CONSOLE_LINES lines, no traceback, no warning; every epoch is in the run's log instead."""
+    _, _, _, driver_cache, result = submitted
+    lines = [line for line in driver_output(result.stdout).splitlines() if line.strip()]
+    assert 10 < len(lines) <= MAX_CONSOLE_LINES, "\n".join(lines)
+    noisy = [line for line in lines if any(word in line for word in ("Traceback", "WARNING", "Warning", "ERROR", " E "))]
+    assert not noisy, noisy
+    assert not [line for line in lines if "epoch 1/2" in line]
+    assert "[teacher] epoch 2/2" in next(driver_cache.rglob("logs/run.log")).read_text()
+
+
 def _get(rel: str) -> bytes:
     import boto3
 
@@ -142,9 +163,10 @@ def test_pipeline_job_runs_on_the_cluster_through_the_bucket_and_keeps_serving(s
 
     (_, _, _, _, node_cache), bucket, _, driver_cache, result = submitted
     assert "succeeded" in result.stdout
-    assert "ingress: Ray Serve's Python proxy" in result.stdout  # and the job says how to get HAProxy
-    assert f"run directory: {bucket}/runs/tiny (this node's copy: {driver_cache}" in result.stdout
-    assert f"serving http://127.0.0.1:{SERVE_PORT}/v2" in result.stdout
+    driver = driver_output(result.stdout)
+    assert "ingress: Ray Serve's Python proxy" in driver  # and the job says how to get HAProxy
+    assert f"run directory: {bucket}/runs/tiny (this node's copy: {driver_cache}" in driver
+    assert f"serving http://127.0.0.1:{SERVE_PORT}/v2" in driver
     manifest = json.loads(_get("manifest.json"))
     assert all(s["status"] == "done" for s in manifest["stages"].values()) and "teacher_logits" in manifest["stages"]
     assert manifest["stages"]["teacher"]["metrics"]["workers"] == 2  # Ray Train on the cluster

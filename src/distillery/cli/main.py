@@ -7,8 +7,10 @@ and exit code 2; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from distillery import console
 from distillery.config import DATA_SOURCES, load_config
 from distillery.errors import TrainingFailed, UserError
 from distillery.roles import TRAINED
@@ -19,6 +21,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set teacher.train.epochs=5 (repeatable)")
     p.add_argument("--force", action="store_true", help="redo the stages even if their outputs exist and verify")
+    p.add_argument("--verbose", "-v", action="store_true", help="also print every epoch, variant and load-test "
+                   "phase, and Ray's and Serve's own log lines (always in the run's logs/run.log)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,18 +111,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.configure(verbose=getattr(args, "verbose", False))
     try:
         _dispatch(args)
     except UserError as e:
-        print(f"distillery: error: {e}", file=sys.stderr)
+        print(f"distillery: error: {e}{_where_logged()}", file=sys.stderr)
         return 2
     except TrainingFailed as e:
-        print(f"distillery: training failed: {e}", file=sys.stderr)
+        print(f"distillery: training failed: {e}{_where_logged()}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in the run's log
+        if console.log_file() is None:
+            raise
+        console.LOGGER.exception("failed")
+        print(f"distillery: failed: {type(e).__name__}: {e}{_where_logged()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("distillery: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _ask_for_token_auth(address: str | None) -> None:
+    """A local Ray instance with token authentication asked for, as Ray 2.60 would turn it on
+    by default anyway, but without its console warning that it did. Only before Ray is
+    imported: it reads the mode once."""
+    if not (address or os.environ.get("RAY_ADDRESS")) and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def _where_logged() -> str:
+    path = console.log_file()
+    return f" (full log: {path})" if path else ""
 
 
 def _dispatch(args: argparse.Namespace) -> None:
@@ -133,7 +157,8 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "data":
         overrides += [f"data.source={args.source}"] + ([f"data.path={args.path}"] if args.path else [])
     cfg = load_config(args.config, overrides)
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    _ask_for_token_auth(cfg.ray.address)
+    log = console.say
     if args.command == "data":
         stages = ["data"]
     elif args.command == "train":

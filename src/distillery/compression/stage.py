@@ -12,11 +12,12 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from distillery import console
 from distillery.compression import cascade, prune, store
 from distillery.compression.recipe import VariantConfig
 from distillery.compression.steps import HANDLERS, Built, Context, Log, Work, accuracy, apply_steps
@@ -36,9 +37,12 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     teacher = frozen_teacher(run.verify_file("teacher/arch.json").parent, torch.device("cpu"))
     ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher,
                   record["fingerprint"], record["attempt"])
-    built = {v.name: build(ctx, v) for v in cfg.compress.variants}
+    variants = cfg.compress.variants
+    with console.progress("[compress] building", len(variants), "variants") as advance:
+        built = {v.name: _built(build(ctx, v), advance, v.name) for v in variants}
     settings = timing.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
-    records = measure_all(ctx, settings, built)
+    with console.progress("[compress] scoring and timing", len(SHOWN) + len(variants), "models") as advance:
+        records = measure_all(ctx, settings, built, advance)
     margin = cfg.compress.speedup_margin
     for rec in records.values():  # a cascade must beat its larger model, which it stands in for
         parent = records.get(rec.get("compared_with") or rec["parent"]) if rec["parent"] else None
@@ -56,7 +60,13 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     return files, {"variants": len(built), "recommended": best["name"] if best else None, "floor": floor}
 
 
-def measure_all(ctx: Context, settings: timing.BenchSettings, built: dict[str, Built]) -> dict[str, dict[str, Any]]:
+def _built(b: Built, advance: Callable[..., None], name: str) -> Built:
+    advance(1, note=name)
+    return b
+
+
+def measure_all(ctx: Context, settings: timing.BenchSettings, built: dict[str, Built],
+                advance: Callable[..., None] = lambda *a, **k: None) -> dict[str, dict[str, Any]]:
     """The trained models and every variant as reloaded from disk, scored and timed. Timed only
     once everything is built, one after another: no training in between competes for the
     cores, and a parent and its child are measured minutes apart at most."""
@@ -66,15 +76,17 @@ def measure_all(ctx: Context, settings: timing.BenchSettings, built: dict[str, B
         size = (ctx.run.root / name / arch["weights"]).stat().st_size
         records[name] = {**measure(ctx, settings, name, name, PARENT[name], name, model, model, size),
                          "numerics": "fp32"}
+        advance(1, note=name)
     for v in ctx.cfg.compress.variants:
         b = built[v.name]
         model, _ = store.load_variant(b.files[-1].parent)  # score what is on disk
         if v.cascade_to():
             records[v.name] = measure_cascade(ctx, settings, v, model, records) | {"steps": b.details}
-            continue
-        rec = measure(ctx, settings, v.name, VARIANT, v.parent, v.describe(), model, b.fp32,
-                      b.files[0].stat().st_size, int8=v.steps[-1].kind == "int8_static")
-        records[v.name] = {**rec, "steps": b.details, "numerics": v.numerics() or records[v.parent]["numerics"]}
+        else:
+            rec = measure(ctx, settings, v.name, VARIANT, v.parent, v.describe(), model, b.fp32,
+                          b.files[0].stat().st_size, int8=v.steps[-1].kind == "int8_static")
+            records[v.name] = {**rec, "steps": b.details, "numerics": v.numerics() or records[v.parent]["numerics"]}
+        advance(1, note=v.name)
     return records
 
 
@@ -92,7 +104,7 @@ def measure_cascade(ctx: Context, settings: timing.BenchSettings, v: VariantConf
                   small["size_bytes"] + large["size_bytes"], macs=macs, params=small["params"] + large["params"],
                   # compiled, every escalated count is a new shape for the large model: a recompile each
                   modes=[m for m in ctx.cfg.compress.bench.modes if m != "compile"] or ["eager"])
-    ctx.log(f"[compress] {v.name}: escalates {escalation:.1%} of test images to {v.cascade_to()}")
+    console.detail(f"[compress] {v.name}: escalates {escalation:.1%} of test images to {v.cascade_to()}")
     return {**rec, "compared_with": v.cascade_to(), "test_escalation": escalation,
             "numerics": f"cascade({small['numerics']}, {large['numerics']})"}
 
@@ -139,7 +151,7 @@ def build(ctx: Context, v: VariantConfig) -> Built:
     parent, spec = _parent(ctx, v.parent)
     work = Work(v.name, v.parent, ctx.run.root / "variants" / v.name, spec, prune.layer_shapes(build_model(spec)),
                 copy.deepcopy(parent))
-    ctx.log(f"[compress] {v.name}: {v.describe()}")
+    console.detail(f"[compress] {v.name}: {v.describe()}")
     files = apply_steps(ctx, work, v.steps)
     recipe = work.folder / "recipe.json"  # how the weights beside it were made
     atomic_write_json(recipe, v.model_dump(mode="json"))
@@ -168,7 +180,7 @@ def measure(ctx: Context, settings: timing.BenchSettings, name: str, role: str, 
     acc = {f"{split}_accuracy": accuracy(model, ctx.splits[split]) for split in ("val", "test")}
     speed = timing.measure(model, ctx.in_shape, macs, settings, modes or ctx.cfg.compress.bench.modes, int8=int8,
                            images=ctx.splits["test"][0])
-    ctx.log(f"[compress] {name}: test {acc['test_accuracy']:.2%}, served {speed['best_mode']}: "
+    console.detail(f"[compress] {name}: test {acc['test_accuracy']:.2%}, served {speed['best_mode']}: "
             f"p50 {speed['p50_ms']:.3f} ms at batch 1, {speed['throughput']:,.0f} images/s at batch {settings.throughput_batch}")
     return {"name": name, "role": role, "parent": parent, "recipe": recipe, **acc, "test_images": len(ctx.splits["test"][1]),
             "params": count_params(fp32) if params is None else params,

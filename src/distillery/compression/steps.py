@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from distillery import console
 from distillery.compression import cascade, prune, quantize, store
 from distillery.compression.recipe import (Cascade, Finetune, Int8Dynamic, Int8Static, PruneChannels,
                                            PruneUnstructured, StepConfig, WeightOnly)
@@ -29,7 +30,7 @@ from distillery.models.architectures import build_model, count_macs
 from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir
 from distillery.training.job import TrainJob
-from distillery.training.loop import batches, evaluate, fit, progress_line
+from distillery.training.loop import batches, epoch_lines, evaluate, fit, progress_line
 from distillery.training.objective import objective
 
 Log = Callable[[str], None]
@@ -150,7 +151,7 @@ def _cascade(ctx: Context, work: Work, step: Cascade) -> list[Path]:
     conf, small_ok, large_ok = cascade.outcomes(work.model, large, *ctx.splits["val"], step.confidence)
     target = step.target_accuracy if step.target_accuracy is not None else float(large_ok.float().mean())
     chosen = cascade.choose_threshold(conf, small_ok, large_ok, target)
-    ctx.log(f"[compress] {work.name}: threshold {chosen['threshold']:.4f} ({step.confidence}) escalates "
+    console.detail(f"[compress] {work.name}: threshold {chosen['threshold']:.4f} ({step.confidence}) escalates "
             f"{chosen['escalation']:.1%} of validation images to {step.to}: val accuracy {chosen['accuracy']:.2%} "
             f"(target {target:.2%}{'' if chosen['reached'] else ', not reached'})")
     work.details.append({"kind": step.kind, "to": step.to, "confidence": step.confidence, "target_accuracy": target,
@@ -192,7 +193,9 @@ def finetune(ctx: Context, name: str, model: nn.Module, spec: dict, step: Finetu
     job = TrainJob(which=f"finetune:{name}", spec=spec, train=tcfg, image_shape=ctx.in_shape,
                    train_rows=len(ctx.splits["train"][0]), init_dir=str(init.relative_to(ctx.run.root)),
                    teacher_dir="teacher" if step.distill else None, hints=False, prune=gradual)
-    state, _ = fit_on_ray(job, ctx.cfg, ctx.run, name=f"finetune-{name}-{ctx.fingerprint}-{ctx.attempt}")
+    with console.progress(f"[compress] fine-tuning {name}", tcfg.epochs, "epochs") as advance:
+        state, _ = fit_on_ray(job, ctx.cfg, ctx.run, name=f"finetune-{name}-{ctx.fingerprint}-{ctx.attempt}",
+                              on_epoch=epoch_lines(f"finetune:{name}", tcfg.epochs, advance))
     model.load_state_dict(state)
     return model.eval()
 
@@ -203,7 +206,7 @@ def _finetune_here(ctx: Context, name: str, model: nn.Module, tcfg: TrainConfig,
     goal = objective(model, tcfg, ctx.cfg.distill, teacher=ctx.teacher if step.distill else None, hints=False)
     fit(model, ctx.splits["train"], ctx.splits["val"], tcfg, seed=ctx.cfg.seed, loss_fn=goal.loss_fn,
         make_target=goal.make_target,
-        on_epoch=lambda m: ctx.log(progress_line(f"finetune:{name}", tcfg.epochs, m)),
+        on_epoch=lambda m: console.detail(progress_line(f"finetune:{name}", tcfg.epochs, m)),
         on_epoch_start=sparsity.start_epoch if sparsity else lambda epoch: None,
         after_step=sparsity.after_step if sparsity else None)
     return model.eval()
@@ -238,11 +241,11 @@ def _qat(ctx: Context, model: nn.Module, step: Int8Static) -> tuple[nn.Module, t
     fp32 = copy.deepcopy(model)
     prepared = quantize.prepare(copy.deepcopy(model), ctx.in_shape, qat=True)
     tcfg = TrainConfig(epochs=step.qat_epochs, lr=step.qat_lr, schedule="cosine", augment=False)
-    ctx.log("[compress] post-training int8 lost more than allowed: quantization-aware training")
+    console.detail("[compress] post-training int8 lost more than allowed: quantization-aware training")
     goal = objective(prepared, tcfg, ctx.cfg.distill, teacher=ctx.teacher, hints=False)
     fit(prepared, ctx.splits["train"], ctx.splits["val"], tcfg, seed=ctx.cfg.seed, loss_fn=goal.loss_fn,
         make_target=goal.make_target,
-        on_epoch=lambda m: ctx.log(progress_line("qat", tcfg.epochs, m)))
+        on_epoch=lambda m: console.detail(progress_line("qat", tcfg.epochs, m)))
     trained = prepared.state_dict()
     fp32.load_state_dict({k: trained[k] for k in fp32.state_dict()})
     return fp32, prepared

@@ -23,15 +23,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from importlib import metadata as package_metadata
+from types import ModuleType
+
 import numpy as np
 import torch
-import torchao
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict, unflatten_tensor_state_dict
 
-from distillery.compression import quantize
 from distillery.compression.cascade import Cascade
 from distillery.compression.prune import layer_shapes, resize
 from distillery.compression.recipe import Int8Dynamic, WeightOnly
@@ -61,6 +61,8 @@ def save_dense(folder: Path, model: nn.Module, spec: dict, base_shapes: dict) ->
 
 
 def save_torchao(folder: Path, model: nn.Module, spec: dict, base_shapes: dict, step) -> list[Path]:
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
     tensors, metadata = flatten_tensor_state_dict(model.state_dict())
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     return _write(folder, tensors, {"format": "torchao", "quant": step.model_dump(), **_layers(model, spec, base_shapes)},
@@ -71,14 +73,14 @@ def save_pt2e(folder: Path, fp32: nn.Module, prepared: torch.fx.GraphModule, spe
               qat: bool) -> list[Path]:
     """`fp32`: the float model as exported (after QAT: with the trained weights); `prepared`:
     its calibrated (or QAT-trained) prepared graph."""
-    qparams = quantize.record_qparams(prepared)
+    qparams = _quantize().record_qparams(prepared)
     tensors = {k: v.detach().contiguous().clone() for k, v in fp32.state_dict().items()}
     int8 = {}
-    for param, obs in quantize.weight_observers(prepared).items():
+    for param, obs in _quantize().weight_observers(prepared).items():
         # A weight the quantizer changed first (batch norm folded in) stays fp32: its int8
         # form would not be the weight this model loads.
         if param in tensors and torch.equal(prepared.get_parameter(param).detach(), tensors[param]):
-            tensors[param] = quantize.int8_weight(tensors[param], qparams[obs])
+            tensors[param] = _quantize().int8_weight(tensors[param], qparams[obs])
             int8[param] = obs
     for name, q in qparams.items():
         tensors[f"{QPARAMS}{name}.scale"], tensors[f"{QPARAMS}{name}.zero_point"] = q["scale"], q["zero_point"]
@@ -144,10 +146,18 @@ def _unsparse(mask: torch.Tensor, values: torch.Tensor, shape: list[int]) -> tor
 
 
 def _torchao_version() -> str:
-    return torchao.__version__
+    return package_metadata.version("torchao")
 
 
 # ---------------------------------------------------------------- load
+
+
+def _quantize() -> ModuleType:
+    """`compression.quantize`, and torchao with it: seconds of import (2.7 s here) that a
+    replica serving a float model or a cascade of float models never needs."""
+    from distillery.compression import quantize
+
+    return quantize
 
 
 def load_variant(folder: str | Path) -> tuple[nn.Module, dict]:
@@ -202,7 +212,9 @@ def _dense_state(tensors: dict[str, torch.Tensor], sparse: dict[str, list[int]])
 
 def _load_torchao(model: nn.Module, tensors: dict, metadata: dict, quant: dict) -> nn.Module:
     step = TORCHAO_STEPS[quant["kind"]].model_validate(quant)
-    quantize.apply_torchao(model, step)  # the same tensor classes, then the saved data into them
+    _quantize().apply_torchao(model, step)  # the same tensor classes, then the saved data into them
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
     state, leftover = unflatten_tensor_state_dict(tensors, metadata)
     if leftover:
         raise UserError(f"unexpected tensors {sorted(leftover)[:3]} in a torchao variant")
@@ -216,8 +228,8 @@ def _load_pt2e(model: nn.Module, tensors: dict, quant: dict, in_shape: list[int]
                for name, attrs in quant["observers"].items()}
     state = {k: v for k, v in tensors.items() if not k.startswith(QPARAMS)}
     for param, obs in quant["int8_weights"].items():
-        state[param] = quantize.dequantized_weight(state[param], qparams[obs])
+        state[param] = _quantize().dequantized_weight(state[param], qparams[obs])
     model.load_state_dict(state, strict=True)
-    prepared = quantize.freeze(quantize.prepare(model, in_shape, qat=quant["qat"]), qparams)
-    return quantize.convert(prepared)
+    prepared = _quantize().freeze(_quantize().prepare(model, in_shape, qat=quant["qat"]), qparams)
+    return _quantize().convert(prepared)
 

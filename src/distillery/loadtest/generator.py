@@ -36,8 +36,19 @@ class Sample:
     scheduled: float     # s since the run started: when the request was due
     sent: float          # when it actually left
     latency_ms: float    # from `scheduled` to the full answer
-    status: int          # HTTP status; 0 when the connection failed
+    status: int          # HTTP status; CONNECTION_FAILED or TIMED_OUT when there was none
     variant: str | None  # parameters.variant of a 200 answer
+
+
+CONNECTION_FAILED, TIMED_OUT = 0, -1  # a request without an HTTP status
+LOST_KINDS = {str(CONNECTION_FAILED): "connection failed", str(TIMED_OUT): "no answer in time (client timeout)",
+              "408": "server's request timeout", "500": "server error"}
+
+
+def lost_by_kind(errors: dict[str, int]) -> dict[str, int]:
+    """{what went wrong: count} for the requests lost, from {status: count} of everything but
+    200: a 503 is a request refused under overload (backpressure), not lost."""
+    return {LOST_KINDS.get(code, f"HTTP {code}"): n for code, n in sorted(errors.items()) if code != "503" and n}
 
 
 def infer_body(x: list[float], shape: list[int], **parameters: Any) -> bytes:
@@ -52,8 +63,10 @@ async def _send(session: aiohttp.ClientSession, url: str, body: bytes, headers: 
         async with session.post(url, data=body, headers=headers) as response:
             payload = await response.read()
             status = response.status
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        payload, status = b"", 0
+    except asyncio.TimeoutError:
+        payload, status = b"", TIMED_OUT
+    except aiohttp.ClientError:
+        payload, status = b"", CONNECTION_FAILED
     latency = 1e3 * (time.perf_counter() - t0 - scheduled)
     variant = None
     if status == 200:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import ray
 from ray import serve
 
-from distillery import data
+from distillery import console, data
 from distillery.config import LoadTestConfig
 from distillery.files import atomic_write_bytes, atomic_write_json, read_json
 from distillery.loadtest import adaptive, generator
@@ -114,7 +114,8 @@ def scaling_summary(samples: list[generator.Sample], replicas: list[tuple[float,
             "requests": len(samples), "ok": sum(s.status == 200 for s in samples),
             "rejected_503": sum(s.status == 503 for s in samples),
             "rejected_503_once_scaled": sum(s.status == 503 and up is not None and s.sent >= up for s in samples),
-            "lost": sum(s.status not in (200, 503) for s in samples)}
+            "lost": sum(s.status not in (200, 503) for s in samples),
+            "lost_by_kind": generator.lost_by_kind(dict(Counter(str(s.status) for s in samples if s.status != 200)))}
 
 
 def held_out_images(location: str | Path) -> tuple[Any, Any]:
@@ -138,21 +139,37 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
     x = test_images[:lcfg.images]
     body = generator.infer_body(x.reshape(-1).tolist(), list(x.shape))
     scaling, sweeps = None, []
-    if lcfg.ramp:
-        model = lcfg.ramp_model or max(served, key=lambda m: m.p50_ms).name
-        scaling = calibrated_ramp(base_url, test_images, model, lcfg, headers, log)
-    for model in models if lcfg.concurrency else []:
-        log(f"[loadtest] {model}: closed loop at concurrency {lcfg.concurrency}, {lcfg.duration_s:g} s each")
-        sweeps += sweep(base_url, model, body, lcfg.concurrency, lcfg.duration_s, headers)
-    extra = {"frontier": serving_frontier(sweeps, served, lcfg.p99_target_ms),
-             "overhead": in_process_rates(served, x, lcfg.duration_s)} if sweeps else {}
-    if lcfg.adaptive and "auto" in models:
-        extra["adaptive"] = adaptive.scenario(base_url, served, test_images[:lcfg.ramp_images], lcfg.adaptive,
-                                              slo_ms or lcfg.p99_target_ms, headers, log)
+    phases = planned_seconds(lcfg, models)
+    with console.progress("[loadtest]", sum(phases.values()), "s of load") as advance:
+        if lcfg.ramp:
+            model = lcfg.ramp_model or max(served, key=lambda m: m.p50_ms).name
+            scaling = calibrated_ramp(base_url, test_images, model, lcfg, headers, log)
+            advance(phases["ramp"], note="autoscaling ramp")
+        for model in models if lcfg.concurrency else []:
+            log(f"[loadtest] {model}: closed loop at concurrency {lcfg.concurrency}, {lcfg.duration_s:g} s each")
+            sweeps += sweep(base_url, model, body, lcfg.concurrency, lcfg.duration_s, headers)
+            advance(phases["sweeps"] / len(models), note=f"{model} swept")
+        extra = {"frontier": serving_frontier(sweeps, served, lcfg.p99_target_ms),
+                 "overhead": in_process_rates(served, x, lcfg.duration_s)} if sweeps else {}
+        if lcfg.adaptive and "auto" in models:
+            extra["adaptive"] = adaptive.scenario(base_url, served, test_images[:lcfg.ramp_images], lcfg.adaptive,
+                                                  slo_ms or lcfg.p99_target_ms, headers, log)
     if tuning is not None:
         extra["tuning"] = tuning(body, max(lcfg.concurrency or [32]))
     extra["ingress"] = ingress.current()
     return write_report(out, sweeps, scaling, timing.machine_info(), extra)
+
+
+def lost_text(kinds: dict[str, int] | None) -> str:
+    """' (3 connection failed, 1 500 (server error))', or '' when nothing was lost."""
+    return f" ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})" if kinds else ""
+
+
+def planned_seconds(lcfg: LoadTestConfig, models: list[str]) -> dict[str, float]:
+    """Seconds of load each phase sends (probes and warm-ups included), for the progress shown."""
+    adaptive_s = 2 * 3.0 + 3 * (1.0 + sum(d for d, _ in lcfg.adaptive)) if lcfg.adaptive and "auto" in models else 0.0
+    return {"ramp": 3.0 + sum(d for d, _ in lcfg.ramp) if lcfg.ramp else 0.0,
+            "sweeps": len(models) * len(lcfg.concurrency) * lcfg.duration_s, "adaptive": adaptive_s}
 
 
 def summary(report_json: Path) -> dict[str, Any]:
@@ -165,9 +182,10 @@ def summary(report_json: Path) -> dict[str, Any]:
     errors = Counter()  # sweeps: by status; the ramp counts its own
     for r in doc["sweeps"]:
         errors.update(r["errors"])
+    lost = Counter(generator.lost_by_kind(dict(errors))) + Counter(s.get("lost_by_kind") or {})
     return {"peak_requests_per_s": best, "requests": sum(r["requests"] for r in doc["sweeps"]) + s.get("requests", 0),
             "rejected_503": errors["503"] + s.get("rejected_503", 0),
-            "lost": sum(n for code, n in errors.items() if code != "503") + s.get("lost", 0),
+            "lost": sum(n for code, n in errors.items() if code != "503") + s.get("lost", 0), "lost_by_kind": dict(lost),
             **{k: s.get(k) for k in ("initial_replicas", "peak_replicas", "scaled_up_at_s", "scaled_down_at_s")}}
 
 
@@ -229,6 +247,8 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['model']} | {r['concurrency']} | {r['throughput']:.1f} | {_ms(r['p50_ms'])} | "
                      f"{_ms(r['p95_ms'])} | {_ms(r['p99_ms'])} | {r['errors'] or '-'} | "
                      f"{max(counts) if counts else '-'} | {r['generator_cpu']:.0%} |")
+    lines.append("\nErrors by HTTP status: 503 is a request refused under overload (backpressure); every other "
+                 "one is lost: " + ", ".join(f"{code} {kind}" for code, kind in generator.LOST_KINDS.items()) + ".")
     s = doc["scaling"]
     if s:
         scaled = "did not scale up" if s["scaled_up_at_s"] is None else (
@@ -240,7 +260,8 @@ def markdown(doc: dict) -> str:
                   f"replicas {s['initial_replicas']} -> {s['peak_replicas']}, {scaled}; p99 {_ms(s['p99_before_ms'])} "
                   f"ms before, {_ms(s['p99_scaled_ms'])} ms scaled, {_ms(s['p99_after_ms'])} ms after; "
                   f"{s['ok']} of {s['requests']} answered 200, {s['rejected_503']} rejected with 503 "
-                  f"({s.get('rejected_503_once_scaled', '-')} of them sent after the scale-up), {s['lost']} lost."]
+                  f"({s.get('rejected_503_once_scaled', '-')} of them sent after the scale-up), {s['lost']} lost"
+                  f"{lost_text(s.get('lost_by_kind'))}."]
     lines += _frontier_lines(doc.get("frontier"), doc.get("overhead")) + adaptive.markdown_lines(doc.get("adaptive"))
     lines += _tuning_lines(doc.get("tuning"))
     m = doc["machine"]

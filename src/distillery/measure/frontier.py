@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from distillery.files import atomic_write_bytes, atomic_write_json
-from distillery.measure.accuracy import with_interval
+from distillery.measure.accuracy import with_interval, within_noise
 from distillery.roles import ROLES
 
 REQUIRED = ("name", "parent", "recipe", "test_accuracy", "params", "macs", "size_bytes", "best_mode",
@@ -100,8 +100,19 @@ def recommend(records: Sequence[dict], floor: float, margin: float = 0.0) -> dic
     reason = (f"{best['name']} is {lead} of {len(candidates)} variant(s) with test accuracy >= {floor:.2%}: "
               f"p50 {best['p50_ms']:.3f} ms (p99 {best['p99_ms']:.3f} ms) at batch 1, "
               f"{best['throughput']:,.0f} img/s, test accuracy {best['test_accuracy']:.2%}, "
-              f"{best['size_bytes'] / 1024:.1f} KiB, run {best['best_mode']}.")
+              f"{best['size_bytes'] / 1024:.1f} KiB, run {best['best_mode']}.{_ties(best, candidates)}")
     return {"name": best["name"], "floor": floor, "reason": reason}
+
+
+def _ties(best: dict, candidates: Sequence[dict]) -> str:
+    """' Within the noise of 360 test images ...': the candidates whose accuracy is not
+    distinguishable from the recommended one's, so that accuracy alone does not rank them."""
+    n = best.get("test_images")
+    ties = [r["name"] for r in candidates if r is not best and within_noise(r["test_accuracy"], best["test_accuracy"], n)]
+    if not ties or not n:
+        return ""
+    return (f" Its test accuracy ties with that of {', '.join(ties)}: within the 95% noise of {n} test images "
+            f"(one image is {100 / n:.2f} points).")
 
 
 def write_frontier(out_dir: Path, records: list[dict], *, floor: float, machine: dict,

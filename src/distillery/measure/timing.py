@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch._dynamo
 from torch import Tensor, nn
 
 from distillery.serving.runner import MODES, SERVABLE_MODES, runner
@@ -120,6 +119,8 @@ def _fresh_runner(model: nn.Module, mode: str) -> Callable[[Tensor], Tensor]:
         # Every compiled module adds cache entries to one code object that all compiled modules
         # share, and past 8 of them dynamo gives up: without a reset the 5th model measured in a
         # process could not be compiled. This discards the process's other compiled code too.
+        import torch._dynamo  # only to compile: a second of start-up for every importer
+
         torch._dynamo.reset()
     return runner(model, mode)
 

@@ -81,3 +81,8 @@ def count_macs(model: nn.Module, in_shape: list[int]) -> int:
 
 def summarize(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any]:
     return {"kind": spec["kind"], "params": count_params(model), "macs": count_macs(model, spec["in_shape"])}
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """'resnet, 380,698 params, 10,055,616 MACs' from `summarize`."""
+    return f"{summary['kind']}, {summary['params']:,} params, {summary['macs']:,} MACs"

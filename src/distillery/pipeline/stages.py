@@ -21,19 +21,19 @@ from typing import Any, Callable
 
 import torch
 
-from distillery import data
+from distillery import console, data
 from distillery.config import PipelineConfig
 from distillery.data.sources import flips_keep_class
 from distillery.errors import UserError
 from distillery.files import atomic_write_bytes, atomic_write_json, sha256_file
-from distillery.measure.accuracy import distillation_gain, results_table
-from distillery.models.architectures import build_model, make_spec, summarize
+from distillery.measure.accuracy import distillation_gain, results_table, with_interval
+from distillery.models.architectures import build_model, describe, make_spec, summarize
 from distillery.models.artifact import ARCH_FILE, load_model, save_model
 from distillery.pipeline import report
 from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir, fingerprint
 from distillery.training.job import TrainJob
-from distillery.training.loop import batches, evaluate, fit, pick_device, progress_line, seed_everything
+from distillery.training.loop import batches, epoch_lines, evaluate, fit, pick_device, seed_everything
 from distillery.training.objective import frozen_teacher, objective
 
 Log = Callable[[str], None]
@@ -88,6 +88,8 @@ def run_stages(cfg: PipelineConfig, stages: list[str] | None = None, *, force: b
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = RunDir.open(cfg)
+    logs = console.log_to(run.root / "logs" / "run.log").parent
+    log(f"logs: {logs} (run.log: every line, epochs and variants included; ray/: Ray's own)")
     fps, functions = fingerprints(cfg), stage_functions(cfg)
     for name in stages or list(functions):
         if not force and run.is_done(name, fps[name]):
@@ -172,18 +174,22 @@ def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple
     stage = cfg.stage_for(which)
     spec = make_spec(stage.model, manifest["image_shape"], manifest["num_classes"])
     teacher_dir = run.verify_file("teacher/arch.json").parent if which == "student" else None
-    log(f"[{which}] {summarize(build_model(spec), spec)}"
+    log(f"[{which}] {describe(summarize(build_model(spec), spec))}, {stage.train.epochs} epochs "
+        + (f"on {cfg.ray.workers} Ray Train workers" if cfg.ray.workers else "in this process")
         + (f", distilled from the teacher (T={cfg.distill.temperature}, alpha={cfg.distill.alpha})" if teacher_dir else ""))
-    if cfg.ray.workers == 0:
-        model, history = _train_here(cfg, which, spec, manifest, splits, teacher_dir, log)
-    else:
-        model, history = _train_on_ray(run, cfg, which, spec, manifest, teacher_dir)
+    with console.progress(f"[{which}]", stage.train.epochs, "epochs") as advance:
+        on_epoch = epoch_lines(which, stage.train.epochs, advance)
+        if cfg.ray.workers == 0:
+            model, history = _train_here(cfg, which, spec, manifest, splits, teacher_dir, on_epoch)
+        else:
+            model, history = _train_on_ray(run, cfg, which, spec, manifest, teacher_dir, on_epoch)
     test = evaluate(model, batches(*splits["test"], EVAL_BATCH))
     metrics = {**summarize(model, spec), "test_accuracy": test["accuracy"], "final_loss": history[-1]["loss"],
                "epochs": len(history), "workers": cfg.ray.workers, "parallelism": stage.train.parallelism}
     files = save_model(run.root / which, model, spec)
     atomic_write_json(run.root / which / "metrics.json", {**metrics, "history": history})
-    log(f"[{which}] test accuracy {test['accuracy']:.2%}")
+    log(f"[{which}] test accuracy {with_interval(test['accuracy'], len(splits['test'][1]))} on "
+        f"{len(splits['test'][1])} images")
     return [*files, run.root / which / "metrics.json"], metrics
 
 
@@ -199,7 +205,7 @@ def cache_logits(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
 
 
 def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, splits: dict,
-                teacher_dir: Path | None, log: Log) -> tuple[torch.nn.Module, list[dict]]:
+                teacher_dir: Path | None, on_epoch: Callable[[dict], None]) -> tuple[torch.nn.Module, list[dict]]:
     """The same loop in this process, without Ray (`ray.workers: 0`): quick tests, debugging."""
     tcfg = cfg.stage_for(which).train
     seed_everything(cfg.seed)  # the initial weights too, not only the data order
@@ -210,12 +216,12 @@ def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, spl
                      num_classes=manifest["num_classes"])
     history = fit(goal.model, splits["train"], splits["val"], tcfg, seed=cfg.seed, flip=_flips(manifest),
                   device=device, loss_fn=goal.loss_fn, make_target=goal.make_target,
-                  on_epoch=lambda m: log(progress_line(which, tcfg.epochs, m)))
+                  on_epoch=on_epoch)
     return model.cpu().eval(), history
 
 
 def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, manifest: dict,
-                  teacher_dir: Path | None) -> tuple[torch.nn.Module, list[dict]]:
+                  teacher_dir: Path | None, on_epoch: Callable[[dict], None]) -> tuple[torch.nn.Module, list[dict]]:
     from distillery.training.on_ray import fit_on_ray  # the core never imports ray
 
     record = run.stage(which)
@@ -228,7 +234,7 @@ def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, mani
     # One Ray Train run per stage attempt: a crashed attempt resumes from its checkpoints,
     # a new attempt (changed config, --force) starts clean.
     name = f"{which}-{record['fingerprint']}-{record['attempt']}"
-    state, history = fit_on_ray(job, cfg, run, name=name)
+    state, history = fit_on_ray(job, cfg, run, name=name, on_epoch=on_epoch)
     if which == "student" and cfg.distill.hints:  # trained wrapped with its adapters: keep the student
         state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
     model = build_model(spec)
@@ -245,15 +251,17 @@ def evaluate_run(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     """Reload every trained model from disk (verifying it), score it on val and test, and say
     what share of the teacher-student gap distillation closed."""
     _, splits = load_splits(run, ("val", "test"))
-    models = {}
+    models, correct = {}, {}
     for which in TRAINED:
         run.verify_file(f"{which}/arch.json")
         model, arch = load_model(run.root / which)
         scores = {split: evaluate(model, batches(*splits[split], EVAL_BATCH)) for split in ("val", "test")}
+        with torch.inference_mode():
+            correct[which] = model(splits["test"][0]).argmax(1) == splits["test"][1]
         models[which] = {**summarize(model, arch["spec"]),
                          "weights_bytes": (run.root / which / arch["weights"]).stat().st_size,
                          **{f"{split}_accuracy": s["accuracy"] for split, s in scores.items()}}
-    results = {"models": models, "distillation": distillation_gain(models)}
+    results = {"models": models, "distillation": distillation_gain(models, correct)}
     atomic_write_json(run.root / "results.json", results)
     atomic_write_bytes(run.root / "results.md", results_table(results).encode())
     log(results_table(results))
@@ -279,14 +287,18 @@ def compress_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Pa
 
 def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """Deploy the frontier on Ray Serve (autoscaled) and load-test it over HTTP."""
-    from distillery.loadtest.run import run_loadtest, summary  # Ray Serve loads only here
+    from distillery.loadtest.run import lost_text, run_loadtest, summary  # Ray Serve loads only here
     from distillery.serving.deploy import deploy_run, write_serve_config  # Ray Serve loads only here
 
     config = write_serve_config(run.location, cfg, run.root / "serve" / "config.yaml")
     url, headers = deploy_run(run.location, cfg, log)
-    files = run_loadtest(url.removesuffix("/v2"), run.root, cfg.loadtest, headers, run.root / "serve" / "loadtest", log,
-                         slo_ms=cfg.serve.auto_slo_ms)
-    return [config, *files], {"url": url, **summary(files[0])}
+    files = run_loadtest(url.removesuffix("/v2"), run.root, cfg.loadtest, headers, run.root / "serve" / "loadtest",
+                         console.detail, slo_ms=cfg.serve.auto_slo_ms)
+    s = summary(files[0])
+    log(f"[loadtest] {s['requests']:,} requests: {s['rejected_503']:,} refused under overload (503), {s['lost']:,} lost"
+        f"{lost_text(s['lost_by_kind'])}; replicas {s['initial_replicas']} -> {s['peak_replicas']} in the ramp "
+        f"-> {files[0].parent / 'loadtest.md'}")
+    return [config, *files], {"url": url, **s}
 
 
 def write_report(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:

@@ -11,6 +11,7 @@ import ray
 import yaml
 from ray import serve as ray_serve
 
+from distillery import console
 from distillery.cluster import cluster_address, ensure_ray
 from distillery.files import atomic_write_bytes
 from distillery.serving import deployments, ingress
@@ -45,6 +46,7 @@ def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
     local one if none); return (URL, the headers a client needs)."""
     key = deployments.read_api_key(cfg.serve.api_key_env)
     ensure_ray(cfg)
+    console.quiet_library_loggers()  # importing ray.serve gave its logger a console handler
     log(f"[serve] {ingress.current()}")
     start = time.perf_counter()
     url = deployments.deploy(location, cfg.serve, key)

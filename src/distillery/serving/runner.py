@@ -7,9 +7,7 @@ import copy
 from collections.abc import Callable
 
 import torch
-import torch._inductor.config as inductor_config
 from torch import Tensor, nn
-from torch._dynamo import config as dynamo_config
 
 MODES = ("eager", "channels_last", "compile")
 # The modes a Serve replica runs, and so the only ones a record's figures (`best_mode`) come
@@ -51,6 +49,11 @@ def _channels_last_runner(model: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def _compiled_runner(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    # Imported here: dynamo and inductor cost every replica process ~1.5 s of start-up, and a
+    # replica never compiles.
+    import torch._inductor.config as inductor_config
+    from torch._dynamo import config as dynamo_config
+
     # Inductor compiles lazily at the first call of each shape, so freezing must be on then,
     # not only around torch.compile. Later calls skip the patches: they would be timed.
     with inductor_config.patch(freezing=True):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillery import console
 from distillery.config import TrainConfig
 from distillery.errors import UserError
 from distillery.training.losses import LossFn, cross_entropy
@@ -156,9 +157,21 @@ def progress_line(which: str, epochs: int, m: dict) -> str:
     val = f"  val_acc {m['val_accuracy']:.2%}" if "val_accuracy" in m else ""
     line = f"[{which}] epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}{val}  {m['samples_per_s']:,.0f} samples/s"
     if "samples_per_s_per_worker" in m:
-        line += (f" ({', '.join(f'{v:,.0f}' for v in m['samples_per_s_per_worker'])} per worker)"
-                 f"  {m['epoch_seconds']:.2f} s")
+        line += f" ({', '.join(f'{v:,.0f}' for v in m['samples_per_s_per_worker'])} per worker)"
+    if "epoch_seconds" in m:
+        line += f"  {m['epoch_seconds']:.2f} s"
     return line
+
+
+def epoch_lines(which: str, epochs: int, advance: Callable[..., None]) -> Callable[[dict], None]:
+    """An `on_epoch` that writes the epoch's line to the run's log (the console with --verbose)
+    and moves the stage's progress on by one epoch."""
+    def on_epoch(m: dict) -> None:
+        if "resumed_from" in m:
+            console.say(f"[{which}] resumed from the checkpoint of epoch {m['resumed_from']}")
+        console.detail(progress_line(which, epochs, m))
+        advance(1, note=f"val {m['val_accuracy']:.1%}" if "val_accuracy" in m else "")
+    return on_epoch
 
 
 def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, seed: int,

@@ -9,14 +9,17 @@ and a checkpoint per epoch (`checkpoint`) through which a restarted worker group
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
-import sys
+import shutil
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -39,7 +42,7 @@ from distillery.run import storage
 from distillery.run.rundir import RunDir
 from distillery.training import checkpoint
 from distillery.training.job import TrainJob
-from distillery.training.loop import (batches, make_optimizer, make_scheduler, progress_line, random_shift, run_epochs,
+from distillery.training.loop import (batches, make_optimizer, make_scheduler, random_shift, run_epochs,
                                       seed_everything, with_autocast)
 from distillery.training.losses import pack_target
 from distillery.training.objective import TargetFn, frozen_teacher, objective
@@ -48,10 +51,11 @@ from distillery.training.parallel import Strategy, make_strategy
 # ---------------------------------------------------------------- driver
 
 
-def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *,
-               name: str) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
+               on_epoch: Callable[[dict], None] = lambda m: None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Train `job` with Ray Train on the data of `run`; return (full model state_dict,
-    per-epoch history). `job` names the folders its workers read relative to the run.
+    per-epoch history); `on_epoch` gets each epoch's metrics in this process as the workers
+    report them. `job` names the folders its workers read relative to the run.
 
     Re-running with the same `run`/`name` resumes from the last registered checkpoint.
     """
@@ -67,13 +71,14 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *,
     train_files = job.train_files or run_rels(run, data.shard_paths(run.root / "data", "train"))
     datasets = {"train": read_shards(run, train_files).materialize()}
     folders = [f for f in (job.teacher_dir, job.init_dir) if f]
+    feed = Path(tempfile.mkdtemp(prefix="distillery-epochs-")) / "epochs.jsonl"
     job = job.model_copy(update={"run": run.location, "run_files": worker_files(run, folders)})
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job.to_worker(), "pipeline": cfg.to_dict()},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=name, **_checkpoint_storage(run),
+        run_config=RunConfig(name=name, **_checkpoint_storage(run), callbacks=[_EpochFeed(feed)],
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
                              logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -84,7 +89,8 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *,
                                   execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     try:
-        result = trainer.fit()
+        with _following(feed, on_epoch):
+            result = trainer.fit()
     except ray.train.WorkerGroupError as e:
         raise TrainingFailed(f"{name}: {_first_failure(e)} (the worker group was restarted "
                              f"{cfg.ray.max_failures} time(s), `ray.max_failures`, and failed every time); "
@@ -95,6 +101,52 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *,
         history = checkpoint.read_history(Path(folder))
     _drop_unregistered(run.location_of(f"ray/{name}"), {Path(c.path).name for c, _ in result.best_checkpoints})
     return state, history
+
+
+class _EpochFeed(ray.train.UserCallback):
+    """Runs in Ray Train's controller, which Ray places on the driver's node: appends each
+    epoch's metrics, as rank 0 reported them, to a file the driver follows (`_following`).
+    The workers may be on other nodes, and their own output goes to Ray's log files."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics[0]) + "\n")
+
+
+@contextlib.contextmanager
+def _following(path: Path, on_epoch: Callable[[dict], None]) -> Iterator[None]:
+    """Hand each line `_EpochFeed` appends to `on_epoch`, from a thread, while the body runs."""
+    done = threading.Event()
+
+    def follow() -> None:
+        seen = 0
+        while not done.wait(0.25) or seen < _lines(path):
+            for line in _read_lines(path)[seen:]:
+                seen += 1
+                on_epoch(json.loads(line))
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.endswith("\n")]
+    except FileNotFoundError:
+        return []
+
+
+def _lines(path: Path) -> int:
+    return len(_read_lines(path))
 
 
 def read_shards(run: RunDir, rels: list[str]) -> "ray.data.Dataset":
@@ -191,8 +243,6 @@ def train_worker(config: dict[str, Any]) -> None:
         return metrics
 
     def finish(metrics: dict[str, Any]) -> None:
-        if rank == 0:
-            _say(progress_line(job.which, job.train.epochs, metrics))
         _report(metrics, strategy, model, opt, sched, rank, world, history)
 
     run_epochs(model, step, sched, range(first, job.train.epochs + 1), epoch_batches, score, history=history,
@@ -208,13 +258,6 @@ def _initial_model(root: Path, job: TrainJob) -> torch.nn.Module:
     return load_variant(root / job.init_dir)[0].train()
 
 
-def _say(line: str) -> None:
-    """One line to the driver's console. Not print(): Ray Train patches print in its workers
-    to log each line and also echo it, so every line would show twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 def _resume(strategy: Strategy, model, opt, sched, rank: int, world: int) -> tuple[int, list[dict]]:
     """(first epoch to run, history so far), from Ray's latest registered checkpoint if any."""
     ckpt = ray.train.get_checkpoint()
@@ -224,8 +267,6 @@ def _resume(strategy: Strategy, model, opt, sched, rank: int, world: int) -> tup
         state, history = checkpoint.restore(Path(folder), rank=rank, world_size=world, strategy=strategy,
                                             model=model, opt=opt)
     sched.load_state_dict(state["scheduler"])
-    if rank == 0:
-        _say(f"resumed from the checkpoint of epoch {state['epoch']}")
     return state["epoch"] + 1, history
 
 

@@ -60,3 +60,10 @@ def test_the_open_loop_sends_on_schedule_without_waiting_for_answers():
     first_answer = min(s.scheduled + s.latency_ms / 1e3 for s in samples)
     assert max(s.sent for s in samples) < first_answer  # a closed loop would send one at a time
     assert all(s.sent >= s.scheduled and s.latency_ms >= 2000 for s in samples)
+
+
+def test_lost_requests_are_named_by_what_went_wrong():
+    from distillery.loadtest.generator import lost_by_kind
+
+    kinds = lost_by_kind({"503": 7, "0": 2, "-1": 1, "500": 3, "418": 1})
+    assert kinds == {"no answer in time (client timeout)": 1, "connection failed": 2, "server error": 3, "HTTP 418": 1}

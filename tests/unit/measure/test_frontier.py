@@ -154,3 +154,13 @@ def test_pareto_the_same_computation_timed_faster_does_not_displace_the_more_acc
     alone, distilled = rec("alone", 0.077, 0.986), rec("distilled", 0.083, 0.992)  # one network, timer noise
     assert pareto_front([alone, distilled]) == ["distilled"]
     assert pareto_front([alone, rec("other", 0.083, 0.992, macs=300_000)]) == ["alone", "other"]
+
+
+def test_recommend_names_the_variants_whose_accuracy_ties_within_the_noise():
+    # 360 test images: 0.97 vs 0.9667 is one or two images, a tie; 0.90 is 25 images fewer.
+    fast, close, far = (dict(r, test_images=360) for r in (rec("fast", 0.2, 0.97), rec("close", 0.5, 0.9667),
+                                                            rec("far", 0.6, 0.90)))
+    reason = recommend([fast, close, far], 0.5)["reason"]
+    assert "ties with that of close: within the 95% noise of 360 test images (one image is 0.28 points)" in reason
+    assert "far" not in reason.split("ties with")[1]
+    assert "ties" not in recommend([rec("fast", 0.2, 0.97), rec("close", 0.5, 0.9667)], 0.5)["reason"]  # n unknown
