@@ -36,6 +36,7 @@ class _State:
     live: bool = False
     log_file: Path | None = None
     bars: Any = None  # rich.progress.Progress while a live bar shows
+    screen: Any = None  # the rich Console it draws on
     open_bars: int = 0
     file_handler: logging.Handler | None = None
     handlers: list[logging.Handler] = field(default_factory=list)
@@ -56,10 +57,11 @@ class _Stdout(logging.Handler):
             print(msg, file=sys.stdout, flush=True)
 
 
-def configure(*, verbose: bool = False, live: bool | None = None) -> None:
+def configure(*, verbose: bool = False, live: bool | None = None, screen: Any = None) -> None:
     """This process's console: say lines (and detail lines when `verbose`) to stdout, as a live
-    display when `live` (default: stdout is a terminal)."""
-    _state.configured, _state.verbose = True, verbose
+    display when `live` (default: stdout is a terminal), drawn on `screen` (a rich Console;
+    default: rich's, on stdout)."""
+    _state.configured, _state.verbose, _state.screen = True, verbose, screen
     _state.live = sys.stdout.isatty() if live is None else live
     if _state.file_handler is not None:  # a previous command's run, in this process
         _state.file_handler.close()
@@ -167,20 +169,22 @@ class _PlainLines:
 
 class _LiveBar:
     def __init__(self, label: str, total: float, unit: str):
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
         if _state.bars is None:
             _state.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                   TextColumn("{task.fields[unit]}"), TimeElapsedColumn(),
-                                   TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
-                                   transient=True)
+                                   TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("spent, about"),
+                                   TimeRemainingColumn(), TextColumn("left {task.fields[note]}"), transient=True,
+                                   console=_state.screen)
             _state.bars.start()
         _state.open_bars += 1
-        self.task = _state.bars.add_task(label, total=total, unit=unit, note="")
+        self.escape = escape  # "[teacher]" is not rich markup
+        self.task = _state.bars.add_task(escape(label), total=total, unit=unit, note="")
 
     def advance(self, amount: float = 1, note: str = "") -> None:
-        _state.bars.update(self.task, advance=amount, note=note)
+        _state.bars.update(self.task, advance=amount, note=self.escape(note))
 
     def close(self) -> None:
         _state.bars.remove_task(self.task)

@@ -63,3 +63,20 @@ def test_verbose_brings_every_line_back(tmp_path):
         assert "epoch 1/30" in out.getvalue()
     finally:
         console.configure(verbose=False, live=False)
+
+
+def test_the_live_display_shows_labels_as_written_and_prints_lines_above_it():
+    import rich.console
+
+    screen = rich.console.Console(file=io.StringIO(), force_terminal=True, width=150)
+    console.configure(verbose=False, live=True, screen=screen)
+    try:
+        with console.progress("[compress] building", 2, "variants") as advance:
+            advance(1, note="[slim]")
+            console.say("[compress] recommended: slim")
+            console._state.bars.refresh()
+        shown = screen.file.getvalue()
+        assert "[compress] building" in shown and "[slim]" in shown and "[compress] recommended: slim" in shown
+        assert "1/2" in shown and console._state.bars is None  # stopped with its last bar
+    finally:
+        console.configure(verbose=False, live=False)

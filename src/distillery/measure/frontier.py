@@ -146,18 +146,22 @@ def _csv(records: Sequence[dict], front: list[str]) -> str:
 
 
 _MD_HEADER = ("name", "recipe", "test acc (95% CI)", "params", "MACs", "size KiB", "served mode", "p50 ms", "p99 ms",
-              "img/s", "% of peak", "compiled p50 ms (not served)", "on front", "note")
+              "img/s", "% of peak", "on front", "note")
+_COMPILED = "compiled p50 ms (not served)"  # a column only when `compress.bench.modes` asked for compile
 
 
 def _md_row(r: dict, on_front: bool) -> list[str]:
     slower = f"not faster than {r['compared_with']}" if r.get("compared_with") else "not faster than its parent"
     note = "; ".join(n for n, on in ((slower, r["not_faster"]),
                                      ("no servable mode ran", not r.get("servable", True))) if on)
-    compiled = r.get("modes", {}).get("compile", {}).get("p50_ms")
     return [r["name"], r["recipe"], with_interval(r["test_accuracy"], r.get("test_images")), f"{r['params']:,}", f"{r['macs']:,}",
             f"{r['size_bytes'] / 1024:.1f}", r["best_mode"], f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-            f"{r['throughput']:,.0f}", f"{r['peak_fraction']:.1%}", f"{compiled:.3f}" if compiled else "-",
-            "yes" if on_front else "", note]
+            f"{r['throughput']:,.0f}", f"{r['peak_fraction']:.1%}", "yes" if on_front else "", note]
+
+
+def _compiled_cell(r: dict) -> str:
+    compiled = r.get("modes", {}).get("compile", {}).get("p50_ms")
+    return f"{compiled:.3f}" if compiled else "-"
 
 
 def _md_cell(value: str) -> str:
@@ -166,9 +170,13 @@ def _md_cell(value: str) -> str:
 
 def _markdown(records: Sequence[dict], front: list[str], rec: dict | None, floor: float, machine: dict,
               settings: dict) -> str:
-    lines = ["# Speed vs accuracy", "", "| " + " | ".join(_MD_HEADER) + " |", "|" + "---|" * len(_MD_HEADER)]
+    compiled = "compile" in settings.get("modes", [])
+    header = [*_MD_HEADER[:-2], *([_COMPILED] if compiled else []), *_MD_HEADER[-2:]]
+    lines = ["# Speed vs accuracy", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
-        lines.append("| " + " | ".join(_md_cell(c) for c in _md_row(r, r["name"] in front)) + " |")
+        row = _md_row(r, r["name"] in front)
+        row[-2:-2] = [_compiled_cell(r)] if compiled else []
+        lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
     verdict = f"**Recommended** ({rec['name']}): {rec['reason']}" if rec else \
         f"**No variant** reaches the accuracy floor of {floor:.2%}."
     return "\n".join([*lines, *_cascade_lines(records), "", verdict, "", _evidence_line(machine, settings), ""])
@@ -199,8 +207,8 @@ def _evidence_line(machine: dict, settings: dict) -> str:
             f"torch {m.get('torch', '?')}) with {s.get('threads', '?')} thread(s): p50/p99 over "
             f"{s.get('latency_runs', '?')} batch-1 runs after {s.get('warmup', '?')} warm-up runs, throughput "
             f"at batch {s.get('throughput_batch', '?')} (median of {s.get('throughput_runs', '?')} runs); "
-            f"each variant in its fastest mode that a Serve replica runs (eager or channels_last; "
-            f"compiled graphs are timed for comparison, not served).")
+            f"each variant in its fastest mode that a Serve replica runs (eager or channels_last"
+            f"{'; compiled graphs are timed for comparison, not served' if 'compile' in s.get('modes', []) else ''}).")
 
 
 def _png(records: Sequence[dict], front: list[str], rec: dict | None, floor: float) -> bytes:
