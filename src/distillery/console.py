@@ -39,7 +39,9 @@ class _State:
     screen: Any = None  # the rich Console it draws on
     open_bars: int = 0
     file_handler: logging.Handler | None = None
-    handlers: list[logging.Handler] = field(default_factory=list)
+    # Each library logger's own (handlers, propagate), kept the first time it is quieted and
+    # given back by the next `configure` (a second command in one process, a test).
+    saved: dict[str, tuple[list[logging.Handler], bool]] = field(default_factory=dict)
 
 
 _state = _State()
@@ -63,7 +65,8 @@ def configure(*, verbose: bool = False, live: bool | None = None, screen: Any = 
     default: rich's, on stdout)."""
     _state.configured, _state.verbose, _state.screen = True, verbose, screen
     _state.live = sys.stdout.isatty() if live is None else live
-    if _state.file_handler is not None:  # a previous command's run, in this process
+    _release_library_loggers()  # a previous command's, in this process
+    if _state.file_handler is not None:
         _state.file_handler.close()
         _state.file_handler = _state.log_file = None
     handler = _Stdout(logging.DEBUG if verbose else logging.INFO)
@@ -117,8 +120,18 @@ def quiet_library_loggers() -> None:
     targets = [_state.file_handler] if _state.file_handler else [logging.NullHandler()]
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
+        if name not in _state.saved:
+            _state.saved[name] = (list(logger.handlers), logger.propagate)
         _replace_handlers(logger, targets)
         logger.propagate = False
+
+
+def _release_library_loggers() -> None:
+    for name, (handlers, propagate) in _state.saved.items():
+        logger = logging.getLogger(name)
+        _replace_handlers(logger, handlers)
+        logger.propagate = propagate
+    _state.saved.clear()
 
 
 @contextlib.contextmanager

@@ -14,10 +14,9 @@ def plain(tmp_path, monkeypatch):
     console.configure(verbose=False, live=False)
     log = console.log_to(tmp_path / "logs" / "run.log")
     yield log
-    console.configure(verbose=False, live=False)  # detach the file
-    for name in console.LIBRARY_LOGGERS:  # give the other tests their loggers back
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
+    console.configure(verbose=True, live=False)  # detach the file, give the libraries their loggers back
+    for name in console.LIBRARY_LOGGERS:
+        assert not any(getattr(h, "baseFilename", None) == str(log) for h in logging.getLogger(name).handlers)
 
 
 def test_detail_lines_go_to_the_log_only_and_say_lines_to_both(plain):

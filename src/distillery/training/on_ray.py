@@ -9,13 +9,9 @@ and a checkpoint per epoch (`checkpoint`) through which a restarted worker group
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import shutil
 import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -41,6 +37,7 @@ from distillery.models.architectures import build_model
 from distillery.run import storage
 from distillery.run.rundir import RunDir
 from distillery.training import checkpoint
+from distillery.training.feed import EpochFeed, following
 from distillery.training.job import TrainJob
 from distillery.training.loop import (batches, make_optimizer, make_scheduler, random_shift, run_epochs,
                                       seed_everything, with_autocast)
@@ -79,7 +76,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
         train_loop_config={"job": job.to_worker(), "pipeline": cfg.to_dict()},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=name, **_checkpoint_storage(run), callbacks=[_EpochFeed(feed)],
+        run_config=RunConfig(name=name, **_checkpoint_storage(run), callbacks=[EpochFeed(feed)],
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
                              logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -90,7 +87,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
                                   execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     try:
-        with _following(feed, on_epoch):
+        with following(feed, on_epoch):
             result = trainer.fit()
     except ray.train.WorkerGroupError as e:
         raise TrainingFailed(f"{name}: {_first_failure(e)} (the worker group was restarted "
@@ -102,52 +99,6 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
         history = checkpoint.read_history(Path(folder))
     _drop_unregistered(run.location_of(f"ray/{name}"), {Path(c.path).name for c, _ in result.best_checkpoints})
     return state, history
-
-
-class _EpochFeed(ray.train.UserCallback):
-    """Runs in Ray Train's controller, which Ray places on the driver's node: appends each
-    epoch's metrics, as rank 0 reported them, to a file the driver follows (`_following`).
-    The workers may be on other nodes, and their own output goes to Ray's log files."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics[0]) + "\n")
-
-
-@contextlib.contextmanager
-def _following(path: Path, on_epoch: Callable[[dict], None]) -> Iterator[None]:
-    """Hand each line `_EpochFeed` appends to `on_epoch`, from a thread, while the body runs."""
-    done = threading.Event()
-
-    def follow() -> None:
-        seen = 0
-        while not done.wait(0.25) or seen < _lines(path):
-            for line in _read_lines(path)[seen:]:
-                seen += 1
-                on_epoch(json.loads(line))
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(timeout=5)
-        shutil.rmtree(path.parent, ignore_errors=True)
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.endswith("\n")]
-    except FileNotFoundError:
-        return []
-
-
-def _lines(path: Path) -> int:
-    return len(_read_lines(path))
 
 
 def read_shards(run: RunDir, rels: list[str]) -> "ray.data.Dataset":
