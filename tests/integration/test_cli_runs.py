@@ -38,7 +38,9 @@ def test_run_writes_a_verified_run_directory(tmp_path, capsys):
     assert (root / "config.yaml").exists()
     results = json.loads((root / "results.json").read_text())
     assert results["models"]["teacher"]["macs"] > results["models"]["student"]["macs"]
-    assert set(results["distillation"]) == {"gain", "gap", "gap_closed"}
+    kd = results["distillation"]
+    assert set(kd) == {"gain", "gap", "gap_closed", "better", "worse", "test_images", "gain_interval"}
+    assert kd["test_images"] == 48 and kd["gain_interval"][0] <= kd["gain"] <= kd["gain_interval"][1]
     out = capsys.readouterr().out
     assert f"run directory: {root}" in out and "[teacher] test accuracy" in out
     # Every epoch is in the run's log, not on the console (--verbose brings them back).
@@ -81,8 +83,9 @@ def test_crash_mid_run_resumes_at_the_failed_stage(tmp_path, capsys, monkeypatch
         return real(run, cfg, which, log)
 
     monkeypatch.setattr(stages, "train_model", crash_on_student)
-    with pytest.raises(RuntimeError, match="injected crash"):
-        _run(tmp_path, "run")
+    assert _run(tmp_path, "run") == 1  # one line on stderr naming the log, the traceback in it
+    assert "distillery: failed: RuntimeError: injected crash (full log: " in capsys.readouterr().err
+    assert "Traceback" in (tmp_path / "runs" / "tiny" / "logs" / "run.log").read_text()
     recorded = _manifest(tmp_path)["stages"]
     assert recorded["teacher"]["status"] == "done"
     assert recorded["student"]["status"] == "failed" and "injected crash" in recorded["student"]["error"]

@@ -93,6 +93,16 @@ def test_a_crash_between_stages_resumes_at_the_unfinished_stage(pipeline_runs):
     assert "[report] running" in resumed and "[serve] running" not in resumed
 
 
+def test_the_console_is_short_and_has_no_warning_or_traceback(pipeline_runs):
+    """The first run's console (every stage but the report) and the resumed one's, as captured
+    here: stage lines and progress only; epochs and variants are in the run's log."""
+    root, (crashed, resumed, _), _, _ = pipeline_runs
+    lines = [line for line in (crashed + resumed).splitlines() if line.strip()]
+    assert len(lines) <= 80, "\n".join(lines)
+    assert not [line for line in lines if any(w in line for w in ("Traceback", "WARNING", "Warning", "ERROR"))]
+    assert "[teacher] epoch 2/2" not in crashed and "[teacher] epoch 2/2" in (root / "logs" / "run.log").read_text()
+
+
 def test_rerunning_a_finished_run_changes_nothing(pipeline_runs):
     root, (_, _, again), _, before = pipeline_runs
     assert again.count("done already") == len(STAGES) and "running" not in again.replace("[serve] shut down", "")

@@ -39,8 +39,13 @@ def cache_teacher_logits(cfg: PipelineConfig, run: RunDir, image_shape: list[int
     fs = storage.filesystem(run.location)[0]
     files = run_rels(run, data.shard_paths(run.root / "data", "train"))
     reader = {"run": run.location, "files": worker_files(run, ["teacher"]), "image_shape": image_shape}
+    # max_restarts=0: with Ray Data's default (restart the actor forever) Ray 2.60 logs an
+    # error line on the driver's console, as the actor's constructor arguments live in the
+    # object store and may be gone by a restart. A lost actor fails the stage instead; running
+    # again resumes the run at this stage (seconds of work).
     ds = read_shards(run, files).map_batches(
-        TeacherLogits, fn_constructor_kwargs=reader, batch_format="pyarrow", batch_size=1024, concurrency=1)
+        TeacherLogits, fn_constructor_kwargs=reader, batch_format="pyarrow", batch_size=1024, concurrency=1,
+        max_restarts=0)
     # Written beside the final folder, then renamed: a crash leaves no half-written cache.
     out, tmp = run.root / "teacher_logits", run.root / "teacher_logits.partial"
     shutil.rmtree(tmp, ignore_errors=True)
