@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console.configure(verbose=getattr(args, "verbose", False))
+    # serve, query and loadtest keep every line on the console: they have no run log to hold them.
+    console.configure(verbose=getattr(args, "verbose", True))
     try:
         _dispatch(args)
     except UserError as e:
