@@ -99,7 +99,8 @@ def test_the_console_is_short_and_has_no_warning_or_traceback(pipeline_runs):
     root, (crashed, resumed, _), _, _ = pipeline_runs
     lines = [line for line in (crashed + resumed).splitlines() if line.strip()]
     assert len(lines) <= 80, "\n".join(lines)
-    assert not [line for line in lines if any(w in line for w in ("Traceback", "WARNING", "Warning", "ERROR"))]
+    noisy = [line for line in lines if any(w in line for w in ("Traceback", "WARNING", "Warning", "ERROR"))]
+    assert not noisy, noisy
     assert "[teacher] epoch 2/2" not in crashed and "[teacher] epoch 2/2" in (root / "logs" / "run.log").read_text()
 
 

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in the run's log
         if console.log_file() is None:
             raise
-        console.LOGGER.exception("failed")
+        console.LOGGER.debug("failed", exc_info=True)  # a detail: the run's log, not the console
         print(f"distillery: failed: {type(e).__name__}: {e}{_where_logged()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
