@@ -3,7 +3,6 @@ process (`ray.workers=0`); test_ray_train.py runs the same stages on Ray Train."
 
 import json
 
-import pytest
 
 from conftest import ROOT
 from distillery.cli.main import main
