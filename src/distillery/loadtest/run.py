@@ -249,7 +249,7 @@ def markdown(doc: dict) -> str:
                      f"{_ms(r['p95_ms'])} | {_ms(r['p99_ms'])} | {r['errors'] or '-'} | "
                      f"{max(counts) if counts else '-'} | {r['generator_cpu']:.0%} |")
     lines.append("\nErrors by HTTP status: 503 is a request refused under overload (backpressure); every other "
-                 "one is lost: " + ", ".join(f"{code} {kind}" for code, kind in generator.LOST_KINDS.items()) + ".")
+                 "one is lost (" + "; ".join(f"{code}: {kind}" for code, kind in generator.LOST_KINDS.items()) + ").")
     s = doc["scaling"]
     if s:
         scaled = "did not scale up" if s["scaled_up_at_s"] is None else (
