@@ -54,6 +54,9 @@ def test_teacher_trains_on_two_workers(tmp_path, parallelism):
     metrics = _metrics(tmp_path, "teacher")
     history = metrics["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    # Every epoch reached the driver as it ended (Ray Train's controller -> training.feed).
+    log = (tmp_path / "tiny" / "logs" / "run.log").read_text()
+    assert all(f"[teacher] epoch {e}/5" in log for e in range(1, 6))
     assert history[-1]["loss"] < history[0]["loss"]
     assert all(len(h["samples_per_s_per_worker"]) == 2 for h in history)
     assert metrics["parallelism"] == parallelism and metrics["workers"] == 2

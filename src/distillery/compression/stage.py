@@ -38,8 +38,11 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher,
                   record["fingerprint"], record["attempt"])
     variants = cfg.compress.variants
+    built = {}
     with console.progress("[compress] building", len(variants), "variants") as advance:
-        built = {v.name: _built(build(ctx, v), advance, v.name) for v in variants}
+        for v in variants:
+            built[v.name] = build(ctx, v)
+            advance(1, note=v.name)
     settings = timing.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
     with console.progress("[compress] scoring and timing", len(SHOWN) + len(variants), "models") as advance:
         records = measure_all(ctx, settings, built, advance)
@@ -58,11 +61,6 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     best = frontier.recommend(list(records.values()), floor, margin)
     log(f"[compress] recommended: {best['reason'] if best else 'nothing meets the accuracy floor'}")
     return files, {"variants": len(built), "recommended": best["name"] if best else None, "floor": floor}
-
-
-def _built(b: Built, advance: Callable[..., None], name: str) -> Built:
-    advance(1, note=name)
-    return b
 
 
 def measure_all(ctx: Context, settings: timing.BenchSettings, built: dict[str, Built],

@@ -35,11 +35,13 @@ def following(path: Path, on_epoch: Callable[[dict], None]) -> Iterator[None]:
     done = threading.Event()
 
     def follow() -> None:
-        seen = 0
-        while not done.wait(0.25) or seen < _lines(path):
-            for line in _read_lines(path)[seen:]:
-                seen += 1
+        seen, finished = 0, False
+        while not finished:
+            finished = done.wait(0.25)  # then one last read: the final epoch may have just arrived
+            lines = _read_lines(path)
+            for line in lines[seen:]:
                 on_epoch(json.loads(line))
+            seen = len(lines)
 
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
@@ -57,6 +59,3 @@ def _read_lines(path: Path) -> list[str]:
     except FileNotFoundError:
         return []
 
-
-def _lines(path: Path) -> int:
-    return len(_read_lines(path))
