@@ -45,7 +45,7 @@ def _init(cfg: PipelineConfig) -> None:
     # `worker_setup` first.
     job_env = {"worker_process_setup_hook": worker_setup}
     # The output of Ray's processes (workers, replicas, the raylet) stays in Ray's log files
-    # unless --verbose; epochs reach the console through `training.on_ray`, not worker prints.
+    # unless --verbose; epochs reach the console through `training.feed`, not worker prints.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": not console.quiet(), "runtime_env": job_env,
              "configure_logging": not console.quiet()}
     console.quiet_library_loggers()  # importing ray gave its logger a console handler

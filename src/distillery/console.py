@@ -3,7 +3,7 @@
 `say` lines (a stage starting, a stage's key figure, where the results are) reach the
 console. `detail` lines (every epoch, every variant built and timed, every load-test phase)
 go to the run's log file, `logs/run.log`, and to the console only with --verbose; so do
-Python's warnings and the driver's Ray and Serve log lines (`quiet_ray_loggers`). A long
+Python's warnings and the driver's Ray and Serve log lines (`quiet_library_loggers`). A long
 phase shows its progress (`progress`): on a terminal a live bar with the time spent and an
 estimate of the time left; elsewhere (CI, `ray job submit`) a plain line at most every
 `PLAIN_EVERY_S` seconds, so a log stays short.
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 LOGGER = logging.getLogger("distillery")
+LOGGER.setLevel(logging.DEBUG)  # each handler filters: the console's by --verbose, the file takes all
+LOGGER.propagate = False
 PLAIN_EVERY_S = 30.0
 # Loggers of the libraries the driver runs; their lines go to the log file unless --verbose.
 LIBRARY_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune", "py.warnings", "torch", "torchao")
@@ -69,9 +71,7 @@ def configure(*, verbose: bool = False, live: bool | None = None, screen: Any = 
     if _state.file_handler is not None:
         _state.file_handler.close()
         _state.file_handler = _state.log_file = None
-    handler = _Stdout(logging.DEBUG if verbose else logging.INFO)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    _replace_handlers(LOGGER, [handler])
+    _replace_handlers(LOGGER, [_stdout_handler(logging.DEBUG if verbose else logging.INFO)])
     logging.captureWarnings(True)  # a library's warning is a detail line, not a line on stderr
     quiet_library_loggers()
 
@@ -210,11 +210,13 @@ class _LiveBar:
 def _ensure_handler() -> None:
     """Without `configure` (the library used directly), say lines still print."""
     if not LOGGER.handlers:
-        handler = _Stdout(logging.INFO)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.DEBUG)
-    LOGGER.propagate = False
+        _replace_handlers(LOGGER, [_stdout_handler(logging.INFO)])
+
+
+def _stdout_handler(level: int) -> logging.Handler:
+    handler = _Stdout(level)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
 
 
 def _replace_handlers(logger: logging.Logger, handlers: list[logging.Handler]) -> None:
@@ -222,8 +224,3 @@ def _replace_handlers(logger: logging.Logger, handlers: list[logging.Handler]) -
         logger.removeHandler(old)
     for new in handlers:
         logger.addHandler(new)
-    if logger is LOGGER:
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
-        if _state.file_handler is not None:
-            logger.addHandler(_state.file_handler)
