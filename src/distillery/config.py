@@ -107,6 +107,10 @@ class RayConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
     max_failures: int = Field(3, ge=0, le=100, description="worker failures a stage survives (resuming from its last checkpoint)")
     checkpoints_to_keep: int = Field(2, ge=1, le=100)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where a stage's Ray Train workers go: PACK fills a node first, SPREAD spreads them "
+        "over nodes, STRICT_SPREAD puts every worker on a different node (a stage waits until that many nodes "
+        "are free); Ray's placement group strategies")
 
 
 class ServeConfig(Strict):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, make_bucket
+from conftest import free_port, make_bucket
+from ray_nodes import submit
 from distillery.files import sha256_file
 from distillery.serving import ingress
 
@@ -79,18 +80,6 @@ def _wait_until_up(address: str, token: str, head: subprocess.Popen, log: Path) 
     raise AssertionError("the head node did not come up in 120 s: " + log.read_text()[-3000:])
 
 
-def _submit(address: str, env: dict, *entrypoint: str, timeout: float) -> subprocess.CompletedProcess:
-    # Ray's dashboard can answer before its job agent is up; it then refuses the submission
-    # with "please try again later", which is what a user would do.
-    for _ in range(30):
-        result = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                                 "--", *entrypoint], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        if "No available agent to submit job" not in result.stderr:
-            return result
-        time.sleep(2)
-    return result
-
-
 def _pipeline(driver_cache: Path, *args: str) -> list[str]:
     """The job's entrypoint: jobs/pipeline.py with a cache of its own. Set in the entrypoint's
     environment, it reaches the driver only: the workers and replicas Ray starts for the job
@@ -102,7 +91,7 @@ def test_submit_without_the_token_is_refused(cluster, tmp_path):
     address, _, env, _, _ = cluster
     # No token anywhere: not in the environment, not in ~/.ray/auth_token.
     anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(tmp_path)}
-    result = _submit(address, anonymous, sys.executable, "-c", "print('should not run')", timeout=120)
+    result = submit(address, anonymous, sys.executable, "-c", "print('should not run')", timeout=120)
     assert result.returncode != 0
     assert "should not run" not in result.stdout
     assert "token" in (result.stdout + result.stderr).lower()
@@ -123,7 +112,7 @@ def submitted(cluster, tmp_path_factory):
             "--set", f"serve.port={SERVE_PORT}", "--set", f"serve.grpc_port={free_port()}",
             "--set", "distill.cache_teacher_logits=true", "--set", f"compress.variants={variants}",
             "--set", "loadtest.concurrency=[2]", "--set", "loadtest.ramp=[]", "--set", "loadtest.adaptive=[]"]
-    result = _submit(address, env, *_pipeline(cache, *args), timeout=800)
+    result = submit(address, env, *_pipeline(cache, *args), timeout=800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     return cluster, bucket, args, cache, result
 
@@ -219,7 +208,7 @@ def test_resubmitting_from_a_driver_with_nothing_local_changes_nothing_and_no_ke
     """The run is whole in the bucket, so a new driver with an empty cache redoes nothing."""
     (address, _, env, _, _), _, args, _, _ = submitted
     manifest = _get("manifest.json")
-    result = _submit(address, env, *_pipeline(tmp_path / "second-driver-cache", *args, "--no-keep-serving"),
+    result = submit(address, env, *_pipeline(tmp_path / "second-driver-cache", *args, "--no-keep-serving"),
                      timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert result.stdout.count("done already") == len(json.loads(manifest)["stages"])

@@ -2,9 +2,12 @@
 with the node types the project needs and no secrets; serve/example.yaml is well formed."""
 
 
+import shlex
+
 import yaml
 
 from conftest import ROOT
+from distillery.serving import ingress
 
 
 def _config() -> dict:
@@ -67,3 +70,15 @@ def test_the_example_serve_config_is_well_formed():
         expected = {"server": "/v2", "grpc": "/v2/grpc"}.get(args.kind, f"/v2/models/{app['name']}")
         assert app["route_prefix"] == expected
     assert doc["grpc_options"]["grpc_servicer_functions"] == [grpc_app.SERVICER]
+
+
+def test_every_node_starts_with_the_serve_settings_distillery_uses():
+    """cluster.yaml's `ray start` lines set what `ingress.ingress_env` sets for a local instance."""
+    cfg = _config()
+    for command in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        if "ray start" not in command:
+            continue
+        words = shlex.split(command)
+        env = dict(w.split("=", 1) for w in words[:next(i for i, w in enumerate(words) if w.endswith("/ray"))])
+        assert (ingress.SERVE_TUNING | ingress.HAPROXY_TUNING).items() <= env.items(), command
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"

@@ -62,11 +62,22 @@ def _training(root: Path, cfg: PipelineConfig, manifest: dict, data: dict) -> st
             continue
         lines.append(f"- **{which}**: {m['kind']}, {m['epochs']} epochs, {m['workers'] or 'no'} Ray Train workers "
                      f"({m['parallelism']}), {m['seconds']:.0f} s")
+        lines += [f"  - {restart_text(r)}" for r in m.get("restarts", [])]
     d = cfg.distill
     lines += ["", f"The student was distilled from the frozen teacher (temperature {d.temperature:g}, "
               f"alpha {d.alpha:g}); `student_scratch` is the same network trained alone, the baseline.", "",
               results_table(read_json(root / "results.json"))]
     return "\n".join(lines)
+
+
+def restart_text(r: dict) -> str:
+    """One resume of a training run, for the report."""
+    resumed = f"resumed at epoch {r['epoch']} from the checkpoint of epoch {r['resumed_from']}"
+    if "worker_failures" not in r:
+        return f"{resumed}, after the job's driver was restarted"
+    redone = r["last_epoch_before"] - r["resumed_from"]
+    return (f"{resumed} after a worker failure ({'; '.join(r['worker_failures'])}): Ray Train restarted as many "
+            f"workers on the live nodes; {redone} finished epoch(s) redone, plus the one in progress")
 
 
 def _body(md: Path) -> str:

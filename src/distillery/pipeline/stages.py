@@ -185,12 +185,21 @@ def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple
             model, history = _train_on_ray(run, cfg, which, spec, manifest, teacher_dir, on_epoch)
     test = evaluate(model, batches(*splits["test"], EVAL_BATCH))
     metrics = {**summarize(model, spec), "test_accuracy": test["accuracy"], "final_loss": history[-1]["loss"],
-               "epochs": len(history), "workers": cfg.ray.workers, "parallelism": stage.train.parallelism}
+               "epochs": len(history), "workers": cfg.ray.workers, "parallelism": stage.train.parallelism,
+               "restarts": restarts(history)}
     files = save_model(run.root / which, model, spec)
     atomic_write_json(run.root / which / "metrics.json", {**metrics, "history": history})
     log(f"[{which}] test accuracy {with_interval(test['accuracy'], len(splits['test'][1]))} on "
         f"{len(splits['test'][1])} images")
     return [*files, run.root / which / "metrics.json"], metrics
+
+
+def restarts(history: list[dict]) -> list[dict]:
+    """Where a training run resumed from a checkpoint: the epoch it resumed at, the checkpoint's
+    epoch, and, after worker failures (a node lost), the failures and the last epoch reported
+    before them; without failures the driver itself was restarted."""
+    keys = ("epoch", "resumed_from", "worker_failures", "last_epoch_before")
+    return [{k: h[k] for k in keys if k in h} for h in history if "resumed_from" in h]
 
 
 def cache_logits(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:

@@ -342,7 +342,10 @@ def logging_config(cfg: ServeConfig) -> dict[str, Any]:
 def deploy(run_dir: str, cfg: ServeConfig, api_key: str | None) -> str:
     """Start Serve on the connected Ray instance and run every application; return the URL."""
     apps = applications(run_dir, cfg, api_key)
-    serve.start(http_options=http_options(cfg), grpc_options=grpc_options(cfg), logging_config=logging_config(cfg))
+    # One ingress, on the head node (as `config_document` says): with HAProxy, Serve would
+    # otherwise start one on every node that holds replicas.
+    serve.start(proxy_location="HeadOnly", http_options=http_options(cfg), grpc_options=grpc_options(cfg),
+                logging_config=logging_config(cfg))
     targets = [serve.RunTarget(build_application(a["args"]), name=a["name"], route_prefix=a["route_prefix"],
                                logging_config=logging_config(cfg)) for a in apps]
     # Every application starts together (one at a time took ~4 s each); `auto`'s handles to

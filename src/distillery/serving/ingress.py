@@ -70,6 +70,13 @@ def _free_port(host: str) -> int:
 # a margin without making every update and scale-down wait 30 s.
 SERVE_TUNING = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+# HAProxy replays a request on another replica when its connection to the first failed to
+# open (Ray's default) and also when it closed without a byte of answer (`empty-response`):
+# the replica died, its node with it. Ray leaves the latter off because a replay can run a
+# non-idempotent handler twice; an inference request is a pure function of its input. With
+# a node killed under load (tests/integration/test_multinode.py), conn-failure alone lost
+# requests sent after the kill on pooled connections to the dead replica (HTTP 500).
+HAPROXY_TUNING = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response"}
 
 
 def ingress_env(kind: str, host: str, local: bool = True) -> dict[str, str]:
@@ -80,7 +87,8 @@ def ingress_env(kind: str, host: str, local: bool = True) -> dict[str, str]:
     if kind != "haproxy":  # HOST_VAR: where `grpc_app` binds the replicas' gRPC listeners
         return SERVE_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "0", HOST_VAR: host}
     wrapper = shutil.which(HAPROXY_WRAPPER, path=str(Path(sys.executable).parent)) or shutil.which(HAPROXY_WRAPPER)
-    env = SERVE_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "1", HOST_VAR: host, BINARY_VAR: haproxy_binary() or "haproxy"}
+    env = SERVE_TUNING | HAPROXY_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "1", HOST_VAR: host,
+                                           BINARY_VAR: haproxy_binary() or "haproxy"}
     if wrapper:
         env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
     if local:

@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 
 import ray.train
 
+from distillery import console
+
 
 class EpochFeed(ray.train.UserCallback):
     """Runs in Ray Train's controller, which Ray places on the driver's node: appends each
@@ -25,8 +27,49 @@ class EpochFeed(ray.train.UserCallback):
         self.path = path
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        self._append(metrics[0])
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        """A worker failed (its error, or its node gone): Ray Train restarts the group next."""
+        self._append({FAILURE: sorted({one_line(e) for e in worker_exceptions.values()})})
+
+    def _append(self, line: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics[0]) + "\n")
+            f.write(json.dumps(line) + "\n")
+
+
+FAILURE = "worker_failure"  # the key of a feed line that reports failed workers, not an epoch
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line: its type and the last line of its message (a worker's exception
+    arrives wrapped, its traceback in the message)."""
+    cause = getattr(e, "cause", None) or e
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+def epochs_and_failures(label: str, max_failures: int, on_epoch: Callable[[dict], None],
+                        restarts: dict[int, dict]) -> Callable[[dict], None]:
+    """The feed's lines: epochs to `on_epoch`, the first epoch after a restart carrying the
+    failures that caused it (`worker_failures`) and the last epoch reported before them
+    (also kept in `restarts`, by epoch); each failure said on the console as it happens."""
+    pending: list[str] = []
+    last = [0]  # the last epoch reported before a failure: what a restart may have to redo
+
+    def on_line(line: dict) -> None:
+        if FAILURE in line:
+            pending.extend(line[FAILURE])
+            console.say(f"[{label}] worker failure ({'; '.join(line[FAILURE])}): Ray Train restarts the worker "
+                        f"group from its last checkpoint (up to ray.max_failures={max_failures} times)")
+            return
+        if pending:
+            restarts[line["epoch"]] = {"worker_failures": list(pending), "last_epoch_before": last[0]}
+            line |= restarts[line["epoch"]]
+            pending.clear()
+        last[0] = line["epoch"]
+        on_epoch(line)
+    return on_line
 
 
 @contextlib.contextmanager

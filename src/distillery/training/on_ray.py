@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import ray.train
@@ -37,7 +38,7 @@ from distillery.models.architectures import build_model
 from distillery.run import storage
 from distillery.run.rundir import RunDir
 from distillery.training import checkpoint
-from distillery.training.feed import EpochFeed, following
+from distillery.training.feed import EpochFeed, epochs_and_failures, following, one_line
 from distillery.training.job import TrainJob
 from distillery.training.loop import (batches, make_optimizer, make_scheduler, random_shift, run_epochs,
                                       seed_everything, with_autocast)
@@ -75,7 +76,8 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
         train_worker,
         train_loop_config={"job": job.to_worker(), "pipeline": cfg.to_dict()},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+                                     placement_strategy=cfg.ray.placement_strategy),
         run_config=RunConfig(name=name, **_checkpoint_storage(run), callbacks=[EpochFeed(feed)],
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
@@ -86,8 +88,9 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
         dataset_config=DataConfig(datasets_to_split=["train"] if job.train.parallelism != "pipeline" else [],
                                   execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
+    restarts: dict[int, dict] = {}  # epoch -> the worker failures the run resumed after
     try:
-        with following(feed, on_epoch):
+        with following(feed, epochs_and_failures(name.split("-")[0], cfg.ray.max_failures, on_epoch, restarts)):
             result = trainer.fit()
     except ray.train.WorkerGroupError as e:
         raise TrainingFailed(f"{name}: {_first_failure(e)} (the worker group was restarted "
@@ -96,17 +99,23 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     with result.checkpoint.as_directory() as folder:
         checkpoint.verify(Path(folder), cfg.ray.workers)
         state = checkpoint.merged_model_state(Path(folder))
-        history = checkpoint.read_history(Path(folder))
+        history = [h | restarts.get(h["epoch"], {})
+                   for h in checkpoint.read_history(Path(folder))]
     _drop_unregistered(run.location_of(f"ray/{name}"), {Path(c.path).name for c, _ in result.best_checkpoints})
     return state, history
 
 
 def read_shards(run: RunDir, rels: list[str]) -> "ray.data.Dataset":
-    """The run's Parquet files `rels`, read where the run lives (a folder or a URI), one block
-    per file as Ray's default (V2) reader gave: workers see the same rows in the same order,
-    so results do not depend on the reader `ensure_ray` picked (V1, for its speed)."""
-    fs, base = storage.filesystem(run.location)
-    return ray.data.read_parquet([f"{base}/{rel}" for rel in rels], filesystem=fs, override_num_blocks=len(rels))
+    """The run's Parquet files `rels` (verified copies on this driver's node) as a dataset,
+    one block per file, in order: workers see the same rows in the same order every run.
+
+    Read here and put in the object store as they are (`from_blocks`: no task at all), not
+    read by Ray Data's tasks: `read_parquet` and `from_arrow` each start with a task that
+    needs a whole free CPU, which a cluster whose CPUs are shared by training workers and
+    Serve replicas may not have (the stage waited forever on a three-node test cluster), and
+    blocks read on a worker node are lost with that node. Put by the driver, they live on
+    its node and survive the loss of any worker node."""
+    return ray.data.from_blocks([pq.read_table(run.root / rel) for rel in rels])
 
 
 def run_rels(run: RunDir, paths: list[Path]) -> list[str]:
@@ -132,10 +141,7 @@ def _checkpoint_storage(run: RunDir) -> dict[str, Any]:
 
 def _first_failure(e: "ray.train.WorkerGroupError") -> str:
     """The first worker's error as one line: its exception type and message, not the traceback."""
-    failure = next(iter(e.worker_failures.values()), e)
-    cause = getattr(failure, "cause", None) or failure  # a RayTaskError wraps the worker's exception
-    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+    return one_line(next(iter(e.worker_failures.values()), e))
 
 
 def _drop_unregistered(trial: str, registered: set[str]) -> None:

@@ -1,0 +1,169 @@
+"""A Ray cluster of several nodes on this machine, as Ray's own tests simulate one: a head
+node with no CPUs for work (it runs the GCS, the dashboard, job drivers and Serve's
+controller and ingress) and worker nodes joined to it with `ray start --address`, each its
+own raylet with its own temporary folder, object store and distillery cache, token
+authentication on. A node is lost the way a machine is: its raylet and every process it
+started killed at once (SIGKILL to its process group). Used by tests/integration/test_multinode.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from conftest import ROOT, free_port
+
+BIN = Path(sys.executable).parent
+LABEL = "distillery-test/node"  # a label on each node: its name here (head, worker1, ...)
+
+
+@dataclass
+class Node:
+    name: str
+    temp: str            # Ray's temporary folder of this node (its sockets, logs, session)
+    cache: Path          # DISTILLERY_CACHE of the processes this node starts
+    process: subprocess.Popen  # `ray start --block`, leader of the node's process group
+    log: Path
+
+
+class Cluster:
+    """`Cluster(folder, env)`: `start_head()`, `add_nodes(n)`, `kill(node)`, `names()`, `stop()`; `env` is what every node and client gets (the S3 server's, say), plus the token."""
+
+    def __init__(self, folder: Path, env: dict[str, str]):
+        self.folder, self.token = folder, secrets.token_hex(32)
+        self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        self.env.pop("RAY_ADDRESS", None)
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.head: Node | None = None
+        self.workers: list[Node] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start_head(self) -> Node:
+        self.head = self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0",
+                                         "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                                         f"--ray-client-server-port={free_port()}"])
+        self._wait(self._dashboard_up, "the head node's dashboard", self.head)
+        return self.head
+
+    def add_nodes(self, count: int, cpus: int = 1) -> list[Node]:
+        """`count` worker nodes with `cpus` CPUs each, one after another (Ray gives a starting
+        raylet 30 s to register, which several at once on 2 busy cores can miss: a node that
+        fails to start is started again, once)."""
+        return [self._add_node(cpus) for _ in range(count)]
+
+    def _add_node(self, cpus: int, attempts: int = 2) -> Node:
+        name = f"worker{len(self.workers) + 1}"
+        for attempt in range(attempts):
+            node = self._start(name, [
+                f"--address={self.address}", f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0"])
+            try:
+                self._wait(lambda: name in self.alive().values(), f"node {name} to join", node)
+            except AssertionError:
+                self.kill(node)
+                if attempt == attempts - 1:
+                    raise
+                continue
+            self.workers.append(node)
+            return node
+        raise AssertionError("unreachable")
+
+    def kill(self, node: Node) -> None:
+        """Lose `node` as a machine is lost: its raylet and every process it started, SIGKILLed
+        together. Ray's workers (Train workers, Serve replicas) leave the node's process
+        group, so the node is frozen first (no new process), then each process killed."""
+        import psutil
+
+        os.killpg(node.process.pid, signal.SIGSTOP)
+        processes = [psutil.Process(node.process.pid), *psutil.Process(node.process.pid).children(recursive=True)]
+        for p in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGSTOP)
+        for p in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        node.process.wait(timeout=30)
+
+    def nodes(self) -> list[dict]:
+        """Ray's node table from its state API (node_id, state, labels, ...), dead nodes included."""
+        request = urllib.request.Request(f"{self.dashboard}/api/v0/nodes?limit=1000&detail=1",
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return json.loads(r.read())["data"]["result"]["result"]
+
+    def names(self) -> dict[str, str]:
+        """{Ray node id: our node's name} of every node that ever joined."""
+        return {n["node_id"]: n["labels"].get(LABEL, "?") for n in self.nodes()}
+
+    def alive(self) -> dict[str, str]:
+        """{Ray node id: our node's name} of the nodes alive now."""
+        return {n["node_id"]: n["labels"].get(LABEL, "?") for n in self.nodes() if n["state"] == "ALIVE"}
+
+    def stop(self) -> None:
+        for node in [*self.workers, self.head]:
+            if node and node.process.poll() is None:
+                self.kill(node)  # a graceful stop takes tens of seconds
+        for node in [*self.workers, self.head]:
+            if node:
+                shutil.rmtree(node.temp, ignore_errors=True)
+
+    def _start(self, name: str, args: list[str]) -> Node:
+        # Ray's unix socket paths must stay under ~107 bytes: pytest's tmp paths are too long.
+        temp = tempfile.mkdtemp(prefix=f"ray-{name[:1]}{name[-1]}-", dir="/tmp")
+        cache, log = self.folder / f"cache-{name}", self.folder / f"{name}.log"
+        process = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+             "--disable-usage-stats", f"--labels={json.dumps({LABEL: name})}", *args],
+            env={**self.env, "DISTILLERY_CACHE": str(cache)}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group: `kill` takes the whole node
+        return Node(name, temp, cache, process, log)
+
+    def _dashboard_up(self) -> bool:
+        request = urllib.request.Request(f"{self.dashboard}/api/version",
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def _wait(self, ready, what: str, node: Node, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert node.process.poll() is None, f"{node.name} exited: " + node.log.read_text()[-3000:]
+            if ready():
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"waited {timeout} s for {what}: " + node.log.read_text()[-3000:])
+
+
+def submit(address: str, env: dict, *entrypoint: str, timeout: float) -> subprocess.CompletedProcess:
+    """`ray job submit` of `entrypoint` with this project as the working dir, waiting for its end."""
+    # Ray's dashboard can answer before its job agent is up; it then refuses the submission
+    # with "please try again later", which is what a user would do.
+    for _ in range(30):
+        result = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                                 "--", *entrypoint], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in result.stderr:
+            return result
+        time.sleep(2)
+    return result
