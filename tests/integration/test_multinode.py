@@ -113,7 +113,7 @@ def _replica_nodes(cluster: Cluster, model: str) -> list[str]:
             and a["class_name"] == f"ServeReplica:{model}:Model"]
 
 
-LOAD_S, KILL_AT_S, CLIENTS = 40.0, 8.0, 4
+LOAD_S, KILL_AT_S, CLIENTS = 30.0, 6.0, 4
 
 
 def test_losing_a_node_while_serving_loses_only_what_it_had_in_flight(cluster, job):
