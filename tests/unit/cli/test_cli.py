@@ -55,3 +55,16 @@ def test_data_prepare_command(tmp_path, capsys):
     data_manifest = json.loads((tmp_path / "syn" / "data" / "manifest.json").read_text())
     assert data_manifest["source"] == "synthetic"
     assert sum(c["total"] for c in data_manifest["counts"].values()) == 100
+
+
+def test_serving_a_finished_run_may_name_another_cluster_but_not_retrain(tmp_path):
+    """A run made on one cluster (its config records `ray.address`) served on another."""
+    from distillery.cli.serve import _run_config
+    from distillery.errors import UserError
+
+    (tmp_path / "config.yaml").write_text((ROOT / "configs" / "tiny.yaml").read_text() + "ray: {address: 10.0.0.1:6379}\n")
+    (tmp_path / "frontier.json").write_text("{}")
+    _, cfg = _run_config(str(tmp_path), ["ray.address=127.0.0.1:7000", "serve.port=9000"])
+    assert (cfg.ray.address, cfg.serve.port) == ("127.0.0.1:7000", 9000)
+    with pytest.raises(UserError, match="only serve.. settings and ray.address can change"):
+        _run_config(str(tmp_path), ["teacher.train.epochs=9"])
