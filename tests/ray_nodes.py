@@ -28,6 +28,23 @@ BIN = Path(sys.executable).parent
 LABEL = "distillery-test/node"  # a label on each node: its name here (head, worker1, ...)
 
 
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL `process` (a `ray start --block`) and every process it started, together. Ray's
+    workers (Train workers, Serve replicas) leave its process group, so killing the group
+    alone leaves them running: the tree is frozen first (no new process), then killed."""
+    import psutil
+
+    os.killpg(process.pid, signal.SIGSTOP)
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGSTOP)
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    process.wait(timeout=30)
+
+
 @dataclass
 class Node:
     name: str
@@ -88,20 +105,8 @@ class Cluster:
         raise AssertionError("unreachable")
 
     def kill(self, node: Node) -> None:
-        """Lose `node` as a machine is lost: its raylet and every process it started, SIGKILLed
-        together. Ray's workers (Train workers, Serve replicas) leave the node's process
-        group, so the node is frozen first (no new process), then each process killed."""
-        import psutil
-
-        os.killpg(node.process.pid, signal.SIGSTOP)
-        processes = [psutil.Process(node.process.pid), *psutil.Process(node.process.pid).children(recursive=True)]
-        for p in processes:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.send_signal(signal.SIGSTOP)
-        for p in processes:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        node.process.wait(timeout=30)
+        """Lose `node` as a machine is lost: its raylet and every process it started."""
+        kill_tree(node.process)
 
     def nodes(self) -> list[dict]:
         """Ray's node table from its state API (node_id, state, labels, ...), dead nodes included."""

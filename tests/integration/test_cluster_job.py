@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, make_bucket
-from ray_nodes import submit
+from ray_nodes import kill_tree, submit
 from distillery.files import sha256_file
 from distillery.serving import ingress
 
@@ -56,12 +55,7 @@ def cluster(tmp_path_factory, s3_server):
         _wait_until_up(address, token, head, tmp / "head.log")
         yield address, token, env, f"127.0.0.1:{gcs}", tmp / "node-cache"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
-        try:
-            head.wait(timeout=10)  # a graceful stop took 34 s; nothing here needs one
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        kill_tree(head)  # a graceful stop took 34 s; nothing here needs one
         shutil.rmtree(temp, ignore_errors=True)
 
 
