@@ -123,6 +123,9 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
     # At most one finished epoch is redone (plus the one in flight): Ray can restart from the
     # checkpoint before the newest when a worker dies within ~2 s of reporting it.
     assert resumed and resumed[0] >= killed[0][1] - 1, (resumed, killed)
+    # The stage records why it resumed: the failure Ray Train reported, with the epoch after it.
+    [restart] = _metrics(tmp_path, "teacher")["restarts"]
+    assert restart["epoch"] == restart["resumed_from"] + 1 and restart["worker_failures"], restart
 
 
 def test_a_worker_that_always_fails_ends_the_stage_with_a_clear_error(tmp_path):

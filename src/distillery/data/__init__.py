@@ -1,8 +1,9 @@
 """Datasets: any source -> seeded, stratified Parquet shards with a verified manifest.
 
 `prepare` turns one source into train/val/test shards in one folder; `load_split` reads a
-split back as tensors for plain PyTorch; `shard_paths` names the same verified files,
-which the driver hands to Ray Data (`training.on_ray.read_shards`); `decode_batch` turns a batch from either path into the same tensors.
+split back as tensors for plain PyTorch; `shard_paths` names the same verified files, which
+the driver hands to Ray Data (`training.on_ray.read_shards`); `decode_batch` turns a batch
+from either path into the same tensors.
 
 `sources` reads the images (a registry of loaders), `prepare` splits and writes them,
 `shards` is the format every later stage reads.

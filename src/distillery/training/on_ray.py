@@ -64,11 +64,11 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     # and its workers from this process's environment; an explicit setting wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")
     ensure_ray(cfg)
-    # Only the training split streams through Ray Data, read where the run lives (a folder
-    # or a URI); the small val split is read once per worker from the same verified shards
-    # (re-executing a dataset each epoch cost seconds).
+    # Only the training split streams through Ray Data (`read_shards`); the small val split is
+    # read once per worker from the same verified shards (re-executing a dataset each epoch
+    # cost seconds).
     train_files = job.train_files or run_rels(run, data.shard_paths(run.root / "data", "train"))
-    datasets = {"train": read_shards(run, train_files).materialize()}
+    datasets = {"train": read_shards(run, train_files)}
     folders = [f for f in (job.teacher_dir, job.init_dir) if f]
     feed = Path(tempfile.mkdtemp(prefix="distillery-epochs-")) / "epochs.jsonl"
     job = job.model_copy(update={"run": run.location, "run_files": worker_files(run, folders)})
@@ -90,7 +90,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     )
     restarts: dict[int, dict] = {}  # epoch -> the worker failures the run resumed after
     try:
-        with following(feed, epochs_and_failures(name.split("-")[0], cfg.ray.max_failures, on_epoch, restarts)):
+        with following(feed, epochs_and_failures(job.which, cfg.ray.max_failures, on_epoch, restarts)):
             result = trainer.fit()
     except ray.train.WorkerGroupError as e:
         raise TrainingFailed(f"{name}: {_first_failure(e)} (the worker group was restarted "
@@ -99,8 +99,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     with result.checkpoint.as_directory() as folder:
         checkpoint.verify(Path(folder), cfg.ray.workers)
         state = checkpoint.merged_model_state(Path(folder))
-        history = [h | restarts.get(h["epoch"], {})
-                   for h in checkpoint.read_history(Path(folder))]
+        history = [h | restarts.get(h["epoch"], {}) for h in checkpoint.read_history(Path(folder))]
     _drop_unregistered(run.location_of(f"ray/{name}"), {Path(c.path).name for c, _ in result.best_checkpoints})
     return state, history
 
