@@ -15,14 +15,14 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, make_bucket
+from conftest import ROOT, free_port, make_bucket
 from distillery.loadtest import generator
 from distillery.measure.accuracy import interval
 from distillery.serving import ingress
 from ray_nodes import BIN, Cluster, submit
 from test_ray_resume import registered_epoch
 
-SERVE_PORT = 8000 + os.getpid() % 1000  # one Serve instance on this cluster
+SERVE_PORT = free_port()  # one Serve instance on this cluster
 # The tiny preset, sized so an epoch lasts long enough to lose a node in the middle of one:
 # the teacher's 4 epochs of 1,200 images are the undisturbed run the training test compares with.
 COMMON = ["--config", "configs/tiny.yaml", "--set", "data.num_samples=1200", "--set", "teacher.train.epochs=4",
