@@ -86,31 +86,37 @@ class Cluster:
         fails to start is started again, once)."""
         return [self._add_node(cpus) for _ in range(count)]
 
-    def _add_node(self, cpus: int, attempts: int = 2) -> Node:
+    def _add_node(self, cpus: int, retries: int = 1) -> Node:
         name = f"worker{len(self.workers) + 1}"
-        for attempt in range(attempts):
-            node = self._start(name, [
-                f"--address={self.address}", f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={free_port()}",
-                f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                f"--metrics-export-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0"])
-            try:
-                self._wait(lambda: name in self.alive().values(), f"node {name} to join", node)
-            except AssertionError:
-                self.kill(node)
-                if attempt == attempts - 1:
-                    raise
-                continue
-            self.workers.append(node)
-            return node
-        raise AssertionError("unreachable")
+        node = self._start(name, [
+            f"--address={self.address}", f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0"])
+        try:
+            self._wait(lambda: name in self.alive().values(), f"node {name} to join", node)
+        except AssertionError:
+            self.kill(node)
+            if not retries:
+                raise
+            return self._add_node(cpus, retries - 1)
+        self.workers.append(node)
+        return node
 
     def kill(self, node: Node) -> None:
         """Lose `node` as a machine is lost: its raylet and every process it started."""
         kill_tree(node.process)
 
     def nodes(self) -> list[dict]:
-        """Ray's node table from its state API (node_id, state, labels, ...), dead nodes included."""
-        request = urllib.request.Request(f"{self.dashboard}/api/v0/nodes?limit=1000&detail=1",
+        """Ray's node table (node_id, state, labels, ...), dead nodes included."""
+        return self.state("nodes")
+
+    def actors(self) -> list[dict]:
+        """Every actor the cluster has had (class_name, node_id, state, ...), dead ones included."""
+        return self.state("actors")
+
+    def state(self, kind: str) -> list[dict]:
+        """One table of Ray's state API, read from the dashboard with the token."""
+        request = urllib.request.Request(f"{self.dashboard}/api/v0/{kind}?limit=10000&detail=1",
                                          headers={"Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(request, timeout=30) as r:
             return json.loads(r.read())["data"]["result"]["result"]

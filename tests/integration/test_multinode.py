@@ -57,23 +57,19 @@ def job(cluster):
     return bucket, result
 
 
-def _actors(cluster: Cluster) -> list[dict]:
-    """Every actor the cluster has had (dead ones too), from Ray's state API."""
-    request = urllib.request.Request(f"{cluster.dashboard}/api/v0/actors?limit=10000&detail=1",
-                                     headers={"Authorization": f"Bearer {cluster.token}"})
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())["data"]["result"]["result"]
+def _get(bucket: str, rel: str) -> bytes:
+    import boto3
+
+    return boto3.client("s3").get_object(Bucket=bucket.removeprefix("s3://"), Key=rel)["Body"].read()
 
 
 def _read(bucket: str, rel: str) -> dict:
-    import boto3
-
-    return json.loads(boto3.client("s3").get_object(Bucket=bucket.removeprefix("s3://"), Key=rel)["Body"].read())
+    return json.loads(_get(bucket, rel))
 
 
 def test_the_job_runs_across_the_worker_nodes_and_keeps_serving(cluster, job):
     bucket, _ = job
-    names, actors = cluster.names(), _actors(cluster)
+    names, actors = cluster.names(), cluster.actors()
     workers = {node for node, name in names.items() if name != "head"}
     # Each Ray Train run (teacher, student_scratch, student, the slim fine-tune) had its two
     # workers on two different worker nodes: one placement group per run.
@@ -96,9 +92,7 @@ def test_the_job_runs_across_the_worker_nodes_and_keeps_serving(cluster, job):
 
 
 def _request_body(bucket: str) -> bytes:
-    import boto3
-
-    return boto3.client("s3").get_object(Bucket=bucket.removeprefix("s3://"), Key="runs/tiny/serve/request.json")["Body"].read()
+    return _get(bucket, "runs/tiny/serve/request.json")
 
 
 def _infer(model: str, body: bytes) -> dict:
@@ -109,7 +103,7 @@ def _infer(model: str, body: bytes) -> dict:
 
 
 def _replica_nodes(cluster: Cluster, model: str) -> list[str]:
-    return [a["node_id"] for a in _actors(cluster) if a["state"] == "ALIVE"
+    return [a["node_id"] for a in cluster.actors() if a["state"] == "ALIVE"
             and a["class_name"] == f"ServeReplica:{model}:Model"]
 
 
@@ -185,7 +179,7 @@ def test_losing_a_node_while_training_resumes_from_the_last_checkpoint(cluster, 
     while registered_epoch(location) < 2 and run.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert run.poll() is None, run.stdout.read()[-3000:]
-    training = {a["node_id"] for a in _actors(cluster) if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"}
+    training = {a["node_id"] for a in cluster.actors() if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"}
     names = cluster.names()
     victim = next(n for n in cluster.workers if names.get(next(iter(training))) == n.name)
     cluster.kill(victim)

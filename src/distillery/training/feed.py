@@ -55,19 +55,20 @@ def epochs_and_failures(label: str, max_failures: int, on_epoch: Callable[[dict]
     failures that caused it (`worker_failures`) and the last epoch reported before them
     (also kept in `restarts`, by epoch); each failure said on the console as it happens."""
     pending: list[str] = []
-    last = [0]  # the last epoch reported before a failure: what a restart may have to redo
+    last = 0  # the last epoch reported before a failure: what a restart may have to redo
 
     def on_line(line: dict) -> None:
+        nonlocal last
         if FAILURE in line:
             pending.extend(line[FAILURE])
             console.say(f"[{label}] worker failure ({'; '.join(line[FAILURE])}): Ray Train restarts the worker "
                         f"group from its last checkpoint (up to ray.max_failures={max_failures} times)")
             return
         if pending:
-            restarts[line["epoch"]] = {"worker_failures": list(pending), "last_epoch_before": last[0]}
+            restarts[line["epoch"]] = {"worker_failures": list(pending), "last_epoch_before": last}
             line |= restarts[line["epoch"]]
             pending.clear()
-        last[0] = line["epoch"]
+        last = line["epoch"]
         on_epoch(line)
     return on_line
 
