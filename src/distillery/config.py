@@ -19,6 +19,7 @@ from distillery.errors import UserError
 from distillery.files import atomic_write_bytes
 from distillery.run.storage import check_location
 from distillery.schema import Strict
+from distillery.search.settings import SearchConfig
 
 # Each has a loader registered in `data.sources` (a unit test keeps the two lists equal).
 DATA_SOURCES = ("digits", "cifar10", "parquet", "synthetic", "folder")
@@ -225,6 +226,7 @@ class PipelineConfig(Strict):
     student: _stage(CNNConfig()) = StageConfig(model=CNNConfig(width_mult=0.5), train=TrainConfig(epochs=40, augment=False))
     distill: DistillConfig = DistillConfig()
     compress: CompressConfig = CompressConfig()
+    search: SearchConfig = SearchConfig()
     serve: ServeConfig = ServeConfig()
     loadtest: LoadTestConfig = LoadTestConfig()
     ray: RayConfig = RayConfig()

@@ -9,10 +9,11 @@
 TRAINED = ("teacher", "student_scratch", "student")  # in training order
 SHOWN = ("teacher", "student", "student_scratch")  # in tables: the product before its baseline
 VARIANT = "variant"
+SEARCHED = "searched"  # the variant a search chose (`search`), saved beside the configured ones
 ROLES = (*TRAINED, VARIANT)
 # What each trained model descends from, for the frontier's parent column.
 PARENT = {"teacher": None, "student_scratch": "teacher", "student": "teacher"}
 # The trained models a variant may start from (besides earlier variants).
 VARIANT_BASES = ("student", "teacher")
 # Names a variant may not take: the trained models and the served extras.
-RESERVED_NAMES = (*TRAINED, "auto", "server")
+RESERVED_NAMES = (*TRAINED, SEARCHED, "auto", "server")

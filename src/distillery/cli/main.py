@@ -25,6 +25,23 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    "phase, and Ray's and Serve's own log lines (always in the run's logs/run.log)")
 
 
+# `distillery search` flag -> config key (the same as --set search.budget.KEY=VALUE)
+BUDGET_FLAGS = {"max_p50_ms": "search.budget.max_p50_ms", "min_throughput": "search.budget.min_throughput",
+                "max_size_kib": "search.budget.max_size_kib", "min_accuracy": "search.budget.min_accuracy",
+                "maximise": "search.budget.maximise", "as_fast_as": "search.budget.as_fast_as", "trials": "search.trials"}
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-p50-ms", type=float, help="batch-1 median latency bound in ms, as a replica runs the model")
+    p.add_argument("--as-fast-as", help="no slower at batch 1 than this model of the run (default: student; "
+                   "null: no such bound)")
+    p.add_argument("--min-throughput", type=float, help="images/s at compress.bench.throughput_batch")
+    p.add_argument("--max-size-kib", type=float, help="weights on disk, KiB")
+    p.add_argument("--min-accuracy", type=float, help="validation accuracy floor, e.g. 0.985")
+    p.add_argument("--maximise", choices=["accuracy", "throughput"], help="what to maximise within the budget")
+    p.add_argument("--trials", type=int, help="trials to run (default: search.trials)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distillery", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -50,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress = sub.add_parser("compress", help="prune and quantize the trained models into variants, measure "
                               "them all, write the frontier report (fine-tuning on Ray Train)")
     _config_args(compress)
+
+    search = sub.add_parser("search", help="a Ray Tune search over distilled students and their compression under "
+                            "a budget; the best within it on the validation split becomes the variant `searched` "
+                            "(trains the teacher and students first if needed; re-running resumes the search)")
+    _search_args(search)
+    _config_args(search)
 
     srv = sub.add_parser("serve", help="serve a run's models on Ray Serve over HTTP (Open Inference Protocol); "
                          "`serve build RUN_DIR -o FILE` writes the Serve config YAML instead; `serve env RUN_DIR` "
@@ -157,6 +180,9 @@ def _dispatch(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.command == "data":
         overrides += [f"data.source={args.source}"] + ([f"data.path={args.path}"] if args.path else [])
+    if args.command == "search":
+        overrides += ["search.enabled=true"] + [f"{key}={getattr(args, flag)}" for flag, key in BUDGET_FLAGS.items()
+                                                if getattr(args, flag) is not None]
     cfg = load_config(args.config, overrides)
     _ask_for_token_auth(cfg.ray.address)
     log = console.say
@@ -170,6 +196,8 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         require_done(cfg, ["data", *TRAINED])
         stages = ["evaluate"]
+    elif args.command == "search":
+        stages = ["data", *TRAINED, "search"]
     elif args.command == "compress":
         require_done(cfg, ["data", *TRAINED])
         stages = ["compress"]
@@ -181,6 +209,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         log(f"results: {(run.root / 'results.md').resolve()}")
     if (run.root / "frontier.md").exists() and args.command in ("run", "compress"):
         log(f"frontier: {(run.root / 'frontier.md').resolve()}")
+    if (run.root / "search" / "frontier.md").exists() and args.command in ("run", "search"):
+        log(f"search: {(run.root / 'search' / 'frontier.md').resolve()}")
     if args.command == "run":
         log(f"report: {(run.root / 'report.md').resolve()}")
         if cfg.serve.enabled:

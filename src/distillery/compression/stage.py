@@ -27,7 +27,7 @@ from distillery.files import atomic_write_json, read_json
 from distillery.measure import frontier, timing
 from distillery.models.architectures import build_model, count_macs, count_params
 from distillery.models.artifact import load_model
-from distillery.roles import PARENT, SHOWN, TRAINED, VARIANT, VARIANT_BASES
+from distillery.roles import PARENT, SEARCHED, SHOWN, TRAINED, VARIANT, VARIANT_BASES
 from distillery.run.rundir import RunDir
 from distillery.training.objective import frozen_teacher
 
@@ -44,7 +44,8 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
             built[v.name] = build(ctx, v)
             advance(1, note=v.name)
     settings = timing.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
-    with console.progress("[compress] scoring and timing", len(SHOWN) + len(variants), "models") as advance:
+    count = len(SHOWN) + len(variants) + cfg.search.enabled
+    with console.progress("[compress] scoring and timing", count, "models") as advance:
         records = measure_all(ctx, settings, built, advance)
     margin = cfg.compress.speedup_margin
     for rec in records.values():  # a cascade must beat its larger model, which it stands in for
@@ -68,13 +69,7 @@ def measure_all(ctx: Context, settings: timing.BenchSettings, built: dict[str, B
     """The trained models and every variant as reloaded from disk, scored and timed. Timed only
     once everything is built, one after another: no training in between competes for the
     cores, and a parent and its child are measured minutes apart at most."""
-    records = {}
-    for name in SHOWN:
-        model, arch = load_model(ctx.run.verify_file(f"{name}/arch.json").parent)
-        size = (ctx.run.root / name / arch["weights"]).stat().st_size
-        records[name] = {**measure(ctx, settings, name, name, PARENT[name], name, model, model, size),
-                         "numerics": "fp32"}
-        advance(1, note=name)
+    records = measure_trained(ctx, settings, advance)
     for v in ctx.cfg.compress.variants:
         b = built[v.name]
         model, _ = store.load_variant(b.files[-1].parent)  # score what is on disk
@@ -85,6 +80,32 @@ def measure_all(ctx: Context, settings: timing.BenchSettings, built: dict[str, B
                           b.files[0].stat().st_size, int8=v.steps[-1].kind == "int8_static")
             records[v.name] = {**rec, "steps": b.details, "numerics": v.numerics() or records[v.parent]["numerics"]}
         advance(1, note=v.name)
+    if ctx.cfg.search.enabled:
+        records[SEARCHED] = measure_searched(ctx, settings)
+        advance(1, note=SEARCHED)
+    return records
+
+
+def measure_searched(ctx: Context, settings: timing.BenchSettings) -> dict[str, Any]:
+    """The model the search chose (`search.stage`), timed here again beside everything else."""
+    folder = ctx.run.verify_file(f"variants/{SEARCHED}/arch.json").parent
+    found = read_json(ctx.run.verify_file(f"variants/{SEARCHED}/search.json"))["record"]
+    model, _ = store.load_variant(folder)
+    rec = measure(ctx, settings, SEARCHED, VARIANT, "teacher", f"searched: {found['recipe']}", model, model,
+                  found["size_bytes"], int8=found["numerics"] == "int8_static", macs=found["macs"], params=found["params"])
+    return {**rec, "numerics": found["numerics"]}
+
+
+def measure_trained(ctx: Context, settings: timing.BenchSettings,
+                    advance: Callable[..., None] = lambda *a, **k: None) -> dict[str, dict[str, Any]]:
+    """The teacher and both students as reloaded from disk (verified), scored and timed."""
+    records = {}
+    for name in SHOWN:
+        model, arch = load_model(ctx.run.verify_file(f"{name}/arch.json").parent)
+        size = (ctx.run.root / name / arch["weights"]).stat().st_size
+        records[name] = {**measure(ctx, settings, name, name, PARENT[name], name, model, model, size),
+                         "numerics": "fp32"}
+        advance(1, note=name)
     return records
 
 

@@ -132,7 +132,7 @@ def write_frontier(out_dir: Path, records: list[dict], *, floor: float, machine:
                                  "recommended": rec, "pareto": front, "variants": records})
     atomic_write_bytes(paths[1], _csv(records, front).encode())
     atomic_write_bytes(paths[2], _markdown(records, front, rec, floor, machine, settings).encode())
-    atomic_write_bytes(paths[3], _png(records, front, rec, floor))
+    atomic_write_bytes(paths[3], plot_png(records, front, rec, floor))
     return paths
 
 
@@ -211,17 +211,23 @@ def _evidence_line(machine: dict, settings: dict) -> str:
             f"{'; compiled graphs are timed for comparison, not served' if 'compile' in s.get('modes', []) else ''}).")
 
 
-def _png(records: Sequence[dict], front: list[str], rec: dict | None, floor: float) -> bytes:
+def plot_png(records: Sequence[dict], front: list[str], rec: dict | None, floor: float | None, *,
+             max_ms: float | None = None, chosen: str = "recommended") -> bytes:
+    """The frontier plot: every record, the Pareto front, the accuracy floor and, for a
+    search, its latency budget; `rec` ({"name"}) circled as `chosen`."""
     fig = Figure(figsize=(9, 6), layout="constrained")
     FigureCanvasAgg(fig)  # render with Agg explicitly: no display, no global pyplot state
     ax = fig.subplots()
     _plot_points(ax, records)
     _plot_front(ax, records, front)
-    ax.axhline(floor * 100, color="grey", linestyle=":", linewidth=1, label=f"accuracy floor {floor:.1%}")
+    if floor is not None:
+        ax.axhline(floor * 100, color="grey", linestyle=":", linewidth=1, label=f"accuracy floor {floor:.1%}")
+    if max_ms is not None:
+        ax.axvline(max_ms, color="red", linestyle="--", linewidth=1, label=f"latency budget {max_ms:.3g} ms")
     if rec:
         r = next(r for r in records if r["name"] == rec["name"])
         ax.scatter([r["p50_ms"]], [r["test_accuracy"] * 100], s=500, facecolors="none", edgecolors="red",
-                   linewidths=2, label=f"recommended: {r['name']}", zorder=4)
+                   linewidths=2, label=f"{chosen}: {r['name']}", zorder=4)
     _log_latency_axis(ax, [r["p50_ms"] for r in records])
     ax.set_xlabel("p50 latency at batch 1 (ms, log scale)")
     ax.set_ylabel("test accuracy (%)")

@@ -43,7 +43,7 @@ EVAL_BATCH = 1024
 # student distilled from an older teacher is not the one this teacher would give.
 INPUTS = {"data": [], "teacher": ["data"], "teacher_logits": ["data", "teacher"], "student_scratch": ["data"],
           "student": ["data", "teacher", "teacher_logits"], "evaluate": ["data", *TRAINED],
-          "compress": ["data", *TRAINED], "serve": ["data", "compress"], "report": ["data", "evaluate", "compress", "serve"]}
+          "search": ["data", *TRAINED], "compress": ["data", *TRAINED, "search"], "serve": ["data", "compress"], "report": ["data", "evaluate", "compress", "serve"]}
 
 
 def downstream(name: str) -> list[str]:
@@ -60,11 +60,20 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp["student_scratch"] = fingerprint(fp["data"], cfg.student.model_dump(), cfg.seed, workers)
     fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), cfg.distill.model_dump(), cfg.seed, workers)
     fp["evaluate"] = fingerprint(*(fp[name] for name in TRAINED))
+    fp["search"] = fingerprint(search_name(cfg, fp), cfg.search.budget.model_dump(), cfg.compress.bench.model_dump(),
+                               cfg.compress.speedup_margin, fp["student"], fp["student_scratch"])
     fp["compress"] = fingerprint(*(fp[name] for name in TRAINED), cfg.compress.model_dump(), cfg.distill.model_dump(),
-                                 cfg.seed, workers)
+                                 cfg.seed, workers, fp["search"] if cfg.search.enabled else None)
     fp["serve"] = fingerprint(fp["compress"], cfg.serve.model_dump(), cfg.loadtest.model_dump())
     fp["report"] = fingerprint(fp["evaluate"], fp["compress"], fp["serve"] if cfg.serve.enabled else None)
     return fp
+
+
+def search_name(cfg: PipelineConfig, fp: dict[str, str]) -> str:
+    """Tune's experiment: what the trials depend on. Not the budget, which only chooses among
+    finished trials: a new budget re-measures and re-chooses, it does not re-train."""
+    trials = cfg.search.model_dump(exclude={"budget", "enabled"})
+    return "search-" + fingerprint(fp["teacher"], trials, cfg.student.train.model_dump(), cfg.seed)
 
 
 def stage_functions(cfg: PipelineConfig) -> dict[str, StageFn]:
@@ -73,7 +82,8 @@ def stage_functions(cfg: PipelineConfig) -> dict[str, StageFn]:
     cache = {"teacher_logits": cache_logits} if uses_logit_cache(cfg) else {}
     served = {"serve": serve_models} if cfg.serve.enabled else {}
     return {"data": prepare_data, "teacher": train("teacher"), **cache,
-            **{name: train(name) for name in TRAINED[1:]}, "evaluate": evaluate_run, "compress": compress_models,
+            **{name: train(name) for name in TRAINED[1:]}, "evaluate": evaluate_run,
+            **({"search": search_models} if cfg.search.enabled else {}), "compress": compress_models,
             **served, "report": write_report}
 
 
@@ -292,6 +302,14 @@ def compress_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Pa
 
     manifest, splits = load_splits(run)
     return compress_run(run, cfg, log, splits, manifest)
+
+
+def search_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
+    """A Ray Tune search of distilled, compressed students under `search.budget`."""
+    from distillery.search.stage import search_run  # Ray Tune loads only here
+
+    manifest, splits = load_splits(run)
+    return search_run(run, cfg, log, splits, manifest, search_name(cfg, fingerprints(cfg)))
 
 
 def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:

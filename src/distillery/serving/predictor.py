@@ -14,7 +14,7 @@ from distillery.errors import UserError
 from distillery.files import read_json
 from distillery.measure import timing
 from distillery.models.artifact import load_model
-from distillery.roles import TRAINED
+from distillery.roles import SEARCHED, TRAINED
 from distillery.run import storage
 from distillery.run.rundir import local_view
 from distillery.serving.runner import SERVABLE_MODES, runner
@@ -44,7 +44,8 @@ def catalog(run_dir: str | Path, names: list[str] | None = None) -> list[ServedM
     front = read_json(run_dir / "frontier.json")
     records = {r["name"]: r for r in front["variants"]}
     recommended = (front.get("recommended") or {}).get("name")
-    wanted = names or sorted(set(front["pareto"]) | ({recommended} if recommended else set()),
+    extra = {n for n in (recommended, SEARCHED) if n in records}  # a searched model is what its budget asked for
+    wanted = names or sorted(set(front["pareto"]) | extra,
                              key=lambda n: records[n]["p50_ms"])
     unknown = [n for n in wanted if n not in records]
     if unknown:

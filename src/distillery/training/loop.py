@@ -20,8 +20,9 @@ from torch import nn
 from distillery import console
 from distillery.config import TrainConfig
 from distillery.errors import UserError
-from distillery.training.losses import LossFn, cross_entropy
+from distillery.training.losses import LossFn, cross_entropy, pack_target
 from distillery.training.objective import TargetFn, labels_only
+from distillery.training.views import apply_views, draw_views, identity_view, random_shift
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 StepFn = Callable[[torch.Tensor, torch.Tensor], "float | None"]
@@ -40,27 +41,6 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
     for start in range(0, len(x), batch_size):
         idx = order[start:start + batch_size]
         yield x[idx], y[idx]
-
-
-def random_shift(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 1,
-                 flip: bool = False) -> torch.Tensor:
-    """Shift each image by up to `pad` pixels (zero fill), optionally flip left-right.
-
-    x: [N, C, H, W] -> [N, C, H, W]. One gather for the whole batch, no Python loop.
-    """
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dev = x.device  # the generator stays on the CPU, so a seed means the same shifts anywhere
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # [N, 1, H, 1]
-    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # [N, 1, 1, W]
-    index = (torch.arange(n, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None])
-    out = padded[index[0], index[1], rows, cols]
-    if flip:
-        mirror = (torch.rand(n, generator=generator) < 0.5).to(dev)
-        out[mirror] = out[mirror].flip(-1)
-    return out
 
 
 def pick_device(use_gpu: bool) -> torch.device:
@@ -179,9 +159,11 @@ def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, 
         device: torch.device = torch.device("cpu"),
         on_epoch: Callable[[dict], None] = lambda m: None,
         on_epoch_start: Callable[[int], None] = lambda epoch: None,
-        after_step: Callable[[], None] | None = None) -> list[dict]:
+        after_step: Callable[[], None] | None = None, view_logits: torch.Tensor | None = None) -> list[dict]:
     """Train in one process on tensors `train` = (x, y) on `device`; `make_target(x, y)` builds
-    each batch's target after augmentation (distillation packs the teacher's logits in); call
+    each batch's target after augmentation (distillation packs the teacher's logits in), or,
+    given the teacher's logits of every view [V, N, K] (`views`), each image's target packs the
+    logits of the very view it is shown (`loss_fn` then a distillation loss); call
     `on_epoch` with each epoch's metrics; return them all. `on_epoch_start(epoch)` and
     `after_step()` (after every optimizer step) let pruning keep its zeros."""
     gen = seed_everything(seed)
@@ -196,8 +178,11 @@ def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, 
         opt.register_step_post_hook(lambda *_: after_step())
 
     def epoch_batches(epoch: int) -> Iterator[Batch]:
-        x = random_shift(train[0], gen, flip=flip) if cfg.augment else train[0]
-        return ((xb, make_target(xb, yb)) for xb, yb in batches(x, train[1], cfg.batch_size, shuffle=True, generator=gen))
+        if view_logits is not None:
+            x, y = shown_views(train, view_logits, cfg.augment, gen, flip)
+        else:
+            x, y = (random_shift(train[0], gen, flip=flip) if cfg.augment else train[0]), train[1]
+        return ((xb, make_target(xb, yb)) for xb, yb in batches(x, y, cfg.batch_size, shuffle=True, generator=gen))
 
     def score(epoch: int, stats: dict[str, float]) -> dict:
         metrics = {"epoch": epoch, **stats}
@@ -206,6 +191,16 @@ def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, 
         return metrics
     return run_epochs(model, step, sched, range(1, cfg.epochs + 1), epoch_batches, score,
                       on_epoch_start=on_epoch_start, on_epoch=on_epoch)
+
+
+def shown_views(train: Batch, view_logits: torch.Tensor, augment: bool, generator: torch.Generator,
+                flip: bool) -> Batch:
+    """One epoch's images (a random view each when augmenting, else as stored) and their
+    targets: the label and the teacher's logits for that view, packed."""
+    n = len(train[0])
+    views = draw_views(n, generator, flip=flip) if augment else torch.full((n,), identity_view())
+    logits = view_logits[views.to(view_logits.device), torch.arange(n, device=view_logits.device)]
+    return apply_views(train[0], views), pack_target(train[1], logits)
 
 
 def run_epochs(model: nn.Module, step: StepFn, sched: torch.optim.lr_scheduler.LRScheduler, epochs: range,

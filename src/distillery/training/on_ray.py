@@ -78,7 +78,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
                                      placement_strategy=cfg.ray.placement_strategy),
-        run_config=RunConfig(name=name, **_checkpoint_storage(run), callbacks=[EpochFeed(feed)],
+        run_config=RunConfig(name=name, **checkpoint_storage(run), callbacks=[EpochFeed(feed)],
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
                              logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -130,11 +130,11 @@ def worker_files(run: RunDir, folders: list[str]) -> dict[str, str]:
     return run.share(["data/manifest.json", *run_rels(run, val), *run_rels(run, files)])
 
 
-def _checkpoint_storage(run: RunDir) -> dict[str, Any]:
-    """Ray Train's storage_path (and filesystem, for a URI): the run's `ray/` folder."""
+def checkpoint_storage(run: RunDir, rel: str = "ray") -> dict[str, Any]:
+    """Ray Train's (or Tune's) storage_path, and filesystem for a URI: the run's `rel` folder."""
     if not run.remote:
-        return {"storage_path": str(run.root.resolve() / "ray")}
-    fs, path = storage.filesystem(run.location_of("ray"))
+        return {"storage_path": str(run.root.resolve() / rel)}
+    fs, path = storage.filesystem(run.location_of(rel))
     return {"storage_path": path, "storage_filesystem": fs}
 
 

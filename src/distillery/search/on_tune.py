@@ -1,0 +1,91 @@
+"""The search on Ray Tune: random settings from `search.space`, trials on the cluster's CPUs
+(one process each, `search.cpus_per_trial`), ASHA stopping the trials whose validation
+accuracy trails at a rung. The only module of `search` that imports Ray.
+
+Progress is a trial's share of its own schedule (percent), not epochs: a 400-epoch trial is
+judged at 15% of its schedule against others at 15% of theirs, not against a 50-epoch trial
+that has already cooled down. Tune's experiment lives in the run's `search/` folder (or at its
+URI), so running the search again resumes it: finished trials are kept, unfinished ones go on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from distillery import console
+from distillery.cluster import ensure_ray
+from distillery.config import PipelineConfig
+from distillery.run.rundir import RunDir
+from distillery.search.settings import SpaceConfig
+from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, run_trial
+from distillery.training.feed import one_line
+from distillery.training.on_ray import checkpoint_storage
+
+
+def param_space(space: SpaceConfig) -> dict[str, Any]:
+    """Tune's sampling space; the recipe as an index into `space.recipe` (configs stay JSON)."""
+    return {"width_mult": tune.choice(space.width_mult), "temperature": tune.choice(space.temperature),
+            "alpha": tune.choice(space.alpha), "epochs": tune.choice(space.epochs),
+            "augment": tune.choice(space.augment), "recipe": tune.choice(list(range(len(space.recipe))))}
+
+
+def trainable(settings: dict[str, Any], data: TrialData) -> None:
+    """One trial in a Tune worker process: reports while training, then the saved model."""
+    torch.set_num_threads(max(1, int(data.cfg.search.cpus_per_trial)))
+    with tempfile.TemporaryDirectory(prefix="distillery-trial-") as tmp:
+        folder = Path(tmp) / "model"
+        final = run_trial(settings, data, folder, tune.report)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+
+
+def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, out: Path) -> list[dict[str, Any]]:
+    """Run (or resume) the search `name`; copy each completed trial's model to `out/<trial>`;
+    return every trial's outcome: settings, status, epochs run, last metrics, error."""
+    ensure_ray(cfg)
+    # Tune's new console output prints its experiment table whatever `verbose` says; the legacy
+    # reporter at verbose=0 prints nothing. The search's own lines say what is going on.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    where = checkpoint_storage(run, "search")
+    fn = tune.with_resources(tune.with_parameters(trainable, data=data), {"cpu": cfg.search.cpus_per_trial})
+    path = run.location_of(f"search/{name}") if run.remote else str(Path(where["storage_path"]) / name)
+    if tune.Tuner.can_restore(path):
+        console.say(f"[search] resuming the search in {path}")
+        tuner = tune.Tuner.restore(path, fn, storage_filesystem=where.get("storage_filesystem"))
+    else:
+        tuner = tune.Tuner(fn, param_space=param_space(cfg.search.space), tune_config=_tune_config(cfg),
+                           run_config=tune.RunConfig(name=name, **where, verbose=0,
+                                                     failure_config=tune.FailureConfig(max_failures=0)))
+    return [_outcome(result, out) for result in tuner.fit()]
+
+
+def _tune_config(cfg: PipelineConfig) -> tune.TuneConfig:
+    s = cfg.search
+    asha = ASHAScheduler(time_attr="progress", max_t=100, grace_period=s.grace_percent,
+                         reduction_factor=s.reduction_factor)
+    return tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=asha, num_samples=s.trials,
+                           max_concurrent_trials=s.max_concurrent, search_alg=BasicVariantGenerator(random_state=cfg.seed))
+
+
+def _outcome(result: tune.Result, out: Path) -> dict[str, Any]:
+    metrics = dict(result.metrics or {})
+    trial = metrics.get("trial_id") or Path(result.path).name
+    done = result.error is None and metrics.get("progress") == 100.0 and result.checkpoint is not None
+    status = FAILED if result.error is not None else COMPLETED if done else STOPPED
+    outcome = {"trial": trial, "settings": dict(result.config or {}), "status": status,
+               "epochs_run": metrics.get("epoch", 0), "error": one_line(result.error) if result.error else None,
+               "metrics": {k: v for k, v in metrics.items() if k in _KEPT}}
+    if done:
+        result.checkpoint.to_directory(str(out / trial))
+        outcome["folder"] = str(out / trial)
+    return outcome
+
+
+_KEPT = ("progress", "epoch", "val_accuracy", "trained_val_accuracy", "macs", "params", "size_bytes", "numerics")

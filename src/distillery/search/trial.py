@@ -1,0 +1,98 @@
+"""One trial of the search, in plain PyTorch: distil a student of the trial's width with its
+temperature, alpha, schedule and augmentation, then compress it with the trial's recipe and
+save it. Ray Tune is only the caller (`on_tune`).
+
+The student learns from the teacher's logits of every augmented view, computed once for the
+whole search (`training.views`): with augmentation on, the teacher's answer is for exactly
+the image the student is shown (Beyer et al. 2022: "consistent" teaching), at the cost of a
+lookup. The recipe's steps are the compress stage's own (`compression.steps`), run here in
+the trial's process (a fine-tune is distilled from the live teacher, as in that stage).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from distillery.compression import prune, store
+from distillery.compression.recipe import VariantConfig
+from distillery.compression.steps import Context, Work, accuracy, apply_steps
+from distillery.config import CNNConfig, PipelineConfig
+from distillery.models.architectures import build_model, count_macs, count_params, make_spec
+from distillery.training.loop import fit, seed_everything
+from distillery.training.losses import distillation
+
+Report = Callable[[dict[str, Any]], None]
+COMPLETED, STOPPED, FAILED = "completed", "stopped early", "failed"  # how a trial ended
+
+
+@dataclass
+class TrialData:
+    """What every trial reads, shipped once to the trials' processes (Ray's object store)."""
+
+    cfg: PipelineConfig
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]  # train and val
+    view_logits: torch.Tensor  # the teacher's logits of every view of every train image [V, N, K]
+    image_shape: list[int]
+    num_classes: int
+    flip: bool
+    teacher: nn.Module  # frozen: the recipe's fine-tunes and quantization-aware training distil from it
+
+
+def recipe_steps(cfg: PipelineConfig, settings: dict[str, Any]) -> list:
+    """The trial's compression steps: Tune's configs hold the recipe's index (plain JSON)."""
+    return cfg.search.space.recipe[settings["recipe"]]
+
+
+def describe(cfg: PipelineConfig, settings: dict[str, Any]) -> str:
+    """`cnn x0.5, T=2, alpha=1, 400 epochs, augmented -> int8_static`, for tables."""
+    steps = recipe_steps(cfg, settings)
+    recipe = VariantConfig(name="trial", steps=steps).describe().split(" -> ", 1)[1] if steps else None
+    text = (f"cnn x{settings['width_mult']:g}, T={settings['temperature']:g}, alpha={settings['alpha']:g}, "
+            f"{settings['epochs']} epochs, {'augmented' if settings['augment'] else 'not augmented'}")
+    return f"{text} -> {recipe}" if recipe else text
+
+
+def run_trial(settings: dict[str, Any], data: TrialData, folder: Path, report: Report) -> dict[str, Any]:
+    """Train, compress and save the trial's model into `folder`; `report` validation metrics
+    while training (what the scheduler judges); return the final metrics of the saved model."""
+    cfg, epochs = data.cfg, settings["epochs"]
+    spec = make_spec(CNNConfig(width_mult=settings["width_mult"]), data.image_shape, data.num_classes)
+    seed_everything(cfg.seed)
+    model = build_model(spec)
+    train = cfg.student.train.model_copy(update={"epochs": epochs, "augment": settings["augment"]})
+    every = max(1, epochs // cfg.search.reports)
+
+    def on_epoch(m: dict) -> None:
+        if m["epoch"] % every == 0 and m["epoch"] < epochs:  # the last one after compressing
+            report({"progress": 100.0 * m["epoch"] / epochs, "epoch": m["epoch"], "val_accuracy": m["val_accuracy"]})
+
+    fit(model, data.splits["train"], data.splits["val"], train, seed=cfg.seed, flip=data.flip,
+        loss_fn=distillation(settings["temperature"], settings["alpha"]), view_logits=data.view_logits,
+        on_epoch=on_epoch)
+    trained_val = accuracy(model.eval(), data.splits["val"])
+    fp32, numerics, files = compress(settings, data, spec, model, folder)
+    saved, _ = store.load_variant(folder)  # what is judged is what was saved
+    return {"progress": 100.0, "epoch": epochs, "val_accuracy": accuracy(saved, data.splits["val"]),
+            "trained_val_accuracy": trained_val, "macs": count_macs(fp32, data.image_shape),
+            "params": count_params(fp32), "size_bytes": files[0].stat().st_size, "numerics": numerics}
+
+
+def compress(settings: dict[str, Any], data: TrialData, spec: dict, model: nn.Module,
+             folder: Path) -> tuple[nn.Module, str, list[Path]]:
+    """The recipe's steps on the trained model, in this process; the fp32 model they leave
+    (what MACs are counted on), the arithmetic of the saved one, and its files."""
+    distill = data.cfg.distill.model_copy(update={"temperature": settings["temperature"], "alpha": settings["alpha"],
+                                                  "hints": []})
+    cfg = data.cfg.model_copy(update={"distill": distill, "ray": data.cfg.ray.model_copy(update={"workers": 0})})
+    ctx = Context(None, cfg, lambda line: None, data.image_shape, data.splits, data.teacher, "", 0)
+    work = Work("searched", "student", folder, spec, prune.layer_shapes(build_model(spec)), copy.deepcopy(model))
+    steps = recipe_steps(data.cfg, settings)
+    files = apply_steps(ctx, work, steps)
+    numerics = (VariantConfig(name="trial", steps=steps).numerics() if steps else None) or "fp32"
+    return work.model, numerics, files
