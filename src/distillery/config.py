@@ -297,6 +297,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text)  # so "5" is an int, "0.1" a float, "[1,2]" a list
     except yaml.YAMLError:
         value = text
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+        value = float(value)  # YAML 1.1 reads 1e-06 (no dot) as a string
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:

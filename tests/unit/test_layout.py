@@ -12,7 +12,7 @@ PACKAGE = ROOT / "src" / "distillery"
 # The modules that talk to Ray; everything else imports and runs without it.
 RAY_EDGE = {"distillery.cluster", "distillery.training.on_ray", "distillery.training.feed", "distillery.training.logits_cache",
             "distillery.serving.deployments", "distillery.serving.auto", "distillery.serving.grpc_app", "distillery.serving.deploy",
-            "distillery.loadtest.run"}
+            "distillery.loadtest.run", "distillery.search.on_tune"}
 
 
 def _modules() -> dict[str, ast.Module]:

@@ -10,6 +10,7 @@ URI), so running the search again resumes it: finished trials are kept, unfinish
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -79,13 +80,20 @@ def _outcome(result: tune.Result, out: Path) -> dict[str, Any]:
     trial = metrics.get("trial_id") or Path(result.path).name
     done = result.error is None and metrics.get("progress") == 100.0 and result.checkpoint is not None
     status = FAILED if result.error is not None else COMPLETED if done else STOPPED
-    outcome = {"trial": trial, "settings": dict(result.config or {}), "status": status,
+    outcome = {"trial": trial, "settings": result.config or _params(result), "status": status,
                "epochs_run": metrics.get("epoch", 0), "error": one_line(result.error) if result.error else None,
                "metrics": {k: v for k, v in metrics.items() if k in _KEPT}}
     if done:
         result.checkpoint.to_directory(str(out / trial))
         outcome["folder"] = str(out / trial)
     return outcome
+
+
+def _params(result: tune.Result) -> dict[str, Any]:
+    """A trial's settings as Tune wrote them when it started: a trial that failed before its
+    first report has no result to carry them."""
+    with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
+        return json.loads(f.read())
 
 
 _KEPT = ("progress", "epoch", "val_accuracy", "trained_val_accuracy", "macs", "params", "size_bytes", "numerics")

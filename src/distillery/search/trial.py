@@ -21,7 +21,7 @@ from torch import nn
 
 from distillery.compression import prune, store
 from distillery.compression.recipe import VariantConfig
-from distillery.compression.steps import Context, Work, accuracy, apply_steps
+from distillery.compression.steps import HANDLERS, Context, Work, accuracy, apply_steps
 from distillery.config import CNNConfig, PipelineConfig
 from distillery.models.architectures import build_model, count_macs, count_params, make_spec
 from distillery.training.loop import fit, seed_everything
@@ -65,6 +65,7 @@ def run_trial(settings: dict[str, Any], data: TrialData, folder: Path, report: R
     spec = make_spec(CNNConfig(width_mult=settings["width_mult"]), data.image_shape, data.num_classes)
     seed_everything(cfg.seed)
     model = build_model(spec)
+    check_recipe(cfg, settings, model, data.image_shape)  # a recipe this width cannot take fails now, not after training
     train = cfg.student.train.model_copy(update={"epochs": epochs, "augment": settings["augment"]})
     every = max(1, epochs // cfg.search.reports)
 
@@ -81,6 +82,13 @@ def run_trial(settings: dict[str, Any], data: TrialData, folder: Path, report: R
     return {"progress": 100.0, "epoch": epochs, "val_accuracy": accuracy(saved, data.splits["val"]),
             "trained_val_accuracy": trained_val, "macs": count_macs(fp32, data.image_shape),
             "params": count_params(fp32), "size_bytes": files[0].stat().st_size, "numerics": numerics}
+
+
+def check_recipe(cfg: PipelineConfig, settings: dict[str, Any], model: nn.Module, in_shape: list[int]) -> None:
+    """The compress stage's dry run of each step (layer names, reachable ratios) on a copy."""
+    model = copy.deepcopy(model)
+    for step in recipe_steps(cfg, settings):
+        HANDLERS[step.kind].check(model, step, in_shape)
 
 
 def compress(settings: dict[str, Any], data: TrialData, spec: dict, model: nn.Module,

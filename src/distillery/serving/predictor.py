@@ -37,7 +37,7 @@ class ServedModel:
 
 def catalog(run_dir: str | Path, names: list[str] | None = None) -> list[ServedModel]:
     """The models to serve from a run's frontier: `names`, or by default the Pareto front and
-    the recommended variant. Unknown names are refused, listing what the run has. A run at
+    the recommended variant (and the searched one). Unknown names are refused, listing what the run has. A run at
     a URI is read from this node's copy of its manifest, frontier and arch files."""
     location = str(run_dir)
     run_dir, recorded = local_view(location, lambda rel: rel == "frontier.json" or rel.endswith("/arch.json"))

@@ -1,0 +1,71 @@
+import pytest
+
+from distillery.search.budget import bounds, choose, misses
+from distillery.search.settings import BudgetConfig
+
+
+def _rec(name, val, p50, throughput=1000.0, size=10_000, macs=100, params=10, numerics="fp32"):
+    return {"name": name, "val_accuracy": val, "p50_ms": p50, "throughput": throughput, "size_bytes": size,
+            "macs": macs, "params": params, "numerics": numerics}
+
+
+STUDENT = _rec("student", 0.98, 0.100)
+
+
+def test_the_most_accurate_within_the_budget_is_chosen_and_the_next_one_is_the_runner_up():
+    records = [_rec("fast", 0.97, 0.05), _rec("best-but-slow", 0.995, 0.30, macs=900), _rec("good", 0.99, 0.09),
+               _rec("good-slower", 0.99, 0.095, macs=120)]
+    limits = bounds(BudgetConfig(), STUDENT, margin=0.05)
+    choice = choose(records, BudgetConfig(), limits)
+    assert choice["chosen"]["name"] == "good"  # ties on validation: the faster
+    assert choice["runner_up"]["name"] == "good-slower"
+    assert "best-but-slow" not in choice["within"] and "as fast as student" in choice["message"]
+
+
+def test_the_same_network_as_the_reference_meets_its_latency_whatever_the_timer_said():
+    same = _rec("same-net", 0.99, 0.130)  # the student's MACs, params, numerics; timed 30% slower
+    other = _rec("other-net", 0.99, 0.130, macs=101)
+    limits = bounds(BudgetConfig(), STUDENT, margin=0.05)
+    assert misses(same, limits) == [] and len(misses(other, limits)) == 1
+
+
+def test_throughput_size_and_accuracy_bounds_and_maximising_throughput():
+    budget = BudgetConfig(as_fast_as=None, min_throughput=500, max_size_kib=20, min_accuracy=0.95,
+                          maximise="throughput")
+    records = [_rec("a", 0.96, 1.0, throughput=800), _rec("b", 0.99, 1.0, throughput=600),
+               _rec("c", 0.99, 1.0, throughput=5000, size=40 * 1024), _rec("d", 0.90, 1.0, throughput=9000)]
+    choice = choose(records, budget, bounds(budget))
+    assert choice["chosen"]["name"] == "a" and choice["runner_up"]["name"] == "b"
+    assert choice["within"] == ["a", "b"]
+
+
+def test_a_budget_nothing_meets_names_the_closest_model_and_what_it_misses():
+    budget = BudgetConfig(as_fast_as=None, max_p50_ms=0.01)
+    records = [_rec("slow", 0.99, 0.5), _rec("closest", 0.9, 0.02)]
+    choice = choose(records, budget, bounds(budget))
+    assert choice["chosen"] is None
+    assert "no model meets the budget" in choice["message"] and "the closest is closest" in choice["message"]
+    assert "p50_ms 0.02 against 0.01" in choice["message"]
+
+
+@pytest.mark.parametrize("bad, word", [({"maximise": "speed"}, "maximise"), ({"as_fast_as": "nobody"}, "as_fast_as"),
+                                       ({"max_p50_ms": -1.0}, "max_p50_ms")])
+def test_a_wrong_budget_is_refused_naming_the_key(bad, word):
+    from distillery.config import load_config
+    from distillery.errors import UserError
+
+    key, value = next(iter(bad.items()))
+    with pytest.raises(UserError, match=word):
+        load_config(None, [f"search.budget.{key}={value}"])
+
+
+@pytest.mark.parametrize("recipe, words", [("[[{kind: cascade, to: teacher}]]", "no cascade step"),
+                                           ("[[{kind: finetune}]]", "finetune must follow a prune step"),
+                                           ("[[{kind: int8_static}, {kind: prune_unstructured, sparsity: 0.5}]]",
+                                            "must be the last")])
+def test_a_wrong_search_recipe_is_refused_before_any_trial(recipe, words):
+    from distillery.config import load_config
+    from distillery.errors import UserError
+
+    with pytest.raises(UserError, match=words):
+        load_config(None, [f"search.space.recipe={recipe}"])
