@@ -9,8 +9,9 @@ import json
 import pytest
 import ray
 
-from conftest import ROOT
+from conftest import ROOT, make_bucket
 from distillery.cli.main import main
+from distillery.run import storage
 from distillery.search.budget import bounds, misses
 from distillery.search.settings import BudgetConfig
 from distillery.serving.predictor import catalog
@@ -114,3 +115,27 @@ def test_run_puts_the_searched_model_on_the_frontier_and_serves_it(searched):
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["stages"]["search"]["status"] == "done"
     assert "variants/searched/model.safetensors" in manifest["files"]
+    report = (root / "report.md").read_text()
+    assert "## Search under a budget" in report
+    assert f"Chosen: {_trials(root)['chosen']}" in report
+
+
+def test_a_search_at_a_uri_keeps_its_experiment_in_the_bucket_and_resumes_from_it(s3_server, tmp_path, monkeypatch,
+                                                                                   capsys):
+    ray.shutdown()  # a Ray started after the S3 server: its workers see the endpoint
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    uri = make_bucket("search")
+    sets = [f"storage_path={uri}/runs", "ray.workers=0", "serve.enabled=false", "search.trials=3",
+            "search.space.epochs=[4]", "search.space.recipe=[[]]", "search.budget.as_fast_as=null",
+            "compress.bench.latency_runs=20"]
+    args = ["search", "--config", TINY, *(x for s in sets for x in ("--set", s))]
+    try:
+        assert main(args) == 0
+        keys = storage.list_files(f"{uri}/runs/tiny")
+        assert any(k.startswith("search/search-") and "experiment_state" in k for k in keys)
+        assert {"variants/searched/model.safetensors", "search/trials.json"} <= set(keys)
+        capsys.readouterr()
+        assert main([*args, "--max-size-kib", "1000"]) == 0  # a new budget: the same trials, from the bucket
+        assert f"resuming the search in {uri}/runs/tiny/search/search-" in capsys.readouterr().out
+    finally:
+        ray.shutdown()

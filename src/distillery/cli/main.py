@@ -42,6 +42,12 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, help="trials to run (default: search.trials)")
 
 
+def search_overrides(args: argparse.Namespace) -> list[str]:
+    """`distillery search`'s flags as the --set overrides they stand for."""
+    return ["search.enabled=true"] + [f"{key}={getattr(args, flag)}" for flag, key in BUDGET_FLAGS.items()
+                                      if getattr(args, flag) is not None]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distillery", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -181,8 +187,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "data":
         overrides += [f"data.source={args.source}"] + ([f"data.path={args.path}"] if args.path else [])
     if args.command == "search":
-        overrides += ["search.enabled=true"] + [f"{key}={getattr(args, flag)}" for flag, key in BUDGET_FLAGS.items()
-                                                if getattr(args, flag) is not None]
+        overrides += search_overrides(args)
     cfg = load_config(args.config, overrides)
     _ask_for_token_auth(cfg.ray.address)
     log = console.say

@@ -28,7 +28,7 @@ def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any], address: st
     parts = [f"# {cfg.name}: what was trained, how fast it runs, how to use it", "",
              _training(root, cfg, manifest, data),
              "## Speed vs accuracy", "", _body(root / "frontier.md"), "![frontier](frontier.png)", "",
-             _recommendation(frontier),
+             _recommendation(frontier), _search(root, manifest),
              "## Serving", "", _body(served) + "\n![load test](serve/loadtest/loadtest.png)\n" +
              ("\n![adaptive scenario](serve/loadtest/adaptive.png)\n"
               if (served.parent / "adaptive.png").is_file() else "") if cfg.serve.enabled and
@@ -85,6 +85,14 @@ def _body(md: Path) -> str:
     report gives a section of its own)."""
     lines = md.read_text().splitlines()[1:]
     return "\n".join(line for line in lines if not line.startswith("**Recommended**")).strip() + "\n"
+
+
+def _search(root: Path, manifest: dict) -> str:
+    """The search's own frontier (every trial, the budget, the chosen model), when it ran."""
+    if manifest["stages"].get("search", {}).get("status") != "done":
+        return ""
+    return ("## Search under a budget\n\n" + _body(root / "search" / "frontier.md") +
+            "\n![search](search/frontier.png)\n")
 
 
 def _recommendation(frontier: dict) -> str:

@@ -56,10 +56,11 @@ def shortfall(record: dict[str, Any], limits: list[Bound]) -> float:
 
 
 def rank_key(budget: BudgetConfig):
-    """Best first: the most accurate on validation (then the faster), or the highest throughput."""
+    """Best first: the most accurate on validation (ties: the lower validation loss, then the
+    faster), or the highest throughput."""
     if budget.maximise == "throughput":
         return lambda r: (-r["throughput"], -r["val_accuracy"])
-    return lambda r: (-r["val_accuracy"], r["p50_ms"], r["size_bytes"])
+    return lambda r: (-r["val_accuracy"], r.get("val_loss", 0.0), r["p50_ms"], r["size_bytes"])
 
 
 def choose(records: list[dict[str, Any]], budget: BudgetConfig, limits: list[Bound]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The search on Ray Tune: random settings from `search.space`, trials on the cluster's CPUs
 (one process each, `search.cpus_per_trial`), ASHA stopping the trials whose validation
-accuracy trails at a rung. The only module of `search` that imports Ray.
+accuracy (ties broken by validation loss: `trial.val_score`) trails at a rung. The only module of `search` that imports Ray.
 
 Progress is a trial's share of its own schedule (percent), not epochs: a 400-epoch trial is
 judged at 15% of its schedule against others at 15% of theirs, not against a 50-epoch trial
@@ -24,6 +24,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from distillery import console
 from distillery.cluster import ensure_ray
 from distillery.config import PipelineConfig
+from distillery.run import storage
 from distillery.run.rundir import RunDir
 from distillery.search.settings import SpaceConfig
 from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, run_trial
@@ -56,10 +57,10 @@ def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, out
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     where = checkpoint_storage(run, "search")
     fn = tune.with_resources(tune.with_parameters(trainable, data=data), {"cpu": cfg.search.cpus_per_trial})
-    path = run.location_of(f"search/{name}") if run.remote else str(Path(where["storage_path"]) / name)
-    if tune.Tuner.can_restore(path):
-        console.say(f"[search] resuming the search in {path}")
-        tuner = tune.Tuner.restore(path, fn, storage_filesystem=where.get("storage_filesystem"))
+    fs, path = storage.filesystem(run.location_of(f"search/{name}"))
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        console.say(f"[search] resuming the search in {run.location_of(f'search/{name}')}")
+        tuner = tune.Tuner.restore(path, fn, storage_filesystem=fs)
     else:
         tuner = tune.Tuner(fn, param_space=param_space(cfg.search.space), tune_config=_tune_config(cfg),
                            run_config=tune.RunConfig(name=name, **where, verbose=0,
@@ -71,7 +72,7 @@ def _tune_config(cfg: PipelineConfig) -> tune.TuneConfig:
     s = cfg.search
     asha = ASHAScheduler(time_attr="progress", max_t=100, grace_period=s.grace_percent,
                          reduction_factor=s.reduction_factor)
-    return tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=asha, num_samples=s.trials,
+    return tune.TuneConfig(metric="val_score", mode="max", scheduler=asha, num_samples=s.trials,
                            max_concurrent_trials=s.max_concurrent, search_alg=BasicVariantGenerator(random_state=cfg.seed))
 
 
@@ -96,4 +97,4 @@ def _params(result: tune.Result) -> dict[str, Any]:
         return json.loads(f.read())
 
 
-_KEPT = ("progress", "epoch", "val_accuracy", "trained_val_accuracy", "macs", "params", "size_bytes", "numerics")
+_KEPT = ("progress", "epoch", "val_accuracy", "val_loss", "val_score", "trained_val_accuracy", "macs", "params", "size_bytes", "numerics")

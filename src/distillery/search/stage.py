@@ -68,7 +68,7 @@ def measure_trial(ctx: Context, bench: timing.BenchSettings, outcome: dict[str, 
                   model, model, m["size_bytes"], int8=m["numerics"] == "int8_static", macs=m["macs"],
                   params=m["params"])
     advance(1, note=rec["name"])
-    return {**rec, "numerics": m["numerics"], "not_faster": False, "trial": outcome["trial"],
+    return {**rec, "numerics": m["numerics"], "not_faster": False, "trial": outcome["trial"], "val_loss": m["val_loss"],
             "settings": outcome["settings"]}
 
 

@@ -68,3 +68,18 @@ def test_serving_a_finished_run_may_name_another_cluster_but_not_retrain(tmp_pat
     assert (cfg.ray.address, cfg.serve.port) == ("127.0.0.1:7000", 9000)
     with pytest.raises(UserError, match="only serve.. settings and ray.address can change"):
         _run_config(str(tmp_path), ["teacher.train.epochs=9"])
+
+
+def test_search_flags_set_the_budget_and_a_wrong_one_is_one_line(tmp_path, capsys):
+    from distillery.cli.main import build_parser, search_overrides
+    from distillery.config import load_config
+
+    args = build_parser().parse_args(["search", "--max-p50-ms", "2e-1", "--as-fast-as", "null", "--min-accuracy",
+                                      "0.985", "--maximise", "throughput", "--trials", "6"])
+    s = load_config(None, search_overrides(args)).search
+    assert s.enabled and s.trials == 6
+    assert (s.budget.max_p50_ms, s.budget.as_fast_as, s.budget.min_accuracy, s.budget.maximise) == \
+        (0.2, None, 0.985, "throughput")
+    code = main(["search", "--min-accuracy", "1.5", "--set", f"storage_path={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "search.budget.min_accuracy" in err and "Traceback" not in err

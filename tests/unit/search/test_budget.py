@@ -69,3 +69,15 @@ def test_a_wrong_search_recipe_is_refused_before_any_trial(recipe, words):
 
     with pytest.raises(UserError, match=words):
         load_config(None, [f"search.space.recipe={recipe}"])
+
+
+def test_validation_loss_breaks_ties_on_validation_accuracy_and_never_outweighs_an_image():
+    from distillery.search.trial import val_score
+
+    records = [_rec("sure", 0.99, 0.10), _rec("unsure", 0.99, 0.05)]
+    records[0]["val_loss"], records[1]["val_loss"] = 0.02, 0.30
+    budget = BudgetConfig(as_fast_as=None)
+    assert choose(records, budget, bounds(budget))["chosen"]["name"] == "sure"  # not the one the timer favoured
+    n = 180
+    assert val_score(1.0, 0.30, n) < val_score(1.0, 0.02, n)
+    assert val_score(1.0, 1e9, n) > val_score(1.0 - 1 / n, 0.0, n)  # one more right answer always wins
