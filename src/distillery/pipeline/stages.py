@@ -63,7 +63,7 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp["search"] = fingerprint(search_name(cfg, fp), cfg.search.budget.model_dump(), cfg.compress.bench.model_dump(),
                                cfg.compress.speedup_margin, fp["student"], fp["student_scratch"])
     fp["compress"] = fingerprint(*(fp[name] for name in TRAINED), cfg.compress.model_dump(), cfg.distill.model_dump(),
-                                 cfg.seed, workers, fp["search"] if cfg.search.enabled else None)
+                                 cfg.seed, workers, *([fp["search"]] if cfg.search.enabled else []))
     fp["serve"] = fingerprint(fp["compress"], cfg.serve.model_dump(), cfg.loadtest.model_dump())
     fp["report"] = fingerprint(fp["evaluate"], fp["compress"], fp["serve"] if cfg.serve.enabled else None)
     return fp

@@ -42,6 +42,10 @@ def bounds(budget: BudgetConfig, reference: dict[str, Any] | None = None, margin
     return out
 
 
+_SHOWN = {"p50_ms": lambda v: f"p50 {v:.3f} ms", "throughput": lambda v: f"{v:,.0f} img/s",
+          "size_bytes": lambda v: f"{v / 1024:,.1f} KiB", "val_accuracy": lambda v: f"validation {v:.2%}"}
+
+
 def misses(record: dict[str, Any], limits: list[Bound]) -> list[Bound]:
     def missed(b: Bound) -> bool:
         if b.same_as and same_computation(record, b.same_as):
@@ -72,7 +76,8 @@ def choose(records: list[dict[str, Any]], budget: BudgetConfig, limits: list[Bou
         if not records:
             return {"chosen": None, "runner_up": None, "within": [], "message": "no trial finished: nothing to choose from"}
         closest = min(records, key=lambda r: shortfall(r, limits))
-        missed = ", ".join(f"{b.key} {closest[b.key]:,.4g} against {b.limit:,.4g}" for b in misses(closest, limits))
+        missed = ", ".join(f"{_SHOWN[b.key](closest[b.key])} against {_SHOWN[b.key](b.limit)}"
+                           for b in misses(closest, limits))
         return {"chosen": None, "runner_up": None, "within": [], "message":
                 f"no model meets the budget ({budget_text}); the closest is {closest['name']} ({missed})"}
     best = within[0]

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from ray import tune
@@ -48,7 +48,21 @@ def trainable(settings: dict[str, Any], data: TrialData) -> None:
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
 
-def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, out: Path) -> list[dict[str, Any]]:
+class TrialsDone(tune.Callback):
+    """Moves the console's progress on by one trial as each one ends (finished, stopped, failed)."""
+
+    def __init__(self, advance: Callable[..., None]):
+        self.advance = advance
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.advance(1, note=trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.advance(1, note=f"{trial.trial_id} failed")
+
+
+def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, out: Path,
+               advance: Callable[..., None] = lambda *a, **k: None) -> list[dict[str, Any]]:
     """Run (or resume) the search `name`; copy each completed trial's model to `out/<trial>`;
     return every trial's outcome: settings, status, epochs run, last metrics, error."""
     ensure_ray(cfg)
@@ -60,10 +74,11 @@ def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, out
     fs, path = storage.filesystem(run.location_of(f"search/{name}"))
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         console.say(f"[search] resuming the search in {run.location_of(f'search/{name}')}")
-        tuner = tune.Tuner.restore(path, fn, storage_filesystem=fs)
+        tuner = tune.Tuner.restore(path, fn, storage_filesystem=fs)  # its run config (callbacks too) restored
+
     else:
         tuner = tune.Tuner(fn, param_space=param_space(cfg.search.space), tune_config=_tune_config(cfg),
-                           run_config=tune.RunConfig(name=name, **where, verbose=0,
+                           run_config=tune.RunConfig(name=name, **where, verbose=0, callbacks=[TrialsDone(advance)],
                                                      failure_config=tune.FailureConfig(max_failures=0)))
     return [_outcome(result, out) for result in tuner.fit()]
 

@@ -43,7 +43,7 @@ class SpaceConfig(Strict):
     width_mult: list[Annotated[float, Field(gt=0.0, le=8.0)]] = Field([0.25, 0.5, 0.75, 1.0], min_length=1)
     temperature: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field([1.0, 2.0, 4.0, 8.0], min_length=1)
     alpha: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field([0.5, 0.9, 1.0], min_length=1)
-    epochs: list[Annotated[int, Field(ge=1, le=10_000)]] = Field([50, 100, 200, 400], min_length=1)
+    epochs: list[Annotated[int, Field(ge=1, le=10_000)]] = Field([100, 200, 400, 800], min_length=1)
     augment: list[bool] = Field([True, False], min_length=1)
     recipe: list[Annotated[list[Step], Field(max_length=8)]] = Field(
         default_factory=_default_search_recipes, min_length=1,

@@ -50,10 +50,12 @@ def search_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manifes
     log(f"[search] {s.trials} trials on Ray Tune, {s.cpus_per_trial:g} CPU each, ASHA (rungs from {s.grace_percent:g}% "
         f"of a trial's epochs, top 1/{s.reduction_factor:g} go on); the teacher's logits of {len(views)} views "
         f"of {len(splits['train'][0])} images computed once")
-    outcomes = [{**o, "recipe": describe(cfg, o["settings"])} for o in run_trials(cfg, run, data, name, out)]
+    with console.progress("[search] trials", s.trials, "trials") as advance:
+        outcomes = [{**o, "recipe": describe(cfg, o["settings"])} for o in run_trials(cfg, run, data, name, out, advance)]
     ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher, "", 0)
     bench = timing.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
-    with console.progress("[search] scoring and timing", len(outcomes) + 3, "models") as advance:
+    finished = sum(1 for o in outcomes if o.get("folder"))
+    with console.progress("[search] scoring and timing", finished + 3, "models") as advance:
         reference = measure_trained(ctx, bench, advance)
         records = [measure_trial(ctx, bench, o, advance) for o in outcomes if o.get("folder")]
     return finish(run, cfg, log, outcomes, records, reference)
@@ -82,9 +84,9 @@ def finish(run: RunDir, cfg: PipelineConfig, log: Log, outcomes: list[dict], rec
     log(f"[search] {summary['trials']} trials: {summary['completed']} completed, {summary['stopped_early']} stopped "
         f"early, {summary['failed']} failed; {summary['epochs_run']:,} of {summary['epochs_full']:,} epochs run "
         f"({summary['epochs_saved']:.0%} saved by early stopping)")
-    log(f"[search] {choice['message']}")
     if choice["chosen"] is None:
         raise_no_model(choice, files[0])
+    log(f"[search] {choice['message']}")
     files += save_chosen(run, choice)
     chosen = choice["chosen"]
     log(f"[search] chosen {chosen['name']} ({chosen['recipe']}): test accuracy "

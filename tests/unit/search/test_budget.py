@@ -45,7 +45,7 @@ def test_a_budget_nothing_meets_names_the_closest_model_and_what_it_misses():
     choice = choose(records, budget, bounds(budget))
     assert choice["chosen"] is None
     assert "no model meets the budget" in choice["message"] and "the closest is closest" in choice["message"]
-    assert "p50_ms 0.02 against 0.01" in choice["message"]
+    assert "p50 0.020 ms against p50 0.010 ms" in choice["message"]
 
 
 @pytest.mark.parametrize("bad, word", [({"maximise": "speed"}, "maximise"), ({"as_fast_as": "nobody"}, "as_fast_as"),
