@@ -68,6 +68,14 @@ def default_search(seed: int, storage: Path, quick: list[str]) -> dict[str, Any]
 
 
 def report(figures: dict[str, Any], info: dict) -> str:
+    lines = gap_lines(figures) if figures["gap_closed"] else []
+    d = figures.get("default_search")
+    if d:
+        lines += default_lines(d, figures["seeds"][0])
+    return "\n".join([*lines, machine_lines(info)])
+
+
+def gap_lines(figures: dict[str, Any]) -> list[str]:
     seeds = figures["gap_closed"]
     rows = [[s["seed"], f"{s['teacher']:.2%}", f"{s['alone']:.2%}", f"{s['distilled']:.2%}", f"{s['searched']:.2%}",
              f"{s['gap'] * 100:.2f}", f"{s['gap_closed']:.0%}" if s["gap_closed"] is not None else "no gap",
@@ -82,10 +90,12 @@ def report(figures: dict[str, Any], info: dict) -> str:
              f"on the validation split (180 images) among {seeds[0]['summary']['trials']} trials; 'pooled' = mean gain "
              "/ mean gap. 'Best trial on test' reads the test split, so it is not a choice anyone could make: it says how "
              "good the best finished student was, apart from how well 180 validation images pick it."]
-    d = figures.get("default_search")
-    if d:
-        s, r, summ = d["searched"], d["recommended"], d["summary"]
-        lines += ["", f"Default search (seed {figures['seeds'][0]}, {summ['trials']} trials, the default space and budget): "
+    return lines
+
+
+def default_lines(d: dict[str, Any], seed: int) -> list[str]:
+    s, r, summ = d["searched"], d["recommended"], d["summary"]
+    return ["", f"Default search (seed {seed}, {summ['trials']} trials, the default space and budget): "
                   f"{d['search_seconds']:.0f} s for the search stage; {summ['completed']} completed, "
                   f"{summ['stopped_early']} stopped early, {summ['failed']} failed; {summ['epochs_run']:,} of "
                   f"{summ['epochs_full']:,} epochs run ({summ['epochs_saved']:.0%} saved by ASHA).",
@@ -93,28 +103,37 @@ def report(figures: dict[str, Any], info: dict) -> str:
                   f"p50 {s['p50_ms']:.3f} ms ({s['best_mode']}), {s['recipe']}; the stage's recommendation without "
                   f"it, {r['name']}: {with_interval(r['test_accuracy'], r['test_images'])}, p50 {r['p50_ms']:.3f} ms "
                   f"({r['best_mode']})."]
-    return "\n".join([*lines, machine_lines(info)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short schedules and 4 trials (a smoke test, not a result)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--no-default-search", action="store_true", help="only the gap-closed searches")
+    parser.add_argument("--part", choices=["both", "gap", "default"], default="both",
+                        help="gap: the searches at the student's size (-> search.json); default: the default search "
+                        "of the first seed alone (-> search-default.json)")
     args = parser.parse_args()
     quick = ["teacher.train.epochs=3", "student.train.epochs=3", "search.space.epochs=[4,8]", "search.trials=4",
              "compress.bench.latency_runs=20"] if args.quick else []
     with tempfile.TemporaryDirectory(prefix="search-bench-") as storage:
-        seeds = [{"seed": seed, **gap_closed(seed, Path(storage), quick)} for seed in args.seeds]
-        default = None if args.no_default_search else default_search(args.seeds[0], Path(storage), quick)
+        seeds = [{"seed": seed, **gap_closed(seed, Path(storage), quick)} for seed in args.seeds] \
+            if args.part != "default" else []
+        default = default_search(args.seeds[0], Path(storage), quick) if args.part != "gap" else None
+    info = machine("1 per trial (Ray Tune); in-process training: all cores")
+    figures = {"machine": info, "seeds": args.seeds, "gap_closed": seeds, "mean": summarize(seeds),
+               "default_search": default, "threads": torch.get_num_threads()}
+    publish("search" + ("-default" if args.part == "default" else ""), report(figures, info), figures, args.quick)
+
+
+def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Means over seeds; the share of the gap closed pooled: mean gain / mean gap."""
+    if not seeds:
+        return None
     keys = ("teacher", "alone", "distilled", "searched", "gap", "gain", "best_trial_on_test", "best_gain")
     means = {k: mean([s[k] for s in seeds]) for k in keys}
     means["gap_closed_pooled"] = means["gain"] / means["gap"] if means["gap"] > 0 else None
     means["best_closed_pooled"] = means["best_gain"] / means["gap"] if means["gap"] > 0 else None
-    info = machine("1 per trial (Ray Tune); in-process training: all cores")
-    figures = {"machine": info, "seeds": args.seeds, "gap_closed": seeds, "mean": means, "default_search": default,
-               "threads": torch.get_num_threads()}
-    publish("search", report(figures, info), figures, args.quick)
+    return means
 
 
 if __name__ == "__main__":

@@ -48,17 +48,19 @@ def trainable(settings: dict[str, Any], data: TrialData) -> None:
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
 
+# The running search's console progress. Tune pickles its callbacks into the experiment
+# state, so a resumed search brings back the old callback: it finds the new progress here.
+_progress: list[Callable[..., None]] = [lambda *a, **k: None]
+
+
 class TrialsDone(tune.Callback):
     """Moves the console's progress on by one trial as each one ends (finished, stopped, failed)."""
 
-    def __init__(self, advance: Callable[..., None]):
-        self.advance = advance
-
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self.advance(1, note=trial.trial_id)
+        _progress[0](1, note=trial.trial_id)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.advance(1, note=f"{trial.trial_id} failed")
+        _progress[0](1, note=f"{trial.trial_id} failed")
 
 
 def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, out: Path,
@@ -74,13 +76,16 @@ def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, out
     fs, path = storage.filesystem(run.location_of(f"search/{name}"))
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         console.say(f"[search] resuming the search in {run.location_of(f'search/{name}')}")
-        tuner = tune.Tuner.restore(path, fn, storage_filesystem=fs)  # its run config (callbacks too) restored
-
+        tuner = tune.Tuner.restore(path, fn, storage_filesystem=fs)
     else:
         tuner = tune.Tuner(fn, param_space=param_space(cfg.search.space), tune_config=_tune_config(cfg),
-                           run_config=tune.RunConfig(name=name, **where, verbose=0, callbacks=[TrialsDone(advance)],
+                           run_config=tune.RunConfig(name=name, **where, verbose=0, callbacks=[TrialsDone()],
                                                      failure_config=tune.FailureConfig(max_failures=0)))
-    return [_outcome(result, out) for result in tuner.fit()]
+    _progress[0] = advance
+    try:
+        return [_outcome(result, out) for result in tuner.fit()]
+    finally:
+        _progress[0] = lambda *a, **k: None
 
 
 def _tune_config(cfg: PipelineConfig) -> tune.TuneConfig:

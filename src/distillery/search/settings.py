@@ -22,7 +22,8 @@ class BudgetConfig(Strict):
 
     max_p50_ms: float | None = Field(None, gt=0.0, le=600_000.0, description="batch-1 median latency bound (ms)")
     as_fast_as: str | None = Field("student", description="no slower at batch 1 than this model of the run (within "
-                                   "compress.speedup_margin), timed beside the trials; null: no such bound")
+                                   "compress.speedup_margin, timed beside the trials) and no more MACs; null: no "
+                                   "such bound")
     min_throughput: float | None = Field(None, gt=0.0, description="images/s at compress.bench.throughput_batch")
     max_size_kib: float | None = Field(None, gt=0.0, description="bytes on disk of the weights, in KiB")
     min_accuracy: float | None = Field(None, gt=0.0, le=1.0, description="validation accuracy floor")

@@ -74,25 +74,33 @@ def run_trial(settings: dict[str, Any], data: TrialData, folder: Path, report: R
     model = build_model(spec)
     check_recipe(cfg, settings, model, data.image_shape)  # a recipe this width cannot take fails now, not after training
     train = cfg.student.train.model_copy(update={"epochs": epochs, "augment": settings["augment"]})
-    every = max(1, epochs // cfg.search.reports)
-
-    n_val = len(data.splits["val"][1])
-
-    def on_epoch(m: dict) -> None:
-        if m["epoch"] % every == 0 and m["epoch"] < epochs:  # the last one after compressing
-            report({"progress": 100.0 * m["epoch"] / epochs, "epoch": m["epoch"], "val_accuracy": m["val_accuracy"],
-                    "val_loss": m["val_loss"], "val_score": val_score(m["val_accuracy"], m["val_loss"], n_val)})
-
     fit(model, data.splits["train"], data.splits["val"], train, seed=cfg.seed, flip=data.flip,
         loss_fn=distillation(settings["temperature"], settings["alpha"]), view_logits=data.view_logits,
-        on_epoch=on_epoch)
+        on_epoch=reporter(report, epochs, cfg.search.reports, len(data.splits["val"][1])))
     trained_val = accuracy(model.eval(), data.splits["val"])
     fp32, numerics, files = compress(settings, data, spec, model, folder)
     saved, _ = store.load_variant(folder)  # what is judged is what was saved
-    val = evaluate(saved, batches(*data.splits["val"], 1024))
-    return {"progress": 100.0, "epoch": epochs, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-            "val_score": val_score(val["accuracy"], val["loss"], n_val), "trained_val_accuracy": trained_val, "macs": count_macs(fp32, data.image_shape),
+    return {"progress": 100.0, "epoch": epochs, **val_metrics(saved, data.splits["val"]),
+            "trained_val_accuracy": trained_val, "macs": count_macs(fp32, data.image_shape),
             "params": count_params(fp32), "size_bytes": files[0].stat().st_size, "numerics": numerics}
+
+
+def reporter(report: Report, epochs: int, reports: int, n_val: int) -> Callable[[dict], None]:
+    """An `on_epoch` that reports about `reports` times (not the last epoch: that report
+    comes after compressing), as progress through the trial's own schedule."""
+    every = max(1, epochs // reports)
+
+    def on_epoch(m: dict) -> None:
+        if m["epoch"] % every == 0 and m["epoch"] < epochs:
+            report({"progress": 100.0 * m["epoch"] / epochs, "epoch": m["epoch"], "val_accuracy": m["val_accuracy"],
+                    "val_loss": m["val_loss"], "val_score": val_score(m["val_accuracy"], m["val_loss"], n_val)})
+    return on_epoch
+
+
+def val_metrics(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    scores = evaluate(model, batches(*val, 1024))
+    return {"val_accuracy": scores["accuracy"], "val_loss": scores["loss"],
+            "val_score": val_score(scores["accuracy"], scores["loss"], len(val[1]))}
 
 
 def check_recipe(cfg: PipelineConfig, settings: dict[str, Any], model: nn.Module, in_shape: list[int]) -> None:

@@ -162,7 +162,7 @@ def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, 
         after_step: Callable[[], None] | None = None, view_logits: torch.Tensor | None = None) -> list[dict]:
     """Train in one process on tensors `train` = (x, y) on `device`; `make_target(x, y)` builds
     each batch's target after augmentation (distillation packs the teacher's logits in), or,
-    given the teacher's logits of every view [V, N, K] (`views`), each image's target packs the
+    given the teacher's logits of every view [V, N, K] (`view_logits`), each image's target packs the
     logits of the very view it is shown (`loss_fn` then a distillation loss); call
     `on_epoch` with each epoch's metrics; return them all. `on_epoch_start(epoch)` and
     `after_step()` (after every optimizer step) let pruning keep its zeros."""
@@ -170,6 +170,7 @@ def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, 
     model.to(device)
     train = (train[0].to(device), train[1].to(device))  # small in-memory splits: move them once
     val = (val[0].to(device), val[1].to(device)) if val is not None else None
+    view_logits = view_logits.to(device) if view_logits is not None else None
     loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, math.ceil(len(train[0]) / cfg.batch_size))
