@@ -27,16 +27,17 @@ from distillery.config import PipelineConfig
 from distillery.run import storage
 from distillery.run.rundir import RunDir
 from distillery.search.settings import SpaceConfig
-from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, run_trial
+from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, flat, run_trial
 from distillery.training.feed import one_line
 from distillery.training.on_ray import checkpoint_storage
 
 
-def param_space(space: SpaceConfig) -> dict[str, Any]:
-    """Tune's sampling space; the recipe as an index into `space.recipe` (configs stay JSON)."""
-    return {"width_mult": tune.choice(space.width_mult), "temperature": tune.choice(space.temperature),
+def param_space(space: SpaceConfig, models: list[list]) -> dict[str, Any]:
+    """Tune's sampling space: `models` are the [width, recipe index] pairs to draw from (the
+    recipe as an index into `space.recipe`, so configs stay JSON)."""
+    return {"model": tune.choice(models), "temperature": tune.choice(space.temperature),
             "alpha": tune.choice(space.alpha), "epochs": tune.choice(space.epochs),
-            "augment": tune.choice(space.augment), "recipe": tune.choice(list(range(len(space.recipe))))}
+            "augment": tune.choice(space.augment)}
 
 
 def trainable(settings: dict[str, Any], data: TrialData) -> None:
@@ -63,7 +64,7 @@ class TrialsDone(tune.Callback):
         _progress[0](1, note=f"{trial.trial_id} failed")
 
 
-def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, out: Path,
+def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, models: list[list], out: Path,
                advance: Callable[..., None] = lambda *a, **k: None) -> list[dict[str, Any]]:
     """Run (or resume) the search `name`; copy each completed trial's model to `out/<trial>`;
     return every trial's outcome: settings, status, epochs run, last metrics, error."""
@@ -78,7 +79,7 @@ def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, out
         console.say(f"[search] resuming the search in {run.location_of(f'search/{name}')}")
         tuner = tune.Tuner.restore(path, fn, storage_filesystem=fs)
     else:
-        tuner = tune.Tuner(fn, param_space=param_space(cfg.search.space), tune_config=_tune_config(cfg),
+        tuner = tune.Tuner(fn, param_space=param_space(cfg.search.space, models), tune_config=_tune_config(cfg),
                            run_config=tune.RunConfig(name=name, **where, verbose=0, callbacks=[TrialsDone()],
                                                      failure_config=tune.FailureConfig(max_failures=0)))
     _progress[0] = advance
@@ -101,7 +102,7 @@ def _outcome(result: tune.Result, out: Path) -> dict[str, Any]:
     trial = metrics.get("trial_id") or Path(result.path).name
     done = result.error is None and metrics.get("progress") == 100.0 and result.checkpoint is not None
     status = FAILED if result.error is not None else COMPLETED if done else STOPPED
-    outcome = {"trial": trial, "settings": result.config or _params(result), "status": status,
+    outcome = {"trial": trial, "settings": flat(result.config or _params(result)), "status": status,
                "epochs_run": metrics.get("epoch", 0), "error": one_line(result.error) if result.error else None,
                "metrics": {k: v for k, v in metrics.items() if k in _KEPT}}
     if done:

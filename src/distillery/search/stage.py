@@ -25,9 +25,11 @@ from distillery.files import atomic_write_json
 from distillery.measure import timing
 from distillery.measure.accuracy import with_interval
 from distillery.roles import SEARCHED, VARIANT
-from distillery.run.rundir import RunDir
+from distillery.models.architectures import count_macs
+from distillery.models.artifact import load_model
+from distillery.run.rundir import RunDir, fingerprint
 from distillery.search import budget, report
-from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, describe
+from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, describe, model_macs
 from distillery.training.objective import frozen_teacher
 from distillery.training.views import logits_of_every_view
 
@@ -46,12 +48,14 @@ def search_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manifes
                      manifest["num_classes"], flip, teacher)
     out = run.root / "search" / "models"
     shutil.rmtree(out, ignore_errors=True)
+    models = models_within_work(run, cfg, manifest, log)
     s = cfg.search
     log(f"[search] {s.trials} trials on Ray Tune, {s.cpus_per_trial:g} CPU each, ASHA (rungs from {s.grace_percent:g}% "
         f"of a trial's epochs, top 1/{s.reduction_factor:g} go on); the teacher's logits of {len(views)} views "
         f"of {len(splits['train'][0])} images computed once")
     with console.progress("[search] trials", s.trials, "trials") as advance:
-        outcomes = [{**o, "recipe": describe(cfg, o["settings"])} for o in run_trials(cfg, run, data, name, out, advance)]
+        found = run_trials(cfg, run, data, f"{name}-{fingerprint(models)[:8]}", models, out, advance)
+    outcomes = [{**o, "recipe": describe(cfg, o["settings"])} for o in found]
     ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher, "", 0)
     bench = timing.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
     finished = sum(1 for o in outcomes if o.get("folder"))
@@ -59,6 +63,25 @@ def search_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manifes
         reference = measure_trained(ctx, bench, advance)
         records = [measure_trial(ctx, bench, o, advance) for o in outcomes if o.get("folder")]
     return finish(run, cfg, log, outcomes, records, reference)
+
+
+def models_within_work(run: RunDir, cfg: PipelineConfig, manifest: dict, log: Log) -> list[list]:
+    """The [width, recipe index] pairs to draw trials from: all of them, or, when the budget
+    asks to be as fast as a model of the run, those with no more MACs than it (counted on a
+    dry run of the recipe): a trial that could never meet the budget is not worth training.
+    A recipe a width cannot take stays in: its trials fail at once, saying why."""
+    space, shape, classes = cfg.search.space, manifest["image_shape"], manifest["num_classes"]
+    pairs = [[w, r] for w in space.width_mult for r in range(len(space.recipe))]
+    which = cfg.search.budget.as_fast_as
+    if which is None:
+        return pairs
+    limit = count_macs(load_model(run.verify_file(f"{which}/arch.json").parent)[0], shape)
+    kept = [p for p in pairs if (model_macs(cfg, *p, shape, classes) or 0) <= limit]
+    if not kept:
+        raise UserError(f"search.space: no width and recipe come to at most {limit:,} MACs ({which}'s, as "
+                        "search.budget.as_fast_as asks); add narrower widths or pruning recipes")
+    log(f"[search] {len(kept)} of {len(pairs)} width/recipe pairs come to at most {limit:,} MACs ({which}'s)")
+    return kept
 
 
 def measure_trial(ctx: Context, bench: timing.BenchSettings, outcome: dict[str, Any],

@@ -23,6 +23,7 @@ from distillery.compression import prune, store
 from distillery.compression.recipe import VariantConfig
 from distillery.compression.steps import HANDLERS, Context, Work, accuracy, apply_steps
 from distillery.config import CNNConfig, PipelineConfig
+from distillery.errors import UserError
 from distillery.models.architectures import build_model, count_macs, count_params, make_spec
 from distillery.training.loop import batches, evaluate, fit, seed_everything
 from distillery.training.losses import distillation
@@ -51,6 +52,26 @@ def val_score(acc: float, loss: float, n: int) -> float:
     return acc - min(loss, 10.0) / (20.0 * max(n, 1))
 
 
+def flat(settings: dict[str, Any]) -> dict[str, Any]:
+    """A trial's settings with its model, drawn as one [width, recipe index] pair (only pairs
+    that can meet the budget are drawn), spelt out as `width_mult` and `recipe`."""
+    if "model" not in settings:
+        return settings
+    width, recipe = settings["model"]
+    return {**{k: v for k, v in settings.items() if k != "model"}, "width_mult": width, "recipe": recipe}
+
+
+def model_macs(cfg: PipelineConfig, width: float, recipe: int, in_shape: list[int], num_classes: int) -> int | None:
+    """The MACs of a width after a recipe's steps (dry-run, as before any trial); None when
+    the recipe cannot apply to that width (the trial will fail at its start, saying why)."""
+    model = build_model(make_spec(CNNConfig(width_mult=width), in_shape, num_classes))
+    try:
+        check_recipe(cfg, {"recipe": recipe}, model, in_shape, copy_first=False)
+    except UserError:
+        return None
+    return count_macs(model, in_shape)
+
+
 def recipe_steps(cfg: PipelineConfig, settings: dict[str, Any]) -> list:
     """The trial's compression steps: Tune's configs hold the recipe's index (plain JSON)."""
     return cfg.search.space.recipe[settings["recipe"]]
@@ -58,6 +79,7 @@ def recipe_steps(cfg: PipelineConfig, settings: dict[str, Any]) -> list:
 
 def describe(cfg: PipelineConfig, settings: dict[str, Any]) -> str:
     """`cnn x0.5, T=2, alpha=1, 400 epochs, augmented -> int8_static`, for tables."""
+    settings = flat(settings)
     steps = recipe_steps(cfg, settings)
     recipe = VariantConfig(name="trial", steps=steps).describe().split(" -> ", 1)[1] if steps else None
     text = (f"cnn x{settings['width_mult']:g}, T={settings['temperature']:g}, alpha={settings['alpha']:g}, "
@@ -68,6 +90,7 @@ def describe(cfg: PipelineConfig, settings: dict[str, Any]) -> str:
 def run_trial(settings: dict[str, Any], data: TrialData, folder: Path, report: Report) -> dict[str, Any]:
     """Train, compress and save the trial's model into `folder`; `report` validation metrics
     while training (what the scheduler judges); return the final metrics of the saved model."""
+    settings = flat(settings)
     cfg, epochs = data.cfg, settings["epochs"]
     spec = make_spec(CNNConfig(width_mult=settings["width_mult"]), data.image_shape, data.num_classes)
     seed_everything(cfg.seed)
@@ -103,9 +126,11 @@ def val_metrics(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor]) -> dic
             "val_score": val_score(scores["accuracy"], scores["loss"], len(val[1]))}
 
 
-def check_recipe(cfg: PipelineConfig, settings: dict[str, Any], model: nn.Module, in_shape: list[int]) -> None:
-    """The compress stage's dry run of each step (layer names, reachable ratios) on a copy."""
-    model = copy.deepcopy(model)
+def check_recipe(cfg: PipelineConfig, settings: dict[str, Any], model: nn.Module, in_shape: list[int],
+                 copy_first: bool = True) -> None:
+    """The compress stage's dry run of each step (layer names, reachable ratios), on a copy
+    unless `copy_first` is False (channel pruning's check prunes the model it is given)."""
+    model = copy.deepcopy(model) if copy_first else model
     for step in recipe_steps(cfg, settings):
         HANDLERS[step.kind].check(model, step, in_shape)
 
