@@ -164,8 +164,9 @@ def _compiled_cell(r: dict) -> str:
     return f"{compiled:.3f}" if compiled else "-"
 
 
-def _md_cell(value: str) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")  # a pipe in a recipe would split the row
+def md_cell(value: str) -> str:
+    """A Markdown table cell: a pipe (in a recipe or an error) would split the row."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _markdown(records: Sequence[dict], front: list[str], rec: dict | None, floor: float, machine: dict,
@@ -176,7 +177,7 @@ def _markdown(records: Sequence[dict], front: list[str], rec: dict | None, floor
     for r in records:
         row = _md_row(r, r["name"] in front)
         row[-2:-2] = [_compiled_cell(r)] if compiled else []
-        lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
+        lines.append("| " + " | ".join(md_cell(c) for c in row) + " |")
     verdict = f"**Recommended** ({rec['name']}): {rec['reason']}" if rec else \
         f"**No variant** reaches the accuracy floor of {floor:.2%}."
     return "\n".join([*lines, *_cascade_lines(records), "", verdict, "", _evidence_line(machine, settings), ""])

@@ -41,7 +41,7 @@ def markdown(outcomes: list[dict], records: list[dict], reference: list[dict], c
     lines = ["# Search: the best model under a budget", "",
              f"Budget: {'; '.join(b.text for b in limits) or 'none'}. Chosen on the validation split; test accuracy "
              "reported, not used to choose.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             *("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows), "",
+             *("| " + " | ".join(frontier.md_cell(c) for c in row) + " |" for row in rows), "",
              f"{summary['trials']} trials: {summary['completed']} completed, {summary['stopped_early']} stopped early "
              f"by ASHA, {summary['failed']} failed; {summary['epochs_run']:,} of the {summary['epochs_full']:,} epochs "
              f"a search without early stopping would train ({summary['epochs_saved']:.0%} saved).", ""]
