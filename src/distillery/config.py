@@ -58,7 +58,15 @@ class CNNConfig(Strict):
     width_mult: float = Field(1.0, gt=0.0, le=8.0, description="scales 32/64 conv channels and 128 hidden units")
 
 
-ModelConfig = Annotated[Union[ResNetConfig, CNNConfig], Field(discriminator="kind")]
+class TorchvisionConfig(Strict):
+    """A standard architecture by name: one of torchvision's classification models, no weights."""
+
+    kind: Literal["torchvision"] = "torchvision"
+    name: str = Field("mobilenet_v3_small", min_length=1, max_length=64,
+                      description="e.g. resnet18, mobilenet_v3_small, efficientnet_b0, regnet_y_400mf")
+
+
+ModelConfig = Annotated[Union[ResNetConfig, CNNConfig, TorchvisionConfig], Field(discriminator="kind")]
 
 
 class TrainConfig(Strict):
@@ -194,8 +202,10 @@ class StageConfig(Strict):
     model: ModelConfig
     train: TrainConfig = TrainConfig()
     import_from: str | None = Field(None, description="teacher only: use this model instead of training one: a "
-                                    "model folder (arch.json + model.safetensors) or a finished run's directory "
-                                    "(its teacher); verified, scored on this run's test split, frozen")
+                                    "model folder (arch.json + model.safetensors), a finished run's directory (its "
+                                    "teacher), a .safetensors file of weights for `model` (e.g. kind: torchvision, "
+                                    "name: resnet18) or a torch.export program (.pt2); verified, scored on this "
+                                    "run's test split, frozen")
 
 
 def _stage(default: BaseModel) -> Any:
@@ -238,6 +248,11 @@ class PipelineConfig(Strict):
                              "student, which FSDP's per-layer sharding and pipeline stages do not see whole)")
         if self.distill.hints and self.distill.cache_teacher_logits:
             raise ValueError("distill.hints need the live teacher; set distill.cache_teacher_logits: false")
+        for which in ("teacher", "student"):
+            stage = self.stage_for(which)
+            if stage.model.kind == "torchvision" and stage.train.parallelism == "pipeline":
+                raise ValueError(f"{which}.train.parallelism: pipeline cuts cnn and resnet models into stages; "
+                                 "train a torchvision model with ddp or fsdp")
         if self.student.import_from:
             raise ValueError("student.import_from: only the teacher is imported; the students are what this run makes")
         return self
@@ -310,7 +325,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = [str(p) for p in err["loc"] if p not in ("resnet", "cnn")]  # drop union tags
+    loc = [str(p) for p in err["loc"] if p not in ("resnet", "cnn", "torchvision")]  # drop union tags
     key = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(err["loc"][:-1])
@@ -328,6 +343,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
             model = ResNetConfig
         elif part == "cnn":
             model = CNNConfig
+        elif part == "torchvision":
+            model = TorchvisionConfig
         elif isinstance(part, str) and model is not None and part in getattr(model, "model_fields", {}):
             ann = model.model_fields[part].annotation
             model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None

@@ -10,5 +10,10 @@ class UserError(Exception):
     """A mistake in the user's input: config, data, artifact or request."""
 
 
+class NotApplicable(UserError):
+    """A compression step that cannot apply to this model (its architecture, not the recipe):
+    the variant is refused and the frontier says why; the other variants go on."""
+
+
 class TrainingFailed(Exception):
     """A training stage that failed on every attempt Ray Train was allowed (`ray.max_failures`)."""

@@ -120,12 +120,13 @@ def prune_channels(model: nn.Module, step: PruneChannels, in_shape: list[int], m
 
 
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """Per conv/linear/batch-norm layer its [in, out] channels (batch-norm: [features]): with
-    the architecture's spec, all a fresh process needs to rebuild a channel-pruned model."""
+    """Per conv/linear/batch-norm layer its [in, out] channels (batch-norm: [features]; a grouped
+    conv, e.g. depthwise, also its groups, which pruning changes): with the architecture's
+    spec, all a fresh process needs to rebuild a channel-pruned model."""
     shapes = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            shapes[name] = [m.in_channels, m.out_channels]
+            shapes[name] = [m.in_channels, m.out_channels, *([m.groups] if m.groups > 1 else [])]
         elif isinstance(m, nn.Linear):
             shapes[name] = [m.in_features, m.out_features]
         elif isinstance(m, nn.BatchNorm2d):
@@ -148,7 +149,7 @@ def resize(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
 def _resized(m: nn.Module, size: list[int]) -> nn.Module:
     if isinstance(m, nn.Conv2d):
         return nn.Conv2d(size[0], size[1], m.kernel_size, stride=m.stride, padding=m.padding,
-                         dilation=m.dilation, groups=m.groups, bias=m.bias is not None)
+                         dilation=m.dilation, groups=size[2] if len(size) > 2 else 1, bias=m.bias is not None)
     if isinstance(m, nn.Linear):
         return nn.Linear(size[0], size[1], bias=m.bias is not None)
     if isinstance(m, nn.BatchNorm2d):

@@ -22,11 +22,12 @@ from distillery.compression import cascade, prune, store
 from distillery.compression.recipe import VariantConfig
 from distillery.compression.steps import HANDLERS, Built, Context, Log, Work, accuracy, apply_steps
 from distillery.config import PipelineConfig
-from distillery.errors import UserError
+from distillery.errors import NotApplicable, UserError
 from distillery.files import atomic_write_json, read_json
 from distillery.measure import frontier, timing
 from distillery.models.architectures import build_model, count_macs, count_params
 from distillery.models.artifact import load_model
+from distillery.models.exported import ExportedModel
 from distillery.roles import PARENT, SEARCHED, SHOWN, TRAINED, VARIANT, VARIANT_BASES
 from distillery.run.rundir import RunDir
 from distillery.training.objective import frozen_teacher
@@ -37,7 +38,10 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     teacher = frozen_teacher(run.verify_file("teacher/arch.json").parent, torch.device("cpu"))
     ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher,
                   record["fingerprint"], record["attempt"])
-    variants = cfg.compress.variants
+    refused = check_run(run, cfg)
+    for name, reason in refused.items():
+        log(f"[compress] {name}: refused: {reason}")
+    variants = [v for v in cfg.compress.variants if v.name not in refused]
     built = {}
     with console.progress("[compress] building", len(variants), "variants") as advance:
         for v in variants:
@@ -46,31 +50,34 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     settings = timing.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
     count = len(SHOWN) + len(variants) + cfg.search.enabled
     with console.progress("[compress] scoring and timing", count, "models") as advance:
-        records = measure_all(ctx, settings, built, advance)
+        records = measure_all(ctx, settings, variants, built, advance)
     margin = cfg.compress.speedup_margin
     for rec in records.values():  # a cascade must beat its larger model, which it stands in for
         parent = records.get(rec.get("compared_with") or rec["parent"]) if rec["parent"] else None
         rec["not_faster"] = parent is not None and not timing.is_faster(rec, parent, min_gain=margin)
     files = []
-    for v in cfg.compress.variants:
+    for v in variants:
         folder = built[v.name].files[-1].parent  # recipe.json, in the variant's own folder
         atomic_write_json(folder / "metrics.json", records[v.name])
         files += [*built[v.name].files, folder / "metrics.json"]
     floor = records["teacher"]["test_accuracy"] - cfg.compress.floor_below_teacher
     files += frontier.write_frontier(run.root, list(records.values()), floor=floor, machine=timing.machine_info(),
-                                     settings={**asdict(settings), "modes": cfg.compress.bench.modes}, margin=margin)
+                                     settings={**asdict(settings), "modes": cfg.compress.bench.modes}, margin=margin,
+                                     refused=[{"name": v.name, "recipe": v.describe(), "reason": refused[v.name]}
+                                              for v in cfg.compress.variants if v.name in refused])
     best = frontier.recommend(list(records.values()), floor, margin)
     log(f"[compress] recommended: {best['reason'] if best else 'nothing meets the accuracy floor'}")
-    return files, {"variants": len(built), "recommended": best["name"] if best else None, "floor": floor}
+    return files, {"variants": len(built), "refused": refused, "recommended": best["name"] if best else None,
+                   "floor": floor}
 
 
-def measure_all(ctx: Context, settings: timing.BenchSettings, built: dict[str, Built],
+def measure_all(ctx: Context, settings: timing.BenchSettings, variants: list[VariantConfig], built: dict[str, Built],
                 advance: Callable[..., None] = lambda *a, **k: None) -> dict[str, dict[str, Any]]:
     """The trained models and every variant as reloaded from disk, scored and timed. Timed only
     once everything is built, one after another: no training in between competes for the
     cores, and a parent and its child are measured minutes apart at most."""
     records = measure_trained(ctx, settings, advance)
-    for v in ctx.cfg.compress.variants:
+    for v in variants:
         b = built[v.name]
         model, _ = store.load_variant(b.files[-1].parent)  # score what is on disk
         if v.cascade_to():
@@ -128,23 +135,37 @@ def measure_cascade(ctx: Context, settings: timing.BenchSettings, v: VariantConf
             "numerics": f"cascade({small['numerics']}, {large['numerics']})"}
 
 
-def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in_shape: list[int]) -> None:
+def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in_shape: list[int]) -> dict[str, str]:
     """Everything checkable against the models, before any work: layer names, reachable MAC
     ratios, group sizes, and no step on top of a quantized variant. Channel pruning is dry-run
     on a copy (cheap, and only trying tells whether a ratio is reachable), so the steps after
-    it, and the variants built on it, are checked against the widths it leaves."""
+    it, and the variants built on it, are checked against the widths it leaves.
+
+    A mistake in a recipe raises; a step that cannot apply to the model's architecture only
+    refuses its variant (and those built on it): returned as {name: reason} for the frontier."""
     shapes = dict(bases)  # name -> a model of that variant's widths
-    quantized, cascades = set(), set()
+    quantized, cascades, refused = set(), set(), {}
     for v in variants:
         built_on = [n for n in (v.parent, v.cascade_to()) if n in cascades]
         if built_on:
             raise UserError(f"compress.variants.{v.name}: {built_on[0]!r} is a cascade; nothing is built on a cascade")
         if v.parent in quantized and not v.cascade_to():  # a cascade may join quantized models
             raise UserError(f"compress.variants.{v.name}: parent {v.parent!r} is quantized; build on its fp32 parent")
+        lost = [n for n in (v.parent, v.cascade_to()) if n in refused]
+        if lost:
+            refused[v.name] = f"built on {lost[0]}, which was refused"
+            continue
+        if isinstance(shapes[v.parent], ExportedModel):
+            refused[v.name] = (f"{v.parent} is an imported torch.export program, a fixed graph: nothing can be built "
+                               "on it (import its weights as .safetensors, with teacher.model naming the architecture)")
+            continue
         model = copy.deepcopy(shapes[v.parent])
         try:
             for step in v.steps:
                 HANDLERS[step.kind].check(model, step, in_shape)
+        except NotApplicable as e:
+            refused[v.name] = str(e)
+            continue
         except UserError as e:
             raise UserError(f"compress.variants.{v.name}: {e}") from None
         shapes[v.name] = model
@@ -152,14 +173,16 @@ def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in
             quantized.add(v.name)
         if v.cascade_to():
             cascades.add(v.name)
+    return refused
 
 
-def check_run(run: RunDir, cfg: PipelineConfig) -> None:
+def check_run(run: RunDir, cfg: PipelineConfig) -> dict[str, str]:
     """`check_recipes` against this run's trained models: before the stage starts, so a
-    refused recipe leaves the run's finished compress stage as it was."""
+    wrong recipe leaves the run's finished compress stage as it was. Returns the variants
+    refused as not applicable to their model, with the reason."""
     manifest = read_json(run.verify_file("data/manifest.json"))
     bases = {name: load_model(run.verify_file(f"{name}/arch.json").parent)[0] for name in TRAINED}
-    check_recipes(cfg.compress.variants, bases, manifest["image_shape"])
+    return check_recipes(cfg.compress.variants, bases, manifest["image_shape"])
 
 
 # ---------------------------------------------------------------- building

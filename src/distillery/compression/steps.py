@@ -26,6 +26,7 @@ from distillery.compression import cascade, prune, quantize, store
 from distillery.compression.recipe import (Cascade, Finetune, Int8Dynamic, Int8Static, PruneChannels,
                                            PruneUnstructured, StepConfig, WeightOnly)
 from distillery.config import PipelineConfig, TrainConfig
+from distillery.errors import NotApplicable, UserError
 from distillery.models.architectures import build_model, count_macs
 from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir
@@ -95,7 +96,24 @@ def _check_exclude(model: nn.Module, step: PruneUnstructured | PruneChannels, in
 
 def _check_channels(model: nn.Module, step: PruneChannels, in_shape: list[int]) -> None:
     _check_exclude(model, step, in_shape)
-    prune.prune_channels(model, step, in_shape)  # only trying tells whether a ratio is reachable
+    unpruned = copy.deepcopy(model)
+    try:
+        prune.prune_channels(model, step, in_shape)  # only trying tells whether a ratio is reachable
+        # What a fresh process does to reload it: the unpruned structure resized to the recorded sizes.
+        prune.resize(unpruned, prune.layer_shapes(model)).load_state_dict(model.state_dict())
+    except UserError:
+        raise
+    except Exception as e:  # Torch-Pruning or the rebuild meeting a layer they do not handle
+        raise NotApplicable(f"channel pruning does not apply to this {type(model).__name__}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _check_int8_static(model: nn.Module, step: Int8Static, in_shape: list[int]) -> None:
+    try:
+        quantize.prepare(model, in_shape)  # export and annotate: where an architecture fails
+    except Exception as e:
+        raise NotApplicable(f"PT2E int8 (x86 quantizer) does not apply to this {type(model).__name__}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 @handler("prune_unstructured", check=_check_exclude)
@@ -124,7 +142,7 @@ def _finetune(ctx: Context, work: Work, step: Finetune) -> None:
                          **({"layers": prune.sparsity_report(work.model)} if work.gradual else {})})
 
 
-@handler("int8_static")
+@handler("int8_static", check=_check_int8_static)
 def _int8_static(ctx: Context, work: Work, step: Int8Static) -> list[Path]:
     files, detail = _static_int8(ctx, work.model, step, work.folder, work.spec, work.base_shapes)
     work.details.append(detail)

@@ -38,7 +38,7 @@ from distillery.compression.recipe import Int8Dynamic, WeightOnly
 from distillery.errors import UserError
 from distillery.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.models.architectures import build_model
-from distillery.models.artifact import ARCH_FILE, WEIGHTS_FILE, read_arch
+from distillery.models.artifact import ARCH_FILE, WEIGHTS_FILE, load_model, read_arch
 
 QPARAMS = "qparams."  # safetensors key prefix of recorded observer parameters
 TORCHAO_STEPS = {"int8_dynamic": Int8Dynamic, "weight_only": WeightOnly}
@@ -165,6 +165,8 @@ def load_variant(folder: str | Path) -> tuple[nn.Module, dict]:
     head = read_json(Path(folder) / ARCH_FILE)
     if isinstance(head, dict) and head.get("format") == "cascade":
         return _load_cascade(Path(folder), head), head
+    if isinstance(head, dict) and head.get("format") == "exported":
+        return load_model(folder)
     arch, weights = read_arch(folder)
     tensors, metadata = _read(weights)
     model = resize(build_model(arch["spec"]), arch.get("layers") or {})

@@ -116,11 +116,12 @@ def _ties(best: dict, candidates: Sequence[dict]) -> str:
 
 
 def write_frontier(out_dir: Path, records: list[dict], *, floor: float, machine: dict,
-                   settings: dict, margin: float = 0.0) -> list[Path]:
+                   settings: dict, margin: float = 0.0, refused: Sequence[dict] = ()) -> list[Path]:
     """Write frontier.json, frontier.csv, frontier.md and frontier.png into `out_dir`; return their paths.
 
     `machine` is bench.machine_info(), `settings` the bench settings as a dict (both are the
-    evidence a reader needs to trust the figures).
+    evidence a reader needs to trust the figures); `refused`: the variants whose steps do not
+    apply to their model ({name, recipe, reason}), listed with the reason.
     """
     validate(records)
     if not records:
@@ -129,9 +130,9 @@ def write_frontier(out_dir: Path, records: list[dict], *, floor: float, machine:
     front, rec = pareto_front(records), recommend(records, floor, margin)
     paths = [out_dir / f"frontier.{ext}" for ext in ("json", "csv", "md", "png")]
     atomic_write_json(paths[0], {"machine": machine, "settings": settings, "floor": floor,
-                                 "recommended": rec, "pareto": front, "variants": records})
+                                 "recommended": rec, "pareto": front, "variants": records, "refused": list(refused)})
     atomic_write_bytes(paths[1], _csv(records, front).encode())
-    atomic_write_bytes(paths[2], _markdown(records, front, rec, floor, machine, settings).encode())
+    atomic_write_bytes(paths[2], _markdown(records, front, rec, floor, machine, settings, refused).encode())
     atomic_write_bytes(paths[3], plot_png(records, front, rec, floor))
     return paths
 
@@ -170,7 +171,7 @@ def md_cell(value: str) -> str:
 
 
 def _markdown(records: Sequence[dict], front: list[str], rec: dict | None, floor: float, machine: dict,
-              settings: dict) -> str:
+              settings: dict, refused: Sequence[dict] = ()) -> str:
     compiled = "compile" in settings.get("modes", [])
     header = [*_MD_HEADER[:-2], *([_COMPILED] if compiled else []), *_MD_HEADER[-2:]]
     lines = ["# Speed vs accuracy", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -180,7 +181,9 @@ def _markdown(records: Sequence[dict], front: list[str], rec: dict | None, floor
         lines.append("| " + " | ".join(md_cell(c) for c in row) + " |")
     verdict = f"**Recommended** ({rec['name']}): {rec['reason']}" if rec else \
         f"**No variant** reaches the accuracy floor of {floor:.2%}."
-    return "\n".join([*lines, *_cascade_lines(records), "", verdict, "", _evidence_line(machine, settings), ""])
+    not_built = [f"- {md_cell(r['name'])} ({md_cell(r['recipe'])}): {md_cell(r['reason'])}" for r in refused]
+    return "\n".join([*lines, *_cascade_lines(records), *(["", "Refused (not built):", "", *not_built] if not_built else []),
+                      "", verdict, "", _evidence_line(machine, settings), ""])
 
 
 def _cascade_lines(records: Sequence[dict]) -> list[str]:

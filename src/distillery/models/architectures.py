@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from distillery.errors import UserError
-from distillery.models import cnn, resnet
+from distillery.models import cnn, resnet, standard
 
 
 class Architecture(NamedTuple):
@@ -32,6 +32,7 @@ class Architecture(NamedTuple):
 ARCHITECTURES: dict[str, Architecture] = {
     "resnet": Architecture(resnet.ResNetSpec, resnet.ResNet, resnet.make_spec, resnet.layers),
     "cnn": Architecture(cnn.CNNSpec, cnn.SmallCNN, cnn.make_spec, cnn.layers),
+    "torchvision": Architecture(standard.TorchvisionSpec, standard.build, standard.make_spec, standard.layers),
 }
 
 

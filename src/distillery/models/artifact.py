@@ -1,7 +1,8 @@
 """A model on disk: `model.safetensors` plus `arch.json` (the JSON spec, the storage format
 and the weights' sha256), so a model folder verifies on its own and loads without unpickling.
 
-Every model folder has this shape. Trained models are `format: dense` and load here;
+Every model folder has this shape. Trained models are `format: dense` and load here, as do
+imported `torch.export` programs (`format: exported`, `program.pt2` in place of the weights);
 compressed variants add their format's fields (pruned layer sizes, sparse encoding, the
 quantization to re-apply) and a `recipe.json`, and load with `compression.store.load_variant`,
 which reads dense folders too.
@@ -9,6 +10,7 @@ which reads dense folders too.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,8 +21,10 @@ from safetensors.torch import load_file, save_file
 from distillery.errors import UserError
 from distillery.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.models.architectures import build_model
+from distillery.models.exported import load_program
 
 WEIGHTS_FILE = "model.safetensors"
+PROGRAM_FILE = "program.pt2"
 ARCH_FILE = "arch.json"
 
 
@@ -35,6 +39,17 @@ def save_model(folder: str | Path, model: torch.nn.Module, spec: dict, **extra: 
     arch = {"format": "dense", "spec": spec, "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(weights), **extra}
     atomic_write_json(folder / ARCH_FILE, arch)
     return [weights, folder / ARCH_FILE]
+
+
+def save_program(folder: str | Path, source: Path, spec: dict, **extra: Any) -> list[Path]:
+    """An imported torch.export program (`models.exported`), copied byte for byte: `format:
+    exported`, the program file in place of the weights."""
+    program = Path(folder) / PROGRAM_FILE
+    with atomic_path(program) as tmp:
+        shutil.copyfile(source, tmp)
+    arch = {"format": "exported", "spec": spec, "weights": PROGRAM_FILE, "weights_sha256": sha256_file(program), **extra}
+    atomic_write_json(Path(folder) / ARCH_FILE, arch)
+    return [program, Path(folder) / ARCH_FILE]
 
 
 def read_arch(folder: str | Path) -> tuple[dict, Path]:
@@ -52,6 +67,8 @@ def load_model(folder: str | Path, build: Callable[[dict], torch.nn.Module] | No
     """Build the model from `arch.json`, verify and load its weights; return (model, arch)."""
     build = build or build_model
     arch, weights = read_arch(folder)
+    if arch.get("format") == "exported":
+        return load_program(weights), arch
     if arch.get("format", "dense") != "dense" or arch.get("layers") or arch.get("sparse"):
         raise UserError(f"{Path(folder) / ARCH_FILE}: a compressed variant ({arch.get('format')}); "
                         "load it with distillery.compression.store.load_variant")

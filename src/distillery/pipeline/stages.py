@@ -25,10 +25,11 @@ from distillery import console, data
 from distillery.config import PipelineConfig
 from distillery.data.sources import flips_keep_class
 from distillery.errors import UserError
-from distillery.files import atomic_write_bytes, atomic_write_json, sha256_file
+from distillery.files import atomic_write_bytes, atomic_write_json
 from distillery.measure.accuracy import distillation_gain, results_table, with_interval
 from distillery.models.architectures import build_model, describe, make_spec, summarize
-from distillery.models.artifact import ARCH_FILE, load_model, save_model
+from distillery.models import imported
+from distillery.models.artifact import load_model, save_model
 from distillery.pipeline import report
 from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir, fingerprint
@@ -140,38 +141,24 @@ def load_splits(run: RunDir, splits: tuple[str, ...] = data.SPLITS
 
 
 def imported_digest(cfg: PipelineConfig) -> str | None:
-    """The sha256 of an imported teacher's arch.json (which holds its weights' sha256): a
-    changed model file makes the teacher stage run again, as a changed config does."""
-    return sha256_file(imported_folder(cfg.teacher.import_from) / ARCH_FILE) if cfg.teacher.import_from else None
-
-
-def imported_folder(location: str) -> Path:
-    """A model folder, or a finished run's teacher folder."""
-    path = Path(location).expanduser()
-    for folder in (path, path / "teacher"):
-        if (folder / ARCH_FILE).is_file():
-            return folder.resolve()
-    raise UserError(f"teacher.import_from: {path} holds no {ARCH_FILE} (give a model folder or a finished run's "
-                    "directory)")
+    """The sha256 identifying an imported teacher: a changed model file makes the teacher
+    stage run again, as a changed config does."""
+    return imported.digest(cfg.teacher.import_from) if cfg.teacher.import_from else None
 
 
 def import_teacher(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
-    """The user's teacher instead of a trained one: verified, checked against this run's data,
-    scored on its test split and saved into the run (so the run's manifest records it)."""
+    """The user's teacher instead of a trained one (`models.imported`): verified, checked
+    against this run's data, scored on its test split and saved into the run (so the run's
+    manifest records it)."""
     manifest, splits = load_splits(run, ("test",))
-    folder = imported_folder(cfg.teacher.import_from)
-    model, arch = load_model(folder)  # sha256 verified; safetensors and JSON only
-    spec = arch["spec"]
-    want = (list(manifest["image_shape"]), manifest["num_classes"])
-    if (list(spec["in_shape"]), spec["num_classes"]) != want:
-        raise UserError(f"teacher.import_from: {folder} takes images of shape {spec['in_shape']} and gives "
-                        f"{spec['num_classes']} classes; this run's data has shape {want[0]} and {want[1]} classes")
-    test = evaluate(model, batches(*splits["test"], EVAL_BATCH))
-    metrics = {**summarize(model, spec), "test_accuracy": test["accuracy"], "imported_from": str(folder),
-               "imported_weights_sha256": arch["weights_sha256"], "epochs": 0}
-    files = save_model(run.root / "teacher", model, spec)
+    got = imported.import_model(cfg.teacher.import_from, cfg.teacher.model, manifest["image_shape"],
+                                manifest["num_classes"])
+    test = evaluate(got.model, batches(*splits["test"], EVAL_BATCH))
+    metrics = {**summarize(got.model, got.spec), "test_accuracy": test["accuracy"], "imported_from": str(got.source),
+               "imported_weights_sha256": got.sha256, "epochs": 0}
+    files = got.save(run.root / "teacher")
     atomic_write_json(run.root / "teacher" / "metrics.json", {**metrics, "history": []})
-    log(f"[teacher] imported from {folder}: {metrics['kind']}, test accuracy {test['accuracy']:.2%}")
+    log(f"[teacher] imported from {got.source}: {metrics['kind']}, test accuracy {test['accuracy']:.2%}")
     return [*files, run.root / "teacher" / "metrics.json"], metrics
 
 
