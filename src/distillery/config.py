@@ -8,6 +8,7 @@ work starts, with a message naming the key and what is allowed.
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -41,6 +42,8 @@ class DataConfig(Strict):
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="sources without their own test split")
     max_train_samples: int | None = Field(None, ge=10, description="subsample train (stratified), for quick runs")
     shard_rows: int = Field(50_000, ge=1, description="rows per Parquet shard")
+    labeled: bool = Field(True, description="false: images only (a transfer set without labels): a labeled "
+                          "source's labels are dropped; an image folder is read at any depth, folder names ignored")
 
 
 class ResNetConfig(Strict):
@@ -105,6 +108,18 @@ class DistillConfig(Strict):
     cache_teacher_logits: bool = Field(
         False, description="compute the teacher's logits once with Ray Data into Parquet and reuse them "
         "(the student then trains without augmentation: the logits are for the stored images)")
+    labels: bool = Field(True, description="false: the student never sees a label: the soft (teacher) term "
+                         "alone, whatever alpha says")
+    transfer: DataConfig | None = Field(
+        None, description="a transfer set: the images the student is distilled on instead of the run's training "
+        "split (any source; its own val/test rows and images in the run's val/test splits are left out). With "
+        "labels they must name the teacher's classes (some may be missing); with labeled: false the loss is the "
+        "soft term alone")
+
+    @property
+    def soft_only(self) -> bool:
+        """The student is taught by the teacher alone: no label reaches it."""
+        return not self.labels or (self.transfer is not None and not self.transfer.labeled)
 
 
 class RayConfig(Strict):
@@ -253,6 +268,12 @@ class PipelineConfig(Strict):
             if stage.model.kind == "torchvision" and stage.train.parallelism == "pipeline":
                 raise ValueError(f"{which}.train.parallelism: pipeline cuts cnn and resnet models into stages; "
                                  "train a torchvision model with ddp or fsdp")
+        if self.distill.transfer and self.distill.cache_teacher_logits:
+            raise ValueError("distill.cache_teacher_logits caches the logits of the run's training split; with "
+                             "distill.transfer set it to false")
+        if not self.data.labeled:
+            raise ValueError("data.labeled: false: the run's own data needs labels (to train and score); give "
+                             "unlabeled images as distill.transfer")
         if self.student.import_from:
             raise ValueError("student.import_from: only the teacher is imported; the students are what this run makes")
         return self
@@ -347,7 +368,9 @@ def _allowed_keys(loc: tuple) -> list[str]:
             model = TorchvisionConfig
         elif isinstance(part, str) and model is not None and part in getattr(model, "model_fields", {}):
             ann = model.model_fields[part].annotation
-            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            ann = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                       None)  # a section that may be null (`DataConfig | None`) too
+            model = ann
         else:
             model = None
     return sorted(model.model_fields) if model is not None else []

@@ -181,7 +181,7 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         return {"serve": serve_cli.serve, "query": serve_cli.query, "loadtest": serve_cli.loadtest}[args.command](args)
     # Imported here so `distillery --help` stays fast (torch is slow to import).
-    from distillery.pipeline.stages import require_done, run_stages, uses_logit_cache
+    from distillery.pipeline.stages import before_student, require_done, run_stages
 
     overrides = list(args.overrides)
     if args.command == "data":
@@ -194,10 +194,11 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "data":
         stages = ["data"]
     elif args.command == "train":
-        stages = ["data"] + (list(TRAINED) if args.model == "all" else [args.model])
+        models = list(TRAINED) if args.model == "all" else [args.model]
+        stages = ["data"] + [s for m in models for s in (before_student(cfg) if m == "student" else []) + [m]]
     elif args.command == "distill":
         require_done(cfg, ["data", "teacher"])
-        stages = (["teacher_logits"] if uses_logit_cache(cfg) else []) + ["student"]
+        stages = before_student(cfg) + ["student"]
     elif args.command == "evaluate":
         require_done(cfg, ["data", *TRAINED])
         stages = ["evaluate"]

@@ -9,10 +9,10 @@ from either path into the same tensors.
 `shards` is the format every later stage reads.
 """
 
-from distillery.data.prepare import prepare, split_indices
+from distillery.data.prepare import prepare, prepare_transfer, split_indices
 from distillery.data.shards import (MANIFEST_FILE, SPLITS, decode_batch, encode_table, load_split, read_manifest,
                                     shard_paths)
 from distillery.data.sources import SOURCES, Source, load_source
 
 __all__ = ["MANIFEST_FILE", "SOURCES", "SPLITS", "Source", "decode_batch", "encode_table", "load_source",
-           "load_split", "prepare", "read_manifest", "shard_paths", "split_indices"]
+           "load_split", "prepare", "prepare_transfer", "read_manifest", "shard_paths", "split_indices"]

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from distillery.config import DataConfig
-from distillery.data.shards import FORMAT, MANIFEST_FILE, SCHEMA_DOC, SHARD_NAME, SPLITS, encode_table
+from distillery.data.shards import (FORMAT, MANIFEST_FILE, SCHEMA_DOC, SHARD_NAME, SPLITS, encode_table, load_split,
+                                    read_manifest)
 from distillery.data.sources import load_source
 from distillery.errors import UserError
 from distillery.files import atomic_path, atomic_write_json, sha256_file
@@ -50,6 +51,48 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict:
     }
     atomic_write_json(out_dir / MANIFEST_FILE, manifest)  # last: its presence means "complete"
     return manifest
+
+
+def prepare_transfer(cfg: DataConfig, out_dir: str | Path, seed: int, run_data: str | Path) -> dict:
+    """A transfer set (`distill.transfer`) -> one seeded `train` split in `out_dir`, for the run
+    whose prepared data is `run_data`: the source's rows (not those it fixes as val or test),
+    labels mapped onto the run's classes by name (-1 without labels), and no image that is also
+    in the run's val or test split: a transfer set drawn from the run's own source would
+    otherwise teach the student on the images it is scored on."""
+    out_dir, run = Path(out_dir), read_manifest(run_data)
+    source = load_source(cfg, seed)
+    _check_not_inside(source.path, out_dir)
+    if list(source.images.shape[1:]) != run["image_shape"]:
+        raise UserError(f"distill.transfer: images of shape {list(source.images.shape[1:])}; the run's data (and its "
+                        f"teacher) take {run['image_shape']}")
+    labels = _onto_classes(source, run["classes"]) if cfg.labeled else np.full(len(source.labels), -1, np.int64)
+    rows = np.arange(len(labels)) if source.given is None else np.flatnonzero(source.given == "train")
+    held_out = {bytes(x.numpy().tobytes()) for split in ("val", "test") for x in load_split(run_data, split)[0]}
+    kept = np.asarray([r for r in rows if source.images[r].tobytes() not in held_out], dtype=np.int64)
+    if kept.size == 0:
+        raise UserError(f"distill.transfer: no images left ({rows.size} read, all of them in the run's val/test splits)")
+    order = np.random.default_rng(_random_state(seed)).permutation(kept)[:cfg.max_train_samples]
+    _clear_previous(out_dir)
+    shards = _write_split(out_dir, "train", source.images, labels, order, cfg.shard_rows)
+    manifest = {"format": FORMAT, "source": cfg.source, "source_path": source.path, "image_shape": run["image_shape"],
+                "num_classes": run["num_classes"], "classes": run["classes"], "labeled": cfg.labeled, "seed": seed,
+                "counts": {"train": {"total": int(order.size), **({"per_class": np.bincount(
+                    labels[order], minlength=run["num_classes"]).tolist()} if cfg.labeled else {})}},
+                "left_out_held_out": int(rows.size - kept.size),
+                "skipped": {"count": len(source.skipped), "files": list(source.skipped[:1000])},
+                "shards": shards, "schema": SCHEMA_DOC}
+    atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _onto_classes(source, classes: list[str]) -> np.ndarray:
+    """The source's labels as indices into the run's `classes`, matched by name."""
+    unknown = sorted(set(source.classes) - set(classes))
+    if unknown:
+        raise UserError(f"distill.transfer: class(es) {', '.join(unknown[:5])} are not among the teacher's classes "
+                        f"({', '.join(classes[:20])}); rename them or set distill.transfer.labeled: false")
+    index = np.asarray([classes.index(name) for name in source.classes], dtype=np.int64)
+    return index[source.labels]
 
 
 def _counts(labels: np.ndarray, k: int) -> dict:

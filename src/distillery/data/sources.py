@@ -40,7 +40,7 @@ class Source(NamedTuple):
 
     images: np.ndarray  # float32 [N, C, H, W]
     labels: np.ndarray  # int64 [N]
-    classes: list[str]  # K names; labels are in [0, K)
+    classes: list[str]  # K names; labels are in [0, K) (-1 and no names: an unlabeled folder)
     given: np.ndarray | None  # str [N] of "train"/"val"/"test", or None: split it all
     path: str | None  # resolved input path, for the manifest
     skipped: tuple[str, ...] = ()  # "file: why" for every input file left out
@@ -295,21 +295,25 @@ def _image_folder(cfg: DataConfig, seed: int) -> Source:
         raise UserError(f"data.image_shape: {channels} channels; an image folder is read as 1 (grey) or 3 (RGB)")
     splits = [d.name for d in sorted(root.iterdir()) if d.is_dir() and d.name in SPLITS]
     tops = [(root / split, split) for split in splits] if splits else [(root, None)]
-    classes = sorted({d.name for top, _ in tops for d in top.iterdir() if d.is_dir()})
-    if len(classes) < 2:
-        raise UserError(f"{root}: found {len(classes)} class folder(s); an image folder needs one subfolder per class, "
-                        "at least two")
+    if cfg.labeled:
+        classes = sorted({d.name for top, _ in tops for d in top.iterdir() if d.is_dir()})
+        if len(classes) < 2:
+            raise UserError(f"{root}: found {len(classes)} class folder(s); an image folder needs one subfolder per "
+                            "class, at least two (or data.labeled: false for images without labels)")
+        files = [(file, label, split) for top, split in tops for label, name in enumerate(classes)
+                 for file in (sorted((top / name).iterdir()) if (top / name).is_dir() else [])]
+    else:  # every file at any depth; no classes
+        classes = []
+        files = [(file, -1, split) for top, split in tops for file in sorted(top.rglob("*")) if file.is_file()]
     images, labels, given, skipped = [], [], [], []
-    for top, split in tops:
-        for label, name in enumerate(classes):
-            for file in sorted((top / name).iterdir()) if (top / name).is_dir() else []:
-                image, why = _read_image(file, "L" if channels == 1 else "RGB", (width, height))
-                if image is None:
-                    skipped.append(f"{file.relative_to(root)}: {why}")
-                    continue
-                images.append(image)
-                labels.append(label)
-                given.append(split)
+    for file, label, split in files:
+        image, why = _read_image(file, "L" if channels == 1 else "RGB", (width, height))
+        if image is None:
+            skipped.append(f"{file.relative_to(root)}: {why}")
+            continue
+        images.append(image)
+        labels.append(label)
+        given.append(split)
     if not images:
         raise UserError(f"{root}: no readable images ({len(skipped)} file(s) skipped, e.g. {skipped[:1]})")
     x = np.stack(images).astype(np.float32) / np.float32(255.0)

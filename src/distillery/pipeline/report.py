@@ -63,11 +63,23 @@ def _training(root: Path, cfg: PipelineConfig, manifest: dict, data: dict) -> st
         lines.append(f"- **{which}**: {m['kind']}, {m['epochs']} epochs, {m['workers'] or 'no'} Ray Train workers "
                      f"({m['parallelism']}), {m['seconds']:.0f} s")
         lines += [f"  - {restart_text(r)}" for r in m.get("restarts", [])]
-    d = cfg.distill
-    lines += ["", f"The student was distilled from the frozen teacher (temperature {d.temperature:g}, "
-              f"alpha {d.alpha:g}); `student_scratch` is the same network trained alone, the baseline.", "",
-              results_table(read_json(root / "results.json"))]
+    lines += ["", _distillation(cfg, stages), "", results_table(read_json(root / "results.json"))]
     return "\n".join(lines)
+
+
+def _distillation(cfg: PipelineConfig, stages: dict) -> str:
+    d = cfg.distill
+    how = "the soft term alone" if d.soft_only else f"alpha {d.alpha:g}"
+    text = f"The student was distilled from the frozen teacher (temperature {d.temperature:g}, {how})"
+    if d.transfer:
+        t = stages["transfer"]["metrics"]
+        text += (f" on a transfer set: `{d.transfer.source}`, {t['rows']:,} images "
+                 f"{'with' if t['labeled'] else 'without'} labels"
+                 + (f" ({t['left_out_held_out']:,} left out: they are in this run's val/test splits)"
+                    if t["left_out_held_out"] else ""))
+    if d.soft_only:
+        text += ". **The student never saw a label**: it learned from the teacher's outputs only"
+    return text + "; `student_scratch` is the same network trained alone on the labeled data, the baseline."
 
 
 def restart_text(r: dict) -> str:

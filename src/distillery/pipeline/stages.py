@@ -42,8 +42,8 @@ StageFn = Callable[[RunDir, PipelineConfig, Log], tuple[list[Path], dict[str, An
 EVAL_BATCH = 1024
 # What each stage reads. A stage that runs again makes everything downstream stale: a
 # student distilled from an older teacher is not the one this teacher would give.
-INPUTS = {"data": [], "teacher": ["data"], "teacher_logits": ["data", "teacher"], "student_scratch": ["data"],
-          "student": ["data", "teacher", "teacher_logits"], "evaluate": ["data", *TRAINED],
+INPUTS = {"data": [], "transfer": ["data"], "teacher": ["data"], "teacher_logits": ["data", "teacher"],
+          "student_scratch": ["data"], "student": ["data", "transfer", "teacher", "teacher_logits"], "evaluate": ["data", *TRAINED],
           "search": ["data", *TRAINED], "compress": ["data", *TRAINED, "search"], "serve": ["data", "compress"], "report": ["data", "evaluate", "compress", "serve"]}
 
 
@@ -58,8 +58,11 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp = {"data": fingerprint(cfg.data.model_dump(), cfg.seed)}
     fp["teacher"] = fingerprint(fp["data"], cfg.teacher.model_dump(), cfg.seed, workers, imported_digest(cfg))
     fp["teacher_logits"] = fingerprint(fp["teacher"])
+    transfer = cfg.distill.transfer.model_dump() if cfg.distill.transfer else None
+    fp["transfer"] = fingerprint(fp["data"], transfer, cfg.seed)
     fp["student_scratch"] = fingerprint(fp["data"], cfg.student.model_dump(), cfg.seed, workers)
-    fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), cfg.distill.model_dump(), cfg.seed, workers)
+    fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), cfg.distill.model_dump(), cfg.seed, workers,
+                                *([fp["transfer"]] if transfer else []))
     fp["evaluate"] = fingerprint(*(fp[name] for name in TRAINED))
     fp["search"] = fingerprint(search_name(cfg, fp), cfg.search.budget.model_dump(), cfg.compress.bench.model_dump(),
                                cfg.compress.speedup_margin, fp["student"], fp["student_scratch"])
@@ -81,8 +84,9 @@ def stage_functions(cfg: PipelineConfig) -> dict[str, StageFn]:
     """The stages of this config, in order (`teacher_logits` only when distillation reads a cache)."""
     train = lambda which: lambda run, cfg, log: train_model(run, cfg, which, log)  # noqa: E731
     cache = {"teacher_logits": cache_logits} if uses_logit_cache(cfg) else {}
+    transfer = {"transfer": prepare_transfer} if cfg.distill.transfer else {}
     served = {"serve": serve_models} if cfg.serve.enabled else {}
-    return {"data": prepare_data, "teacher": train("teacher"), **cache,
+    return {"data": prepare_data, **transfer, "teacher": train("teacher"), **cache,
             **{name: train(name) for name in TRAINED[1:]}, "evaluate": evaluate_run,
             **({"search": search_models} if cfg.search.enabled else {}), "compress": compress_models,
             **served, "report": write_report}
@@ -91,6 +95,11 @@ def stage_functions(cfg: PipelineConfig) -> dict[str, StageFn]:
 def uses_logit_cache(cfg: PipelineConfig) -> bool:
     # In-process training computes the teacher's logits per batch: no Ray Data stage to cache them.
     return cfg.distill.cache_teacher_logits and cfg.ray.workers > 0
+
+
+def before_student(cfg: PipelineConfig) -> list[str]:
+    """The stages the distilled student reads besides the data and the teacher, when configured."""
+    return [name for name in ("transfer", "teacher_logits") if name in stage_functions(cfg)]
 
 
 def run_stages(cfg: PipelineConfig, stages: list[str] | None = None, *, force: bool = False,
@@ -133,6 +142,18 @@ def prepare_data(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     return files, {"counts": counts, "image_shape": manifest["image_shape"], "num_classes": manifest["num_classes"]}
 
 
+def prepare_transfer(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
+    """The transfer set the student is distilled on (`distill.transfer`), as shards of its own."""
+    out = run.root / "transfer"
+    manifest = data.prepare_transfer(cfg.distill.transfer, out, cfg.seed, run.verify_file("data/manifest.json").parent)
+    rows = manifest["counts"]["train"]["total"]
+    left_out = manifest["left_out_held_out"]
+    log(f"[transfer] {manifest['source']}: {rows} images, {'labeled' if manifest['labeled'] else 'without labels'}"
+        + (f"; {left_out} left out: they are in the run's val/test splits" if left_out else ""))
+    files = [out / shard["path"] for shard in manifest["shards"]] + [out / "manifest.json"]
+    return files, {"rows": rows, "labeled": manifest["labeled"], "left_out_held_out": manifest["left_out_held_out"]}
+
+
 def load_splits(run: RunDir, splits: tuple[str, ...] = data.SPLITS
                 ) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """The data manifest (verified against the run manifest) and the named splits as tensors."""
@@ -171,15 +192,17 @@ def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple
     stage = cfg.stage_for(which)
     spec = make_spec(stage.model, manifest["image_shape"], manifest["num_classes"])
     teacher_dir = run.verify_file("teacher/arch.json").parent if which == "student" else None
+    train_dir = "transfer" if teacher_dir and cfg.distill.transfer else "data"  # run-relative
     log(f"[{which}] {describe(summarize(build_model(spec), spec))}, {stage.train.epochs} epochs "
         + (f"on {cfg.ray.workers} Ray Train workers" if cfg.ray.workers else "in this process")
-        + (f", distilled from the teacher (T={cfg.distill.temperature}, alpha={cfg.distill.alpha})" if teacher_dir else ""))
+        + (f", distilled from the teacher ({_teaching(cfg)})" if teacher_dir else ""))
     with console.progress(f"[{which}]", stage.train.epochs, "epochs") as advance:
         on_epoch = epoch_lines(which, stage.train.epochs, advance)
         if cfg.ray.workers == 0:
+            splits = {**splits, "train": data.load_split(run.root / train_dir, "train")} if train_dir != "data" else splits
             model, history = _train_here(cfg, which, spec, manifest, splits, teacher_dir, on_epoch)
         else:
-            model, history = _train_on_ray(run, cfg, which, spec, manifest, teacher_dir, on_epoch)
+            model, history = _train_on_ray(run, cfg, which, spec, manifest, teacher_dir, train_dir, on_epoch)
     test = evaluate(model, batches(*splits["test"], EVAL_BATCH))
     metrics = {**summarize(model, spec), "test_accuracy": test["accuracy"], "final_loss": history[-1]["loss"],
                "epochs": len(history), "workers": cfg.ray.workers, "parallelism": stage.train.parallelism,
@@ -189,6 +212,14 @@ def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple
     log(f"[{which}] test accuracy {with_interval(test['accuracy'], len(splits['test'][1]))} on "
         f"{len(splits['test'][1])} images")
     return [*files, run.root / which / "metrics.json"], metrics
+
+
+def _teaching(cfg: PipelineConfig) -> str:
+    d = cfg.distill
+    where = " on the transfer set" if d.transfer else ""
+    if d.soft_only:
+        return f"T={d.temperature}, the soft term alone: the student never sees a label{where}"
+    return f"T={d.temperature}, alpha={d.alpha}{where}"
 
 
 def restarts(history: list[dict]) -> list[dict]:
@@ -226,14 +257,14 @@ def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, spl
     return model.cpu().eval(), history
 
 
-def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, manifest: dict,
-                  teacher_dir: Path | None, on_epoch: Callable[[dict], None]) -> tuple[torch.nn.Module, list[dict]]:
+def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, manifest: dict, teacher_dir: Path | None,
+                  train_dir: str, on_epoch: Callable[[dict], None]) -> tuple[torch.nn.Module, list[dict]]:
     from distillery.training.on_ray import fit_on_ray  # the core never imports ray
 
     record = run.stage(which)
     job = TrainJob(which=which, spec=spec, train=cfg.stage_for(which).train, image_shape=manifest["image_shape"],
-                   flip=_flips(manifest), train_rows=manifest["counts"]["train"]["total"],
-                   teacher_dir="teacher" if teacher_dir else None)
+                   flip=_flips(manifest), train_rows=data.read_manifest(run.root / train_dir)["counts"]["train"]["total"],
+                   teacher_dir="teacher" if teacher_dir else None, train_split_dir=train_dir)
     if which == "student" and uses_logit_cache(cfg):
         rels = run.stage("teacher_logits")["files"]
         job = job.model_copy(update={"teacher_dir": None, "train_files": [rel for rel in rels if run.verify_file(rel)]})

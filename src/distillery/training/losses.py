@@ -42,6 +42,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     t = temperature
     soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits.detach() / t, dim=1),
                     reduction="batchmean", log_target=True)
+    if alpha == 1.0:  # the soft term alone: labels unused (-1 where the data has none)
+        return t * t * soft
     hard = F.cross_entropy(student_logits, labels)
     return alpha * t * t * soft + (1.0 - alpha) * hard
 

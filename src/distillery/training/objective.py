@@ -36,19 +36,20 @@ def objective(model: nn.Module, train: TrainConfig, distill: DistillConfig, *, t
               cached_logits: bool = False, hints: bool = True, image_shape: list[int] | None = None,
               num_classes: int | None = None) -> Objective:
     """The objective of `model`: distilled from `teacher` (or from cached logits), with the
-    configured hints unless `hints` is False (fine-tuning a pruned variant: logits only);
-    else cross-entropy with the run's label smoothing."""
+    configured hints unless `hints` is False (fine-tuning a pruned variant: logits only), and
+    the soft term alone when `distill.soft_only`; else cross-entropy with the run's label
+    smoothing."""
+    alpha = 1.0 if distill.soft_only else distill.alpha  # no label reaches a soft-only student
     if cached_logits:
-        return Objective(model, distillation(distill.temperature, distill.alpha), labels_only)
+        return Objective(model, distillation(distill.temperature, alpha), labels_only)
     if teacher is None:
         return Objective(model, cross_entropy(train.label_smoothing), labels_only)
     if distill.hints and hints:
         wrapped, make_target, loss_fn = wrap_for_hints(model, teacher, distill.hints, image_shape, num_classes,
-                                                       distill.temperature, distill.alpha)
+                                                       distill.temperature, alpha)
         return Objective(wrapped, loss_fn, make_target)
     frozen = no_grad(teacher)
-    return Objective(model, distillation(distill.temperature, distill.alpha),
-                     lambda x, y: pack_target(y, frozen(x)))
+    return Objective(model, distillation(distill.temperature, alpha), lambda x, y: pack_target(y, frozen(x)))
 
 
 def frozen_teacher(folder: str | Path, device: torch.device) -> nn.Module:

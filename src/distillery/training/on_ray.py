@@ -67,7 +67,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     # Only the training split streams through Ray Data (`read_shards`); the small val split is
     # read once per worker from the same verified shards (re-executing a dataset each epoch
     # cost seconds).
-    train_files = job.train_files or run_rels(run, data.shard_paths(run.root / "data", "train"))
+    train_files = job.train_files or run_rels(run, data.shard_paths(run.root / job.train_split_dir, "train"))
     datasets = {"train": read_shards(run, train_files)}
     folders = [f for f in (job.teacher_dir, job.init_dir) if f]
     feed = Path(tempfile.mkdtemp(prefix="distillery-epochs-")) / "epochs.jsonl"
