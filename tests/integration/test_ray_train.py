@@ -177,3 +177,35 @@ def test_cached_teacher_logits_are_computed_once_and_reused(trained_teacher, tmp
                ["data", "teacher", "teacher_logits", "student"], log=lines.append)
     assert "[teacher_logits] done already (outputs verified); --force redoes it" in lines
     assert any(line.startswith("[student] running") for line in lines)
+
+
+def test_workers_distil_from_an_imported_program_on_an_unlabeled_transfer_set(trained_teacher, tmp_path):
+    """The teacher as a torch.export program (each worker loads the run's verified copy, nothing
+    unpickled) and a transfer set without labels streamed to the workers: the soft term alone."""
+    from torch.export import Dim
+
+    import torch
+
+    teacher, _ = load_model(trained_teacher / "teacher")
+    program = tmp_path / "teacher.pt2"
+    torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: Dim("batch")},)),
+                      str(program))
+    cfg = _cfg(tmp_path, "student.train.epochs=3", f"teacher.import_from={program}",
+               "distill.transfer={source: synthetic, image_shape: [1, 8, 8], num_classes: 4, num_samples: 200, "
+               "labeled: false}")
+    lines = []
+    run_stages(cfg, ["data", "transfer", "teacher", "student"], log=lines.append)
+    assert any("the soft term alone: the student never sees a label on the transfer set" in line for line in lines)
+    root = tmp_path / "tiny"
+    manifest = json.loads((root / "manifest.json").read_text())["stages"]
+    # Other images than the run's 168 training ones (200 drawn afresh; none is a val/test image).
+    assert manifest["transfer"]["metrics"] == {"rows": 200, "labeled": False, "left_out_held_out": 0,
+                                               "seconds": manifest["transfer"]["metrics"]["seconds"]}
+    assert manifest["teacher"]["metrics"]["test_accuracy"] == _metrics_of(trained_teacher, "teacher")["test_accuracy"]
+    history = _metrics(tmp_path, "student")["history"]
+    assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
+    assert all(len(h["samples_per_s_per_worker"]) == 2 and h["samples"] == 200 for h in history)
+
+
+def _metrics_of(run_dir, which):
+    return json.loads((run_dir / which / "metrics.json").read_text())

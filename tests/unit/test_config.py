@@ -88,3 +88,22 @@ def test_resolved_config_round_trips(tmp_path):
     save_resolved(cfg, tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seed"] == 7
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.model={kind: torchvision, name: resnet18}", "teacher.train.parallelism=pipeline"],
+     "teacher.train.parallelism: pipeline cuts cnn and resnet models into stages"),
+    (["distill.transfer={source: digits}", "distill.cache_teacher_logits=true"],
+     "distill.cache_teacher_logits caches the logits of the run's training split"),
+    (["data.labeled=false"], "the run's own data needs labels"),
+])
+def test_combinations_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_student_is_soft_only_without_labels_or_with_an_unlabeled_transfer_set():
+    assert not load_config(None, []).distill.soft_only
+    assert load_config(None, ["distill.labels=false"]).distill.soft_only
+    assert load_config(None, ["distill.transfer={source: digits, labeled: false}"]).distill.soft_only
+    assert not load_config(None, ["distill.transfer={source: digits}"]).distill.soft_only

@@ -104,17 +104,18 @@ def _weights(source: Path, model_cfg: Any, in_shape: list[int], num_classes: int
 def _program(source: Path, in_shape: list[int], num_classes: int, want: str) -> Imported:
     sha = sha256_file(source)
     model = load_program(source)
-    fits = all(got in (None, w) for got, w in zip(model.image_shape, in_shape))
+    # Run it on its own input shape (the run's where a dimension is dynamic) to learn its classes.
+    probe = [w if got is None else got for got, w in zip(model.image_shape, in_shape)]
     try:
         with torch.no_grad():
-            out = model(torch.zeros(1, *in_shape)) if fits else None
+            out = model(torch.zeros(1, *probe))
     except Exception as e:  # the graph's own shape guards
-        raise UserError(f"teacher.import_from: {source} does not take images of shape {list(in_shape)}: "
+        raise UserError(f"teacher.import_from: {source} does not take images of shape {probe}: "
                         f"{str(e).splitlines()[0]}") from None
-    classes = out.shape[-1] if out is not None and out.dim() == 2 else None
-    if not fits or classes != num_classes:
+    classes = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 2 else "no [N, K] output, so no"
+    if probe != list(in_shape) or classes != num_classes:
         raise UserError(f"teacher.import_from: {source} takes images of shape {model.image_shape} and gives "
-                        f"{classes if classes is not None else 'no [N, K]'} classes; {want}")
+                        f"{classes} classes; {want}")
     spec = {"kind": "exported", "in_shape": list(in_shape), "num_classes": num_classes}
     return Imported(model, spec, source, sha, lambda folder: save_program(folder, source, spec))
 

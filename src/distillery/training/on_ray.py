@@ -291,7 +291,7 @@ def _epoch_metrics(epoch: int, stats: dict, val: dict, wall: float, world: int, 
     per_worker = [round(t[0].item(), 1) for t in every]
     samples = sum(t[1].item() for t in every) if split else every[0][1].item()
     losses = [t[2].item() for t in every if t[3] > 0]
-    return {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), **val,
+    return {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), **val, "samples": int(samples),
             "samples_per_s": round(samples / max(wall, 1e-9), 1), "samples_per_s_per_worker": per_worker,
             "epoch_seconds": round(wall, 3)}
 

@@ -88,3 +88,11 @@ def test_cross_entropy_applies_label_smoothing():
     expected = -(0.9 * math.log(p[0]) + 0.1 * math.log(p[1]))
     assert cross_entropy(0.2)(logits, y).item() == pytest.approx(expected, rel=1e-5)
     assert cross_entropy()(logits, y).item() == pytest.approx(F.cross_entropy(logits, y).item())
+
+
+def test_the_soft_term_alone_never_reads_a_label():
+    """alpha 1 (a soft-only student, data without labels stored as -1): the labels are not used."""
+    unlabeled = torch.tensor([-1])
+    assert kd_loss(S, T_LOGITS, unlabeled, 2.0, 1.0).item() == pytest.approx(kd_loss(S, T_LOGITS, Y, 2.0, 1.0).item())
+    with pytest.raises(IndexError):  # the premise: with any weight on the labels, -1 is no label
+        kd_loss(S, T_LOGITS, unlabeled, 2.0, 0.9)
