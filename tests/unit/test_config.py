@@ -6,7 +6,7 @@ from distillery.config import PipelineConfig, load_config, save_resolved
 from distillery.errors import UserError
 
 
-@pytest.mark.parametrize("preset", ["digits", "tiny", "cifar10", "folder"])
+@pytest.mark.parametrize("preset", ["digits", "tiny", "cifar10", "folder", "transfer"])
 def test_presets_load(preset):
     cfg = load_config(ROOT / "configs" / f"{preset}.yaml")
     assert cfg.name == preset
@@ -107,3 +107,9 @@ def test_a_student_is_soft_only_without_labels_or_with_an_unlabeled_transfer_set
     assert load_config(None, ["distill.labels=false"]).distill.soft_only
     assert load_config(None, ["distill.transfer={source: digits, labeled: false}"]).distill.soft_only
     assert not load_config(None, ["distill.transfer={source: digits}"]).distill.soft_only
+
+
+def test_the_transfer_preset_distils_a_standard_architecture_from_an_imported_teacher_without_labels():
+    cfg = load_config(ROOT / "configs" / "transfer.yaml")
+    assert cfg.teacher.import_from and cfg.teacher.model.kind == cfg.student.model.kind == "torchvision"
+    assert cfg.distill.transfer.source == "folder" and cfg.distill.soft_only
