@@ -178,3 +178,31 @@ def test_clients_read_a_run_at_a_uri_from_the_bucket(bucket, tmp_path, monkeypat
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "third"))
     with pytest.raises(UserError, match=rf"{b.uri}/runs/tiny/{shard}: sha256 mismatch"):
         held_out_images(run.location)
+
+
+def test_a_teacher_imported_from_a_bucket_is_verified_like_a_local_one(bucket, tmp_path):
+    """`teacher.import_from` at a URI: a run in the bucket (its teacher), a model folder and a
+    .pt2 program there; a damaged weights object is refused by its recorded sha256."""
+    import torch
+    from torch.export import Dim
+
+    from distillery.models.artifact import load_model
+    from distillery.models.imported import import_model
+
+    b = bucket("imports")
+    run = run_stages(_cfg(b.uri), ["data", "teacher"], log=lambda m: None)
+    teacher, _ = load_model(run.root / "teacher")
+    torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: Dim("batch")},)),
+                      str(tmp_path / "t.pt2"))
+    b.put("programs/t.pt2", (tmp_path / "t.pt2").read_bytes())
+    x = torch.randn(3, 1, 8, 8)
+    for location in (f"{b.uri}/runs/tiny", f"{b.uri}/runs/tiny/teacher", f"{b.uri}/programs/t.pt2"):
+        got = import_model(location, None, [1, 8, 8], 4)
+        assert got.source == location
+        with torch.no_grad():
+            assert torch.allclose(got.model(x), teacher(x), atol=1e-5), location
+    b.put("runs/tiny/teacher/model.safetensors", b"damaged")
+    with pytest.raises(UserError, match="model.safetensors"):
+        import_model(f"{b.uri}/runs/tiny", None, [1, 8, 8], 4)
+    with pytest.raises(UserError, match="no such object"):
+        import_model(f"{b.uri}/programs/none.pt2", None, [1, 8, 8], 4)
