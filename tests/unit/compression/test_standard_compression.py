@@ -8,7 +8,7 @@ import torch
 from distillery.compression import prune, store
 from distillery.compression.recipe import PruneChannels
 from distillery.compression.stage import check_recipes
-from distillery.config import TorchvisionConfig, from_dict
+from distillery.config import CNNConfig, TorchvisionConfig, from_dict
 from distillery.errors import UserError
 from distillery.models.architectures import build_model, make_spec
 from distillery.models.exported import ExportedModel
@@ -61,10 +61,11 @@ def test_a_step_that_cannot_apply_refuses_its_variant_and_those_built_on_it():
 
 
 def test_nothing_is_built_on_an_imported_program_but_it_can_be_a_cascade_s_larger_model():
-    teacher = ExportedModel(torch.export.export(_model("mobilenet_v3_small"), (torch.zeros(1, *SHAPE),)).module(), 1, SHAPE)
+    small = build_model(make_spec(CNNConfig(width_mult=0.25), SHAPE, 10)).eval()
+    teacher = ExportedModel(torch.export.export(small, (torch.zeros(1, *SHAPE),)).module(), 1, SHAPE)
     recipes = _recipes({"name": "t8", "parent": "teacher", "steps": [{"kind": "int8_dynamic"}]},
                        {"name": "cascade", "steps": [{"kind": "cascade", "to": "teacher"}]})
-    refused = check_recipes(recipes, {"teacher": teacher, "student": _model("mobilenet_v3_small")}, SHAPE)
+    refused = check_recipes(recipes, {"teacher": teacher, "student": small}, SHAPE)
     assert list(refused) == ["t8"] and "imported torch.export program, a fixed graph" in refused["t8"]
 
 
