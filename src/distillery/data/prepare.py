@@ -67,10 +67,11 @@ def prepare_transfer(cfg: DataConfig, out_dir: str | Path, seed: int, run_data: 
                         f"teacher) take {run['image_shape']}")
     labels = _onto_classes(source, run["classes"]) if cfg.labeled else np.full(len(source.labels), -1, np.int64)
     rows = np.arange(len(labels)) if source.given is None else np.flatnonzero(source.given == "train")
-    held_out = {bytes(x.numpy().tobytes()) for split in ("val", "test") for x in load_split(run_data, split)[0]}
+    held_out = {x.numpy().tobytes() for split in ("val", "test") for x in load_split(run_data, split)[0]}
     kept = np.asarray([r for r in rows if source.images[r].tobytes() not in held_out], dtype=np.int64)
     if kept.size == 0:
-        raise UserError(f"distill.transfer: no images left ({rows.size} read, all of them in the run's val/test splits)")
+        raise UserError(f"distill.transfer: no images left ({rows.size} read, all of them in the run's val/test "
+                        "splits)")
     order = np.random.default_rng(_random_state(seed)).permutation(kept)[:cfg.max_train_samples]
     _clear_previous(out_dir)
     shards = _write_split(out_dir, "train", source.images, labels, order, cfg.shard_rows)

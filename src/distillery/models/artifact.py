@@ -47,7 +47,8 @@ def save_program(folder: str | Path, source: Path, spec: dict, **extra: Any) -> 
     program = Path(folder) / PROGRAM_FILE
     with atomic_path(program) as tmp:
         shutil.copyfile(source, tmp)
-    arch = {"format": "exported", "spec": spec, "weights": PROGRAM_FILE, "weights_sha256": sha256_file(program), **extra}
+    arch = {"format": "exported", "spec": spec, "weights": PROGRAM_FILE, "weights_sha256": sha256_file(program),
+            **extra}
     atomic_write_json(Path(folder) / ARCH_FILE, arch)
     return [program, Path(folder) / ARCH_FILE]
 

@@ -1,8 +1,8 @@
 """A `torch.export` program (`.pt2`) as a frozen model, loaded without unpickling anything.
 
-`torch.export.load` unpickles in four places: tensor subclasses and opaque constants
-(`pickle.loads`, `torch.load(weights_only=False)`), the sample inputs when a safe load of
-them fails, and AOTInductor packages (shared libraries it loads). A plain program has none of
+`torch.export.load` runs arbitrary code in four places: it fully unpickles tensor subclasses
+and opaque constants, and the sample inputs when a safe load of them fails, and it loads
+AOTInductor packages (shared libraries). A plain program has none of
 these: its graph is JSON and its weights raw bytes. So the archive is read first, as a zip,
 and every entry must be one of a plain program's (below); anything else is refused by name
 before torch reads the file.
@@ -54,8 +54,9 @@ class ExportedModel(nn.Module):
         out = []
         for chunk in x.split(self.batch):
             rows = len(chunk)
-            padded = torch.cat([chunk, chunk.new_zeros(self.batch - rows, *chunk.shape[1:])]) if rows < self.batch else chunk
-            out.append(self.graph(padded)[:rows])
+            if rows < self.batch:
+                chunk = torch.cat([chunk, chunk.new_zeros(self.batch - rows, *chunk.shape[1:])])
+            out.append(self.graph(chunk)[:rows])
         return torch.cat(out)
 
 

@@ -6,7 +6,8 @@
   torchvision's resnet18 with 10 classes and 3-channel input;
 - a `torch.export` program (`.pt2`), checked so that nothing in it is unpickled;
 
-each a local path or an `s3://` / `gs://` URI (copied to this node's cache first). Each is verified (sha256 recorded), checked against the run's image shape and class count
+each a local path or an `s3://` / `gs://` URI (copied to this node's cache first). Each is
+verified (sha256 recorded), checked against the run's image shape and class count
 before any training, and written into the run as a model folder of its own.
 """
 
@@ -118,7 +119,8 @@ def _weights(source: Path, origin: str, model_cfg: Any, in_shape: list[int], num
     model = build_model(spec)
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     found = {k: list(v.shape) for k, v in state.items()}
-    wrong = [f"{k} is {found[k]} in the file, {expected[k]} here" for k in expected if k in found and found[k] != expected[k]]
+    wrong = [f"{k} is {found[k]} in the file, {expected[k]} here" for k in expected
+             if k in found and found[k] != expected[k]]
     missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     if wrong or missing or extra:
         problems = wrong[:3] + ([f"missing {', '.join(missing[:3])}"] if missing else []) \

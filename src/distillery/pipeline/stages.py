@@ -199,7 +199,9 @@ def train_model(run: RunDir, cfg: PipelineConfig, which: str, log: Log) -> tuple
     with console.progress(f"[{which}]", stage.train.epochs, "epochs") as advance:
         on_epoch = epoch_lines(which, stage.train.epochs, advance)
         if cfg.ray.workers == 0:
-            splits = {**splits, "train": data.load_split(run.root / train_dir, "train")} if train_dir != "data" else splits
+            if train_dir != "data":  # the transfer set, its manifest verified against the run's
+                transfer = run.verify_file(f"{train_dir}/manifest.json").parent
+                splits = {**splits, "train": data.load_split(transfer, "train")}
             model, history = _train_here(cfg, which, spec, manifest, splits, teacher_dir, on_epoch)
         else:
             model, history = _train_on_ray(run, cfg, which, spec, manifest, teacher_dir, train_dir, on_epoch)
@@ -261,10 +263,11 @@ def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, mani
                   train_dir: str, on_epoch: Callable[[dict], None]) -> tuple[torch.nn.Module, list[dict]]:
     from distillery.training.on_ray import fit_on_ray  # the core never imports ray
 
+    rows = data.read_manifest(run.verify_file(f"{train_dir}/manifest.json").parent)["counts"]["train"]["total"]
     record = run.stage(which)
     job = TrainJob(which=which, spec=spec, train=cfg.stage_for(which).train, image_shape=manifest["image_shape"],
-                   flip=_flips(manifest), train_rows=data.read_manifest(run.root / train_dir)["counts"]["train"]["total"],
-                   teacher_dir="teacher" if teacher_dir else None, train_split_dir=train_dir)
+                   flip=_flips(manifest), train_rows=rows, teacher_dir="teacher" if teacher_dir else None,
+                   train_split_dir=train_dir)
     if which == "student" and uses_logit_cache(cfg):
         rels = run.stage("teacher_logits")["files"]
         job = job.model_copy(update={"teacher_dir": None, "train_files": [rel for rel in rels if run.verify_file(rel)]})
