@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import sys
 
 import ray
 import ray.data
@@ -95,6 +96,7 @@ def worker_setup() -> None:
     """Every worker process of a distillery job, before it runs anything."""
     quiet_ray_train_logs()
     pin_grpc_listeners(os.environ.get(ingress.HOST_VAR))
+    route_stock_grpc_calls()
 
 
 def pin_grpc_listeners(host: str | None) -> None:
@@ -112,6 +114,39 @@ def pin_grpc_listeners(host: str | None) -> None:
 
         pinned.pinned_to = host
         default_impl.add_grpc_address = pinned
+
+
+PROTOCOL_SERVICE = "/inference.GRPCInferenceService/"  # the Open Inference Protocol's gRPC methods
+
+
+def route_stock_grpc_calls() -> None:
+    """Ray's Python proxy routes a gRPC call by its `application` metadata and answers
+    NOT_FOUND without it, and stock protocol clients (tritonclient, KServe's SDK) never send
+    it. In this process (the proxy's, when it is one), a protocol call without it goes to the
+    `grpc` application, as HAProxy's default backend sends it (`ingress.route_grpc_to`)."""
+    from ray.serve._private.proxy_request_response import gRPCProxyRequest  # read in __init__ of each call
+
+    setup = gRPCProxyRequest.setup_variables
+    if getattr(setup, "routes_stock_calls", False):
+        return
+
+    def setup_variables(self) -> None:
+        setup(self)
+        if self.service_method.startswith(PROTOCOL_SERVICE):
+            self.app_name = self.app_name or ingress.GRPC_APP
+            alias_triton_messages()  # the proxy pickles the message to hand it to a replica
+
+    setup_variables.routes_stock_calls = True
+    gRPCProxyRequest.setup_variables = setup_variables
+
+
+def alias_triton_messages() -> None:
+    """tritonclient's generated messages name their module `grpc_service_pb2` (protoc's name
+    before packaging), which does not import: Ray's proxy could not pickle a message to hand
+    it to a replica, nor the replica unpickle it. Make that name import."""
+    from tritonclient.grpc import service_pb2
+
+    sys.modules.setdefault(service_pb2.ServerReadyRequest.__module__, service_pb2)
 
 
 def quiet_ray_train_logs() -> None:

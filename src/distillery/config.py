@@ -162,8 +162,10 @@ class ServeConfig(Strict):
     downscale_delay_s: float = Field(30.0, ge=0.0, le=86_400.0)
     # Beyond it Serve's router retries with backoff: one replica at concurrency 32 fell from
     # 349 to 54 requests/s with 16 here. Requests waiting inside a replica also batch better.
-    max_ongoing_requests: int = Field(64, ge=1, le=100_000, description="per replica")
-    max_queued_requests: int = Field(64, ge=0, le=1_000_000, description="per deployment; beyond it: 503")
+    max_ongoing_requests: int = Field(64, ge=1, le=100_000,
+                                      description="per replica (gRPC: per model, plus max_queued_requests)")
+    max_queued_requests: int = Field(64, ge=0, le=1_000_000,
+                                     description="per deployment; beyond it: 503 (gRPC: UNAVAILABLE)")
     request_timeout_s: float = Field(10.0, gt=0.0, le=3600.0, description="beyond it: 408")
     max_batch_size: int = Field(64, ge=1, le=65_536, description="images per forward pass (dynamic batching)")
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description="the longest a batch waits for requests "

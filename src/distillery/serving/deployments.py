@@ -69,8 +69,16 @@ def build_application(args: AppArgs) -> serve.Application:
         return Auto.options(**deployment_options(cfg)).bind(served, cfg.max_batch_size, cfg.batch_wait_timeout_s,
                                                             state, **common)
     if args.kind == "grpc":
-        return grpc_app.Grpc.options(**deployment_options(cfg)).bind(
-            served, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.auto, **common)
+        # One replica answers every model, so the limits are per model: what an HTTP model
+        # deployment lets run and wait, waiting in the model's batcher; a call beyond it is
+        # refused with UNAVAILABLE (`Grpc._infer`). Ray admits one share more than all the
+        # models' together and never refuses itself (its refusal would be RESOURCE_EXHAUSTED):
+        # with that spare share, a call beyond Ray's limit waits only for refusals to finish.
+        per_model = cfg.max_ongoing_requests + cfg.max_queued_requests
+        options = deployment_options(cfg) | {"max_ongoing_requests": per_model * (len(served) + cfg.auto + 1),
+                                             "max_queued_requests": -1}
+        return serve.deployment(grpc_app.Grpc).options(**options).bind(
+            served, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.auto, per_model_limit=per_model, **common)
     return Server.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
         [m.name for m in served], bool(cfg.auto), args.api_key_sha256)
 

@@ -5,7 +5,12 @@ Ray routes a gRPC call to an application by its `application` metadata, which st
 application answers every gRPC call, and its replicas hold every served model, each behind
 its own `Batcher` (the HTTP path's batching), plus `auto`'s choice among them, with no hop to
 another actor. HAProxy sends calls without `application` metadata here (`ingress` rewrites
-its gRPC default backend); Ray's Python proxy needs `application: grpc` from the client.
+its gRPC default backend), and so does Ray's Python proxy in a distillery job
+(`cluster.route_stock_grpc_calls`).
+
+Overload is UNAVAILABLE, as HTTP's 503 maps to it and as Triton answers a full queue: each
+model may have `serve.max_ongoing_requests + serve.max_queued_requests` calls running or
+waiting in a replica; a call beyond that is refused at once, naming the model.
 
 The messages come from tritonclient (see `grpc_codec`); `SERVICER` is what Serve's
 `grpc_servicer_functions` registers.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from importlib import metadata
 from typing import Any, Awaitable, Callable
 
@@ -22,7 +28,7 @@ from ray import serve
 from starlette.responses import JSONResponse
 from tritonclient.grpc import service_pb2 as pb
 
-from distillery.cluster import pin_grpc_listeners
+from distillery.cluster import alias_triton_messages, pin_grpc_listeners
 from distillery.serving import grpc_codec, ingress
 from distillery.serving.batcher import Batcher
 from distillery.serving.auto import STATE, Router
@@ -37,15 +43,19 @@ ROUTE = "/v2/grpc"  # Serve routes gRPC only to applications with an HTTP route;
 # Our replicas pin their gRPC listeners to serve.host whatever started them (a `serve run`
 # of the config file has no job setup hook); see `cluster.pin_grpc_listeners`.
 pin_grpc_listeners(os.environ.get(ingress.HOST_VAR))
+alias_triton_messages()  # a message from Ray's Python proxy arrives pickled
 
 
-@serve.deployment
 class Grpc:
-    """`inference.GRPCInferenceService` for every served model and `auto`."""
+    """`inference.GRPCInferenceService` for every served model and `auto`. Left undecorated
+    (`deployments` wraps it in `serve.deployment`): a decorated class is not found under its
+    own name, so Ray would pickle it by value and a replica would never import this module,
+    nor run the two lines above."""
 
     def __init__(self, served: list[ServedModel], max_batch_size: int, batch_wait_s: float,
-                 auto: bool, api_key_sha256: str | None, limits: dict):
+                 auto: bool, api_key_sha256: str | None, limits: dict, per_model_limit: int):
         self.served, self.digest, self.limits = served, api_key_sha256, Limits(**limits)
+        self.per_model_limit, self.ongoing = per_model_limit, Counter()
         self.batchers = {m.name: Batcher(Predictor(m), max_batch_size, batch_wait_s) for m in served}
         self.models: dict[str, ServedModel | None] = {m.name: m for m in served} | ({"auto": None} if auto else {})
         # `auto` over gRPC follows (and feeds) the HTTP `auto` application's shared decision.
@@ -113,6 +123,17 @@ class Grpc:
     async def _infer(self, request: Any) -> Any:
         arrived = time.perf_counter()
         model = grpc_codec.find_model(self.models, request.model_name, request.model_version)
+        name = request.model_name
+        if self.ongoing[name] >= self.per_model_limit:
+            raise ProtocolError(503, f"{name!r} is at capacity: {self.ongoing[name]} requests in flight in this "
+                                     f"replica (serve.max_ongoing_requests + max_queued_requests); retry shortly")
+        self.ongoing[name] += 1
+        try:
+            return await self._answer(request, model, arrived)
+        finally:
+            self.ongoing[name] -= 1
+
+    async def _answer(self, request: Any, model: ServedModel | None, arrived: float) -> Any:
         req = grpc_codec.parse_infer(request, (model or self.served[0]).in_shape, self.limits)
         if model is not None:
             logits, together = await self.batchers[model.name](req.x)
