@@ -85,6 +85,9 @@ def test_the_job_runs_across_the_worker_nodes_and_keeps_serving(cluster, job):
     assert replicas and all(a["node_id"] in workers for a in replicas)
     manifest = _read(bucket, "runs/tiny/manifest.json")
     assert all(s["status"] == "done" for s in manifest["stages"].values())
+    sweeps = _read(bucket, "runs/tiny/serve/loadtest/loadtest.json")["sweeps"]  # what runs, not `auto` (off)
+    assert sweeps and "auto" not in {r["model"] for r in sweeps}
+    assert all(r["requests"] > 0 and r["ok"] == r["requests"] for r in sweeps), sweeps
     # The job has ended; the deployment answers a real test image.
     model = _read(bucket, "runs/tiny/frontier.json")["recommended"]["name"]
     reply = _infer(model, _request_body(bucket))

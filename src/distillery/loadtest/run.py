@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -135,7 +137,7 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
     default the p99 target); `tuning(body, concurrency)` adds its section. Writes the report
     into `out`; returns its files."""
     served = catalog(run_dir)
-    models = lcfg.models or [m.name for m in served] + ["auto"]
+    models = lcfg.models or served_names(base_url, headers)
     test_images = held_out_images(run_dir)[0]
     x = test_images[:lcfg.images]
     body = generator.infer_body(x.reshape(-1).tolist(), list(x.shape))
@@ -159,6 +161,13 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
         extra["tuning"] = tuning(body, max(lcfg.concurrency or [32]))
     extra["ingress"] = ingress.current()
     return write_report(out, sweeps, scaling, timing.machine_info(), extra)
+
+
+def served_names(base_url: str, headers: dict) -> list[str]:
+    """What the server says it serves (`GET /v2/models`): `auto` only where it runs."""
+    request = urllib.request.Request(f"{base_url}/v2/models", headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read())["models"]
 
 
 def lost_text(kinds: dict[str, int] | None) -> str:
