@@ -463,11 +463,13 @@ def test_auto_steps_down_under_overload_and_back_up_when_it_ends(server):
         doc = state.state.remote().result()
         history = [model for _, model in doc["changes"]]
         assert history and history[0] == rungs[1], (doc, rungs, answered[-50:])
-        deadline = time.time() + 30
-        while time.time() < deadline and state.state.remote().result()["model"] != rungs[0]:
-            time.sleep(0.5)  # no load: one rung up per hold period
-        status, reply = _call(f"{base}/v2/models/auto/infer", body)
-        assert status == 200 and reply["parameters"]["variant"] == rungs[0]
+        # No load: one rung up per hold period. A replica learns the shared decision at its next
+        # report (every 0.1 s), so a client sees the climb a moment after AutoState makes it.
+        deadline, status, reply = time.time() + 30, 0, {}
+        while time.time() < deadline and reply.get("parameters", {}).get("variant") != rungs[0]:
+            time.sleep(0.5)
+            status, reply = _call(f"{base}/v2/models/auto/infer", body)
+        assert status == 200 and reply["parameters"]["variant"] == rungs[0], reply
         assert [model for _, model in state.state.remote().result()["changes"]][-1] == rungs[0]
     finally:
         _redeploy("auto", "auto", run_dir, cfg, [m.name for m in catalog(run_dir)])
