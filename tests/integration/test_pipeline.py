@@ -1,7 +1,7 @@
 """The whole pipeline on the tiny preset, serving and load test included, on a real local Ray
 instance with Serve on 127.0.0.1: every artifact of the manifest, report.md, a crash between
 stages resumed, a finished run re-run as a no-op. Training runs in this process
-(`ray.workers=0`, Ray Train is covered by test_ray_train.py and test_cluster_job.py)."""
+(`ray.workers=0`, Ray Train is covered by test_ray_train.py and test_multinode.py)."""
 
 import json
 import os

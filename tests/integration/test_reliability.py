@@ -347,18 +347,24 @@ def test_grpc_calls_beyond_a_models_capacity_get_unavailable(served):
     assert client.infer(MODEL, [_triton_input(x)]).as_numpy("label").tolist() == expected  # redeployed, serving
 
 
-def test_stock_grpc_clients_need_no_ray_metadata_through_rays_python_proxy(served):
-    """Ray's Python proxy (the fallback ingress, and the only one with serve.ingress=proxy)
-    answers a stock tritonclient as HAProxy does: no `application` metadata sent."""
+def test_rays_python_proxy_serves_http_and_stock_grpc_clients_with_no_ray_metadata(served):
+    """Ray's Python proxy (the fallback ingress, and the only one with serve.ingress=proxy, as
+    on a cluster started without cluster.yaml's environment) answers HTTP and a stock
+    tritonclient as HAProxy does: no `application` metadata sent."""
     import tritonclient.grpc as triton
 
     from distillery.serving.predictor import Predictor, catalog
 
     x = data.load_split(served.run_dir / "data", "test")[0][:8]
+    expected = Predictor(catalog(served.run_dir, [MODEL])[0])(x).argmax(1).tolist()
     client = triton.InferenceServerClient(f"127.0.0.1:{os.environ['RAY_SERVE_FALLBACK_PROXY_GRPC_PORT']}")
     assert client.is_server_ready() and client.is_model_ready(MODEL)
-    labels = client.infer(MODEL, [_triton_input(x)]).as_numpy("label").tolist()
-    assert labels == Predictor(catalog(served.run_dir, [MODEL])[0])(x).argmax(1).tolist()
+    assert client.infer(MODEL, [_triton_input(x)]).as_numpy("label").tolist() == expected
+    http = f"http://127.0.0.1:{os.environ['RAY_SERVE_FALLBACK_PROXY_HTTP_PORT']}/v2/models/{MODEL}/infer"
+    status, body = _post(http, generator.infer_body(x.reshape(-1).tolist(), list(x.shape)))
+    assert status == 200, body
+    label = next(o for o in json.loads(body)["outputs"] if o["name"] == "label")
+    assert label["data"] == expected
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
