@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,6 +30,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The tiny preset run once for the session, in this process and without serving
+    (`ray.workers=0`, `serve.enabled=false`): tests that serve or load it take their own copy
+    (`copy_run`), a finished run where nothing is redone."""
+    from distillery.cli.main import main
+
+    storage = tmp_path_factory.mktemp("tiny-run") / "runs"
+    assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage}",
+                 "--set", "ray.workers=0", "--set", "serve.enabled=false"]) == 0
+    return storage / "tiny"
+
+
+def copy_run(run_dir: Path, folder: Path) -> Path:
+    """A copy of the run `run_dir` in `folder` (its files are where its manifest says, relative
+    to the copy), so what one test module writes into it no other sees."""
+    shutil.copytree(run_dir, folder / run_dir.name)
+    return folder / run_dir.name
 
 
 @pytest.fixture

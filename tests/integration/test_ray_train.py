@@ -27,13 +27,16 @@ def local_ray():
 
 
 def _cfg(tmp_path, *overrides):
-    return load_config(ROOT / "configs" / "tiny.yaml", [f"storage_path={tmp_path}", *overrides])
+    """The tiny preset with a teacher of 5 epochs: enough to learn (chance is 25%), and the
+    same in every test, so a copy of `trained_teacher` is a finished run for each of them."""
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"storage_path={tmp_path}", "teacher.train.epochs=5", *overrides])
 
 
 @pytest.fixture(scope="module")
 def trained_teacher(tmp_path_factory):
-    """The tiny preset's data and teacher, trained on Ray once for the tests that distill
-    from it; each test copies the run folder (a copy is a finished run: nothing is redone)."""
+    """The tiny preset's data and teacher, trained on Ray once (DDP on 2 workers, the default)
+    for the tests that check it or distill from it; each test copies the run folder (a copy is
+    a finished run: nothing is redone)."""
     storage = tmp_path_factory.mktemp("teacher")
     run_stages(_cfg(storage), ["data", "teacher"], log=lambda m: None)
     return storage / "tiny"
@@ -48,9 +51,12 @@ def _metrics(tmp_path, which):
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp", "pipeline"])
-def test_teacher_trains_on_two_workers(tmp_path, parallelism):
-    cfg = _cfg(tmp_path, f"teacher.train.parallelism={parallelism}", "teacher.train.epochs=5")
-    run_stages(cfg, ["data", "teacher"], log=lambda m: None)
+def test_teacher_trains_on_two_workers(trained_teacher, tmp_path, parallelism):
+    cfg = _cfg(tmp_path, f"teacher.train.parallelism={parallelism}")
+    if parallelism == "ddp":  # the module's shared teacher is that run
+        _with_teacher(trained_teacher, tmp_path)
+    else:
+        run_stages(cfg, ["data", "teacher"], log=lambda m: None)
     metrics = _metrics(tmp_path, "teacher")
     history = metrics["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import copy_run, free_port
 from distillery import data
-from distillery.cli.main import main
 from distillery.cluster import worker_setup
 from distillery.config import ServeConfig
 from distillery.errors import UserError
@@ -43,17 +42,14 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> Served:
+def served(tmp_path_factory, tiny_run) -> Served:
     """The tiny run's student on 2 replicas, with a 3 s request timeout and small body limits."""
     import ray
     from ray import serve
 
     from distillery.serving import deployments
 
-    storage = tmp_path_factory.mktemp("reliability") / "runs"
-    assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage}",
-                 "--set", "ray.workers=0", "--set", "serve.enabled=false"]) == 0
-    run_dir = storage / "tiny"
+    run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("reliability"))
     cfg = ServeConfig(port=free_port(), grpc_port=free_port(), models=[MODEL], auto=False, min_replicas=2, max_replicas=2,
                       max_elements=4096, max_body_bytes=64 * 1024, request_timeout_s=3.0)
     dashboard = free_port()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import copy_run, free_port
 from distillery import data
 from distillery.cli.main import main
 from distillery.config import ServeConfig
@@ -31,17 +31,14 @@ KEY = "test-key-1234"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_run):
     """(base URL, run dir, ServeConfig) of the tiny run's models served on Ray Serve."""
     import ray
     from ray import serve
 
     from distillery.serving import deployments
 
-    storage = tmp_path_factory.mktemp("serve") / "runs"
-    assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage}",
-                 "--set", "ray.workers=0", "--set", "serve.enabled=false"]) == 0
-    run_dir = storage / "tiny"
+    run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("serve"))
     cfg = ServeConfig(port=free_port(), grpc_port=free_port(), batch_wait_timeout_s=0.05, max_elements=4096,
                       max_body_bytes=64 * 1024, max_replicas=1, api_key_env="DISTILLERY_TEST_KEY")
     assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # ray[serve] ships the binary on Linux
