@@ -364,10 +364,12 @@ def test_rays_python_proxy_serves_http_and_stock_grpc_clients_with_no_ray_metada
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
-    """200 requests/s through HAProxy for 45 s keep more requests in flight than the target
+    """100 requests/s through HAProxy for 45 s keep more requests in flight than the target
     (0.1 per replica), so Serve adds the second replica; without load it goes back to one.
     The load leaves most of the 2 cores free: a saturating load starves a starting replica
-    (Ray runs replicas at a lower CPU priority than this process) until the load ends."""
+    (Ray runs replicas at a lower CPU priority than this process) until the load ends. At
+    200 requests/s, on a 2-core machine about half as fast as others of its kind, 677 of 9,000
+    requests failed while the second replica started (one run of three)."""
     from ray import serve
 
     from distillery.loadtest import run as loadtest
@@ -379,7 +381,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
     serve.run(build_application(args), name="scaling", route_prefix="/v2/models/scaling",
               logging_config={"enable_access_log": False})
     count = loadtest.replica_counter("scaling", "Model")
-    run = generator.open_loop(f"{served.url}/v2/models/scaling/infer", served.body, [(45.0, 200.0)],
+    run = generator.open_loop(f"{served.url}/v2/models/scaling/infer", served.body, [(45.0, 100.0)],
                             {"content-type": "application/json"})
     samples, replicas, _ = generator.run_niced(generator.with_replicas(run, count, every_s=0.5))
     summary = loadtest.scaling_summary(samples, replicas)
