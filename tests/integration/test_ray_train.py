@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -13,7 +12,7 @@ ray = pytest.importorskip("ray")
 
 from test_ray_resume import registered_epoch  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, copy_run  # noqa: E402
 from distillery.config import load_config  # noqa: E402
 from distillery.models.artifact import load_model  # noqa: E402
 from distillery.pipeline.stages import run_stages  # noqa: E402
@@ -42,10 +41,6 @@ def trained_teacher(tmp_path_factory):
     return storage / "tiny"
 
 
-def _with_teacher(trained_teacher, tmp_path):
-    shutil.copytree(trained_teacher, tmp_path / "tiny")
-
-
 def _metrics(tmp_path, which):
     return json.loads((tmp_path / "tiny" / which / "metrics.json").read_text())
 
@@ -54,7 +49,7 @@ def _metrics(tmp_path, which):
 def test_teacher_trains_on_two_workers(trained_teacher, tmp_path, parallelism):
     cfg = _cfg(tmp_path, f"teacher.train.parallelism={parallelism}")
     if parallelism == "ddp":  # the module's shared teacher is that run
-        _with_teacher(trained_teacher, tmp_path)
+        copy_run(trained_teacher, tmp_path)
     else:
         run_stages(cfg, ["data", "teacher"], log=lambda m: None)
     metrics = _metrics(tmp_path, "teacher")
@@ -77,7 +72,7 @@ def test_teacher_trains_on_two_workers(trained_teacher, tmp_path, parallelism):
 
 @pytest.mark.parametrize("hints", [[], ["distill.hints=[{teacher_layer: stages.1, student_layer: conv2}]"]])
 def test_distillation_runs_on_ray_with_a_frozen_teacher(trained_teacher, tmp_path, hints):
-    _with_teacher(trained_teacher, tmp_path)
+    copy_run(trained_teacher, tmp_path)
     cfg = _cfg(tmp_path, "student.train.epochs=3", *hints)
     lines = []
     run_stages(cfg, ["data", "teacher", "student"], log=lines.append)
@@ -161,7 +156,7 @@ def test_a_worker_that_always_fails_ends_the_stage_with_a_clear_error(tmp_path):
 
 
 def test_cached_teacher_logits_are_computed_once_and_reused(trained_teacher, tmp_path):
-    _with_teacher(trained_teacher, tmp_path)
+    copy_run(trained_teacher, tmp_path)
     cfg = _cfg(tmp_path, "distill.cache_teacher_logits=true", "student.train.epochs=2")
     run_stages(cfg, ["data", "teacher", "teacher_logits", "student"], log=lambda m: None)
     root = tmp_path / "tiny"
