@@ -8,7 +8,7 @@ workers and replicas get everything they read from the bucket, verified. One job
 test here (a submitted pipeline costs minutes on 2 cores): a submit without the token refused,
 the job's console, where things ran (read from Ray's state API, not inferred from the run
 finishing), a client elsewhere and a second driver naming the run by its URI alone, and the
-two node losses. Ray's Python proxy, the fallback ingress, is test_pipeline.py's."""
+two node losses. Ray's Python proxy, the fallback ingress, is test_reliability.py's."""
 
 import asyncio
 import hashlib
