@@ -8,7 +8,7 @@ One local Ray with HAProxy ingress serves the run as `distillery serve` does (it
 models and `auto`, `serve.auto_slo_ms` = --slo-ms), at most --max-replicas per application so
 that repeats start alike. Each repeat is `loadtest.adaptive.scenario`: capacities measured,
 then the same open-loop schedule (load a multiple of the most accurate model's capacity,
-capped at 75% of the fastest's) sent to the most accurate model, to the fastest and to
+capped at 60% of the fastest's) sent to the most accurate model, to the fastest and to
 `auto`. Targets: `auto`'s p99 within the objective in >= 95% of the seconds while the
 accurate model alone misses it, and >= 90% of the first low-load step answered by the most
 accurate model. The generator shares the 2 cores (nice 15). Writes benchmarks/results/adaptive.json.

@@ -4,7 +4,7 @@ schedule each time): to that model alone, to the fastest model alone, and to `au
 
 Per run: p50/p99, errors, the share of seconds whose p99 stayed within the objective, and
 which model answered each second (from each reply's `parameters.variant`). The schedule is
-sized to the measured capacities (closed loop, 2 in flight, 3 s) of the accurate model and
+sized to the measured capacities (closed loop, 8 in flight, 3 s) of the accurate model and
 of the fastest: load is a multiple of the accurate model's, capped at `PEAK_OF_FASTEST` of
 the fastest's, since beyond that no choice of model can meet any objective. Where the two
 capacities are close there is little room to adapt, and the report shows both.
@@ -20,7 +20,11 @@ from typing import Any
 from distillery.loadtest import generator
 from distillery.serving.adapt import ladder
 
-PEAK_OF_FASTEST = 0.75  # at 0.85 the fastest alone missed a 100 ms p99 in 8-15% of the seconds here
+# The peak is one the fastest model can serve, so the scenario shows the choice of model, not the
+# fastest's own limit: at 0.75 of its capacity (probed at 8 in flight) the fastest alone missed a
+# 100 ms p99 in 8-12% of the seconds on a 2-core machine (0.75 of the older 2-in-flight probe's lower
+# figure had been safe).
+PEAK_OF_FASTEST = 0.6
 
 
 def scenario(base_url: str, served: list, images: Any, steps: list[list[float]], slo_ms: float, headers: dict,
@@ -48,8 +52,12 @@ def scenario(base_url: str, served: list, images: Any, steps: list[list[float]],
             "runs": runs}
 
 
+PROBE_IN_FLIGHT = 8  # enough to fill batches: with 2 in flight a replica batched at most 2 requests, and the
+# accurate model alone then answered the scenario's "1.6x its capacity" within the objective here
+
+
 def _capacity(url: str, body: bytes, headers: dict) -> float:
-    probe = generator.closed_loop(url, body, 2, 3.0, headers)
+    probe = generator.closed_loop(url, body, PROBE_IN_FLIGHT, 3.0, headers)
     return max(generator.summarize(generator.run_niced(probe), 3.0)["throughput"], 1.0)
 
 
@@ -64,7 +72,9 @@ def judge(samples: list[generator.Sample], slo_ms: float, top: str, low_until: f
     for sec, group in sorted(seconds.items()):
         ok = [s.latency_ms for s in group if s.status == 200]
         p99 = generator.percentile(ok, 99)
+        late = generator.percentile([1e3 * (s.sent - s.scheduled) for s in group], 99)
         rows.append({"second": sec, "requests": len(group), "p99_ms": p99, "errors": len(group) - len(ok),
+                     "sent_late_p99_ms": round(late, 1),
                      "within": bool(ok) and len(ok) == len(group) and p99 <= slo_ms,
                      "answered_by": dict(Counter(s.variant for s in group if s.variant))})
     early = [s for s in samples if s.scheduled < low_until and s.status == 200]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -156,10 +157,15 @@ def run_niced(coro: Awaitable[T], niceness: int = 15) -> T:
     def work() -> None:
         with contextlib.suppress(OSError):  # raising one's own niceness needs no privilege
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        # The process's objects so far (torch, Ray's driver) leave the garbage collector's view
+        # during the load: a full collection over them stalled the sender here.
+        gc.freeze()
         try:
             out["value"] = asyncio.run(coro)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             out["error"] = e
+        finally:
+            gc.unfreeze()
 
     thread = threading.Thread(target=work, name="loadgen")
     thread.start()

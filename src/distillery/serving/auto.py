@@ -5,7 +5,11 @@ Every replica that answers `auto` (the HTTP `Auto` replicas and the gRPC replica
 `Router`: per request it picks from the last shared decision (no call on the request path),
 times the request from arrival to reply, and ten times a second sends what it measured (and
 the age of its oldest request still unanswered, per model) to `AutoState`, which pools every replica's figures, counts the replicas
-that report, updates the controller and returns the new decision.
+that report, updates the controller and returns the new decision. When that decision steps
+down, the requests still waiting at the slower models move to the new one (`hand_down`).
+Between decisions a replica spills a request to a faster model when the work already queued
+in it is longer than the spill budget (`spill`): a sudden rise is met at once, not a report
+later, when a queue has formed.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 
 import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from distillery.serving import adapt
+from distillery.serving.batcher import Batcher
 from distillery.serving.predictor import ServedModel
 from distillery.serving.protocol import auto_targets
 
@@ -46,6 +50,7 @@ class AutoState:
         model = self.controller.update(now, replicas=len(self.replicas))
         ongoing = sum((Counter(counts) for _, counts in self.replicas.values()), Counter())
         return {"model": model, "p95_ms": {n: self.controller.p95(n, now) for n in self.controller.names},
+                "spill_ms": self.controller.spill_at * self.controller.slo_ms,
                 "replicas": len(self.replicas), "ongoing": dict(ongoing)}
 
     def state(self) -> dict:
@@ -53,10 +58,12 @@ class AutoState:
 
 
 class Router:
-    """`auto` inside one replica: the pick, the timing, the reports to `AutoState`."""
+    """`auto` inside one replica: the pick, the timing, the reports to `AutoState`; `batchers`
+    (the replica's, one per served model by name) run the picks."""
 
-    def __init__(self, served: list[ServedModel], state: DeploymentHandle | None):
-        self.rungs = adapt.ladder(served)
+    def __init__(self, served: list[ServedModel], state: DeploymentHandle | None, batchers: dict[str, Batcher]):
+        self.rungs, self.batchers = adapt.ladder(served), batchers
+        self.by_name = {m.name: m for m in served}
         self.state, self.id = state, uuid.uuid4().hex[:8]
         self.decision: dict = {}
         self.samples: list[tuple[float, str, float]] = []
@@ -64,25 +71,47 @@ class Router:
         self._ids = itertools.count()
         self._task: asyncio.Task | None = None
 
-    async def answer(self, parameters: dict, forward: Callable[[ServedModel], Awaitable[tuple[torch.Tensor, int]]],
-                     arrived: float) -> tuple[ServedModel, torch.Tensor, dict]:
-        """Pick a model for `parameters`, run `forward(pick)`, record the time from `arrived`
+    async def answer(self, parameters: dict, x: torch.Tensor, arrived: float) -> tuple[ServedModel, torch.Tensor, dict]:
+        """Pick a model for `parameters`, run it on `x`, record the time from `arrived`
         (perf_counter when the request reached the replica: reading and parsing count) to the
-        answer; return (pick, logits, the reply's parameters)."""
+        answer; return (the model that answered, logits, the reply's parameters). A request
+        under the default objective may be handed down to a faster model while it waits; one
+        with its own targets stays with the model they chose."""
         if self._task is None and self.state is not None:
             self._task = asyncio.get_running_loop().create_task(self._sync())
-        pick = adapt.choose(self.rungs, self.decision, *auto_targets(parameters))
+        targets = auto_targets(parameters)
+        pick = adapt.choose(self.rungs, self.decision, *targets)
+        if targets == (None, None):
+            pick = self.spill(pick)
         key = next(self._ids)
         self.started[key] = (pick.name, arrived)
         try:
-            logits, together = await forward(pick)
+            answer = await self.batchers[pick.name](x, movable=targets == (None, None))
         finally:
             self.started.pop(key, None)
-        ms = 1e3 * (time.perf_counter() - arrived)
+        pick, ms = self.by_name[answer.by], 1e3 * (time.perf_counter() - arrived)
         self.samples.append((time.time(), pick.name, ms))
-        return pick, logits, {"batched_requests": together, "replica_ms": round(ms, 3),
-                              "test_accuracy": pick.test_accuracy,
-                              "slo_model": self.decision.get("model", self.rungs[0].name)}
+        return pick, answer.logits, {"batched_requests": answer.together, "replica_ms": round(ms, 3),
+                                     "test_accuracy": pick.test_accuracy,
+                                     "slo_model": self.decision.get("model", self.rungs[0].name)}
+
+    def spill(self, pick: ServedModel) -> ServedModel:
+        """`pick`, or a faster rung for how far behind this replica is: the forward-pass time
+        already waiting (its models share one thread, so a request waits about for all of it,
+        whichever it joins), or the age of its oldest unanswered request if that is longer
+        (which also counts the reading and parsing that no queue shows)."""
+        backlog = sum(b.waiting_ms() for b in self.batchers.values())
+        if self.started:
+            backlog = max(backlog, 1e3 * (time.perf_counter() - min(t for _, t in self.started.values())))
+        return adapt.spill(self.rungs, pick, backlog, self.decision.get("spill_ms"))
+
+    def hand_down(self, model: str) -> int:
+        """The shared decision is now `model`: the requests waiting at the more accurate (slower)
+        rungs above it, under the default objective, move to it. Returns how many moved."""
+        names = [m.name for m in self.rungs]
+        if model not in names:
+            return 0
+        return sum(self.batchers[m].hand_over(self.batchers[model]) for m in names[:names.index(model)])
 
     async def _sync(self) -> None:
         while True:
@@ -95,6 +124,7 @@ class Router:
                     oldest[model] = max(oldest.get(model, 0.0), 1e3 * (now - arrived))
             try:
                 self.decision = await self.state.report.remote(self.id, samples, dict(inflight), oldest)
+                self.hand_down(self.decision["model"])
             except Exception as e:  # noqa: BLE001 - keep answering with the last decision
                 log.warning("auto: no report to %s (%s: %s); keeping the last decision", STATE, type(e).__name__, e)
                 await asyncio.sleep(1.0)

@@ -14,21 +14,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # [N, ...] -> [N, K]
+EWMA = 0.2  # weight of the newest forward pass in the smoothed cost per image
+
+
+class Answer(NamedTuple):
+    logits: torch.Tensor  # [N, K]: this request's rows
+    together: int         # how many requests shared the forward pass
+    by: str               # the name of the batcher (the model) that answered
+
+
+class Waiting(NamedTuple):
+    x: torch.Tensor
+    future: asyncio.Future
+    movable: bool  # may be handed to another batcher (`hand_over`) before it runs
 
 
 class Batcher:
-    def __init__(self, forward: Forward, max_batch: int, wait_s: float):
-        self.forward, self.max_batch, self.wait_s = forward, max_batch, wait_s
-        self.queue: list[tuple[torch.Tensor, asyncio.Future]] = []
+    def __init__(self, forward: Forward, max_batch: int, wait_s: float, name: str = ""):
+        self.forward, self.max_batch, self.wait_s, self.name = forward, max_batch, wait_s, name
+        self.queue: list[Waiting] = []
         self.arriving = 0            # requests admitted, not yet submitted
         self.busy = False            # a drain task is running
         self._changed = asyncio.Event()
         self._drainer: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
+        self.ms_per_image: float | None = None     # forward time per image, smoothed (`EWMA`)
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
@@ -41,18 +57,32 @@ class Batcher:
             self.arriving -= 1
             self._changed.set()
 
-    async def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """x [N, ...] -> (logits [N, K], how many requests shared the forward pass)."""
+    async def __call__(self, x: torch.Tensor, movable: bool = False) -> Answer:
+        """x [N, ...] -> its answer. A `movable` request may be answered by another batcher, if
+        `hand_over` moves it there before its forward pass starts (`Answer.by` says which)."""
         if len(x) >= self.max_batch:   # already a full batch: run it alone
             await _let_arrivals_in()
-            return self.forward(x), 1
+            return Answer(self.forward(x), 1, self.name)
         future = asyncio.get_running_loop().create_future()
-        self.queue.append((x, future))
+        self._enqueue(Waiting(x, future, movable))
+        return await future
+
+    def hand_over(self, to: "Batcher") -> int:
+        """Move every movable request still waiting here to `to` (`auto` stepping down to a
+        faster model: what queued at the slower one is answered by the faster one instead of
+        draining at the pace that built the queue). Returns how many moved."""
+        moving = [w for w in self.queue if w.movable]
+        self.queue = [w for w in self.queue if not w.movable]
+        for w in moving:
+            to._enqueue(w)
+        return len(moving)
+
+    def _enqueue(self, waiting: Waiting) -> None:
+        self.queue.append(waiting)
         self._changed.set()
         if not self.busy:
             self.busy = True
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
-        return await future
 
     async def _drain(self) -> None:
         try:
@@ -60,16 +90,30 @@ class Batcher:
                 await _let_arrivals_in()
                 await self._gather()
                 batch = self._take()
-                try:
-                    logits = self.forward(torch.cat([x for x, _ in batch]))
-                except Exception as e:  # every waiting request gets the error, none hangs
-                    for _, f in batch:
-                        f.done() or f.set_exception(e)
-                    continue
-                for (x, f), part in zip(batch, logits.split([len(x) for x, _ in batch])):
-                    f.done() or f.set_result((part, len(batch)))
+                if batch:  # else every waiting request was handed over meanwhile
+                    self._run(batch)
         finally:
             self.busy = False
+
+    def _run(self, batch: list[Waiting]) -> None:
+        """One forward pass for `batch`; each request gets its rows, or the error (none hangs)."""
+        start = time.perf_counter()
+        try:
+            logits = self.forward(torch.cat([w.x for w in batch]))
+        except Exception as e:
+            for w in batch:
+                w.future.done() or w.future.set_exception(e)
+            return
+        images = sum(len(w.x) for w in batch)
+        ms = 1e3 * (time.perf_counter() - start) / images
+        self.ms_per_image = ms if self.ms_per_image is None else (1 - EWMA) * self.ms_per_image + EWMA * ms
+        for w, part in zip(batch, logits.split([len(w.x) for w in batch])):
+            w.future.done() or w.future.set_result(Answer(part, len(batch), self.name))
+
+    def waiting_ms(self) -> float:
+        """The forward-pass time of the requests waiting here, at the measured cost per image
+        (0 before the first pass): how long a request joining the queue now would wait."""
+        return self._images() * (self.ms_per_image or 0.0)
 
     async def _gather(self) -> None:
         """Wait (at most `wait_s`) while admitted requests may still join a batch with room."""
@@ -81,13 +125,13 @@ class Batcher:
                 await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
 
     def _images(self) -> int:
-        return sum(len(x) for x, _ in self.queue)
+        return sum(len(w.x) for w in self.queue)
 
-    def _take(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
+    def _take(self) -> list[Waiting]:
         """The oldest requests that fit in `max_batch` images (at least one)."""
         n, total = 0, 0
-        while n < len(self.queue) and (n == 0 or total + len(self.queue[n][0]) <= self.max_batch):
-            total += len(self.queue[n][0])
+        while n < len(self.queue) and (n == 0 or total + len(self.queue[n].x) <= self.max_batch):
+            total += len(self.queue[n].x)
             n += 1
         batch, self.queue = self.queue[:n], self.queue[n:]
         return batch

@@ -185,16 +185,12 @@ class Model:
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/{self.served.name}")
             with self.batcher.admitted():
                 req = await _read_infer(request, self.served.name, self.served.in_shape, self.limits)
-            logits, together = await self.batcher(req.x)
-            body = infer_response(self.served.name, req.id, logits, self.served.name, req.outputs)
-            body["parameters"]["batched_requests"] = together
+            answer = await self.batcher(req.x)
+            body = infer_response(self.served.name, req.id, answer.logits, self.served.name, req.outputs)
+            body["parameters"]["batched_requests"] = answer.together
             return _reply(body, req.binary_output)
         except ProtocolError as e:
             return _error(e)
-
-    async def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(logits, how many requests shared the forward pass): the `auto` model's entry."""
-        return await self.batcher(x)
 
     def check_health(self) -> None:
         self.predictor(torch.zeros(1, *self.served.in_shape))
@@ -211,8 +207,8 @@ class Auto:
         if len(shapes) != 1:
             raise ValueError(f"auto needs models of one input shape, got {sorted(shapes)}")
         self.in_shape, self.num_classes = list(shapes.pop()), served[0].num_classes
-        self.batchers = {m.name: Batcher(Predictor(m), max_batch_size, batch_wait_s) for m in served}
-        self.router, self.digest, self.limits = Router(served, state), api_key_sha256, Limits(**limits)
+        self.batchers = {m.name: Batcher(Predictor(m), max_batch_size, batch_wait_s, m.name) for m in served}
+        self.router, self.digest, self.limits = Router(served, state, self.batchers), api_key_sha256, Limits(**limits)
 
     async def __call__(self, request: Request) -> Response:
         arrived = time.perf_counter()
@@ -226,8 +222,7 @@ class Auto:
             if sub != "/infer":
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/auto")
             req = await _read_infer(request, "auto", self.in_shape, self.limits)
-            pick, logits, extra = await self.router.answer(req.parameters, lambda m: self.batchers[m.name](req.x),
-                                                           arrived)
+            pick, logits, extra = await self.router.answer(req.parameters, req.x, arrived)
             body = infer_response("auto", req.id, logits, pick.name, req.outputs)
             body["parameters"].update(extra)
             return _reply(body, req.binary_output)

@@ -56,10 +56,11 @@ class Grpc:
                  auto: bool, api_key_sha256: str | None, limits: dict, per_model_limit: int):
         self.served, self.digest, self.limits = served, api_key_sha256, Limits(**limits)
         self.per_model_limit, self.ongoing = per_model_limit, Counter()
-        self.batchers = {m.name: Batcher(Predictor(m), max_batch_size, batch_wait_s) for m in served}
+        self.batchers = {m.name: Batcher(Predictor(m), max_batch_size, batch_wait_s, m.name) for m in served}
         self.models: dict[str, ServedModel | None] = {m.name: m for m in served} | ({"auto": None} if auto else {})
         # `auto` over gRPC follows (and feeds) the HTTP `auto` application's shared decision.
-        self.router = Router(served, serve.get_deployment_handle(STATE, app_name="auto") if auto else None)
+        self.router = Router(served, serve.get_deployment_handle(STATE, app_name="auto") if auto else None,
+                             self.batchers)
 
     def check_key(self, grpc_context: Any) -> None:
         given = dict(grpc_context.invocation_metadata()).get(grpc_codec.API_KEY_METADATA)
@@ -136,9 +137,8 @@ class Grpc:
     async def _answer(self, request: Any, model: ServedModel | None, arrived: float) -> Any:
         req = grpc_codec.parse_infer(request, (model or self.served[0]).in_shape, self.limits)
         if model is not None:
-            logits, together = await self.batchers[model.name](req.x)
-            pick, extra = model, {"batched_requests": together}
+            answer = await self.batchers[model.name](req.x)
+            pick, logits, extra = model, answer.logits, {"batched_requests": answer.together}
         else:
-            pick, logits, extra = await self.router.answer(req.parameters, lambda m: self.batchers[m.name](req.x),
-                                                           arrived)
+            pick, logits, extra = await self.router.answer(req.parameters, req.x, arrived)
         return grpc_codec.infer_response(request.model_name, req.id, logits, pick.name, req.outputs, **extra)

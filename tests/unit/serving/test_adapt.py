@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from distillery.serving.adapt import Controller, choose, ladder
+from distillery.serving.adapt import Controller, choose, ladder, spill
 from distillery.serving.predictor import ServedModel
 from distillery.serving.protocol import ProtocolError
 
@@ -24,6 +24,14 @@ def test_the_ladder_is_most_accurate_first_and_each_rung_faster():
     assert [m.name for m in RUNGS] == ["teacher", "student", "pruned", "tiny"]  # slow_worse helps nobody
     tie = ladder([_m("a", 0.95, 1.2), _m("b", 0.95, 0.7)])
     assert [m.name for m in tie] == ["b"]  # equally accurate: the faster only
+
+
+def test_a_request_spills_one_rung_faster_per_budget_of_queued_work_down_to_the_fastest():
+    assert spill(RUNGS, TEACHER, backlog_ms=29.0, budget_ms=30.0) is TEACHER      # under one budget: stays
+    assert spill(RUNGS, TEACHER, backlog_ms=30.0, budget_ms=30.0) is STUDENT
+    assert spill(RUNGS, TEACHER, backlog_ms=65.0, budget_ms=30.0) is PRUNED
+    assert spill(RUNGS, STUDENT, backlog_ms=500.0, budget_ms=30.0) is TINY       # never past the fastest
+    assert spill(RUNGS, TEACHER, backlog_ms=500.0, budget_ms=None) is TEACHER    # no decision yet: no spill
 
 
 def test_a_request_gets_the_shared_rung_within_its_floor():

@@ -35,7 +35,7 @@ def test_a_lone_request_does_not_wait_for_the_batch_timeout():
 
     async def one():
         start = time.perf_counter()
-        out, together = await batcher(_x(1))
+        out, together, _ = await batcher(_x(1))
         return time.perf_counter() - start, out, together
 
     elapsed, out, together = asyncio.run(one())
@@ -54,11 +54,11 @@ def test_requests_arriving_during_a_forward_pass_share_the_next_one():
         rest = [asyncio.ensure_future(batcher(_x(1, float(i)))) for i in range(1, 6)]
         return await first, await asyncio.gather(*rest)
 
-    (out0, together0), rest = asyncio.run(many())
+    (out0, together0, _), rest = asyncio.run(many())
     assert forward.batches == [1, 5] and together0 == 1
     # each request gets its own rows back, in order
-    assert [out[0, 0].item() for out, _ in rest] == [4.0 * i for i in range(1, 6)]
-    assert all(together == 5 for _, together in rest)
+    assert [a.logits[0, 0].item() for a in rest] == [4.0 * i for i in range(1, 6)]
+    assert all(a.together == 5 for a in rest)
 
 
 def test_requests_submitted_together_share_one_forward_pass():
@@ -68,7 +68,7 @@ def test_requests_submitted_together_share_one_forward_pass():
     async def together():
         return await asyncio.gather(*(batcher(_x(1)) for _ in range(4)))
 
-    assert [n for _, n in asyncio.run(together())] == [4] * 4 and forward.batches == [4]
+    assert [a.together for a in asyncio.run(together())] == [4] * 4 and forward.batches == [4]
 
 
 def test_a_batch_never_holds_more_than_max_batch_images():
@@ -79,7 +79,7 @@ def test_a_batch_never_holds_more_than_max_batch_images():
         return await asyncio.gather(*(batcher(_x(3)) for _ in range(6)), batcher(_x(20)))
 
     results = asyncio.run(many())
-    assert all(len(out) == len(x) for (out, _), x in zip(results, [_x(3)] * 6 + [_x(20)]))
+    assert all(len(a.logits) == len(x) for a, x in zip(results, [_x(3)] * 6 + [_x(20)]))
     assert max(forward.batches) == 20 and forward.batches.count(20) == 1  # a full request runs alone
     assert all(b <= 8 for b in forward.batches if b != 20), forward.batches
 
@@ -122,7 +122,43 @@ def test_a_failing_forward_pass_fails_every_request_of_its_batch_and_the_next_on
     async def scenario():
         with pytest.raises(RuntimeError, match="boom"):
             await batcher(_x(1))
-        out, _ = await batcher(_x(2))
-        return out
+        return (await batcher(_x(2))).logits
 
     assert asyncio.run(scenario()).shape == (2, 2)
+
+
+def test_hand_over_moves_only_the_movable_waiting_requests_and_they_are_answered_by_the_receiver():
+    slow, fast = Recorder(seconds=0.05), Recorder()
+    upper, lower = Batcher(slow, max_batch=64, wait_s=0.0, name="slow"), Batcher(fast, max_batch=64, wait_s=0.0,
+                                                                                  name="fast")
+
+    async def scenario():
+        first = asyncio.ensure_future(upper(_x(1, 1.0), movable=True))
+        await asyncio.sleep(0.01)  # its forward pass has started: it is no longer waiting
+        movable = [asyncio.ensure_future(upper(_x(1, float(v)), movable=True)) for v in (2, 3)]
+        pinned = asyncio.ensure_future(upper(_x(1, 4.0)))
+        await asyncio.sleep(0)  # all three are queued behind the running pass
+        moved = upper.hand_over(lower)
+        return moved, await first, await asyncio.gather(*movable), await pinned
+
+    moved, first, movable, pinned = asyncio.run(scenario())
+    assert moved == 2
+    assert first.by == "slow" and pinned.by == "slow" and [a.by for a in movable] == ["fast", "fast"]
+    assert [a.logits[0, 0].item() for a in movable] == [8.0, 12.0]  # each its own rows, from the receiver
+    assert fast.batches == [2] and slow.batches == [1, 1]
+
+
+def test_a_batcher_emptied_by_a_hand_over_goes_idle_and_serves_the_next_request():
+    upper, lower = Batcher(Recorder(seconds=0.02), 64, 0.0, "slow"), Batcher(Recorder(), 64, 0.0, "fast")
+
+    async def scenario():
+        first = asyncio.ensure_future(upper(_x(1), movable=True))
+        await asyncio.sleep(0.005)
+        waiting = asyncio.ensure_future(upper(_x(1), movable=True))
+        await asyncio.sleep(0)
+        upper.hand_over(lower)
+        results = [await first, await waiting]
+        return results, await asyncio.wait_for(upper(_x(2)), 1.0)
+
+    (first, waiting), later = asyncio.run(scenario())
+    assert (first.by, waiting.by, later.by) == ("slow", "fast", "slow") and later.together == 1
