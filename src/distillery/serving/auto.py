@@ -80,13 +80,13 @@ class Router:
         if self._task is None and self.state is not None:
             self._task = asyncio.get_running_loop().create_task(self._sync())
         targets = auto_targets(parameters)
-        pick = adapt.choose(self.rungs, self.decision, *targets)
-        if targets == (None, None):
+        pick, movable = adapt.choose(self.rungs, self.decision, *targets), targets == (None, None)
+        if movable:
             pick = self.spill(pick)
         key = next(self._ids)
         self.started[key] = (pick.name, arrived)
         try:
-            answer = await self.batchers[pick.name](x, movable=targets == (None, None))
+            answer = await self.batchers[pick.name](x, movable=movable)
         finally:
             self.started.pop(key, None)
         pick, ms = self.by_name[answer.by], 1e3 * (time.perf_counter() - arrived)
