@@ -17,9 +17,10 @@ replica included), pooled across replicas:
   (a forgotten capacity, after `forget_s`, lets it try again).
 
 Between decisions each replica spills a request under the default objective one rung faster
-for every `spill_at` of the objective in forward-pass time already queued in it
-(`auto.Router.spill`): the controller's signals lag a sudden rise by a report or more, by
-which time the queue has cost the objective.
+for every `spill_at` of the objective that the replica is behind (forward-pass time already
+queued in it, or its oldest unanswered request's age if longer; `auto.Router.spill`): the
+controller's signals lag a sudden rise by a report or more, by which time the queue has cost
+the objective.
 
 A request's own objective (`max_latency_ms`) takes the most accurate rung whose recent p95 is
 within it; a floor (`min_accuracy`) cuts the ladder (`choose`). Plain Python: no Ray, no torch.

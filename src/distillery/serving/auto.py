@@ -7,9 +7,9 @@ times the request from arrival to reply, and ten times a second sends what it me
 the age of its oldest request still unanswered, per model) to `AutoState`, which pools every replica's figures, counts the replicas
 that report, updates the controller and returns the new decision. When that decision steps
 down, the requests still waiting at the slower models move to the new one (`hand_down`).
-Between decisions a replica spills a request to a faster model when the work already queued
-in it is longer than the spill budget (`spill`): a sudden rise is met at once, not a report
-later, when a queue has formed.
+Between decisions a replica spills a request to a faster model when it is further behind than
+the spill budget (`spill`: queued forward passes, or its oldest unanswered request's age): a
+sudden rise is met at once, not a report later, when a queue has formed.
 """
 
 from __future__ import annotations
