@@ -34,7 +34,7 @@ from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_json, read_json
 from distillery.run import storage
-from distillery.serving import adapt, grpc_app
+from distillery.serving import adapt, grpc_app, ingress
 from distillery.serving.auto import AutoState, Router
 from distillery.serving.batcher import Batcher
 from distillery.serving.predictor import Predictor, ServedModel, catalog
@@ -43,6 +43,7 @@ from distillery.serving.protocol import (InferRequest, Limits, ProtocolError, bi
                                          parse_infer, server_metadata)
 
 API_KEY_HEADER = "x-api-key"
+INGRESS_START_S = 240.0  # after Ray's own 60 s (see `deploy`)
 
 
 class AppArgs(BaseModel):
@@ -347,13 +348,22 @@ def deploy(run_dir: str, cfg: ServeConfig, api_key: str | None) -> str:
     apps = applications(run_dir, cfg, api_key)
     # One ingress, on the head node (as `config_document` says): with HAProxy, Serve would
     # otherwise start one on every node that holds replicas.
-    serve.start(proxy_location="HeadOnly", http_options=http_options(cfg), grpc_options=grpc_options(cfg),
-                logging_config=logging_config(cfg))
+    try:
+        serve.start(proxy_location="HeadOnly", http_options=http_options(cfg), grpc_options=grpc_options(cfg),
+                    logging_config=logging_config(cfg))
+        started = True
+    except TimeoutError:
+        # Ray gives its ingress a fixed 60 s to start. Its actors run at nice 15, like every Ray
+        # worker, so on a node whose cores are busy with other work they can take longer (a CI
+        # run here lost a test module to it): deploy meanwhile and wait for the listener below.
+        started = False
     targets = [serve.RunTarget(build_application(a["args"]), name=a["name"], route_prefix=a["route_prefix"],
                                logging_config=logging_config(cfg)) for a in apps]
     # Every application starts together (one at a time took ~4 s each); `auto`'s handles to
     # the models are resolved on its first request, not when it starts.
     serve.run_many(targets)
+    if not started:
+        ingress.wait_listening(cfg.host, cfg.port, INGRESS_START_S)
     return f"http://{cfg.host}:{cfg.port}/v2"
 
 

@@ -20,6 +20,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HAPROXY_WRAPPER = "distillery-haproxy"  # console script: `haproxy_main` below
@@ -103,6 +104,20 @@ def ingress_env(kind: str, host: str, local: bool = True) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
     return env
+
+
+def wait_listening(host: str, port: int, seconds: float) -> None:
+    """Return once something accepts connections at host:port; a UserError after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise UserError(f"Serve's ingress did not open {host}:{port} within {seconds + 60:.0f} s: see "
+                                "Ray's Serve logs (/tmp/ray/session_latest/logs/serve/ on the head node)") from None
+            time.sleep(0.5)
 
 
 def current() -> str:

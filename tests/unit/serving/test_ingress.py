@@ -77,3 +77,15 @@ def test_the_line_names_the_ingress_ray_was_started_with(monkeypatch):
     assert "Python proxy" in ingress.current() and "RAY_SERVE_ENABLE_HA_PROXY=1" in ingress.current()
     monkeypatch.setattr(ingress, "haproxy_binary", lambda: None)
     assert "no HAProxy binary found" in ingress.current()
+
+
+def test_waiting_for_the_ingress_returns_once_its_port_listens_and_names_the_port_when_it_never_does():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        ingress.wait_listening("127.0.0.1", s.getsockname()[1], 5.0)
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match=f"127.0.0.1:{port}"):  # closed now: nothing listens
+        ingress.wait_listening("127.0.0.1", port, 0.5)
