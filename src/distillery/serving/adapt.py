@@ -7,7 +7,8 @@ replica included), pooled across replicas:
 
 - step down one rung when the current rung's p95 over the last `window_s` (or the age of its
   oldest request still unanswered, which shows a queue before any slow answer does) exceeds `down_at`
-  of the objective (before the objective itself is missed), remembering the request rate
+  of the objective (before the objective itself is missed), or when the replicas spilled more
+  than `spill_down` of the requests since the last change (see below), remembering the request rate
   (the highest over the next `hold_s`) and the replica count at which that rung failed: its
   capacity;
 - step up when the current rung's p95 is below `up_at` of the objective, no change happened
@@ -20,7 +21,7 @@ Between decisions each replica spills a request under the default objective one 
 for every `spill_at` of the objective that the replica is behind (forward-pass time already
 queued in it, or its oldest unanswered request's age if longer; `auto.Router.spill`): the
 controller's signals lag a sudden rise by a report or more, by which time the queue has cost
-the objective.
+the objective. The spills keep the rung's own latency low, so the controller counts them.
 
 A request's own objective (`max_latency_ms`) takes the most accurate rung whose recent p95 is
 within it; a floor (`min_accuracy`) cuts the ladder (`choose`). Plain Python: no Ray, no torch.
@@ -101,6 +102,9 @@ class Controller:
     # 0.3 also counting the oldest unanswered request's age (kept) 85/88/96% / 73-87%; 0.15
     # 85/88/77% and 77/92/69% (spilling at low load too); no spill 88/92/96% / 31-36%.
     spill_at: float = 0.3
+    # Step down when replicas spilled more than this share of the requests answered since the
+    # last change: the rung is past its capacity even though the spill keeps its own latency low.
+    spill_down: float = 0.1
     headroom: float = 0.7     # step up only below this share of the upper rung's capacity
     hold_s: float = 2.0
     down_hold_s: float = 0.5
@@ -111,15 +115,19 @@ class Controller:
     went_down: bool = False   # the last change was a step down
     samples: deque = field(default_factory=deque)       # (t, model, latency_ms)
     waiting: deque = field(default_factory=deque)       # (t, model, age of its oldest unanswered request in ms)
+    spilled: deque = field(default_factory=deque)       # (t, requests a replica spilled below the decision)
     capacity: dict = field(default_factory=dict)        # rung -> (requests/s, replicas, when)
     history: list = field(default_factory=list)         # (t, model chosen)
 
     def observe(self, samples: list[tuple[float, str, float]], oldest_ms: dict[str, float] | None = None,
-                now: float | None = None) -> None:
-        """Answered requests (t, model, latency_ms), and the age of each model's oldest request
-        still unanswered (the leading signal: a queue shows there before any slow answer)."""
+                now: float | None = None, spilled: int = 0) -> None:
+        """Answered requests (t, model, latency_ms), the age of each model's oldest request
+        still unanswered (the leading signal: a queue shows there before any slow answer), and
+        how many requests a replica spilled to a faster rung since its last report."""
         self.samples.extend(samples)
         self.waiting.extend((now, model, age) for model, age in (oldest_ms or {}).items())
+        if spilled:
+            self.spilled.append((now, spilled))
 
     def pressure(self, model: str, now: float) -> float | None:
         """The p95 of recent answers, or the age of the oldest request still unanswered in any
@@ -127,6 +135,13 @@ class Controller:
         p95 = self.p95(model, now)
         ages = [age for t, m, age in self.waiting if m == model and now - t <= WAITING_S]
         return max([p95 or 0.0, *ages]) if (p95 is not None or ages) else None
+
+    def spill_share(self, now: float) -> float:
+        """The share of requests spilled since the last change (within the window); 0 below `min_samples`."""
+        since = max(now - self.window_s, self.changed_at)
+        answered = sum(1 for t, _, _ in self.samples if t >= since)
+        spilled = sum(n for t, n in self.spilled if t >= since)
+        return spilled / answered if answered >= self.min_samples else 0.0
 
     def p95(self, model: str, now: float) -> float | None:
         values = [ms for t, m, ms in self.samples if m == model and t >= now - self.window_s]
@@ -143,6 +158,8 @@ class Controller:
             self.samples.popleft()
         while self.waiting and self.waiting[0][0] < now - WAITING_S:
             self.waiting.popleft()
+        while self.spilled and self.spilled[0][0] < now - self.window_s:
+            self.spilled.popleft()
         since = now - self.changed_at
         if self.went_down and since < self.hold_s:
             # Just stepped down: the rung above failed at the load arriving now, which a sudden
@@ -150,8 +167,9 @@ class Controller:
             rate, then, when = self.capacity[self.level - 1]
             self.capacity[self.level - 1] = (max(rate, self.rate(now)), then, when)
         current = self.pressure(self.names[self.level], now)
-        if since >= self.down_hold_s and current is not None and current > self.down_at * self.slo_ms \
-                and self.level < len(self.names) - 1:
+        overloaded = (current is not None and current > self.down_at * self.slo_ms) \
+            or self.spill_share(now) > self.spill_down
+        if since >= self.down_hold_s and overloaded and self.level < len(self.names) - 1:
             self.capacity[self.level] = (self.rate(now), replicas, now)
             self._move(+1, now)
         elif since >= self.hold_s and self.level > 0 and (current is None or current < self.up_at * self.slo_ms) \

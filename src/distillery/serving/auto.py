@@ -43,10 +43,10 @@ class AutoState:
         self.replicas: dict[str, tuple[float, dict[str, int]]] = {}
 
     def report(self, replica: str, samples: list[tuple[float, str, float]], inflight: dict[str, int],
-               oldest_ms: dict[str, float]) -> dict:
+               oldest_ms: dict[str, float], spilled: int = 0) -> dict:
         now = time.time()
         self.replicas = {r: v for r, v in self.replicas.items() if now - v[0] < 4 * SYNC_S + 1} | {replica: (now, inflight)}
-        self.controller.observe(samples, oldest_ms, now)
+        self.controller.observe(samples, oldest_ms, now, spilled)
         model = self.controller.update(now, replicas=len(self.replicas))
         ongoing = sum((Counter(counts) for _, counts in self.replicas.values()), Counter())
         return {"model": model, "p95_ms": {n: self.controller.p95(n, now) for n in self.controller.names},
@@ -67,6 +67,7 @@ class Router:
         self.state, self.id = state, uuid.uuid4().hex[:8]
         self.decision: dict = {}
         self.samples: list[tuple[float, str, float]] = []
+        self.spilled = 0  # requests spilled to a faster rung since the last report
         self.started: dict[int, tuple[str, float]] = {}  # request -> (model, perf_counter at arrival)
         self._ids = itertools.count()
         self._task: asyncio.Task | None = None
@@ -82,7 +83,8 @@ class Router:
         targets = auto_targets(parameters)
         pick, movable = adapt.choose(self.rungs, self.decision, *targets), targets == (None, None)
         if movable:
-            pick = self.spill(pick)
+            chosen, pick = pick, self.spill(pick)
+            self.spilled += pick is not chosen
         key = next(self._ids)
         self.started[key] = (pick.name, arrived)
         try:
@@ -117,13 +119,14 @@ class Router:
         while True:
             await asyncio.sleep(SYNC_S)
             samples, self.samples = self.samples, []
+            spilled, self.spilled = self.spilled, 0
             now, oldest = time.perf_counter(), {}
             inflight = Counter(model for model, _ in self.started.values())
             for model, arrived in self.started.values():
                 if inflight[model] >= QUEUE:  # one slow request (a cold start) is not a queue
                     oldest[model] = max(oldest.get(model, 0.0), 1e3 * (now - arrived))
             try:
-                self.decision = await self.state.report.remote(self.id, samples, dict(inflight), oldest)
+                self.decision = await self.state.report.remote(self.id, samples, dict(inflight), oldest, spilled)
                 self.hand_down(self.decision["model"])
             except Exception as e:  # noqa: BLE001 - keep answering with the last decision
                 log.warning("auto: no report to %s (%s: %s); keeping the last decision", STATE, type(e).__name__, e)

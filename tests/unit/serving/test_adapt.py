@@ -108,3 +108,28 @@ def test_a_queue_in_any_replica_counts_until_its_report_is_stale():
     c.observe([], {}, now=1.05)                 # replica 2: nothing waiting
     assert c.pressure("teacher", 1.1) == 80.0
     assert c.pressure("teacher", 1.5) is None   # replica 1's report is 0.5 s old: stale
+
+
+
+def _spilling(c: Controller, t0: float, seconds: float, rate: float, share: dict[str, float]) -> float:
+    """`rate` requests/s answered by the current pick in 40 ms (within the objective), with
+    replicas reporting every 0.1 s that `share[pick]` of them were spilled to a faster rung."""
+    t = t0
+    while t < t0 + seconds:
+        n = round(rate / 10)
+        model = c.update(t)
+        c.observe([(t + i / rate, model, 40.0) for i in range(n)], now=t, spilled=round(share[model] * n))
+        t += 0.1
+    return t
+
+
+def test_replicas_spilling_past_a_share_of_requests_step_the_controller_down_though_latency_looks_fine():
+    names = ["teacher", "student", "tiny"]
+    calm = Controller(names, slo_ms=100.0)
+    _spilling(calm, 0.0, 3.0, 200, {"teacher": 0.05})  # the odd burst spills: no step
+    assert calm.names[calm.level] == "teacher" and calm.history == []
+    busy = Controller(names, slo_ms=100.0)
+    _spilling(busy, 0.0, 3.0, 200, {"teacher": 0.5, "student": 0.0})  # half spilled: past the teacher's capacity
+    assert busy.capacity[0][0] == pytest.approx(200, rel=0.1)
+    # One step only: the student keeps up, spilling nothing.
+    assert [m for _, m in busy.history] == ["student"]
