@@ -11,7 +11,8 @@ then the same open-loop schedule (load a multiple of the most accurate model's c
 capped at 60% of the fastest's) sent to the most accurate model, to the fastest and to
 `auto`. Targets: `auto`'s p99 within the objective in >= 95% of the seconds while the
 accurate model alone misses it, and >= 90% of the first low-load step answered by the most
-accurate model. The generator shares the 2 cores (nice 15). Writes benchmarks/results/adaptive.json.
+accurate model; a repeat whose peak the fastest model alone misses too is shown but not counted
+(`verdict`). The generator shares the 2 cores (nice 15). Writes benchmarks/results/adaptive.json.
 """
 
 from __future__ import annotations
@@ -43,6 +44,27 @@ def serve(run_dir: Path, slo_ms: float, max_replicas: int) -> str:
     return f"http://{cfg.host}:{cfg.port}"
 
 
+def verdict(doc: dict) -> str:
+    """"met" or "missed" for one repeat; "beyond every model" when the fastest model alone also
+    missed the objective in more than 5% of the seconds: no choice of model could meet that
+    peak, so the repeat says nothing about adapting (capacities probed minutes apart moved by
+    up to 1.5x on this machine, and the peak is set from the probe)."""
+    top, fastest, auto = (doc["runs"][m] for m in (doc["top"], doc["fastest"], "auto"))
+    if fastest["seconds_within_slo"] < 0.95:
+        return "beyond every model"
+    met = auto["seconds_within_slo"] >= 0.95 and top["seconds_within_slo"] < 1.0 and \
+        (auto["low_load_share_top"] or 0) >= 0.9
+    return "met" if met else "missed"
+
+
+def summary(verdicts: list[str]) -> str:
+    valid = [v for v in verdicts if v != "beyond every model"]
+    beyond = len(verdicts) - len(valid)
+    return (f"target met in {valid.count('met')} of {len(valid)} repeats"
+            + (f" ({beyond} more had a peak that the fastest model alone missed too: beyond every model, "
+               "not counted)" if beyond else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", type=Path, default=Path("runs/digits"))
@@ -63,10 +85,7 @@ def main() -> None:
         time.sleep(5)  # the last queue drains
     rows, verdicts = [], []
     for i, doc in enumerate(repeats):
-        top, auto = doc["runs"][doc["top"]], doc["runs"]["auto"]
-        met = auto["seconds_within_slo"] >= 0.95 and top["seconds_within_slo"] < 1.0 and \
-            (auto["low_load_share_top"] or 0) >= 0.9
-        verdicts.append(met)
+        verdicts.append(verdict(doc))
         for r in doc["runs"].values():
             rows.append([i + 1, r["model"], adaptive.ms_text(r["p50_ms"]), adaptive.ms_text(r["p99_ms"]), sum(r["errors"].values()),
                          f"{r['seconds_within_slo']:.0%}", "-" if r["low_load_share_top"] is None
@@ -80,8 +99,8 @@ def main() -> None:
                f"{first['fastest']} at {first['fastest_capacity_rps']:g} (first repeat); schedule "
                f"{', '.join(f'{d:g} s at {r:g}/s' for d, r in first['steps'])}; objective p99 <= {args.slo_ms:g} ms; "
                f"at most {args.max_replicas} replica(s) per application. Median share of seconds within the "
-               f"objective: {', '.join(f'{m} {v:.0%}' for m, v in within.items())}; target met in "
-               f"{sum(verdicts)} of {len(verdicts)} repeats. " + machine_lines(machine("1")))
+               f"objective: {', '.join(f'{m} {v:.0%}' for m, v in within.items())}; {summary(verdicts)}. "
+               + machine_lines(machine("1")))
     publish("adaptive", report, {"machine": machine("1"), "args": vars(args) | {"run_dir": str(args.run_dir)},
                                  "repeats": repeats, "median_seconds_within": within, "target_met": verdicts}, quick=False)
 
