@@ -167,10 +167,7 @@ class ServeConfig(Strict):
     max_queued_requests: int = Field(64, ge=0, le=1_000_000,
                                      description="per deployment; beyond it: 503 (gRPC: UNAVAILABLE)")
     request_timeout_s: float = Field(10.0, gt=0.0, le=3600.0, description="beyond it: 408")
-    # 128, not 64: two 64-image requests then share one pass (the digits student in process:
-    # 114,904 images/s at batch 64, 149,051 at 128, 99,639 at 256; 64-image requests served
-    # 968-991 requests/s at concurrency 4 against 859-871 with 64, on a 2-core AMD EPYC).
-    max_batch_size: int = Field(128, ge=1, le=65_536, description="images per forward pass (dynamic batching)")
+    max_batch_size: int = Field(64, ge=1, le=65_536, description="images per forward pass (dynamic batching)")
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description="the longest a batch waits for requests "
                                         "this replica is still reading; a lone request never waits")
     num_cpus: float = Field(0.5, gt=0.0, le=256.0, description="per replica (logical; the replica runs 1 torch thread)")
