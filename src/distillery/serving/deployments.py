@@ -22,7 +22,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import orjson
 import torch
 from pydantic import BaseModel, ConfigDict
 from ray import serve
@@ -39,7 +38,7 @@ from distillery.serving.auto import AutoState, Router
 from distillery.serving.batcher import Batcher
 from distillery.serving.predictor import Predictor, ServedModel, catalog
 from distillery.serving.protocol import (InferRequest, Limits, ProtocolError, binary_response, check_api_key,
-                                         check_size, check_version, infer_response, model_metadata,
+                                         check_size, check_version, infer_response, json_body, model_metadata,
                                          parse_infer, server_metadata)
 
 API_KEY_HEADER = "x-api-key"
@@ -156,7 +155,7 @@ async def _read_infer(request: Request, model: str, in_shape: list[int], lim: Li
 
 def _reply(doc: dict, binary: bool) -> Response:
     if not binary:
-        return Response(orjson.dumps(doc), media_type="application/json")
+        return Response(json_body(doc), media_type="application/json")
     body, header_length = binary_response(doc)
     return Response(body, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})
 

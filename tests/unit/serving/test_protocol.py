@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from distillery.serving.protocol import (INPUT_NAME, InferRequest, Limits, ProtocolError, auto_targets, check_size,
-                                         infer_response, model_metadata, parse_infer, server_metadata)
+from distillery.serving.protocol import (INPUT_NAME, InferRequest, Limits, ProtocolError, auto_targets, binary_response,
+                                         check_size, infer_response, json_body, model_metadata, parse_infer,
+                                         server_metadata)
 
 IN_SHAPE = [1, 8, 8]
 LIMITS = Limits()
@@ -129,7 +131,7 @@ def test_a_model_name_or_version_that_contradicts_the_route_names_both(field, va
 def test_requested_outputs_are_answered_in_the_order_asked():
     req = parse_infer(_body(_input(_flat(2)), outputs=[{"name": "label"}]), IN_SHAPE, LIMITS)
     assert req.outputs == ("label",)
-    out = infer_response("m", None, torch.tensor([[0.0, 1.0], [2.0, 0.0]]), "m", req.outputs)
+    out = json.loads(json_body(infer_response("m", None, torch.tensor([[0.0, 1.0], [2.0, 0.0]]), "m", req.outputs)))
     assert [o["name"] for o in out["outputs"]] == ["label"] and out["outputs"][0]["data"] == [1, 0]
     both = parse_infer(_body(_input(_flat(1)), outputs=[{"name": "label"}, {"name": "logits"}]), IN_SHAPE, LIMITS)
     assert both.outputs == ("label", "logits")
@@ -309,7 +311,7 @@ def test_check_size_absent_non_digit_or_within_limit(value):
 
 def test_infer_response_logits_labels_variant_id():
     logits = torch.tensor([[0.1, 2.5, -1.0], [3.0, 0.0, 1.0], [-2.0, -1.0, -0.5], [0.0, 0.0, 9.0]])
-    out = infer_response("auto", "abc", logits, "student_q8")
+    out = json.loads(json_body(infer_response("auto", "abc", logits, "student_q8")))  # as a client reads it
     assert out["model_name"] == "auto" and out["id"] == "abc"
     assert out["parameters"] == {"variant": "student_q8"}
     by_name = {o["name"]: o for o in out["outputs"]}
@@ -320,7 +322,22 @@ def test_infer_response_logits_labels_variant_id():
     assert lo["data"][:3] == pytest.approx([0.1, 2.5, -1.0])
     assert la["datatype"] == "INT64" and la["shape"] == [4] and la["data"] == [1, 0, 2, 2]
     assert all(type(v) is int for v in la["data"])
-    json.dumps(out)  # serialisable as is
+
+
+def test_the_binary_response_holds_the_same_numbers_as_the_json_one_even_for_a_slice_of_a_batch():
+    batch = torch.randn(6, 10)
+    doc = infer_response("m", None, batch[2:5], "m")  # a request's rows of a batched forward pass
+    as_json = json.loads(json_body(doc))
+    body, header_length = binary_response(doc)
+    header = json.loads(body[:header_length])
+    blob, at = body[header_length:], 0
+    for out, seen in zip(header["outputs"], as_json["outputs"], strict=True):
+        size = out["parameters"]["binary_data_size"]
+        dtype = "<f4" if out["datatype"] == "FP32" else "<i8"
+        assert "data" not in out
+        assert np.frombuffer(blob[at:at + size], dtype=dtype).tolist() == pytest.approx(seen["data"])
+        at += size
+    assert at == len(blob) and as_json["outputs"][1]["data"] == batch[2:5].argmax(1).tolist()
 
 
 def test_infer_response_without_id_has_no_id_key():
