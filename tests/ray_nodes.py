@@ -34,6 +34,12 @@ def kill_tree(process: subprocess.Popen) -> None:
     alone leaves them running: the tree is frozen first (no new process), then killed."""
     import psutil
 
+    if process.poll() is not None:
+        # It exited by itself (a `ray start` that failed to join): its group may be gone, and
+        # what it had started left the group anyway; only its children could remain.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return
     os.killpg(process.pid, signal.SIGSTOP)
     tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
     for p in tree:
@@ -83,10 +89,10 @@ class Cluster:
     def add_nodes(self, count: int, cpus: int = 1) -> list[Node]:
         """`count` worker nodes with `cpus` CPUs each, one after another (Ray gives a starting
         raylet 30 s to register, which several at once on 2 busy cores can miss: a node that
-        fails to start is started again, once)."""
+        fails to start is started again, up to twice)."""
         return [self._add_node(cpus) for _ in range(count)]
 
-    def _add_node(self, cpus: int, retries: int = 1) -> Node:
+    def _add_node(self, cpus: int, retries: int = 2) -> Node:
         name = f"worker{len(self.workers) + 1}"
         node = self._start(name, [
             f"--address={self.address}", f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={free_port()}",
@@ -96,8 +102,10 @@ class Cluster:
             self._wait(lambda: name in self.alive().values(), f"node {name} to join", node)
         except AssertionError:
             self.kill(node)
+            shutil.rmtree(node.temp, ignore_errors=True)
             if not retries:
                 raise
+            time.sleep(5)  # the head was too busy to answer: give it a moment
             return self._add_node(cpus, retries - 1)
         self.workers.append(node)
         return node
