@@ -44,6 +44,30 @@ def test_a_lone_request_does_not_wait_for_the_batch_timeout():
     assert out.tolist() == [[4.0, 4.0, 4.0]]
 
 
+def test_a_lone_request_runs_in_its_own_handler_and_its_cost_is_recorded():
+    forward = Recorder()
+    batcher = Batcher(forward, max_batch=64, wait_s=0.0)
+    answer = asyncio.run(batcher(_x(2)))
+    assert batcher._drainer is None and not batcher.busy and not batcher.queue  # no drain task was needed
+    assert answer.together == 1 and forward.batches == [2] and batcher.ms_per_image is not None
+
+
+def test_a_lone_request_cancelled_while_arrivals_come_in_leaves_them_a_pass():
+    forward = Recorder()
+    batcher = Batcher(forward, max_batch=64, wait_s=0.0)
+
+    async def scenario():
+        lone = asyncio.ensure_future(batcher(_x(1, 1.0)))
+        await asyncio.sleep(0)  # it is queued and letting arrivals in
+        behind = asyncio.ensure_future(batcher(_x(1, 2.0)))
+        await asyncio.sleep(0)  # queued behind it
+        lone.cancel()
+        return await asyncio.wait_for(behind, 1.0)
+
+    assert asyncio.run(scenario()).logits[0, 0].item() == 8.0
+    assert sum(forward.batches) <= 2 and not batcher.queue
+
+
 def test_requests_arriving_during_a_forward_pass_share_the_next_one():
     forward = Recorder(seconds=0.05)
     batcher = Batcher(forward, max_batch=64, wait_s=0.0)
