@@ -35,8 +35,8 @@ def kill_tree(process: subprocess.Popen) -> None:
     import psutil
 
     if process.poll() is not None:
-        # It exited by itself (a `ray start` that failed to join): its group may be gone, and
-        # what it had started left the group anyway; only its children could remain.
+        # It exited by itself (a `ray start` that failed to join): no tree to freeze, and its
+        # group may be gone already; kill whatever is left of the group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         return
