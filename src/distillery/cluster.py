@@ -10,14 +10,13 @@ import contextlib
 import logging
 import math
 import os
-import re
-import sys
 
 import ray
 import ray.data
 
 from distillery import console
 from distillery.config import PipelineConfig
+from distillery.process_setup import worker_setup
 from distillery.serving import ingress
 
 
@@ -92,69 +91,3 @@ def _init_local(cfg: PipelineConfig, quiet: dict) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
 
 
-def worker_setup() -> None:
-    """Every worker process of a distillery job, before it runs anything."""
-    quiet_ray_train_logs()
-    pin_grpc_listeners(os.environ.get(ingress.HOST_VAR))
-    route_stock_grpc_calls()
-
-
-def pin_grpc_listeners(host: str | None) -> None:
-    """Ray 2.60 binds every gRPC server it starts for Serve (the fallback proxy's, each
-    ingress replica's) to `[::]`, all interfaces, whatever `http_options.host` says; nothing
-    in its config changes that. In this process, bind them to `host` instead."""
-    if not host or host in ingress.ALL_INTERFACES:
-        return
-    from ray.serve._private import default_impl  # Serve's helper; `grpc_util` looks it up on every call
-
-    add = default_impl.add_grpc_address
-    if getattr(add, "pinned_to", None) != host:
-        def pinned(server, address: str):
-            return add(server, re.sub(r"^\[::\]:", f"{host}:", address))
-
-        pinned.pinned_to = host
-        default_impl.add_grpc_address = pinned
-
-
-PROTOCOL_SERVICE = "/inference.GRPCInferenceService/"  # the Open Inference Protocol's gRPC methods
-
-
-def route_stock_grpc_calls() -> None:
-    """Ray's Python proxy routes a gRPC call by its `application` metadata and answers
-    NOT_FOUND without it, and stock protocol clients (tritonclient, KServe's SDK) never send
-    it. In this process (the proxy's, when it is one), a protocol call without it goes to the
-    `grpc` application, as HAProxy's default backend sends it (`ingress.route_grpc_to`)."""
-    from ray.serve._private.proxy_request_response import gRPCProxyRequest  # read in __init__ of each call
-
-    setup = gRPCProxyRequest.setup_variables
-    if getattr(setup, "routes_stock_calls", False):
-        return
-
-    def setup_variables(self) -> None:
-        setup(self)
-        if self.service_method.startswith(PROTOCOL_SERVICE):
-            self.app_name = self.app_name or ingress.GRPC_APP
-            alias_triton_messages()  # the proxy pickles the message to hand it to a replica
-
-    setup_variables.routes_stock_calls = True
-    gRPCProxyRequest.setup_variables = setup_variables
-
-
-def alias_triton_messages() -> None:
-    """tritonclient's generated messages name their module `grpc_service_pb2` (protoc's name
-    before packaging), which does not import: Ray's proxy could not pickle a message to hand
-    it to a replica, nor the replica unpickle it. Make that name import."""
-    from tritonclient.grpc import service_pb2
-
-    sys.modules.setdefault(service_pb2.ServerReadyRequest.__module__, service_pb2)
-
-
-def quiet_ray_train_logs() -> None:
-    """Every worker process's setup hook: drop Ray Train's per-report INFO line and, without
-    the dashboard's state API, the placement-group cleaner's warning every few seconds;
-    both would bury the epoch lines. Other Ray Train warnings still show."""
-    from ray.train.v2._internal.execution import context  # its logger is named by file path, not module
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # "dataset execution finished" for every epoch

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import copy_run, free_port
 from distillery import data
-from distillery.cluster import worker_setup
+from distillery.process_setup import worker_setup
 from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.loadtest import generator

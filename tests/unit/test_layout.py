@@ -10,7 +10,7 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "src" / "distillery"
 # The modules that talk to Ray; everything else imports and runs without it.
-RAY_EDGE = {"distillery.cluster", "distillery.training.on_ray", "distillery.training.feed", "distillery.training.logits_cache",
+RAY_EDGE = {"distillery.cluster", "distillery.process_setup", "distillery.training.on_ray", "distillery.training.feed", "distillery.training.logits_cache",
             "distillery.serving.deployments", "distillery.serving.auto", "distillery.serving.grpc_app", "distillery.serving.deploy",
             "distillery.loadtest.run", "distillery.search.on_tune"}
 

@@ -30,7 +30,8 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from distillery import data
-from distillery.cluster import ensure_ray, quiet_ray_train_logs
+from distillery.cluster import ensure_ray
+from distillery.process_setup import quiet_ray_train_logs
 from distillery.compression.prune import GradualSparsity
 from distillery.config import PipelineConfig, from_dict
 from distillery.errors import TrainingFailed

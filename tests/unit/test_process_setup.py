@@ -1,0 +1,38 @@
+"""The setup every process of a distillery job runs first: light, and Serve's patches
+applied only where Serve is imported, when it is."""
+
+import subprocess
+import sys
+
+from distillery.process_setup import TRAIN_CONTEXT_LOGGER
+
+HEAVY = ("ray.serve", "ray.data", "ray.train", "torch", "distillery.config")
+
+
+def test_the_train_context_logger_is_named_by_the_module_s_own_path():
+    from ray.train.v2._internal.execution import context  # its logger is `logging.getLogger(__file__)`
+
+    assert TRAIN_CONTEXT_LOGGER == context.__file__
+
+
+def _child(code: str) -> str:
+    """Run `code` in a fresh interpreter (its imports are the point) with the HAProxy host set."""
+    env_code = "import os; os.environ['DISTILLERY_HAPROXY_HOST'] = '127.0.0.1'\n" + code
+    done = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_setup_imports_nothing_heavy_and_patches_serve_when_a_process_imports_it():
+    out = _child(
+        "import sys, ray\n"
+        "from distillery.process_setup import worker_setup\n"
+        "worker_setup()\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+        "import ray.serve\n"
+        "from ray.serve._private import default_impl\n"
+        "from ray.serve._private.proxy_request_response import gRPCProxyRequest\n"
+        "print(getattr(default_impl.add_grpc_address, 'pinned_to', None))\n"
+        "print(getattr(gRPCProxyRequest.setup_variables, 'routes_stock_calls', False))\n")
+    assert out.splitlines() == ["[]", "127.0.0.1", "True"]
+
