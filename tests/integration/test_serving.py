@@ -77,6 +77,7 @@ def test_health_and_metadata_routes(server):
     assert _call(f"{base}/v2/health/ready", key=None) == (200, {"ready": True})
     status, meta = _call(f"{base}/v2")
     assert status == 200 and meta["name"] == "distillery"
+    assert meta["ingress"].startswith("ingress: HAProxy")  # the server's own, for a load test run elsewhere
     names = [m.name for m in catalog(run_dir)]
     status, listing = _call(f"{base}/v2/models")
     assert status == 200 and listing["models"] == [*names, "auto"]
@@ -232,7 +233,7 @@ def _load_body(run_dir: Path) -> bytes:
 HEADERS = {"content-type": "application/json", "x-api-key": KEY}
 
 
-def test_closed_loop_counts_add_up_and_replicas_are_sampled(server, tmp_path):
+def test_closed_loop_counts_add_up_and_replicas_are_sampled(server, tmp_path, monkeypatch):
     from distillery.loadtest import run as lt
     from distillery.measure import timing
 
@@ -245,10 +246,13 @@ def test_closed_loop_counts_add_up_and_replicas_are_sampled(server, tmp_path):
         assert sum(p["requests"] for p in r["per_second"]) == r["requests"]
         assert r["replicas"] and all(n == 1 for _, n in r["replicas"])  # max_replicas is 1 here
         assert r["variants"] == {name: r["ok"]} and r["generator_cpu"] > 0
-    files = lt.write_report(tmp_path, rows, None, timing.machine_info())
+    # The report names the ingress as the server tells it, whatever this process's environment says.
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    files = lt.write_report(tmp_path, rows, None, timing.machine_info(), {"ingress": lt.served_ingress(base, HEADERS)})
     assert [f.name for f in files] == ["loadtest.json", "loadtest.md", "loadtest.png", "requests.csv"]
     assert len((tmp_path / "requests.csv").read_text().splitlines()) == 1 + sum(r["requests"] for r in rows)
     assert f"| {name} | 4 |" in (tmp_path / "loadtest.md").read_text()
+    assert "HTTP ingress: HAProxy (" in (tmp_path / "loadtest.md").read_text()
 
 
 def test_open_loop_keeps_its_schedule_and_loses_nothing(server):

@@ -27,7 +27,6 @@ from distillery.loadtest import adaptive, generator
 from distillery.loadtest.plots import plot
 from distillery.measure import timing
 from distillery.run.rundir import local_view
-from distillery.serving import ingress
 from distillery.serving.deployments import AppArgs, api_key_digest, build_application
 from distillery.serving.predictor import Predictor, catalog
 
@@ -159,8 +158,16 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
                                                   slo_ms or lcfg.p99_target_ms, headers, log)
     if tuning is not None:
         extra["tuning"] = tuning(body, max(lcfg.concurrency or [32]))
-    extra["ingress"] = ingress.current()
+    extra["ingress"] = served_ingress(base_url, headers)
     return write_report(out, sweeps, scaling, timing.machine_info(), extra)
+
+
+def served_ingress(base_url: str, headers: dict) -> str | None:
+    """The ingress in front of the server, as the server tells it (`GET /v2`): this process's
+    environment says nothing about a server started elsewhere. None if it does not say."""
+    request = urllib.request.Request(f"{base_url}/v2", headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read()).get("ingress")
 
 
 def served_names(base_url: str, headers: dict) -> list[str]:

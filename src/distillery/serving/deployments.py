@@ -252,7 +252,7 @@ class Server:
         try:
             _check_key(request, self.digest)
             if path == "/v2":
-                return JSONResponse(server_metadata(metadata.version("distillery")))
+                return JSONResponse(server_metadata(metadata.version("distillery"), ingress.current()))
             if path == "/v2/models":
                 return JSONResponse({"models": self.models})
             if path.startswith("/v2/models/"):

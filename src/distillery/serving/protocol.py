@@ -265,8 +265,11 @@ def model_metadata(name: str, in_shape: list[int], num_classes: int, platform: s
                         {"name": "label", "datatype": "INT64", "shape": [-1]}]}
 
 
-def server_metadata(version: str) -> dict[str, Any]:
-    return {"name": "distillery", "version": version, "extensions": ["binary_tensor_data"]}
+def server_metadata(version: str, ingress_line: str | None = None) -> dict[str, Any]:
+    """The protocol's server metadata; over HTTP also the ingress in front of this server (one
+    line), which a load test run elsewhere cannot tell from its own environment."""
+    meta = {"name": "distillery", "version": version, "extensions": ["binary_tensor_data"]}
+    return meta | ({"ingress": ingress_line} if ingress_line else {})
 
 
 def auto_targets(params: dict[str, Any]) -> tuple[float | None, float | None]:

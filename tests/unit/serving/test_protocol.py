@@ -360,7 +360,8 @@ def test_model_metadata():
 def test_server_metadata():
     meta = server_metadata("1.2.3")
     assert meta["name"] == "distillery" and meta["version"] == "1.2.3"
-    assert isinstance(meta["extensions"], list)
+    assert isinstance(meta["extensions"], list) and "ingress" not in meta
+    assert server_metadata("1.2.3", "ingress: HAProxy (/bin/haproxy)")["ingress"] == "ingress: HAProxy (/bin/haproxy)"
 
 
 # --- auto_targets ----------------------------------------------------------------------------
