@@ -241,6 +241,8 @@ class Server:
 
     def __init__(self, models: list[str], auto: bool, api_key_sha256: str | None):
         self.models, self.digest = models + (["auto"] if auto else []), api_key_sha256
+        # The ingress as this replica's environment (its node's, or the local instance's) says.
+        self.metadata = server_metadata(metadata.version("distillery"), ingress.current())
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/")
@@ -252,7 +254,7 @@ class Server:
         try:
             _check_key(request, self.digest)
             if path == "/v2":
-                return JSONResponse(server_metadata(metadata.version("distillery"), ingress.current()))
+                return JSONResponse(self.metadata)
             if path == "/v2/models":
                 return JSONResponse({"models": self.models})
             if path.startswith("/v2/models/"):
