@@ -162,19 +162,21 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
     return write_report(out, sweeps, scaling, timing.machine_info(), extra)
 
 
+def _server_json(base_url: str, route: str, headers: dict) -> dict:
+    request = urllib.request.Request(f"{base_url}{route}", headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read())
+
+
 def served_ingress(base_url: str, headers: dict) -> str | None:
     """The ingress in front of the server, as the server tells it (`GET /v2`): this process's
     environment says nothing about a server started elsewhere. None if it does not say."""
-    request = urllib.request.Request(f"{base_url}/v2", headers=headers)
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        return json.loads(reply.read()).get("ingress")
+    return _server_json(base_url, "/v2", headers).get("ingress")
 
 
 def served_names(base_url: str, headers: dict) -> list[str]:
     """What the server says it serves (`GET /v2/models`): `auto` only where it runs."""
-    request = urllib.request.Request(f"{base_url}/v2/models", headers=headers)
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        return json.loads(reply.read())["models"]
+    return _server_json(base_url, "/v2/models", headers)["models"]
 
 
 def lost_text(kinds: dict[str, int] | None) -> str:
