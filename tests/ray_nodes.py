@@ -4,6 +4,8 @@ controller and ingress) and worker nodes joined to it with `ray start --address`
 own raylet with its own temporary folder, object store and distillery cache, token
 authentication on. A node is lost the way a machine is: its raylet and every process it
 started killed at once (SIGKILL to its process group). Used by tests/integration/test_multinode.py.
+Given a `netns_rig.Rig`, each node is a machine of its own instead: its own network namespace
+and address, and a disk of its own over the nodes' cache folder (test_cluster_rig.py).
 """
 
 from __future__ import annotations
@@ -63,25 +65,35 @@ class Node:
 class Cluster:
     """`Cluster(folder, env)`: `start_head()`, `add_nodes(n)`, `kill(node)`, `names()`, `stop()`; `env` is what every node and client gets (the S3 server's, say), plus the token."""
 
-    def __init__(self, folder: Path, env: dict[str, str]):
-        self.folder, self.token = folder, secrets.token_hex(32)
+    def __init__(self, folder: Path, env: dict[str, str], rig=None):
+        self.folder, self.token, self.rig = folder, secrets.token_hex(32), rig
         self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         self.env.pop("RAY_ADDRESS", None)
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.head: Node | None = None
         self.workers: list[Node] = []
 
+    def ip(self, name: str) -> str:
+        """The address of node `name`: its machine's on a rig, else loopback."""
+        if self.rig is None:
+            return "127.0.0.1"
+        if name not in self.rig.addresses:
+            self.rig.add(name, 1 if name == "head" else 1 + int(name.removeprefix("worker")))
+        return self.rig.addresses[name]
+
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.gcs_port}"
+        return f"{self.ip('head')}:{self.gcs_port}"
 
     @property
     def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+        return f"http://{self.ip('head')}:{self.dashboard_port}"
 
     def start_head(self) -> Node:
+        # On a rig the dashboard (job submission, the state API; token auth) faces the network.
         self.head = self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0",
-                                         "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                                         f"--dashboard-host={'0.0.0.0' if self.rig else '127.0.0.1'}",
+                                         f"--dashboard-port={self.dashboard_port}",
                                          f"--ray-client-server-port={free_port()}"])
         self._wait(self._dashboard_up, "the head node's dashboard", self.head)
         return self.head
@@ -149,8 +161,13 @@ class Cluster:
         # Ray's unix socket paths must stay under ~107 bytes: pytest's tmp paths are too long.
         temp = tempfile.mkdtemp(prefix=f"ray-{name[:1]}{name[-1]}-", dir="/tmp")
         cache, log = self.folder / f"cache-{name}", self.folder / f"{name}.log"
+        prefix = []
+        if self.rig is not None:  # the same path on every machine, each its own disk there
+            self.ip(name)
+            cache = self.folder / "disk" / "cache"
+            prefix = self.rig.exec(name, private=self.folder / "disk")
         process = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+            [*prefix, str(BIN / "ray"), "start", "--block", f"--node-ip-address={self.ip(name)}", f"--temp-dir={temp}",
              "--disable-usage-stats", f"--labels={json.dumps({LABEL: name})}", *args],
             env={**self.env, "DISTILLERY_CACHE": str(cache)}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group: `kill` takes the whole node

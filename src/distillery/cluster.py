@@ -15,8 +15,10 @@ import ray
 import ray.data
 
 from distillery import console
-from distillery.config import PipelineConfig
+from distillery.config import PipelineConfig, ServeConfig
+from distillery.errors import UserError
 from distillery.process_setup import worker_setup
+from distillery.run import storage
 from distillery.serving import ingress
 
 
@@ -29,6 +31,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     """Join the cluster this job runs on (or `ray.address`), else start a local instance."""
     if not ray.is_initialized():
         _init(cfg)
+        check_machines(cfg)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines, in this driver too
     context = ray.data.DataContext.get_current()  # this driver's; each Dataset carries a copy
     # Per-epoch progress bars would drown the epoch lines.
@@ -52,6 +55,46 @@ def _init(cfg: PipelineConfig) -> None:
         _init_local(cfg, quiet)
     console.quiet_library_loggers()  # ray.init set up its own handlers on the console
     _link_ray_logs()
+
+
+def machines() -> list[str]:
+    """The addresses of the cluster's live nodes, one per machine (nodes of a one-machine test
+    cluster share 127.0.0.1)."""
+    return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+
+
+def check_machines(cfg: PipelineConfig) -> None:
+    """Refuse, before any stage spends time, what cannot work on nodes that are separate
+    machines: Ray Train would retry a worker that cannot read the run three times, and a
+    serving listener on loopback is out of every other machine's reach."""
+    addresses = machines()
+    if len(addresses) < 2:
+        return
+    if not storage.is_uri(cfg.storage_path) and not cfg.ray.shared_filesystem:
+        raise UserError(f"storage_path={cfg.storage_path!r} is a folder on this machine, but the cluster's nodes are "
+                        f"{len(addresses)} machines ({', '.join(addresses)}): workers elsewhere cannot read it. Use "
+                        "a bucket every node reaches (--set storage_path=s3://BUCKET/runs or gs://...), or, if the "
+                        "folder is a shared filesystem mounted at the same path on every node, --set "
+                        "ray.shared_filesystem=true")
+    if cfg.serve.enabled:
+        check_serve_host(cfg.serve, addresses)
+
+
+def check_serve_host(serve: ServeConfig, addresses: list[str]) -> None:
+    """serve.host on a cluster of several machines: not loopback (HAProxy on the head reaches
+    replicas on other machines at their node's address, and users reach the ingress from
+    elsewhere); and the host this node's Ray was started with, or its gRPC listeners differ."""
+    if len(addresses) > 1 and ingress.is_loopback(serve.host):
+        raise UserError(f"serve.host={serve.host} on a cluster of {len(addresses)} machines ({', '.join(addresses)}): "
+                        "HAProxy could not reach the replicas on other machines (every request would take Ray's "
+                        "slow fallback proxy) and no one off this machine could reach the ingress. Set "
+                        "serve.host=0.0.0.0 and start the nodes as cluster.yaml does (its firewall leaves only "
+                        "the ingress open to users)")
+    node = os.environ.get(ingress.SERVE_HOST_VAR)
+    if node and node != serve.host:
+        console.say(f"[serve] warning: serve.host={serve.host} but this node's Ray was started with "
+                    f"{ingress.SERVE_HOST_VAR}={node}: Serve's gRPC listeners bind {node}; start the nodes with "
+                    f"{ingress.SERVE_HOST_VAR}={serve.host} (cluster.yaml)")
 
 
 def _route_raylet_messages() -> None:

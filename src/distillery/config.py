@@ -7,6 +7,7 @@ work starts, with a message naming the key and what is allowed.
 
 from __future__ import annotations
 
+import os
 import re
 import typing
 from pathlib import Path
@@ -131,6 +132,9 @@ class RayConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
     max_failures: int = Field(3, ge=0, le=100, description="worker failures a stage survives (resuming from its last checkpoint)")
     checkpoints_to_keep: int = Field(2, ge=1, le=100)
+    shared_filesystem: bool = Field(False, description="storage_path is a folder mounted at the same path on every "
+                                    "node (NFS, EFS); otherwise a cluster of several machines needs an s3:// or "
+                                    "gs:// storage_path")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="where a stage's Ray Train workers go: PACK fills a node first, SPREAD spreads them "
         "over nodes, STRICT_SPREAD puts every worker on a different node (a stage waits until that many nodes "
@@ -142,8 +146,13 @@ class ServeConfig(Strict):
 
     enabled: bool = Field(True, description="`distillery run`: deploy the run's models, load-test them and keep "
                           "serving at the end (false: stop after the report, nothing served)")
-    host: str = Field("127.0.0.1", description="where every serving listener binds (HTTP ingress, replica ports, "
-                      "HAProxy's stats and metrics); 0.0.0.0 exposes them to the network")
+    host: str = Field(default_factory=lambda: os.environ.get("DISTILLERY_SERVE_HOST", "127.0.0.1"),
+                      description="where Serve's listeners bind: the ingress users reach (HAProxy's "
+                      "HTTP and gRPC frontends) and the internal ones (replica ports, fallback proxies), which Ray "
+                      "puts on one address. Default: what this node's Ray was started with (DISTILLERY_SERVE_HOST: 0.0.0.0 "
+                      "on cluster.yaml's nodes, where its firewall leaves only the ingress open to users), else "
+                      "127.0.0.1. HAProxy's stats and metrics "
+                      "stay on loopback (the node's DISTILLERY_HAPROXY_STATS_HOST)")
     ingress: Literal["auto", "haproxy", "proxy"] = Field(
         "auto", description="HTTP ingress of a local Ray instance: HAProxy (Ray's fast ingress; ray[serve] ships the "
         "binary on Linux), Ray Serve's Python proxy, or auto: HAProxy when found. A cluster uses what its nodes "
@@ -254,7 +263,7 @@ class PipelineConfig(Strict):
     distill: DistillConfig = DistillConfig()
     compress: CompressConfig = CompressConfig()
     search: SearchConfig = SearchConfig()
-    serve: ServeConfig = ServeConfig()
+    serve: ServeConfig = Field(default_factory=ServeConfig)  # its host's default is read at load time
     loadtest: LoadTestConfig = LoadTestConfig()
     ray: RayConfig = RayConfig()
 

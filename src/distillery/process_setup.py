@@ -31,7 +31,8 @@ PROTOCOL_SERVICE = "/inference.GRPCInferenceService/"  # the Open Inference Prot
 def worker_setup() -> None:
     """Every worker process of a distillery job, before it runs anything."""
     quiet_ray_train_logs()
-    host = os.environ.get(ingress.HOST_VAR)
+    name_gloo_interface()
+    host = os.environ.get(ingress.SERVE_HOST_VAR)
     wrapt.register_post_import_hook(lambda _: pin_grpc_listeners(host), "ray.serve._private.default_impl")
     wrapt.register_post_import_hook(lambda _: route_stock_grpc_calls(), "ray.serve._private.proxy_request_response")
 
@@ -43,6 +44,34 @@ def quiet_ray_train_logs() -> None:
     logging.getLogger(TRAIN_CONTEXT_LOGGER).setLevel(logging.WARNING)
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # "dataset execution finished" for every epoch
+
+
+def name_gloo_interface() -> None:
+    """Gloo (torch.distributed on CPU) finds its own address from the hostname, which common
+    Linux images map to a loopback address (Debian and Ubuntu: 127.0.1.1): across machines
+    every peer then dials 127.0.0.1 and the process group fails (`Gloo connectFullMesh
+    failed ... remote=[127.0.0.1]`). Name the interface that holds this node's Ray address,
+    unless the operator named one."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    try:
+        node_ip = ray._private.worker.global_worker.node_ip_address
+    except Exception:  # not a connected Ray worker: nothing to go by
+        return
+    interface = interface_of(node_ip)
+    if interface:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface holding `address`; None for loopback (Gloo's default works
+    there) or an address no interface holds."""
+    import psutil  # a dependency of Ray's
+
+    if address.startswith("127.") or address == "::1":
+        return None
+    return next((name for name, addrs in psutil.net_if_addrs().items() if any(a.address == address for a in addrs)),
+                None)
 
 
 def pin_grpc_listeners(host: str | None) -> None:

@@ -16,8 +16,8 @@ def test_the_train_context_logger_is_named_by_the_module_s_own_path():
 
 
 def _child(code: str) -> str:
-    """Run `code` in a fresh interpreter (its imports are the point) with the HAProxy host set."""
-    env_code = "import os; os.environ['DISTILLERY_HAPROXY_HOST'] = '127.0.0.1'\n" + code
+    """Run `code` in a fresh interpreter (its imports are the point) with serve.host set as a node is started with it."""
+    env_code = "import os; os.environ['DISTILLERY_SERVE_HOST'] = '127.0.0.1'\n" + code
     done = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -36,3 +36,17 @@ def test_the_setup_imports_nothing_heavy_and_patches_serve_when_a_process_import
         "print(getattr(gRPCProxyRequest.setup_variables, 'routes_stock_calls', False))\n")
     assert out.splitlines() == ["[]", "127.0.0.1", "True"]
 
+
+
+def test_gloo_is_pointed_at_the_interface_holding_the_node_address():
+    """Across machines Gloo must not take the hostname's loopback address: the interface that
+    holds the node's Ray address is named; none for loopback, where Gloo's default works."""
+    import psutil
+
+    from distillery.process_setup import interface_of
+
+    assert interface_of("127.0.0.1") is None and interface_of("198.18.0.77") is None
+    external = [(name, a.address) for name, addrs in psutil.net_if_addrs().items() for a in addrs
+                if a.family.name == "AF_INET" and not a.address.startswith("127.")]
+    for name, address in external:  # this machine's own interfaces, whatever they are called
+        assert interface_of(address) == name

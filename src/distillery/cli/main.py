@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "./loadtest/NAME, since the bucket holds the run's recorded load test)")
     load.add_argument("--api-key-env", help="name of an environment variable holding the API key")
 
+    wall = sub.add_parser("firewall", help="print the nftables rules a cluster node applies (`distillery firewall "
+                          "--nodes CIDR | nft -f -`): from the nodes' range every port, from elsewhere only --open")
+    wall.add_argument("--nodes", action="append", required=True, metavar="CIDR",
+                      help="the cluster's nodes, e.g. the VPC subnet 10.0.0.0/16 (repeatable)")
+    wall.add_argument("--open", default="8000,8001", metavar="PORT,...",
+                      help="ports anyone may reach: the ingress's HTTP and gRPC (serve.port, serve.grpc_port), and "
+                      "Ray's token-protected dashboard (8265) if operators submit jobs from elsewhere "
+                      "(default: %(default)s)")
+
     run = sub.add_parser("run", help="the whole pipeline: data, teacher, student alone, distilled student, "
                          "evaluate, compress, serve and load-test, report; then keep serving")
     _config_args(run)
@@ -176,6 +185,10 @@ def _where_logged() -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "firewall":
+        from distillery.serving import firewall
+
+        return print(firewall.rules(args.nodes, firewall.parse_ports(args.open)), end="")
     if args.command in ("serve", "query", "loadtest"):
         from distillery.cli import serve as serve_cli
 

@@ -12,7 +12,7 @@ import yaml
 from ray import serve as ray_serve
 
 from distillery import console
-from distillery.cluster import cluster_address, ensure_ray
+from distillery.cluster import check_serve_host, cluster_address, ensure_ray, machines
 from distillery.files import atomic_write_bytes
 from distillery.serving import deployments, ingress
 
@@ -47,10 +47,11 @@ def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
     key = deployments.read_api_key(cfg.serve.api_key_env)
     ensure_ray(cfg)
     console.quiet_library_loggers()  # importing ray.serve gave its logger a console handler
+    check_serve_host(cfg.serve, machines())
     log(f"[serve] {ingress.current()}")
     start = time.perf_counter()
     url = deployments.deploy(location, cfg.serve, key)
-    grpc = f"; gRPC (inference.GRPCInferenceService) on {cfg.serve.host}:{cfg.serve.grpc_port}" \
+    grpc = f"; gRPC (inference.GRPCInferenceService) on {deployments.public_host(cfg.serve)}:{cfg.serve.grpc_port}" \
         if cfg.serve.grpc_port else ""
     log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}{grpc}")
     return url, {"content-type": "application/json", **({"x-api-key": key} if key else {})}
@@ -74,7 +75,7 @@ def after_run(run, cfg, keep: bool, log) -> None:
         return
     ensure_ray(cfg)
     if deployments.running(names):
-        url = f"http://{cfg.serve.host}:{cfg.serve.port}/v2"
+        url = deployments.public_url(cfg.serve)
     else:
         url, _ = deploy_run(run.location, cfg, log)
     log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run.address} --model auto --sample 4")

@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from pydantic import BaseModel, ConfigDict
 from ray import serve
@@ -365,7 +366,17 @@ def deploy(run_dir: str, cfg: ServeConfig, api_key: str | None) -> str:
     serve.run_many(targets)
     if not started:
         ingress.wait_listening(cfg.host, cfg.port, INGRESS_START_S)
-    return f"http://{cfg.host}:{cfg.port}/v2"
+    return public_url(cfg)
+
+
+def public_host(cfg: ServeConfig) -> str:
+    """The ingress's address as a user elsewhere types it: on every interface (a cluster's
+    0.0.0.0), this node's address; the ingress runs on the head node, where the job's driver runs."""
+    return ray.util.get_node_ip_address() if cfg.host in ingress.ALL_INTERFACES else cfg.host
+
+
+def public_url(cfg: ServeConfig) -> str:
+    return f"http://{public_host(cfg)}:{cfg.port}/v2"
 
 
 def config_document(run_dir: str, cfg: ServeConfig, api_key: str | None) -> dict[str, Any]:

@@ -42,7 +42,7 @@ ROUTE = "/v2/grpc"  # Serve routes gRPC only to applications with an HTTP route;
 
 # Our replicas pin their gRPC listeners to serve.host whatever started them (a `serve run`
 # of the config file has no job setup hook); see `process_setup.pin_grpc_listeners`.
-pin_grpc_listeners(os.environ.get(ingress.HOST_VAR))
+pin_grpc_listeners(os.environ.get(ingress.SERVE_HOST_VAR))
 alias_triton_messages()  # a message from Ray's Python proxy arrives pickled
 
 

@@ -24,8 +24,15 @@ import time
 from pathlib import Path
 
 HAPROXY_WRAPPER = "distillery-haproxy"  # console script: `haproxy_main` below
-HOST_VAR, BINARY_VAR = "DISTILLERY_HAPROXY_HOST", "DISTILLERY_HAPROXY_BINARY"
-ALL_INTERFACES = ("0.0.0.0", "*", "::")  # a serve.host that exposes every interface: nothing to pin
+# A node's listeners, one job each (README, "Security"): the user-facing ingress (HAProxy's HTTP
+# and gRPC frontends) and Serve's internal listeners (replica ports, fallback proxies) on
+# serve.host, which Ray uses for both; HAProxy's stats and metrics on STATS_HOST_VAR, loopback
+# unless the node says otherwise. SERVE_HOST_VAR is serve.host as the node was started with it:
+# where the gRPC listeners Ray would put on every interface are bound instead.
+SERVE_HOST_VAR, STATS_HOST_VAR = "DISTILLERY_SERVE_HOST", "DISTILLERY_HAPROXY_STATS_HOST"
+BINARY_VAR = "DISTILLERY_HAPROXY_BINARY"
+LOOPBACK = "127.0.0.1"
+ALL_INTERFACES = ("0.0.0.0", "*", "::", "[::]")  # a host that exposes every interface: nothing to pin
 GRPC_APP = "grpc"  # `grpc_app.APP_NAME` (that module imports Ray; this one runs inside HAProxy's start)
 from distillery.errors import UserError
 
@@ -80,16 +87,17 @@ SERVE_TUNING = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RE
 HAPROXY_TUNING = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response"}
 
 
-def ingress_env(kind: str, host: str, local: bool = True) -> dict[str, str]:
-    """Environment for the Ray processes of one node. HAProxy: on, through our wrapper (which
-    binds its stats and metrics listeners to `host`). For a local instance its ports and
-    files are made private, so two instances on one machine (tests, benchmarks) never meet
-    on Ray's fixed defaults (ports 8404, 9101, 8500, 9500; files in /tmp/haproxy-serve)."""
-    if kind != "haproxy":  # HOST_VAR: where `grpc_app` binds the replicas' gRPC listeners
-        return SERVE_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "0", HOST_VAR: host}
+def ingress_env(kind: str, host: str, local: bool = True, stats_host: str = LOOPBACK) -> dict[str, str]:
+    """Environment for the Ray processes of one node that serves on `host` (serve.host).
+    HAProxy: on, through our wrapper (which binds its stats and metrics listeners to
+    `stats_host`). For a local instance its ports and files are made private, so two instances
+    on one machine (tests, benchmarks) never meet on Ray's fixed defaults (ports 8404, 9101,
+    8500, 9500; files in /tmp/haproxy-serve)."""
+    if kind != "haproxy":  # SERVE_HOST_VAR: where the replicas' gRPC listeners bind
+        return SERVE_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "0", SERVE_HOST_VAR: host}
     wrapper = shutil.which(HAPROXY_WRAPPER, path=str(Path(sys.executable).parent)) or shutil.which(HAPROXY_WRAPPER)
-    env = SERVE_TUNING | HAPROXY_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "1", HOST_VAR: host,
-                                           BINARY_VAR: haproxy_binary() or "haproxy"}
+    env = SERVE_TUNING | HAPROXY_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "1", SERVE_HOST_VAR: host,
+                                           STATS_HOST_VAR: stats_host, BINARY_VAR: haproxy_binary() or "haproxy"}
     if wrapper:
         env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
     if local:
@@ -100,10 +108,19 @@ def ingress_env(kind: str, host: str, local: bool = True) -> dict[str, str]:
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,
                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{state}/server-state",
                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{state}/metrics.sock"}
-        env |= {name: str(_free_port(host)) for name in (
-            "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
+        env |= {name: str(_free_port(stats_host)) for name in ("RAY_SERVE_HAPROXY_STATS_PORT",
+                                                               "RAY_SERVE_HAPROXY_METRICS_PORT")}
+        env |= {name: str(_free_port(_bindable(host))) for name in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+                                                                    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
     return env
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host in ("::1", "[::1]")
+
+
+def _bindable(host: str) -> str:
+    return "0.0.0.0" if host in ALL_INTERFACES else host
 
 
 def wait_listening(host: str, port: int, seconds: float) -> None:
@@ -141,13 +158,22 @@ def apply(choice: str, host: str) -> str:
 
 
 # Ray 2.60 renders HAProxy's stats and Prometheus listeners as `bind *:PORT` and `bind :PORT`:
-# every interface, whatever the configured host. Nothing in Ray's config changes that.
-_ANY_HOST_BIND = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0)?:(\d+)", re.M)
+# every interface, whatever the configured host. Nothing in Ray's config changes that. They
+# are the sections below; the HTTP and gRPC frontends (the ingress) keep serve.host.
+STATS_SECTIONS = ("listen stats", "frontend prometheus")
+_BIND = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0|\[::\])?:(\d+)")
 
 
 def pin_binds(config_text: str, host: str) -> str:
-    """HAProxy config text with every all-interfaces `bind` moved to `host`."""
-    return _ANY_HOST_BIND.sub(lambda m: f"{m.group(1)}{host}:{m.group(2)}", config_text)
+    """HAProxy config text with the stats and metrics listeners bound to `host`."""
+    section, lines = "", []
+    for line in config_text.splitlines(keepends=True):
+        if line.strip() and not line[0].isspace():
+            section = " ".join(line.split())
+        if section in STATS_SECTIONS:
+            line = _BIND.sub(lambda m: f"{m.group(1)}{host}:{m.group(2)}", line)
+        lines.append(line)
+    return "".join(lines)
 
 
 def route_grpc_to(config_text: str, app: str) -> str:
@@ -163,9 +189,10 @@ def route_grpc_to(config_text: str, app: str) -> str:
 
 def haproxy_main() -> None:
     """`distillery-haproxy`: what Ray runs as its HAProxy binary (`RAY_SERVE_HAPROXY_BINARY_PATH`).
-    Rewrites the config file Ray passes with `-f` so every listener is on DISTILLERY_HAPROXY_HOST,
+    Rewrites the config file Ray passes with `-f` so the stats and metrics listeners are on
+    STATS_HOST_VAR (loopback by default) and stock gRPC clients reach the protocol's service,
     then becomes the real HAProxy (same pid, same arguments), so Ray's reloads and signals reach it."""
-    args, host = sys.argv[1:], os.environ.get(HOST_VAR, "127.0.0.1")
+    args, host = sys.argv[1:], os.environ.get(STATS_HOST_VAR) or LOOPBACK
     binary = os.environ.get(BINARY_VAR) or haproxy_binary()
     if not binary:
         sys.exit("distillery-haproxy: no HAProxy binary found")

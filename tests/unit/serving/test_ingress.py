@@ -16,7 +16,9 @@ RAY_CONFIG = """frontend prometheus
     bind :9101
     mode http
 frontend http_frontend
-    bind 127.0.0.1:8000
+    bind *:8000
+frontend grpc_frontend
+    bind *:8001 proto h2
 listen stats
   bind *:8404
   stats enable
@@ -25,12 +27,15 @@ backend b
 """
 
 
-def test_pin_binds_moves_every_all_interfaces_listener_to_the_host():
+def test_pin_binds_moves_stats_and_metrics_and_leaves_the_ingress_where_serve_host_put_it():
+    """Each listener one job: the frontends users reach stay on serve.host (here every
+    interface, as on a cluster); stats and metrics go to the stats host."""
     pinned = ingress.pin_binds(RAY_CONFIG, "127.0.0.1")
     binds = [line.split()[1] for line in pinned.splitlines() if line.strip().startswith("bind")]
-    assert binds == ["127.0.0.1:9101", "127.0.0.1:8000", "127.0.0.1:8404"]
+    assert binds == ["127.0.0.1:9101", "*:8000", "*:8001", "127.0.0.1:8404"]
     assert "server s1 127.0.0.1:30000 check" in pinned  # servers untouched
-    assert ingress.pin_binds("    bind 0.0.0.0:8404\n", "10.0.0.5") == "    bind 10.0.0.5:8404\n"
+    assert ingress.pin_binds("listen stats\n    bind 0.0.0.0:8404\n", "10.0.0.5") == \
+        "listen stats\n    bind 10.0.0.5:8404\n"
 
 
 def test_auto_prefers_haproxy_and_says_so():
@@ -50,7 +55,9 @@ def test_no_binary_auto_falls_back_with_a_hint_and_haproxy_is_refused(monkeypatc
 
 def test_a_local_instance_gets_private_ports_and_files():
     a, b = ingress.ingress_env("haproxy", "127.0.0.1"), ingress.ingress_env("haproxy", "127.0.0.1")
-    assert a["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and a[ingress.HOST_VAR] == "127.0.0.1"
+    assert a["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and a[ingress.SERVE_HOST_VAR] == "127.0.0.1"
+    assert a[ingress.STATS_HOST_VAR] == "127.0.0.1"  # stats and metrics: loopback by default, whatever serve.host
+    assert ingress.ingress_env("haproxy", "0.0.0.0", local=False)[ingress.STATS_HOST_VAR] == "127.0.0.1"
     assert a["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("distillery-haproxy")
     assert a["RAY_SERVE_HAPROXY_SOCKET_PATH"] != b["RAY_SERVE_HAPROXY_SOCKET_PATH"]
     assert a["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"
@@ -63,11 +70,12 @@ def test_the_wrapper_rewrites_the_config_and_runs_the_real_haproxy(tmp_path):
     config.write_text("defaults\n    mode http\n    timeout client 1s\n    timeout server 1s\n"
                       "    timeout connect 1s\n" + RAY_CONFIG)
     wrapper = os.path.join(os.path.dirname(sys.executable), ingress.HAPROXY_WRAPPER)
-    env = {**os.environ, ingress.HOST_VAR: "127.0.0.1"}
+    env = {**os.environ, ingress.STATS_HOST_VAR: "127.0.0.1"}
     done = subprocess.run([wrapper, "-c", "-f", str(config)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "valid" in (done.stdout + done.stderr).lower()
-    assert "bind 127.0.0.1:8404" in config.read_text() and "bind *:" not in config.read_text()
+    assert "bind 127.0.0.1:8404" in config.read_text() and "bind 127.0.0.1:9101" in config.read_text()
+    assert "bind *:8000" in config.read_text()  # the ingress: serve.host's
 
 
 def test_the_line_names_the_ingress_ray_was_started_with(monkeypatch):
