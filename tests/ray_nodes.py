@@ -192,12 +192,13 @@ class Cluster:
         raise AssertionError(f"waited {timeout} s for {what}: " + node.log.read_text()[-3000:])
 
 
-def submit(address: str, env: dict, *entrypoint: str, timeout: float) -> subprocess.CompletedProcess:
-    """`ray job submit` of `entrypoint` with this project as the working dir, waiting for its end."""
+def submit(address: str, env: dict, *entrypoint: str, timeout: float, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`ray job submit` of `entrypoint` with this project as the working dir, waiting for its
+    end; from another machine of a rig with `prefix` (`Rig.exec`)."""
     # Ray's dashboard can answer before its job agent is up; it then refuses the submission
     # with "please try again later", which is what a user would do.
     for _ in range(30):
-        result = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+        result = subprocess.run([*prefix, str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
                                  "--", *entrypoint], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         if "No available agent to submit job" not in result.stderr:
             return result

@@ -210,7 +210,8 @@ def test_serve_env_prints_the_ingress_environment_for_serve_run(run, capsys):
     _, run_dir, _ = run
     assert main(["serve", "env", str(run_dir)]) == 0
     env = dict(line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines())
-    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["DISTILLERY_HAPROXY_HOST"] == "127.0.0.1"
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["DISTILLERY_SERVE_HOST"] == "127.0.0.1"
+    assert env["DISTILLERY_HAPROXY_STATS_HOST"] == "127.0.0.1"
     assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("distillery-haproxy")
     assert main(["serve", "env", str(run_dir), "--set", "serve.ingress=proxy"]) == 0
     assert "RAY_SERVE_ENABLE_HA_PROXY=0" in capsys.readouterr().out

@@ -82,3 +82,18 @@ def test_every_node_starts_with_the_serve_settings_distillery_uses():
         env = dict(w.split("=", 1) for w in words[:next(i for i, w in enumerate(words) if w.endswith("/ray"))])
         assert (ingress.SERVE_TUNING | ingress.HAPROXY_TUNING).items() <= env.items(), command
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        # Listeners with one job each: Serve's on every interface (the firewall keeps the internal
+        # ones to the nodes), HAProxy's stats and metrics on loopback.
+        assert env[ingress.SERVE_HOST_VAR] == "0.0.0.0" and env[ingress.STATS_HOST_VAR] == "127.0.0.1"
+
+
+def test_every_node_applies_the_firewall_before_ray_starts_and_it_opens_only_the_ingress():
+    from distillery.cli.main import build_parser
+
+    cfg = _config()
+    for commands in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
+        wall = next(i for i, c in enumerate(commands) if "distillery firewall" in c)
+        assert wall < next(i for i, c in enumerate(commands) if "ray start" in c)
+        words = shlex.split(commands[wall].split("|")[0])
+        args = build_parser().parse_args(words[1:])
+        assert args.open == "8000,8001" and "nft -f -" in commands[wall]

@@ -15,6 +15,7 @@ on re-run, `--force`). Training runs on Ray Train (`training.on_ray`), or in thi
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -107,6 +108,12 @@ def run_stages(cfg: PipelineConfig, stages: list[str] | None = None, *, force: b
     """Run `stages` (default: all, in order); skip each one already done unless `force`."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        # A cluster job joins first: what cannot work across its machines (a local storage_path,
+        # serving on loopback) is refused before a stage writes or runs anything.
+        from distillery.cluster import ensure_ray
+
+        ensure_ray(cfg)
     run = RunDir.open(cfg)
     logs = console.log_to(run.root / "logs" / "run.log").parent
     log(f"logs: {logs} (run.log: every line, epochs and variants included; ray/: Ray's own)")

@@ -97,3 +97,18 @@ def test_waiting_for_the_ingress_returns_once_its_port_listens_and_names_the_por
         port = s.getsockname()[1]
     with pytest.raises(UserError, match=f"127.0.0.1:{port}"):  # closed now: nothing listens
         ingress.wait_listening("127.0.0.1", port, 0.5)
+
+
+def test_the_firewall_lets_the_nodes_in_everywhere_and_everyone_else_only_to_the_open_ports():
+    from distillery.serving import firewall
+
+    text = firewall.rules(["10.0.0.0/16", "fd00::/64"], [8001, 8000])
+    assert "ip saddr { 10.0.0.0/16 } accept" in text and "ip6 saddr { fd00::/64 } accept" in text
+    assert "tcp dport { 8000, 8001 } accept" in text
+    lines = text.splitlines()
+    assert lines.index("    meta l4proto tcp reject with tcp reset") > lines.index("    tcp dport { 8000, 8001 } accept")
+    for bad, message in (([], "--nodes"), (["10.0.0.300/8"], "not an address range")):
+        with pytest.raises(UserError, match=message):
+            firewall.rules(bad, [8000])
+    with pytest.raises(UserError, match="--open"):
+        firewall.parse_ports("8000,http")

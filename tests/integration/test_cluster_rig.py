@@ -1,0 +1,211 @@
+"""The cluster job on machines of their own: each Ray node in a network namespace with its
+own address on a bridge (`netns_rig.Rig`: head 198.18.0.1 without CPUs, workers .2 and .3),
+a client machine at .100 that is not a node, the run in a bucket of an S3 server reached over
+the bridge, every node with a disk of its own over its cache, token auth on, and every node
+started as cluster.yaml starts one: HAProxy ingress, serve.host on every interface
+(DISTILLERY_SERVE_HOST=0.0.0.0), and the firewall `distillery firewall` prints. The job is
+submitted from the client without any serving setting; what users see is checked from there.
+The loopback cluster of test_multinode.py (node loss while training and serving) stays beside it."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, _object_store, free_port, make_bucket
+from distillery.serving import firewall, ingress
+from netns_rig import HOST, SUBNET, Rig, unavailable
+from ray_nodes import BIN, Cluster, submit
+
+pytestmark = pytest.mark.skipif(bool(unavailable()), reason=f"no network namespaces here: {unavailable()}")
+
+NODES = f"{SUBNET}.0/29"  # head .1, workers .2 and .3; the client (.100) is outside it
+INGRESS = (8000, 8001)    # serve.port, serve.grpc_port: their defaults, each machine has its own ports
+
+
+@pytest.fixture(scope="module")
+def rig():
+    machines = Rig()
+    try:
+        for name, n in (("head", 1), ("worker1", 2), ("worker2", 3), ("client", 100)):
+            machines.add(name, n)
+        yield machines
+    finally:
+        machines.remove()  # after `cluster` stopped every process it started
+
+
+@pytest.fixture(scope="module")
+def s3(rig, tmp_path_factory):
+    """An S3 server on this namespace's bridge address: every machine reaches it over the network."""
+    port = free_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{HOST}:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    with _object_store([sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)], env,
+                       env["AWS_ENDPOINT_URL"], tmp_path_factory.mktemp("moto") / "moto.log") as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def cluster(rig, s3, tmp_path_factory):
+    # What cluster.yaml's start commands give every node: HAProxy, Serve on every interface,
+    # HAProxy's stats and metrics on loopback, and the firewall (applied before Ray starts).
+    env = {**os.environ, **s3, **ingress.ingress_env("haproxy", "0.0.0.0")}
+    nodes = Cluster(tmp_path_factory.mktemp("rig"), env, rig)
+    rules = firewall.rules([NODES], [*INGRESS, nodes.dashboard_port])  # the dashboard: token auth, job submission
+    for name in ("head", "worker1", "worker2"):
+        done = rig.run(name, ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    try:
+        nodes.start_head()
+        nodes.add_nodes(2)
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def job(rig, cluster):
+    """The tiny pipeline submitted from the client machine; (bucket, the job's result)."""
+    bucket = make_bucket("rig")
+    args = ["--config", "configs/tiny.yaml", "--set", f"storage_path={bucket}/runs",
+            "--set", "ray.placement_strategy=STRICT_SPREAD",  # the two Train workers on the two machines
+            "--set", "serve.min_replicas=2", "--set", "serve.num_cpus=0.1", "--set", "serve.auto=false",
+            "--set", "loadtest.concurrency=[2]", "--set", "loadtest.ramp=[]", "--set", "loadtest.adaptive=[]"]
+    result = submit(cluster.dashboard, cluster.env, sys.executable, "jobs/pipeline.py", *args, timeout=800,
+                    prefix=tuple(rig.exec("client")))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    return bucket, result
+
+
+def _get(bucket: str, rel: str) -> bytes:
+    import boto3
+
+    return boto3.client("s3").get_object(Bucket=bucket.removeprefix("s3://"), Key=rel)["Body"].read()
+
+
+def test_training_runs_on_two_machines_and_the_replicas_on_the_workers(cluster, job):
+    bucket, result = job
+    assert "succeeded" in result.stdout
+    assert f"serving http://{cluster.ip('head')}:{INGRESS[0]}/v2" in result.stdout  # the URL users type
+    names, actors = cluster.names(), cluster.actors()
+    workers = {node for node, name in names.items() if name.startswith("worker")}
+    groups: dict[str, set[str]] = {}
+    for a in actors:
+        if a["class_name"] == "RayTrainWorker":
+            groups.setdefault(a["placement_group_id"], set()).add(a["node_id"])
+    # Each Ray Train run's process group spanned both worker machines: Gloo over their addresses.
+    assert len(groups) >= 3 and all(nodes == workers for nodes in groups.values()), groups
+    replicas = [a for a in actors if a["class_name"].startswith("ServeReplica:") and a["state"] == "ALIVE"]
+    assert {a["node_id"] for a in replicas if "Model" in a["class_name"]} == workers
+    manifest = json.loads(_get(bucket, "runs/tiny/manifest.json"))
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+
+
+def _haproxy_stats(cluster: Cluster) -> list[dict]:
+    """HAProxy's `show stat` through its admin socket (a file: reachable from this namespace;
+    Serve puts it in a folder named by the head's node id)."""
+    import socket
+    from pathlib import Path
+
+    path = Path(cluster.env["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+    (sock,) = path.parent.glob(f"*/{path.name}")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(b"show stat\n")
+        text = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+    header, *rows = [line for line in text.splitlines() if line.strip()]
+    keys = header.lstrip("# ").split(",")
+    return [dict(zip(keys, row.split(","))) for row in rows]
+
+
+def _servers(cluster: Cluster) -> list[dict]:
+    return [r for r in _haproxy_stats(cluster) if r["svname"] not in ("FRONTEND", "BACKEND")
+            and r["pxname"] not in ("stats", "prometheus")]
+
+
+def test_a_client_machine_gets_in_process_answers_over_http_and_grpc_and_every_replica_is_up(rig, cluster, job,
+                                                                                                tmp_path):
+    from distillery.serving.predictor import Predictor, catalog
+
+    bucket, _ = job
+    model = json.loads(_get(bucket, "runs/tiny/frontier.json"))["recommended"]["name"]
+    body = tmp_path / "request.json"
+    body.write_bytes(_get(bucket, "runs/tiny/serve/request.json"))
+    head = cluster.ip("head")
+    before = {(r["pxname"], r["svname"]): int(r["stot"]) for r in _servers(cluster)}
+    done = rig.run("client", [sys.executable, str(ROOT / "tests" / "rig_client.py"), "infer",
+                              f"http://{head}:{INGRESS[0]}", f"{head}:{INGRESS[1]}", model, str(body)],
+                   capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout)
+    spec = json.loads(body.read_text())["inputs"][0]
+    x = torch.tensor(spec["data"], dtype=torch.float32).reshape(spec["shape"])
+    expected = Predictor(catalog(f"{bucket}/runs/tiny", [model])[0])(x)
+    for way in ("http", "grpc"):
+        assert got[f"{way}_label"] == expected.argmax(1).tolist(), way
+        assert np.allclose(got[f"{way}_logits"], expected.numpy().ravel(), atol=1e-5), way
+
+    servers = _servers(cluster)
+    assert servers and all(r["status"] == "UP" for r in servers), [(r["svname"], r["status"]) for r in servers]
+    replicas = [r for r in servers if r["svname"].startswith("SERVE_REPLICA")]
+    assert len(replicas) >= 4  # HTTP and gRPC of every model replica, on the worker machines
+    # Both requests went to replicas; none through Ray's Python fallback proxy (a backup server).
+    answered = {k for k in before if any(int(r["stot"]) > before[k] for r in servers if (r["pxname"], r["svname"]) == k)}
+    assert answered and all(svname.startswith("SERVE_REPLICA") for _, svname in answered), answered
+    fallback = [r for r in servers if not r["svname"].startswith("SERVE_REPLICA")]
+    assert fallback and all(int(r["stot"]) == before[(r["pxname"], r["svname"])] for r in fallback)
+
+
+def _listening(rig: Rig, name: str) -> set[tuple[str, int]]:
+    """(address, port) of every TCP listener on machine `name` (its /proc/net/tcp*)."""
+    out = rig.run(name, ["cat", "/proc/net/tcp", "/proc/net/tcp6"], capture_output=True, text=True).stdout
+    found = set()
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A":  # LISTEN
+            address, port = fields[1].split(":")
+            if len(address) == 8:
+                address = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))
+            else:
+                address = "::" if set(address) == {"0"} else "::1" if address.endswith("01000000") else address
+            found.add((address, int(port, 16)))
+    return found
+
+
+def test_from_the_client_only_the_ingress_and_ray_s_token_ports_answer(rig, cluster, job):
+    targets, loopback = [], set()
+    for name in ("head", "worker1", "worker2"):
+        for address, port in _listening(rig, name):
+            if address.startswith("127.") or address == "::1":
+                loopback.add((name, port))
+            else:
+                targets.append(f"{cluster.ip(name)}:{port}")
+    assert len(targets) > 20  # Ray's, Serve's replicas and fallback proxies, HAProxy's frontends
+    stats = {int(cluster.env[v]) for v in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
+    assert {("head", p) for p in stats} <= loopback  # HAProxy's stats and metrics: loopback only
+    probe = [sys.executable, str(ROOT / "tests" / "rig_client.py"), "probe", *targets]
+    head = cluster.ip("head")
+    from_client = json.loads(rig.run("client", probe, capture_output=True, text=True, timeout=300).stdout)
+    assert sorted(from_client) == sorted(f"{head}:{p}" for p in (*INGRESS, cluster.dashboard_port))
+    # Inside the cluster the internal listeners answer: the nodes reach each other.
+    from_node = json.loads(rig.run("worker1", probe, capture_output=True, text=True, timeout=300).stdout)
+    assert len(from_node) > len(from_client) + 10
+    # The one Ray port open to users asks for the token.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{cluster.dashboard}/api/v0/nodes", timeout=30)
+    assert refused.value.code in (401, 403)
+
+
+def test_a_local_storage_path_on_a_cluster_of_machines_fails_at_once_saying_what_to_change(rig, cluster, job):
+    result = submit(cluster.dashboard, cluster.env, sys.executable, "jobs/pipeline.py", "--config", "configs/tiny.yaml",
+                    "--set", "storage_path=/tmp/distillery-rig-runs", timeout=300, prefix=tuple(rig.exec("client")))
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "is a folder on this machine" in out and "storage_path=s3://" in out, out[-3000:]
+    assert "[data] running" not in out  # refused before any stage ran
