@@ -45,6 +45,7 @@ class Rig:
         tag = os.getpid() % 100000
         self.tag, self.bridge = tag, f"dbr{tag}"
         self.addresses: dict[str, str] = {}
+        self.on_add = lambda name: None  # what a new machine gets before anything runs on it (its firewall)
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{HOST}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
@@ -62,6 +63,7 @@ class Rig:
         _ip("-n", ns, "addr", "add", f"{SUBNET}.{n}/24", "dev", "eth0")
         _ip("-n", ns, "link", "set", "eth0", "up")
         self.addresses[name] = f"{SUBNET}.{n}"
+        self.on_add(name)
         return self.addresses[name]
 
     def exec(self, name: str, private: Path | None = None) -> list[str]:

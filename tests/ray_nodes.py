@@ -69,7 +69,9 @@ class Cluster:
         self.folder, self.token, self.rig = folder, secrets.token_hex(32), rig
         self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         self.env.pop("RAY_ADDRESS", None)
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        # Machines of a rig each have their own ports: Ray's defaults, as on real machines. Nodes
+        # sharing this machine's need free ones (two picks can also collide: a node then fails).
+        self.gcs_port, self.dashboard_port = (6379, 8265) if rig else (free_port(), free_port())
         self.head: Node | None = None
         self.workers: list[Node] = []
 
@@ -94,7 +96,7 @@ class Cluster:
         self.head = self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0",
                                          f"--dashboard-host={'0.0.0.0' if self.rig else '127.0.0.1'}",
                                          f"--dashboard-port={self.dashboard_port}",
-                                         f"--ray-client-server-port={free_port()}"])
+                                         f"--ray-client-server-port={10001 if self.rig else free_port()}"])
         self._wait(self._dashboard_up, "the head node's dashboard", self.head)
         return self.head
 
@@ -106,10 +108,11 @@ class Cluster:
 
     def _add_node(self, cpus: int, retries: int = 2) -> Node:
         name = f"worker{len(self.workers) + 1}"
-        node = self._start(name, [
-            f"--address={self.address}", f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0"])
+        ports = [] if self.rig else [
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            "--min-worker-port=0", "--max-worker-port=0"]
+        node = self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}", *ports])
         try:
             self._wait(lambda: name in self.alive().values(), f"node {name} to join", node)
         except AssertionError:
@@ -121,6 +124,16 @@ class Cluster:
             return self._add_node(cpus, retries - 1)
         self.workers.append(node)
         return node
+
+    @contextlib.contextmanager
+    def running(self, workers: int):
+        """The head and `workers` worker nodes, stopped at the end whatever happened."""
+        try:
+            self.start_head()
+            self.add_nodes(workers)
+            yield self
+        finally:
+            self.stop()
 
     def kill(self, node: Node) -> None:
         """Lose `node` as a machine is lost: its raylet and every process it started."""
@@ -148,6 +161,18 @@ class Cluster:
     def alive(self) -> dict[str, str]:
         """{Ray node id: our node's name} of the nodes alive now."""
         return {n["node_id"]: n["labels"].get(LABEL, "?") for n in self.nodes() if n["state"] == "ALIVE"}
+
+    def free_cpus(self) -> dict[str, float]:
+        """{our node's name: CPUs its live actors leave free} of the live nodes whose `ray start`
+        still runs (a killed node stays ALIVE in Ray's table until its health checks fail)."""
+        running = {n.name for n in [self.head, *self.workers] if n and n.process.poll() is None}
+        nodes = {n["node_id"]: n for n in self.nodes() if n["state"] == "ALIVE"}
+        free = {i: n.get("resources_total", {}).get("CPU", 0.0) for i, n in nodes.items()
+                if n["labels"].get(LABEL) in running}
+        for actor in self.actors():
+            if actor["state"] == "ALIVE" and actor["node_id"] in free:
+                free[actor["node_id"]] -= (actor.get("required_resources") or {}).get("CPU", 0.0)
+        return {nodes[i]["labels"][LABEL]: cpus for i, cpus in free.items()}
 
     def stop(self) -> None:
         for node in [*self.workers, self.head]:

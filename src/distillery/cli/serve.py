@@ -49,10 +49,10 @@ def _run_config(location: str, overrides: list[str]):
     """(a local folder with the run's config and frontier, the run's config with `overrides`)."""
     # The cluster may have changed since the run (it was a local instance, or another
     # cluster): the run's recorded `ray.address` would otherwise pin serving to it.
-    bad = [o for o in overrides if not o.startswith(("serve.", "ray.address="))]
+    bad = [o for o in overrides if not o.startswith(("serve.", "ray.address=", "ray.shared_filesystem="))]
     if bad:
-        raise UserError(f"--set {bad[0]!r}: only serve.* settings and ray.address can change when serving a "
-                        "finished run")
+        raise UserError(f"--set {bad[0]!r}: only serve.* settings, ray.address and ray.shared_filesystem can change "
+                        "when serving a finished run")
     root, _ = local_view(location, lambda rel: rel == "frontier.json")
     if storage.is_uri(location):
         storage.download(location, "config.yaml", root / "config.yaml")
