@@ -2,8 +2,9 @@
 deployment on one machine (issue 40's target: within 20%).
 
 The same finished run's recommended model, two replicas at 0.5 CPU each, HAProxy in front,
-driven by the project's load generator (`distillery loadtest`, closed loop, `--concurrency`
-clients, `--duration` s, repeated `--repeats` times):
+driven by the project's load generator (`loadtest.generator.closed_loop`, what `distillery
+loadtest` sweeps with: `--concurrency` clients back to back, `--duration` s, repeated
+`--repeats` times):
 
   cluster      the rig of tests/netns_rig.py: head (198.18.0.1, no CPUs for work) and two
                worker machines in network namespaces of their own, started as cluster.yaml
@@ -72,19 +73,32 @@ def stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def load(prefix: list[str], url: str, run_dir: Path, model: str, args, out: Path, env: dict) -> list[float]:
-    """`args.repeats` rounds of the project's generator; requests/s answered in each."""
+# The project's closed-loop generator (the one `distillery loadtest` sweeps with), run where
+# `prefix` says: `distillery loadtest` itself would also join the Ray instance it finds, and on
+# the rig, where namespaces share process ids, it finds the cluster's and waits on its
+# firewalled port, as no real client machine would.
+GENERATE = """import asyncio, json, sys
+from distillery.data.shards import load_split
+from distillery.loadtest import generator
+x, _ = load_split(sys.argv[2] + "/data", "test")
+body = generator.infer_body(x[0].flatten().tolist(), [1, *x.shape[1:]])
+samples = asyncio.run(generator.closed_loop(sys.argv[1], body, int(sys.argv[3]), float(sys.argv[4]),
+                                            {"content-type": "application/json"}, timeout_s=30))
+print(json.dumps({"ok": sum(s.status == 200 for s in samples), "failed": sum(s.status != 200 for s in samples)}))
+"""
+
+
+def load(prefix: list[str], url: str, run_dir: Path, model: str, args, env: dict) -> list[float]:
+    """`args.repeats` rounds of the generator; requests/s answered in each."""
     rates = []
-    for i in range(args.repeats):
-        report = out / f"round{i}"
-        cmd = [*prefix, str(BIN / "distillery"), "loadtest", "--url", url, "--run-dir", str(run_dir), "--models", model,
-               "--concurrency", str(args.concurrency), "--duration", str(args.duration), "--ramp", "",
-               "--adaptive", "", "--out", str(report)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(args.repeats):
+        cmd = [*prefix, sys.executable, "-c", GENERATE, f"{url}/v2/models/{model}/infer", str(run_dir),
+               str(args.concurrency), str(args.duration)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        [sweep] = json.loads((report / "loadtest.json").read_text())["sweeps"]
-        assert not sweep["errors"], sweep["errors"]
-        rates.append(sweep["throughput"])
+        counts = json.loads(done.stdout.splitlines()[-1])
+        assert counts["failed"] == 0, counts
+        rates.append(counts["ok"] / args.duration)
     return rates
 
 
@@ -97,11 +111,13 @@ def on_the_rig(run_dir: Path, model: str, args, work: Path) -> list[float]:
         rig.on_add = lambda name: rig.run(name, ["nft", "-f", "-"], input=rules, text=True, check=True)
         with nodes.running(workers=2):
             # The namespaces share this machine's disk: the run folder is a shared filesystem here.
+            # A run made on one machine records serve.host=127.0.0.1: served on the cluster, the
+            # ingress faces the network, as cluster.yaml's nodes say.
             driver = serve(rig.exec("head"), run_dir, model, ["--set", f"ray.address={nodes.address}",
-                                                              "--set", "ray.shared_filesystem=true"], nodes.env)
+                                                              "--set", "ray.shared_filesystem=true",
+                                                              "--set", "serve.host=0.0.0.0"], nodes.env)
             try:
-                return load(rig.exec("client"), f"http://{nodes.ip('head')}:8000", run_dir, model, args,
-                            work / "rig", nodes.env)
+                return load(rig.exec("client"), f"http://{nodes.ip('head')}:8000", run_dir, model, args, nodes.env)
             finally:
                 stop(driver)
     finally:
@@ -112,7 +128,7 @@ def on_one_machine(run_dir: Path, model: str, args, work: Path) -> list[float]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = serve([], run_dir, model, [], env)
     try:
-        return load([], "http://127.0.0.1:8000", run_dir, model, args, work / "local", env)
+        return load([], "http://127.0.0.1:8000", run_dir, model, args, env)
     finally:
         stop(driver)
 
