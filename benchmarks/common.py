@@ -54,6 +54,23 @@ def mean(values: list[float]) -> float:
     return statistics.fmean(values)
 
 
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over runs (seeds) and its `level` Student-t interval; with
+    one value the interval is unknown (nan)."""
+    from scipy import stats
+
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return m, m - half, m + half
+
+
+def verdict(low: float, high: float) -> str:
+    """What an interval of a difference says: a tie when it holds zero."""
+    return "a tie" if low <= 0 <= high else ("a real gain" if low > 0 else "a real loss")
+
+
 def machine(threads_per_worker: str) -> dict[str, Any]:
     """The facts a reader needs to weigh the numbers: CPU, cores, threads, versions, code."""
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads_per_worker": threads_per_worker,

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from common import machine, machine_lines, make_config, mean, publish, read_json, run, table
+from common import machine, machine_lines, make_config, mean, mean_interval, publish, read_json, run, table, verdict
 
 MODELS = ("teacher", "student_scratch", "student")
 STUDENT_VARIANTS = {"no augmentation (preset)": [], "augment=true": ["student.train.augment=true"]}
@@ -46,7 +46,9 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     that had a gap) and, steadier when a seed's gap is one or two images, mean gain / mean gap."""
     closed = [s["gap_closed"] for s in per_seed if s["gap_closed"] is not None]
     means = {k: mean([s[k] for s in per_seed]) for k in (*MODELS, "gain", "gap")}
-    return {**means, "gap_closed": mean(closed) if closed else None,
+    _, low, high = mean_interval([s["gain"] for s in per_seed])  # seeds draw their own splits and inits
+    return {**means, "mean_gain_interval": [low, high], "mean_gain_verdict": verdict(low, high),
+            "gap_closed": mean(closed) if closed else None,
             "gap_closed_pooled": means["gain"] / means["gap"] if means["gap"] > 0 else None,
             "seeds_with_gap": len(closed), "seeds": len(per_seed)}
 
@@ -56,8 +58,11 @@ def rows_for(backend: str, variant: str, seeds: list[int], per_seed: list[dict],
         closed = f"{r['gap_closed']:.0%}" if r["gap_closed"] is not None else "no gap"
         if r.get("gap_closed_pooled") is not None:
             closed += f" (pooled {r['gap_closed_pooled']:.0%})"
-        return [backend, variant, label, *(f"{r[m]:.2%}" for m in MODELS), f"{r['gain'] * 100:+.2f}",
-                f"{r['gap'] * 100:.2f}", closed]
+        gain = f"{r['gain'] * 100:+.2f}"
+        if "mean_gain_interval" in r:  # the mean over seeds: its 95% interval and what it says
+            low, high = r["mean_gain_interval"]
+            gain += f" (95% CI {low * 100:+.2f} to {high * 100:+.2f}: {r['mean_gain_verdict']})"
+        return [backend, variant, label, *(f"{r[m]:.2%}" for m in MODELS), gain, f"{r['gap'] * 100:.2f}", closed]
     return [row(str(s), r) for s, r in zip(seeds, per_seed)] + [row(f"**mean of {len(seeds)}**", summary)]
 
 
@@ -69,7 +74,9 @@ def report(figures: dict[str, Any], seeds: list[int], info: dict) -> str:
     return "\n".join([table(header, rows), "",
         f"Test accuracy on the digits test split (360 images: 1 image = 0.28 pts), one run per seed and "
         f"variant; means over {len(seeds)} seeds ({', '.join(map(str, seeds))}); 'gap closed' = gain / "
-        "(teacher - student alone), averaged over the seeds that had a gap; 'pooled' = mean gain / mean gap. Within a seed both student "
+        "(teacher - student alone), averaged over the seeds that had a gap; 'pooled' = mean gain / mean gap; the "
+        "mean gain's 95% interval is Student's t over the seeds (each seed draws its own splits and initial "
+        "weights), a tie when it holds zero. Within a seed both student "
         "variants are distilled from the same teacher. 'in-process' = ray.workers=0: no Ray, the same "
         f"training loop, torch threads = {figures['in_process_threads']} (all cores).",
         machine_lines(info)])
@@ -79,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 epochs per model (a smoke test, not a result)")
     parser.add_argument("--ray", action="store_true", help="also run on Ray Train with 2 DDP workers")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     args = parser.parse_args()
     quick = ["teacher.train.epochs=3", "student.train.epochs=3"] if args.quick else []
     backends = {"in-process": ["ray.workers=0"], **({"Ray, 2 workers": ["ray.workers=2"]} if args.ray else {})}

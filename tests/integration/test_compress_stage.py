@@ -82,11 +82,13 @@ def test_frontier_report_lists_every_model_with_measured_figures(run):
         assert r["size_bytes"] == (folder / "model.safetensors").stat().st_size, name
     assert {records[n]["role"] for n in NAMES} == {"variant"} and records["teacher"]["parent"] is None
     assert report["settings"]["latency_runs"] == 20 and report["settings"]["modes"] == ["eager"]
-    assert report["floor"] == pytest.approx(records["teacher"]["test_accuracy"] - 0.01)
+    assert report["floor"] == pytest.approx(records["teacher"]["val_accuracy"] - 0.01)  # chosen on validation
+    assert report["chosen_on"] == "validation"
     rec = report["recommended"]
     if rec is not None:
         best = records[rec["name"]]
-        assert best["test_accuracy"] >= report["floor"] and not best["not_faster"]
+        assert best["val_accuracy"] >= report["floor"] and not best["not_faster"]
+        assert rec["val_accuracy"] == best["val_accuracy"] and "Chosen on validation." in rec["reason"]
     rows = list(csv.DictReader(io.StringIO((root / "frontier.csv").read_text())))
     assert [row["name"] for row in rows] == [*BASES, *NAMES]
     md = (root / "frontier.md").read_text()

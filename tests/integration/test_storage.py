@@ -116,7 +116,7 @@ def test_a_replica_loads_a_model_from_the_bucket_and_refuses_a_damaged_one(bucke
     run = run_stages(_cfg(b.uri), ["data", "teacher"], log=lambda m: None)
     files = {rel.removeprefix("teacher/"): sha for rel, sha in run.manifest()["files"].items()
              if rel.startswith("teacher/")}
-    served = ServedModel("teacher", run.location_of("teacher"), [1, 8, 8], 4, 0.5, 0.1, "eager", files=files)
+    served = ServedModel("teacher", run.location_of("teacher"), [1, 8, 8], 4, 0.5, 0.5, 0.1, "eager", files=files)
 
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "replica"))  # a replica on another node
     import torch

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--sample", type=int, metavar="N", help="N images from the run's test split")
     query.add_argument("--run-dir", default="runs/digits",
                        help="for --sample: the run's folder or s3:// / gs:// URI (default: %(default)s)")
-    query.add_argument("--min-accuracy", type=float, help="auto: a floor, never a model less accurate (test split)")
+    query.add_argument("--min-accuracy", type=float, help="auto: a floor, never a model less accurate "
+                       "(on the validation split, which chooses; the test split only reports)")
     query.add_argument("--max-latency-ms", type=float, help="auto: this request's own objective (ms, end to end in the replica): the "
                        "most accurate model whose recent p95 is within it")
     query.add_argument("--api-key-env", help="name of an environment variable holding the API key")

@@ -219,7 +219,8 @@ class CompressConfig(Strict):
 
     variants: list[VariantConfig] = Field(default_factory=_default_variants, max_length=64)
     floor_below_teacher: float = Field(0.01, ge=0.0, le=1.0, description="recommend only variants within this "
-                                       "test accuracy of the teacher (0.01 = 1 point)")
+                                       "validation accuracy of the teacher's (0.01 = 1 point); the test split "
+                                       "only reports")
     speedup_margin: float = Field(0.05, ge=0.0, le=1.0, description="a variant counts as faster than its parent "
                                   "only by more than this fraction: timing noise on a shared machine is a few percent")
     bench: BenchConfig = BenchConfig()

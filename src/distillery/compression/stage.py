@@ -20,11 +20,12 @@ from torch import nn
 from distillery import console
 from distillery.compression import cascade, prune, store
 from distillery.compression.recipe import VariantConfig
-from distillery.compression.steps import HANDLERS, Built, Context, Log, Work, accuracy, apply_steps
+from distillery.compression.steps import HANDLERS, Built, Context, Log, Work, accuracy, apply_steps, outcomes
 from distillery.config import PipelineConfig
 from distillery.errors import NotApplicable, UserError
 from distillery.files import atomic_write_json, read_json
 from distillery.measure import frontier, timing
+from distillery.measure.accuracy import paired_interval
 from distillery.models.architectures import build_model, count_macs, count_params
 from distillery.models.artifact import load_model
 from distillery.models.exported import ExportedModel
@@ -55,12 +56,15 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
     for rec in records.values():  # a cascade must beat its larger model, which it stands in for
         parent = records.get(rec.get("compared_with") or rec["parent"]) if rec["parent"] else None
         rec["not_faster"] = parent is not None and not timing.is_faster(rec, parent, min_gain=margin)
+        if parent is not None:  # reported beside the test accuracy, never read by a choice
+            rec["test_paired"] = paired(ctx.test_outcomes, rec["name"], parent["name"])
     files = []
     for v in variants:
         folder = built[v.name].files[-1].parent  # recipe.json, in the variant's own folder
         atomic_write_json(folder / "metrics.json", records[v.name])
         files += [*built[v.name].files, folder / "metrics.json"]
-    floor = records["teacher"]["test_accuracy"] - cfg.compress.floor_below_teacher
+    # Every choice reads validation figures only (frontier.choice_view): the test split reports.
+    floor = records["teacher"]["val_accuracy"] - cfg.compress.floor_below_teacher
     files += frontier.write_frontier(run.root, list(records.values()), floor=floor, machine=timing.machine_info(),
                                      settings={**asdict(settings), "modes": cfg.compress.bench.modes}, margin=margin,
                                      refused=[{"name": v.name, "recipe": v.describe(), "reason": refused[v.name]}
@@ -118,21 +122,37 @@ def measure_trained(ctx: Context, settings: timing.BenchSettings,
 
 def measure_cascade(ctx: Context, settings: timing.BenchSettings, v: VariantConfig, model: cascade.Cascade,
                     records: dict[str, dict]) -> dict[str, Any]:
-    """A cascade as it runs on the test images: its cost depends on how many it escalates, so
-    MACs are the small model's plus the escalated share of the large one's, and it is timed on
-    the real test images (as every model is)."""
+    """A cascade as it runs on the validation images: its cost depends on how many it
+    escalates, so MACs are the small model's plus the escalated share of the large one's, and
+    it is timed on those images (as every model is). The test images' share is reported."""
     small, large = records[v.parent], records[v.cascade_to()]
-    with torch.inference_mode():
-        conf = cascade.confidence(model.small(ctx.splits["test"][0]), model.kind)
-    escalation = float((conf < model.threshold).float().mean())
-    macs = small["macs"] + round(escalation * large["macs"])
+    escalation = {split: _escalation(model, ctx.splits[split][0]) for split in ("val", "test")}
+    macs = small["macs"] + round(escalation["val"] * large["macs"])
     rec = measure(ctx, settings, v.name, VARIANT, v.parent, v.describe(), model, model,
                   small["size_bytes"] + large["size_bytes"], macs=macs, params=small["params"] + large["params"],
                   # compiled, every escalated count is a new shape for the large model: a recompile each
                   modes=[m for m in ctx.cfg.compress.bench.modes if m != "compile"] or ["eager"])
-    console.detail(f"[compress] {v.name}: escalates {escalation:.1%} of test images to {v.cascade_to()}")
-    return {**rec, "compared_with": v.cascade_to(), "test_escalation": escalation,
+    console.detail(f"[compress] {v.name}: escalates {escalation['val']:.1%} of validation images to "
+                   f"{v.cascade_to()}")
+    return {**rec, "compared_with": v.cascade_to(), "val_escalation": escalation["val"],
+            "test_escalation": escalation["test"],
             "numerics": f"cascade({small['numerics']}, {large['numerics']})"}
+
+
+def _escalation(model: cascade.Cascade, images: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return float((cascade.confidence(model.small(images), model.kind) < model.threshold).float().mean())
+
+
+def paired(outcomes: dict[str, torch.Tensor], name: str, other: str) -> dict[str, Any] | None:
+    """`name` against `other` on the same test images: where only one of them was right, and
+    the difference's 95% paired interval (None when either was not scored here)."""
+    if name not in outcomes or other not in outcomes:
+        return None
+    a, b = outcomes[name], outcomes[other]
+    better, worse, n = int((a & ~b).sum()), int((~a & b).sum()), len(a)
+    return {"with": other, "better": better, "worse": worse, "images": n,
+            "interval": list(paired_interval(better, worse, n)) if n else [0.0, 0.0]}
 
 
 def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in_shape: list[int]) -> dict[str, str]:
@@ -215,15 +235,20 @@ def _parent(ctx: Context, name: str) -> tuple[nn.Module, dict]:
 def measure(ctx: Context, settings: timing.BenchSettings, name: str, role: str, parent: str | None, recipe: str,
             model: nn.Module, fp32: nn.Module, size_bytes: int, int8: bool = False, macs: int | None = None,
             params: int | None = None, modes: list[str] | None = None) -> dict[str, Any]:
-    """Accuracy on val and test, then speed in every configured mode (the fastest kept), timed
-    on the test images."""
+    """Accuracy on val (what choices read) and test (what the report gives, with each image's
+    outcome kept in `ctx.test_outcomes` for paired comparisons), then speed in every
+    configured mode (the fastest kept), timed on the validation images."""
     if macs is None:  # of the float structure: pruning shows, int8 does not change it
         macs = count_macs(fp32, ctx.in_shape)
-    acc = {f"{split}_accuracy": accuracy(model, ctx.splits[split]) for split in ("val", "test")}
+    ctx.test_outcomes[name] = outcomes(model, ctx.splits["test"])
+    acc = {"val_accuracy": accuracy(model, ctx.splits["val"]),
+           "test_accuracy": float(ctx.test_outcomes[name].float().mean()) if len(ctx.test_outcomes[name]) else
+           float("nan")}
     speed = timing.measure(model, ctx.in_shape, macs, settings, modes or ctx.cfg.compress.bench.modes, int8=int8,
-                           images=ctx.splits["test"][0])
-    console.detail(f"[compress] {name}: test {acc['test_accuracy']:.2%}, served {speed['best_mode']}: "
+                           images=ctx.splits["val"][0])
+    console.detail(f"[compress] {name}: validation {acc['val_accuracy']:.2%}, served {speed['best_mode']}: "
             f"p50 {speed['p50_ms']:.3f} ms at batch 1, {speed['throughput']:,.0f} images/s at batch {settings.throughput_batch}")
-    return {"name": name, "role": role, "parent": parent, "recipe": recipe, **acc, "test_images": len(ctx.splits["test"][1]),
+    return {"name": name, "role": role, "parent": parent, "recipe": recipe, **acc,
+            "val_images": len(ctx.splits["val"][1]), "test_images": len(ctx.splits["test"][1]),
             "params": count_params(fp32) if params is None else params,
             "macs": macs, "size_bytes": size_bytes, **speed}

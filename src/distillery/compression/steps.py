@@ -49,6 +49,8 @@ class Context:
     teacher: nn.Module
     fingerprint: str
     attempt: int
+    # {model: per-test-image correctness}: for the report's paired comparisons, never a choice
+    test_outcomes: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -271,3 +273,11 @@ def _qat(ctx: Context, model: nn.Module, step: Int8Static) -> tuple[nn.Module, t
 
 def accuracy(model: nn.Module, split: tuple[torch.Tensor, torch.Tensor]) -> float:
     return evaluate(model, batches(*split, 1024))["accuracy"]
+
+
+def outcomes(model: nn.Module, split: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Whether `model` got each image of `split` right (bool [n]), in batches of 1024."""
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(x).argmax(1) == y for x, y in batches(*split, 1024)]) if len(split[1]) else \
+            torch.zeros(0, dtype=torch.bool)

@@ -6,7 +6,7 @@ small fp32 CNN may be fastest in eager). So each model is timed in every executi
 keeps its best one. Timing rules that make the figures comparable between models:
 
 - a fixed thread count (restored afterwards) and the same inputs for every mode: the caller's
-  images (a cascade's cost depends on them: the run's test images), else seeded noise; batch-1
+  images (a cascade's cost depends on them: the run's validation images), else seeded noise; batch-1
   runs go through the images one by one;
 - warm-up at both batch sizes before any timing, so compilation and first-call allocation
   are never timed (compile time is reported on its own as `compile_s`);

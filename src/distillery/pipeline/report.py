@@ -110,7 +110,7 @@ def _search(root: Path, manifest: dict) -> str:
 def _recommendation(frontier: dict) -> str:
     rec = frontier["recommended"]
     if rec is None:
-        return f"## Recommended\n\nNo variant reaches the accuracy floor of {frontier['floor']:.2%}.\n"
+        return f"## Recommended\n\nNo variant reaches the validation accuracy floor of {frontier['floor']:.2%}.\n"
     return (f"## Recommended: `{rec['name']}`\n\n{rec['reason']} Variants within a few percent of the fastest "
             "count as equally fast; among them the most accurate wins.\n")
 
@@ -135,8 +135,9 @@ curl -s{key} -H 'content-type: application/json' -d @{request} {url}/v2/models/{
 curl -s{key} -H 'content-type: application/json' -d @{request} {url}/v2/models/auto/infer
 ```
 
-`auto` answers with the most accurate model that meets serve.auto_slo_ms at the current load; a request may add
-`"parameters": {{"max_latency_ms": ...}}` (its own objective) and `{{"min_accuracy": ...}}` (a floor).
+`auto` answers with the most accurate model (on validation, which chose it) that meets serve.auto_slo_ms at the
+current load; a request may add `"parameters": {{"max_latency_ms": ...}}` (its own objective) and
+`{{"min_accuracy": ...}}` (a validation accuracy floor).
 
 With an Open Inference Protocol client (`pip install tritonclient[http]`), binary tensors:
 

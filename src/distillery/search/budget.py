@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from distillery.measure.frontier import same_computation
+from distillery.measure.frontier import choice_view, same_computation
 from distillery.search.settings import BudgetConfig
 
 
@@ -72,7 +72,9 @@ def rank_key(budget: BudgetConfig):
 
 def choose(records: list[dict[str, Any]], budget: BudgetConfig, limits: list[Bound]) -> dict[str, Any]:
     """{"chosen", "runner_up": record or None, "within": names meeting the budget, "message"}.
-    With none within, the message names the closest record and what it misses."""
+    With none within, the message names the closest record and what it misses. Chosen on the
+    records' `choice_view` (no test figure); the records returned are whole, for the report."""
+    whole, records = {r["name"]: r for r in records}, choice_view(records)
     within = sorted((r for r in records if r.get("servable", True) and not misses(r, limits)), key=rank_key(budget))
     budget_text = "; ".join(b.text for b in limits) or "no bound"
     if not within:
@@ -83,6 +85,7 @@ def choose(records: list[dict[str, Any]], budget: BudgetConfig, limits: list[Bou
                            for b in misses(closest, limits))
         return {"chosen": None, "runner_up": None, "within": [], "message":
                 f"no model meets the budget ({budget_text}); the closest is {closest['name']} ({missed})"}
+    within = [whole[r["name"]] for r in within]
     best = within[0]
     goal = "highest throughput" if budget.maximise == "throughput" else "most accurate on the validation split"
     return {"chosen": best, "runner_up": within[1] if len(within) > 1 else None, "within": [r["name"] for r in within],

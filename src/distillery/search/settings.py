@@ -18,7 +18,7 @@ def _default_search_recipes() -> list[list]:
 
 class BudgetConfig(Strict):
     """What the searched model must meet, measured as a replica runs it (1 torch thread, its
-    fastest serving mode, batch 1 on the test images), and what to maximise under it."""
+    fastest serving mode, batch 1 on the validation images), and what to maximise under it."""
 
     max_p50_ms: float | None = Field(None, gt=0.0, le=600_000.0, description="batch-1 median latency bound (ms)")
     as_fast_as: str | None = Field("student", description="no slower at batch 1 than this model of the run (within "

@@ -39,14 +39,15 @@ from distillery.serving.protocol import ProtocolError
 
 class Rated(Protocol):
     name: str
-    test_accuracy: float
+    val_accuracy: float  # choices read the validation split; the test split only reports
     p50_ms: float
 
 
 def ladder(models: list[Rated]) -> list[Rated]:
-    """Most accurate first; each later rung strictly faster (model-level p50) than every one above."""
+    """Most accurate on validation first; each later rung strictly faster (model-level p50)
+    than every one above."""
     out: list[Rated] = []
-    for m in sorted(models, key=lambda m: (-m.test_accuracy, m.p50_ms, m.name)):
+    for m in sorted(models, key=lambda m: (-m.val_accuracy, m.p50_ms, m.name)):
         if not out or m.p50_ms < out[-1].p50_ms:
             out.append(m)
     return out
@@ -60,10 +61,10 @@ def choose(rungs: list[Rated], decision: dict, min_accuracy: float | None, max_l
     (a rung under the floor gives way to the fastest one above it; 422 when none is above)."""
     if not rungs:
         raise ProtocolError(503, "no models are served")
-    allowed = [m for m in rungs if min_accuracy is None or m.test_accuracy >= min_accuracy]
+    allowed = [m for m in rungs if min_accuracy is None or m.val_accuracy >= min_accuracy]
     if not allowed:
-        raise ProtocolError(422, f"no served model reaches test accuracy {min_accuracy:.4f} "
-                                 f"(the most accurate, {rungs[0].name}, has {rungs[0].test_accuracy:.4f})")
+        raise ProtocolError(422, f"no served model reaches validation accuracy {min_accuracy:.4f} "
+                                 f"(the most accurate, {rungs[0].name}, has {rungs[0].val_accuracy:.4f})")
     if max_latency_ms is None:
         current = decision.get("model", rungs[0].name)
         return next((m for m in allowed if m.name == current), allowed[-1])

@@ -94,7 +94,7 @@ class Router:
         pick, ms = self.by_name[answer.by], 1e3 * (time.perf_counter() - arrived)
         self.samples.append((time.time(), pick.name, ms))
         return pick, answer.logits, {"batched_requests": answer.together, "replica_ms": round(ms, 3),
-                                     "test_accuracy": pick.test_accuracy,
+                                     "val_accuracy": pick.val_accuracy, "test_accuracy": pick.test_accuracy,
                                      "slo_model": self.decision.get("model", self.rungs[0].name)}
 
     def spill(self, pick: ServedModel) -> ServedModel:

@@ -14,7 +14,8 @@ from ray import serve as ray_serve
 from distillery import console
 from distillery.cluster import check_serve_host, cluster_address, ensure_ray, machines
 from distillery.files import atomic_write_bytes
-from distillery.serving import deployments, ingress
+from distillery.serving import adapt, deployments, ingress
+from distillery.serving.predictor import catalog
 
 
 def serve_until_interrupted() -> None:
@@ -54,6 +55,10 @@ def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
     grpc = f"; gRPC (inference.GRPCInferenceService) on {deployments.public_host(cfg.serve)}:{cfg.serve.grpc_port}" \
         if cfg.serve.grpc_port else ""
     log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}{grpc}")
+    if cfg.serve.auto:
+        rungs = adapt.ladder(catalog(location, cfg.serve.models))
+        log(f"[serve] auto: {' > '.join(m.name for m in rungs)} (most accurate first, each faster than those above; "
+            "chosen on validation)")
     return url, {"content-type": "application/json", **({"x-api-key": key} if key else {})}
 
 

@@ -28,7 +28,8 @@ class ServedModel:
     folder: str          # a local (or shared) folder, or a URI
     in_shape: list[int]
     num_classes: int
-    test_accuracy: float
+    test_accuracy: float  # reported
+    val_accuracy: float   # what choices read: the ladder of `auto`, a request's accuracy floor
     p50_ms: float        # batch 1, in `mode`, 1 thread, from the frontier
     mode: str
     recommended: bool = False
@@ -60,7 +61,7 @@ def _served(location: str, run_dir: Path, recorded: dict[str, str], rec: dict, r
     files = {f.removeprefix(f"{rel}/"): sha for f, sha in recorded.items() if f.startswith(f"{rel}/")}
     folder = storage.join(location, rel) if storage.is_uri(location) else str(run_dir / rel)
     return ServedModel(rec["name"], folder, arch["spec"]["in_shape"], arch["spec"]["num_classes"],
-                       rec["test_accuracy"], p50, mode, recommended, files)
+                       rec["test_accuracy"], rec["val_accuracy"], p50, mode, recommended, files)
 
 
 def _serving_mode(rec: dict) -> tuple[str, float]:

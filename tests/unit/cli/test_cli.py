@@ -73,7 +73,7 @@ def test_serving_a_finished_run_may_name_another_cluster_but_not_retrain(tmp_pat
     (tmp_path / "frontier.json").write_text("{}")
     _, cfg = _run_config(str(tmp_path), ["ray.address=127.0.0.1:7000", "serve.port=9000"])
     assert (cfg.ray.address, cfg.serve.port) == ("127.0.0.1:7000", 9000)
-    with pytest.raises(UserError, match="only serve.. settings and ray.address can change"):
+    with pytest.raises(UserError, match="only serve.. settings, ray.address and ray.shared_filesystem can change"):
         _run_config(str(tmp_path), ["teacher.train.epochs=9"])
 
 

@@ -7,9 +7,10 @@ from distillery.measure.frontier import CSV_COLUMNS, pareto_front, recommend, va
 
 
 def rec(name, p50, acc, *, role="variant", parent="teacher", not_faster=False, throughput=None, size=40_000,
-        macs=200_000, numerics="fp32"):
+        macs=200_000, numerics="fp32", test=None):
+    """`acc` is the validation accuracy choices read; `test` (default: the same) only reports."""
     return {"name": name, "parent": parent, "recipe": f"prune_channels(mac_ratio=2) -> finetune | {name}",
-            "test_accuracy": acc, "params": 10_000, "macs": macs, "numerics": numerics, "size_bytes": size,
+            "val_accuracy": acc, "test_accuracy": acc if test is None else test, "params": 10_000, "macs": macs, "numerics": numerics, "size_bytes": size,
             "best_mode": "eager",
             "p50_ms": p50, "p99_ms": p50 * 1.5, "throughput": throughput or 1000 / p50, "peak_fraction": 0.12,
             "not_faster": not_faster, "role": role}
@@ -76,7 +77,7 @@ def test_missing_key_names_the_record_and_key(records):
     with pytest.raises(ValueError, match=r"'int8'.*missing key 'p99_ms'"):
         recommend(records, 0.9)
     with pytest.raises(ValueError, match="missing key 'p50_ms'"):
-        pareto_front([{"name": "x", "test_accuracy": 0.5}])
+        pareto_front([{"name": "x", "val_accuracy": 0.5}])
     with pytest.raises(ValueError, match=r"#0.*missing key 'name'"):
         validate([{"p50_ms": 1.0}])
 
@@ -157,10 +158,51 @@ def test_pareto_the_same_computation_timed_faster_does_not_displace_the_more_acc
 
 
 def test_recommend_names_the_variants_whose_accuracy_ties_within_the_noise():
-    # 360 test images: 0.97 vs 0.9667 is one or two images, a tie; 0.90 is 25 images fewer.
-    fast, close, far = (dict(r, test_images=360) for r in (rec("fast", 0.2, 0.97), rec("close", 0.5, 0.9667),
-                                                            rec("far", 0.6, 0.90)))
+    # 360 validation images: 0.97 vs 0.9667 is one or two images, a tie; 0.90 is 25 images fewer.
+    fast, close, far = (dict(r, val_images=360) for r in (rec("fast", 0.2, 0.97), rec("close", 0.5, 0.9667),
+                                                           rec("far", 0.6, 0.90)))
     reason = recommend([fast, close, far], 0.5)["reason"]
-    assert "ties with that of close: within the 95% noise of 360 test images (one image is 0.28 points)" in reason
+    assert "ties with that of close: within the 95% noise of 360 validation images (one image is 0.28 points)" \
+        in reason and reason.endswith("Chosen on validation.")
     assert "far" not in reason.split("ties with")[1]
     assert "ties" not in recommend([rec("fast", 0.2, 0.97), rec("close", 0.5, 0.9667)], 0.5)["reason"]  # n unknown
+
+
+class Sealed(float):
+    """A test figure no choice may read: any comparison, arithmetic or formatting raises."""
+
+    def _refuse(self, *_):
+        raise AssertionError("a choice read a test figure")
+
+    __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = __add__ = __sub__ = __mul__ = __neg__ = __float__ = \
+        __format__ = __hash__ = _refuse
+
+
+def test_choices_read_no_test_figure(records):
+    """The recommendation, the front and the search's choice are made on `choice_view`: records
+    whose test figures refuse to be read give the choices of the same records with any others."""
+    from distillery.measure.frontier import choice_view
+    from distillery.search.budget import bounds, choose
+    from distillery.search.settings import BudgetConfig
+
+    sealed = [dict(r, test_accuracy=Sealed(0.5), test_images=Sealed(360), test_escalation=Sealed(0.1))
+              for r in records]
+    reversed_test = [dict(r, test_accuracy=1 - r["test_accuracy"]) for r in records]
+    assert all(not k.startswith("test_") for r in choice_view(sealed) for k in r)
+    for floor in (0.0, 0.95, 0.97, 0.999):
+        assert recommend(choice_view(sealed), floor, 0.05) == recommend(reversed_test, floor, 0.05) \
+            == recommend(records, floor, 0.05)
+    assert pareto_front(choice_view(sealed)) == pareto_front(reversed_test) == pareto_front(records)
+    budget = BudgetConfig(max_p50_ms=0.55, as_fast_as=None)
+    picked = choose(sealed, budget, bounds(budget))
+    assert picked["chosen"] is sealed[1] and picked["within"] == ["student", "int8", "scratch", "pruned"]
+    assert choose(reversed_test, budget, bounds(budget))["within"] == picked["within"]
+
+
+def test_the_plot_draws_intervals_at_100_percent_and_for_a_model_that_could_not_be_scored():
+    from distillery.measure.frontier import plot_png
+
+    perfect = dict(rec("perfect", 0.2, 1.0), test_images=48)  # Wilson's upper bound rounds below 1.0
+    unscored = dict(rec("unscored", 0.3, 0.9, test=float("nan")), test_images=48)
+    png = plot_png([perfect, unscored, dict(rec("same", 0.2, 1.0), test_images=48)], ["perfect"], None, 0.9)
+    assert png.startswith(b"\x89PNG")

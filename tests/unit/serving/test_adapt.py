@@ -11,7 +11,7 @@ from distillery.serving.protocol import ProtocolError
 
 
 def _m(name, acc, p50):
-    return ServedModel(name, "x", [1, 8, 8], 10, acc, p50, "eager")
+    return ServedModel(name, "x", [1, 8, 8], 10, acc, acc, p50, "eager")
 
 
 TEACHER, STUDENT, PRUNED, TINY = _m("teacher", 0.990, 5.0), _m("student", 0.985, 2.0), _m("pruned", 0.98, 1.5), \
