@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from distillery.roles import TRAINED
+
 from common import machine, machine_lines, make_config, mean, mean_interval, publish, read_json, run, table, verdict
 
 MODELS = ("teacher", "student_scratch", "student")
@@ -34,7 +36,7 @@ def run_seed(storage: Path, seed: int, backend: list[str], quick: list[str]) -> 
     for variant, overrides in STUDENT_VARIANTS.items():
         print(f"\n== seed {seed}, {' '.join(backend)}, {variant}", flush=True)
         cfg = make_config(storage, name, [f"seed={seed}", *backend, *overrides, *quick])
-        root, wall = run(cfg)
+        root, wall = run(cfg, ["data", *TRAINED, "evaluate"])  # up to evaluate: nothing compressed or served
         results = read_json(root / "results.json")
         out[variant] = {**{m: results["models"][m]["test_accuracy"] for m in MODELS},
                         **results["distillation"], "wall_s": wall}
