@@ -164,3 +164,12 @@ def test_an_imported_teacher_distills_the_same_student_as_the_trained_one(tmp_pa
                  "--set", f"teacher.import_from={first}"]) == 2
     assert "gives 4 classes; this run's data has shape [1, 8, 8] and 10 classes" in capsys.readouterr().err
     assert not (tmp_path / "other" / "digits" / "teacher" / "model.safetensors").exists()
+
+
+def test_a_run_without_a_validation_split_is_refused_before_training(tmp_path, capsys):
+    """Every choice is made on the validation split: with none, the run stops after the data
+    stage, saying what to change, and trains nothing."""
+    assert _run(tmp_path, "run", "--set", "data.val_fraction=0") == 2
+    err = capsys.readouterr().err
+    assert "the validation split is empty" in err and "data.val_fraction" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "tiny" / "teacher").exists()

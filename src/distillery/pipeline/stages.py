@@ -141,6 +141,10 @@ def prepare_data(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     manifest = data.prepare(cfg.data, out, seed=cfg.seed)
     counts = {split: manifest["counts"][split]["total"] for split in data.SPLITS}
     log(f"[data] {manifest['source']}: {counts} images of shape {manifest['image_shape']} -> {out}")
+    if not counts["val"]:  # the test split only reports: without a validation split nothing can choose
+        raise UserError("the validation split is empty: every choice (the accuracy floor, the recommended model, "
+                        "cascade thresholds, the search, auto's ladder) is made on it; set data.val_fraction above 0 "
+                        "or give the source's split column (or folders) val rows")
     skipped = manifest.get("skipped") or {}
     if skipped.get("count"):
         log(f"[data] skipped {skipped['count']} file(s) that are not readable images (listed in {out}/manifest.json), "
