@@ -66,11 +66,6 @@ def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, floa
     return m, m - half, m + half
 
 
-def verdict(low: float, high: float) -> str:
-    """What an interval of a difference says: a tie when it holds zero."""
-    return "a tie" if low <= 0 <= high else ("a real gain" if low > 0 else "a real loss")
-
-
 def machine(threads_per_worker: str) -> dict[str, Any]:
     """The facts a reader needs to weigh the numbers: CPU, cores, threads, versions, code."""
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads_per_worker": threads_per_worker,

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
+from distillery.measure.accuracy import verdict
 from distillery.roles import TRAINED
 
-from common import machine, machine_lines, make_config, mean, mean_interval, publish, read_json, run, table, verdict
+from common import machine, machine_lines, make_config, mean, mean_interval, publish, read_json, run, table
 
 MODELS = ("teacher", "student_scratch", "student")
 STUDENT_VARIANTS = {"no augmentation (preset)": [], "augment=true": ["student.train.augment=true"]}

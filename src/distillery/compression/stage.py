@@ -25,7 +25,7 @@ from distillery.config import PipelineConfig
 from distillery.errors import NotApplicable, UserError
 from distillery.files import atomic_write_json, read_json
 from distillery.measure import frontier, timing
-from distillery.measure.accuracy import paired_interval
+from distillery.measure.accuracy import paired
 from distillery.models.architectures import build_model, count_macs, count_params
 from distillery.models.artifact import load_model
 from distillery.models.exported import ExportedModel
@@ -57,7 +57,8 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
         parent = records.get(rec.get("compared_with") or rec["parent"]) if rec["parent"] else None
         rec["not_faster"] = parent is not None and not timing.is_faster(rec, parent, min_gain=margin)
         if parent is not None:  # reported beside the test accuracy, never read by a choice
-            rec["test_paired"] = paired(ctx.test_outcomes, rec["name"], parent["name"])
+            rec["test_paired"] = {"with": parent["name"],
+                                  **paired(ctx.test_outcomes[rec["name"]], ctx.test_outcomes[parent["name"]])}
     files = []
     for v in variants:
         folder = built[v.name].files[-1].parent  # recipe.json, in the variant's own folder
@@ -142,17 +143,6 @@ def measure_cascade(ctx: Context, settings: timing.BenchSettings, v: VariantConf
 def _escalation(model: cascade.Cascade, images: torch.Tensor) -> float:
     with torch.inference_mode():
         return float((cascade.confidence(model.small(images), model.kind) < model.threshold).float().mean())
-
-
-def paired(outcomes: dict[str, torch.Tensor], name: str, other: str) -> dict[str, Any] | None:
-    """`name` against `other` on the same test images: where only one of them was right, and
-    the difference's 95% paired interval (None when either was not scored here)."""
-    if name not in outcomes or other not in outcomes:
-        return None
-    a, b = outcomes[name], outcomes[other]
-    better, worse, n = int((a & ~b).sum()), int((~a & b).sum()), len(a)
-    return {"with": other, "better": better, "worse": worse, "images": n,
-            "interval": list(paired_interval(better, worse, n)) if n else [0.0, 0.0]}
 
 
 def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in_shape: list[int]) -> dict[str, str]:
@@ -241,9 +231,8 @@ def measure(ctx: Context, settings: timing.BenchSettings, name: str, role: str, 
     if macs is None:  # of the float structure: pruning shows, int8 does not change it
         macs = count_macs(fp32, ctx.in_shape)
     ctx.test_outcomes[name] = outcomes(model, ctx.splits["test"])
-    acc = {"val_accuracy": accuracy(model, ctx.splits["val"]),
-           "test_accuracy": float(ctx.test_outcomes[name].float().mean()) if len(ctx.test_outcomes[name]) else
-           float("nan")}
+    # the mean of no outcomes is nan: a split without images has no accuracy
+    acc = {"val_accuracy": accuracy(model, ctx.splits["val"]), "test_accuracy": float(ctx.test_outcomes[name].float().mean())}
     speed = timing.measure(model, ctx.in_shape, macs, settings, modes or ctx.cfg.compress.bench.modes, int8=int8,
                            images=ctx.splits["val"][0])
     console.detail(f"[compress] {name}: validation {acc['val_accuracy']:.2%}, served {speed['best_mode']}: "

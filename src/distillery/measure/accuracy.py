@@ -18,11 +18,23 @@ def distillation_gain(models: dict[str, dict[str, Any]], correct: dict[str, Any]
     gap = teacher - alone
     gain = {"gain": distilled - alone, "gap": gap, "gap_closed": (distilled - alone) / gap if gap > 0 else None}
     if correct is not None:
-        better = int((correct["student"] & ~correct["student_scratch"]).sum())
-        worse = int((~correct["student"] & correct["student_scratch"]).sum())
-        n = len(correct["student"])
-        gain.update(better=better, worse=worse, test_images=n, gain_interval=paired_interval(better, worse, n))
+        p = paired(correct["student"], correct["student_scratch"])
+        gain.update(better=p["better"], worse=p["worse"], test_images=p["images"], gain_interval=p["interval"])
     return gain
+
+
+def paired(a: Any, b: Any) -> dict[str, Any]:
+    """Model `a` against model `b` from their per-image outcomes on the same images (bool
+    tensors or arrays): on how many only `a` was right (`better`), only `b` (`worse`), and the
+    accuracy difference's 95% paired interval."""
+    better, worse, n = int((a & ~b).sum()), int((~a & b).sum()), len(a)
+    return {"better": better, "worse": worse, "images": n,
+            "interval": paired_interval(better, worse, n) if n else (0.0, 0.0)}
+
+
+def verdict(low: float, high: float) -> str:
+    """What the 95% interval of a difference says: a tie when it holds zero."""
+    return "a tie within the noise" if low <= 0 <= high else ("a real gain" if low > 0 else "a real loss")
 
 
 def paired_interval(better: int, worse: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -78,6 +90,5 @@ def _noise(kd: dict[str, Any]) -> str:
     if "gain_interval" not in kd:
         return ""
     lo, hi = kd["gain_interval"]
-    verdict = "a tie within the noise" if lo <= 0 <= hi else ("a real gain" if lo > 0 else "a real loss")
     return (f"; 95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points, right where the student alone was wrong on "
-            f"{kd['better']} and the reverse on {kd['worse']} of {kd['test_images']} test images: {verdict}")
+            f"{kd['better']} and the reverse on {kd['worse']} of {kd['test_images']} test images: {verdict(lo, hi)}")

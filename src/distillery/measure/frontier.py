@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from distillery.files import atomic_write_bytes, atomic_write_json
-from distillery.measure.accuracy import interval, with_interval, within_noise
+from distillery.measure.accuracy import interval, verdict, with_interval, within_noise
 from distillery.roles import ROLES
 
 # What a choice reads, and what the report adds: the test accuracy.
@@ -213,17 +213,16 @@ def _splits_line(records: Sequence[dict]) -> str:
 
 
 def paired_note(paired: dict | None) -> str:
-    """'vs student on the same 360 test images: -0.3 points (95% CI -1.2 to +0.7), a tie'."""
+    """'vs student on the same 360 test images: -0.3 points (95% CI -1.2 to +0.7; ...), a tie within the noise'."""
     if not paired:
         return ""
     if not paired["better"] and not paired["worse"]:
         return f"the same answers as {paired['with']} on all {paired['images']} test images"
     lo, hi = paired["interval"]
     diff = (paired["better"] - paired["worse"]) / paired["images"]
-    verdict = "a tie" if lo <= 0 <= hi else ("better" if lo > 0 else "worse")
     return (f"vs {paired['with']} on the same {paired['images']} test images: {100 * diff:+.1f} points "
             f"(95% CI {100 * lo:+.1f} to {100 * hi:+.1f}; right where it was wrong on {paired['better']}, "
-            f"the reverse on {paired['worse']}), {verdict}")
+            f"the reverse on {paired['worse']}), {verdict(lo, hi)}")
 
 
 def _cascade_lines(records: Sequence[dict]) -> list[str]:
