@@ -65,8 +65,9 @@ class Node:
 class Cluster:
     """`Cluster(folder, env)`: `start_head()`, `add_nodes(n)`, `kill(node)`, `names()`, `stop()`; `env` is what every node and client gets (the S3 server's, say), plus the token."""
 
-    def __init__(self, folder: Path, env: dict[str, str], rig=None):
+    def __init__(self, folder: Path, env: dict[str, str], rig=None, head_object_store: int | None = None):
         self.folder, self.token, self.rig = folder, secrets.token_hex(32), rig
+        self.head_object_store = head_object_store  # bytes; None: Ray's default (30% of memory)
         self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         self.env.pop("RAY_ADDRESS", None)
         # Machines of a rig each have their own ports: Ray's defaults, as on real machines. Nodes
@@ -96,7 +97,9 @@ class Cluster:
         self.head = self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0",
                                          f"--dashboard-host={'0.0.0.0' if self.rig else '127.0.0.1'}",
                                          f"--dashboard-port={self.dashboard_port}",
-                                         f"--ray-client-server-port={10001 if self.rig else free_port()}"])
+                                         f"--ray-client-server-port={10001 if self.rig else free_port()}",
+                                         *([f"--object-store-memory={self.head_object_store}"]
+                                           if self.head_object_store else [])])
         self._wait(self._dashboard_up, "the head node's dashboard", self.head)
         return self.head
 

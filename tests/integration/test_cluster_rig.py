@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 
+import boto3
 import numpy as np
 import pytest
 import torch
@@ -25,7 +26,7 @@ from distillery.loadtest import generator
 from distillery.measure.accuracy import interval
 from distillery.serving import firewall, ingress
 from netns_rig import HOST, SUBNET, Rig, unavailable
-from ray_nodes import BIN, Cluster, submit
+from ray_nodes import BIN, LABEL, Cluster, submit
 from test_ray_resume import registered_epoch
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=f"no network namespaces here: {unavailable()}")
@@ -39,6 +40,7 @@ INGRESS = (8000, 8001)    # serve.port, serve.grpc_port: their defaults, each ma
 # failover shorten them; so does the rig, to keep the partition test short. The timeout stays
 # well above what a raylet on 2 busy cores takes to answer.
 HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000"}
+HEAD_OBJECT_STORE = 80 * 2**20  # bytes: a small head (Ray allows 75 MiB at least); workers get Ray's default
 COMMON = ["--config", "configs/tiny.yaml", "--set", "data.num_samples=1200", "--set", "teacher.train.epochs=4",
           "--set", "ray.placement_strategy=STRICT_SPREAD"]  # the two Train workers on two machines
 
@@ -69,7 +71,7 @@ def cluster(rig, s3, tmp_path_factory):
     # What cluster.yaml's start commands give every node: HAProxy, Serve on every interface,
     # HAProxy's stats and metrics on loopback, and the firewall (applied before Ray starts).
     env = {**os.environ, **s3, **ingress.ingress_env("haproxy", "0.0.0.0"), **HEALTH_CHECKS}
-    nodes = Cluster(tmp_path_factory.mktemp("rig"), env, rig)
+    nodes = Cluster(tmp_path_factory.mktemp("rig"), env, rig, head_object_store=HEAD_OBJECT_STORE)
     rules = firewall.rules([NODES], [*INGRESS, nodes.dashboard_port])  # the dashboard: token auth, job submission
 
     def apply_firewall(name: str) -> None:
@@ -95,8 +97,6 @@ def job(rig, cluster):
 
 
 def _get(bucket: str, rel: str) -> bytes:
-    import boto3
-
     return boto3.client("s3").get_object(Bucket=bucket.removeprefix("s3://"), Key=rel)["Body"].read()
 
 
@@ -291,20 +291,26 @@ def test_losing_a_machine_while_serving_loses_only_what_it_had_in_flight(cluster
 CPUS_PER_WORKER = 0.5
 
 
+def _driver_on_the_head(rig: Rig, cluster: Cluster, bucket: str, prefix: str, tmp_path, *sets: str) -> list[str]:
+    """`distillery train --model teacher` of the rig's preset into `prefix`, run by a driver on
+    the head machine with a cache of its own, once two machines have room for a worker each
+    (STRICT_SPREAD): an earlier test lost one, and the replacement replicas Serve started
+    filled what was left; fresh machines join for the rest."""
+    room = [name for name, cpus in cluster.free_cpus().items() if name != "head" and cpus >= CPUS_PER_WORKER]
+    cluster.add_nodes(max(0, 2 - len(room)))
+    return [*rig.exec("head"), "env", f"DISTILLERY_CACHE={tmp_path / 'driver-cache'}", str(BIN / "distillery"),
+            "train", "--model", "teacher", *COMMON, "--set", f"storage_path={bucket}/{prefix}",
+            "--set", f"ray.address={cluster.address}", "--set", f"ray.cpus_per_worker={CPUS_PER_WORKER}",
+            *(arg for item in sets for arg in ("--set", item))]
+
+
 def _train_and_lose_a_machine(rig: Rig, cluster: Cluster, bucket: str, prefix: str, lose, tmp_path) -> dict:
     """The teacher trained again into `prefix` by a driver on the head machine; once two epochs
     are registered in the bucket, `lose(node)` takes the machine of one of its two workers away
     and a fresh machine joins (STRICT_SPREAD: two workers need two live nodes). Returns the
     stage's metrics once it finished, checking the driver said what happened."""
-    # Two machines with room for a worker each (STRICT_SPREAD): an earlier test lost one, and the
-    # replacement replicas Serve started filled what was left; fresh machines join for the rest.
-    room = [name for name, cpus in cluster.free_cpus().items() if name != "head" and cpus >= CPUS_PER_WORKER]
-    cluster.add_nodes(max(0, 2 - len(room)))
-    env = {**cluster.env, "DISTILLERY_CACHE": str(tmp_path / "driver-cache")}
-    cmd = [*rig.exec("head"), str(BIN / "distillery"), "train", "--model", "teacher", *COMMON,
-           "--set", f"storage_path={bucket}/{prefix}", "--set", f"ray.address={cluster.address}",
-           "--set", f"ray.cpus_per_worker={CPUS_PER_WORKER}"]
-    run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = _driver_on_the_head(rig, cluster, bucket, prefix, tmp_path)
+    run = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     started = time.time()
     location, deadline = f"{bucket}/{prefix}/tiny", started + 240
     while registered_epoch(location) < 2 and run.poll() is None and time.time() < deadline:
@@ -364,3 +370,30 @@ def test_a_partitioned_machine_is_given_up_and_training_resumes_from_the_last_ch
 
     metrics = _train_and_lose_a_machine(rig, cluster, bucket, "partitioned", partition, tmp_path)
     _resumed_with_the_undisturbed_accuracy(bucket, metrics, "training machine partitioned")
+
+
+def test_a_training_split_larger_than_the_head_s_object_store_streams_from_the_bucket(rig, cluster, job, tmp_path):
+    """Synthetic 3x96x96 images, their training split larger than the head's whole object store:
+    read tasks stream it from the bucket, shard by shard, every epoch."""
+    bucket, _ = job
+    cmd = _driver_on_the_head(rig, cluster, bucket, "big", tmp_path, "data.image_shape=[3,96,96]",
+                              "data.num_samples=1000", "data.val_fraction=0.05", "data.test_fraction=0.1",
+                              "data.shard_rows=100", "teacher.train.epochs=2")
+    started = time.time()
+    run = subprocess.run(cmd, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    listing = boto3.client("s3").list_objects_v2(Bucket=bucket.removeprefix("s3://"), Prefix="big/tiny/data/train-")
+    shards = {o["Key"]: o["Size"] for o in listing["Contents"]}
+    head = next(n for n in cluster.nodes() if n["labels"].get(LABEL) == "head")
+    assert sum(shards.values()) > head["resources_total"]["object_store_memory"] >= HEAD_OBJECT_STORE * 0.9
+    reads = [t for t in cluster.state("tasks") if "_read_verified" in t["name"] and t["state"] == "FINISHED"
+             and t.get("start_time_ms", 0) >= started * 1000]
+    print(f"{sum(shards.values()) / 2**20:.0f} MiB in {len(shards)} shards, head object store "
+          f"{head['resources_total']['object_store_memory'] / 2**20:.0f} MiB; {len(reads)} read tasks on "
+          f"{sorted({cluster.names()[t['node_id']] for t in reads})}; {time.time() - started:.0f} s")
+    assert len(reads) >= 2 * len(shards)  # each epoch read every shard again
+    # Every training row reached the workers in each epoch (two epochs are too few to learn
+    # 3x96x96 prototypes reliably: accuracy is not what this test is about).
+    rows = json.loads(_get(bucket, "big/tiny/data/manifest.json"))["counts"]["train"]["total"]
+    history = json.loads(_get(bucket, "big/tiny/teacher/metrics.json"))["history"]
+    assert [h["samples"] for h in history] == [rows, rows], (rows, history)

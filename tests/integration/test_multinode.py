@@ -133,7 +133,8 @@ def test_the_job_runs_across_the_worker_nodes_and_keeps_serving(cluster, job):
 
 def test_the_whole_run_is_in_the_bucket_and_the_nodes_read_it_from_there(cluster, job):
     """Ray Train workers, the logits actor and Serve replicas use their node's cache, the driver
-    another: everything they read had to come from the bucket, verified, as on other machines."""
+    another: everything they read had to come from the bucket, verified, as on other machines
+    (the training split streamed, the rest copied)."""
     bucket, _, driver_cache, result = job
     assert "succeeded" in result.stdout
     driver = driver_output(result.stdout)
@@ -153,6 +154,8 @@ def test_the_whole_run_is_in_the_bucket_and_the_nodes_read_it_from_there(cluster
     fetched = {str(p.relative_to(copy)): p for copy in copies for p in copy.rglob("*") if p.is_file()}
     assert {"data/manifest.json", "data/val-00000.parquet", "teacher/model.safetensors"} <= fetched.keys(), fetched
     assert {f"{folder}/model.safetensors" for folder in folders} <= fetched.keys(), (folders, fetched)
+    # The training shards and the teacher's cached logits were streamed from the bucket: no copies.
+    assert not [rel for rel in fetched if rel.startswith(("data/train-", "teacher_logits/"))], fetched
     for rel in fetched.keys() & manifest["files"].keys():
         assert sha256_file(fetched[rel]) == manifest["files"][rel], rel
 

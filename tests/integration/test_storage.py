@@ -61,8 +61,13 @@ def test_a_fetched_object_is_verified_and_a_damaged_one_never_gets_the_name(buck
     root = storage.fetch(uri, {"a.bin": sha})
     assert root == storage.cache_dir(uri) and (root / "a.bin").read_bytes() == b"weights" * 1000
 
+    # Streamed (the training split's read tasks): in memory, checked the same way, no copy left.
+    assert storage.read_verified(uri, "a.bin", sha) == b"weights" * 1000
+
     b.put("folder/a.bin", b"tampered")
     (root / "a.bin").unlink()
+    with pytest.raises(UserError, match=rf"{scheme}://fetch/folder/a.bin: sha256 mismatch"):
+        storage.read_verified(uri, "a.bin", sha)
     with pytest.raises(UserError, match=rf"{scheme}://fetch/folder/a.bin: sha256 mismatch"):
         storage.fetch(uri, {"a.bin": sha})
     assert not (root / "a.bin").exists() and list(root.iterdir()) == []  # no file, no temp file
@@ -70,6 +75,8 @@ def test_a_fetched_object_is_verified_and_a_damaged_one_never_gets_the_name(buck
     assert list(root.iterdir()) == []
     with pytest.raises(UserError, match=rf"{scheme}://fetch/folder/missing.bin"):
         storage.fetch(uri, {"missing.bin": sha})
+    with pytest.raises(UserError, match=rf"{scheme}://fetch/folder/missing.bin"):
+        storage.read_verified(uri, "missing.bin", sha)
     storage.delete(uri)
     assert storage.list_files(b.uri) == {}
 

@@ -7,10 +7,11 @@ For a run at a URI each node keeps copies under its cache folder (`DISTILLERY_CA
 default ~/.cache/distillery): the driver mirrors the whole run and uploads what each stage
 produced, files first and the manifest last, so the manifest at the URI never names a file
 that is not there; Ray Train workers and Serve replicas `fetch` only the files they read,
-each checked against the sha256 the run's manifest recorded. Ray Train's checkpoints and
-Ray Data's reads go to the URI directly through pyarrow's filesystems, which take their
-credentials and endpoint from the usual environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS;
-STORAGE_EMULATOR_HOST for a GCS emulator).
+each checked against the sha256 the run's manifest recorded; the training shards are
+streamed from the URI instead (`read_verified`: in memory, checked, no copy on disk). Ray
+Train's checkpoints and Ray Data's writes go to the URI directly through pyarrow's
+filesystems, which take their credentials and endpoint from the usual environment (AWS_*,
+GOOGLE_APPLICATION_CREDENTIALS; STORAGE_EMULATOR_HOST for a GCS emulator).
 """
 
 from __future__ import annotations
@@ -123,6 +124,21 @@ def _download(fs: pafs.FileSystem, path: str, dest: Path, sha: str | None) -> No
         if sha is not None and digest.hexdigest() != sha:
             raise UserError(f"sha256 mismatch (expected {sha[:12]}…, got {digest.hexdigest()[:12]}…); "
                             "the object is corrupt or was changed after it was written")
+
+
+def read_verified(location: str, rel: str, sha: str) -> bytes:
+    """The object `location`/`rel` in memory, refused (naming it) unless its sha256 is `sha`:
+    for readers that stream a file once and keep no copy on the node's disk."""
+    fs, base = filesystem(location)
+    try:
+        with fs.open_input_stream(f"{base}/{rel}") as src:
+            blob = src.read()
+    except OSError as e:
+        raise UserError(f"{join(location, rel)}: {e}") from None
+    if hashlib.sha256(blob).hexdigest() != sha:
+        raise UserError(f"{join(location, rel)}: sha256 mismatch (expected {sha[:12]}…); the object is corrupt "
+                        "or was changed after it was written")
+    return blob
 
 
 def download(location: str, rel: str, dest: Path) -> bool:

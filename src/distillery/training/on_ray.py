@@ -1,6 +1,6 @@
 """Training on Ray Train: a TorchTrainer around the loop of `training.loop`.
 
-Driver side, `fit_on_ray` reads the Parquet shards with Ray Data, starts one worker per
+Driver side, `fit_on_ray` hands the training shards to Ray Data (`read_shards`), starts one worker per
 `ray.workers`, and returns the trained model's full state dict read from the last
 registered checkpoint. Worker side, `train_worker` validates its `TrainJob` and runs
 `run_epochs` with what Ray adds: its dataset shard, a parallelism strategy (`parallel`),
@@ -67,8 +67,9 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     ensure_ray(cfg)
     # Only the training split streams through Ray Data (`read_shards`); the small val split is
     # read once per worker from the same verified shards (re-executing a dataset each epoch
-    # cost seconds).
-    train_files = job.train_files or run_rels(run, data.shard_paths(run.root / job.train_split_dir, "train"))
+    # cost seconds). At a URI the read tasks check each shard: none is read here.
+    train_files = job.train_files or run_rels(run, data.shard_paths(run.root / job.train_split_dir, "train",
+                                                                    verify=not run.remote))
     datasets = {"train": read_shards(run, train_files)}
     folders = [f for f in (job.teacher_dir, job.init_dir) if f]
     feed = Path(tempfile.mkdtemp(prefix="distillery-epochs-")) / "epochs.jsonl"
@@ -106,16 +107,34 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
 
 
 def read_shards(run: RunDir, rels: list[str]) -> "ray.data.Dataset":
-    """The run's Parquet files `rels` (verified copies on this driver's node) as a dataset,
-    one block per file, in order: workers see the same rows in the same order every run.
+    """The run's Parquet files `rels` as a dataset, one block per file, in order: workers see
+    the same rows in the same order every run.
 
-    Read here and put in the object store as they are (`from_blocks`: no task at all), not
-    read by Ray Data's tasks: `read_parquet` and `from_arrow` each start with a task that
-    needs a whole free CPU, which a cluster whose CPUs are shared by training workers and
-    Serve replicas may not have (the stage waited forever on a three-node test cluster), and
-    blocks read on a worker node are lost with that node. Put by the driver, they live on
-    its node and survive the loss of any worker node."""
-    return ray.data.from_blocks([pq.read_table(run.root / rel) for rel in rels])
+    A run in a folder (one machine, or a filesystem every node mounts): read here and put in
+    the object store as they are (`from_blocks`: no task at all); they live on this node and
+    survive the loss of any worker node. A run at a URI (a cluster): streamed, each file read
+    from the bucket by a task and checked against the sha256 the manifest recorded, so the
+    split need not fit this node's memory or object store, nor cross its network link; Ray
+    Data keeps only a window of blocks in flight and reads them again each epoch. The read
+    tasks reserve no CPU: Ray Data's own readers (`read_parquet`, `from_arrow`) each need a
+    whole free CPU, which a cluster whose CPUs training workers and Serve replicas hold may
+    not have (the stage waited forever on a three-node test cluster), and a read is I/O."""
+    if not run.remote:
+        return ray.data.from_blocks([pq.read_table(run.root / rel) for rel in rels])
+    recorded = run.manifest()["files"]
+    files = [{"rel": rel, "sha256": recorded[rel]} for rel in rels]
+    return ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
+        _read_verified, fn_kwargs={"location": run.location}, batch_size=1, batch_format="pyarrow",
+        num_cpus=0, concurrency=STREAMING_READS)
+
+
+STREAMING_READS = 4  # files read at once, across the cluster: each task holds one in memory
+
+
+def _read_verified(batch: pa.Table, location: str) -> pa.Table:
+    """Ray Data task: the shard files named in `batch`, read from the URI and checked."""
+    return pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_verified(location, rel, sha)))
+                             for rel, sha in zip(batch["rel"].to_pylist(), batch["sha256"].to_pylist())])
 
 
 def run_rels(run: RunDir, paths: list[Path]) -> list[str]:
