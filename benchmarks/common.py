@@ -6,6 +6,7 @@ manifest.json, results.json); training is always `distillery.pipeline.stages.run
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -40,6 +41,18 @@ def _quiet(msg: str) -> None:
     # Stage lines only: per-epoch lines and the results table would bury the benchmark's own table.
     if msg.startswith("[") and " epoch " not in msg:
         print(msg, flush=True)
+
+
+def seeds_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every seeds benchmark shares: --quick and --seeds (0-4 by default)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 epochs per model (a smoke test, not a result)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    return parser
+
+
+def quick_overrides(args: argparse.Namespace) -> list[str]:
+    return ["teacher.train.epochs=3", "student.train.epochs=3"] if args.quick else []
 
 
 def read_json(path: Path) -> Any:

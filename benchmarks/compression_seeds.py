@@ -14,7 +14,6 @@ and is a tie when that holds zero. Figures go to benchmarks/results/compression_
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 from distillery.measure.accuracy import verdict
 from distillery.roles import TRAINED, VARIANT
 
-from common import machine, machine_lines, make_config, mean_interval, publish, read_json, run, table
+from common import (machine, machine_lines, make_config, mean_interval, publish, quick_overrides, read_json, run,
+                    seeds_parser, table)
 
 BRIEF_TIMING = ["compress.bench.latency_runs=20", "compress.bench.throughput_runs=1", "compress.bench.modes=[eager]"]
 
@@ -77,11 +77,8 @@ def report(figures: dict[str, Any], info: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 epochs per model (a smoke test, not a result)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    args = parser.parse_args()
-    quick = ["teacher.train.epochs=2", "student.train.epochs=2"] if args.quick else []
+    args = seeds_parser(__doc__).parse_args()
+    quick = quick_overrides(args)
     with tempfile.TemporaryDirectory(prefix="compression_seeds-") as storage:
         per_seed = [run_seed(Path(storage), seed, quick) for seed in args.seeds]
     info = machine("in-process: all cores for training; 1 while timing")

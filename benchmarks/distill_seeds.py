@@ -13,7 +13,6 @@ Figures go to benchmarks/results/distill_seeds.json (distill_seeds-ray.json with
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch
 from distillery.measure.accuracy import verdict
 from distillery.roles import TRAINED
 
-from common import machine, machine_lines, make_config, mean, mean_interval, publish, read_json, run, table
+from common import (machine, machine_lines, make_config, mean, mean_interval, publish, quick_overrides, read_json, run,
+                    seeds_parser, table)
 
 MODELS = ("teacher", "student_scratch", "student")
 STUDENT_VARIANTS = {"no augmentation (preset)": [], "augment=true": ["student.train.augment=true"]}
@@ -86,12 +86,10 @@ def report(figures: dict[str, Any], seeds: list[int], info: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 epochs per model (a smoke test, not a result)")
+    parser = seeds_parser(__doc__)
     parser.add_argument("--ray", action="store_true", help="also run on Ray Train with 2 DDP workers")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     args = parser.parse_args()
-    quick = ["teacher.train.epochs=3", "student.train.epochs=3"] if args.quick else []
+    quick = quick_overrides(args)
     backends = {"in-process": ["ray.workers=0"], **({"Ray, 2 workers": ["ray.workers=2"]} if args.ray else {})}
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="distill_seeds-") as storage:

@@ -18,14 +18,14 @@ benchmarks/results/unlabeled.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from common import machine, machine_lines, make_config, mean, publish, read_json, run, table
+from common import (machine, machine_lines, make_config, mean, publish, quick_overrides, read_json, run, seeds_parser,
+                    table)
 from distillery import data
 from distillery.measure.accuracy import paired_interval
 from distillery.models.artifact import load_model
@@ -87,11 +87,8 @@ def _cells(r: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 epochs per model (a smoke test, not a result)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    args = parser.parse_args()
-    quick = ["teacher.train.epochs=3", "student.train.epochs=3"] if args.quick else []
+    args = seeds_parser(__doc__).parse_args()
+    quick = quick_overrides(args)
     with tempfile.TemporaryDirectory(prefix="unlabeled-") as storage:
         per_seed = [run_seed(Path(storage), seed, quick) for seed in args.seeds]
     info = machine(f"in-process: {torch.get_num_threads()}")

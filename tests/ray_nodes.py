@@ -65,9 +65,10 @@ class Node:
 class Cluster:
     """`Cluster(folder, env)`: `start_head()`, `add_nodes(n)`, `kill(node)`, `names()`, `stop()`; `env` is what every node and client gets (the S3 server's, say), plus the token."""
 
-    def __init__(self, folder: Path, env: dict[str, str], rig=None, head_object_store: int | None = None):
+    def __init__(self, folder: Path, env: dict[str, str], rig=None, head_args: list[str] = (),
+                 head_env: dict[str, str] | None = None):
         self.folder, self.token, self.rig = folder, secrets.token_hex(32), rig
-        self.head_object_store = head_object_store  # bytes; None: Ray's default (30% of memory)
+        self.head_args, self.head_env = list(head_args), head_env or {}  # `ray start` options of the head only
         self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         self.env.pop("RAY_ADDRESS", None)
         # Machines of a rig each have their own ports: Ray's defaults, as on real machines. Nodes
@@ -98,8 +99,7 @@ class Cluster:
                                          f"--dashboard-host={'0.0.0.0' if self.rig else '127.0.0.1'}",
                                          f"--dashboard-port={self.dashboard_port}",
                                          f"--ray-client-server-port={10001 if self.rig else free_port()}",
-                                         *([f"--object-store-memory={self.head_object_store}"]
-                                           if self.head_object_store else [])])
+                                         *self.head_args], self.head_env)
         self._wait(self._dashboard_up, "the head node's dashboard", self.head)
         return self.head
 
@@ -185,7 +185,7 @@ class Cluster:
             if node:
                 shutil.rmtree(node.temp, ignore_errors=True)
 
-    def _start(self, name: str, args: list[str]) -> Node:
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Node:
         # Ray's unix socket paths must stay under ~107 bytes: pytest's tmp paths are too long.
         temp = tempfile.mkdtemp(prefix=f"ray-{name[:1]}{name[-1]}-", dir="/tmp")
         cache, log = self.folder / f"cache-{name}", self.folder / f"{name}.log"
@@ -197,7 +197,7 @@ class Cluster:
         process = subprocess.Popen(
             [*prefix, str(BIN / "ray"), "start", "--block", f"--node-ip-address={self.ip(name)}", f"--temp-dir={temp}",
              "--disable-usage-stats", f"--labels={json.dumps({LABEL: name})}", *args],
-            env={**self.env, "DISTILLERY_CACHE": str(cache)}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+            env={**self.env, **(env or {}), "DISTILLERY_CACHE": str(cache)}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group: `kill` takes the whole node
         return Node(name, temp, cache, process, log)
 

@@ -152,12 +152,12 @@ def test_a_run_at_a_uri_with_no_manifest_there_starts_fresh(bucket):
 
 
 def test_clients_read_a_run_at_a_uri_from_the_bucket(bucket, tmp_path, monkeypatch):
-    """`distillery query --sample` and `distillery loadtest` read the test split from the
-    bucket, verified; `loadtest --tune`'s settings go there, for `serve` on any node."""
+    """`distillery query --sample` reads the test split and `distillery loadtest` the validation
+    split from the bucket, verified; `loadtest --tune`'s settings go there, for `serve` on any node."""
     import torch
 
     from distillery import data
-    from distillery.loadtest.run import held_out_images
+    from distillery.loadtest.run import held_out_images, images_to_send
     from distillery.serving.deployments import read_tuned, save_tuned
 
     b = bucket("clients")
@@ -168,6 +168,9 @@ def test_clients_read_a_run_at_a_uri_from_the_bucket(bucket, tmp_path, monkeypat
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "client"))  # a client elsewhere
     x, y = held_out_images(run.location)
     assert len(y) > 0 and torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+    val = data.load_split(run.root / "data", "val")[0]
+    sent = images_to_send(run.location, len(val) + 3)  # the load test's: validation images, repeated
+    assert torch.equal(sent[:len(val)], val) and torch.equal(sent[len(val):], val[:3])
     assert read_tuned(run.location) == {}
     save_tuned(run.location, {"student": {"chosen": {"max_batch_size": 16}}})
 

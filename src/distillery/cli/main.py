@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "autoscaling ramp; writes loadtest.{json,md,png} and requests.csv")
     load.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     load.add_argument("--run-dir", default="runs/digits", help="the served run, its folder or s3:// / gs:// URI: "
-                      "models and test images (default: %(default)s)")
+                      "models and validation images to send (default: %(default)s)")
     load.add_argument("--models", help="comma-separated (default: every model the run serves, and auto)")
     load.add_argument("--concurrency", default="1,2,4,8,16,32", help="closed-loop levels ('' skips the sweep; default: %(default)s)")
     load.add_argument("--duration", type=float, default=5.0, help="seconds per level (default: %(default)s)")

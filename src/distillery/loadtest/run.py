@@ -120,11 +120,18 @@ def scaling_summary(samples: list[generator.Sample], replicas: list[tuple[float,
             "lost_by_kind": generator.lost_by_kind(dict(Counter(str(s.status) for s in samples if s.status != 200)))}
 
 
-def held_out_images(location: str | Path) -> tuple[Any, Any]:
-    """The run's test split (x, y), read from its folder or, for a run at a URI, from this
+def held_out_images(location: str | Path, split: str = "test") -> tuple[Any, Any]:
+    """The run's `split` (x, y), read from its folder or, for a run at a URI, from this
     node's verified copy of the data files."""
-    root, _ = local_view(str(location), lambda rel: rel == "data/manifest.json" or rel.startswith("data/test-"))
-    return data.load_split(root / "data", "test")
+    root, _ = local_view(str(location), lambda rel: rel == "data/manifest.json" or rel.startswith(f"data/{split}-"))
+    return data.load_split(root / "data", split)
+
+
+def images_to_send(location: str | Path, count: int) -> Any:
+    """`count` validation images for the load, repeated when the split has fewer: the load
+    test tunes settings (a choice), so it never sends the test split, labels or not."""
+    x, _ = held_out_images(location, "val")
+    return x.repeat(-(-count // len(x)), 1, 1, 1)[:count]
 
 
 def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, headers: dict, out: Path,
@@ -137,15 +144,15 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
     into `out`; returns its files."""
     served = catalog(run_dir)
     models = lcfg.models or served_names(base_url, headers)
-    test_images = held_out_images(run_dir)[0]
-    x = test_images[:lcfg.images]
+    images = images_to_send(run_dir, max(lcfg.images, lcfg.ramp_images))
+    x = images[:lcfg.images]
     body = generator.infer_body(x.reshape(-1).tolist(), list(x.shape))
     scaling, sweeps = None, []
     phases = planned_seconds(lcfg, models)
     with console.progress("[loadtest]", sum(phases.values()), "s of load") as advance:
         if lcfg.ramp:
             model = lcfg.ramp_model or max(served, key=lambda m: m.p50_ms).name
-            scaling = calibrated_ramp(base_url, test_images, model, lcfg, headers, log)
+            scaling = calibrated_ramp(base_url, images, model, lcfg, headers, log)
             advance(phases["ramp"], note="autoscaling ramp")
         for model in models if lcfg.concurrency else []:
             log(f"[loadtest] {model}: closed loop at concurrency {lcfg.concurrency}, {lcfg.duration_s:g} s each")
@@ -154,7 +161,7 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
         extra = {"frontier": serving_frontier(sweeps, served, lcfg.p99_target_ms),
                  "overhead": in_process_rates(served, x, lcfg.duration_s)} if sweeps else {}
         if lcfg.adaptive and "auto" in models:
-            extra["adaptive"] = adaptive.scenario(base_url, served, test_images[:lcfg.ramp_images], lcfg.adaptive,
+            extra["adaptive"] = adaptive.scenario(base_url, served, images[:lcfg.ramp_images], lcfg.adaptive,
                                                   slo_ms or lcfg.p99_target_ms, headers, log)
     if tuning is not None:
         extra["tuning"] = tuning(body, max(lcfg.concurrency or [32]))

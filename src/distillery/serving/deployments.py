@@ -348,10 +348,10 @@ def logging_config(cfg: ServeConfig) -> dict[str, Any]:
 def deploy(run_dir: str, cfg: ServeConfig, api_key: str | None) -> str:
     """Start Serve on the connected Ray instance and run every application; return the URL."""
     apps = applications(run_dir, cfg, api_key)
-    # One ingress, on the head node (as `config_document` says): with HAProxy, Serve would
-    # otherwise start one on every node that holds replicas.
+    # `serve.proxy_location`: one ingress on the head, or with EveryNode one more on every node
+    # that holds replicas (with HAProxy, each node's own).
     try:
-        serve.start(proxy_location="HeadOnly", http_options=http_options(cfg), grpc_options=grpc_options(cfg),
+        serve.start(proxy_location=cfg.proxy_location, http_options=http_options(cfg), grpc_options=grpc_options(cfg),
                     logging_config=logging_config(cfg))
         started = True
     except TimeoutError:
@@ -371,7 +371,7 @@ def deploy(run_dir: str, cfg: ServeConfig, api_key: str | None) -> str:
 
 def public_host(cfg: ServeConfig) -> str:
     """The ingress's address as a user elsewhere types it: on every interface (a cluster's
-    0.0.0.0), this node's address; the ingress runs on the head node, where the job's driver runs."""
+    0.0.0.0), this node's address; an ingress runs on the head node, where the job's driver runs."""
     return ray.util.get_node_ip_address() if cfg.host in ingress.ALL_INTERFACES else cfg.host
 
 
@@ -384,5 +384,5 @@ def config_document(run_dir: str, cfg: ServeConfig, api_key: str | None) -> dict
     apps = [{"name": a["name"], "route_prefix": a["route_prefix"], "import_path": "serve.app:build_app",
              "args": a["args"].model_dump()} for a in applications(run_dir, cfg, api_key)]
     grpc = {"grpc_options": grpc_options(cfg)} if cfg.grpc_port else {}
-    return {"proxy_location": "HeadOnly", "http_options": http_options(cfg), **grpc,
+    return {"proxy_location": cfg.proxy_location, "http_options": http_options(cfg), **grpc,
             "logging_config": logging_config(cfg), "applications": apps}
