@@ -158,10 +158,10 @@ class ServeConfig(Strict):
         "binary on Linux), Ray Serve's Python proxy, or auto: HAProxy when found. A cluster uses what its nodes "
         "were started with (cluster.yaml)")
     proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
-        "HeadOnly", description="where the ingress runs: on the head node, or also on every node that holds "
-        "replicas (each answers on port and grpc_port; put a load balancer in front of them). With Ray's GCS fault "
-        "tolerance (the head started with an external Redis, cluster.yaml) the workers' ingresses keep answering "
-        "while the head is down")
+        "HeadOnly", description="where the ingress runs: on the head node, or also on every node that "
+        "holds replicas (each answers on port and grpc_port; put a load balancer in front of them). "
+        "With Ray's GCS fault tolerance (the head started with an external Redis, cluster.yaml) the "
+        "workers' ingresses keep answering while the head is down")
     port: int = Field(8000, ge=1, le=65_535)
     grpc_port: int | None = Field(8001, ge=1, le=65_535, description="the protocol's gRPC service "
                                   "(inference.GRPCInferenceService) on this port; null: no gRPC")

@@ -9,11 +9,17 @@ import io
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 from distillery import data
 from distillery.cli.main import main
 from distillery.compression import store
@@ -217,3 +223,34 @@ def test_serve_env_prints_the_ingress_environment_for_serve_run(run, capsys):
     assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("distillery-haproxy")
     assert main(["serve", "env", str(run_dir), "--set", "serve.ingress=proxy"]) == 0
     assert "RAY_SERVE_ENABLE_HA_PROXY=0" in capsys.readouterr().out
+
+
+# --- the finished run served: `distillery serve` as quiet as `run` ----------------------------
+
+def test_serve_prints_its_own_few_lines_and_sends_ray_s_to_the_run_s_log(run):
+    _, run_dir, _ = run
+    port = free_port()
+    serve = subprocess.Popen([str(Path(sys.executable).parent / "distillery"), "serve", str(run_dir),
+                              "--set", f"serve.port={port}", "--set", f"serve.grpc_port={free_port()}",
+                              "--set", "serve.auto=false"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(serve.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 240
+        while not any(line.startswith("serving http") for line in lines):
+            assert serve.poll() is None and time.time() < deadline, "".join(lines)
+            time.sleep(0.5)
+    finally:
+        serve.send_signal(signal.SIGINT)  # ours, by process id: it takes its deployments and Ray down
+        serve.wait(timeout=120)
+        reader.join(timeout=10)
+    out = "".join(lines)
+    shown = [line for line in out.splitlines() if line.strip()]
+    assert shown[0].startswith("logs: ") and shown[-1].startswith(f"serving http://127.0.0.1:{port}/v2"), out
+    strays = [line for line in shown if not line.startswith(("logs: ", "[serve] ", "serving ", "  "))]
+    assert not strays, out  # no line of Ray's, Serve's or a library's
+    assert len(shown) <= 6, out
+    log = (run_dir / "logs" / "serve.log").read_text()
+    assert "[serve] running in" in log  # ours, and Ray's and Serve's own:
+    assert re.search(r"^\S+ \S+ ray[\w.]* (INFO|WARNING|ERROR) ", log, re.M), log[-3000:]

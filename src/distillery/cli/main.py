@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("-o", "--output", help="build: where to write the config (default: RUN_DIR/serve/config.yaml)")
     srv.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a serve setting of the run's config, e.g. --set serve.port=8001")
+    srv.add_argument("--verbose", "-v", action="store_true",
+                     help="also print Ray's and Serve's own log lines (always in RUN_DIR/logs/serve.log)")
 
     query = sub.add_parser("query", help="send images to a served model and print predictions and latency")
     query.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
@@ -150,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # serve, query and loadtest keep every line on the console: they have no run log to hold them.
+    # query and loadtest keep every line on the console: they have no run log to hold them.
     console.configure(verbose=getattr(args, "verbose", True))
     try:
         _dispatch(args)
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ask_for_token_auth(address: str | None) -> None:
+def ask_for_token_auth(address: str | None) -> None:
     """A local Ray instance with token authentication asked for, as Ray 2.60 would turn it on
     by default anyway, but without its console warning that it did. Only before Ray is
     imported: it reads the mode once."""
@@ -203,7 +205,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "search":
         overrides += search_overrides(args)
     cfg = load_config(args.config, overrides)
-    _ask_for_token_auth(cfg.ray.address)
+    ask_for_token_auth(cfg.ray.address)
     log = console.say
     if args.command == "data":
         stages = ["data"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
+from distillery import console
 from distillery.config import LoadTestConfig, load_config
 from distillery.errors import UserError
 from distillery.run import storage
@@ -38,10 +39,16 @@ def serve(args: argparse.Namespace) -> None:
         out = write_serve_config(location, cfg, Path(args.output or root / "serve" / "config.yaml"))
         print(f"Serve config: {out}\n  serve run {out}")
         return
+    from distillery.cli.main import ask_for_token_auth
+
+    ask_for_token_auth(cfg.ray.address)  # before Ray is imported
     from distillery.serving import deploy  # Ray Serve loads only for the commands that deploy
 
-    url, _ = deploy.deploy_run(location, cfg, lambda m: print(m, flush=True))
-    print(f"serving {url} (models: {url}/models); Ctrl-C stops", flush=True)
+    # Like `run`: distillery's own few lines here, Ray's and Serve's in the log (and here with --verbose).
+    logs = console.log_to(root / "logs" / "serve.log")
+    console.say(f"logs: {logs} (Ray's and Serve's own lines; --verbose prints them here too)")
+    url, _ = deploy.deploy_run(location, cfg, console.say)
+    console.say(f"serving {url} (models: {url}/models); Ctrl-C stops")
     deploy.serve_until_interrupted()
 
 

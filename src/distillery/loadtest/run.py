@@ -123,7 +123,8 @@ def scaling_summary(samples: list[generator.Sample], replicas: list[tuple[float,
 def held_out_images(location: str | Path, split: str = "test") -> tuple[Any, Any]:
     """The run's `split` (x, y), read from its folder or, for a run at a URI, from this
     node's verified copy of the data files."""
-    root, _ = local_view(str(location), lambda rel: rel == "data/manifest.json" or rel.startswith(f"data/{split}-"))
+    wanted = ("data/manifest.json", f"data/{split}-")
+    root, _ = local_view(str(location), lambda rel: rel.startswith(wanted))
     return data.load_split(root / "data", split)
 
 

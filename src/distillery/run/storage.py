@@ -136,8 +136,8 @@ def read_verified(location: str, rel: str, sha: str) -> bytes:
     except OSError as e:
         raise UserError(f"{join(location, rel)}: {e}") from None
     if hashlib.sha256(blob).hexdigest() != sha:
-        raise UserError(f"{join(location, rel)}: sha256 mismatch (expected {sha[:12]}…); the object is corrupt "
-                        "or was changed after it was written")
+        raise UserError(f"{join(location, rel)}: sha256 mismatch (expected {sha[:12]}…); the object is "
+                        "corrupt or was changed after it was written")
     return blob
 
 

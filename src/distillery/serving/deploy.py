@@ -57,7 +57,8 @@ def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
     log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}{grpc}")
     if cfg.serve.proxy_location == "EveryNode":
         ports = " and ".join(str(p) for p in (cfg.serve.port, cfg.serve.grpc_port) if p)
-        log(f"[serve] and an ingress on {ports} of every node that holds replicas (serve.proxy_location=EveryNode)")
+        log(f"[serve] and an ingress on {ports} of every node that holds replicas "
+            "(serve.proxy_location=EveryNode)")
     if cfg.serve.auto:
         rungs = adapt.ladder(catalog(location, cfg.serve.models))
         log(f"[serve] auto: {' > '.join(m.name for m in rungs)} (most accurate first, each faster than those above; "

@@ -351,8 +351,8 @@ def deploy(run_dir: str, cfg: ServeConfig, api_key: str | None) -> str:
     # `serve.proxy_location`: one ingress on the head, or with EveryNode one more on every node
     # that holds replicas (with HAProxy, each node's own).
     try:
-        serve.start(proxy_location=cfg.proxy_location, http_options=http_options(cfg), grpc_options=grpc_options(cfg),
-                    logging_config=logging_config(cfg))
+        serve.start(proxy_location=cfg.proxy_location, http_options=http_options(cfg),
+                    grpc_options=grpc_options(cfg), logging_config=logging_config(cfg))
         started = True
     except TimeoutError:
         # Ray gives its ingress a fixed 60 s to start. Its actors run at nice 15, like every Ray

@@ -1,7 +1,7 @@
 """Training on Ray Train: a TorchTrainer around the loop of `training.loop`.
 
-Driver side, `fit_on_ray` hands the training shards to Ray Data (`read_shards`), starts one worker per
-`ray.workers`, and returns the trained model's full state dict read from the last
+Driver side, `fit_on_ray` hands the training shards to Ray Data (`read_shards`), starts one
+worker per `ray.workers`, and returns the trained model's full state dict read from the last
 registered checkpoint. Worker side, `train_worker` validates its `TrainJob` and runs
 `run_epochs` with what Ray adds: its dataset shard, a parallelism strategy (`parallel`),
 and a checkpoint per epoch (`checkpoint`) through which a restarted worker group resumes.
