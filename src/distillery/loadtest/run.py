@@ -22,6 +22,7 @@ from ray import serve
 
 from distillery import console, data
 from distillery.config import LoadTestConfig
+from distillery.errors import UserError
 from distillery.files import atomic_write_bytes, atomic_write_json, read_json
 from distillery.loadtest import adaptive, generator
 from distillery.loadtest.plots import plot
@@ -132,6 +133,8 @@ def images_to_send(location: str | Path, count: int) -> Any:
     """`count` validation images for the load, repeated when the split has fewer: the load
     test tunes settings (a choice), so it never sends the test split, labels or not."""
     x, _ = held_out_images(location, "val")
+    if not len(x):  # a run the data stage refuses today; one made before may have none
+        raise UserError(f"{location}: its validation split is empty, and the load test sends validation images")
     return x.repeat(-(-count // len(x)), 1, 1, 1)[:count]
 
 
