@@ -121,9 +121,14 @@ def _download(fs: pafs.FileSystem, path: str, dest: Path, sha: str | None) -> No
             while block := src.read(_BLOCK):
                 digest.update(block)
                 out.write(block)
-        if sha is not None and digest.hexdigest() != sha:
-            raise UserError(f"sha256 mismatch (expected {sha[:12]}…, got {digest.hexdigest()[:12]}…); "
-                            "the object is corrupt or was changed after it was written")
+        if sha is not None:
+            _check_sha(digest.hexdigest(), sha)
+
+
+def _check_sha(got: str, sha: str) -> None:
+    if got != sha:
+        raise UserError(f"sha256 mismatch (expected {sha[:12]}…, got {got[:12]}…); "
+                        "the object is corrupt or was changed after it was written")
 
 
 def read_verified(location: str, rel: str, sha: str) -> bytes:
@@ -133,11 +138,9 @@ def read_verified(location: str, rel: str, sha: str) -> bytes:
     try:
         with fs.open_input_stream(f"{base}/{rel}") as src:
             blob = src.read()
-    except OSError as e:
-        raise UserError(f"{join(location, rel)}: {e}") from None
-    if hashlib.sha256(blob).hexdigest() != sha:
-        raise UserError(f"{join(location, rel)}: sha256 mismatch (expected {sha[:12]}…); the object is "
-                        "corrupt or was changed after it was written")
+        _check_sha(hashlib.sha256(blob).hexdigest(), sha)
+    except (UserError, OSError) as e:
+        raise UserError(f"{join(location, rel)}: {e}") from None  # named as `fetch` names it
     return blob
 
 
