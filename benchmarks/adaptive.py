@@ -34,7 +34,8 @@ from distillery.serving.predictor import catalog  # noqa: E402
 def serve(run_dir: Path, slo_ms: float, max_replicas: int) -> str:
     import ray
 
-    from distillery.serving import deployments, ingress
+    from distillery.compat import ingress
+    from distillery.serving import deployments
 
     cfg = ServeConfig(grpc_port=None, auto_slo_ms=slo_ms, max_replicas=max_replicas)
     ingress.apply("haproxy", cfg.host)

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the rig the tests use: one way to mak
 from netns_rig import SUBNET, Rig, unavailable  # noqa: E402
 from ray_nodes import BIN, Cluster  # noqa: E402
 
-from distillery.serving import firewall, ingress  # noqa: E402
+from distillery.compat import ingress  # noqa: E402
+from distillery.serving import firewall  # noqa: E402
 
 SERVE = ["--set", "serve.min_replicas=2", "--set", "serve.max_replicas=2", "--set", "serve.num_cpus=0.5",
          "--set", "serve.auto=false", "--set", "serve.grpc_port=null"]

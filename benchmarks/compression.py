@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import PRESET, RESULTS, median, table  # noqa: E402
 
 from distillery.measure import timing  # noqa: E402
-from distillery.models.artifact import load_model  # noqa: E402
-from distillery.compression import quantize, store  # noqa: E402
-from distillery.compression.recipe import Int8Dynamic  # noqa: E402
+from distillery import artifacts  # noqa: E402
+from distillery.models import quantized as quantize
+from distillery.config.compress import Int8Dynamic  # noqa: E402
 from distillery.config import CNNConfig, load_config  # noqa: E402
 from distillery.models.architectures import build_model, count_macs, make_spec  # noqa: E402
 from distillery.pipeline.stages import run_stages  # noqa: E402
@@ -60,7 +60,7 @@ def digits(run_dir: Path, repeats: int) -> dict:
     front = json.loads((run_dir / "frontier.json").read_text())
     records = {r["name"]: r for r in front["variants"]}
     best = records[front["recommended"]["name"]]
-    teacher, arch = load_model(run_dir / "teacher")
+    teacher, arch = artifacts.load(run_dir / "teacher")
     shape, t_macs = arch["spec"]["in_shape"], records["teacher"]["macs"]
     chosen = _load(run_dir, best["name"])
     models = {"teacher fp32 eager": (teacher, shape, t_macs, "eager"),
@@ -84,8 +84,8 @@ def digits(run_dir: Path, repeats: int) -> dict:
 
 def _load(run_dir: Path, name: str):
     if name in ("teacher", "student", "student_scratch"):
-        return load_model(run_dir / name)[0]
-    return store.load_variant(run_dir / "variants" / name)[0]
+        return artifacts.load(run_dir / name)[0]
+    return artifacts.load(run_dir / "variants" / name)[0]
 
 
 def cifar_shaped(repeats: int) -> dict:

@@ -109,7 +109,8 @@ def load(args: argparse.Namespace, urls: dict, protocol: str, images: int, c: in
 def serve(run_dir: Path, model: str) -> dict[str, str]:
     import ray
 
-    from distillery.serving import deployments, ingress
+    from distillery.compat import ingress
+    from distillery.serving import deployments
 
     cfg = ServeConfig(port=free_port(), grpc_port=free_port(), models=[model], auto=False,
                       min_replicas=1, max_replicas=1, max_ongoing_requests=128, max_queued_requests=1000,

@@ -26,19 +26,19 @@ from torch.export import Dim
 from common import machine, machine_lines, make_config, publish, run, table
 from distillery import data
 from distillery.measure.accuracy import paired_interval
-from distillery.models.artifact import load_model
+from distillery import artifacts
 
 
 def correct(root: Path) -> torch.Tensor:
     x, y = data.load_split(root / "data", "test")
-    model, _ = load_model(root / "student")
+    model, _ = artifacts.load(root / "student")
     with torch.inference_mode():
         return model(x).argmax(1) == y
 
 
 def exports(run_dir: Path, out: Path) -> dict[str, str]:
     """The run's teacher as each import form: {form: teacher.import_from}."""
-    teacher, arch = load_model(run_dir / "teacher")
+    teacher, arch = artifacts.load(run_dir / "teacher")
     shape = arch["spec"]["in_shape"]
     program = torch.export.export(teacher, (torch.zeros(2, *shape),), dynamic_shapes=({0: Dim("batch")},))
     torch.export.save(program, str(out / "teacher.pt2"))

@@ -28,7 +28,7 @@ from common import (machine, machine_lines, make_config, mean, publish, quick_ov
                     table)
 from distillery import data
 from distillery.measure.accuracy import paired_interval
-from distillery.models.artifact import load_model
+from distillery import artifacts
 
 VARIANTS = {"labeled (alpha 0.9)": [], "soft only (labels=false)": ["distill.labels=false"],
             "unlabeled transfer set": ["distill.transfer.source=digits", "distill.transfer.labeled=false"]}
@@ -37,7 +37,7 @@ VARIANTS = {"labeled (alpha 0.9)": [], "soft only (labels=false)": ["distill.lab
 def student_correct(root: Path) -> torch.Tensor:
     """Which test images the run's distilled student gets right (bool [360])."""
     x, y = data.load_split(root / "data", "test")
-    model, _ = load_model(root / "student")
+    model, _ = artifacts.load(root / "student")
     with torch.inference_mode():
         return model(x).argmax(1) == y
 

@@ -6,7 +6,6 @@ a local instance is started once, with Serve's ingress chosen before it starts.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -15,11 +14,11 @@ import ray
 import ray.data
 
 from distillery import console
+from distillery.compat import environment, ingress, logs
+from distillery.compat.worker import worker_setup
 from distillery.config import PipelineConfig, ServeConfig
 from distillery.errors import UserError
-from distillery.process_setup import worker_setup
 from distillery.run import storage
-from distillery.serving import ingress
 
 
 def cluster_address(cfg: PipelineConfig) -> str | None:
@@ -48,13 +47,14 @@ def _init(cfg: PipelineConfig) -> None:
              "configure_logging": not console.quiet()}
     console.quiet_library_loggers()  # importing ray gave its logger a console handler
     if console.quiet():
-        _route_raylet_messages()
+        logs.route_raylet_messages(console.detail)  # to the run's log
     if cluster_address(cfg):
         ray.init(address=cluster_address(cfg), **quiet)
     else:
         _init_local(cfg, quiet)
     console.quiet_library_loggers()  # ray.init set up its own handlers on the console
-    _link_ray_logs()
+    if console.log_file():
+        logs.link_session_logs(console.log_file().parent / "ray")  # <run>/logs/ray: a run's logs in one place
 
 
 def machines() -> list[str]:
@@ -97,36 +97,9 @@ def check_serve_host(serve: ServeConfig, addresses: list[str]) -> None:
                     f"{ingress.SERVE_HOST_VAR}={serve.host} (cluster.yaml)")
 
 
-def _route_raylet_messages() -> None:
-    """What the raylet reports to a driver ("N worker processes have been started", a task
-    retried at shutdown) Ray prints straight to stdout, past `log_to_driver`: to the run's log
-    instead. Ray's listener thread looks the printer up at each call."""
-    from ray._private import worker
-
-    def to_log(data: dict, ignore_prefix: bool) -> None:
-        for line in data.get("lines", []):
-            console.detail(f"({data.get('pid', 'ray')}) {line}")
-
-    worker.print_to_stdstream = to_log
-
-
-def _link_ray_logs() -> None:
-    """<run>/logs/ray -> this Ray session's log folder (workers, replicas, the raylet): a
-    run's logs in one place. Ray keeps them in its session folder, on this node."""
-    run_log, node = console.log_file(), getattr(ray._private.worker.global_worker, "node", None)
-    if run_log is None or node is None:
-        return
-    link = run_log.parent / "ray"
-    with contextlib.suppress(OSError):
-        link.unlink(missing_ok=True)
-        link.symlink_to(node.get_logs_dir_path(), target_is_directory=True)
-
-
 def _init_local(cfg: PipelineConfig, quiet: dict) -> None:
     ingress.apply(cfg.serve.ingress, cfg.serve.host)  # Serve's ingress: chosen by Ray's environment
-    # No node of a local instance is ever preempted: no watcher actor per training run (a
-    # process, and an error line about its arguments from Ray 2.60's core worker).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    environment.no_preemption_watcher()
 
     # Logical CPUs beyond the workers' share, so Ray Data's read tasks are never starved
     # by the training workers holding every CPU (a deadlock on a 2-core machine).

@@ -20,7 +20,7 @@ from conftest import ROOT, free_port
 from distillery import data
 from distillery.cli.main import main
 from distillery.config import ServeConfig
-from distillery.models.artifact import load_model
+from distillery import artifacts
 from distillery.serving.predictor import Predictor, catalog
 from test_serving import KEY, _call, _infer_body
 
@@ -43,7 +43,7 @@ def byo(tmp_path_factory):
     elsewhere = base / "elsewhere"
     assert main(["train", "--model", "teacher", *_settings(elsewhere), "--set", "teacher.train.epochs=4",
                  "--set", "teacher.model={kind: torchvision, name: resnet18}"]) == 0
-    teacher, _ = load_model(elsewhere / "tiny" / "teacher")
+    teacher, _ = artifacts.load(elsewhere / "tiny" / "teacher")
     program = base / "resnet18.pt2"
     torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: Dim("batch")},)),
                       str(program))

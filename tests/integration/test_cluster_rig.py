@@ -24,7 +24,8 @@ import torch
 from conftest import ROOT, _object_store, free_port, make_bucket
 from distillery.loadtest import generator
 from distillery.measure.accuracy import interval
-from distillery.serving import firewall, ingress
+from distillery.compat import ingress
+from distillery.serving import firewall
 from netns_rig import HOST, SUBNET, Rig, unavailable
 from ray_nodes import BIN, LABEL, Cluster, submit
 from rig_state import (answers, get, ingress_nodes, listening, object_sizes, replica_nodes, servers,

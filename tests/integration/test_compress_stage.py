@@ -22,7 +22,7 @@ import yaml
 from conftest import ROOT, free_port
 from distillery import data
 from distillery.cli.main import main
-from distillery.compression import store
+from distillery import artifacts
 from distillery.files import sha256_file
 from distillery.serving.predictor import catalog
 from distillery.training.loop import batches, evaluate
@@ -114,7 +114,7 @@ def test_variants_are_saved_reloadable_and_scored_as_saved(run):
         assert recipe["name"] == name and recipe["parent"] == records[name]["parent"], name
         assert " -> ".join([recipe["parent"], *(step["kind"] for step in recipe["steps"])]) \
             == re.sub(r"\([^)]*\)", "", records[name]["recipe"]), name
-        model, arch = store.load_variant(folder)
+        model, arch = artifacts.load(folder)
         assert arch["format"] == formats[name], name
         metrics = json.loads((folder / "metrics.json").read_text())
         # the reported accuracy is that of the model on disk
@@ -138,7 +138,7 @@ def test_each_recipe_did_what_it_says(run):
     assert sum(v["weights"] * v["sparsity"] for v in layers.values()) / total == pytest.approx(0.5, abs=1e-3)
     arch = json.loads((root / "variants/sparse/arch.json").read_text())
     assert arch["format"] == "dense" and arch["sparse"]  # stored as mask + values
-    model, _ = store.load_variant(root / "variants" / "sparse")
+    model, _ = artifacts.load(root / "variants" / "sparse")
     zeros = sum(int((m.weight == 0).sum()) for m in (model.conv1, model.conv2, model.fc1, model.fc2))
     assert abs(zeros - 0.5 * total) <= 1  # fine-tuning kept the pruned weights at zero
 

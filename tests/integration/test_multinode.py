@@ -24,7 +24,7 @@ import pytest
 
 from conftest import free_port, make_bucket
 from distillery.files import sha256_file
-from distillery.serving import ingress
+from distillery.compat import ingress
 from ray_nodes import BIN, Cluster, submit
 
 SERVE_PORT = free_port()  # one Serve instance on this cluster

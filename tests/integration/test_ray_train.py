@@ -14,7 +14,7 @@ from test_ray_resume import registered_epoch  # noqa: E402
 
 from conftest import ROOT, copy_run  # noqa: E402
 from distillery.config import load_config  # noqa: E402
-from distillery.models.artifact import load_model  # noqa: E402
+from distillery import artifacts  # noqa: E402
 from distillery.pipeline.stages import run_stages  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def test_teacher_trains_on_two_workers(trained_teacher, tmp_path, parallelism):
     assert all(len(h["samples_per_s_per_worker"]) == 2 for h in history)
     assert metrics["parallelism"] == parallelism and metrics["workers"] == 2
     assert metrics["test_accuracy"] > 0.4  # 4 classes: chance is 0.25
-    model, _ = load_model(tmp_path / "tiny" / "teacher")  # the gathered full model loads
+    model, _ = artifacts.load(tmp_path / "tiny" / "teacher")  # the gathered full model loads
     assert sum(p.numel() for p in model.parameters()) == metrics["params"]
     trials = list((tmp_path / "tiny" / "ray").glob("teacher-*"))
     assert len(trials) == 1
@@ -167,7 +167,7 @@ def test_cached_teacher_logits_are_computed_once_and_reused(trained_teacher, tmp
 
     table = pq.read_table(sorted((root / "teacher_logits").glob("*.parquet")))
     x, _ = data.decode_batch(table, [1, 8, 8])
-    teacher, _ = load_model(root / "teacher")
+    teacher, _ = artifacts.load(root / "teacher")
     cached = torch.tensor(table.column("teacher_logits").to_pylist())
     assert cached.shape == (len(x), 4)
     assert torch.allclose(cached, teacher(x).detach(), atol=1e-5)
@@ -187,7 +187,7 @@ def test_workers_distil_from_an_imported_program_on_an_unlabeled_transfer_set(tr
 
     import torch
 
-    teacher, _ = load_model(trained_teacher / "teacher")
+    teacher, _ = artifacts.load(trained_teacher / "teacher")
     program = tmp_path / "teacher.pt2"
     torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: Dim("batch")},)),
                       str(program))

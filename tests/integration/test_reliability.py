@@ -23,11 +23,11 @@ import pytest
 
 from conftest import copy_run, free_port
 from distillery import data
-from distillery.process_setup import worker_setup
+from distillery.compat.worker import worker_setup
 from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.loadtest import generator
-from distillery.serving import ingress
+from distillery.compat import ingress
 
 MODEL = "student"
 

@@ -13,7 +13,7 @@ from conftest import ROOT, make_bucket
 from distillery.cli.main import main
 from distillery.run import storage
 from distillery.search.budget import bounds, misses
-from distillery.search.settings import BudgetConfig
+from distillery.config.search import BudgetConfig
 from distillery.serving.predictor import catalog
 
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -23,7 +23,7 @@ from distillery import data
 from distillery.cli.main import main
 from distillery.config import ServeConfig
 from distillery.errors import UserError
-from distillery.serving import ingress
+from distillery.compat import ingress
 from distillery.serving.adapt import ladder
 from distillery.serving.predictor import Predictor, catalog
 

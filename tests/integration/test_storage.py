@@ -196,12 +196,12 @@ def test_a_teacher_imported_from_a_bucket_is_verified_like_a_local_one(bucket, t
     import torch
     from torch.export import Dim
 
-    from distillery.models.artifact import load_model
-    from distillery.models.imported import import_model
+    from distillery import artifacts
+    from distillery.artifacts.imported import import_model
 
     b = bucket("imports")
     run = run_stages(_cfg(b.uri), ["data", "teacher"], log=lambda m: None)
-    teacher, _ = load_model(run.root / "teacher")
+    teacher, _ = artifacts.load(run.root / "teacher")
     torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: Dim("batch")},)),
                       str(tmp_path / "t.pt2"))
     b.put("programs/t.pt2", (tmp_path / "t.pt2").read_bytes())

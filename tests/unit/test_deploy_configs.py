@@ -7,7 +7,7 @@ import shlex
 import yaml
 
 from conftest import ROOT
-from distillery.serving import ingress
+from distillery.compat import ingress
 
 
 def _config() -> dict:

@@ -7,10 +7,10 @@ and exit code 2; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from distillery import console
+from distillery.compat import environment
 from distillery.config import DATA_SOURCES, load_config
 from distillery.errors import TrainingFailed, UserError
 from distillery.roles import TRAINED
@@ -174,14 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ask_for_token_auth(address: str | None) -> None:
-    """A local Ray instance with token authentication asked for, as Ray 2.60 would turn it on
-    by default anyway, but without its console warning that it did. Only before Ray is
-    imported: it reads the mode once."""
-    if not (address or os.environ.get("RAY_ADDRESS")) and "ray" not in sys.modules:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
 def _where_logged() -> str:
     path = console.log_file()
     return f" (full log: {path})" if path else ""
@@ -205,7 +197,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "search":
         overrides += search_overrides(args)
     cfg = load_config(args.config, overrides)
-    ask_for_token_auth(cfg.ray.address)
+    environment.ask_for_token_auth(cfg.ray.address)
     log = console.say
     if args.command == "data":
         stages = ["data"]

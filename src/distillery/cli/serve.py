@@ -15,11 +15,12 @@ import numpy as np
 from pydantic import ValidationError
 
 from distillery import console
+from distillery.compat import environment
 from distillery.config import LoadTestConfig, load_config
 from distillery.errors import UserError
 from distillery.run import storage
 from distillery.run.rundir import local_view
-from distillery.serving import ingress
+from distillery.compat import ingress
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -39,9 +40,8 @@ def serve(args: argparse.Namespace) -> None:
         out = write_serve_config(location, cfg, Path(args.output or root / "serve" / "config.yaml"))
         print(f"Serve config: {out}\n  serve run {out}")
         return
-    from distillery.cli.main import ask_for_token_auth
 
-    ask_for_token_auth(cfg.ray.address)  # before Ray is imported
+    environment.ask_for_token_auth(cfg.ray.address)  # before Ray is imported
     from distillery.serving import deploy  # Ray Serve loads only for the commands that deploy
 
     # Like `run`: distillery's own few lines here, Ray's and Serve's in the log (and here with --verbose).

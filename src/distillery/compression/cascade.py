@@ -9,38 +9,10 @@ accuracy reaches a target. Plain PyTorch, no Ray: a replica holds both networks 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
-Confidence = Literal["max_prob", "margin"]
-ESCALATE_ALL = 2.0  # above any confidence (both kinds lie in [0, 1])
-
-
-def confidence(logits: Tensor, kind: Confidence) -> Tensor:
-    """[N, K] logits -> [N] confidence: the top softmax probability, or its margin over the second."""
-    probs = torch.softmax(logits.float(), dim=1)
-    if kind == "max_prob":
-        return probs.max(dim=1).values
-    top2 = probs.topk(2, dim=1).values
-    return top2[:, 0] - top2[:, 1]
-
-
-class Cascade(nn.Module):
-    """`small` answers the rows whose confidence is >= `threshold`, `large` the others."""
-
-    def __init__(self, small: nn.Module, large: nn.Module, threshold: float, kind: Confidence = "max_prob"):
-        super().__init__()
-        self.small, self.large, self.threshold, self.kind = small, large, float(threshold), kind
-
-    def forward(self, x: Tensor) -> Tensor:
-        logits = self.small(x)
-        unsure = confidence(logits, self.kind) < self.threshold
-        if bool(unsure.any()):
-            logits = logits.float().clone()
-            logits[unsure] = self.large(x[unsure]).float()
-        return logits
+from distillery.models.cascade import ESCALATE_ALL, Cascade, Confidence, confidence  # noqa: F401 (the cascade's API)
 
 
 def choose_threshold(conf: Tensor, small_correct: Tensor, large_correct: Tensor, target: float) -> dict:

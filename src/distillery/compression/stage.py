@@ -2,7 +2,7 @@
 
 Each variant starts from its parent (the distilled student, the teacher, or an earlier
 variant) and runs its steps in order: prune -> fine-tune (Ray Train, distilled from the
-teacher) -> quantize. It is saved (`compression.store`), reloaded from disk, and only the
+teacher) -> quantize. It is saved (`artifacts`), reloaded from disk, and only the
 reloaded model is scored and timed: the numbers are those of what would be served. The
 teacher and both students are timed the same way, and `frontier` draws the trade-off.
 """
@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from distillery import console
-from distillery.compression import cascade, prune, store
-from distillery.compression.recipe import VariantConfig
+from distillery.compression import cascade, prune
+from distillery import artifacts
+from distillery.config.compress import VariantConfig
 from distillery.compression.steps import HANDLERS, Built, Context, Log, Work, accuracy, apply_steps, outcomes
 from distillery.config import PipelineConfig
 from distillery.errors import NotApplicable, UserError
@@ -27,7 +28,6 @@ from distillery.files import atomic_write_json, read_json
 from distillery.measure import frontier, timing
 from distillery.measure.accuracy import paired
 from distillery.models.architectures import build_model, count_macs, count_params
-from distillery.models.artifact import load_model
 from distillery.models.exported import ExportedModel
 from distillery.roles import PARENT, SEARCHED, SHOWN, TRAINED, VARIANT, VARIANT_BASES
 from distillery.run.rundir import RunDir
@@ -84,7 +84,7 @@ def measure_all(ctx: Context, settings: timing.BenchSettings, variants: list[Var
     records = measure_trained(ctx, settings, advance)
     for v in variants:
         b = built[v.name]
-        model, _ = store.load_variant(b.files[-1].parent)  # score what is on disk
+        model, _ = artifacts.load(b.files[-1].parent)  # score what is on disk
         if v.cascade_to():
             records[v.name] = measure_cascade(ctx, settings, v, model, records) | {"steps": b.details}
         else:
@@ -102,7 +102,7 @@ def measure_searched(ctx: Context, settings: timing.BenchSettings) -> dict[str, 
     """The model the search chose (`search.stage`), timed here again beside everything else."""
     folder = ctx.run.verify_file(f"variants/{SEARCHED}/arch.json").parent
     found = read_json(ctx.run.verify_file(f"variants/{SEARCHED}/search.json"))["record"]
-    model, _ = store.load_variant(folder)
+    model, _ = artifacts.load(folder)
     rec = measure(ctx, settings, SEARCHED, VARIANT, "teacher", f"searched: {found['recipe']}", model, model,
                   found["size_bytes"], int8=found["numerics"] == "int8_static", macs=found["macs"], params=found["params"])
     return {**rec, "numerics": found["numerics"]}
@@ -113,7 +113,7 @@ def measure_trained(ctx: Context, settings: timing.BenchSettings,
     """The teacher and both students as reloaded from disk (verified), scored and timed."""
     records = {}
     for name in SHOWN:
-        model, arch = load_model(ctx.run.verify_file(f"{name}/arch.json").parent)
+        model, arch = artifacts.load(ctx.run.verify_file(f"{name}/arch.json").parent)
         size = (ctx.run.root / name / arch["weights"]).stat().st_size
         records[name] = {**measure(ctx, settings, name, name, PARENT[name], name, model, model, size),
                          "numerics": "fp32"}
@@ -191,7 +191,7 @@ def check_run(run: RunDir, cfg: PipelineConfig) -> dict[str, str]:
     wrong recipe leaves the run's finished compress stage as it was. Returns the variants
     refused as not applicable to their model, with the reason."""
     manifest = read_json(run.verify_file("data/manifest.json"))
-    bases = {name: load_model(run.verify_file(f"{name}/arch.json").parent)[0] for name in TRAINED}
+    bases = {name: artifacts.load(run.verify_file(f"{name}/arch.json").parent)[0] for name in TRAINED}
     return check_recipes(cfg.compress.variants, bases, manifest["image_shape"])
 
 
@@ -213,9 +213,9 @@ def build(ctx: Context, v: VariantConfig) -> Built:
 def _parent(ctx: Context, name: str) -> tuple[nn.Module, dict]:
     """The parent's fp32 model and the spec of the base model it descends from."""
     if name in VARIANT_BASES:
-        model, arch = load_model(ctx.run.verify_file(f"{name}/arch.json").parent)
+        model, arch = artifacts.load(ctx.run.verify_file(f"{name}/arch.json").parent)
     else:
-        model, arch = store.load_variant(ctx.run.root / "variants" / name)
+        model, arch = artifacts.load(ctx.run.root / "variants" / name)
     return model, arch["spec"]
 
 

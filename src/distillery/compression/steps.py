@@ -4,9 +4,9 @@ A handler has two halves: `check` dry-runs the step on a copy of the parent befo
 (layer names, reachable ratios, backend limits), so a refused recipe costs nothing; `apply`
 runs it on the variant in the making and returns the saved files when the step is the one
 that writes the variant (quantization: it is the last step), else None. Steps that leave
-fp32 weights end with `store.save_dense`.
+fp32 weights end with `artifacts.save_dense`.
 
-A new compression method is one config class in `recipe.py` (added to `recipe.Step`) and
+A new compression method is one config class in `config/compress.py` (added to its `Step`) and
 one `@handler(kind, check=...)` function here.
 """
 
@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from distillery import console
-from distillery.compression import cascade, prune, quantize, store
-from distillery.compression.recipe import (Cascade, Finetune, Int8Dynamic, Int8Static, PruneChannels,
+from distillery.compression import cascade, prune
+from distillery import artifacts
+from distillery.models import quantized as quantize
+from distillery.config.compress import (Cascade, Finetune, Int8Dynamic, Int8Static, PruneChannels,
                                            PruneUnstructured, StepConfig, WeightOnly)
 from distillery.config import PipelineConfig, TrainConfig
 from distillery.errors import NotApplicable, UserError
@@ -155,7 +157,7 @@ def _int8_static(ctx: Context, work: Work, step: Int8Static) -> list[Path]:
 def _int8_dynamic(ctx: Context, work: Work, step: Int8Dynamic) -> list[Path]:
     quantized = quantize.apply_torchao(copy.deepcopy(work.model), step)  # torchao's quantize_
     work.details.append({"kind": step.kind})
-    return store.save_torchao(work.folder, quantized, work.spec, work.base_shapes, step)
+    return artifacts.save_torchao(work.folder, quantized, work.spec, work.base_shapes, step)
 
 
 @handler("weight_only", check=lambda model, step, in_shape: quantize.check_weight_only(model, step))
@@ -167,7 +169,7 @@ def _weight_only(ctx: Context, work: Work, step: WeightOnly) -> list[Path]:
 @handler("cascade")
 def _cascade(ctx: Context, work: Work, step: Cascade) -> list[Path]:
     """Choose the threshold on the validation split, then save both members with it."""
-    large, _ = store.load_variant(model_dir(ctx.run, step.to))
+    large, _ = artifacts.load(model_dir(ctx.run, step.to))
     conf, small_ok, large_ok = cascade.outcomes(work.model, large, *ctx.splits["val"], step.confidence)
     target = step.target_accuracy if step.target_accuracy is not None else float(large_ok.float().mean())
     chosen = cascade.choose_threshold(conf, small_ok, large_ok, target)
@@ -178,7 +180,7 @@ def _cascade(ctx: Context, work: Work, step: Cascade) -> list[Path]:
                          **{f"val_{k}": v for k, v in chosen.items() if k != "threshold"},
                          "threshold": chosen["threshold"]})
     members = {"small": model_dir(ctx.run, work.parent), "large": model_dir(ctx.run, step.to)}
-    return store.save_cascade(work.folder, members, work.spec, {"threshold": chosen["threshold"],
+    return artifacts.save_cascade(work.folder, members, work.spec, {"threshold": chosen["threshold"],
                               "confidence": step.confidence, "small": work.parent, "large": step.to})
 
 
@@ -196,7 +198,7 @@ def apply_steps(ctx: Context, work: Work, steps: list[StepConfig]) -> list[Path]
         files = HANDLERS[step.kind].apply(ctx, work, step)
         if files:
             return files
-    return store.save_dense(work.folder, work.model, work.spec, work.base_shapes)
+    return artifacts.save_dense(work.folder, work.model, work.spec, work.base_shapes)
 
 
 def finetune(ctx: Context, name: str, model: nn.Module, spec: dict, step: Finetune,
@@ -209,7 +211,7 @@ def finetune(ctx: Context, name: str, model: nn.Module, spec: dict, step: Finetu
     from distillery.training.on_ray import fit_on_ray  # the core never imports ray
 
     init = folder / "pruned"  # the workers' starting point, verified when they load it
-    store.save_dense(init, model, spec, prune.layer_shapes(build_model(spec)))
+    artifacts.save_dense(init, model, spec, prune.layer_shapes(build_model(spec)))
     job = TrainJob(which=f"finetune:{name}", spec=spec, train=tcfg, image_shape=ctx.in_shape,
                    train_rows=len(ctx.splits["train"][0]), init_dir=str(init.relative_to(ctx.run.root)),
                    teacher_dir="teacher" if step.distill else None, hints=False, prune=gradual)
@@ -252,7 +254,7 @@ def _static_int8(ctx: Context, model: nn.Module, step: Int8Static, folder: Path,
             fp32, prepared = _qat(ctx, model, step)
             qat = True
             detail.update(method="qat", qat_epochs=step.qat_epochs)
-    return store.save_pt2e(folder, fp32, prepared, spec, base_shapes, qat=qat), detail
+    return artifacts.save_pt2e(folder, fp32, prepared, spec, base_shapes, qat=qat), detail
 
 
 def _qat(ctx: Context, model: nn.Module, step: Int8Static) -> tuple[nn.Module, torch.fx.GraphModule]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from distillery.serving.runner import MODES, SERVABLE_MODES, runner
+from distillery.models.runner import MODES, SERVABLE_MODES, runner
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,13 @@ rest of its settings.
 
 from __future__ import annotations
 
-import sys
-from functools import cache
-from types import ModuleType
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from distillery.compat.torchvision import torchvision
 from distillery.config import TorchvisionConfig
 from distillery.errors import UserError
 from distillery.models.spec import Spec
@@ -32,32 +30,6 @@ class TorchvisionSpec(Spec):
 
 def make_spec(cfg: TorchvisionConfig, base: dict[str, Any]) -> dict[str, Any]:
     return {**base, "name": cfg.name}
-
-
-@cache
-def torchvision() -> ModuleType:
-    """torchvision, imported so that its classification models work beside a CPU build of torch.
-
-    PyPI's torchvision wheels are built against the CUDA build of torch. Beside the CPU build
-    this project pins, their C++ ops (nms, roi_align: detection only) cannot load, and
-    torchvision 0.28 then fails at import, registering fake kernels for `torchvision::nms` and
-    `qnms` without the guard its other registrations have. Classification models use none of
-    these ops, so when that is the failure, declare the two ops' schemas and import again.
-    """
-    try:
-        import torchvision as tv
-        return tv
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-        del sys.modules[name]  # the half-imported package
-    lib = torch.library.Library("torchvision", "DEF")  # noqa: TOR901 (kept alive by the cache)
-    for op in ("nms", "qnms"):
-        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision as tv
-    tv._distillery_schemas = lib  # the Library must outlive this call, or its definitions go
-    return tv
 
 
 def names() -> list[str]:

@@ -29,8 +29,9 @@ from distillery.errors import UserError
 from distillery.files import atomic_write_bytes, atomic_write_json
 from distillery.measure.accuracy import distillation_gain, results_table, with_interval
 from distillery.models.architectures import build_model, describe, make_spec, summarize
-from distillery.models import imported
-from distillery.models.artifact import load_model, save_model
+from distillery.artifacts import imported
+from distillery import artifacts
+from distillery.artifacts import save_model
 from distillery.pipeline import report
 from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir, fingerprint
@@ -305,7 +306,7 @@ def evaluate_run(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     models, correct = {}, {}
     for which in TRAINED:
         run.verify_file(f"{which}/arch.json")
-        model, arch = load_model(run.root / which)
+        model, arch = artifacts.load(run.root / which)
         scores = {split: evaluate(model, batches(*splits[split], EVAL_BATCH)) for split in ("val", "test")}
         with torch.inference_mode():
             correct[which] = model(splits["test"][0]).argmax(1) == splits["test"][1]

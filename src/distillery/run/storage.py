@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -26,30 +25,11 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from distillery.config.location import SCHEMES, check_location, is_uri  # noqa: F401 (storage.is_uri, ...)
 from distillery.errors import UserError
 from distillery.files import atomic_path, sha256_file
 
-SCHEMES = ("s3", "gs")
 _BLOCK = 1 << 20
-
-
-def is_uri(location: str | Path) -> bool:
-    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(location)))
-
-
-def check_location(location: str) -> str:
-    """A folder path, or an s3:// / gs:// URI with a bucket; anything else is refused."""
-    if not is_uri(location):
-        return location
-    parts = urlsplit(location)
-    if parts.scheme not in SCHEMES:
-        raise ValueError(f"{parts.scheme}:// is not supported; give a folder (local or shared by every node) "
-                         f"or a URI starting with {' or '.join(s + '://' for s in SCHEMES)}")
-    if not parts.netloc:
-        raise ValueError(f"{location!r} names no bucket")
-    if any(segment in (".", "..") for segment in parts.path.split("/")):
-        raise ValueError(f"{location!r}: '.' and '..' are not allowed in a URI's path")  # cache folders mirror it
-    return location
 
 
 def join(location: str | Path, *parts: str) -> str:

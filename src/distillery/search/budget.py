@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from distillery.measure.frontier import choice_view, same_computation
-from distillery.search.settings import BudgetConfig
+from distillery.config.search import BudgetConfig
 
 
 class Bound(NamedTuple):

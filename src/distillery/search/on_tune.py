@@ -11,7 +11,6 @@ URI), so running the search again resumes it: finished trials are kept, unfinish
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -22,11 +21,12 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from distillery import console
+from distillery.compat import environment
 from distillery.cluster import ensure_ray
 from distillery.config import PipelineConfig
 from distillery.run import storage
 from distillery.run.rundir import RunDir
-from distillery.search.settings import SpaceConfig
+from distillery.config.search import SpaceConfig
 from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, flat, run_trial
 from distillery.training.feed import one_line
 from distillery.training.on_ray import checkpoint_storage
@@ -69,9 +69,7 @@ def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, mod
     """Run (or resume) the search `name`; copy each completed trial's model to `out/<trial>`;
     return every trial's outcome: settings, status, epochs run, last metrics, error."""
     ensure_ray(cfg)
-    # Tune's new console output prints its experiment table whatever `verbose` says; the legacy
-    # reporter at verbose=0 prints nothing. The search's own lines say what is going on.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    environment.legacy_tune_output()
     where = checkpoint_storage(run, "search")
     fn = tune.with_resources(tune.with_parameters(trainable, data=data), {"cpu": cfg.search.cpus_per_trial})
     fs, path = storage.filesystem(run.location_of(f"search/{name}"))

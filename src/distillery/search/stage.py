@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from distillery import console
-from distillery.compression import store
+from distillery import artifacts
 from distillery.compression.stage import measure, measure_trained
 from distillery.compression.steps import Context
 from distillery.config import PipelineConfig
@@ -26,7 +26,6 @@ from distillery.measure import timing
 from distillery.measure.accuracy import with_interval
 from distillery.roles import SEARCHED, VARIANT
 from distillery.models.architectures import count_macs
-from distillery.models.artifact import load_model
 from distillery.run.rundir import RunDir, fingerprint
 from distillery.search import budget, report
 from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, describe, model_macs
@@ -75,7 +74,7 @@ def models_within_work(run: RunDir, cfg: PipelineConfig, manifest: dict, log: Lo
     which = cfg.search.budget.as_fast_as
     if which is None:
         return pairs
-    limit = count_macs(load_model(run.verify_file(f"{which}/arch.json").parent)[0], shape)
+    limit = count_macs(artifacts.load(run.verify_file(f"{which}/arch.json").parent)[0], shape)
     kept = [p for p in pairs if (model_macs(cfg, *p, shape, classes) or 0) <= limit]
     if not kept:
         raise UserError(f"search.space: no width and recipe come to at most {limit:,} MACs ({which}'s, as "
@@ -88,7 +87,7 @@ def measure_trial(ctx: Context, bench: timing.BenchSettings, outcome: dict[str, 
                   advance: Callable[..., None]) -> dict[str, Any]:
     """A finished trial's saved model, reloaded, scored on val and test and timed as served."""
     m = outcome["metrics"]
-    model, _ = store.load_variant(outcome["folder"])
+    model, _ = artifacts.load(outcome["folder"])
     rec = measure(ctx, bench, f"trial-{outcome['trial']}", VARIANT, "teacher", outcome["recipe"],
                   model, model, m["size_bytes"], int8=m["numerics"] == "int8_static", macs=m["macs"],
                   params=m["params"])

@@ -19,8 +19,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from distillery.compression import prune, store
-from distillery.compression.recipe import VariantConfig
+from distillery.compression import prune
+from distillery import artifacts
+from distillery.config.compress import VariantConfig
 from distillery.compression.steps import HANDLERS, Context, Work, accuracy, apply_steps
 from distillery.config import CNNConfig, PipelineConfig
 from distillery.errors import UserError
@@ -102,7 +103,7 @@ def run_trial(settings: dict[str, Any], data: TrialData, folder: Path, report: R
         on_epoch=reporter(report, epochs, cfg.search.reports, len(data.splits["val"][1])))
     trained_val = accuracy(model.eval(), data.splits["val"])
     fp32, numerics, files = compress(settings, data, spec, model, folder)
-    saved, _ = store.load_variant(folder)  # what is judged is what was saved
+    saved, _ = artifacts.load(folder)  # what is judged is what was saved
     return {"progress": 100.0, "epoch": epochs, **val_metrics(saved, data.splits["val"]),
             "trained_val_accuracy": trained_val, "macs": count_macs(fp32, data.image_shape),
             "params": count_params(fp32), "size_bytes": files[0].stat().st_size, "numerics": numerics}

@@ -34,7 +34,8 @@ from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_json, read_json
 from distillery.run import storage
-from distillery.serving import adapt, grpc_app, ingress
+from distillery.compat import ingress
+from distillery.serving import adapt, grpc_app
 from distillery.serving.auto import AutoState, Router
 from distillery.serving.batcher import Batcher
 from distillery.serving.predictor import Predictor, ServedModel, catalog

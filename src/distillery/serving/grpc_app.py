@@ -6,7 +6,7 @@ application answers every gRPC call, and its replicas hold every served model, e
 its own `Batcher` (the HTTP path's batching), plus `auto`'s choice among them, with no hop to
 another actor. HAProxy sends calls without `application` metadata here (`ingress` rewrites
 its gRPC default backend), and so does Ray's Python proxy in a distillery job
-(`process_setup.route_stock_grpc_calls`).
+(`compat.serve_grpc.route_stock_grpc_calls`).
 
 Overload is UNAVAILABLE, as HTTP's 503 maps to it and as Triton answers a full queue: each
 model may have `serve.max_ongoing_requests + serve.max_queued_requests` calls running or
@@ -28,8 +28,9 @@ from ray import serve
 from starlette.responses import JSONResponse
 from tritonclient.grpc import service_pb2 as pb
 
-from distillery.process_setup import alias_triton_messages, pin_grpc_listeners
-from distillery.serving import grpc_codec, ingress
+from distillery.compat import ingress
+from distillery.compat.serve_grpc import alias_triton_messages, pin_grpc_listeners
+from distillery.serving import grpc_codec
 from distillery.serving.batcher import Batcher
 from distillery.serving.auto import STATE, Router
 from distillery.serving.predictor import Predictor, ServedModel
@@ -41,7 +42,7 @@ ROUTE = "/v2/grpc"  # Serve routes gRPC only to applications with an HTTP route;
 
 
 # Our replicas pin their gRPC listeners to serve.host whatever started them (a `serve run`
-# of the config file has no job setup hook); see `process_setup.pin_grpc_listeners`.
+# of the config file has no job setup hook); see `compat.serve_grpc.pin_grpc_listeners`.
 pin_grpc_listeners(os.environ.get(ingress.SERVE_HOST_VAR))
 alias_triton_messages()  # a message from Ray's Python proxy arrives pickled
 

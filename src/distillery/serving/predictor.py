@@ -13,11 +13,11 @@ import torch
 from distillery.errors import UserError
 from distillery.files import read_json
 from distillery.measure import timing
-from distillery.models.artifact import load_model
+from distillery import artifacts
 from distillery.roles import SEARCHED, TRAINED
 from distillery.run import storage
 from distillery.run.rundir import local_view
-from distillery.serving.runner import SERVABLE_MODES, runner
+from distillery.models.runner import SERVABLE_MODES, runner
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,10 @@ class Predictor:
     """A verified model (sha256 checked on load) run in its serving mode, one thread."""
 
     def __init__(self, served: ServedModel, threads: int = 1):
-        from distillery.compression.store import load_variant  # torchao: seconds of import, only for variants
 
         torch.set_num_threads(threads)
         folder = storage.fetch(served.folder, served.files)  # a run at a URI: this node's copy
-        model, _ = load_model(folder) if served.name in TRAINED else load_variant(folder)
+        model, _ = artifacts.load(folder)
         self.served, self._run = served, runner(model, served.mode)
 
     @torch.inference_mode()

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field
 
-from distillery.compression.recipe import PruneUnstructured
+from distillery.config.compress import PruneUnstructured
 from distillery.config import TrainConfig
 from distillery.schema import Strict
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from distillery.config import DistillConfig, TrainConfig
-from distillery.models.artifact import load_model
+from distillery import artifacts
 from distillery.training.hints import wrap_for_hints
 from distillery.training.losses import LossFn, cross_entropy, distillation, pack_target
 
@@ -54,7 +54,7 @@ def objective(model: nn.Module, train: TrainConfig, distill: DistillConfig, *, t
 
 def frozen_teacher(folder: str | Path, device: torch.device) -> nn.Module:
     """The teacher, frozen: eval mode, no gradients, never trained."""
-    teacher, _ = load_model(folder)
+    teacher, _ = artifacts.load(folder)
     return teacher.to(device).eval().requires_grad_(False)
 
 

@@ -10,7 +10,6 @@ and a checkpoint per epoch (`checkpoint`) through which a restarted worker group
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 import zlib
@@ -29,13 +28,14 @@ import torch.nn.functional as F
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from distillery import data
+from distillery import artifacts, data
 from distillery.cluster import ensure_ray
-from distillery.process_setup import quiet_ray_train_logs
-from distillery.compression.prune import GradualSparsity
+from distillery.compat import environment
+from distillery.compat.logs import quiet_ray_train_logs
 from distillery.config import PipelineConfig, from_dict
 from distillery.errors import TrainingFailed
 from distillery.models.architectures import build_model
+from distillery.models.sparsity import GradualSparsity
 from distillery.run import storage
 from distillery.run.rundir import RunDir
 from distillery.training import checkpoint
@@ -58,12 +58,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
 
     Re-running with the same `run`/`name` resumes from the last registered checkpoint.
     """
-    # Ray Train's controller takes one report per poll of its workers (every 2 s by default)
-    # and a worker's next report waits for that: on small data that wait, not training, set
-    # the epoch time (2.0 s per epoch against 0.2 s of work on digits). 0.05 s against 0.2 s
-    # took a 15-epoch tiny fit from 49-53 s to 43 s (2 runs each). Read by the controller
-    # and its workers from this process's environment; an explicit setting wins.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")
+    environment.fast_train_reports()
     ensure_ray(cfg)
     # Only the training split streams through Ray Data (`read_shards`); the small val split is
     # read once per worker from the same verified shards (re-executing a dataset each epoch
@@ -230,9 +225,8 @@ def _initial_model(root: Path, job: TrainJob) -> torch.nn.Module:
     """A fresh model from the spec, or a saved (pruned) model to fine-tune."""
     if not job.init_dir:
         return build_model(job.spec)
-    from distillery.compression.store import load_variant  # torchao: seconds of import, only when fine-tuning
 
-    return load_variant(root / job.init_dir)[0].train()
+    return artifacts.load(root / job.init_dir)[0].train()
 
 
 def _resume(strategy: Strategy, model, opt, sched, rank: int, world: int) -> tuple[int, list[dict]]:

@@ -4,15 +4,16 @@ predictions, a save/reload round trip, and the recipe rules. In this process, no
 import pytest
 import torch
 
-from distillery.compression import cascade, store
+from distillery.compression import cascade
+from distillery import artifacts
 from distillery.compression.cascade import Cascade, choose_threshold, confidence
-from distillery.compression.recipe import Cascade as CascadeStep
-from distillery.compression.recipe import CompressConfig, Int8Dynamic, VariantConfig
+from distillery.config.compress import Cascade as CascadeStep
+from distillery.config.compress import CompressConfig, Int8Dynamic, VariantConfig
 from distillery.compression.stage import check_recipes
 from distillery.config import CNNConfig, ResNetConfig
 from distillery.errors import UserError
 from distillery.models.architectures import build_model, make_spec
-from distillery.models.artifact import save_model
+from distillery.artifacts import save_model
 
 IN_SHAPE = [1, 8, 8]
 SMALL = make_spec(CNNConfig(width_mult=0.5), IN_SHAPE, 10)
@@ -103,16 +104,16 @@ def test_a_saved_cascade_reloads_identically_and_verifies_its_members(tmp_path):
     small, large = _models()
     save_model(tmp_path / "s", small, SMALL)
     save_model(tmp_path / "l", large, LARGE)
-    store.save_cascade(tmp_path / "c", {"small": tmp_path / "s", "large": tmp_path / "l"}, SMALL,
+    artifacts.save_cascade(tmp_path / "c", {"small": tmp_path / "s", "large": tmp_path / "l"}, SMALL,
                        {"threshold": 0.5, "confidence": "margin", "small": "s", "large": "l"})
-    model, arch = store.load_variant(tmp_path / "c")
+    model, arch = artifacts.load(tmp_path / "c")
     x = torch.randn(16, *IN_SHAPE)
     with torch.inference_mode():
         assert torch.equal(model(x), Cascade(small, large, 0.5, "margin")(x))
     assert arch["format"] == "cascade" and isinstance(model, Cascade)
     (tmp_path / "c" / "large" / "arch.json").write_text((tmp_path / "c" / "small" / "arch.json").read_text())
     with pytest.raises(UserError, match="large/arch.json"):  # a member swapped: its sha256 no longer matches
-        store.load_variant(tmp_path / "c")
+        artifacts.load(tmp_path / "c")
 
 
 def test_cascade_recipe_rules():

@@ -17,13 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import ROOT
-from distillery.compression import prune, quantize, store
-from distillery.compression.recipe import Int8Dynamic, PruneChannels, PruneUnstructured, VariantConfig, WeightOnly
+from distillery.compression import prune
+from distillery import artifacts
+from distillery.models import quantized as quantize
+from distillery.config.compress import Int8Dynamic, PruneChannels, PruneUnstructured, VariantConfig, WeightOnly
 from distillery.compression.stage import check_recipes
 from distillery.config import CNNConfig, ResNetConfig, from_dict
 from distillery.errors import UserError
 from distillery.models.architectures import build_model, count_macs, make_spec
-from distillery.models.artifact import ARCH_FILE, WEIGHTS_FILE, save_model
+from distillery.artifacts import ARCH_FILE, WEIGHTS_FILE, save_model
 
 IN_SHAPE = [1, 8, 8]
 SPECS = {"cnn": make_spec(CNNConfig(width_mult=0.5), IN_SHAPE, 10),
@@ -53,7 +55,7 @@ def _base_shapes(arch: str) -> dict:
 
 
 def _dense(folder, model, arch):
-    return model, store.save_dense(folder, model, SPECS[arch], _base_shapes(arch))
+    return model, artifacts.save_dense(folder, model, SPECS[arch], _base_shapes(arch))
 
 
 def _unstructured(folder, arch):
@@ -67,14 +69,14 @@ def _channels(arch):
 
 def _torchao(folder, arch, step):
     model = quantize.apply_torchao(copy.deepcopy(_model(arch)), step)
-    return model, store.save_torchao(folder, model, SPECS[arch], _base_shapes(arch), step)
+    return model, artifacts.save_torchao(folder, model, SPECS[arch], _base_shapes(arch), step)
 
 
 def _static(folder, fp32, arch):
     prepared = quantize.prepare(copy.deepcopy(fp32), IN_SHAPE)
     quantize.calibrate(prepared, _batch(64, seed=2))
     converted = quantize.convert(copy.deepcopy(prepared))
-    return converted, store.save_pt2e(folder, fp32, prepared, SPECS[arch], _base_shapes(arch), qat=False)
+    return converted, artifacts.save_pt2e(folder, fp32, prepared, SPECS[arch], _base_shapes(arch), qat=False)
 
 
 def _qat(folder, arch):
@@ -93,7 +95,7 @@ def _qat(folder, arch):
     trained = prepared.state_dict()
     fp32.load_state_dict({k: trained[k] for k in fp32.state_dict()})
     converted = quantize.convert(copy.deepcopy(prepared))
-    return converted, store.save_pt2e(folder, fp32, prepared, SPECS[arch], _base_shapes(arch), qat=True)
+    return converted, artifacts.save_pt2e(folder, fp32, prepared, SPECS[arch], _base_shapes(arch), qat=True)
 
 
 BUILDERS = {
@@ -135,7 +137,7 @@ def variants(tmp_path_factory):
 @pytest.mark.parametrize("kind, arch", KINDS, ids=[f"{k}-{a}" for k, a in KINDS])
 def test_variant_round_trip_is_exact(variants, kind, arch):
     _, folders, expected = variants
-    model, arch_json = store.load_variant(folders[(kind, arch)])
+    model, arch_json = artifacts.load(folders[(kind, arch)])
     assert arch_json["format"] == FORMATS[kind]
     with torch.no_grad():
         out = model(_batch())
@@ -159,12 +161,12 @@ def test_reload_in_a_fresh_process_is_exact(variants):
     script = (
         "import json, sys, torch\n"
         "from safetensors.torch import load_file\n"
-        "from distillery.compression import store\n"
+        "from distillery import artifacts\n"
         "cases, expected = json.loads(sys.argv[1]), load_file(sys.argv[2])\n"
         "x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))\n"
         "bad = []\n"
         "for key, folder in cases.items():\n"
-        "    model, _ = store.load_variant(folder)\n"
+        "    model, _ = artifacts.load(folder)\n"
         "    with torch.no_grad():\n"
         "        if not torch.equal(model(x), expected[key]): bad.append(key)\n"
         "print('MISMATCH', bad)\n"
@@ -214,7 +216,7 @@ def test_damaged_weights_are_refused_naming_the_file(tmp_path, damage, kind):
         data = data[:-7]
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match="sha256 mismatch") as e:
-        store.load_variant(folder)
+        artifacts.load(folder)
     assert str(weights) in str(e.value)
 
 
@@ -243,11 +245,11 @@ def test_sparse_encoding_is_smaller_only_when_it_pays(tmp_path):
     sizes = {}
     for sparsity in (0.7, 0.01):
         model = prune.prune_unstructured(_model("cnn"), PruneUnstructured(sparsity=sparsity))
-        files = store.save_dense(tmp_path / f"sparse-{sparsity}", model, SPECS["cnn"], _base_shapes("cnn"))
+        files = artifacts.save_dense(tmp_path / f"sparse-{sparsity}", model, SPECS["cnn"], _base_shapes("cnn"))
         dense = save_model(tmp_path / f"dense-{sparsity}", model, SPECS["cnn"])
         arch = json.loads(files[1].read_text())
         sizes[sparsity] = (files[0].stat().st_size, dense[0].stat().st_size, arch["sparse"])
-        reloaded, _ = store.load_variant(files[0].parent)
+        reloaded, _ = artifacts.load(files[0].parent)
         for k, v in model.state_dict().items():
             assert torch.equal(reloaded.state_dict()[k], v), k
     packed, dense, sparse = sizes[0.7]
@@ -439,7 +441,7 @@ def test_a_variant_names_the_arithmetic_it_computes_in(steps, numerics):
 def test_every_step_kind_has_a_handler():
     import typing
 
-    from distillery.compression.recipe import Step
+    from distillery.config.compress import Step
     from distillery.compression.steps import HANDLERS
 
     kinds = {cls.model_fields["kind"].default for cls in typing.get_args(typing.get_args(Step)[0])}

@@ -5,8 +5,9 @@ other variants go on. (int8 on a pruned mobilenet, served: tests/integration/tes
 import pytest
 import torch
 
-from distillery.compression import prune, store
-from distillery.compression.recipe import PruneChannels
+from distillery.compression import prune
+from distillery import artifacts
+from distillery.config.compress import PruneChannels
 from distillery.compression.stage import check_recipes
 from distillery.config import CNNConfig, TorchvisionConfig, from_dict
 from distillery.errors import UserError
@@ -37,8 +38,8 @@ def test_a_channel_pruned_mobilenet_reloads_exactly_depthwise_groups_included(tm
     model = pruned
     grouped = {n: s for n, s in prune.layer_shapes(model).items() if len(s) == 3}
     assert grouped and all(s[2] == s[0] == s[1] for s in grouped.values())  # depthwise: groups = channels
-    store.save_dense(tmp_path, model, SPECS["mobilenet_v3_small"], prune.layer_shapes(build_model(SPECS["mobilenet_v3_small"])))
-    reloaded, _ = store.load_variant(tmp_path)
+    artifacts.save_dense(tmp_path, model, SPECS["mobilenet_v3_small"], prune.layer_shapes(build_model(SPECS["mobilenet_v3_small"])))
+    reloaded, _ = artifacts.load(tmp_path)
     x = torch.randn(4, *SHAPE)
     with torch.no_grad():
         assert torch.equal(reloaded(x), model.eval()(x))

@@ -183,7 +183,7 @@ def test_choices_read_no_test_figure(records):
     whose test figures refuse to be read give the choices of the same records with any others."""
     from distillery.measure.frontier import choice_view
     from distillery.search.budget import bounds, choose
-    from distillery.search.settings import BudgetConfig
+    from distillery.config.search import BudgetConfig
 
     sealed = [dict(r, test_accuracy=Sealed(0.5), test_images=Sealed(360), test_escalation=Sealed(0.1))
               for r in records]

@@ -4,7 +4,7 @@ from torch import nn
 
 from distillery.measure.timing import BenchSettings, is_faster, machine_info, measure
 from distillery.models.architectures import count_macs
-from distillery.serving.runner import MODES, runner
+from distillery.models.runner import MODES, runner
 
 FAST = BenchSettings(latency_runs=20, warmup=3, throughput_batch=32, throughput_runs=3)
 IN_SHAPE = [1, 8, 8]

@@ -6,7 +6,8 @@ import torch
 from distillery.config import TorchvisionConfig
 from distillery.errors import UserError
 from distillery.models.architectures import build_model, make_spec
-from distillery.models.standard import names, torchvision
+from distillery.compat.torchvision import torchvision
+from distillery.models.standard import names
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnet18"])

@@ -26,7 +26,8 @@ from torch import nn
 from distillery.errors import UserError
 from distillery.files import read_json, sha256_file
 from distillery.models.architectures import build_model, make_spec
-from distillery.models.artifact import ARCH_FILE, load_model, save_model, save_program
+from distillery import artifacts
+from distillery.artifacts import ARCH_FILE, save_model, save_program
 from distillery.models.exported import load_program
 from distillery.run import storage
 
@@ -100,7 +101,7 @@ def import_model(location: str, model_cfg: Any, in_shape: list[int], num_classes
         return _weights(source, origin, model_cfg, in_shape, num_classes, want)
     if source.suffix == ".pt2":
         return _program(source, origin, in_shape, num_classes, want)
-    model, arch = load_model(source)  # sha256 verified; safetensors and JSON only
+    model, arch = artifacts.load(source)  # sha256 verified; safetensors and JSON only
     spec = arch["spec"]
     if (list(spec["in_shape"]), spec["num_classes"]) != (list(in_shape), num_classes):
         raise UserError(f"teacher.import_from: {source} takes images of shape {spec['in_shape']} and gives "

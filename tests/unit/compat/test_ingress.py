@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from distillery.errors import UserError
-from distillery.serving import ingress
+from distillery.compat import ingress
 
 # What Ray 2.60 renders (abridged): the frontend on the configured host, stats and Prometheus on every interface.
 RAY_CONFIG = """frontend prometheus

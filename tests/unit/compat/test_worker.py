@@ -4,7 +4,7 @@ applied only where Serve is imported, when it is."""
 import subprocess
 import sys
 
-from distillery.process_setup import TRAIN_CONTEXT_LOGGER
+from distillery.compat.logs import TRAIN_CONTEXT_LOGGER
 
 HEAVY = ("ray.serve", "ray.data", "ray.train", "torch", "distillery.config")
 
@@ -26,7 +26,7 @@ def _child(code: str) -> str:
 def test_the_setup_imports_nothing_heavy_and_patches_serve_when_a_process_imports_it():
     out = _child(
         "import sys, ray\n"
-        "from distillery.process_setup import worker_setup\n"
+        "from distillery.compat.worker import worker_setup\n"
         "worker_setup()\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
         "import ray.serve\n"
@@ -37,13 +37,12 @@ def test_the_setup_imports_nothing_heavy_and_patches_serve_when_a_process_import
     assert out.splitlines() == ["[]", "127.0.0.1", "True"]
 
 
-
 def test_gloo_is_pointed_at_the_interface_holding_the_node_address():
     """Across machines Gloo must not take the hostname's loopback address: the interface that
     holds the node's Ray address is named; none for loopback, where Gloo's default works."""
     import psutil
 
-    from distillery.process_setup import interface_of
+    from distillery.compat.worker import interface_of
 
     assert interface_of("127.0.0.1") is None and interface_of("198.18.0.77") is None
     external = [(name, a.address) for name, addrs in psutil.net_if_addrs().items() for a in addrs

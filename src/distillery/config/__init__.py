@@ -3,6 +3,10 @@
 Pydantic (already a Ray Serve dependency) does the checking; every model forbids unknown
 keys and coerces nothing (`strict`), so `epochs: "5"` or a misspelt key fails before any
 work starts, with a message naming the key and what is allowed.
+
+The package holds schemas only (the compression recipes in `compress`, the search in
+`search`, where a run may live in `location`) and imports no stage: every layer reads its
+own section from here without reaching up into another stage.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
-from distillery.compression.recipe import CompressConfig
+from distillery.config.compress import CompressConfig
+from distillery.config.location import check_location
+from distillery.config.search import SearchConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_bytes
-from distillery.run.storage import check_location
 from distillery.schema import Strict
-from distillery.search.settings import SearchConfig
 
 # Each has a loader registered in `data.sources` (a unit test keeps the two lists equal).
 DATA_SOURCES = ("digits", "cifar10", "parquet", "synthetic", "folder")

@@ -13,10 +13,10 @@ from torch.export import Dim
 from distillery.config import ResNetConfig, TorchvisionConfig
 from distillery.errors import UserError
 from distillery.models.architectures import build_model, make_spec
-from distillery.models.artifact import load_model
+from distillery import artifacts
 from distillery.models.exported import load_program
-from distillery.models.imported import import_model
-from distillery.models.standard import torchvision
+from distillery.artifacts.imported import import_model
+from distillery.compat.torchvision import torchvision
 
 SHAPE = [1, 8, 8]
 
@@ -54,7 +54,7 @@ def test_a_program_teaches_like_the_model_it_was_exported_from(teacher, tmp_path
         assert torch.allclose(got.model(x), teacher(x), atol=1e-5)
     assert got.spec == {"kind": "exported", "in_shape": SHAPE, "num_classes": 4}
     got.save(tmp_path / "folder")
-    reloaded, arch = load_model(tmp_path / "folder")  # the run's copy, verified by sha256
+    reloaded, arch = artifacts.load(tmp_path / "folder")  # the run's copy, verified by sha256
     assert arch["format"] == "exported" and torch.allclose(reloaded(x), teacher(x), atol=1e-5)
     with pytest.raises(UserError, match="cannot be trained"):
         reloaded.train()

@@ -4,24 +4,20 @@ and the weights' sha256), so a model folder verifies on its own and loads withou
 Every model folder has this shape. Trained models are `format: dense` and load here, as do
 imported `torch.export` programs (`format: exported`, `program.pt2` in place of the weights);
 compressed variants add their format's fields (pruned layer sizes, sparse encoding, the
-quantization to re-apply) and a `recipe.json`, and load with `compression.store.load_variant`,
-which reads dense folders too.
+quantization to re-apply) and a `recipe.json`. Every format loads through `artifacts.load`.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from distillery.errors import UserError
 from distillery.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
-from distillery.models.architectures import build_model
-from distillery.models.exported import load_program
 
 WEIGHTS_FILE = "model.safetensors"
 PROGRAM_FILE = "program.pt2"
@@ -62,24 +58,3 @@ def read_arch(folder: str | Path) -> tuple[dict, Path]:
     weights = folder / arch["weights"]
     verify_sha256(weights, arch["weights_sha256"])
     return arch, weights
-
-
-def load_model(folder: str | Path, build: Callable[[dict], torch.nn.Module] | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build the model from `arch.json`, verify and load its weights; return (model, arch)."""
-    build = build or build_model
-    arch, weights = read_arch(folder)
-    if arch.get("format") == "exported":
-        return load_program(weights), arch
-    if arch.get("format", "dense") != "dense" or arch.get("layers") or arch.get("sparse"):
-        raise UserError(f"{Path(folder) / ARCH_FILE}: a compressed variant ({arch.get('format')}); "
-                        "load it with distillery.compression.store.load_variant")
-    try:
-        state = load_file(str(weights))
-    except SafetensorError as e:
-        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
-    model = build(arch["spec"])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{weights}: weights do not fit the spec in {ARCH_FILE}: {e}") from None
-    return model.eval(), arch

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from distillery import process_setup
-from distillery.serving import ingress
+from distillery.compat import ingress, logs, serve_grpc
 
 # Every RAY_* variable distillery sets for Serve or Ray Train, and Ray's module that reads it.
 SERVE_CONSTANTS = "ray.serve._private.constants"
@@ -53,19 +52,30 @@ def test_every_ray_variable_in_our_code_is_listed_here():
     assert ours <= listed, f"add these to READ_BY, with the Ray module that reads them: {sorted(ours - listed)}"
 
 
-def test_serve_grpc_listener_hook_is_still_where_process_setup_replaces_it():
-    """process_setup.pin_grpc_listeners wraps `default_impl.add_grpc_address(server, address)`."""
+def test_no_module_outside_compat_names_a_private_part_or_a_ray_variable():
+    """The door is the only one: a private name or a RAY_* switch elsewhere would break far from
+    this file on an upgrade."""
+    package = Path(ingress.__file__).parents[1]
+    private = re.compile(r"\b_private\b|\b_internal\b|_BUNDLED|\bray\._|\"RAY_(?!ADDRESS\")[A-Z_]+\"")
+    found = [f"{path.relative_to(package)}:{n}: {line.strip()}" for path in package.rglob("*.py")
+             if path.parent.name != "compat" for n, line in enumerate(path.read_text().splitlines(), 1)
+             if private.search(line)]
+    assert not found, "move these into distillery.compat (and name them here):\n" + "\n".join(found)
+
+
+def test_serve_grpc_listener_hook_is_still_where_serve_grpc_replaces_it():
+    """serve_grpc.pin_grpc_listeners wraps `default_impl.add_grpc_address(server, address)`."""
     from ray.serve._private import default_impl
 
     params = list(inspect.signature(default_impl.add_grpc_address).parameters)
     assert params == ["grpc_server", "server_address"], \
-        f"ray.serve._private.default_impl.add_grpc_address now takes {params}: update process_setup.pin_grpc_listeners"
+        f"ray.serve._private.default_impl.add_grpc_address now takes {params}: update compat.serve_grpc.pin_grpc_listeners"
     assert "default_impl" in _source("ray.serve._private.grpc_util"), \
-        "grpc_util no longer looks add_grpc_address up through default_impl: process_setup's patch has no effect"
+        "grpc_util no longer looks add_grpc_address up through default_impl: serve_grpc's patch has no effect"
 
 
 def test_the_proxy_s_grpc_request_still_sets_its_application_in_setup_variables():
-    """process_setup.route_stock_grpc_calls wraps `gRPCProxyRequest.setup_variables` and then
+    """serve_grpc.route_stock_grpc_calls wraps `gRPCProxyRequest.setup_variables` and then
     reads `service_method` and sets `app_name`."""
     from ray.serve._private.proxy_request_response import gRPCProxyRequest
 
@@ -79,30 +89,30 @@ def test_tritonclient_s_messages_still_need_their_module_alias_and_pickle_with_i
 
     name = service_pb2.ServerReadyRequest.__module__
     assert name == "grpc_service_pb2", f"tritonclient's messages now live in {name!r}: is the alias still needed?"
-    process_setup.alias_triton_messages()
+    serve_grpc.alias_triton_messages()
     message = service_pb2.ModelInferRequest(model_name="student")
     assert pickle.loads(pickle.dumps(message)) == message
 
 
-def test_ray_train_s_chatty_loggers_are_still_named_as_process_setup_names_them():
-    assert os.path.isfile(process_setup.TRAIN_CONTEXT_LOGGER), \
-        f"{process_setup.TRAIN_CONTEXT_LOGGER} is gone: Ray Train's context logger moved (process_setup)"
+def test_ray_train_s_chatty_loggers_are_still_named_as_logs_names_them():
+    assert os.path.isfile(logs.TRAIN_CONTEXT_LOGGER), \
+        f"{logs.TRAIN_CONTEXT_LOGGER} is gone: Ray Train's context logger moved (compat.logs)"
     cleaner = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    assert importlib.util.find_spec(cleaner), f"{cleaner} is gone (process_setup.quiet_ray_train_logs)"
+    assert importlib.util.find_spec(cleaner), f"{cleaner} is gone (compat.logs.quiet_ray_train_logs)"
 
 
 def test_the_driver_s_view_of_ray_s_worker_is_still_there():
-    """cluster._route_raylet_messages replaces `print_to_stdstream(data, ignore_prefix)`, which
+    """logs.route_raylet_messages replaces `print_to_stdstream(data, ignore_prefix)`, which
     Ray's listener looks up at each call; `name_gloo_interface` reads the worker's node address;
-    `_link_ray_logs` the node's log folder."""
+    `logs.link_session_logs` the node's log folder."""
     from ray._private import node, worker
 
     assert list(inspect.signature(worker.print_to_stdstream).parameters) == ["data", "ignore_prefix"], \
-        "ray._private.worker.print_to_stdstream changed: update cluster._route_raylet_messages"
+        "ray._private.worker.print_to_stdstream changed: update compat.logs.route_raylet_messages"
     assert re.search(r"(?<!def )(?<![\w.])print_to_stdstream\(", _source("ray._private.worker")), \
         "Ray no longer calls print_to_stdstream by its module-level name: the replacement has no effect"
-    assert hasattr(worker.Worker, "node_ip_address"), "Worker.node_ip_address is gone (name_gloo_interface)"
-    assert hasattr(node.Node, "get_logs_dir_path"), "Node.get_logs_dir_path is gone (cluster._link_ray_logs)"
+    assert hasattr(worker.Worker, "node_ip_address"), "Worker.node_ip_address is gone (compat.worker.name_gloo_interface)"
+    assert hasattr(node.Node, "get_logs_dir_path"), "Node.get_logs_dir_path is gone (compat.logs.link_session_logs)"
 
 
 def test_the_haproxy_config_ray_writes_still_has_the_lines_distillery_haproxy_rewrites():

@@ -15,7 +15,8 @@ from distillery.config import CNNConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.models.architectures import build_model, make_spec
-from distillery.models.artifact import load_model, save_model
+from distillery import artifacts
+from distillery.artifacts import save_model
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def saved(tmp_path):
 
 def test_save_load_round_trip(saved):
     folder, model = saved
-    loaded, arch = load_model(folder)
+    loaded, arch = artifacts.load(folder)
     x = torch.rand(4, 1, 8, 8)
     assert torch.equal(loaded(x), model.eval()(x))
     assert arch["weights_sha256"] == sha256_file(folder / "model.safetensors")
@@ -42,7 +43,7 @@ def test_flipped_byte_is_refused(saved):
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"model\.safetensors: sha256 mismatch"):
-        load_model(folder)
+        artifacts.load(folder)
 
 
 def test_truncated_file_is_refused(saved):
@@ -50,14 +51,14 @@ def test_truncated_file_is_refused(saved):
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(UserError, match=r"model\.safetensors: sha256 mismatch"):
-        load_model(folder)
+        artifacts.load(folder)
 
 
 def test_missing_weights_are_refused(saved):
     folder, _ = saved
     (folder / "model.safetensors").unlink()
     with pytest.raises(UserError, match="model.safetensors: file not found"):
-        load_model(folder)
+        artifacts.load(folder)
 
 
 class _Payload:
@@ -74,7 +75,7 @@ def test_crafted_pickle_never_runs(saved, tmp_path, monkeypatch):
     arch = read_json(folder / "arch.json")
     atomic_write_json(folder / "arch.json", {**arch, "weights_sha256": sha256_file(folder / "model.safetensors")})
     with pytest.raises(UserError, match="not a readable safetensors file"):
-        load_model(folder)
+        artifacts.load(folder)
     assert not marker.exists()
 
 
@@ -84,16 +85,16 @@ def test_weights_that_do_not_fit_the_spec(saved):
     arch["spec"]["hidden"] += 1
     atomic_write_json(folder / "arch.json", arch)
     with pytest.raises(UserError, match="weights do not fit the spec"):
-        load_model(folder)
+        artifacts.load(folder)
 
 
 def test_bad_arch_file(tmp_path):
     (tmp_path / "arch.json").write_text("{not json")
     with pytest.raises(UserError, match="arch.json: not valid JSON"):
-        load_model(tmp_path)
+        artifacts.load(tmp_path)
     (tmp_path / "arch.json").write_text('{"spec": {}}')
     with pytest.raises(UserError, match="not a distillery arch file"):
-        load_model(tmp_path)
+        artifacts.load(tmp_path)
 
 
 def test_verify_sha256(tmp_path):

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from distillery.compression.recipe import Finetune, Int8Static, PruneChannels, Step, VariantConfig
+from distillery.config.compress import Finetune, Int8Static, PruneChannels, Step, VariantConfig
 from distillery.schema import Strict
 
 

@@ -1,4 +1,4 @@
-"""Quantization steps (torchao), each `model -> model`.
+"""A model's quantized forms (torchao): made by compression's steps, rebuilt by `artifacts`.
 
 int8_dynamic and weight_only use torchao's `quantize_` on linear layers: deterministic from
 the weights, so a saved variant is rebuilt by applying the same config to a fresh model and
@@ -14,18 +14,28 @@ scales, without the calibration data. Weights are stored as the int8 values conv
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any, Callable
 
-import torch
-from torch import nn
-from torch.fx import GraphModule
+# torchao registers enums with torch's pytree on import, and torch answers each with a
+# deprecation warning; on a CPU build torchao also warns that its CUDA kernels did not load.
+# Neither is actionable here, and both would print in every Ray worker.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+logging.getLogger("torchao").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch's, on deepcopy of an export
+warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)  # inductor int8 lowering
+
+import torch  # noqa: E402 (after the filters above: torchao warns on import)
+from torch import nn  # noqa: E402
+from torch.fx import GraphModule  # noqa: E402
 from torchao.quantization import Int8DynamicActivationInt8WeightConfig, IntxWeightOnlyConfig, quantize_
 from torchao.quantization.granularity import PerGroup
 from torchao.quantization.pt2e import ObserverBase, allow_exported_model_train_eval
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
-from distillery.compression.recipe import WeightOnly
+from distillery.config.compress import WeightOnly
 from distillery.errors import UserError
 
 QParams = dict[str, dict[str, Any]]  # observer name -> {scale, zero_point, dtype, qscheme, ...}

@@ -1,30 +1,30 @@
-"""Save and reload a variant without pickle: `arch.json` + `model.safetensors`.
+"""The storage formats of a model folder, one registry entry each: how it is saved, how it is
+read back. `arch.json` + `model.safetensors`, no pickle:
 
-`arch.json` holds the base model's spec, the per-layer channel counts of a channel-pruned
-model (`layers`), the storage `format` and what quantization to re-apply; the safetensors
-file holds plain tensors only. Four formats:
-
-    dense    float weights; a weight with enough zeros is stored as a bit mask plus its
-             non-zero values (only where that is smaller than dense)
-    torchao  torchao's own flattened quantized tensors (int8 data + scales) and a JSON
-             header that names their classes from torchao's allow-list
-    pt2e     the fp32 model with int8 weights where an observer reads them directly, plus
-             every observer's recorded scale and zero point (see `quantize`)
-    cascade  no weights of its own: its two members as model folders of their own (`small/`,
-             `large/`, any format), their arch.json sha256s, the threshold (see `cascade`)
+    dense     float weights; a weight with enough zeros is stored as a bit mask plus its
+              non-zero values (only where that is smaller than dense); channel-pruned layer
+              sizes in `layers`
+    exported  an imported torch.export program (`program.pt2`, checked before it loads)
+    torchao   torchao's own flattened quantized tensors (int8 data + scales) and a JSON
+              header that names their classes from torchao's allow-list
+    pt2e      the fp32 model with int8 weights where an observer reads them directly, plus
+              every observer's recorded scale and zero point (see `models.quantized`)
+    cascade   no weights of its own: its two members as model folders of their own (`small/`,
+              `large/`, any format), their arch.json sha256s, the threshold (`models.cascade`)
 
 A reload builds the spec, resizes the pruned layers, re-applies the quantization and loads
-the tensors: the same outputs as before saving on the same machine and kernels.
+the tensors: the same outputs as before saving on the same machine and kernels. A new format
+is one `Format` in `FORMATS`.
 """
 
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
-from typing import Any
-
+from dataclasses import dataclass
 from importlib import metadata as package_metadata
+from pathlib import Path
 from types import ModuleType
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,13 +32,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from distillery.compression.cascade import Cascade
-from distillery.compression.prune import layer_shapes, resize
-from distillery.compression.recipe import Int8Dynamic, WeightOnly
+from distillery.artifacts.folder import ARCH_FILE, WEIGHTS_FILE, read_arch, save_program
+from distillery.config.compress import Int8Dynamic, WeightOnly
 from distillery.errors import UserError
 from distillery.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.models.architectures import build_model
-from distillery.models.artifact import ARCH_FILE, WEIGHTS_FILE, load_model, read_arch
+from distillery.models.cascade import Cascade
+from distillery.models.exported import load_program
+from distillery.models.shapes import layer_shapes, resize
 
 QPARAMS = "qparams."  # safetensors key prefix of recorded observer parameters
 TORCHAO_STEPS = {"int8_dynamic": Int8Dynamic, "weight_only": WeightOnly}
@@ -153,37 +154,48 @@ def _torchao_version() -> str:
 
 
 def _quantize() -> ModuleType:
-    """`compression.quantize`, and torchao with it: seconds of import (2.7 s here) that a
+    """`models.quantized`, and torchao with it: seconds of import (2.7 s here) that a
     replica serving a float model or a cascade of float models never needs."""
-    from distillery.compression import quantize
+    from distillery.models import quantized
 
-    return quantize
+    return quantized
 
 
-def load_variant(folder: str | Path) -> tuple[nn.Module, dict]:
-    """Verify and rebuild a saved variant (any format); return (model in eval mode, arch)."""
-    head = read_json(Path(folder) / ARCH_FILE)
-    if isinstance(head, dict) and head.get("format") == "cascade":
-        return _load_cascade(Path(folder), head), head
-    if isinstance(head, dict) and head.get("format") == "exported":
-        return load_model(folder)
+@dataclass(frozen=True)
+class Format:
+    """One storage format: `save` writes a folder (its arguments are the format's own), `load`
+    rebuilds the model from a folder whose arch.json names this format (weights verified)."""
+
+    save: Callable[..., list[Path]]
+    load: Callable[[Path, dict], nn.Module]
+
+
+def load(folder: str | Path) -> tuple[nn.Module, dict]:
+    """Verify and rebuild the model in a model folder, any format; return (model in eval mode, arch)."""
+    folder = Path(folder)
+    head = read_json(folder / ARCH_FILE)
+    fmt = head.get("format", "dense") if isinstance(head, dict) else "dense"  # read_arch says what is wrong
+    if fmt not in FORMATS:
+        raise UserError(f"{folder / ARCH_FILE}: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    model = FORMATS[fmt].load(folder, head)
+    model.eval()  # (an exported graph's eval() returns None)
+    return model, head
+
+
+def _load_weights(folder: Path, fill: Callable[[nn.Module, dict, dict, dict], nn.Module]) -> nn.Module:
+    """The verified weights into the spec's model, resized to the recorded layer sizes, by `fill`."""
     arch, weights = read_arch(folder)
     tensors, metadata = _read(weights)
     model = resize(build_model(arch["spec"]), arch.get("layers") or {})
-    fmt = arch.get("format", "dense")
     try:
-        if fmt == "dense":
-            model.load_state_dict(_dense_state(tensors, arch.get("sparse") or {}), strict=True)
-        elif fmt == "torchao":
-            model = _load_torchao(model, tensors, metadata, arch["quant"])
-        elif fmt == "pt2e":
-            model = _load_pt2e(model, tensors, arch["quant"], arch["spec"]["in_shape"])
-        else:
-            raise UserError(f"{folder / ARCH_FILE}: unknown format {fmt!r}")
+        return fill(model, tensors, metadata, arch)
     except (RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"{weights}: does not fit {ARCH_FILE} ({type(e).__name__}: {e})") from None
-    model.eval()  # (an exported graph's eval() returns None)
-    return model, arch
+        raise UserError(f"{weights}: weights do not fit the spec in {ARCH_FILE} ({type(e).__name__}: {e})") from None
+
+
+def _load_dense(model: nn.Module, tensors: dict, metadata: dict, arch: dict) -> nn.Module:
+    model.load_state_dict(_dense_state(tensors, arch.get("sparse") or {}), strict=True)
+    return model
 
 
 def _load_cascade(folder: Path, arch: dict) -> nn.Module:
@@ -193,7 +205,7 @@ def _load_cascade(folder: Path, arch: dict) -> nn.Module:
     members = {}
     for role in ("small", "large"):
         verify_sha256(folder / role / ARCH_FILE, arch["members"][role])
-        members[role] = load_variant(folder / role)[0]
+        members[role] = load(folder / role)[0]
     return Cascade(members["small"], members["large"], arch["threshold"], arch["confidence"]).eval()
 
 
@@ -212,8 +224,8 @@ def _dense_state(tensors: dict[str, torch.Tensor], sparse: dict[str, list[int]])
     return state
 
 
-def _load_torchao(model: nn.Module, tensors: dict, metadata: dict, quant: dict) -> nn.Module:
-    step = TORCHAO_STEPS[quant["kind"]].model_validate(quant)
+def _load_torchao(model: nn.Module, tensors: dict, metadata: dict, arch: dict) -> nn.Module:
+    step = TORCHAO_STEPS[arch["quant"]["kind"]].model_validate(arch["quant"])
     _quantize().apply_torchao(model, step)  # the same tensor classes, then the saved data into them
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
@@ -224,7 +236,8 @@ def _load_torchao(model: nn.Module, tensors: dict, metadata: dict, quant: dict) 
     return model
 
 
-def _load_pt2e(model: nn.Module, tensors: dict, quant: dict, in_shape: list[int]) -> nn.Module:
+def _load_pt2e(model: nn.Module, tensors: dict, metadata: dict, arch: dict) -> nn.Module:
+    quant, in_shape = arch["quant"], arch["spec"]["in_shape"]
     qparams = {name: {**attrs, "scale": tensors[f"{QPARAMS}{name}.scale"],
                       "zero_point": tensors[f"{QPARAMS}{name}.zero_point"]}
                for name, attrs in quant["observers"].items()}
@@ -235,3 +248,15 @@ def _load_pt2e(model: nn.Module, tensors: dict, quant: dict, in_shape: list[int]
     prepared = _quantize().freeze(_quantize().prepare(model, in_shape, qat=quant["qat"]), qparams)
     return _quantize().convert(prepared)
 
+
+def _load_program(folder: Path, arch: dict) -> nn.Module:
+    return load_program(read_arch(folder)[1])
+
+
+FORMATS: dict[str, Format] = {
+    "dense": Format(save_dense, lambda folder, arch: _load_weights(folder, _load_dense)),
+    "exported": Format(save_program, _load_program),
+    "torchao": Format(save_torchao, lambda folder, arch: _load_weights(folder, _load_torchao)),
+    "pt2e": Format(save_pt2e, lambda folder, arch: _load_weights(folder, _load_pt2e)),
+    "cascade": Format(save_cascade, _load_cascade),
+}

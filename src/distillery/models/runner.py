@@ -1,5 +1,5 @@
-"""How a replica runs a model: eager, channels_last, or compiled; `measure.timing` times
-models through the same runners, so a speed on the frontier is a speed a replica delivers."""
+"""How a model is run: eager, channels_last, or compiled; Serve replicas and `measure.timing`
+both run models through these, so a speed on the frontier is a speed a replica delivers."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Each step is a small typed config (torchao's `quantize_(model, config)` style) with one
 handler in `steps`; the variant's config is saved as `recipe.json` beside the weights it
 produced, and `arch.json` there records what a fresh process re-applies to rebuild it
-without pickle (`store`). What can be checked without a model (sparsity below 1, step order,
+without pickle (`artifacts`). What can be checked without a model (sparsity below 1, step order,
 parents that exist, bit widths the backend runs) is checked here, when the config loads;
 layer names are checked against the parent model before any work starts (each handler's
 `check`).
