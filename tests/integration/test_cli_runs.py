@@ -7,7 +7,7 @@ import json
 from conftest import ROOT
 from distillery.cli.main import main
 from distillery.files import sha256_file
-from distillery.pipeline import stages
+from distillery.training import stage as training_stage
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -74,21 +74,21 @@ def test_changed_config_redoes_only_what_it_touches(tmp_path, capsys):
 
 
 def test_crash_mid_run_resumes_at_the_failed_stage(tmp_path, capsys, monkeypatch):
-    real = stages.train_model
+    real = training_stage.train_model
 
     def crash_on_student(run, cfg, which, log):
         if which == "student":
             raise RuntimeError("injected crash")
         return real(run, cfg, which, log)
 
-    monkeypatch.setattr(stages, "train_model", crash_on_student)
+    monkeypatch.setattr(training_stage, "train_model", crash_on_student)
     assert _run(tmp_path, "run") == 1  # one line on stderr naming the log, the traceback in it
     assert "distillery: failed: RuntimeError: injected crash (full log: " in capsys.readouterr().err
     assert "Traceback" in (tmp_path / "runs" / "tiny" / "logs" / "run.log").read_text()
     recorded = _manifest(tmp_path)["stages"]
     assert recorded["teacher"]["status"] == "done"
     assert recorded["student"]["status"] == "failed" and "injected crash" in recorded["student"]["error"]
-    monkeypatch.setattr(stages, "train_model", real)
+    monkeypatch.setattr(training_stage, "train_model", real)
     capsys.readouterr()
     assert _run(tmp_path, "run") == 0
     out = capsys.readouterr().out

@@ -1,5 +1,5 @@
 from distillery.pipeline.report import restart_text
-from distillery.pipeline.stages import restarts
+from distillery.training.stage import restarts
 
 
 def test_the_report_says_why_and_where_a_training_run_resumed():
