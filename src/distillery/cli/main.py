@@ -51,7 +51,16 @@ def search_overrides(args: argparse.Namespace) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distillery", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _stage_commands(sub)
+    _serving_commands(sub)
+    _loadtest_command(sub)
+    _firewall_command(sub)
+    _run_command(sub)
+    return parser
 
+
+def _stage_commands(sub: argparse._SubParsersAction) -> None:
+    """One command per stage (or group of stages), each on the run's config."""
     data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
     prepare = data.add_parser("prepare", help="write a dataset as Parquet shards + a data manifest into the run directory")
     prepare.add_argument("source", choices=DATA_SOURCES)
@@ -80,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     _search_args(search)
     _config_args(search)
 
+
+def _serving_commands(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="serve a run's models on Ray Serve over HTTP (Open Inference Protocol); "
                          "`serve build RUN_DIR -o FILE` writes the Serve config YAML instead; `serve env RUN_DIR` "
                          "prints the environment that gives a Ray started next (e.g. by `serve run`) the run's ingress")
@@ -104,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "most accurate model whose recent p95 is within it")
     query.add_argument("--api-key-env", help="name of an environment variable holding the API key")
 
+
+def _loadtest_command(sub: argparse._SubParsersAction) -> None:
     load = sub.add_parser("loadtest", help="drive served models over HTTP: a concurrency sweep per model and an "
                           "autoscaling ramp; writes loadtest.{json,md,png} and requests.csv")
     load.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
@@ -132,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "./loadtest/NAME, since the bucket holds the run's recorded load test)")
     load.add_argument("--api-key-env", help="name of an environment variable holding the API key")
 
+
+def _firewall_command(sub: argparse._SubParsersAction) -> None:
     wall = sub.add_parser("firewall", help="print the nftables rules a cluster node applies (`distillery firewall "
                           "--nodes CIDR | nft -f -`): from the nodes' range every port, from elsewhere only --open")
     wall.add_argument("--nodes", action="append", required=True, metavar="CIDR",
@@ -141,13 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
                       "Ray's token-protected dashboard (8265) if operators submit jobs from elsewhere "
                       "(default: %(default)s)")
 
+
+def _run_command(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="the whole pipeline: data, teacher, student alone, distilled student, "
                          "evaluate, compress, serve and load-test, report; then keep serving")
     _config_args(run)
     run.add_argument("--no-keep-serving", dest="keep_serving", action="store_false",
                      help="take the deployment down at the end instead of serving until Ctrl-C (on a cluster: "
                      "instead of leaving it running after the job ends)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
