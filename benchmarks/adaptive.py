@@ -80,7 +80,7 @@ def main() -> None:
     images = held_out_images(args.run_dir)[0][:args.images]
     served = catalog(args.run_dir)
     repeats = []
-    for i in range(args.repeats):
+    for _ in range(args.repeats):
         repeats.append(adaptive.scenario(base, served, images, steps, args.slo_ms,
                                          {"content-type": "application/json"}, print))
         time.sleep(5)  # the last queue drains

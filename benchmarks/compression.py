@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import PRESET, RESULTS, median, table  # noqa: E402
 
-from distillery.measure import timing  # noqa: E402
 from distillery import artifacts  # noqa: E402
-from distillery.models import quantized as quantize
-from distillery.config.compress import Int8Dynamic  # noqa: E402
 from distillery.config import CNNConfig, load_config  # noqa: E402
+from distillery.config.compress import Int8Dynamic  # noqa: E402
+from distillery.measure import timing  # noqa: E402
+from distillery.models import quantized as quantize
 from distillery.models.architectures import build_model, count_macs, make_spec  # noqa: E402
 from distillery.pipeline.stages import run_stages  # noqa: E402
 

@@ -19,11 +19,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common import (
+    machine,
+    machine_lines,
+    make_config,
+    mean_interval,
+    publish,
+    quick_overrides,
+    read_json,
+    run,
+    seeds_parser,
+    table,
+)
+
 from distillery.measure.accuracy import verdict
 from distillery.roles import TRAINED, VARIANT
-
-from common import (machine, machine_lines, make_config, mean_interval, publish, quick_overrides, read_json, run,
-                    seeds_parser, table)
 
 BRIEF_TIMING = ["compress.bench.latency_runs=20", "compress.bench.throughput_runs=1", "compress.bench.modes=[eager]"]
 

@@ -19,12 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    machine,
+    machine_lines,
+    make_config,
+    mean,
+    mean_interval,
+    publish,
+    quick_overrides,
+    read_json,
+    run,
+    seeds_parser,
+    table,
+)
 
 from distillery.measure.accuracy import verdict
 from distillery.roles import TRAINED
-
-from common import (machine, machine_lines, make_config, mean, mean_interval, publish, quick_overrides, read_json, run,
-                    seeds_parser, table)
 
 MODELS = ("teacher", "student_scratch", "student")
 STUDENT_VARIANTS = {"no augmentation (preset)": [], "augment=true": ["student.train.augment=true"]}

@@ -18,9 +18,9 @@ import torch.distributed as dist
 
 from distillery.config import CNNConfig, load_config
 from distillery.models.architectures import build_model, make_spec
-from distillery.training.parallel import make_strategy
-from distillery.training.losses import cross_entropy
 from distillery.pipeline.stages import run_stages
+from distillery.training.losses import cross_entropy
+from distillery.training.parallel import make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,13 +20,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import machine, machine_lines, make_config, publish, run, table
 from safetensors.torch import save_file
 from torch.export import Dim
 
-from common import machine, machine_lines, make_config, publish, run, table
-from distillery import data
+from distillery import artifacts, data
 from distillery.measure.accuracy import paired_interval
-from distillery import artifacts
 
 
 def correct(root: Path) -> torch.Tensor:

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from common import machine, machine_lines, make_config, mean, publish, read_json, run, table
+
 from distillery.measure import frontier
 from distillery.measure.accuracy import with_interval
 

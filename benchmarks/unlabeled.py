@@ -23,12 +23,21 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import (
+    machine,
+    machine_lines,
+    make_config,
+    mean,
+    publish,
+    quick_overrides,
+    read_json,
+    run,
+    seeds_parser,
+    table,
+)
 
-from common import (machine, machine_lines, make_config, mean, publish, quick_overrides, read_json, run, seeds_parser,
-                    table)
-from distillery import data
+from distillery import artifacts, data
 from distillery.measure.accuracy import paired_interval
-from distillery import artifacts
 
 VARIANTS = {"labeled (alpha 0.9)": [], "soft only (labels=false)": ["distill.labels=false"],
             "unlabeled transfer set": ["distill.transfer.source=digits", "distill.transfer.labeled=false"]}
@@ -93,7 +102,7 @@ def main() -> None:
         per_seed = [run_seed(Path(storage), seed, quick) for seed in args.seeds]
     info = machine(f"in-process: {torch.get_num_threads()}")
     figures = {"machine": info, "seeds": args.seeds, "runs_per_figure": "1 run per seed and variant",
-               "variants": {v: o for v, o in VARIANTS.items()}, "per_seed": per_seed}
+               "variants": dict(VARIANTS.items()), "per_seed": per_seed}
     publish("unlabeled", report(per_seed, args.seeds, info), figures, args.quick)
 
 

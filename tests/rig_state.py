@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import boto3
-
 from netns_rig import Rig
 from ray_nodes import Cluster
 

@@ -150,7 +150,7 @@ def eta_text(done: float, total: float, elapsed: float, since_first: tuple[float
     `since_first` = (seconds since the first step ended, steps done since) is given: a first
     epoch carries the start of Ray's workers, and would make the estimate minutes too long."""
     seconds, steps = since_first if since_first is not None else (elapsed, done)
-    left = f", about {_clock(seconds / steps * (total - done))} left" if 0 < steps and done < total else ""
+    left = f", about {_clock(seconds / steps * (total - done))} left" if steps > 0 and done < total else ""
     return f"{_clock(elapsed)} spent{left}"
 
 
@@ -183,8 +183,14 @@ class _PlainLines:
 class _LiveBar:
     def __init__(self, label: str, total: float, unit: str):
         from rich.markup import escape
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         if _state.bars is None:
             _state.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -13,16 +13,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, free_port
 from PIL import Image
+from test_serving import KEY, _call, _infer_body
 from torch.export import Dim
 
-from conftest import ROOT, free_port
-from distillery import data
+from distillery import artifacts, data
 from distillery.cli.main import main
 from distillery.config import ServeConfig
-from distillery import artifacts
 from distillery.serving.predictor import Predictor, catalog
-from test_serving import KEY, _call, _infer_body
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 VARIANTS = ("[{name: slim, steps: [{kind: prune_channels, mac_ratio: 1.5, round_to: 8}, {kind: finetune, epochs: 1}]},"

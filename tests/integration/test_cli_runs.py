@@ -3,8 +3,8 @@ process (`ray.workers=0`); test_ray_train.py runs the same stages on Ray Train."
 
 import json
 
-
 from conftest import ROOT
+
 from distillery.cli.main import main
 from distillery.files import sha256_file
 from distillery.training import stage as training_stage

@@ -20,17 +20,26 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, _object_store, free_port, make_bucket
-from distillery.loadtest import generator
-from distillery.measure.accuracy import interval
-from distillery.compat import ingress
-from distillery.serving import firewall
 from netns_rig import HOST, SUBNET, Rig, unavailable
 from ray_nodes import BIN, LABEL, Cluster, submit
-from rig_state import (answers, get, ingress_nodes, listening, object_sizes, replica_nodes, servers,
-                       redis_server, wait_for_replacement)
+from rig_state import (
+    answers,
+    get,
+    ingress_nodes,
+    listening,
+    object_sizes,
+    redis_server,
+    replica_nodes,
+    servers,
+    wait_for_replacement,
+)
 from test_ray_resume import registered_epoch
+
+from distillery.compat import ingress
+from distillery.loadtest import generator
+from distillery.measure.accuracy import interval
+from distillery.serving import firewall
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=f"no network namespaces here: {unavailable()}")
 

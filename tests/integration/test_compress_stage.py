@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, free_port
-from distillery import data
+
+from distillery import artifacts, data
 from distillery.cli.main import main
-from distillery import artifacts
 from distillery.files import sha256_file
 from distillery.serving.predictor import catalog
 from distillery.training.loop import batches, evaluate

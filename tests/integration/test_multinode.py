@@ -21,11 +21,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, make_bucket
-from distillery.files import sha256_file
-from distillery.compat import ingress
 from ray_nodes import BIN, Cluster, submit
+
+from distillery.compat import ingress
+from distillery.files import sha256_file
 
 SERVE_PORT = free_port()  # one Serve instance on this cluster
 COMMON = ["--config", "configs/tiny.yaml", "--set", "data.num_samples=1200", "--set", "teacher.train.epochs=4",

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tiny_models import CONFIGS, assert_same_state, fixed_data, model_of, spec_of
 
 from distillery.training.parallel import make_strategy
-from tiny_models import CONFIGS, assert_same_state, fixed_data, model_of, spec_of
 
 WORLD = 2
 DIST_STRATEGIES = ["ddp", "fsdp", "pipeline"]

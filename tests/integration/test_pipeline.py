@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 import yaml
-
 from conftest import ROOT, free_port
+
 from distillery.cli.main import main
 from distillery.files import sha256_file
 from distillery.pipeline import stages
@@ -113,7 +113,7 @@ def test_rerunning_a_finished_run_changes_nothing(pipeline_runs):
 def test_the_load_test_answered_every_request(pipeline_runs):
     root, _, _, _ = pipeline_runs
     doc = json.loads((root / "serve" / "loadtest" / "loadtest.json").read_text())
-    served = {m for m in (r["model"] for r in doc["sweeps"])}
+    served = {r["model"] for r in doc["sweeps"]}
     assert "auto" in served and len(served) >= 2
     assert all(r["requests"] > 0 and r["ok"] == r["requests"] for r in doc["sweeps"])
     assert doc["scaling"]["requests"] > 0 and doc["scaling"]["lost"] == 0

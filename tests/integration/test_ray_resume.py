@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, STORE_SERVERS, make_bucket
+
 from distillery.run import storage
 
 

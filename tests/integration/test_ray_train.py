@@ -10,11 +10,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from conftest import ROOT, copy_run  # noqa: E402
 from test_ray_resume import registered_epoch  # noqa: E402
 
-from conftest import ROOT, copy_run  # noqa: E402
-from distillery.config import load_config  # noqa: E402
 from distillery import artifacts  # noqa: E402
+from distillery.config import load_config  # noqa: E402
 from distillery.pipeline.stages import run_stages  # noqa: E402
 
 
@@ -183,9 +183,8 @@ def test_cached_teacher_logits_are_computed_once_and_reused(trained_teacher, tmp
 def test_workers_distil_from_an_imported_program_on_an_unlabeled_transfer_set(trained_teacher, tmp_path):
     """The teacher as a torch.export program (each worker loads the run's verified copy, nothing
     unpickled) and a transfer set without labels streamed to the workers: the soft term alone."""
-    from torch.export import Dim
-
     import torch
+    from torch.export import Dim
 
     teacher, _ = artifacts.load(trained_teacher / "teacher")
     program = tmp_path / "teacher.pt2"

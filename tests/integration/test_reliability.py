@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_run, free_port
+
 from distillery import data
+from distillery.compat import ingress
 from distillery.compat.worker import worker_setup
 from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.loadtest import generator
-from distillery.compat import ingress
 
 MODEL = "student"
 

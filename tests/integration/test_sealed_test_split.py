@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT
+
 from distillery.config import load_config
 from distillery.data.prepare import prepare
 from distillery.data.shards import SPLITS, load_split
@@ -36,7 +36,7 @@ def _parquet(data_dir: Path, path: Path, shuffle_test: bool) -> Path:
         labels = labels.numpy()
         if split == "test" and shuffle_test:
             labels = np.random.default_rng(7).permutation(labels)
-        columns["image"] += [row for row in images.flatten(1).numpy()]
+        columns["image"] += list(images.flatten(1).numpy())
         columns["label"] += labels.tolist()
         columns["split"] += [split] * len(labels)
     table = pa.table({"image": pa.array(columns["image"], pa.list_(pa.float32())),

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import ray
-
 from conftest import ROOT, make_bucket
+
 from distillery.cli.main import main
+from distillery.config.search import BudgetConfig
 from distillery.run import storage
 from distillery.search.budget import bounds, misses
-from distillery.config.search import BudgetConfig
 from distillery.serving.predictor import catalog
 
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import copy_run, free_port
+
 from distillery import data
 from distillery.cli.main import main
+from distillery.compat import ingress
 from distillery.config import ServeConfig
 from distillery.errors import UserError
-from distillery.compat import ingress
 from distillery.serving.adapt import ladder
 from distillery.serving.predictor import Predictor, catalog
 
@@ -406,9 +406,7 @@ def test_tritonclient_over_grpc(server):
 def _redeploy(name: str, kind: str, run_dir: Path, cfg: ServeConfig, models: list[str]) -> None:
     from ray import serve
 
-    from distillery.serving.deployments import AppArgs, api_key_digest, build_application
-
-    from distillery.serving.deployments import logging_config
+    from distillery.serving.deployments import AppArgs, api_key_digest, build_application, logging_config
 
     args = AppArgs(kind=kind, run_dir=str(run_dir), models=models, settings=cfg.model_dump(),
                    api_key_sha256=api_key_digest(KEY))

@@ -9,8 +9,8 @@ import hashlib
 import json
 
 import pytest
-
 from conftest import ROOT, STORE_SERVERS, make_bucket
+
 from distillery.config import load_config
 from distillery.errors import UserError
 from distillery.files import sha256_file

@@ -1,7 +1,7 @@
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from distillery.config import PipelineConfig, load_config, save_resolved
 from distillery.errors import UserError
 

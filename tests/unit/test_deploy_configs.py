@@ -5,8 +5,8 @@ with the node types the project needs and no secrets; serve/example.yaml is well
 import shlex
 
 import yaml
-
 from conftest import ROOT
+
 from distillery.compat import ingress
 
 

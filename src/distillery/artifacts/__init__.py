@@ -9,8 +9,23 @@
 Serving, evaluation, compression and search all load through `load`.
 """
 
-from distillery.artifacts.folder import ARCH_FILE, PROGRAM_FILE, WEIGHTS_FILE, read_arch, save_model, save_program
-from distillery.artifacts.formats import FORMATS, Format, load, save_cascade, save_dense, save_pt2e, save_torchao
+from distillery.artifacts.folder import (
+           ARCH_FILE,
+           PROGRAM_FILE,
+           WEIGHTS_FILE,
+           read_arch,
+           save_model,
+           save_program,
+)
+from distillery.artifacts.formats import (
+           FORMATS,
+           Format,
+           load,
+           save_cascade,
+           save_dense,
+           save_pt2e,
+           save_torchao,
+)
 
 __all__ = ["ARCH_FILE", "FORMATS", "Format", "PROGRAM_FILE", "WEIGHTS_FILE", "load", "read_arch", "save_cascade",
            "save_dense", "save_model", "save_program", "save_pt2e", "save_torchao"]

@@ -14,8 +14,9 @@ before any training, and written into the run as a model folder of its own.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
@@ -23,11 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from distillery import artifacts
+from distillery.artifacts import ARCH_FILE, save_model, save_program
 from distillery.errors import UserError
 from distillery.files import read_json, sha256_file
 from distillery.models.architectures import build_model, make_spec
-from distillery import artifacts
-from distillery.artifacts import ARCH_FILE, save_model, save_program
 from distillery.models.exported import load_program
 from distillery.run import storage
 

@@ -15,12 +15,11 @@ import numpy as np
 from pydantic import ValidationError
 
 from distillery import console
-from distillery.compat import environment
+from distillery.compat import environment, ingress
 from distillery.config import LoadTestConfig, load_config
 from distillery.errors import UserError
 from distillery.run import storage
 from distillery.run.rundir import local_view
-from distillery.compat import ingress
 
 
 def serve(args: argparse.Namespace) -> None:

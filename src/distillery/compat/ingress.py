@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from distillery.errors import UserError
+
 HAPROXY_WRAPPER = "distillery-haproxy"  # console script: `haproxy_main` below
 # A node's listeners, one job each (README, "Security"): the user-facing ingress (HAProxy's HTTP
 # and gRPC frontends) and Serve's internal listeners (replica ports, fallback proxies) on
@@ -34,7 +36,6 @@ BINARY_VAR = "DISTILLERY_HAPROXY_BINARY"
 LOOPBACK = "127.0.0.1"
 ALL_INTERFACES = ("0.0.0.0", "*", "::", "[::]")  # a host that exposes every interface: nothing to pin
 GRPC_APP = "grpc"  # `grpc_app.APP_NAME` (that module imports Ray; this one runs inside HAProxy's start)
-from distillery.errors import UserError
 
 
 def haproxy_binary() -> str | None:

@@ -9,7 +9,7 @@ layer that depends on them, which is what makes a model faster.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch_pruning as tp
@@ -19,8 +19,15 @@ from distillery.config.compress import PruneChannels
 from distillery.errors import UserError
 from distillery.models.architectures import count_macs
 from distillery.models.shapes import layer_shapes, resize  # noqa: F401 (pruning's API)
-from distillery.models.sparsity import (PRUNABLE, GradualSparsity, apply_masks, prunable,  # noqa: F401
-                                        prune_unstructured, sparsity_report, zero_masks)
+from distillery.models.sparsity import (  # noqa: F401
+    PRUNABLE,
+    GradualSparsity,
+    apply_masks,
+    prunable,
+    prune_unstructured,
+    sparsity_report,
+    zero_masks,
+)
 
 
 def check_layers(model: nn.Module, names: Iterable[str], where: str) -> None:

@@ -10,19 +10,19 @@ teacher and both students are timed the same way, and `frontier` draws the trade
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from distillery import console
+from distillery import artifacts, console
 from distillery.compression import cascade, prune
-from distillery import artifacts
-from distillery.config.compress import VariantConfig
 from distillery.compression.steps import HANDLERS, Built, Context, Log, Work, accuracy, apply_steps, outcomes
 from distillery.config import PipelineConfig
+from distillery.config.compress import VariantConfig
 from distillery.errors import NotApplicable, UserError
 from distillery.files import atomic_write_json, read_json
 from distillery.measure import frontier, timing

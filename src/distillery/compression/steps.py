@@ -21,14 +21,21 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from distillery import console
+from distillery import artifacts, console
 from distillery.compression import cascade, prune
-from distillery import artifacts
-from distillery.models import quantized as quantize
-from distillery.config.compress import (Cascade, Finetune, Int8Dynamic, Int8Static, PruneChannels,
-                                           PruneUnstructured, StepConfig, WeightOnly)
 from distillery.config import PipelineConfig, TrainConfig
+from distillery.config.compress import (
+    Cascade,
+    Finetune,
+    Int8Dynamic,
+    Int8Static,
+    PruneChannels,
+    PruneUnstructured,
+    StepConfig,
+    WeightOnly,
+)
 from distillery.errors import NotApplicable, UserError
+from distillery.models import quantized as quantize
 from distillery.models.architectures import build_model, count_macs
 from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir

@@ -12,7 +12,7 @@ layer names are checked against the parent model before any work starts (each ha
 from __future__ import annotations
 
 import re
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -131,7 +131,7 @@ class Cascade(StepConfig):
                                           "(0.99 = 99%); default: the larger model's")
 
 
-Step = Annotated[Union[PruneUnstructured, PruneChannels, Finetune, Int8Dynamic, Int8Static, WeightOnly, Cascade],
+Step = Annotated[PruneUnstructured | PruneChannels | Finetune | Int8Dynamic | Int8Static | WeightOnly | Cascade,
                  Field(discriminator="kind")]
 
 
@@ -150,7 +150,7 @@ class VariantConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _order(self) -> "VariantConfig":
+    def _order(self) -> VariantConfig:
         steps = self.steps
         quant = [i for i, s in enumerate(steps) if s.quantizes]
         if len(quant) > 1 or (quant and quant[0] != len(steps) - 1):
@@ -226,7 +226,7 @@ class CompressConfig(Strict):
     bench: BenchConfig = BenchConfig()
 
     @model_validator(mode="after")
-    def _parents(self) -> "CompressConfig":
+    def _parents(self) -> CompressConfig:
         seen: set[str] = set(VARIANT_BASES)
         for v in self.variants:
             if v.name in seen:

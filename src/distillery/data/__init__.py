@@ -10,8 +10,15 @@ from either path into the same tensors.
 """
 
 from distillery.data.prepare import prepare, prepare_transfer, split_indices
-from distillery.data.shards import (MANIFEST_FILE, SPLITS, decode_batch, encode_table, load_split, read_manifest,
-                                    shard_paths)
+from distillery.data.shards import (
+                                    MANIFEST_FILE,
+                                    SPLITS,
+                                    decode_batch,
+                                    encode_table,
+                                    load_split,
+                                    read_manifest,
+                                    shard_paths,
+)
 from distillery.data.sources import SOURCES, Source, load_source
 
 __all__ = ["MANIFEST_FILE", "SOURCES", "SPLITS", "Source", "decode_batch", "encode_table", "load_source",

@@ -17,8 +17,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from distillery.config import DataConfig
-from distillery.data.shards import (FORMAT, MANIFEST_FILE, SCHEMA_DOC, SHARD_NAME, SPLITS, encode_table, load_split,
-                                    read_manifest)
+from distillery.data.shards import (
+    FORMAT,
+    MANIFEST_FILE,
+    SCHEMA_DOC,
+    SHARD_NAME,
+    SPLITS,
+    encode_table,
+    load_split,
+    read_manifest,
+)
 from distillery.data.sources import load_source
 from distillery.errors import UserError
 from distillery.files import atomic_path, atomic_write_json, sha256_file

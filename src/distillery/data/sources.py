@@ -16,8 +16,9 @@ A new source is one loader `(DataConfig, seed) -> Source` registered here with `
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa

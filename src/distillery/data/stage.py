@@ -4,14 +4,15 @@ stages read the prepared splits back."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from distillery import data
-from distillery.errors import UserError
 from distillery.config import PipelineConfig
+from distillery.errors import UserError
 from distillery.run.rundir import RunDir
 
 Log = Callable[[str], None]

@@ -3,8 +3,9 @@ load-tested over HTTP (`loadtest.run`); left out with `serve.enabled: false`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from distillery import console
 from distillery.config import PipelineConfig

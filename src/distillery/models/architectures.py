@@ -11,7 +11,8 @@ its config class in `config.ModelConfig`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import BaseModel, ValidationError

@@ -43,7 +43,7 @@ class ExportedModel(nn.Module):
         self.graph, self.batch, self.image_shape = graph, batch, image_shape
         self.training = False
 
-    def train(self, mode: bool = True) -> "ExportedModel":
+    def train(self, mode: bool = True) -> ExportedModel:
         if mode:
             raise UserError("an imported torch.export program cannot be trained (it has no train mode)")
         return self  # already in the mode it was exported in; the graph refuses eval() itself

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # torchao registers enums with torch's pytree on import, and torch answers each with a
 # deprecation warning; on a CPU build torchao also warns that its CUDA kernels did not load.

@@ -7,6 +7,7 @@ from torch import nn
 
 from distillery.errors import UserError
 
+
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
     """Per conv/linear/batch-norm layer its [in, out] channels (batch-norm: [features]; a grouped
     conv, e.g. depthwise, also its groups, which pruning changes): with the architecture's

@@ -22,9 +22,10 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from distillery.config import PipelineConfig, save_resolved
 from distillery.errors import UserError
@@ -51,13 +52,13 @@ class RunDir:
         self._uploaded: dict[str, str] = {}  # what the URI holds: path -> sha256
 
     @classmethod
-    def at(cls, cfg: PipelineConfig) -> "RunDir":
+    def at(cls, cfg: PipelineConfig) -> RunDir:
         """The run `cfg` names, without touching it."""
         location = storage.join(cfg.storage_path, cfg.name)
         return cls(storage.cache_dir(location), location) if storage.is_uri(location) else cls(location)
 
     @classmethod
-    def open(cls, cfg: PipelineConfig) -> "RunDir":
+    def open(cls, cfg: PipelineConfig) -> RunDir:
         run = cls.at(cfg)
         run.root.mkdir(parents=True, exist_ok=True)
         if run.remote:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from distillery.measure.frontier import choice_view, same_computation
 from distillery.config.search import BudgetConfig
+from distillery.measure.frontier import choice_view, same_computation
 
 
 class Bound(NamedTuple):

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from ray import tune
@@ -21,12 +22,12 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from distillery import console
-from distillery.compat import environment
 from distillery.cluster import ensure_ray
+from distillery.compat import environment
 from distillery.config import PipelineConfig
+from distillery.config.search import SpaceConfig
 from distillery.run import storage
 from distillery.run.rundir import RunDir
-from distillery.config.search import SpaceConfig
 from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, flat, run_trial
 from distillery.training.feed import one_line
 from distillery.training.on_ray import checkpoint_storage

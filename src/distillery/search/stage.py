@@ -9,13 +9,13 @@ frontier and serving serves.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from distillery import console
-from distillery import artifacts
+from distillery import artifacts, console
 from distillery.compression.stage import measure, measure_trained
 from distillery.compression.steps import Context
 from distillery.config import PipelineConfig
@@ -24,8 +24,8 @@ from distillery.errors import UserError
 from distillery.files import atomic_write_json
 from distillery.measure import timing
 from distillery.measure.accuracy import with_interval
-from distillery.roles import SEARCHED, VARIANT
 from distillery.models.architectures import count_macs
+from distillery.roles import SEARCHED, VARIANT
 from distillery.run.rundir import RunDir, fingerprint
 from distillery.search import budget, report
 from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, describe, model_macs

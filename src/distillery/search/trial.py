@@ -12,18 +12,19 @@ the trial's process (a fine-tune is distilled from the live teacher, as in that 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from distillery.compression import prune
 from distillery import artifacts
-from distillery.config.compress import VariantConfig
+from distillery.compression import prune
 from distillery.compression.steps import HANDLERS, Context, Work, accuracy, apply_steps
 from distillery.config import CNNConfig, PipelineConfig
+from distillery.config.compress import VariantConfig
 from distillery.errors import UserError
 from distillery.models.architectures import build_model, count_macs, count_params, make_spec
 from distillery.training.loop import batches, evaluate, fit, seed_everything

@@ -89,7 +89,7 @@ class Batcher:
                 self._start_drain()
         return alone
 
-    def hand_over(self, to: "Batcher") -> int:
+    def hand_over(self, to: Batcher) -> int:
         """Move every movable request still waiting here to `to` (`auto` stepping down to a
         faster model: what queued at the slower one is answered by the faster one instead of
         draining at the pace that built the queue). Returns how many moved."""

@@ -13,8 +13,8 @@ from ray import serve as ray_serve
 
 from distillery import console
 from distillery.cluster import check_serve_host, cluster_address, ensure_ray, machines
-from distillery.files import atomic_write_bytes
 from distillery.compat import ingress
+from distillery.files import atomic_write_bytes
 from distillery.serving import adapt, deployments
 from distillery.serving.predictor import catalog
 

@@ -30,18 +30,29 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from distillery.compat import ingress
 from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_json, read_json
 from distillery.run import storage
-from distillery.compat import ingress
 from distillery.serving import adapt, grpc_app
 from distillery.serving.auto import AutoState, Router
 from distillery.serving.batcher import Batcher
 from distillery.serving.predictor import Predictor, ServedModel, catalog
-from distillery.serving.protocol import (InferRequest, Limits, ProtocolError, binary_response, check_api_key,
-                                         check_size, check_version, infer_response, json_body, model_metadata,
-                                         parse_infer, server_metadata)
+from distillery.serving.protocol import (
+    InferRequest,
+    Limits,
+    ProtocolError,
+    binary_response,
+    check_api_key,
+    check_size,
+    check_version,
+    infer_response,
+    json_body,
+    model_metadata,
+    parse_infer,
+    server_metadata,
+)
 
 API_KEY_HEADER = "x-api-key"
 INGRESS_START_S = 240.0  # after Ray's own 60 s (see `deploy`)

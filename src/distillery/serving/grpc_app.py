@@ -21,8 +21,9 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from importlib import metadata
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from ray import serve
 from starlette.responses import JSONResponse
@@ -31,8 +32,8 @@ from tritonclient.grpc import service_pb2 as pb
 from distillery.compat import ingress
 from distillery.compat.serve_grpc import alias_triton_messages, pin_grpc_listeners
 from distillery.serving import grpc_codec
-from distillery.serving.batcher import Batcher
 from distillery.serving.auto import STATE, Router
+from distillery.serving.batcher import Batcher
 from distillery.serving.predictor import Predictor, ServedModel
 from distillery.serving.protocol import Limits, ProtocolError, check_api_key, model_metadata, server_metadata
 

@@ -21,8 +21,17 @@ import numpy as np
 import torch
 from tritonclient.grpc import service_pb2 as pb
 
-from distillery.serving.protocol import (MODEL_VERSION, InferRequest, Limits, ProtocolError, check_input,
-                                         check_version, decode_numbers, decode_raw, requested_outputs)
+from distillery.serving.protocol import (
+    MODEL_VERSION,
+    InferRequest,
+    Limits,
+    ProtocolError,
+    check_input,
+    check_version,
+    decode_numbers,
+    decode_raw,
+    requested_outputs,
+)
 
 API_KEY_METADATA = "x-api-key"  # the HTTP header's name, as gRPC metadata
 # 422 is `auto` asked for a target no model meets.

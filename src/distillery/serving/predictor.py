@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
+from distillery import artifacts
 from distillery.errors import UserError
 from distillery.files import read_json
 from distillery.measure import timing
-from distillery import artifacts
+from distillery.models.runner import SERVABLE_MODES, runner
 from distillery.roles import SEARCHED, TRAINED
 from distillery.run import storage
 from distillery.run.rundir import local_view
-from distillery.models.runner import SERVABLE_MODES, runner
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distillery.models.architectures import stage_layers
 from distillery.training.loop import optimizer_step
-from distillery.training.parallel_common import (cpu_copy, dcp, device_of, eval_forward, load_local_optim_state,
-                                                 local_optim_state)
+from distillery.training.parallel_common import (
+    cpu_copy,
+    dcp,
+    device_of,
+    eval_forward,
+    load_local_optim_state,
+    local_optim_state,
+)
 
 
 class Replicated:

@@ -10,8 +10,8 @@ import contextlib
 import json
 import shutil
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import ray.train
 

@@ -40,7 +40,7 @@ def feature_shapes(model: nn.Module, names: list[str], in_shape: list[int], role
     shapes = []
     for name in names:
         seen = []
-        handle = _module(model, name, role).register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[1:])))
+        handle = _module(model, name, role).register_forward_hook(lambda m, i, o, seen=seen: seen.append(tuple(o.shape[1:])))
         with torch.no_grad():
             was = model.training
             model.eval()(torch.zeros(1, *in_shape, device=next(model.parameters()).device))

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import Field
 
-from distillery.config.compress import PruneUnstructured
 from distillery.config import TrainConfig
+from distillery.config.compress import PruneUnstructured
 from distillery.schema import Strict
 
 

@@ -8,7 +8,7 @@ parallelism: a pipeline schedule hands its last stage exactly one target per mic
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -8,14 +8,15 @@ batches), or a teacher with hints (the student wrapped with its adapters, see `h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from distillery.config import DistillConfig, TrainConfig
 from distillery import artifacts
+from distillery.config import DistillConfig, TrainConfig
 from distillery.training.hints import wrap_for_hints
 from distillery.training.losses import LossFn, cross_entropy, distillation, pack_target
 

@@ -13,8 +13,9 @@ import math
 import tempfile
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -41,8 +42,15 @@ from distillery.run.rundir import RunDir
 from distillery.training import checkpoint
 from distillery.training.feed import EpochFeed, epochs_and_failures, following, one_line
 from distillery.training.job import TrainJob
-from distillery.training.loop import (batches, make_optimizer, make_scheduler, random_shift, run_epochs,
-                                      seed_everything, with_autocast)
+from distillery.training.loop import (
+    batches,
+    make_optimizer,
+    make_scheduler,
+    random_shift,
+    run_epochs,
+    seed_everything,
+    with_autocast,
+)
 from distillery.training.losses import pack_target
 from distillery.training.objective import TargetFn, frozen_teacher, objective
 from distillery.training.parallel import Strategy, make_strategy
@@ -101,7 +109,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     return state, history
 
 
-def read_shards(run: RunDir, rels: list[str]) -> "ray.data.Dataset":
+def read_shards(run: RunDir, rels: list[str]) -> ray.data.Dataset:
     """The run's Parquet files `rels` as a dataset, one block per file, in order: workers see
     the same rows in the same order every run.
 
@@ -153,7 +161,7 @@ def checkpoint_storage(run: RunDir, rel: str = "ray") -> dict[str, Any]:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
-def _first_failure(e: "ray.train.WorkerGroupError") -> str:
+def _first_failure(e: ray.train.WorkerGroupError) -> str:
     """The first worker's error as one line: its exception type and message, not the traceback."""
     return one_line(next(iter(e.worker_failures.values()), e))
 

@@ -6,8 +6,9 @@ Training runs on Ray Train (`on_ray`), or in this process when `ray.workers` is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
+
+from distillery import artifacts
+from distillery.artifacts import save_model
 from distillery.config import CNNConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.models.architectures import build_model, make_spec
-from distillery import artifacts
-from distillery.artifacts import save_model
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import save_file
 from torch.export import Dim
 
+from distillery import artifacts
+from distillery.artifacts.imported import import_model
+from distillery.compat.torchvision import torchvision
 from distillery.config import ResNetConfig, TorchvisionConfig
 from distillery.errors import UserError
 from distillery.models.architectures import build_model, make_spec
-from distillery import artifacts
 from distillery.models.exported import load_program
-from distillery.artifacts.imported import import_model
-from distillery.compat.torchvision import torchvision
 
 SHAPE = [1, 8, 8]
 

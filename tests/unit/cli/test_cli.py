@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from distillery.cli.main import main
 
 TINY = str(ROOT / "configs" / "tiny.yaml")

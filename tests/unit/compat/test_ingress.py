@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from distillery.errors import UserError
 from distillery.compat import ingress
+from distillery.errors import UserError
 
 # What Ray 2.60 renders (abridged): the frontend on the configured host, stats and Prometheus on every interface.
 RAY_CONFIG = """frontend prometheus

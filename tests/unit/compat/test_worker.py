@@ -12,7 +12,7 @@ HEAVY = ("ray.serve", "ray.data", "ray.train", "torch", "distillery.config")
 def test_the_train_context_logger_is_named_by_the_module_s_own_path():
     from ray.train.v2._internal.execution import context  # its logger is `logging.getLogger(__file__)`
 
-    assert TRAIN_CONTEXT_LOGGER == context.__file__
+    assert context.__file__ == TRAIN_CONTEXT_LOGGER
 
 
 def _child(code: str) -> str:

@@ -4,16 +4,16 @@ predictions, a save/reload round trip, and the recipe rules. In this process, no
 import pytest
 import torch
 
-from distillery.compression import cascade
 from distillery import artifacts
+from distillery.artifacts import save_model
+from distillery.compression import cascade
 from distillery.compression.cascade import Cascade, choose_threshold, confidence
-from distillery.config.compress import Cascade as CascadeStep
-from distillery.config.compress import CompressConfig, Int8Dynamic, VariantConfig
 from distillery.compression.stage import check_recipes
 from distillery.config import CNNConfig, ResNetConfig
+from distillery.config.compress import Cascade as CascadeStep
+from distillery.config.compress import CompressConfig, Int8Dynamic, VariantConfig
 from distillery.errors import UserError
 from distillery.models.architectures import build_model, make_spec
-from distillery.artifacts import save_model
 
 IN_SHAPE = [1, 8, 8]
 SMALL = make_spec(CNNConfig(width_mult=0.5), IN_SHAPE, 10)

@@ -13,19 +13,25 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import ROOT
-from distillery.compression import prune
 from distillery import artifacts
-from distillery.models import quantized as quantize
-from distillery.config.compress import Int8Dynamic, PruneChannels, PruneUnstructured, VariantConfig, WeightOnly
+from distillery.artifacts import ARCH_FILE, WEIGHTS_FILE, save_model
+from distillery.compression import prune
 from distillery.compression.stage import check_recipes
 from distillery.config import CNNConfig, ResNetConfig, from_dict
+from distillery.config.compress import (
+    Int8Dynamic,
+    PruneChannels,
+    PruneUnstructured,
+    VariantConfig,
+    WeightOnly,
+)
 from distillery.errors import UserError
+from distillery.models import quantized as quantize
 from distillery.models.architectures import build_model, count_macs, make_spec
-from distillery.artifacts import ARCH_FILE, WEIGHTS_FILE, save_model
 
 IN_SHAPE = [1, 8, 8]
 SPECS = {"cnn": make_spec(CNNConfig(width_mult=0.5), IN_SHAPE, 10),
@@ -441,8 +447,8 @@ def test_a_variant_names_the_arithmetic_it_computes_in(steps, numerics):
 def test_every_step_kind_has_a_handler():
     import typing
 
-    from distillery.config.compress import Step
     from distillery.compression.steps import HANDLERS
+    from distillery.config.compress import Step
 
     kinds = {cls.model_fields["kind"].default for cls in typing.get_args(typing.get_args(Step)[0])}
     assert kinds == set(HANDLERS)

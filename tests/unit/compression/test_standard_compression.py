@@ -5,11 +5,11 @@ other variants go on. (int8 on a pruned mobilenet, served: tests/integration/tes
 import pytest
 import torch
 
-from distillery.compression import prune
 from distillery import artifacts
-from distillery.config.compress import PruneChannels
+from distillery.compression import prune
 from distillery.compression.stage import check_recipes
 from distillery.config import CNNConfig, TorchvisionConfig, from_dict
+from distillery.config.compress import PruneChannels
 from distillery.errors import UserError
 from distillery.models.architectures import build_model, make_spec
 from distillery.models.exported import ExportedModel

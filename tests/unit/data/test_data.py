@@ -56,7 +56,7 @@ def test_digits_load_split_partitions_source_stratified(digits_dir):
         x, y = data.load_split(out, split)
         assert x.dtype == torch.float32 and y.dtype == torch.int64
         assert x.shape == (m["counts"][split]["total"], 1, 8, 8) and y.shape == (x.shape[0],)
-        assert 0.0 <= x.min() and x.max() == 1.0
+        assert x.min() >= 0.0 and x.max() == 1.0
         assert torch.bincount(y, minlength=10).tolist() == m["counts"][split]["per_class"]
         assert np.abs(torch.bincount(y, minlength=10).numpy() / y.numel() - overall).max() < 0.02
         everything += _rows(x, y)

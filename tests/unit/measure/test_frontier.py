@@ -181,9 +181,9 @@ class Sealed(float):
 def test_choices_read_no_test_figure(records):
     """The recommendation, the front and the search's choice are made on `choice_view`: records
     whose test figures refuse to be read give the choices of the same records with any others."""
+    from distillery.config.search import BudgetConfig
     from distillery.measure.frontier import choice_view
     from distillery.search.budget import bounds, choose
-    from distillery.config.search import BudgetConfig
 
     sealed = [dict(r, test_accuracy=Sealed(0.5), test_images=Sealed(360), test_escalation=Sealed(0.1))
               for r in records]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from distillery.compat.torchvision import torchvision
 from distillery.config import TorchvisionConfig
 from distillery.errors import UserError
 from distillery.models.architectures import build_model, make_spec
-from distillery.compat.torchvision import torchvision
 from distillery.models.standard import names
 
 

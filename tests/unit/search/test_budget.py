@@ -1,7 +1,7 @@
 import pytest
 
-from distillery.search.budget import bounds, choose, misses
 from distillery.config.search import BudgetConfig
+from distillery.search.budget import bounds, choose, misses
 
 
 def _rec(name, val, p50, throughput=1000.0, size=10_000, macs=100, params=10, numerics="fp32"):

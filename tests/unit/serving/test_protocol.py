@@ -11,9 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from distillery.serving.protocol import (INPUT_NAME, InferRequest, Limits, ProtocolError, auto_targets, binary_response,
-                                         check_size, infer_response, json_body, model_metadata, parse_infer,
-                                         server_metadata)
+from distillery.serving.protocol import (
+    INPUT_NAME,
+    InferRequest,
+    Limits,
+    ProtocolError,
+    auto_targets,
+    binary_response,
+    check_size,
+    infer_response,
+    json_body,
+    model_metadata,
+    parse_infer,
+    server_metadata,
+)
 
 IN_SHAPE = [1, 8, 8]
 LIMITS = Limits()

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tiny_models import CONFIGS, assert_same_state, fixed_data, model_of, spec_of
 
 from distillery.errors import UserError
 from distillery.models.architectures import stage_layers
 from distillery.training.parallel import make_strategy
 from distillery.training.pipeline_parallel import microbatch_count, split_points
-from tiny_models import CONFIGS, assert_same_state, fixed_data, model_of, spec_of
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
@@ -80,8 +80,8 @@ def test_microbatches_are_equal_divisors():
     assert [microbatch_count(n, 4) for n in (16, 6, 7, 1, 3, 9)] == [4, 3, 1, 1, 3, 3]
 
 
-@pytest.mark.parametrize("bad", [dict(name="tp"), dict(name="none", world_size=2),
-                                 dict(rank=2), dict(name="pipeline", microbatches=0)])
+@pytest.mark.parametrize("bad", [{"name": "tp"}, {"name": "none", "world_size": 2},
+                                 {"rank": 2}, {"name": "pipeline", "microbatches": 0}])
 def test_make_strategy_rejects_bad_layouts(bad):
     args = {"name": "ddp", "rank": 0, "world_size": 2, "microbatches": 4, **bad}
     with pytest.raises(UserError):

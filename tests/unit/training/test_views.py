@@ -3,8 +3,14 @@ import torch
 from distillery.config import TrainConfig
 from distillery.training.loop import fit, shown_views
 from distillery.training.losses import distillation, unpack_target
-from distillery.training.views import (apply_views, draw_views, identity_view, logits_of_every_view, random_shift,
-                                       view_count)
+from distillery.training.views import (
+    apply_views,
+    draw_views,
+    identity_view,
+    logits_of_every_view,
+    random_shift,
+    view_count,
+)
 
 
 def test_each_view_is_a_known_shift_and_the_identity_view_is_the_image():
