@@ -368,7 +368,8 @@ def test_a_training_split_larger_than_the_head_s_object_store_streams_from_the_b
     assert [h["samples"] for h in history] == [rows, rows], (rows, history)
 
 
-HEAD_LOAD_S, HEAD_KILL_AT_S, HEAD_DOWN_S = 40.0, 5.0, 10.0  # last in the module: the head goes
+# The head machine takes 20-30 s to start again on 2 cores (27 s and 30 s measured): the load runs past that.
+HEAD_LOAD_S, HEAD_KILL_AT_S, HEAD_DOWN_S = 48.0, 5.0, 10.0  # last in the module: the head goes
 
 
 def test_losing_the_head_machine_a_worker_s_ingress_keeps_answering(rig, cluster, job, redis):

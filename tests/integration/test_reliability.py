@@ -285,7 +285,7 @@ def _triton_input(x):
 
 
 def test_grpc_calls_beyond_a_models_capacity_get_unavailable(served):
-    """The gRPC application redeployed with three models, each admitted 1 call per replica:
+    """The gRPC application redeployed with three models, each admitted 2 calls per replica:
     bursts of 32 calls sent at once to one of them (one channel, asyncio) get UNAVAILABLE (what gRPC
     clients retry) for those beyond it, naming the model; the admitted ones
     answer correctly, and nothing crashes."""
@@ -323,9 +323,10 @@ def test_grpc_calls_beyond_a_models_capacity_get_unavailable(served):
                 answers += await asyncio.gather(*(call(client) for _ in range(32)))
         return answers
 
-    # Ray admits one share more than all three models' together: 4 calls at a time.
-    tight = served.cfg.model_copy(update={"max_ongoing_requests": 1, "max_queued_requests": 0, "min_replicas": 1,
-                                          "max_replicas": 1})
+    # Ray admits one share more than all three models' together: 8 calls at a time.
+    tight = served.cfg.model_copy(
+        update={"max_ongoing_requests": 1, "max_queued_requests": 1, "min_replicas": 1, "max_replicas": 1}
+    )
     deploy(tight, [MODEL, "slim", "student_scratch"])
     try:
         answers = asyncio.run(bursts())

@@ -10,9 +10,21 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "src" / "distillery"
 # The modules that talk to Ray; everything else imports and runs without it.
-RAY_EDGE = {"distillery.cluster", "distillery.compat.worker", "distillery.compat.logs", "distillery.training.on_ray", "distillery.training.feed", "distillery.training.logits_cache",
-            "distillery.serving.deployments", "distillery.serving.auto", "distillery.serving.grpc_app", "distillery.serving.deploy",
-            "distillery.loadtest.run", "distillery.search.on_tune"}
+RAY_EDGE = {
+    "distillery.cluster",
+    "distillery.compat.worker",
+    "distillery.compat.logs",
+    "distillery.training.on_ray",
+    "distillery.training.feed",
+    "distillery.training.logits_cache",
+    "distillery.serving.deployments",
+    "distillery.serving.auto",
+    "distillery.serving.metrics",
+    "distillery.serving.grpc_app",
+    "distillery.serving.deploy",
+    "distillery.loadtest.run",
+    "distillery.search.on_tune",
+}
 
 
 def _modules() -> dict[str, ast.Module]:

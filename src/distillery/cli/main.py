@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_commands(sub)
     _serving_commands(sub)
     _loadtest_command(sub)
+    _top_command(sub)
     _firewall_command(sub)
     _run_command(sub)
     return parser
@@ -146,6 +147,33 @@ def _loadtest_command(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--api-key-env", help="name of an environment variable holding the API key")
 
 
+def _top_command(sub: argparse._SubParsersAction) -> None:
+    top = sub.add_parser(
+        "top",
+        help="a live view of the served models: requests/s, p50/p99, batch size, replicas, "
+        "auto's rung, read from the replicas' metrics (Ray's agents, as RUN_DIR/serve/prometheus.yml "
+        "names them)",
+    )
+    top.add_argument(
+        "run_dir", nargs="?", default="runs/digits", help="the served run (default: %(default)s)"
+    )
+    top.add_argument(
+        "--targets", help="host:port,... of Ray's metrics agents instead of the run's prometheus.yml"
+    )
+    top.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default: %(default)s)"
+    )
+    top.add_argument(
+        "--window",
+        type=float,
+        default=20.0,
+        help="seconds a rate is taken over: Ray's agents take new figures every 10 s (default: %(default)s)",
+    )
+    top.add_argument(
+        "--samples", type=int, help="stop after this many refreshes and print the last view as text"
+    )
+
+
 def _firewall_command(sub: argparse._SubParsersAction) -> None:
     wall = sub.add_parser("firewall", help="print the nftables rules a cluster node applies (`distillery firewall "
                           "--nodes CIDR | nft -f -`): from the nodes' range every port, from elsewhere only --open")
@@ -200,10 +228,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         from distillery.serving import firewall
 
         return print(firewall.rules(args.nodes, firewall.parse_ports(args.open)), end="")
-    if args.command in ("serve", "query", "loadtest"):
+    if args.command in ("serve", "query", "loadtest", "top"):
         from distillery.cli import serve as serve_cli
 
-        return {"serve": serve_cli.serve, "query": serve_cli.query, "loadtest": serve_cli.loadtest}[args.command](args)
+        commands = {"serve": serve_cli.serve, "query": serve_cli.query, "loadtest": serve_cli.loadtest,
+                    "top": serve_cli.top}
+        return commands[args.command](args)
     # Imported here so `distillery --help` stays fast (torch is slow to import).
     from distillery.pipeline.stages import before_student, require_done, run_stages
 

@@ -46,7 +46,7 @@ def serve(args: argparse.Namespace) -> None:
     # Like `run`: distillery's own few lines here, Ray's and Serve's in the log (and here with --verbose).
     logs = console.log_to(root / "logs" / "serve.log")
     console.say(f"logs: {logs} (Ray's and Serve's own lines; --verbose prints them here too)")
-    url, _ = deploy.deploy_run(location, cfg, console.say)
+    url, _ = deploy.deploy_run(location, cfg, console.say, root / "serve")
     console.say(f"serving {url} (models: {url}/models); Ctrl-C stops")
     deploy.serve_until_interrupted()
 
@@ -203,3 +203,54 @@ def _tune(args, location: str, body: bytes, headers: dict, concurrency: int) -> 
                                concurrency, args.duration, args.p99_target_ms, headers))
     save_tuned(location, {r["model"]: r for r in results})
     return results
+
+
+def top(args: argparse.Namespace) -> None:
+    """`distillery top`: refresh a table of the served models every --interval seconds."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from distillery.serving import top as watch
+
+    if args.interval <= 0 or args.window <= 0:
+        raise UserError("--interval and --window must be above 0 seconds")
+    if args.targets:
+        targets = args.targets.split(",")
+    elif storage.is_uri(args.run_dir):
+        raise UserError(
+            f"{args.run_dir}: give --targets (the node that served it printed them, and wrote them to "
+            "its local serve/prometheus.yml)"
+        )
+    else:
+        targets = watch.targets_of(str(Path(args.run_dir) / "serve" / "prometheus.yml"))
+    view = watch.Watch(targets, args.window)
+    if args.samples:
+        for i in range(args.samples):
+            table = _top_table(*view.tick(), targets)
+            if i + 1 < args.samples:
+                time.sleep(args.interval)
+        Console(width=120).print(table)
+        return
+    with Live(_top_table(*view.tick(), targets), refresh_per_second=4) as live:
+        while True:
+            time.sleep(args.interval)
+            live.update(_top_table(*view.tick(), targets))
+
+
+def _top_table(rows: list, rung: float | None, seconds: float, targets: list[str]):
+    from rich.table import Table
+
+    title = f"distillery top: {len(targets)} node(s), over the last {seconds:.0f} s" + \
+        (f"; auto on rung {rung:.0f} (0: most accurate)" if rung is not None else "")
+    table = Table(title=title)
+    for column in ("model", "requests/s", "p50 ms", "p99 ms", "batch", "replicas"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        table.add_row(
+            r.model,
+            f"{r.rps:,.1f}",
+            *(f"{v:.2f}" if v is not None else "-" for v in (r.p50_ms, r.p99_ms)),
+            f"{r.batch:.1f}" if r.batch is not None else "-",
+            str(r.replicas),
+        )
+    return table

@@ -150,6 +150,17 @@ def current() -> str:
     return f"ingress: Ray Serve's Python proxy, ~15x fewer requests/s than HAProxy: {hint}"
 
 
+def haproxy_metrics_target() -> str | None:
+    """host:port of this node's HAProxy Prometheus exporter (Ray starts it with HAProxy, on
+    RAY_SERVE_HAPROXY_METRICS_PORT, 9101 by default; our wrapper binds it to STATS_HOST_VAR,
+    loopback unless the node says otherwise); None with Ray's Python proxy."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return None
+    host = os.environ.get(STATS_HOST_VAR) or LOOPBACK
+    return f"{_bindable(host) if host not in ALL_INTERFACES else LOOPBACK}:" \
+           f"{os.environ.get('RAY_SERVE_HAPROXY_METRICS_PORT', '9101')}"
+
+
 def apply(choice: str, host: str) -> str:
     """Set this process's environment so that the local Ray instance started next uses the
     ingress `choice` resolves to; returns that kind."""

@@ -44,12 +44,18 @@ def route_raylet_messages(to: Callable[[str], None]) -> None:
     worker.print_to_stdstream = printer
 
 
-def link_session_logs(link: Path) -> None:
-    """`link` -> this Ray session's log folder (workers, replicas, the raylet), which Ray keeps
-    in its session folder on this node; nothing when this process has no Ray node."""
+def session_logs() -> Path | None:
+    """This Ray session's log folder on this node (workers, replicas, the raylet; Serve's
+    replica logs under serve/); None when this process started or joined no Ray node."""
     node = getattr(ray._private.worker.global_worker, "node", None)
-    if node is None:
+    return Path(node.get_logs_dir_path()) if node is not None else None
+
+
+def link_session_logs(link: Path) -> None:
+    """`link` -> this Ray session's log folder, which Ray keeps in its session folder on this node."""
+    target = session_logs()
+    if target is None:
         return
     with contextlib.suppress(OSError):
         link.unlink(missing_ok=True)
-        link.symlink_to(node.get_logs_dir_path(), target_is_directory=True)
+        link.symlink_to(target, target_is_directory=True)

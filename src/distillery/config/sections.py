@@ -140,6 +140,20 @@ class ServeConfig(Strict):
                       "on cluster.yaml's nodes, where its firewall leaves only the ingress open to users), else "
                       "127.0.0.1. HAProxy's stats and metrics "
                       "stay on loopback (the node's DISTILLERY_HAPROXY_STATS_HOST)")
+    metrics: bool = Field(
+        True,
+        description="count requests, batching, cascade escalations and auto's decisions in "
+        "the replicas, exported by Ray's metrics agent on every node (`distillery serve` writes "
+        "a prometheus.yml that scrapes them)",
+    )
+    request_log_sample: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of inference requests each logged as "
+        "one JSON line in its replica's log (id, model, images, outcome, queue and "
+        "forward ms): 0.01 logs 1%; the id is also the reply's x-request-id header",
+    )
     ingress: Literal["auto", "haproxy", "proxy"] = Field(
         "auto", description="HTTP ingress of a local Ray instance: HAProxy (Ray's fast ingress; ray[serve] ships the "
         "binary on Linux), Ray Serve's Python proxy, or auto: HAProxy when found. A cluster uses what its nodes "
@@ -165,7 +179,7 @@ class ServeConfig(Strict):
     # 349 to 54 requests/s with 16 here. Requests waiting inside a replica also batch better.
     max_ongoing_requests: int = Field(64, ge=1, le=100_000,
                                       description="per replica (gRPC: per model, plus max_queued_requests)")
-    max_queued_requests: int = Field(64, ge=0, le=1_000_000,
+    max_queued_requests: int = Field(64, ge=1, le=1_000_000,  # Ray refuses 0 ("-1 or a positive integer")
                                      description="per deployment; beyond it: 503 (gRPC: UNAVAILABLE)")
     request_timeout_s: float = Field(10.0, gt=0.0, le=3600.0, description="beyond it: 408")
     max_batch_size: int = Field(64, ge=1, le=65_536, description="images per forward pass (dynamic batching)")

@@ -20,7 +20,7 @@ def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     from distillery.serving.deploy import deploy_run, write_serve_config  # Ray Serve loads only here
 
     config = write_serve_config(run.location, cfg, run.root / "serve" / "config.yaml")
-    url, headers = deploy_run(run.location, cfg, log)
+    url, headers = deploy_run(run.location, cfg, log, run.root / "serve")
     files = run_loadtest(url.removesuffix("/v2"), run.root, cfg.loadtest, headers, run.root / "serve" / "loadtest",
                          console.detail, slo_ms=cfg.serve.auto_slo_ms)
     s = summary(files[0])

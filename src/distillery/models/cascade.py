@@ -30,11 +30,14 @@ class Cascade(nn.Module):
     def __init__(self, small: nn.Module, large: nn.Module, threshold: float, kind: Confidence = "max_prob"):
         super().__init__()
         self.small, self.large, self.threshold, self.kind = small, large, float(threshold), kind
+        self.rows = self.escalated = 0  # rows answered, and of them sent on to `large` (a replica's metrics)
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.small(x)
         unsure = confidence(logits, self.kind) < self.threshold
-        if bool(unsure.any()):
+        unsure_rows = int(unsure.sum())
+        self.rows, self.escalated = self.rows + len(x), self.escalated + unsure_rows
+        if unsure_rows:
             logits = logits.float().clone()
             logits[unsure] = self.large(x[unsure]).float()
         return logits

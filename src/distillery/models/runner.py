@@ -45,6 +45,7 @@ def _channels_last_runner(model: nn.Module) -> Callable[[Tensor], Tensor]:
             x = x.contiguous(memory_format=torch.channels_last)
         return cl_model(x)
 
+    run.model = cl_model  # what runs: a replica's metrics read a cascade's counts from it
     return run
 
 

@@ -27,7 +27,8 @@ from ray.serve.handle import DeploymentHandle
 
 from distillery.serving import adapt
 from distillery.serving.batcher import Batcher
-from distillery.serving.predictor import ServedModel
+from distillery.serving.metrics import NoMetrics, ReplicaMetrics
+from distillery.serving.predictor import Predictor, ServedModel
 from distillery.serving.protocol import auto_targets
 
 STATE = "AutoState"
@@ -57,12 +58,29 @@ class AutoState:
         return self.controller.state(time.time()) | {"replicas": len(self.replicas)}
 
 
+def batchers(
+    served: list[ServedModel], max_batch: int, wait_s: float, metrics: ReplicaMetrics
+) -> dict[str, Batcher]:
+    """A replica's batcher for each served model, by name, each telling `metrics` of its passes."""
+    out = {}
+    for m in served:
+        predictor = Predictor(m)  # verifies sha256; a bad artifact fails the replica here
+        out[m.name] = Batcher(predictor, max_batch, wait_s, m.name, metrics.on_pass(m.name, predictor.model))
+    return out
+
+
 class Router:
     """`auto` inside one replica: the pick, the timing, the reports to `AutoState`; `batchers`
     (the replica's, one per served model by name) run the picks."""
 
-    def __init__(self, served: list[ServedModel], state: DeploymentHandle | None, batchers: dict[str, Batcher]):
-        self.rungs, self.batchers = adapt.ladder(served), batchers
+    def __init__(
+        self,
+        served: list[ServedModel],
+        state: DeploymentHandle | None,
+        batchers: dict[str, Batcher],
+        metrics: ReplicaMetrics | None = None,
+    ):
+        self.rungs, self.batchers, self.metrics = adapt.ladder(served), batchers, metrics or NoMetrics()
         self.by_name = {m.name: m for m in served}
         self.state, self.id = state, uuid.uuid4().hex[:8]
         self.decision: dict = {}
@@ -72,7 +90,8 @@ class Router:
         self._ids = itertools.count()
         self._task: asyncio.Task | None = None
 
-    async def answer(self, parameters: dict, x: torch.Tensor, arrived: float) -> tuple[ServedModel, torch.Tensor, dict]:
+    async def answer(self, parameters: dict, x: torch.Tensor, arrived: float,
+                     record: dict | None = None) -> tuple[ServedModel, torch.Tensor, dict]:
         """Pick a model for `parameters`, run it on `x`, record the time from `arrived`
         (perf_counter when the request reached the replica: reading and parsing count) to the
         answer; return (the model that answered, logits, the reply's parameters). A request
@@ -82,9 +101,11 @@ class Router:
             self._task = asyncio.get_running_loop().create_task(self._sync())
         targets = auto_targets(parameters)
         pick, movable = adapt.choose(self.rungs, self.decision, *targets), targets == (None, None)
+        spilled = False
         if movable:
             chosen, pick = pick, self.spill(pick)
-            self.spilled += pick is not chosen
+            spilled = pick is not chosen
+            self.spilled += spilled
         key = next(self._ids)
         self.started[key] = (pick.name, arrived)
         try:
@@ -93,6 +114,8 @@ class Router:
             self.started.pop(key, None)
         pick, ms = self.by_name[answer.by], 1e3 * (time.perf_counter() - arrived)
         self.samples.append((time.time(), pick.name, ms))
+        self.metrics.answered(pick.name, len(x), answer, record)
+        self.metrics.auto_answer(pick.name, spilled)
         return pick, answer.logits, {"batched_requests": answer.together, "replica_ms": round(ms, 3),
                                      "val_accuracy": pick.val_accuracy, "test_accuracy": pick.test_accuracy,
                                      "slo_model": self.decision.get("model", self.rungs[0].name)}
@@ -113,7 +136,10 @@ class Router:
         names = [m.name for m in self.rungs]
         if model not in names:
             return 0
-        return sum(self.batchers[m].hand_over(self.batchers[model]) for m in names[:names.index(model)])
+        self.metrics.auto_decision(names.index(model))
+        moved = sum(self.batchers[m].hand_over(self.batchers[model]) for m in names[:names.index(model)])
+        self.metrics.handed_over(moved)
+        return moved
 
     async def _sync(self) -> None:
         while True:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # [N, ...] -> [N, K]
+OnPass = Callable[[int, int, float], None]  # (requests, images, seconds) of one forward pass
 EWMA = 0.2  # weight of the newest forward pass in the smoothed cost per image
 
 
@@ -28,17 +29,22 @@ class Answer(NamedTuple):
     logits: torch.Tensor  # [N, K]: this request's rows
     together: int         # how many requests shared the forward pass
     by: str               # the name of the batcher (the model) that answered
+    queued_s: float = 0.0   # from joining the batcher to the start of its forward pass
+    forward_s: float = 0.0  # the forward pass it was part of
 
 
 class Waiting(NamedTuple):
     x: torch.Tensor
     future: asyncio.Future
     movable: bool  # may be handed to another batcher (`hand_over`) before it runs
+    since: float   # perf_counter when it joined
 
 
 class Batcher:
-    def __init__(self, forward: Forward, max_batch: int, wait_s: float, name: str = ""):
+    def __init__(self, forward: Forward, max_batch: int, wait_s: float, name: str = "",
+                 on_pass: OnPass | None = None):
         self.forward, self.max_batch, self.wait_s, self.name = forward, max_batch, wait_s, name
+        self.on_pass = on_pass  # told of every forward pass (the replica's metrics)
         self.queue: list[Waiting] = []
         self.arriving = 0            # requests admitted, not yet submitted
         self.busy = False            # a drain task is running
@@ -60,17 +66,23 @@ class Batcher:
     async def __call__(self, x: torch.Tensor, movable: bool = False) -> Answer:
         """x [N, ...] -> its answer. A `movable` request may be answered by another batcher, if
         `hand_over` moves it there before its forward pass starts (`Answer.by` says which)."""
+        since = time.perf_counter()
         if len(x) >= self.max_batch:   # already a full batch: run it alone
             await _let_arrivals_in()
-            return Answer(self._timed(x), 1, self.name)
-        waiting = Waiting(x, asyncio.get_running_loop().create_future(), movable)
+            return self._alone_answer(x, since)
+        waiting = Waiting(x, asyncio.get_running_loop().create_future(), movable, since)
         if self.busy or self.queue or self.arriving:
             self._enqueue(waiting)
         elif await self._alone(waiting):
             # Nothing to share a pass with: run it now, here. Through the drain task a lone
             # request paid ~0.1 ms more (the task, the loop turns to it and back, cat, split).
-            return Answer(self._timed(x), 1, self.name)
+            return self._alone_answer(x, since)
         return await waiting.future
+
+    def _alone_answer(self, x: torch.Tensor, since: float) -> Answer:
+        start = time.perf_counter()
+        logits, seconds = self._timed(x, 1)
+        return Answer(logits, 1, self.name, start - since, seconds)
 
     async def _alone(self, waiting: Waiting) -> bool:
         """Queue `waiting` at an idle batcher and let arrivals in (`_let_arrivals_in`). True,
@@ -120,24 +132,30 @@ class Batcher:
         finally:
             self.busy = False
 
-    def _timed(self, x: torch.Tensor) -> torch.Tensor:
-        """One forward pass, its cost per image folded into `ms_per_image`."""
+    def _timed(self, x: torch.Tensor, requests: int) -> tuple[torch.Tensor, float]:
+        """One forward pass and its seconds, its cost per image folded into `ms_per_image`."""
         start = time.perf_counter()
         logits = self.forward(x)
-        ms = 1e3 * (time.perf_counter() - start) / len(x)
+        seconds = time.perf_counter() - start
+        ms = 1e3 * seconds / len(x)
         self.ms_per_image = ms if self.ms_per_image is None else (1 - EWMA) * self.ms_per_image + EWMA * ms
-        return logits
+        if self.on_pass is not None:
+            self.on_pass(requests, len(x), seconds)
+        return logits, seconds
 
     def _run(self, batch: list[Waiting]) -> None:
         """One forward pass for `batch`; each request gets its rows, or the error (none hangs)."""
+        start = time.perf_counter()
         try:
-            logits = self._timed(torch.cat([w.x for w in batch]))
+            logits, seconds = self._timed(torch.cat([w.x for w in batch]), len(batch))
         except Exception as e:
             for w in batch:
                 w.future.done() or w.future.set_exception(e)
             return
         for w, part in zip(batch, logits.split([len(w.x) for w in batch])):
-            w.future.done() or w.future.set_result(Answer(part, len(batch), self.name))
+            w.future.done() or w.future.set_result(
+                Answer(part, len(batch), self.name, start - w.since, seconds)
+            )
 
     def waiting_ms(self) -> float:
         """The forward-pass time of the requests waiting here, at the measured cost per image

@@ -15,7 +15,7 @@ from distillery import console
 from distillery.cluster import check_serve_host, cluster_address, ensure_ray, machines
 from distillery.compat import ingress
 from distillery.files import atomic_write_bytes
-from distillery.serving import adapt, deployments
+from distillery.serving import adapt, deployments, prometheus
 from distillery.serving.predictor import catalog
 
 
@@ -43,9 +43,27 @@ def write_serve_config(location: str, cfg, out: Path) -> Path:
     return out
 
 
-def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
+def scrape_targets() -> tuple[list[str], list[str]]:
+    """(every live node's Ray metrics agent, this node's HAProxy exporter) as host:port."""
+    agents = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes()
+              if n.get("Alive") and n.get("MetricsExportPort")]
+    haproxy = ingress.haproxy_metrics_target()
+    return agents, [haproxy] if haproxy else []
+
+
+def write_scrape_config(serve_dir: Path, log) -> Path:
+    """`serve_dir/prometheus.yml`, naming what it scrapes."""
+    agents, haproxy = scrape_targets()
+    out = prometheus.write(serve_dir, agents, haproxy)
+    log(f"[serve] metrics: Ray's agents {', '.join(agents)}" + (f"; HAProxy {haproxy[0]}" if haproxy else "")
+        + f" -> prometheus --config.file={out}")
+    return out
+
+
+def deploy_run(location: str, cfg, log, serve_dir: Path | None = None) -> tuple[str, dict[str, str]]:
     """Deploy the models of the run at `location` (its folder or URI) on the Ray cluster (a
-    local one if none); return (URL, the headers a client needs)."""
+    local one if none); return (URL, the headers a client needs). With `serve_dir` and
+    `serve.metrics` on, write a Prometheus config there that scrapes them."""
     key = deployments.read_api_key(cfg.serve.api_key_env)
     ensure_ray(cfg)
     console.quiet_library_loggers()  # importing ray.serve gave its logger a console handler
@@ -60,6 +78,8 @@ def deploy_run(location: str, cfg, log) -> tuple[str, dict[str, str]]:
         ports = " and ".join(str(p) for p in (cfg.serve.port, cfg.serve.grpc_port) if p)
         log(f"[serve] and an ingress on {ports} of every node that holds replicas "
             "(serve.proxy_location=EveryNode)")
+    if serve_dir is not None and cfg.serve.metrics:
+        write_scrape_config(serve_dir, log)
     if cfg.serve.auto:
         rungs = adapt.ladder(catalog(location, cfg.serve.models))
         log(f"[serve] auto: {' > '.join(m.name for m in rungs)} (most accurate first, each faster than those above; "
@@ -87,7 +107,7 @@ def after_run(run, cfg, keep: bool, log) -> None:
     if deployments.running(names):
         url = deployments.public_url(cfg.serve)
     else:
-        url, _ = deploy_run(run.location, cfg, log)
+        url, _ = deploy_run(run.location, cfg, log, run.root / "serve")
     log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run.address} --model auto --sample 4")
     if local:
         log("Ctrl-C stops serving")

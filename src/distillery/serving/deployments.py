@@ -35,26 +35,14 @@ from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_json, read_json
 from distillery.run import storage
-from distillery.serving import adapt, grpc_app
-from distillery.serving.auto import AutoState, Router
+from distillery.serving import adapt, grpc_app, http
+from distillery.serving.auto import AutoState, Router, batchers
 from distillery.serving.batcher import Batcher
+from distillery.serving.http import API_KEY_HEADER  # noqa: F401 (the header's name, for clients and tests)
+from distillery.serving.metrics import replica_metrics, request_id
 from distillery.serving.predictor import Predictor, ServedModel, catalog
-from distillery.serving.protocol import (
-    InferRequest,
-    Limits,
-    ProtocolError,
-    binary_response,
-    check_api_key,
-    check_size,
-    check_version,
-    infer_response,
-    json_body,
-    model_metadata,
-    parse_infer,
-    server_metadata,
-)
+from distillery.serving.protocol import Limits, ProtocolError, infer_response, model_metadata, server_metadata
 
-API_KEY_HEADER = "x-api-key"
 INGRESS_START_S = 240.0  # after Ray's own 60 s (see `deploy`)
 
 
@@ -73,7 +61,8 @@ def build_application(args: AppArgs) -> serve.Application:
     """The application for `args.kind`, with its autoscaling and limits applied."""
     cfg = ServeConfig.model_validate(args.settings)
     served = catalog(args.run_dir, args.models)
-    common = {"api_key_sha256": args.api_key_sha256, "limits": asdict(limits(cfg))}
+    common = {"api_key_sha256": args.api_key_sha256, "limits": asdict(limits(cfg)), "metrics": cfg.metrics,
+              "request_log_sample": cfg.request_log_sample}
     if args.kind == "model":
         return Model.options(**deployment_options(cfg)).bind(served[0], cfg.max_batch_size,
                                                              cfg.batch_wait_timeout_s, **common)
@@ -128,51 +117,6 @@ def read_api_key(env_name: str | None) -> str | None:
     return key
 
 
-# ---------------------------------------------------------------- request plumbing
-
-
-def _error(e: ProtocolError) -> JSONResponse:
-    return JSONResponse({"error": e.message}, status_code=e.status)
-
-
-def _check_key(request: Request, digest: str | None) -> None:
-    check_api_key(request.headers.get(API_KEY_HEADER), digest, f"in the {API_KEY_HEADER} header")
-
-
-def _subpath(request: Request, model: str) -> str:
-    """The path under this model's route prefix: "", "/ready" or "/infer", with or without
-    `/versions/{version}` before it (404 for a version the model does not have)."""
-    sub = request.scope["path"][len(request.scope.get("root_path", "")):].rstrip("/")
-    if sub.startswith("/versions/"):
-        version, _, rest = sub.removeprefix("/versions/").partition("/")
-        check_version(model, version)
-        sub = f"/{rest}" if rest else ""
-    return sub
-
-
-BINARY_HEADER = "inference-header-content-length"
-
-
-async def _read_infer(request: Request, model: str, in_shape: list[int], lim: Limits) -> InferRequest:
-    if request.method != "POST":
-        raise ProtocolError(405, "infer takes POST")
-    header_length = request.headers.get(BINARY_HEADER)
-    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
-    allowed = ("application/json", "") + (("application/octet-stream",) if header_length is not None else ())
-    if kind not in allowed:
-        raise ProtocolError(415, f"content type {kind!r} is not supported; send application/json "
-                                 f"(or application/octet-stream with {BINARY_HEADER})")
-    check_size(request.headers.get("content-length"), lim)
-    return parse_infer(await request.body(), in_shape, lim, header_length, model)
-
-
-def _reply(doc: dict, binary: bool) -> Response:
-    if not binary:
-        return Response(json_body(doc), media_type="application/json")
-    body, header_length = binary_response(doc)
-    return Response(body, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})
-
-
 # ---------------------------------------------------------------- deployments
 
 
@@ -180,30 +124,46 @@ def _reply(doc: dict, binary: bool) -> Response:
 class Model:
     """One served model: verified on load, dynamic batching over concurrent requests."""
 
-    def __init__(self, served: ServedModel, max_batch_size: int, batch_wait_s: float,
-                 api_key_sha256: str | None, limits: dict):
+    def __init__(
+        self,
+        served: ServedModel,
+        max_batch_size: int,
+        batch_wait_s: float,
+        api_key_sha256: str | None,
+        limits: dict,
+        metrics: bool = True,
+        request_log_sample: float = 0.0,
+    ):
         self.predictor = Predictor(served)  # verifies sha256; a bad artifact fails the replica here
         self.served, self.digest, self.limits = served, api_key_sha256, Limits(**limits)
-        self.batcher = Batcher(self.predictor, max_batch_size, batch_wait_s)
+        self.metrics = replica_metrics(metrics, request_log_sample)
+        self.batcher = Batcher(self.predictor, max_batch_size, batch_wait_s, served.name,
+                               self.metrics.on_pass(served.name, self.predictor.model))
 
     async def __call__(self, request: Request) -> Response:
         try:
-            _check_key(request, self.digest)
-            sub = _subpath(request, self.served.name)
+            http.check_key(request, self.digest)
+            sub = http.subpath(request, self.served.name)
             if sub == "":
                 return JSONResponse(model_metadata(self.served.name, self.served.in_shape, self.served.num_classes))
             if sub == "/ready":
                 return JSONResponse({"name": self.served.name, "ready": True})
             if sub != "/infer":
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/{self.served.name}")
-            with self.batcher.admitted():
-                req = await _read_infer(request, self.served.name, self.served.in_shape, self.limits)
-            answer = await self.batcher(req.x)
-            body = infer_response(self.served.name, req.id, answer.logits, self.served.name, req.outputs)
-            body["parameters"]["batched_requests"] = answer.together
-            return _reply(body, req.binary_output)
+            with self.metrics.counted(self.served.name, "http") as record:
+                return await self._infer(request, record)
         except ProtocolError as e:
-            return _error(e)
+            return http.error_response(e)
+
+    async def _infer(self, request: Request, record: dict) -> Response:
+        with self.batcher.admitted():
+            req = await http.read_infer(request, self.served.name, self.served.in_shape, self.limits)
+        record["id"] = req.id or request_id()
+        answer = await self.batcher(req.x)
+        self.metrics.answered(self.served.name, len(req.x), answer, record)
+        body = infer_response(self.served.name, req.id, answer.logits, self.served.name, req.outputs)
+        body["parameters"]["batched_requests"] = answer.together
+        return http.reply(body, req.binary_output, record["id"])
 
     def check_health(self) -> None:
         self.predictor(torch.zeros(1, *self.served.in_shape))
@@ -214,33 +174,46 @@ class Auto:
     """The virtual model `auto`: every served model behind its own `Batcher`, one picked per
     request by `auto.Router` (see `adapt`)."""
 
-    def __init__(self, served: list[ServedModel], max_batch_size: int, batch_wait_s: float, state: DeploymentHandle,
-                 api_key_sha256: str | None, limits: dict):
+    def __init__(
+        self,
+        served: list[ServedModel],
+        max_batch_size: int,
+        batch_wait_s: float,
+        state: DeploymentHandle,
+        api_key_sha256: str | None,
+        limits: dict,
+        metrics: bool = True,
+        request_log_sample: float = 0.0,
+    ):
         shapes = {tuple(m.in_shape) for m in served}
         if len(shapes) != 1:
             raise ValueError(f"auto needs models of one input shape, got {sorted(shapes)}")
         self.in_shape, self.num_classes = list(shapes.pop()), served[0].num_classes
-        self.batchers = {m.name: Batcher(Predictor(m), max_batch_size, batch_wait_s, m.name) for m in served}
-        self.router, self.digest, self.limits = Router(served, state, self.batchers), api_key_sha256, Limits(**limits)
+        self.metrics = replica_metrics(metrics, request_log_sample)
+        self.batchers = batchers(served, max_batch_size, batch_wait_s, self.metrics)
+        self.router = Router(served, state, self.batchers, self.metrics)
+        self.digest, self.limits = api_key_sha256, Limits(**limits)
 
     async def __call__(self, request: Request) -> Response:
         arrived = time.perf_counter()
         try:
-            _check_key(request, self.digest)
-            sub = _subpath(request, "auto")
+            http.check_key(request, self.digest)
+            sub = http.subpath(request, "auto")
             if sub == "":
                 return JSONResponse(model_metadata("auto", self.in_shape, self.num_classes, platform="distillery-auto"))
             if sub == "/ready":
                 return JSONResponse({"name": "auto", "ready": True})
             if sub != "/infer":
                 raise ProtocolError(404, f"no route {request.url.path}; see /v2/models/auto")
-            req = await _read_infer(request, "auto", self.in_shape, self.limits)
-            pick, logits, extra = await self.router.answer(req.parameters, req.x, arrived)
+            with self.metrics.counted("auto", "http") as record:
+                req = await http.read_infer(request, "auto", self.in_shape, self.limits)
+                record["id"] = req.id or request_id()
+                pick, logits, extra = await self.router.answer(req.parameters, req.x, arrived, record)
             body = infer_response("auto", req.id, logits, pick.name, req.outputs)
             body["parameters"].update(extra)
-            return _reply(body, req.binary_output)
+            return http.reply(body, req.binary_output, record["id"])
         except ProtocolError as e:
-            return _error(e)
+            return http.error_response(e)
 
     def check_health(self) -> None:
         for batcher in self.batchers.values():
@@ -265,7 +238,7 @@ class Server:
             ready = running(self.models)
             return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
         try:
-            _check_key(request, self.digest)
+            http.check_key(request, self.digest)
             if path == "/v2":
                 return JSONResponse(self.metadata)
             if path == "/v2/models":
@@ -275,7 +248,7 @@ class Server:
                 raise ProtocolError(404, f"unknown model {name!r}; served: {', '.join(self.models)}")
             raise ProtocolError(404, f"no route {request.url.path}")
         except ProtocolError as e:
-            return _error(e)
+            return http.error_response(e)
 
 
 def running(names: list[str]) -> bool:

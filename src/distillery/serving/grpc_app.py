@@ -18,10 +18,12 @@ The messages come from tritonclient (see `grpc_codec`); `SERVICER` is what Serve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from importlib import metadata
 from typing import Any
 
@@ -32,9 +34,9 @@ from tritonclient.grpc import service_pb2 as pb
 from distillery.compat import ingress
 from distillery.compat.serve_grpc import alias_triton_messages, pin_grpc_listeners
 from distillery.serving import grpc_codec
-from distillery.serving.auto import STATE, Router
-from distillery.serving.batcher import Batcher
-from distillery.serving.predictor import Predictor, ServedModel
+from distillery.serving.auto import STATE, Router, batchers
+from distillery.serving.metrics import UNKNOWN, replica_metrics, request_id
+from distillery.serving.predictor import ServedModel
 from distillery.serving.protocol import Limits, ProtocolError, check_api_key, model_metadata, server_metadata
 
 APP_NAME = ingress.GRPC_APP
@@ -54,29 +56,47 @@ class Grpc:
     own name, so Ray would pickle it by value and a replica would never import this module,
     nor run the two lines above."""
 
-    def __init__(self, served: list[ServedModel], max_batch_size: int, batch_wait_s: float,
-                 auto: bool, api_key_sha256: str | None, limits: dict, per_model_limit: int):
+    def __init__(
+        self,
+        served: list[ServedModel],
+        max_batch_size: int,
+        batch_wait_s: float,
+        auto: bool,
+        api_key_sha256: str | None,
+        limits: dict,
+        per_model_limit: int,
+        metrics: bool = True,
+        request_log_sample: float = 0.0,
+    ):
         self.served, self.digest, self.limits = served, api_key_sha256, Limits(**limits)
         self.per_model_limit, self.ongoing = per_model_limit, Counter()
-        self.batchers = {m.name: Batcher(Predictor(m), max_batch_size, batch_wait_s, m.name) for m in served}
+        self.metrics = replica_metrics(metrics, request_log_sample)
+        self.batchers = batchers(served, max_batch_size, batch_wait_s, self.metrics)
         self.models: dict[str, ServedModel | None] = {m.name: m for m in served} | ({"auto": None} if auto else {})
         # `auto` over gRPC follows (and feeds) the HTTP `auto` application's shared decision.
         self.router = Router(served, serve.get_deployment_handle(STATE, app_name="auto") if auto else None,
-                             self.batchers)
+                             self.batchers, self.metrics)
 
     def check_key(self, grpc_context: Any) -> None:
         given = dict(grpc_context.invocation_metadata()).get(grpc_codec.API_KEY_METADATA)
         check_api_key(given, self.digest, f"as {grpc_codec.API_KEY_METADATA} metadata")
 
-    async def answer(self, reply: str, work: Callable[[], Awaitable[Any]], grpc_context: Any,
-                     needs_key: bool = True) -> Any:
-        """Run `work`, checking the API key first; a ProtocolError becomes its gRPC status and
-        an empty `pb.<reply>`, never a crashed call. (Names, not classes: Serve pickles this
-        class, and the generated message classes do not pickle.)"""
+    async def answer(
+        self,
+        reply: str,
+        work: Callable[[], Awaitable[Any]],
+        grpc_context: Any,
+        needs_key: bool = True,
+        counted: AbstractContextManager = contextlib.nullcontext(),
+    ) -> Any:
+        """Run `work`, checking the API key first (both inside `counted`: the metrics' outcome);
+        a ProtocolError becomes its gRPC status and an empty `pb.<reply>`, never a crashed call.
+        (Names, not classes: Serve pickles this class, and the message classes do not pickle.)"""
         try:
-            if needs_key:
-                self.check_key(grpc_context)
-            return await work()
+            with counted:
+                if needs_key:
+                    self.check_key(grpc_context)
+                return await work()
         except ProtocolError as e:
             grpc_context.set_code(grpc_codec.status_code(e))
             grpc_context.set_details(e.message)
@@ -103,7 +123,12 @@ class Grpc:
         return await self.answer("ModelMetadataResponse", lambda: self._model_metadata(request), grpc_context)
 
     async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
-        return await self.answer("ModelInferResponse", lambda: self._infer(request), grpc_context)
+        name, record = (
+            request.model_name if request.model_name in self.models else UNKNOWN,
+            {"id": request.id or request_id()},
+        )
+        return await self.answer("ModelInferResponse", lambda: self._infer(request, record), grpc_context,
+                                 counted=self.metrics.counted(name, "grpc", record))
 
     async def _live(self) -> Any:
         return pb.ServerLiveResponse(live=True)
@@ -123,7 +148,7 @@ class Grpc:
         platform = "pytorch" if request.name != "auto" else "distillery-auto"
         return grpc_codec.model_metadata(model_metadata(request.name, model.in_shape, model.num_classes, platform))
 
-    async def _infer(self, request: Any) -> Any:
+    async def _infer(self, request: Any, record: dict) -> Any:
         arrived = time.perf_counter()
         model = grpc_codec.find_model(self.models, request.model_name, request.model_version)
         name = request.model_name
@@ -132,15 +157,16 @@ class Grpc:
                                      f"replica (serve.max_ongoing_requests + max_queued_requests); retry shortly")
         self.ongoing[name] += 1
         try:
-            return await self._answer(request, model, arrived)
+            return await self._answer(request, model, arrived, record)
         finally:
             self.ongoing[name] -= 1
 
-    async def _answer(self, request: Any, model: ServedModel | None, arrived: float) -> Any:
+    async def _answer(self, request: Any, model: ServedModel | None, arrived: float, record: dict) -> Any:
         req = grpc_codec.parse_infer(request, (model or self.served[0]).in_shape, self.limits)
         if model is not None:
             answer = await self.batchers[model.name](req.x)
+            self.metrics.answered(model.name, len(req.x), answer, record)
             pick, logits, extra = model, answer.logits, {"batched_requests": answer.together}
         else:
-            pick, logits, extra = await self.router.answer(req.parameters, req.x, arrived)
+            pick, logits, extra = await self.router.answer(req.parameters, req.x, arrived, record)
         return grpc_codec.infer_response(request.model_name, req.id, logits, pick.name, req.outputs, **extra)

@@ -87,6 +87,7 @@ class Predictor:
         folder = storage.fetch(served.folder, served.files)  # a run at a URI: this node's copy
         model, _ = artifacts.load(folder)
         self.served, self._run = served, runner(model, served.mode)
+        self.model = getattr(self._run, "model", self._run)  # the module that runs (a copy in channels_last)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,8 @@ def test_a_lone_request_does_not_wait_for_the_batch_timeout():
 
     async def one():
         start = time.perf_counter()
-        out, together, _ = await batcher(_x(1))
-        return time.perf_counter() - start, out, together
+        answer = await batcher(_x(1))
+        return time.perf_counter() - start, answer.logits, answer.together
 
     elapsed, out, together = asyncio.run(one())
     assert together == 1 and forward.batches == [1]
@@ -78,8 +78,8 @@ def test_requests_arriving_during_a_forward_pass_share_the_next_one():
         rest = [asyncio.ensure_future(batcher(_x(1, float(i)))) for i in range(1, 6)]
         return await first, await asyncio.gather(*rest)
 
-    (out0, together0, _), rest = asyncio.run(many())
-    assert forward.batches == [1, 5] and together0 == 1
+    first, rest = asyncio.run(many())
+    assert forward.batches == [1, 5] and first.together == 1
     # each request gets its own rows back, in order
     assert [a.logits[0, 0].item() for a in rest] == [4.0 * i for i in range(1, 6)]
     assert all(a.together == 5 for a in rest)
@@ -186,3 +186,19 @@ def test_a_batcher_emptied_by_a_hand_over_goes_idle_and_serves_the_next_request(
 
     (first, waiting), later = asyncio.run(scenario())
     assert (first.by, waiting.by, later.by) == ("slow", "fast", "slow") and later.together == 1
+
+
+def test_every_pass_is_reported_and_each_answer_says_how_long_it_queued():
+    """What a replica's metrics read: one `on_pass` call per forward pass (requests, images,
+    seconds), and per answer its time in the queue and its pass's time."""
+    passes = []
+    batcher = Batcher(Recorder(seconds=0.02), max_batch=4, wait_s=0.0, on_pass=lambda *p: passes.append(p))
+
+    async def burst():
+        return await asyncio.gather(*(batcher(_x(2)) for _ in range(5)))  # 2 + 2 + 1 requests a pass
+
+    answers = sorted(asyncio.run(burst()), key=lambda a: a.queued_s)
+    assert [p[:2] for p in passes] == [(2, 4), (2, 4), (1, 2)] and all(p[2] >= 0.02 for p in passes)
+    assert all(a.forward_s >= 0.02 for a in answers)
+    queued = [a.queued_s for a in answers]
+    assert max(queued[:2]) < 0.01 and min(queued[2:]) >= 0.02  # the first pass ran at once, the rest waited
