@@ -1,6 +1,6 @@
 """What the served models are doing, counted in the replicas and exported by Ray's metrics
-agent on every node (Ray Serve's public `ray.serve.metrics`, which adds the deployment, replica
-and application labels): no extra server, on a cluster too.
+agent on every node (Ray's public `ray.util.metrics`, labelled with the replica's application
+and id): no extra server, on a cluster too.
 
     distillery_requests_total{model, version, protocol, outcome}    ok | client_error | refused | failed
     distillery_request_seconds{model, version, protocol}    an answered request, arrival -> reply (histogram)
@@ -25,6 +25,7 @@ Ray's exporter puts `ray_` before every name; the Prometheus config `distillery 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -35,35 +36,39 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ray.serve import metrics
+from ray import serve
+from ray.util import metrics
 
 from distillery.compat.logs import session_logs
 from distillery.serving.batcher import Answer, OnPass
 from distillery.serving.protocol import MODEL_VERSION, ProtocolError
+from distillery.serving.tally import Tally
 
 SECONDS = [0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
 COUNTS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 MODEL = ("model", "version")
+REPLICA = ("application", "replica")  # on every series, as Serve's own metrics name a replica
 PROTOCOL, OUTCOME = (*MODEL, "protocol"), (*MODEL, "protocol", "outcome")
-# attribute: (kind, name, description, labels[, histogram buckets]). Ray's agent rebuilds a
-# histogram's _sum from bucket midpoints: a mean (the batch size) comes from two counters.
-Counter, Gauge, Histogram = metrics.Counter, metrics.Gauge, metrics.Histogram
+EXPORT_S = 1.0  # how often a replica hands its tally to Ray (whose agent reports every 10 s)
+# attribute: (kind, name, description, labels[, histogram buckets]). A histogram is exported as
+# Prometheus shows one, `_bucket{le}`, `_sum`, `_count`, from this process's own tally (Ray's
+# histograms cost a call per observation, and rebuild `_sum` from bucket midpoints).
 METRICS = {
-    "requests": (Counter, "distillery_requests", "Inference requests by model, protocol, outcome", OUTCOME),
-    "latency": (Histogram, "distillery_request_seconds", "Answered, arrival to reply", PROTOCOL, SECONDS),
-    "queue": (Histogram, "distillery_queue_seconds", "Waiting in the batcher for a pass", MODEL, SECONDS),
-    "forward": (Histogram, "distillery_forward_seconds", "One forward pass", MODEL, SECONDS),
-    "batch": (Histogram, "distillery_batch_size", "Requests per forward pass", MODEL, COUNTS),
-    "passes": (Counter, "distillery_forward_passes", "Forward passes", MODEL),
-    "batched": (Counter, "distillery_batched_requests", "Requests answered by forward passes", MODEL),
-    "images": (Histogram, "distillery_request_images", "Images per request", MODEL, COUNTS),
-    "cascade": (Counter, "distillery_cascade_rows", "Rows a cascade kept (escalated=false) or sent on",
+    "requests": ("counter", "distillery_requests", "Inference requests by model, protocol, outcome", OUTCOME),
+    "latency": ("histogram", "distillery_request_seconds", "Answered, arrival to reply", PROTOCOL, SECONDS),
+    "queue": ("histogram", "distillery_queue_seconds", "Waiting in the batcher for a pass", MODEL, SECONDS),
+    "forward": ("histogram", "distillery_forward_seconds", "One forward pass", MODEL, SECONDS),
+    "batch": ("histogram", "distillery_batch_size", "Requests per forward pass", MODEL, COUNTS),
+    "passes": ("counter", "distillery_forward_passes", "Forward passes", MODEL),
+    "batched": ("counter", "distillery_batched_requests", "Requests answered by forward passes", MODEL),
+    "images": ("histogram", "distillery_request_images", "Images per request", MODEL, COUNTS),
+    "cascade": ("counter", "distillery_cascade_rows", "Rows a cascade kept (escalated=false) or sent on",
                 (*MODEL, "escalated")),
-    "rung": (Gauge, "distillery_auto_rung", "auto's decision: its place on the ladder (0: most accurate)",
+    "rung": ("gauge", "distillery_auto_rung", "auto's decision: its place on the ladder (0: most accurate)",
              ("model",)),
-    "auto": (Counter, "distillery_auto_requests", "The model that answered each auto request", ("model",)),
-    "spills": (Counter, "distillery_auto_spills", "auto requests sent to a faster model at arrival", ()),
-    "handovers": (Counter, "distillery_auto_handovers", "auto requests moved to a faster model waiting", ()),
+    "auto": ("counter", "distillery_auto_requests", "The model that answered each auto request", ("model",)),
+    "spills": ("counter", "distillery_auto_spills", "auto requests sent to a faster model at arrival", ()),
+    "handovers": ("counter", "distillery_auto_handovers", "auto requests moved to a faster model", ()),
 }
 UNKNOWN = "(unknown)"  # the label of a request for a model this replica does not serve: names stay bounded
 log = logging.getLogger("distillery.requests")  # pure JSON lines, a file of their own (`_request_log`)
@@ -82,14 +87,74 @@ def outcome(error: BaseException | None) -> str:
     return "failed"
 
 
+def _ray_metrics() -> dict[str, object]:
+    """The Ray metrics the tally is exported to: a Counter per counter, a Gauge per gauge, and
+    per histogram three Gauges (`_bucket` with `le`, `_sum`, `_count`), each labelled with this
+    replica's application and id. Ray's core `ray.util.metrics`: Serve's wrappers of the same
+    (`ray.serve.metrics`) cost the student 9-10% of its requests/s here, unused
+    (benchmarks/metrics_cost.py, 4-5 rounds each way)."""
+    out: dict[str, object] = {}
+    for attr, (kind, name, description, labels, *_) in METRICS.items():
+        if kind == "counter":
+            out[attr] = metrics.Counter(name, description, tag_keys=(*labels, *REPLICA))
+        elif kind == "gauge":
+            out[attr] = metrics.Gauge(name, description, tag_keys=(*labels, *REPLICA))
+        else:
+            out[attr] = (metrics.Gauge(f"{name}_bucket", description, tag_keys=(*labels, "le", *REPLICA)),
+                         metrics.Gauge(f"{name}_sum", description, tag_keys=(*labels, *REPLICA)),
+                         metrics.Gauge(f"{name}_count", description, tag_keys=(*labels, *REPLICA)))
+    here = _replica()
+    for metric in out.values():
+        for m in metric if isinstance(metric, tuple) else (metric,):
+            m.set_default_tags(here)
+    return out
+
+
+def _replica() -> dict[str, str]:
+    """This replica's application and id (empty outside a Serve replica)."""
+    try:
+        context = serve.get_replica_context()
+    except Exception:  # noqa: BLE001 - not a replica (a test, a benchmark in process)
+        return dict.fromkeys(REPLICA, "")
+    return {"application": context.app_name, "replica": context.replica_tag}
+
+
 class ReplicaMetrics:
-    """One per replica process: Ray keeps a metric per name and process."""
+    """One per replica process (Ray keeps a metric per name and process): events go into a
+    `Tally`, which a task on the replica's event loop hands to Ray every EXPORT_S."""
 
     def __init__(self) -> None:
         self.log_share = 0.0  # `serve.request_log_sample`
-        for attr, (kind, name, description, tag_keys, *buckets) in METRICS.items():
-            options = {"boundaries": buckets[0]} if buckets else {}
-            setattr(self, attr, kind(name, description, tag_keys=tag_keys, **options))
+        self.tally, self.ray = Tally(), _ray_metrics()
+        self._exporter: asyncio.Task | None = None
+
+    def export(self) -> None:
+        """Hand the tally to Ray: counters by their increments, histograms and gauges whole."""
+        for (attr, values), n in self.tally.take_counts().items():
+            self.ray[attr].inc(n, tags=dict(zip(METRICS[attr][3], values)))
+        for (attr, values), value in self.tally.values.items():
+            self.ray[attr].set(value, tags=dict(zip(METRICS[attr][3], values)))
+        for (attr, values) in list(self.tally.hists):
+            tags, (bucket, total, count) = dict(zip(METRICS[attr][3], values)), self.ray[attr]
+            buckets, value_sum, n = self.tally.cumulative((attr, values), METRICS[attr][4])
+            for le, cumulative in buckets:
+                bucket.set(cumulative, tags={**tags, "le": le})
+            total.set(value_sum, tags=tags)
+            count.set(n, tags=tags)
+
+    def _exporting(self) -> None:
+        """Start the export task on the running loop (the replica's), once."""
+        if self._exporter is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to export from
+                self._exporter = asyncio.get_running_loop().create_task(self._export_every(EXPORT_S))
+
+    async def _export_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                self.export()
+            except Exception as e:  # noqa: BLE001 - metrics never take a replica down
+                log.warning("metrics: export to Ray failed (%s: %s)", type(e).__name__, e)
 
     @contextlib.contextmanager
     def counted(self, model: str, protocol: str, record: dict | None = None) -> Iterator[dict]:
@@ -97,6 +162,7 @@ class ReplicaMetrics:
         client's (4xx) or a refusal under overload (503); any other error a failure. Yields the
         request's record (`record`, or a new one), which the handler fills (id, images, times)
         for the request log."""
+        self._exporting()
         error: BaseException | None = None
         start, record = time.perf_counter(), {} if record is None else record
         try:
@@ -105,61 +171,59 @@ class ReplicaMetrics:
             error = e
             raise
         finally:
-            seconds, tags = time.perf_counter() - start, {"model": model, "version": MODEL_VERSION,
-                                                          "protocol": protocol}
-            self.requests.inc(tags={**tags, "outcome": outcome(error)})
+            seconds, labels = time.perf_counter() - start, (model, MODEL_VERSION, protocol)
+            self.tally.inc("requests", (*labels, outcome(error)))
             if error is None:
-                self.latency.observe(seconds, tags=tags)
+                self.tally.observe("latency", labels, seconds, SECONDS)
             if self.log_share and random.random() < self.log_share:
-                log.info(json.dumps({"t": round(time.time(), 6), **tags, "outcome": outcome(error),
-                                     "ms": round(1e3 * seconds, 3), **record}))
+                log.info(json.dumps({"t": round(time.time(), 6), **dict(zip(PROTOCOL, labels)),
+                                     "outcome": outcome(error), "ms": round(1e3 * seconds, 3), **record}))
 
     def answered(self, model: str, images: int, answer: Answer, record: dict | None = None) -> None:
         """A request's answer: its images and queue time; its record gets those, the pass's time
         and the model that answered."""
-        tags = {"model": model, "version": MODEL_VERSION}
-        queued_s = answer.queued_s
+        labels = (model, MODEL_VERSION)
         if record is not None:
-            record.update(answered_by=model, images=images, queue_ms=round(1e3 * queued_s, 3),
+            record.update(answered_by=model, images=images, queue_ms=round(1e3 * answer.queued_s, 3),
                           forward_ms=round(1e3 * answer.forward_s, 3), batched_requests=answer.together)
-        self.images.observe(images, tags=tags)
-        self.queue.observe(queued_s, tags=tags)
+        self.tally.observe("images", labels, images, COUNTS)
+        self.tally.observe("queue", labels, answer.queued_s, SECONDS)
 
     def on_pass(self, model: str, module: object) -> OnPass:
         """The batcher's hook for `model` (its forward passes); `module` is what runs, read for a
         cascade's counts."""
-        tags = {"model": model, "version": MODEL_VERSION}
+        labels, tally = (model, MODEL_VERSION), self.tally
         seen = {"rows": 0, "escalated": 0}
 
         def observe(requests: int, images: int, seconds: float) -> None:
-            self.batch.observe(requests, tags=tags)
-            self.passes.inc(tags=tags)
-            self.batched.inc(requests, tags=tags)
-            self.forward.observe(seconds, tags=tags)
+            tally.observe("batch", labels, requests, COUNTS)
+            tally.inc("passes", labels)
+            tally.inc("batched", labels, requests)
+            tally.observe("forward", labels, seconds, SECONDS)
             if hasattr(module, "escalated"):
-                self._cascade(tags, module, seen)
+                self._cascade(labels, module, seen)
 
         return observe
 
-    def _cascade(self, tags: dict[str, str], module: object, seen: dict[str, int]) -> None:
+    def _cascade(self, labels: tuple[str, ...], module: object, seen: dict[str, int]) -> None:
         """The rows a cascade answered since the last pass, kept by its small model or escalated."""
         escalated, rows = module.escalated - seen["escalated"], module.rows - seen["rows"]
         seen.update(rows=module.rows, escalated=module.escalated)
         for flag, n in (("true", escalated), ("false", rows - escalated)):
             if n:
-                self.cascade.inc(n, tags={**tags, "escalated": flag})
+                self.tally.inc("cascade", (*labels, flag), n)
 
     def auto_decision(self, rung: int) -> None:
-        self.rung.set(rung, tags={"model": "auto"})
+        self.tally.set("rung", ("auto",), rung)
 
     def auto_answer(self, model: str, spilled: bool) -> None:
-        self.auto.inc(tags={"model": model})
+        self.tally.inc("auto", (model,))
         if spilled:
-            self.spills.inc()
+            self.tally.inc("spills", ())
 
     def handed_over(self, n: int) -> None:
         if n:
-            self.handovers.inc(n)
+            self.tally.inc("handovers", (), n)
 
 
 class NoMetrics(ReplicaMetrics):

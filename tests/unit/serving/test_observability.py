@@ -68,8 +68,8 @@ def exported_names() -> set[str]:
     takes Ray's prefix off): a counter's `_total`, a histogram's `_bucket`, `_sum`, `_count`."""
     from distillery.serving import metrics
 
-    made = re.findall(r'\((Counter|Histogram|Gauge), "(\w+)"', Path(metrics.__file__).read_text())
-    suffixes = {"Counter": ["_total"], "Histogram": ["_bucket", "_sum", "_count"], "Gauge": [""]}
+    made = [(kind, name) for kind, name, *_ in metrics.METRICS.values()]
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     return {name + s for kind, name in made for s in suffixes[kind]}
 
 
@@ -84,3 +84,18 @@ def test_every_dashboard_query_names_a_metric_the_replicas_or_the_ingress_export
         assert used - ours <= {"haproxy_backend_http_responses_total"}, (
             expr
         )  # HAProxy's exporter (Ray starts it)
+
+
+def test_a_tally_keeps_prometheus_histograms_and_hands_counts_over_once():
+    from distillery.serving.tally import Tally
+
+    tally, bounds = Tally(), [0.001, 0.01, 0.1]
+    for value in (0.0005, 0.001, 0.002, 0.05, 3.0):
+        tally.observe("latency", ("m",), value, bounds)
+    buckets, total, count = tally.cumulative(("latency", ("m",)), bounds)
+    assert buckets == [("0.001", 2), ("0.01", 3), ("0.1", 4), ("+Inf", 5)]  # le: at most the bound
+    assert count == 5 and abs(total - 3.0535) < 1e-9
+    tally.inc("requests", ("m", "ok"))
+    tally.inc("requests", ("m", "ok"), 2)
+    assert tally.take_counts() == {("requests", ("m", "ok")): 3.0}
+    assert tally.take_counts() == {}  # exported once: a counter is handed over by its increments
