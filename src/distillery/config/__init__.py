@@ -72,7 +72,7 @@ class PipelineConfig(Strict):
     name: str = Field("digits", description="run name: the run directory is storage_path/name")
     storage_path: str = Field("runs", description="a folder (shared by every node on a cluster) or an s3:// or "
                                                    "gs:// URI")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seeds the splits, the initial weights and the data order")
     threads: int | None = Field(None, ge=1, le=1024, description="torch threads; default: all cores")
     data: DataConfig = DataConfig()
     teacher: _stage(ResNetConfig()) = StageConfig(model=ResNetConfig())

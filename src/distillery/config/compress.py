@@ -63,9 +63,9 @@ class Finetune(StepConfig):
     """Train the pruned model further, distilled from the teacher, on Ray Train (DDP)."""
 
     kind: Literal["finetune"] = "finetune"
-    epochs: int = Field(10, ge=1, le=1000)
-    lr: float = Field(1e-3, gt=0.0, le=1.0)
-    batch_size: int = Field(64, ge=1, le=65_536)
+    epochs: int = Field(10, ge=1, le=1000, description="fine-tuning epochs")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="peak learning rate")
+    batch_size: int = Field(64, ge=1, le=65_536, description="images per optimizer step")
     distill: bool = Field(True, description="KD from the teacher (the distill section's T and alpha)")
 
 
@@ -87,10 +87,11 @@ class Int8Static(StepConfig):
 
     kind: Literal["int8_static"] = "int8_static"
     quantizes: ClassVar[bool] = True
-    calibration_samples: int = Field(512, ge=1, le=1_000_000)
+    calibration_samples: int = Field(512, ge=1, le=1_000_000, description="training images the observers "
+                                     "see before convert")
     max_drop: float = Field(0.005, ge=-1.0, le=1.0, description="allowed val-accuracy loss before QAT (0.005 = 0.5 point)")
-    qat_epochs: int = Field(3, ge=1, le=1000)
-    qat_lr: float = Field(1e-4, gt=0.0, le=1.0)
+    qat_epochs: int = Field(3, ge=1, le=1000, description="quantization-aware training epochs, when it runs")
+    qat_lr: float = Field(1e-4, gt=0.0, le=1.0, description="its learning rate")
 
     def numerics(self) -> str:
         return self.kind
@@ -138,9 +139,10 @@ Step = Annotated[PruneUnstructured | PruneChannels | Finetune | Int8Dynamic | In
 class VariantConfig(Strict):
     """One variant: `parent` (student, teacher or an earlier variant) and its steps."""
 
-    name: str
-    parent: str = "student"
-    steps: list[Step] = Field(min_length=1, max_length=8)
+    name: str = Field(description="the variant's name: its folder under variants/ and its served model's")
+    parent: str = Field("student", description="teacher, student, student_scratch, or an earlier variant")
+    steps: list[Step] = Field(min_length=1, max_length=8,
+                              description="applied in order, each `model -> model`")
 
     @field_validator("name")
     @classmethod
@@ -187,12 +189,15 @@ class BenchConfig(Strict):
 
     threads: int = Field(1, ge=1, le=1024, description="torch threads while timing (1: as a Serve replica runs)")
     latency_runs: int = Field(200, ge=10, le=100_000, description="batch-1 runs for p50/p99")
-    throughput_batch: int = Field(256, ge=1, le=65_536)
-    throughput_runs: int = Field(10, ge=1, le=10_000)
+    throughput_batch: int = Field(256, ge=1, le=65_536, description="batch size throughput is timed at")
+    throughput_runs: int = Field(10, ge=1, le=10_000, description="timed batches for throughput")
     # `compile` is opt-in: a replica never runs a compiled graph (each new batch size would
     # recompile), so its figures are shown beside the served ones, not served, and timing it
     # cost the default run about 35 s of compiling.
-    modes: list[Literal["eager", "channels_last", "compile"]] = Field(["eager", "channels_last"], min_length=1)
+    modes: list[Literal["eager", "channels_last", "compile"]] = Field(
+        ["eager", "channels_last"], min_length=1,
+        description="how each variant is run while timed; a replica runs the fastest servable one (compile: "
+        "shown, never served)")
 
 
 def _default_variants() -> list[VariantConfig]:

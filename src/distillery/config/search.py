@@ -41,11 +41,16 @@ class BudgetConfig(Strict):
 class SpaceConfig(Strict):
     """What the search chooses from, per trial (uniformly at random)."""
 
-    width_mult: list[Annotated[float, Field(gt=0.0, le=8.0)]] = Field([0.25, 0.5, 0.75, 1.0], min_length=1)
-    temperature: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field([1.0, 2.0, 4.0, 8.0], min_length=1)
-    alpha: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field([0.5, 0.9, 1.0], min_length=1)
-    epochs: list[Annotated[int, Field(ge=1, le=10_000)]] = Field([100, 200, 400, 800], min_length=1)
-    augment: list[bool] = Field([True, False], min_length=1)
+    width_mult: list[Annotated[float, Field(gt=0.0, le=8.0)]] = Field(
+        [0.25, 0.5, 0.75, 1.0], min_length=1, description="the student's width (cnn's width_mult)")
+    temperature: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(
+        [1.0, 2.0, 4.0, 8.0], min_length=1, description="distillation's T")
+    alpha: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field([0.5, 0.9, 1.0], min_length=1,
+                                                                 description="distillation's alpha")
+    epochs: list[Annotated[int, Field(ge=1, le=10_000)]] = Field(
+        [100, 200, 400, 800], min_length=1,
+        description="the schedule's length (ASHA may stop a trial sooner)")
+    augment: list[bool] = Field([True, False], min_length=1, description="random shifts while training")
     recipe: list[Annotated[list[Step], Field(max_length=8)]] = Field(
         default_factory=_default_search_recipes, min_length=1,
         description="compression steps after training ([]: none), e.g. [{kind: int8_static}]")
@@ -66,8 +71,8 @@ class SearchConfig(Strict):
 
     enabled: bool = Field(False, description="`distillery run`: search before compressing; the chosen model "
                           "joins the frontier as `searched` and is served")
-    trials: int = Field(24, ge=1, le=10_000)
-    cpus_per_trial: float = Field(1.0, gt=0.0, le=256.0)
+    trials: int = Field(24, ge=1, le=10_000, description="trials Ray Tune runs")
+    cpus_per_trial: float = Field(1.0, gt=0.0, le=256.0, description="CPUs each trial reserves")
     max_concurrent: int | None = Field(None, ge=1, le=10_000, description="default: as many as the CPUs allow")
     grace_percent: float = Field(15.0, gt=0.0, le=100.0, description="ASHA: no trial stops before this share of "
                                  "its epochs; rungs at this times 3, 9, ...")

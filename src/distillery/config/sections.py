@@ -17,16 +17,18 @@ DATA_SOURCES = ("digits", "cifar10", "parquet", "synthetic", "folder")
 class DataConfig(Strict):
     """Where the images come from and how they are split."""
 
-    source: Literal[DATA_SOURCES] = "digits"
+    source: Literal[DATA_SOURCES] = Field("digits", description="digits (embedded, 8x8 grey), cifar10 (its "
+                                          "binary batches), parquet, synthetic, or folder (image files)")
     path: str | None = Field(None, description="cifar10: folder of *.bin files; parquet: file or folder; "
                              "folder: <class>/ or <split>/<class>/ subfolders of images")
-    image_column: str = "image"
-    label_column: str = "label"
+    image_column: str = Field("image", description="parquet: the column of images (encoded or flat)")
+    label_column: str = Field("label", description="parquet: the column of integer labels")
     image_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
         None, min_length=3, max_length=3, description="C,H,W: parquet images stored flat; synthetic shape; folder: resize to (C 1 or 3)")
     num_classes: int | None = Field(None, ge=2, le=100_000, description="synthetic only")
     num_samples: int = Field(1000, ge=10, description="synthetic only")
-    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="share of the training rows held out to "
+                                "choose on (the floor, the recommended model, thresholds, the search)")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="sources without their own test split")
     max_train_samples: int | None = Field(None, ge=10, description="subsample train (stratified), for quick runs")
     shard_rows: int = Field(50_000, ge=1, description="rows per Parquet shard")
@@ -39,7 +41,8 @@ class ResNetConfig(Strict):
 
     kind: Literal["resnet"] = "resnet"
     width: int = Field(48, ge=4, le=1024, description="channels of the first stage; doubles per stage")
-    blocks: list[Annotated[int, Field(ge=1, le=16)]] = Field([2, 2], min_length=1, max_length=4)
+    blocks: list[Annotated[int, Field(ge=1, le=16)]] = Field([2, 2], min_length=1, max_length=4,
+                                                              description="basic blocks per stage")
 
 
 class CNNConfig(Strict):
@@ -63,14 +66,15 @@ ModelConfig = Annotated[ResNetConfig | CNNConfig | TorchvisionConfig, Field(disc
 class TrainConfig(Strict):
     """One plain-PyTorch training run: optimizer, schedule, epochs."""
 
-    epochs: int = Field(30, ge=1, le=10_000)
-    batch_size: int = Field(64, ge=1, le=65_536)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(3e-3, gt=0.0, le=10.0)
+    epochs: int = Field(30, ge=1, le=10_000, description="passes over the training split")
+    batch_size: int = Field(64, ge=1, le=65_536, description="images per optimizer step, over all workers")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with momentum")
+    lr: float = Field(3e-3, gt=0.0, le=10.0, description="peak learning rate (onecycle), or the starting one")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
-    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="decoupled (AdamW) or L2 (SGD)")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="the learning rate "
+                                                                "over the epochs")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="of the hard-label cross-entropy")
     augment: bool = Field(True, description="random 1-pixel shifts (and flips for cifar10)")
     parallelism: Literal["ddp", "fsdp", "pipeline"] = Field(
         "ddp", description="ddp: replicas, gradients all-reduced; fsdp: parameters, gradients and optimizer "
@@ -90,9 +94,11 @@ class HintConfig(Strict):
 class DistillConfig(Strict):
     """Hinton et al. (2015): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y)."""
 
-    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    temperature: float = Field(4.0, gt=0.0, le=100.0, description="T: how soft the teacher's and student's "
+                               "probabilities are made in the soft term")
     alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the soft (teacher) term")
-    hints: list[HintConfig] = Field([], max_length=4)
+    hints: list[HintConfig] = Field([], max_length=4, description="feature distillation (FitNets) between "
+                                    "named layers, besides the logits")
     cache_teacher_logits: bool = Field(
         False, description="compute the teacher's logits once with Ray Data into Parquet and reuse them "
         "(the student then trains without augmentation: the logits are for the stored images)")
@@ -116,9 +122,10 @@ class RayConfig(Strict):
     address: str | None = Field(None, description="Ray cluster address; default: the job's cluster, else a local one")
     workers: int = Field(2, ge=0, le=1024, description="Ray Train workers per training stage; 0: train in this process without Ray")
     use_gpu: bool = Field(False, description="one GPU per worker, nccl, bf16 autocast")
-    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0, description="CPUs each Ray Train worker reserves "
+                                   "(its torch threads)")
     max_failures: int = Field(3, ge=0, le=100, description="worker failures a stage survives (resuming from its last checkpoint)")
-    checkpoints_to_keep: int = Field(2, ge=1, le=100)
+    checkpoints_to_keep: int = Field(2, ge=1, le=100, description="per training run, the newest kept")
     shared_filesystem: bool = Field(False, description="storage_path is a folder mounted at the same path on every "
                                     "node (NFS, EFS); otherwise a cluster of several machines needs an s3:// or "
                                     "gs:// storage_path")
@@ -163,18 +170,21 @@ class ServeConfig(Strict):
         "holds replicas (each answers on port and grpc_port; put a load balancer in front of them). "
         "With Ray's GCS fault tolerance (the head started with an external Redis, cluster.yaml) the "
         "workers' ingresses keep answering while the head is down")
-    port: int = Field(8000, ge=1, le=65_535)
+    port: int = Field(8000, ge=1, le=65_535, description="the ingress's HTTP port")
     grpc_port: int | None = Field(8001, ge=1, le=65_535, description="the protocol's gRPC service "
                                   "(inference.GRPCInferenceService) on this port; null: no gRPC")
     models: list[str] | None = Field(None, description="models to serve; default: the Pareto front and the recommended one")
     auto: bool = Field(True, description="serve the adaptive model `auto`")
     auto_slo_ms: float = Field(100.0, gt=0.0, le=600_000.0, description="auto's latency objective (ms, arrival to "
                                "answer in its replica): the most accurate model that meets it at the current load")
-    min_replicas: int = Field(1, ge=0, le=1000)
-    max_replicas: int = Field(2, ge=1, le=1000)
-    target_ongoing_requests: float = Field(2.0, gt=0.0, le=10_000.0)
-    upscale_delay_s: float = Field(3.0, ge=0.0, le=3600.0)
-    downscale_delay_s: float = Field(30.0, ge=0.0, le=86_400.0)
+    min_replicas: int = Field(1, ge=0, le=1000, description="per model: autoscaling's floor")
+    max_replicas: int = Field(2, ge=1, le=1000, description="per model: autoscaling's ceiling")
+    target_ongoing_requests: float = Field(2.0, gt=0.0, le=10_000.0, description="requests per replica "
+                                           "autoscaling aims at")
+    upscale_delay_s: float = Field(3.0, ge=0.0, le=3600.0, description="load above target this long adds "
+                                   "replicas")
+    downscale_delay_s: float = Field(30.0, ge=0.0, le=86_400.0, description="load below target this long "
+                                     "removes replicas")
     # Beyond it Serve's router retries with backoff: one replica at concurrency 32 fell from
     # 349 to 54 requests/s with 16 here. Requests waiting inside a replica also batch better.
     max_ongoing_requests: int = Field(64, ge=1, le=100_000,
@@ -186,10 +196,12 @@ class ServeConfig(Strict):
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description="the longest a batch waits for requests "
                                         "this replica is still reading; a lone request never waits")
     num_cpus: float = Field(0.5, gt=0.0, le=256.0, description="per replica (logical; the replica runs 1 torch thread)")
-    max_body_bytes: int = Field(8 << 20, ge=1024, le=1 << 31)
+    max_body_bytes: int = Field(8 << 20, ge=1024, le=1 << 31, description="a larger request is refused (413)")
     max_elements: int = Field(1 << 20, ge=1, le=1 << 30, description="floats per request")
-    health_check_period_s: float = Field(10.0, gt=0.0, le=3600.0)
-    health_check_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    health_check_period_s: float = Field(10.0, gt=0.0, le=3600.0, description="how often Serve runs each "
+                                         "replica's check (a forward pass)")
+    health_check_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="a check slower than this "
+                                          "marks the replica unhealthy")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Serve's own logs")
     access_log: bool = Field(False, description="log every request (one line each: floods the console under load)")
     api_key_env: str | None = Field(None, description="name of an environment variable holding an API key; "
@@ -225,4 +237,5 @@ class LoadTestConfig(Strict):
     ramp_images: int = Field(16, ge=1, le=4096, description="images per ramp request: the work of a request, not "
                              "the cost of sending it, should bound the replica")
     images: int = Field(1, ge=1, le=4096, description="images per request")
-    p99_target_ms: float = Field(100.0, gt=0.0, le=600_000.0)
+    p99_target_ms: float = Field(100.0, gt=0.0, le=600_000.0, description="the sustained rate is the highest "
+                                 "with p99 within this")
