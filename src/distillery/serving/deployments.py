@@ -124,16 +124,9 @@ def read_api_key(env_name: str | None) -> str | None:
 class Model:
     """One served model: verified on load, dynamic batching over concurrent requests."""
 
-    def __init__(
-        self,
-        served: ServedModel,
-        max_batch_size: int,
-        batch_wait_s: float,
-        api_key_sha256: str | None,
-        limits: dict,
-        metrics: bool = True,
-        request_log_sample: float = 0.0,
-    ):
+    def __init__(self, served: ServedModel, max_batch_size: int, batch_wait_s: float,
+                 api_key_sha256: str | None, limits: dict, metrics: bool = True,
+                 request_log_sample: float = 0.0):
         self.predictor = Predictor(served)  # verifies sha256; a bad artifact fails the replica here
         self.served, self.digest, self.limits = served, api_key_sha256, Limits(**limits)
         self.metrics = replica_metrics(metrics, request_log_sample)
@@ -174,17 +167,9 @@ class Auto:
     """The virtual model `auto`: every served model behind its own `Batcher`, one picked per
     request by `auto.Router` (see `adapt`)."""
 
-    def __init__(
-        self,
-        served: list[ServedModel],
-        max_batch_size: int,
-        batch_wait_s: float,
-        state: DeploymentHandle,
-        api_key_sha256: str | None,
-        limits: dict,
-        metrics: bool = True,
-        request_log_sample: float = 0.0,
-    ):
+    def __init__(self, served: list[ServedModel], max_batch_size: int, batch_wait_s: float,
+                 state: DeploymentHandle, api_key_sha256: str | None, limits: dict, metrics: bool = True,
+                 request_log_sample: float = 0.0):
         shapes = {tuple(m.in_shape) for m in served}
         if len(shapes) != 1:
             raise ValueError(f"auto needs models of one input shape, got {sorted(shapes)}")

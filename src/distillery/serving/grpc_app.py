@@ -56,18 +56,9 @@ class Grpc:
     own name, so Ray would pickle it by value and a replica would never import this module,
     nor run the two lines above."""
 
-    def __init__(
-        self,
-        served: list[ServedModel],
-        max_batch_size: int,
-        batch_wait_s: float,
-        auto: bool,
-        api_key_sha256: str | None,
-        limits: dict,
-        per_model_limit: int,
-        metrics: bool = True,
-        request_log_sample: float = 0.0,
-    ):
+    def __init__(self, served: list[ServedModel], max_batch_size: int, batch_wait_s: float, auto: bool,
+                 api_key_sha256: str | None, limits: dict, per_model_limit: int, metrics: bool = True,
+                 request_log_sample: float = 0.0):
         self.served, self.digest, self.limits = served, api_key_sha256, Limits(**limits)
         self.per_model_limit, self.ongoing = per_model_limit, Counter()
         self.metrics = replica_metrics(metrics, request_log_sample)
