@@ -202,6 +202,8 @@ def test_a_finished_run_keeps_serving_until_ctrl_c(pipeline_runs):
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5)
     # Nothing redone: every artifact untouched (the manifest's environment block may differ
-    # from the in-process runs above, e.g. torch's thread count in a fresh process).
-    unchanged = lambda files: {p: t for p, t in files.items() if p.name not in ("manifest.json", "config.yaml")}  # noqa: E731
+    # from the in-process runs above, e.g. torch's thread count in a fresh process; the scrape
+    # config names this deployment's ports, new with each Ray instance).
+    kept = ("manifest.json", "config.yaml", "prometheus.yml")
+    unchanged = lambda files: {p: t for p, t in files.items() if p.name not in kept}  # noqa: E731
     assert unchanged(_mtimes(root)) == unchanged(before)

@@ -449,24 +449,32 @@ def _overload_until_stepped_down(url: str, body: bytes, state, rungs: list[str])
     return answered, history
 
 
-def test_auto_steps_down_under_overload_and_back_up_when_it_ends(server):
+def test_auto_steps_down_under_overload_and_back_up_when_it_ends(server, tmp_path):
     """`auto` redeployed with a 3 ms objective that 16 concurrent clients overload: it steps down
     the ladder (the answers name faster models); once the load ends it climbs back."""
     from ray import serve
 
-    from distillery.files import read_json
+    from distillery.files import atomic_write_json, read_json
 
     base, run_dir, cfg = server
     # Two measured models that form a ladder (one more accurate, the other faster): which ones
     # depends on the tiny run's brief timings, so they are looked up, the widest speed gap first.
-    records = read_json(run_dir / "frontier.json")["variants"]
+    front = read_json(run_dir / "frontier.json")
+    records = [r for r in front["variants"] if r.get("servable", True)]
     pairs = [(a, b) for a in records for b in records if a["val_accuracy"] > b["val_accuracy"] and
-             b["p50_ms"] < a["p50_ms"] and a.get("servable", True) and b.get("servable", True)]
-    assert pairs, [(r["name"], r["val_accuracy"], r["p50_ms"]) for r in records]
+             b["p50_ms"] < a["p50_ms"]]
+    ladder_dir = run_dir
+    if not pairs:  # the tiny models sit near chance, where which is faster is timing noise: order them
+        top = max(records, key=lambda r: r["val_accuracy"])
+        low = min((r for r in records if r["val_accuracy"] < top["val_accuracy"]), key=lambda r: r["p50_ms"])
+        ladder_dir = copy_run(run_dir, tmp_path)
+        top["p50_ms"] = 2 * low["p50_ms"]  # (in this test's own copy of the run)
+        atomic_write_json(ladder_dir / "frontier.json", front)
+        pairs = [(top, low)]
     top, low = max(pairs, key=lambda p: p[0]["p50_ms"] / p[1]["p50_ms"])
-    rungs = [m.name for m in ladder(catalog(run_dir, [top["name"], low["name"]]))]
+    rungs = [m.name for m in ladder(catalog(ladder_dir, [top["name"], low["name"]]))]
     assert rungs == [top["name"], low["name"]]
-    _redeploy("auto", "auto", run_dir, cfg.model_copy(update={"auto_slo_ms": 3.0}), rungs)
+    _redeploy("auto", "auto", ladder_dir, cfg.model_copy(update={"auto_slo_ms": 3.0}), rungs)
     try:
         body = _infer_body(_test_images(run_dir, 8))
         state = serve.get_deployment_handle("AutoState", app_name="auto")

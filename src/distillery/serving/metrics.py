@@ -90,9 +90,7 @@ def outcome(error: BaseException | None) -> str:
 def _ray_metrics() -> dict[str, object]:
     """The Ray metrics the tally is exported to: a Counter per counter, a Gauge per gauge, and
     per histogram three Gauges (`_bucket` with `le`, `_sum`, `_count`), each labelled with this
-    replica's application and id. Ray's core `ray.util.metrics`: Serve's wrappers of the same
-    (`ray.serve.metrics`) cost the student 9-10% of its requests/s here, unused
-    (benchmarks/metrics_cost.py, 4-5 rounds each way)."""
+    replica's application and id (Ray's core `ray.util.metrics`, labelled as Serve's own are)."""
     out: dict[str, object] = {}
     for attr, (kind, name, description, labels, *_) in METRICS.items():
         if kind == "counter":
@@ -154,7 +152,8 @@ class ReplicaMetrics:
             try:
                 self.export()
             except Exception as e:  # noqa: BLE001 - metrics never take a replica down
-                log.warning("metrics: export to Ray failed (%s: %s)", type(e).__name__, e)
+                logging.getLogger("ray.serve").warning("metrics: export to Ray failed (%s: %s)",
+                                                       type(e).__name__, e)
 
     @contextlib.contextmanager
     def counted(self, model: str, protocol: str, record: dict | None = None) -> Iterator[dict]:
