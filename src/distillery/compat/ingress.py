@@ -157,8 +157,8 @@ def haproxy_metrics_target() -> str | None:
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         return None
     host = os.environ.get(STATS_HOST_VAR) or LOOPBACK
-    return f"{_bindable(host) if host not in ALL_INTERFACES else LOOPBACK}:" \
-           f"{os.environ.get('RAY_SERVE_HAPROXY_METRICS_PORT', '9101')}"
+    host = LOOPBACK if host in ALL_INTERFACES else host  # every interface includes loopback
+    return f"{host}:{os.environ.get('RAY_SERVE_HAPROXY_METRICS_PORT', '9101')}"
 
 
 def apply(choice: str, host: str) -> str:

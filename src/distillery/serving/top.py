@@ -103,18 +103,17 @@ def rows(old: Sample, new: Sample, seconds: float) -> list[Row]:
     """Per model: what happened between two samples `seconds` apart."""
     ok_new, ok_old = _by_model(new, "distillery_requests_total", outcome="ok"), \
         _by_model(old, "distillery_requests_total", outcome="ok")
-    batch = {k: (v, _by_model(new, "distillery_forward_passes_total").get(k, 0.0))
-             for k, v in _by_model(new, "distillery_batched_requests_total").items()}
-    batch_old = {k: (v, _by_model(old, "distillery_forward_passes_total").get(k, 0.0))
-                 for k, v in _by_model(old, "distillery_batched_requests_total").items()}
+    batched_new, batched_old = (_by_model(s, "distillery_batched_requests_total") for s in (new, old))
+    passes_new, passes_old = (_by_model(s, "distillery_forward_passes_total") for s in (new, old))
     out = []
     for model in sorted(ok_new):
         p = [quantile(q, _buckets(old, model), _buckets(new, model)) for q in (0.5, 0.99)]
-        (s1, c1), (s0, c0) = batch.get(model, (0.0, 0.0)), batch_old.get(model, (0.0, 0.0))
+        passes = passes_new.get(model, 0.0) - passes_old.get(model, 0.0)
+        batched = batched_new.get(model, 0.0) - batched_old.get(model, 0.0)
         answered = ok_new[model] - ok_old.get(model, 0.0)
         out.append(Row(model, answered, answered / seconds,
                        *(x * 1e3 if x is not None else None for x in p),
-                       (s1 - s0) / (c1 - c0) if c1 > c0 else None, _replicas(new, model)))
+                       batched / passes if passes > 0 else None, _replicas(new, model)))
     return out
 
 
