@@ -43,11 +43,7 @@ def _init(cfg: PipelineConfig) -> None:
     job_env = {"worker_process_setup_hook": worker_setup}
     # The output of Ray's processes (workers, replicas, the raylet) stays in Ray's log files
     # unless --verbose; epochs reach the console through `training.feed`, not worker prints.
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": not console.quiet(), "runtime_env": job_env,
-             "configure_logging": not console.quiet()}
-    console.quiet_library_loggers()  # importing ray gave its logger a console handler
-    if console.quiet():
-        logs.route_raylet_messages(console.detail)  # to the run's log
+    quiet = {**_quiet_init(), "runtime_env": job_env}
     if cluster_address(cfg):
         ray.init(address=cluster_address(cfg), **quiet)
     else:
@@ -55,6 +51,23 @@ def _init(cfg: PipelineConfig) -> None:
     console.quiet_library_loggers()  # ray.init set up its own handlers on the console
     if console.log_file():
         logs.link_session_logs(console.log_file().parent / "ray")  # <run>/logs/ray: a run's logs in one place
+
+
+def join_running(address: str = "auto") -> None:
+    """Join the Ray instance already running at `address` (a client's command: the one that
+    serves), its output sent where the console says, as a run's is."""
+    ray.init(address=address, **_quiet_init())
+    console.quiet_library_loggers()
+
+
+def _quiet_init() -> dict:
+    """ray.init's arguments that keep Ray's own output (workers, replicas, the raylet) in Ray's
+    log files and the command's log, unless --verbose."""
+    console.quiet_library_loggers()  # importing ray gave its logger a console handler
+    if console.quiet():
+        logs.route_raylet_messages(console.detail)  # to the command's log
+    return {"logging_level": logging.WARNING, "log_to_driver": not console.quiet(),
+            "configure_logging": not console.quiet()}
 
 
 def machines() -> list[str]:

@@ -169,10 +169,16 @@ def test_a_client_elsewhere_names_the_run_by_its_uri(cluster, job, tmp_path):
     query = subprocess.run([str(BIN / "distillery"), "query", *common, "--model", model, "--sample", "4"], env=client,
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert query.returncode == 0 and "correct: " in query.stdout, query.stdout + query.stderr
+    assert len(query.stdout.splitlines()) == 3 and not query.stderr, query.stdout + query.stderr
     load = subprocess.run([str(BIN / "distillery"), "loadtest", *common, "--models", model, "--concurrency", "2",
                            "--duration", "1", "--ramp", ""], env=client, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert load.returncode == 0, load.stdout[-3000:] + load.stderr[-3000:]
+    # Like `run`: its own few lines; Ray's, and the report's tables, in the report folder's log.
+    assert not load.stderr and all(line.startswith(("logs: ", "[loadtest] ")) for line in load.stdout.splitlines()), \
+        load.stdout + load.stderr
+    assert "refused under overload" in load.stdout.splitlines()[-1], load.stdout
+    assert "| model |" in (tmp_path / "loadtest" / "tiny" / "loadtest.log").read_text()
     sweep = json.loads((tmp_path / "loadtest" / "tiny" / "loadtest.json").read_text())["sweeps"]
     assert [(r["model"], r["concurrency"]) for r in sweep] == [(model, 2)] and sweep[0]["requests"] > 0
     assert not sweep[0]["errors"]

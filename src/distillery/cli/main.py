@@ -115,6 +115,7 @@ def _serving_commands(sub: argparse._SubParsersAction) -> None:
     query.add_argument("--max-latency-ms", type=float, help="auto: this request's own objective (ms, end to end in the replica): the "
                        "most accurate model whose recent p95 is within it")
     query.add_argument("--api-key-env", help="name of an environment variable holding the API key")
+    query.add_argument("--verbose", "-v", action="store_true", help="also print the libraries' own log lines")
 
 
 def _loadtest_command(sub: argparse._SubParsersAction) -> None:
@@ -145,6 +146,8 @@ def _loadtest_command(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--out", help="report folder (default: RUN_DIR/serve/loadtest; for a run at a URI, "
                       "./loadtest/NAME, since the bucket holds the run's recorded load test)")
     load.add_argument("--api-key-env", help="name of an environment variable holding the API key")
+    load.add_argument("--verbose", "-v", action="store_true", help="also print the report's tables and Ray's own "
+                      "log lines (always in the report folder's loadtest.log)")
 
 
 def _top_command(sub: argparse._SubParsersAction) -> None:
@@ -196,8 +199,7 @@ def _run_command(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # query and loadtest keep every line on the console: they have no run log to hold them.
-    console.configure(verbose=getattr(args, "verbose", True))
+    console.configure(verbose=getattr(args, "verbose", False))
     try:
         _dispatch(args)
     except UserError as e:

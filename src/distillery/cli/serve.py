@@ -136,13 +136,15 @@ def loadtest(args: argparse.Namespace) -> None:
     headers = {"content-type": "application/json"}
     if args.api_key_env:
         headers["x-api-key"] = os.environ.get(args.api_key_env, "")
+    out = Path(args.out or _loadtest_folder(location))
+    # Like `run`: distillery's own lines here; Ray's, and the report's tables, in the log.
+    console.say(f"logs: {console.log_to(out / 'loadtest.log')} (--verbose prints them here too)")
     _connect_ray()
     url = args.url.rstrip("/")
     tuning = (lambda body, concurrency: _tune(args, location, body, headers, concurrency)) if args.tune else None
-    out = Path(args.out or _loadtest_folder(location))
-    files = lt.run_loadtest(url, location, lcfg, headers, out, log=lambda m: print(m, flush=True), tuning=tuning,
-                            slo_ms=args.slo_ms)
-    print((out / "loadtest.md").read_text() + f"report: {files[0].parent}")
+    files = lt.run_loadtest(url, location, lcfg, headers, out, log=console.say, tuning=tuning, slo_ms=args.slo_ms)
+    console.detail((out / "loadtest.md").read_text())
+    console.say(lt.summary_line(files[0]))
 
 
 def _loadtest_folder(location: str) -> Path:
@@ -157,11 +159,13 @@ def _connect_ray() -> None:
     """Join the Ray instance that serves (for replica counts); go on without it if none."""
     import ray
 
+    from distillery import cluster
+
     if not ray.is_initialized():
         try:
-            ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+            cluster.join_running("auto")
         except (ConnectionError, RuntimeError, ValueError):
-            print("[loadtest] no Ray cluster reachable: replica counts will be missing", flush=True)
+            console.say("[loadtest] no Ray cluster reachable: replica counts will be missing")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -198,7 +202,7 @@ def _tune(args, location: str, body: bytes, headers: dict, concurrency: int) -> 
     grid = [(1, 0.0), (16, 0.002), (64, 0.005), (64, 0.02)]
     results = []
     for m in catalog(location):
-        print(f"[loadtest] tuning {m.name}: batch/wait {grid} at concurrency {concurrency}", flush=True)
+        console.say(f"[loadtest] tuning {m.name}: batch/wait {grid} at concurrency {concurrency}")
         results.append(lt.tune(args.url.rstrip("/"), location, m.name, body, cfg, key, grid,
                                concurrency, args.duration, args.p99_target_ms, headers))
     save_tuned(location, {r["model"]: r for r in results})

@@ -220,6 +220,14 @@ def summary(report_json: Path) -> dict[str, Any]:
             **{k: s.get(k) for k in ("initial_replicas", "peak_replicas", "scaled_up_at_s", "scaled_down_at_s")}}
 
 
+def summary_line(report_json: Path) -> str:
+    """The load test in one console line: requests, refused, lost, replicas, the report."""
+    s = summary(report_json)
+    ramp = f"; replicas {s['initial_replicas']} -> {s['peak_replicas']} in the ramp" if s["peak_replicas"] else ""
+    return (f"[loadtest] {s['requests']:,} requests: {s['rejected_503']:,} refused under overload (503), "
+            f"{s['lost']:,} lost{lost_text(s['lost_by_kind'])}{ramp} -> {report_json.parent / 'loadtest.md'}")
+
+
 def in_process_rates(served: list, x, seconds: float) -> dict[str, float]:
     """Calls/s of each model's own predictor in this process at the load's batch size: the
     ceiling the HTTP figures are compared with."""

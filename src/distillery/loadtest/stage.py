@@ -16,15 +16,12 @@ Log = Callable[[str], None]
 
 def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """Deploy the frontier on Ray Serve (autoscaled) and load-test it over HTTP."""
-    from distillery.loadtest.run import lost_text, run_loadtest, summary  # Ray Serve loads only here
+    from distillery.loadtest.run import run_loadtest, summary, summary_line  # Ray Serve loads only here
     from distillery.serving.deploy import deploy_run, write_serve_config  # Ray Serve loads only here
 
     config = write_serve_config(run.location, cfg, run.root / "serve" / "config.yaml")
     url, headers = deploy_run(run.location, cfg, log, run.root / "serve")
     files = run_loadtest(url.removesuffix("/v2"), run.root, cfg.loadtest, headers, run.root / "serve" / "loadtest",
                          console.detail, slo_ms=cfg.serve.auto_slo_ms)
-    s = summary(files[0])
-    log(f"[loadtest] {s['requests']:,} requests: {s['rejected_503']:,} refused under overload (503), {s['lost']:,} lost"
-        f"{lost_text(s['lost_by_kind'])}; replicas {s['initial_replicas']} -> {s['peak_replicas']} in the ramp "
-        f"-> {files[0].parent / 'loadtest.md'}")
-    return [config, *files], {"url": url, **s}
+    log(summary_line(files[0]))
+    return [config, *files], {"url": url, **summary(files[0])}
