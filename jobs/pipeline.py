@@ -3,8 +3,9 @@ test and report.md, each stage resumed or skipped when re-run.
 
 Locally:      python jobs/pipeline.py --config configs/digits.yaml
 On a cluster: ray job submit --address ADDR --working-dir . -- python jobs/pipeline.py \
-                  --config configs/digits.yaml --set storage_path=/shared/runs
-(with an absolute shared path or an s3:// / gs:// URI: a job's working directory is temporary).
+                  --config configs/digits.yaml --set storage_path=s3://BUCKET/runs
+(an s3:// / gs:// URI, or an absolute path on a filesystem every node mounts, with
+--set ray.shared_filesystem=true: a job's working directory is temporary).
 On a cluster the deployment stays up after the job ends; locally this serves until Ctrl-C.
 `--no-keep-serving` takes it down at the end instead. Same code as `distillery run`.
 """

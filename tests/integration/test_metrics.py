@@ -233,9 +233,11 @@ def _answered(sample: dict, model: str) -> float:
 def test_a_logged_request_is_found_by_the_id_its_client_got(served):
     """serve.request_log_sample=1: every request is one JSON line in its replica's request log,
     under the id the reply carried (the client's own, else one made for it)."""
+    import tritonclient.grpc as triton_grpc
+
     from distillery.compat.logs import session_logs
 
-    url, _, run_dir, _ = served
+    url, grpc_address, run_dir, _ = served
     model = catalog(run_dir, MODELS)[0].name
     x = data.load_split(run_dir / "data", "test")[0][:3]
     ids: list = []
@@ -244,9 +246,12 @@ def test_a_logged_request_is_found_by_the_id_its_client_got(served):
         _http(f"{url}/v2/models/{model}/infer", json.dumps({**body, "id": "find-me-7"}).encode(), ids) == 200
     )
     assert _http(f"{url}/v2/models/{model}/infer", _body(x), ids) == 200
-    assert ids[0] == "find-me-7" and len(ids[1]) == 16
+    inp = triton_grpc.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x.numpy())
+    ids.append(triton_grpc.InferenceServerClient(grpc_address).infer(model, [inp]).get_response().id)
+    assert ids[0] == "find-me-7" and len(ids[1]) == len(ids[2]) == 16
     deadline, found = time.time() + 30, {}
-    while time.time() < deadline and len(found) < 2:
+    while time.time() < deadline and len(found) < 3:
         for path in (session_logs() / "serve").glob("requests_*.jsonl"):
             for line in path.read_text().splitlines():
                 record = json.loads(line)  # every line is one JSON object
@@ -262,4 +267,5 @@ def test_a_logged_request_is_found_by_the_id_its_client_got(served):
         "http",
     )
     assert record["ms"] >= record["forward_ms"] > 0 and record["queue_ms"] >= 0
+    assert (found[ids[2]]["protocol"], found[ids[2]]["outcome"]) == ("grpc", "ok")
 

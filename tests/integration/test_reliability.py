@@ -1,7 +1,7 @@
 """Serving under faults, bad input at volume, backpressure and timeouts, and what listens on
 which address: on a real local Ray instance with Serve over HTTP on 127.0.0.1. Every load
 loop is bounded in requests and seconds. The figures each test saw are printed (`-s`) and
-quoted in the README's reliability section."""
+quoted in docs/reliability.md."""
 
 from __future__ import annotations
 

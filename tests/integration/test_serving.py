@@ -321,7 +321,7 @@ def test_tuning_picks_a_tried_setting_and_serve_build_uses_it(server, tmp_path):
     assert all(apps[n]["max_batch_size"] == cfg.max_batch_size for n in others)
 
 
-# --- official clients, unchanged (the README's compatibility table) --------------------------
+# --- official clients, unchanged (docs/serving.md's compatibility table) --------------------------
 
 def test_version_routes_and_requested_outputs(server):
     base, run_dir, _ = server

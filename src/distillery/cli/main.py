@@ -169,7 +169,7 @@ def _top_command(sub: argparse._SubParsersAction) -> None:
     top.add_argument(
         "--window",
         type=float,
-        default=20.0,
+        default=30.0,
         help="seconds a rate is taken over: Ray's agents take new figures every 10 s (default: %(default)s)",
     )
     top.add_argument(

@@ -26,7 +26,7 @@ from pathlib import Path
 from distillery.errors import UserError
 
 HAPROXY_WRAPPER = "distillery-haproxy"  # console script: `haproxy_main` below
-# A node's listeners, one job each (README, "Security"): the user-facing ingress (HAProxy's HTTP
+# A node's listeners, one job each (docs/reliability.md): the user-facing ingress (HAProxy's HTTP
 # and gRPC frontends) and Serve's internal listeners (replica ports, fallback proxies) on
 # serve.host, which Ray uses for both; HAProxy's stats and metrics on STATS_HOST_VAR, loopback
 # unless the node says otherwise. SERVE_HOST_VAR is serve.host as the node was started with it:

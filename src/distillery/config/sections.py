@@ -21,7 +21,7 @@ class DataConfig(Strict):
                                           "binary batches), parquet, synthetic, or folder (image files)")
     path: str | None = Field(None, description="cifar10: folder of *.bin files; parquet: file or folder; "
                              "folder: <class>/ or <split>/<class>/ subfolders of images")
-    image_column: str = Field("image", description="parquet: the column of images (encoded or flat)")
+    image_column: str = Field("image", description="parquet: the column of images, each a flat list of C*H*W numbers (encoded images are refused)")
     label_column: str = Field("label", description="parquet: the column of integer labels")
     image_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
         None, min_length=3, max_length=3, description="C,H,W: parquet images stored flat; synthetic shape; folder: resize to (C 1 or 3)")

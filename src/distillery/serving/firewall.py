@@ -3,7 +3,7 @@ cluster.yaml's start commands): users reach the ingress and nothing else.
 
 On a cluster of several machines Serve's listeners bind every interface (`serve.host=0.0.0.0`):
 Ray addresses a replica on another node at that node's address and one on the same node at
-127.0.0.1, so no single address serves both (cluster.yaml's comments, README "Security").
+127.0.0.1, so no single address serves both (cluster.yaml's comments, docs/reliability.md).
 What keeps the replica ports and fallback proxies away from users is this rule set: from
 the nodes' own range every port is open (Ray and Serve talk among the nodes on many ports),
 from anywhere else only the ports named open (the ingress; Ray's token-protected dashboard

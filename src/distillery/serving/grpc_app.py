@@ -160,4 +160,5 @@ class Grpc:
             pick, logits, extra = model, answer.logits, {"batched_requests": answer.together}
         else:
             pick, logits, extra = await self.router.answer(req.parameters, req.x, arrived, record)
-        return grpc_codec.infer_response(request.model_name, req.id, logits, pick.name, req.outputs, **extra)
+        # The client's id, else the one made for it: the protocol's `id` is gRPC's only place for it.
+        return grpc_codec.infer_response(request.model_name, record["id"], logits, pick.name, req.outputs, **extra)

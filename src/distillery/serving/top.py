@@ -4,7 +4,10 @@ every node's Ray metrics agent, named by the run's `serve/prometheus.yml`. No Pr
 Ray connection needed, and nothing sent to the models.
 
 Ray's agents take each replica's figures every `metrics_report_interval_ms` (10 s by default),
-so a rate is taken over the samples of the last `window_s` seconds (two reports at least).
+so a counter read every second moves in steps 10 s apart: a rate over the scrapes' own times
+would alias (a 20 s window holds one step or three). A rate is taken between the first and
+the last step each series made in the last `window_s` seconds, i.e. over whole reporting
+periods, as its replica counted them.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -127,10 +130,32 @@ def auto_rung(sample: Sample) -> float | None:
     return max(values) if values else None
 
 
+STALE_S = 15.0  # no step for this long (a report is due every 10 s): the load stopped or slowed
+
+
+def step_rates(history: list[tuple[float, Sample]], name: str = "distillery_requests_total",
+               outcome: str = "ok") -> dict[str, float]:
+    """Per model, `name`'s rate summed over its series (replicas): each between the first and
+    last scrape that saw its value step, or over the whole history when it has not stepped
+    twice or lately (an idle model's rate falls to 0 as the window slides on)."""
+    series: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for t, sample in history:
+        for key, v in sample.items():
+            if key[0] == name and dict(key[1]).get("outcome") == outcome:
+                series[key].append((t, v))
+    now, out = history[-1][0], defaultdict(float)
+    for key, points in series.items():
+        steps = [b for a, b in zip(points, points[1:]) if b[1] != a[1]]
+        (t0, v0), (t1, v1) = (steps[0], steps[-1]) if len(steps) >= 2 and now - steps[-1][0] <= STALE_S \
+            else (points[0], (now, points[-1][1]))
+        out[dict(key[1]).get("model", "")] += (v1 - v0) / max(t1 - t0, 1e-9)
+    return dict(out)
+
+
 class Watch:
     """Samples over time; `rows()` over the last `window_s` seconds of them."""
 
-    def __init__(self, targets: list[str], window_s: float = 20.0):
+    def __init__(self, targets: list[str], window_s: float = 30.0):
         self.targets, self.window_s = targets, window_s
         self.samples: deque[tuple[float, Sample]] = deque()
 
@@ -140,4 +165,6 @@ class Watch:
         while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
             self.samples.popleft()
         (t0, old), (t1, new) = self.samples[0], self.samples[-1]
-        return rows(old, new, max(t1 - t0, 1e-9)), auto_rung(new), t1 - t0
+        rates = step_rates(list(self.samples))
+        out = [replace(row, rps=rates.get(row.model, row.rps)) for row in rows(old, new, max(t1 - t0, 1e-9))]
+        return out, auto_rung(new), t1 - t0

@@ -15,6 +15,6 @@ def test_the_work_of_a_width_after_its_recipe_is_counted_before_any_training():
                              "{kind: finetune}], [{kind: prune_channels, mac_ratio: 40.0, round_to: 8}, {kind: finetune}]]"])
     plain = model_macs(cfg, 0.5, 0, [1, 8, 8], 10)
     pruned = model_macs(cfg, 0.5, 1, [1, 8, 8], 10)
-    assert plain == 91_776  # the default student's, as the README's table says
+    assert plain == 91_776  # the default student's, as a run's console says
     assert plain / 2.2 <= pruned <= plain / 1.8
     assert model_macs(cfg, 0.25, 2, [1, 8, 8], 10) is None  # unreachable: the trial fails at its start instead
