@@ -1,4 +1,4 @@
-"""Train the teacher (and the student alone, the distillation baseline) on Ray Train.
+"""Train the teacher, the student alone (the distillation baseline) and the distilled student on Ray Train.
 
 Locally:     python jobs/train.py --config configs/digits.yaml
 On a cluster: ray job submit --address ADDR --working-dir . -- python jobs/train.py --config configs/digits.yaml

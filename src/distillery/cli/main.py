@@ -69,7 +69,8 @@ def _stage_commands(sub: argparse._SubParsersAction) -> None:
                          "<class>/ (or <split>/<class>/) subfolders of images, with --set data.image_shape=[C,H,W]")
     _config_args(prepare)
 
-    train = sub.add_parser("train", help="train the teacher and the student alone on Ray Train (prepares data first if needed)")
+    train = sub.add_parser("train", help="train the teacher, the student alone and the distilled student on Ray Train "
+                           "(prepares data first if needed); --model for one of the first two")
     train.add_argument("--model", choices=["teacher", "student_scratch", "all"], default="all",
                        help="student_scratch: the student trained alone, the baseline for distillation")
     _config_args(train)

@@ -127,8 +127,8 @@ def loadtest(args: argparse.Namespace) -> None:
     try:
         lcfg = LoadTestConfig(models=args.models.split(",") if args.models else None,
                               concurrency=_ints(args.concurrency, "--concurrency") if args.concurrency else [],
-                              duration_s=args.duration, ramp=[list(s) for s in _steps(args.ramp)] if args.ramp else [],
-                              adaptive=[list(s) for s in _steps(args.adaptive)] if args.adaptive else [],
+                              duration_s=args.duration, ramp=[list(s) for s in _steps(args.ramp, "--ramp")] if args.ramp else [],
+                              adaptive=[list(s) for s in _steps(args.adaptive, "--adaptive")] if args.adaptive else [],
                               ramp_model=args.ramp_model, ramp_images=args.ramp_images, images=args.images,
                               p99_target_ms=args.p99_target_ms)
     except ValidationError as e:
@@ -178,13 +178,13 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def _steps(text: str) -> list[tuple[float, float]]:
+def _steps(text: str, flag: str) -> list[tuple[float, float]]:
     try:
         steps = [(float(d), float(r)) for d, r in (part.split(":") for part in text.split(","))]
     except ValueError:
-        raise UserError(f"--ramp: expected SECONDS:LOAD,... e.g. 5:0.25,25:1.4,40:0.05, got {text!r}") from None
+        raise UserError(f"{flag}: expected SECONDS:LOAD,... e.g. 5:0.25,25:1.4,40:0.05, got {text!r}") from None
     if any(d <= 0 or r <= 0 for d, r in steps):
-        raise UserError(f"--ramp: seconds and rates must be positive, got {text!r}")
+        raise UserError(f"{flag}: seconds and rates must be positive, got {text!r}")
     return steps
 
 

@@ -27,8 +27,9 @@ class DataConfig(Strict):
         None, min_length=3, max_length=3, description="C,H,W: parquet images stored flat; synthetic shape; folder: resize to (C 1 or 3)")
     num_classes: int | None = Field(None, ge=2, le=100_000, description="synthetic only")
     num_samples: int = Field(1000, ge=10, description="synthetic only")
-    val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="share of the training rows held out to "
-                                "choose on (the floor, the recommended model, thresholds, the search)")
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="share of all rows held out of train "
+                                "(unless the source has a val split) to choose on: the floor, the recommended "
+                                "model, thresholds, the search")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="sources without their own test split")
     max_train_samples: int | None = Field(None, ge=10, description="subsample train (stratified), for quick runs")
     shard_rows: int = Field(50_000, ge=1, description="rows per Parquet shard")
@@ -215,7 +216,8 @@ class ServeConfig(Strict):
 
 
 class LoadTestConfig(Strict):
-    """The load test of `distillery run` (and the defaults of `distillery loadtest`)."""
+    """The load test of `distillery run` (`distillery loadtest` has flags of its own, with a
+    longer sweep by default: a load test on its own has the time)."""
 
     models: list[str] | None = Field(None, description="default: every served model and auto")
     concurrency: list[Annotated[int, Field(ge=1, le=10_000)]] = Field([1, 8, 32], max_length=32,

@@ -90,3 +90,14 @@ def test_search_flags_set_the_budget_and_a_wrong_one_is_one_line(tmp_path, capsy
     code = main(["search", "--min-accuracy", "1.5", "--set", f"storage_path={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 2 and "search.budget.min_accuracy" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--adaptive", "6:x", "--adaptive: expected SECONDS:LOAD"),
+    ("--ramp", "0:1", "--ramp: seconds and rates must be positive"),
+    ("--concurrency", "0,4", "--concurrency: expected integers >= 1"),
+])
+def test_a_wrong_load_test_flag_is_named(tmp_path, capsys, flag, value, message):
+    assert main(["loadtest", "--run-dir", str(tmp_path), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0
