@@ -12,7 +12,8 @@ capped at 60% of the fastest's) sent to the most accurate model, to the fastest 
 `auto`. Targets: `auto`'s p99 within the objective in >= 95% of the seconds while the
 accurate model alone misses it, and >= 90% of the first low-load step answered by the most
 accurate model; a repeat whose peak the fastest model alone misses too is shown but not counted
-(`verdict`). The generator shares the 2 cores (nice 15). Writes benchmarks/results/adaptive.json.
+(`verdict`). The generator shares the 2 cores (nice 15).
+Writes benchmarks/results/adaptive_<machine>_<date>.json.
 """
 
 from __future__ import annotations

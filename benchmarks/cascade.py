@@ -8,7 +8,7 @@ run's 360 test images one at a time (batch 1, as a lone request does); the mean 
 latency of each pass is kept, and the median over `--repeats` passes (models interleaved in
 each round) is reported, with test accuracy and its 95% Wilson interval. Target: each cascade
 at most one test image below its large model, at no more than half its mean latency.
-Writes benchmarks/results/cascade.json.
+Writes benchmarks/results/cascade_<machine>_<date>.json.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ loadtest` sweeps with: `--concurrency` clients back to back, `--duration` s, rep
   one machine  a local Ray instance (`distillery serve` with no cluster), the generator here
 
 Both share this machine's cores, generator included, so the ratio, not the rates, is what
-carries over. Needs root, `ip`, `unshare`, `nft`. Writes results/cluster_rig.json.
+carries over. Needs root, `ip`, `unshare`, `nft`. Writes benchmarks/results/cluster_rig_<machine>_<date>.json.
 
     python benchmarks/cluster_rig.py [--run-dir runs/digits] [--concurrency 8] [--duration 8] [--repeats 3]
 """

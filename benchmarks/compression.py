@@ -10,7 +10,7 @@
    only): fp32 eager, fp32 in its fastest mode, our int8 (PT2E static, compiled) and torchao's
    default int8 path (int8 dynamic activations and weights) in its fastest mode.
 Each comparison alternates its models within a repeat; figures are medians over repeats.
-Writes benchmarks/results/compression.json.
+Writes benchmarks/results/compression_<machine>_<date>.json.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import PRESET, RESULTS, median, table  # noqa: E402
+from common import PRESET, median, table, write_result  # noqa: E402
 
 from distillery import artifacts  # noqa: E402
 from distillery.config import CNNConfig, load_config  # noqa: E402
@@ -119,8 +119,7 @@ def main() -> None:
         rows = [[name, f"{s['throughput']:,.0f}", f"{s['p50_ms']:.3f}"] for name, s in result[part]["speed"].items()]
         print(f"\n{part}\n" + table(["model (mode)", "images/s at 256", "p50 ms at 1"], rows))
         print(json.dumps({k: v for k, v in result[part].items() if k != "speed"}, indent=1))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compression.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"figures: {write_result('compression', result, quick=False)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ what this script reports (`benchmarks/compression.py` times the variants side by
 every variant is timed briefly, eager only: the recommendation still follows the run's own
 rule (validation accuracy within the floor, then speed). A variant's drop is its test accuracy
 minus its parent's on the same images; its mean over seeds comes with a Student-t 95% interval
-and is a tie when that holds zero. Figures go to benchmarks/results/compression_seeds.json.
+and is a tie when that holds zero. Figures go to benchmarks/results/compression_seeds_<machine>_<date>.json.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ in this process (`ray.workers=0`: the same loop Ray's workers run, without Ray),
 with `student.train.augment=true`; that second run reuses the seed's teacher (its fingerprint
 is unchanged), so the two student variants face the same teacher. `--ray` adds both variants
 on Ray Train with 2 DDP workers. Accuracies are on the test split, read from results.json.
-Figures go to benchmarks/results/distill_seeds.json (distill_seeds-ray.json with --ray).
+Figures go to benchmarks/results/distill_seeds_<machine>_<date>.json (distill_seeds-ray_... with --ray).
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def main() -> None:
     info = machine(f"in-process: {torch.get_num_threads()}" + ("; Ray: 1 per worker" if args.ray else ""))
     figures = {"machine": info, "seeds": args.seeds, "runs_per_figure": f"mean of {len(args.seeds)} seeds, 1 run each",
                "in_process_threads": torch.get_num_threads(), "results": results}
-    publish("distill_seeds" + ("-ray" if args.ray else ""), report(figures, args.seeds, info), figures, args.quick)
+    variant = "ray" if args.ray else None
+    publish("distill_seeds", report(figures, args.seeds, info), figures, args.quick, variant)
 
 
 if __name__ == "__main__":

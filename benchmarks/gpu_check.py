@@ -5,6 +5,9 @@ this checks what the Ray workers run, minus Ray: the in-process trainer on the G
 and bf16 autocast, and each parallelism strategy on CUDA with an NCCL process group.
 
     python benchmarks/gpu_check.py [OUT_DIR]
+
+Writes OUT_DIR/gpu_check_<gpu>_<date>.json (OUT_DIR: benchmarks/results by default; on a lent
+machine, the folder that comes back, to be copied into benchmarks/results).
 """
 
 import json
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from common import RESULTS, write_result
 
 from distillery.config import CNNConfig, load_config
 from distillery.models.architectures import build_model, make_spec
@@ -62,9 +66,8 @@ def main(out: Path) -> None:
             dist.destroy_process_group()
         report["teacher"] = [teacher_on_gpu(bf16, Path(tmp)) for bf16 in (False, True)]
     print(json.dumps(report, indent=2))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    print(f"figures: {write_result('gpu_check', report, quick=False, directory=out)}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"))
+    main(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else RESULTS)

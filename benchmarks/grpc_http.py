@@ -12,7 +12,7 @@ The load comes from a client process of its own at Ray's worker priority (nice 1
 same kind for both protocols (Python asyncio: aiohttp, grpc.aio), so neither protocol gets
 a faster generator; its CPU share of the machine is printed, since it competes with the
 server for the same cores. Closed loop, after a warm-up; every figure is the mean of two
-rounds in opposite orders. Writes benchmarks/results/grpc_http.json.
+rounds in opposite orders. Writes benchmarks/results/grpc_http_<machine>_<date>.json.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import RESULTS, table  # noqa: E402
+from common import table, write_result  # noqa: E402
 
 from distillery import data  # noqa: E402
 from distillery.config import ServeConfig  # noqa: E402
@@ -168,8 +168,7 @@ def main() -> None:
              f"{v['generator_cpu']:.0%}"] for k, v in runs.items()]
     print(table(["protocol, images, concurrency", "requests/s", "p50 ms", "p99 ms", "errors", "generator CPU"], rows))
     print(json.dumps(ratios, indent=1))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "grpc_http.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"figures: {write_result('grpc_http', out, quick=False)}")
 
 
 if __name__ == "__main__":

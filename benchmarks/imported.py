@@ -9,7 +9,7 @@ ways (the run's directory, a `torch.export` program, a safetensors state dict) a
 three new runs of the same config, which distil the student again. Differences against the
 in-run student are paired on the same 360 test images (1 image = 0.28 points), with the 95%
 interval from the images only one of the two got right. Figures go to
-benchmarks/results/imported.json.
+benchmarks/results/imported_<machine>_<date>.json.
 """
 
 from __future__ import annotations

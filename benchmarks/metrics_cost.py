@@ -10,7 +10,7 @@ network, 1x8x8, random weights: speed only) three times, as applications that di
 must exceed. The load is `hey` (an external Go tool, `apt-get install hey`), closed loop at
 concurrency 32, 1-image JSON requests, one application at a time, the order rotating over the
 rounds; figures are medians over the rounds, and each round's ratio to `off` is kept (its mean
-with a 95% interval). Writes benchmarks/results/metrics_cost.json.
+with a 95% interval). Writes benchmarks/results/metrics_cost_<machine>_<date>.json.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
                   run the same command again
 
 For each: test accuracy, the epoch the run resumed from against the last checkpoint registered
-when it was killed (the epochs of work redone), and wall time. Writes results/reliability.json.
+when it was killed (the epochs of work redone), and wall time.
+Writes benchmarks/results/reliability_<machine>_<date>.json.
 
     python benchmarks/reliability.py [--kill-after 5]
 """

@@ -14,7 +14,7 @@ local Ray, one CPU per trial):
    chosen model against the model the compress stage recommends without it (test accuracy
    with its 95% interval, p50 at batch 1 as served, both timed in that one stage).
 
-Figures go to benchmarks/results/search.json.
+Figures go to benchmarks/results/search_<machine>_<date>.json.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short schedules and 4 trials (a smoke test, not a result)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--part", choices=["both", "gap", "default"], default="both",
-                        help="gap: the searches at the student's size (-> search.json); default: the default search "
-                        "of the first seed alone (-> search-default.json)")
+                        help="gap: the searches at the student's size (-> search_<machine>_<date>.json); "
+                        "default: the default search of the first seed alone (-> search-default_...)")
     args = parser.parse_args()
     quick = ["teacher.train.epochs=3", "student.train.epochs=3", "search.space.epochs=[4,8]", "search.trials=4",
              "compress.bench.latency_runs=20"] if args.quick else []
@@ -122,7 +122,8 @@ def main() -> None:
     info = machine("1 per trial (Ray Tune); in-process training: all cores")
     figures = {"machine": info, "seeds": args.seeds, "gap_closed": seeds, "mean": summarize(seeds),
                "default_search": default, "threads": torch.get_num_threads()}
-    publish("search" + ("-default" if args.part == "default" else ""), report(figures, info), figures, args.quick)
+    variant = "default" if args.part == "default" else None
+    publish("search", report(figures, info), figures, args.quick, variant)
 
 
 def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any] | None:

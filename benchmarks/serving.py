@@ -15,7 +15,7 @@ figure is the mean of two rounds in opposite orders.
    p99 <= 100 ms (concurrency 1-64, JSON);
 4. dynamic batching on and off for the CIFAR teacher at concurrency 32;
 5. 64-image requests (JSON and binary tensors) against the same predictor in process at batch 64.
-Writes benchmarks/results/serving.json.
+Writes benchmarks/results/serving_<machine>_<date>.json.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import RESULTS, table  # noqa: E402
+from common import table, write_result  # noqa: E402
 
 from distillery import data  # noqa: E402
 from distillery.artifacts import save_model  # noqa: E402
@@ -282,8 +282,7 @@ def main() -> None:
             for k, v in runs.items()]
     print(table(["deployment (load)", "requests/s", "p50 ms", "p99 ms", "errors", "generator CPU"], rows))
     print(json.dumps(out["ratios"], indent=1), "\nin process (images/s):", json.dumps(here))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serving.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"figures: {write_result('serving', out, quick=False)}")
 
 
 if __name__ == "__main__":

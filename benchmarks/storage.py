@@ -4,7 +4,7 @@ Train with 2 workers, compression; serving left out) run fresh twice, once with
 re-run from a driver with nothing local (the URI run's cache emptied) to see every stage
 found done. Loopback S3 measures distillery's own extra work (uploads, downloads, sha256
 checks, Ray Train checkpoints through S3), not a real network's bandwidth or latency.
-Writes results/storage.json.
+Writes benchmarks/results/storage_<machine>_<date>.json.
 
     python benchmarks/storage.py
 """

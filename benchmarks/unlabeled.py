@@ -13,7 +13,7 @@ preset, each in this process (`ray.workers=0`):
 The teacher's fingerprint does not depend on `distill`, so all three face the same teacher.
 Differences are paired on the same 360 test images (1 image = 0.28 points), with the 95%
 interval from the images only one of the two got right. Figures go to
-benchmarks/results/unlabeled.json.
+benchmarks/results/unlabeled_<machine>_<date>.json.
 """
 
 from __future__ import annotations

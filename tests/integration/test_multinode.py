@@ -175,8 +175,8 @@ def test_a_client_elsewhere_names_the_run_by_its_uri(cluster, job, tmp_path):
                           timeout=300)
     assert load.returncode == 0, load.stdout[-3000:] + load.stderr[-3000:]
     # Like `run`: its own few lines; Ray's, and the report's tables, in the report folder's log.
-    assert not load.stderr and all(line.startswith(("logs: ", "[loadtest] ")) for line in load.stdout.splitlines()), \
-        load.stdout + load.stderr
+    lines = load.stdout.splitlines()
+    assert not load.stderr and all(line.startswith(("logs: ", "[loadtest] ")) for line in lines), load.stdout
     assert "refused under overload" in load.stdout.splitlines()[-1], load.stdout
     assert "| model |" in (tmp_path / "loadtest" / "tiny" / "loadtest.log").read_text()
     sweep = json.loads((tmp_path / "loadtest" / "tiny" / "loadtest.json").read_text())["sweeps"]

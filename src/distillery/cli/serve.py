@@ -127,8 +127,8 @@ def loadtest(args: argparse.Namespace) -> None:
     try:
         lcfg = LoadTestConfig(models=args.models.split(",") if args.models else None,
                               concurrency=_ints(args.concurrency, "--concurrency") if args.concurrency else [],
-                              duration_s=args.duration, ramp=[list(s) for s in _steps(args.ramp, "--ramp")] if args.ramp else [],
-                              adaptive=[list(s) for s in _steps(args.adaptive, "--adaptive")] if args.adaptive else [],
+                              duration_s=args.duration, ramp=_steps(args.ramp, "--ramp"),
+                              adaptive=_steps(args.adaptive, "--adaptive"),
                               ramp_model=args.ramp_model, ramp_images=args.ramp_images, images=args.images,
                               p99_target_ms=args.p99_target_ms)
     except ValidationError as e:
@@ -142,7 +142,7 @@ def loadtest(args: argparse.Namespace) -> None:
     _connect_ray()
     url = args.url.rstrip("/")
     tuning = (lambda body, concurrency: _tune(args, location, body, headers, concurrency)) if args.tune else None
-    files = lt.run_loadtest(url, location, lcfg, headers, out, log=console.say, tuning=tuning, slo_ms=args.slo_ms)
+    files = lt.run_loadtest(url, location, lcfg, headers, out, console.say, tuning=tuning, slo_ms=args.slo_ms)
     console.detail((out / "loadtest.md").read_text())
     console.say(lt.summary_line(files[0]))
 
@@ -178,9 +178,12 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def _steps(text: str, flag: str) -> list[tuple[float, float]]:
+def _steps(text: str, flag: str) -> list[list[float]]:
+    """[[seconds, load], ...] of "S:LOAD,..."; [] for "" (the phase skipped)."""
+    if not text:
+        return []
     try:
-        steps = [(float(d), float(r)) for d, r in (part.split(":") for part in text.split(","))]
+        steps = [[float(d), float(r)] for d, r in (part.split(":") for part in text.split(","))]
     except ValueError:
         raise UserError(f"{flag}: expected SECONDS:LOAD,... e.g. 5:0.25,25:1.4,40:0.05, got {text!r}") from None
     if any(d <= 0 or r <= 0 for d, r in steps):

@@ -69,6 +69,10 @@ METRICS = {
     "auto": ("counter", "distillery_auto_requests", "The model that answered each auto request", ("model",)),
     "spills": ("counter", "distillery_auto_spills", "auto requests sent to a faster model at arrival", ()),
     "handovers": ("counter", "distillery_auto_handovers", "auto requests moved to a faster model", ()),
+    # Ray's agent reports every 10 s what a replica last handed it: a rate read from the agent
+    # divides by this replica's own clock, not the reader's (`top`), else it aliases.
+    "exported": ("gauge", "distillery_export_timestamp_seconds",
+                 "When this replica last handed its figures to Ray (Unix time)", ()),
 }
 UNKNOWN = "(unknown)"  # the label of a request for a model this replica does not serve: names stay bounded
 log = logging.getLogger("distillery.requests")  # pure JSON lines, a file of their own (`_request_log`)
@@ -139,6 +143,7 @@ class ReplicaMetrics:
                 bucket.set(cumulative, tags={**tags, "le": le})
             total.set(value_sum, tags=tags)
             count.set(n, tags=tags)
+        self.ray["exported"].set(time.time())  # last: every figure above is as of this time
 
     def _exporting(self) -> None:
         """Start the export task on the running loop (the replica's), once."""

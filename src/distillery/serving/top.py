@@ -5,9 +5,9 @@ Ray connection needed, and nothing sent to the models.
 
 Ray's agents take each replica's figures every `metrics_report_interval_ms` (10 s by default),
 so a counter read every second moves in steps 10 s apart: a rate over the scrapes' own times
-would alias (a 20 s window holds one step or three). A rate is taken between the first and
-the last step each series made in the last `window_s` seconds, i.e. over whole reporting
-periods, as its replica counted them.
+would alias (a 20 s window holds one step or three). Each replica's rate is taken over its own
+clock instead, the export timestamp it hands over with its figures; `window_s` (30 s) holds
+two reports at least.
 """
 
 from __future__ import annotations
@@ -130,26 +130,30 @@ def auto_rung(sample: Sample) -> float | None:
     return max(values) if values else None
 
 
-STALE_S = 15.0  # no step for this long (a report is due every 10 s): the load stopped or slowed
+EXPORTED = "distillery_export_timestamp_seconds"  # a replica's clock when it handed its figures over
 
 
-def step_rates(history: list[tuple[float, Sample]], name: str = "distillery_requests_total",
-               outcome: str = "ok") -> dict[str, float]:
-    """Per model, `name`'s rate summed over its series (replicas): each between the first and
-    last scrape that saw its value step, or over the whole history when it has not stepped
-    twice or lately (an idle model's rate falls to 0 as the window slides on)."""
-    series: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
-    for t, sample in history:
-        for key, v in sample.items():
-            if key[0] == name and dict(key[1]).get("outcome") == outcome:
-                series[key].append((t, v))
-    now, out = history[-1][0], defaultdict(float)
-    for key, points in series.items():
-        steps = [b for a, b in zip(points, points[1:]) if b[1] != a[1]]
-        (t0, v0), (t1, v1) = (steps[0], steps[-1]) if len(steps) >= 2 and now - steps[-1][0] <= STALE_S \
-            else (points[0], (now, points[-1][1]))
-        out[dict(key[1]).get("model", "")] += (v1 - v0) / max(t1 - t0, 1e-9)
+def replica_rates(old: Sample, new: Sample, name: str = "distillery_requests_total",
+                  outcome: str = "ok") -> dict[str, float]:
+    """Per model, `name`'s rate summed over its replicas, each over the time between the two
+    hand-overs to Ray the samples hold (the replica's own export timestamps), not between the
+    scrapes. A replica whose figures did not move on between the samples is left out."""
+    clocks = {_replica_of(labels): v for (n, labels), v in new.items() if n == EXPORTED}
+    before = {_replica_of(labels): v for (n, labels), v in old.items() if n == EXPORTED}
+    out: dict[str, float] = defaultdict(float)
+    for (n, labels), v in new.items():
+        d, replica = dict(labels), _replica_of(labels)
+        if n != name or d.get("outcome") != outcome or replica not in before:
+            continue
+        seconds = clocks.get(replica, 0.0) - before[replica]
+        if seconds > 0:
+            out[d.get("model", "")] += (v - old.get((n, labels), 0.0)) / seconds
     return dict(out)
+
+
+def _replica_of(labels: tuple[tuple[str, str], ...]) -> tuple[str | None, str | None]:
+    d = dict(labels)
+    return d.get("application"), d.get("replica")
 
 
 class Watch:
@@ -165,6 +169,6 @@ class Watch:
         while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
             self.samples.popleft()
         (t0, old), (t1, new) = self.samples[0], self.samples[-1]
-        rates = step_rates(list(self.samples))
+        rates = replica_rates(old, new)
         out = [replace(row, rps=rates.get(row.model, row.rps)) for row in rows(old, new, max(t1 - t0, 1e-9))]
         return out, auto_rung(new), t1 - t0

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from distillery.serving.top import quantile, rows, step_rates
+from distillery.serving.top import quantile, replica_rates, rows
 
 
 def _sample(ok: float, buckets: dict[float, float], batch_sum: float, batch_count: float, replicas=("r1",)):
@@ -36,25 +36,26 @@ def test_a_quantile_without_new_answers_is_unknown_and_the_last_bucket_is_its_lo
     assert quantile(0.99, [(0.001, 0.0), (math.inf, 0.0)], [(0.001, 0.0), (math.inf, 4.0)]) == 0.001
 
 
-def _history(times_values, replica="r1"):
-    labels = tuple(sorted({"model": "m", "outcome": "ok", "replica": replica}.items()))
-    return [(t, {("distillery_requests_total", labels): v}) for t, v in times_values]
+
+def _at(clock: float, counts: dict[str, float]) -> dict:
+    """A sample from the agent: each replica's ok count and its export timestamp."""
+    out = {}
+    for replica, n in counts.items():
+        where = {"application": "app", "replica": replica}
+        labels = tuple(sorted({**where, "model": "m", "outcome": "ok"}.items()))
+        out[("distillery_requests_total", labels)] = n
+        out[("distillery_export_timestamp_seconds", tuple(sorted(where.items())))] = clock
+    return out
 
 
-def test_a_rate_is_taken_over_whole_reporting_periods_not_the_scrapes_own_times():
-    # 100 requests/s, reported every 10 s (at 0.5, 10.5, 20.5), scraped every second from 0 to 25:
-    # the scrapes' 25 s saw three reports' worth (30 s of requests); between the steps, 20 s exactly.
-    reports = [0.5, 10.5, 20.5]
-    history = [(t, 100 * 10 * sum(r <= t for r in reports)) for t in range(26)]
-    assert step_rates(_history(history)) == pytest.approx({"m": 100.0}, rel=0.1)
-    assert (history[-1][1] - history[0][1]) / 25 == pytest.approx(120.0)  # what the scrapes' times would say
+def test_a_rate_is_taken_over_the_replicas_own_clock_not_the_scrapes():
+    # 100 requests/s; the agent last heard from the replica at 1000.5 and 1020.5 (its reports
+    # are 10 s apart): however far apart the scrapes were, 2,000 requests in 20 s.
+    rates = replica_rates(_at(1000.5, {"r1": 5_000}), _at(1020.5, {"r1": 7_000}))
+    assert rates == pytest.approx({"m": 100.0})
 
 
-def test_an_idle_model_falls_to_zero_and_replicas_add_up():
-    idle = [(t, 500.0) for t in range(30)]
-    assert step_rates(_history(idle)) == {"m": 0.0}
-    stopped = [(t, 1000.0 * min(t // 10, 1)) for t in range(40)]  # one step at 10 s, then nothing for 29 s
-    assert step_rates(_history(stopped))["m"] == pytest.approx(1000 / 39)
-    both = _history([(t, 50 * (t // 10)) for t in range(30)]) + _history([(t, 70 * (t // 10)) for t in range(30)], "r2")
-    merged = [(t, {**a, **b}) for (t, a), (_, b) in zip(both[:30], both[30:])]
-    assert step_rates(merged) == pytest.approx({"m": 12.0})
+def test_replicas_add_up_an_idle_one_counts_zero_and_a_new_one_waits_for_its_second_report():
+    old, new = _at(100.0, {"r1": 50, "r2": 80}), _at(110.0, {"r1": 150, "r2": 80, "r3": 40})
+    assert replica_rates(old, new) == pytest.approx({"m": 10.0})
+    assert replica_rates(new, new) == {}  # nothing handed over between them: `rows` falls back to the scrapes
