@@ -245,10 +245,12 @@ def metrics_cost(r: Result) -> str:
 
 def top_vs_hey(r: Result) -> str:
     rows = [[c["concurrency"], num(c["hey_rps"]), num(c["top_rps"]), f"{c['top_rps'] / c['hey_rps']:.3f}",
-             f"{c['naive_rps'] / c['hey_rps']:.3f}"] for c in r["rounds"]]
-    ratio, naive = r["top_to_hey"], r["naive_to_hey"]
+             f"{c['top_rps'] / c['hey_same_seconds_rps']:.4f}", f"{c['naive_rps'] / c['hey_rps']:.3f}"]
+            for c in r["rounds"]]
+    ratio, naive, same = r["top_to_hey"], r["naive_to_hey"], r["top_to_hey_same_seconds"]
     return "\n".join([table(["concurrency", "hey requests/s", "top requests/s", "top / hey",
-                             "over the scrapes' times / hey"], rows), "",
+                             "top / hey in the same seconds", "over the scrapes' times / hey"], rows), "",
+                      f"top / hey in the same seconds: {same[0]:.4f}x ({same[1]:.4f} to {same[2]:.4f}, 95%). "
                       f"top / hey: {ratio[0]:.3f}x ({ratio[1]:.3f} to {ratio[2]:.3f}, 95%); the worst round "
                       f"{pct(r['worst_abs_error'], 1)} off (target: within 10%). A rate over the scrapes' "
                       "own "

@@ -53,21 +53,24 @@ JSON = {"content-type": "application/json"}
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # as `distillery serve`: an access log line per request costs
 
 
-def hey(url: str, body: bytes, concurrency: int, seconds: float, headers: dict) -> dict:
-    """One closed-loop load with `hey`; per-request figures from its CSV output."""
+def hey(url: str, body: bytes, concurrency: int, seconds: float, headers: dict, answers: bool = False) -> dict:
+    """One closed-loop load with `hey`; per-request figures from its CSV output (with `answers`,
+    also when each answered request came back, as Unix times)."""
     with tempfile.NamedTemporaryFile(suffix=".body") as f:
         f.write(body)
         f.flush()
         cmd = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-D", f.name, "-o", "csv",
                "-t", "60", *[a for k, v in headers.items() if k != "content-type" for a in ("-H", f"{k}: {v}")],
                "-T", headers.get("content-type", "application/json"), url]
-        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        before, start, began = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter(), time.time()
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     rows = [line.split(",") for line in out.splitlines()[1:] if line and line[0].isdigit()]
     ok = sorted(1e3 * float(r[0]) for r in rows if r[6] == "200")
     cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / wall
-    return {"requests": len(rows), "ok": len(ok), "errors": len(rows) - len(ok), "throughput": len(ok) / seconds,
+    # CSV: response-time, DNS+dialup, DNS, request-write, response-delay, response-read, status, offset
+    back = sorted(began + float(r[7]) + float(r[0]) for r in rows if r[6] == "200") if answers else None
+    return {**({"answered_at": back} if answers else {}),"requests": len(rows), "ok": len(ok), "errors": len(rows) - len(ok), "throughput": len(ok) / seconds,
             "p50_ms": generator.percentile(ok, 50), "p99_ms": generator.percentile(ok, 99),
             "generator_cpu": round(cpu / (os.cpu_count() or 1), 3)}
 
