@@ -27,6 +27,7 @@ RESULTS = HERE / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
+CONSOLE = ("<!-- console:begin -->", "<!-- console:end -->")  # the default run's console lines
 NOT_SCRIPTS = {"common", "figures"}
 NOT_RUN = "## Not yet run"
 STAGES = ["data", "teacher", "student_scratch", "student", "evaluate", "compress", "serve", "report"]
@@ -478,11 +479,32 @@ def docs_page(results: list[Found]) -> str:
 
 # --- main ----------------------------------------------------------------------------------
 
-def with_block(readme: str, block: str) -> str:
+def with_block(readme: str, block: str, begin: str = BEGIN, end: str = END) -> str:
     """README's text with the lines between the markers replaced by `block`."""
-    head, _, rest = readme.partition(BEGIN + "\n")
-    _, _, tail = rest.partition(END)
-    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+    head, _, rest = readme.partition(begin + "\n")
+    _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{block}\n{end}{tail}"
+
+
+# The default run's console, as the README shows it: the lines a user sees first, the run's
+# temp storage shown as the default `runs/`, a line too long for the page cut at a word.
+CONSOLE_LINES = ("logs:", "[data] digits", "[teacher] resnet", "[teacher] test", "[student_scratch] cnn",
+                 "[student_scratch] test", "[student] cnn", "[student] test", "[compress] recommended",
+                 "[serve] ingress", "[serve] running in", "[serve] auto", "[loadtest] ", "[report] runs", "serving ")
+
+
+def console_block(results: list[Found]) -> str:
+    found = newest(results, "default_run")
+    if not found:
+        return "```\n(no default run recorded: python benchmarks/default_run.py)\n```"
+    lines = []
+    for line in found[1]["console"]:
+        text = re.sub(r"^\s*[\d.]+ s  ", "", line)
+        text = re.sub(r"/tmp/default-run-[^/\s]+/", "runs/", text)
+        text = re.sub(r"\(/\S+/site-packages/", "(…/site-packages/", text)
+        if text.startswith(CONSOLE_LINES) and not re.match(r"\[loadtest\] \d+/", text):
+            lines.append(text if len(text) <= 110 else text[:text.rfind(" ", 0, 104)] + " ...")
+    return "```\n" + "\n".join(lines) + "\n```"
 
 
 def outputs() -> dict[Path, str]:
@@ -491,7 +513,10 @@ def outputs() -> dict[Path, str]:
     out = {DOCS: docs_page(results)}
     readme = README.read_text() if README.is_file() else ""
     if BEGIN + "\n" in readme and END in readme:
-        out[README] = with_block(readme, readme_block(results))
+        readme = with_block(readme, readme_block(results))
+        if CONSOLE[0] + "\n" in readme and CONSOLE[1] in readme:
+            readme = with_block(readme, console_block(results), *CONSOLE)
+        out[README] = readme
     return out
 
 
