@@ -1,5 +1,5 @@
-"""`auto` under rising load against the most accurate and the fastest model alone (issue 19's
-`auto` target), side by side in one run, repeated.
+"""`auto` under rising load against the most accurate and the fastest model alone, side by
+side in one run, repeated.
 
     python benchmarks/adaptive.py [--run-dir runs/digits] [--repeats 3] [--images 16]
                                   [--steps 6:0.4,12:1.6,8:0.4] [--slo-ms 100] [--max-replicas 1]

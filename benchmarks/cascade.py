@@ -1,4 +1,4 @@
-"""Cascades against the models they join, side by side in one run (issue 19's cascade target).
+"""Cascades against the models they join, side by side in one run.
 
     python benchmarks/cascade.py [--run-dir runs/digits] [--repeats 5]
 

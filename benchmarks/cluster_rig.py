@@ -1,5 +1,5 @@
 """Served requests/s from a client machine of a multi-machine cluster against the same
-deployment on one machine (issue 40's target: within 20%).
+deployment on one machine (the target: within 20%).
 
 The same finished run's recommended model, two replicas at 0.5 CPU each, HAProxy in front,
 driven by the project's load generator (`loadtest.generator.closed_loop`, what `distillery

@@ -490,7 +490,8 @@ def with_block(readme: str, block: str, begin: str = BEGIN, end: str = END) -> s
 # temp storage shown as the default `runs/`, a line too long for the page cut at a word.
 CONSOLE_LINES = ("logs:", "[data] digits", "[teacher] resnet", "[teacher] test", "[student_scratch] cnn",
                  "[student_scratch] test", "[student] cnn", "[student] test", "[compress] recommended",
-                 "[serve] ingress", "[serve] running in", "[serve] auto", "[loadtest] ", "[report] runs", "serving ")
+                 "[serve] ingress", "[serve] running in", "[serve] auto", "[loadtest] ", "[report] runs",
+                 "serving ")
 
 
 def console_block(results: list[Found]) -> str:

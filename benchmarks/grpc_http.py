@@ -1,4 +1,4 @@
-"""gRPC against HTTP on the same served models, side by side in one run (issue 25's target).
+"""gRPC against HTTP on the same served models, side by side in one run.
 
     python benchmarks/grpc_http.py [--run-dir runs/digits] [--model student] [--seconds 5]
 

@@ -1,4 +1,4 @@
-"""What the replicas' metrics cost (issue 43's target: at most 5% of the student's requests/s at
+"""What the replicas' metrics cost (the target: at most 5% of the student's requests/s at
 concurrency 32 through HAProxy), side by side in one run.
 
     python benchmarks/metrics_cost.py [--seconds 5] [--rounds 9] [--quick]

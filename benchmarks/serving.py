@@ -1,4 +1,4 @@
-"""Serving figures, side by side in one run (issue 18's targets), 1-image requests unless stated.
+"""Serving figures, side by side in one run, 1-image requests unless stated.
 
     python benchmarks/serving.py [--run-dir runs/digits] [--seconds 5]
 

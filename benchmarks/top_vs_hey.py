@@ -1,5 +1,5 @@
-"""Does `distillery top` show a model's rate as the client measures it? (issue 43's target:
-within 10% of what `hey` reports), side by side in one run.
+"""Does `distillery top` show a model's rate as the client measures it (the target: within 10%
+of what `hey` reports)? Side by side in one run.
 
     python benchmarks/top_vs_hey.py [--seconds 45] [--rounds 5] [--quick]
 
@@ -10,7 +10,8 @@ reads Ray's metrics agent every second, as `distillery top` does, and its last v
 load ends (a 30 s window) is compared with hey's requests/s over the whole load (the target),
 and with hey's answers in the very seconds of the replica's clock that view covers (what is
 left is top's own error, not the load's changes over time). The naive rate (the counter's
-change over the scrapes' own times, which aliases with the agent's 10 s reports) is kept too. Writes benchmarks/results/top_vs_hey_<machine>_<date>.json.
+change over the scrapes' own times, which aliases with the agent's 10 s reports) is kept too.
+Writes benchmarks/results/top_vs_hey_<machine>_<date>.json.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def one_round(url: str, request: bytes, targets: list[str], concurrency: int, se
     within = sum(since < t <= until for t in result.pop("answered_at"))
     return {"concurrency": concurrency, "hey_rps": result["throughput"], "hey_errors": result["errors"],
             "hey_same_seconds_rps": within / (until - since), "top_rps": shown.get("student", 0.0),
-            "naive_rps": naive.get("student", 0.0), "window_s": round(span, 1), "replica_seconds": until - since}
+            "naive_rps": naive.get("student", 0.0), "window_s": round(span, 1),
+            "replica_seconds": until - since}
 
 
 def measure(seconds: float, rounds: int) -> list[dict]:
@@ -85,20 +87,20 @@ def report(runs: list[dict], info: dict) -> tuple[str, dict]:
     same = mean_interval([r["top_rps"] / r["hey_same_seconds_rps"] for r in runs])
     naive = mean_interval([r["naive_rps"] / r["hey_rps"] for r in runs])
     worst = max(abs(r["top_rps"] / r["hey_rps"] - 1) for r in runs)
-    rows = [[r["concurrency"], f"{r['hey_rps']:,.0f}", f"{r['top_rps']:,.0f}", f"{r['top_rps'] / r['hey_rps']:.3f}",
-             f"{r['top_rps'] / r['hey_same_seconds_rps']:.3f}", f"{r['naive_rps'] / r['hey_rps']:.3f}"]
-            for r in runs]
+    rows = [[r["concurrency"], f"{r['hey_rps']:,.0f}", f"{r['top_rps']:,.0f}",
+             f"{r['top_rps'] / r['hey_rps']:.3f}", f"{r['top_rps'] / r['hey_same_seconds_rps']:.3f}",
+             f"{r['naive_rps'] / r['hey_rps']:.3f}"] for r in runs]
     text = "\n".join([
         "# `distillery top`'s requests/s against hey's, the student through HAProxy", machine_lines(info), "",
         table(["concurrency", "hey requests/s", "top requests/s", "top / hey", "top / hey, same seconds",
                "naive / hey"], rows), "",
         f"top / hey: {ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}] (mean, 95%), worst round {worst:.1%} "
-        "off "
-        f"(target: within 10%); against hey's answers in the same seconds of the replica's clock: "
-        f"{same[0]:.4f} [{same[1]:.4f}, {same[2]:.4f}]; the naive rate over the scrapes' own times: {naive[0]:.3f} "
-        f"[{naive[1]:.3f}, {naive[2]:.3f}]; median hey rate {median([r['hey_rps'] for r in runs]):,.0f}/s"])
-    return text, {"top_to_hey": ratio, "top_to_hey_same_seconds": same, "naive_to_hey": naive, "worst_abs_error": round(worst, 4),
-                  "rounds": runs}
+        "off (target: within 10%); against hey's answers in the same seconds of the replica's clock: "
+        f"{same[0]:.4f} [{same[1]:.4f}, {same[2]:.4f}]; the naive rate over the scrapes' own times: "
+        f"{naive[0]:.3f} [{naive[1]:.3f}, {naive[2]:.3f}]; median hey rate "
+        f"{median([r['hey_rps'] for r in runs]):,.0f}/s"])
+    return text, {"top_to_hey": ratio, "top_to_hey_same_seconds": same, "naive_to_hey": naive,
+                  "worst_abs_error": round(worst, 4), "rounds": runs}
 
 
 def main() -> None:
