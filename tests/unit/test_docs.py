@@ -18,7 +18,10 @@ README = ROOT / "README.md"
 # the reference pages generated from the code.
 DATED = {"decisions.md", "benchmarks.md"}
 GENERATED_DIR = "reference"
-FIGURES = re.compile(r"<!-- figures:begin -->.*?<!-- figures:end -->", re.S)  # README's generated block
+# README's blocks that benchmarks/figures.py writes from the result files
+FIGURES = re.compile(r"<!-- (figures|console):begin -->.*?<!-- \1:end -->", re.S)
+# A measured figure: a percentage (other than a confidence level), a rate, a latency, a duration.
+MEASURED = re.compile(r"\b\d[\d,.]*\s*(?:%(?! interval| CI| confidence)|requests/s|images/s|img/s|ms\b|min\b|x faster)")
 
 _MONTH = (r"(?:January|February|March|April|May|June|July|August|September|October|November|December"
           r"|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)\.?")
@@ -92,3 +95,10 @@ def test_prose_has_no_dates_or_work_history(pattern):
     found = [f"{path.relative_to(ROOT)}: {m.group(0)!r}" for path in _prose_files()
              for m in pattern.finditer(_prose(path))]
     assert not found, f"dates and project history belong in docs/decisions.md: {found}"
+
+
+def test_the_readme_quotes_figures_only_from_its_generated_blocks():
+    """Every measured figure on the front page comes from a result file (machine, date, commit),
+    through benchmarks/figures.py: none typed into the prose, where it would go stale."""
+    found = [m.group(0) for m in MEASURED.finditer(_prose(README))]
+    assert not found, f"figures in README.md's prose (put them in a result file and its block): {found}"
