@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +66,13 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         for v in frontier["variants"]}
     out = {"run_name": run_dir.name, "models": models, "recommended": frontier["recommended"],
            "distillation": read_json(run_dir / "results.json")["distillation"],
-           "stages_s": _stage_seconds(read_json(run_dir / "manifest.json"))}
+           "stages_s": {name: s["metrics"]["seconds"] for name, s in read_json(run_dir / "manifest.json")
+                        ["stages"].items() if "seconds" in s.get("metrics", {})}}
     loadtest = run_dir / "serve" / "loadtest" / "loadtest.json"
     if loadtest.is_file():
         sweeps = read_json(loadtest)["sweeps"]
         out["served_c32"] = {s["model"]: s["throughput"] for s in sweeps if s["concurrency"] == 32}
     return out
-
-
-def _stage_seconds(manifest: dict) -> dict[str, float]:
-    def at(stamp: str) -> datetime:
-        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z")
-    return {name: (at(s["finished_at"]) - at(s["started_at"])).total_seconds()
-            for name, s in manifest["stages"].items() if s.get("finished_at") and s.get("started_at")}
 
 
 def in_snapshot(measure) -> Any:

@@ -15,7 +15,6 @@ with a 95% interval). Writes benchmarks/results/metrics_cost_<machine>_<date>.js
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import machine, machine_lines, mean_interval, median, publish, table  # noqa: E402
-from serving import JSON, ONE, body, deploy, hey, start_serve, stop_serve  # noqa: E402
+from serving import JSON, ONE, body, deploy, hey, hey_rounds, start_serve, stop_serve  # noqa: E402
 
 from distillery.artifacts import save_model  # noqa: E402
 from distillery.config import CNNConfig  # noqa: E402
@@ -116,19 +115,11 @@ def report(runs: dict, info: dict, per_request_us: dict[str, float]) -> tuple[st
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--quick", action="store_true", help="2 rounds of 3 s: a check that it runs")
-    args = ap.parse_args()
-    if shutil.which("hey") is None:
-        sys.exit("metrics_cost.py needs hey on PATH (apt-get install hey): the load must not share "
-                 "this process")
-    seconds, rounds = (3.0, 2) if args.quick else (args.seconds, args.rounds)
+    seconds, rounds, quick = hey_rounds(__doc__, "metrics_cost.py", 5.0, 9, quick=(3.0, 2))
     info = machine("1 (a replica runs its model on one thread)")
     text, figures = report(measure(seconds, rounds), info, in_process_us())
     figures |= {"machine": info, "concurrency": CONCURRENCY, "seconds": seconds}
-    publish("metrics_cost", text, figures, args.quick)
+    publish("metrics_cost", text, figures, quick)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,21 @@ def hey(url: str, body: bytes, concurrency: int, seconds: float, headers: dict, 
             "generator_cpu": round(cpu / (os.cpu_count() or 1), 3)}
 
 
+def hey_rounds(doc: str, script: str, seconds: float, rounds: int,
+               quick: tuple[float, int]) -> tuple[float, int, bool]:
+    """The command line of a benchmark that loads with hey in rounds: (seconds, rounds, quick)
+    from --seconds, --rounds and --quick; exits saying why where hey is missing."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=seconds)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--quick", action="store_true", help=f"{quick[1]} rounds of {quick[0]:g} s: a check that "
+                    "it runs")
+    args = ap.parse_args()
+    if shutil.which("hey") is None:
+        sys.exit(f"{script} needs hey on PATH (apt-get install hey): the load must not share this process")
+    return (*quick, True) if args.quick else (args.seconds, args.rounds, False)
+
+
 def asyncio_load(url: str, body: bytes, concurrency: int, seconds: float, headers: dict) -> dict:
     run = generator.closed_loop(url, body, concurrency, seconds, headers)
     samples, _, cpu = asyncio.run(generator.with_replicas(run, None))

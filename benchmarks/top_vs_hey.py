@@ -16,7 +16,6 @@ Writes benchmarks/results/top_vs_hey_<machine>_<date>.json.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import machine, machine_lines, mean_interval, median, publish, table  # noqa: E402
 from metrics_cost import student_run  # noqa: E402
-from serving import JSON, ONE, body, deploy, hey, start_serve, stop_serve  # noqa: E402
+from serving import JSON, ONE, body, deploy, hey, hey_rounds, start_serve, stop_serve  # noqa: E402
 
 from distillery.serving import top  # noqa: E402
 
@@ -47,7 +46,7 @@ def one_round(url: str, request: bytes, targets: list[str], concurrency: int, se
     while time.monotonic() - start < seconds - 1:
         rows, _, span = watch.tick()
         (t0, old), (t1, new) = watch.samples[0], watch.samples[-1]
-        naive = {r.model: r.rps for r in top.rows(old, new, max(t1 - t0, 1e-9))}
+        naive = {r.model: r.answered / max(t1 - t0, 1e-9) for r in rows}
         time.sleep(1.0)
     load.join()
     shown = {r.model: r.rps for r in rows}
@@ -104,19 +103,11 @@ def report(runs: list[dict], info: dict) -> tuple[str, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=45.0)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--quick", action="store_true", help="2 rounds of 35 s: a check that it runs")
-    args = ap.parse_args()
-    if shutil.which("hey") is None:
-        sys.exit("top_vs_hey.py needs hey on PATH (apt-get install hey): the load must not share this "
-                 "process")
-    seconds, rounds = (35.0, 2) if args.quick else (args.seconds, args.rounds)
+    seconds, rounds, quick = hey_rounds(__doc__, "top_vs_hey.py", 45.0, 6, quick=(35.0, 2))
     info = machine("1 (a replica runs its model on one thread)")
     text, figures = report(measure(seconds, rounds), info)
     figures |= {"machine": info, "seconds": seconds}
-    publish("top_vs_hey", text, figures, args.quick)
+    publish("top_vs_hey", text, figures, quick)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections import defaultdict, deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -103,7 +103,9 @@ def quantile(q: float, old: list[tuple[float, float]], new: list[tuple[float, fl
 
 
 def rows(old: Sample, new: Sample, seconds: float) -> list[Row]:
-    """Per model: what happened between two samples `seconds` apart."""
+    """Per model: what happened between two samples `seconds` apart; its rate over its replicas'
+    own clocks (`replica_rates`), or over `seconds` where they did not move on between them."""
+    rates = replica_rates(old, new)
     ok_new, ok_old = _by_model(new, "distillery_requests_total", outcome="ok"), \
         _by_model(old, "distillery_requests_total", outcome="ok")
     batched_new, batched_old = (_by_model(s, "distillery_batched_requests_total") for s in (new, old))
@@ -114,7 +116,7 @@ def rows(old: Sample, new: Sample, seconds: float) -> list[Row]:
         passes = passes_new.get(model, 0.0) - passes_old.get(model, 0.0)
         batched = batched_new.get(model, 0.0) - batched_old.get(model, 0.0)
         answered = ok_new[model] - ok_old.get(model, 0.0)
-        out.append(Row(model, answered, answered / seconds,
+        out.append(Row(model, answered, rates.get(model, answered / seconds),
                        *(x * 1e3 if x is not None else None for x in p),
                        batched / passes if passes > 0 else None, _replicas(new, model)))
     return out
@@ -169,6 +171,4 @@ class Watch:
         while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
             self.samples.popleft()
         (t0, old), (t1, new) = self.samples[0], self.samples[-1]
-        rates = replica_rates(old, new)
-        out = [replace(row, rps=rates.get(row.model, row.rps)) for row in rows(old, new, max(t1 - t0, 1e-9))]
-        return out, auto_rung(new), t1 - t0
+        return rows(old, new, max(t1 - t0, 1e-9)), auto_rung(new), t1 - t0
