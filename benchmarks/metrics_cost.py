@@ -1,20 +1,24 @@
 """What the replicas' metrics cost (the target: at most 5% of the student's requests/s at
 concurrency 32 through HAProxy), side by side in one run.
 
-    python benchmarks/metrics_cost.py [--seconds 5] [--rounds 9] [--quick]
+    python benchmarks/metrics_cost.py [--seconds 4] [--rounds 24] [--quick]
 
 One local Ray with the HAProxy ingress serves the digits-shaped student (the digits preset's
 network, 1x8x8, random weights: speed only) three times, as applications that differ only in
 `serve.metrics`: `on` (every request counted, timed and its batch recorded), `off` (no-ops), and
 `off2`, a second `off`: what two identical replicas differ by here is the noise a difference
 must exceed. The load is `hey` (an external Go tool, `apt-get install hey`), closed loop at
-concurrency 32, 1-image JSON requests, one application at a time, the order rotating over the
-rounds; figures are medians over the rounds, and each round's ratio to `off` is kept (its mean
-with a 95% interval). Writes benchmarks/results/metrics_cost_<machine>_<date>.json.
+concurrency 32, 1-image JSON requests, one application at a time. The machine's speed drifts (by
+up to 20% between the rounds of one run here), so each round loads `on` between the two offs and
+compares it with their mean, which takes out a drift that is steady over the round; the offs swap
+places every round, so a drift cancels out of off2 against off too. Figures are medians over the
+rounds, and each round's ratios are kept (their mean with a 95% interval). Writes
+benchmarks/results/metrics_cost_<machine>_<date>.json.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
 import tempfile
@@ -60,11 +64,10 @@ def measure(seconds: float, rounds: int) -> dict:
         for app in APPS:  # warm-up: replica start, first passes
             hey(f"{base}/v2/models/{app}/infer", request, CONCURRENCY, 2.0, JSON)
         out: dict[str, list[dict]] = {app: [] for app in APPS}
-        order = list(APPS)
-        for r in range(rounds):
-            for app in order[r % 3:] + order[:r % 3]:
+        for r in range(rounds):  # `on` between the two offs, whose order alternates (see the docstring)
+            for app in ("off", "on", "off2") if r % 2 == 0 else ("off2", "on", "off"):
                 out[app].append(hey(f"{base}/v2/models/{app}/infer", request, CONCURRENCY, seconds, JSON))
-                time.sleep(1)
+                time.sleep(0.5)
         return out
     finally:
         stop_serve()
@@ -73,20 +76,24 @@ def measure(seconds: float, rounds: int) -> dict:
 
 def in_process_us(n: int = 50_000) -> dict[str, float]:
     """What the metrics add to one request in a replica's own code, in microseconds: the calls a
-    request makes (counted, the pass hook, answered), on and off, without the network."""
+    request makes (counted, the pass hook, answered), on and off, without the network; on an
+    event loop, as in a replica (whose first request starts the export task)."""
     from distillery.serving.batcher import Answer
     from distillery.serving.metrics import NoMetrics, ReplicaMetrics
 
-    answer, out = Answer(torch.zeros(1, 10), 1, "student", 1e-4, 2e-4), {}
-    for name, metrics in (("on", ReplicaMetrics()), ("off", NoMetrics())):
+    answer = Answer(torch.zeros(1, 10), 1, "student", 1e-4, 2e-4)
+
+    async def per_request(metrics: ReplicaMetrics) -> float:
         hook, start = metrics.on_pass("student", object()), time.perf_counter()
         for _ in range(n):
             with metrics.counted("student", "http") as record:
                 if hook:
                     hook(1, 1, 2e-4)
                 metrics.answered("student", 1, answer, record)
-        out[name] = round(1e6 * (time.perf_counter() - start) / n, 2)
-    return out
+        return round(1e6 * (time.perf_counter() - start) / n, 2)
+
+    return {name: asyncio.run(per_request(metrics)) for name, metrics in (("on", ReplicaMetrics()),
+                                                                          ("off", NoMetrics()))}
 
 
 def report(runs: dict, info: dict, per_request_us: dict[str, float]) -> tuple[str, dict]:
@@ -115,7 +122,7 @@ def report(runs: dict, info: dict, per_request_us: dict[str, float]) -> tuple[st
 
 
 def main() -> None:
-    seconds, rounds, quick = hey_rounds(__doc__, "metrics_cost.py", 5.0, 9, quick=(3.0, 2))
+    seconds, rounds, quick = hey_rounds(__doc__, "metrics_cost.py", 4.0, 24, quick=(3.0, 2))
     info = machine("1 (a replica runs its model on one thread)")
     text, figures = report(measure(seconds, rounds), info, in_process_us())
     figures |= {"machine": info, "concurrency": CONCURRENCY, "seconds": seconds}

@@ -85,7 +85,14 @@ SERVE_TUNING = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RE
 # non-idempotent handler twice; an inference request is a pure function of its input. With
 # a node killed under load (tests/integration/test_multinode.py), conn-failure alone lost
 # requests sent after the kill on pooled connections to the dead replica (HTTP 500).
-HAPROXY_TUNING = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response"}
+#
+# Serve's own per-request ingress metrics (serve_num_http_requests, serve_http_request_latency_ms)
+# are off: HAProxy would send a log line per request to the HAProxyManager actor, whose Python
+# parses it, 66 us a request, 9% of the machine's CPU at the student's rate on 2 cores
+# (benchmarks/metrics_cost.py's machine). The replicas count the same per model
+# (serving/metrics.py), and HAProxy's own Prometheus exporter, which this leaves on, per backend.
+HAPROXY_TUNING = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+                  "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
 
 
 def ingress_env(kind: str, host: str, local: bool = True, stats_host: str = LOOPBACK) -> dict[str, str]:
@@ -97,7 +104,8 @@ def ingress_env(kind: str, host: str, local: bool = True, stats_host: str = LOOP
     if kind != "haproxy":  # SERVE_HOST_VAR: where the replicas' gRPC listeners bind
         return SERVE_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "0", SERVE_HOST_VAR: host}
     wrapper = shutil.which(HAPROXY_WRAPPER, path=str(Path(sys.executable).parent)) or shutil.which(HAPROXY_WRAPPER)
-    env = SERVE_TUNING | HAPROXY_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "1", SERVE_HOST_VAR: host,
+    tuning = HAPROXY_TUNING | {k: os.environ[k] for k in HAPROXY_TUNING if k in os.environ}  # the user's wins
+    env = SERVE_TUNING | tuning | {"RAY_SERVE_ENABLE_HA_PROXY": "1", SERVE_HOST_VAR: host,
                                            STATS_HOST_VAR: stats_host, BINARY_VAR: haproxy_binary() or "haproxy"}
     if wrapper:
         env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper

@@ -26,7 +26,7 @@ READ_BY = {
                       "RAY_SERVE_HAPROXY_SERVER_STATE_FILE", "RAY_SERVE_HAPROXY_STATS_PORT",
                       "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH",
                       "RAY_SERVE_HAPROXY_RETRY_ON", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
-                      "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"],
+                      "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", "RAY_SERVE_HAPROXY_METRICS_ENABLED"],
     "ray.train.v2._internal.constants": ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"],
     "ray._private.authentication.authentication_token_setup": ["RAY_AUTH_MODE"],
     "ray.air.constants": ["RAY_AIR_NEW_OUTPUT"],
