@@ -376,8 +376,8 @@ def test_a_training_split_larger_than_the_head_s_object_store_streams_from_the_b
     store = next(n for n in cluster.nodes()
                  if n["labels"].get(LABEL) == "head")["resources_total"]["object_store_memory"]
     assert sum(shards.values()) > store >= HEAD_OBJECT_STORE * 0.9
-    reads = [t for t in cluster.state("tasks") if "_read_verified" in t["name"] and t["state"] == "FINISHED"
-             and t.get("start_time_ms", 0) >= started * 1000]
+    reads = [t for t in cluster.state("tasks") if "read_verified_tables" in t["name"]
+             and t["state"] == "FINISHED" and t.get("start_time_ms", 0) >= started * 1000]
     print(f"{sum(shards.values()) / 2**20:.0f} MiB in {len(shards)} shards, head object store {store / 2**20:.0f} MiB; "
           f"{len(reads)} read tasks on {sorted({cluster.names()[t['node_id']] for t in reads})}; "
           f"{time.time() - started:.0f} s")

@@ -23,7 +23,9 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from distillery.config.location import SCHEMES, check_location, is_uri  # noqa: F401 (storage.is_uri, ...)
 from distillery.errors import UserError
@@ -122,6 +124,15 @@ def read_verified(location: str, rel: str, sha: str) -> bytes:
     except (UserError, OSError) as e:
         raise UserError(f"{join(location, rel)}: {e}") from None  # named as `fetch` names it
     return blob
+
+
+def read_verified_tables(batch: pa.Table, location: str) -> pa.Table:
+    """The Parquet files named in `batch` (columns rel, sha256), each read with `read_verified`:
+    a Ray Data read task (`training.on_ray.read_shards`). Here rather than beside its caller:
+    Ray imports a task's module in every worker process it starts for it, fresh ones each epoch,
+    and `training.on_ray` takes 2.5 s to import (torch, Ray Train), this module 0.3 s."""
+    return pa.concat_tables([pq.read_table(pa.BufferReader(read_verified(location, rel, sha)))
+                             for rel, sha in zip(batch["rel"].to_pylist(), batch["sha256"].to_pylist())])
 
 
 def download(location: str, rel: str, dest: Path) -> bool:

@@ -127,17 +127,11 @@ def read_shards(run: RunDir, rels: list[str]) -> ray.data.Dataset:
     recorded = run.manifest()["files"]
     files = [{"rel": rel, "sha256": recorded[rel]} for rel in rels]
     return ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
-        _read_verified, fn_kwargs={"location": run.location}, batch_size=1, batch_format="pyarrow",
-        num_cpus=0, concurrency=STREAMING_READS)
+        storage.read_verified_tables, fn_kwargs={"location": run.location}, batch_size=1,
+        batch_format="pyarrow", num_cpus=0, concurrency=STREAMING_READS)
 
 
 STREAMING_READS = 4  # files read at once, across the cluster: each task holds one in memory
-
-
-def _read_verified(batch: pa.Table, location: str) -> pa.Table:
-    """Ray Data task: the shard files named in `batch`, read from the URI and checked."""
-    return pa.concat_tables([pq.read_table(pa.BufferReader(storage.read_verified(location, rel, sha)))
-                             for rel, sha in zip(batch["rel"].to_pylist(), batch["sha256"].to_pylist())])
 
 
 def run_rels(run: RunDir, paths: list[Path]) -> list[str]:
