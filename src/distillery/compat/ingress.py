@@ -102,11 +102,11 @@ def ingress_env(kind: str, host: str, local: bool = True, stats_host: str = LOOP
     on one machine (tests, benchmarks) never meet on Ray's fixed defaults (ports 8404, 9101,
     8500, 9500; files in /tmp/haproxy-serve)."""
     if kind != "haproxy":  # SERVE_HOST_VAR: where the replicas' gRPC listeners bind
-        return SERVE_TUNING | {"RAY_SERVE_ENABLE_HA_PROXY": "0", SERVE_HOST_VAR: host}
+        return _tuning(SERVE_TUNING) | {"RAY_SERVE_ENABLE_HA_PROXY": "0", SERVE_HOST_VAR: host}
     wrapper = shutil.which(HAPROXY_WRAPPER, path=str(Path(sys.executable).parent)) or shutil.which(HAPROXY_WRAPPER)
-    tuning = HAPROXY_TUNING | {k: os.environ[k] for k in HAPROXY_TUNING if k in os.environ}  # the user's wins
-    env = SERVE_TUNING | tuning | {"RAY_SERVE_ENABLE_HA_PROXY": "1", SERVE_HOST_VAR: host,
-                                           STATS_HOST_VAR: stats_host, BINARY_VAR: haproxy_binary() or "haproxy"}
+    env = _tuning(SERVE_TUNING | HAPROXY_TUNING) | {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1", SERVE_HOST_VAR: host, STATS_HOST_VAR: stats_host,
+        BINARY_VAR: haproxy_binary() or "haproxy"}
     if wrapper:
         env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
     if local:
@@ -122,6 +122,11 @@ def ingress_env(kind: str, host: str, local: bool = True, stats_host: str = LOOP
         env |= {name: str(_free_port(_bindable(host))) for name in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
                                                                     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
     return env
+
+
+def _tuning(defaults: dict[str, str]) -> dict[str, str]:
+    """Our defaults for Ray's switches, where the user's environment sets none of its own."""
+    return defaults | {name: os.environ[name] for name in defaults if name in os.environ}
 
 
 def is_loopback(host: str) -> bool:

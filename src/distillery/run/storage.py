@@ -129,8 +129,9 @@ def read_verified(location: str, rel: str, sha: str) -> bytes:
 def read_verified_tables(batch: pa.Table, location: str) -> pa.Table:
     """The Parquet files named in `batch` (columns rel, sha256), each read with `read_verified`:
     a Ray Data read task (`training.on_ray.read_shards`). Here rather than beside its caller:
-    Ray imports a task's module in every worker process it starts for it, fresh ones each epoch,
-    and `training.on_ray` takes 2.5 s to import (torch, Ray Train), this module 0.3 s."""
+    every worker process Ray starts for the task imports the task's module (the raylet started
+    several during one epoch on the rig), and `training.on_ray` takes 2.5 s to import (torch,
+    Ray Train), this module 0.3 s."""
     return pa.concat_tables([pq.read_table(pa.BufferReader(read_verified(location, rel, sha)))
                              for rel, sha in zip(batch["rel"].to_pylist(), batch["sha256"].to_pylist())])
 

@@ -182,8 +182,7 @@ class ReplicaMetrics:
         client's (4xx) or a refusal under overload (503); any other error a failure. Its `with`
         gives the request's record (`record`, or a new one), which the handler fills (id, images,
         times) for the request log."""
-        if self._exporter is None:
-            self._exporting()
+        self._exporting()
         return Counted(self, (model, MODEL_VERSION, protocol), {} if record is None else record)
 
     def done(self, labels: tuple[str, str, str], seconds: float, error: BaseException | None,
