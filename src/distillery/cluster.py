@@ -49,8 +49,8 @@ def _init(cfg: PipelineConfig) -> None:
     else:
         _init_local(cfg, quiet)
     console.quiet_library_loggers()  # ray.init set up its own handlers on the console
-    if console.log_file():
-        logs.link_session_logs(console.log_file().parent / "ray")  # <run>/logs/ray: a run's logs in one place
+    if log := console.log_file():
+        logs.link_session_logs(log.parent / "ray")  # <run>/logs/ray: a run's logs in one place
 
 
 def join_running(address: str = "auto") -> None:

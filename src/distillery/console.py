@@ -117,7 +117,7 @@ def quiet_library_loggers() -> None:
     --verbose): Ray's token notice, Serve's "application is ready", Python warnings."""
     if not quiet():
         return
-    targets = [_state.file_handler] if _state.file_handler else [logging.NullHandler()]
+    targets: list[logging.Handler] = [_state.file_handler] if _state.file_handler else [logging.NullHandler()]
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         if name not in _state.saved:

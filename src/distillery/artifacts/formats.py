@@ -43,7 +43,8 @@ from distillery.models.exported import load_program
 from distillery.models.shapes import layer_shapes, resize
 
 QPARAMS = "qparams."  # safetensors key prefix of recorded observer parameters
-TORCHAO_STEPS = {"int8_dynamic": Int8Dynamic, "weight_only": WeightOnly}
+TORCHAO_STEPS: dict[str, type[Int8Dynamic | WeightOnly]] = {"int8_dynamic": Int8Dynamic,
+                                                           "weight_only": WeightOnly}
 
 
 # ---------------------------------------------------------------- save

@@ -28,10 +28,10 @@ def pin_grpc_listeners(host: str | None) -> None:
 
     add = default_impl.add_grpc_address
     if getattr(add, "pinned_to", None) != host:
-        def pinned(server, address: str):
-            return add(server, re.sub(r"^\[::\]:", f"{host}:", address))
+        def pinned(grpc_server, server_address: str):  # the names of the function it replaces
+            return add(grpc_server, re.sub(r"^\[::\]:", f"{host}:", server_address))
 
-        pinned.pinned_to = host
+        pinned.pinned_to = host  # type: ignore[attr-defined]  # a mark on the function: patched once
         default_impl.add_grpc_address = pinned
 
 
@@ -52,8 +52,8 @@ def route_stock_grpc_calls() -> None:
             self.app_name = self.app_name or ingress.GRPC_APP
             alias_triton_messages()  # the proxy pickles the message to hand it to a replica
 
-    setup_variables.routes_stock_calls = True
-    gRPCProxyRequest.setup_variables = setup_variables
+    setup_variables.routes_stock_calls = True  # type: ignore[attr-defined]  # a mark: patched once
+    gRPCProxyRequest.setup_variables = setup_variables  # type: ignore[method-assign]  # the patch itself
 
 
 def alias_triton_messages() -> None:

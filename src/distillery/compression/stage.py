@@ -13,7 +13,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -86,7 +86,8 @@ def measure_all(ctx: Context, settings: timing.BenchSettings, variants: list[Var
         b = built[v.name]
         model, _ = artifacts.load(b.files[-1].parent)  # score what is on disk
         if v.cascade_to():
-            records[v.name] = measure_cascade(ctx, settings, v, model, records) | {"steps": b.details}
+            members = cast(cascade.Cascade, model)  # a cascade's folder loads as one
+            records[v.name] = measure_cascade(ctx, settings, v, members, records) | {"steps": b.details}
         else:
             rec = measure(ctx, settings, v.name, VARIANT, v.parent, v.describe(), model, b.fp32,
                           b.files[0].stat().st_size, int8=v.steps[-1].kind == "int8_static")
@@ -126,7 +127,9 @@ def measure_cascade(ctx: Context, settings: timing.BenchSettings, v: VariantConf
     """A cascade as it runs on the validation images: its cost depends on how many it
     escalates, so MACs are the small model's plus the escalated share of the large one's, and
     it is timed on those images (as every model is). The test images' share is reported."""
-    small, large = records[v.parent], records[v.cascade_to()]
+    large_name = v.cascade_to()
+    assert large_name is not None  # only a cascade variant is measured as one
+    small, large = records[v.parent], records[large_name]
     escalation = {split: _escalation(model, ctx.splits[split][0]) for split in ("val", "test")}
     macs = small["macs"] + round(escalation["val"] * large["macs"])
     rec = measure(ctx, settings, v.name, VARIANT, v.parent, v.describe(), model, model,

@@ -31,7 +31,7 @@ from distillery.config.compress import (
     Int8Static,
     PruneChannels,
     PruneUnstructured,
-    StepConfig,
+    Step,
     WeightOnly,
 )
 from distillery.errors import NotApplicable, UserError
@@ -198,7 +198,7 @@ def model_dir(run: RunDir, name: str) -> Path:
     return run.root / "variants" / name
 
 
-def apply_steps(ctx: Context, work: Work, steps: list[StepConfig]) -> list[Path]:
+def apply_steps(ctx: Context, work: Work, steps: list[Step]) -> list[Path]:
     """Run `steps` in order on `work`; return the variant's saved files."""
     for i, step in enumerate(steps):
         work.next_kind = steps[i + 1].kind if i + 1 < len(steps) else None
@@ -209,7 +209,7 @@ def apply_steps(ctx: Context, work: Work, steps: list[StepConfig]) -> list[Path]
 
 
 def finetune(ctx: Context, name: str, model: nn.Module, spec: dict, step: Finetune,
-             gradual: prune.PruneUnstructured | None, folder: Path) -> nn.Module:
+             gradual: PruneUnstructured | None, folder: Path) -> nn.Module:
     """Fine-tune the pruned model, distilled from the teacher; on Ray Train unless
     `ray.workers` is 0. Gradual unstructured pruning keeps raising the sparsity meanwhile."""
     tcfg = TrainConfig(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size, schedule="cosine", augment=False)
@@ -230,7 +230,7 @@ def finetune(ctx: Context, name: str, model: nn.Module, spec: dict, step: Finetu
 
 
 def _finetune_here(ctx: Context, name: str, model: nn.Module, tcfg: TrainConfig, step: Finetune,
-                   gradual: prune.PruneUnstructured | None) -> nn.Module:
+                   gradual: PruneUnstructured | None) -> nn.Module:
     sparsity = prune.GradualSparsity(model, gradual, tcfg.epochs) if gradual else None
     goal = objective(model, tcfg, ctx.cfg.distill, teacher=ctx.teacher if step.distill else None, hints=False)
     fit(model, ctx.splits["train"], ctx.splits["val"], tcfg, seed=ctx.cfg.seed, loss_fn=goal.loss_fn,

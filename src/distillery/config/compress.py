@@ -165,7 +165,7 @@ class VariantConfig(Strict):
 
     def cascade_to(self) -> str | None:
         """The larger model of a cascade variant, else None."""
-        return next((s.to for s in self.steps if s.combines), None)
+        return next((s.to for s in self.steps if isinstance(s, Cascade)), None)
 
     def numerics(self) -> str | None:
         """The arithmetic its last quantization step leaves (int8_static, int4_weights, ...);
@@ -179,7 +179,7 @@ class VariantConfig(Strict):
         for step in self.steps:
             args = ", ".join(f"{k}={v}" for k, v in step.model_dump(exclude={"kind"}).items()
                              if k in ("sparsity", "mac_ratio", "epochs", "bits"))
-            args = f"to={step.to}" if step.combines else args
+            args = f"to={step.to}" if isinstance(step, Cascade) else args
             parts.append(f"{step.kind}({args})" if args else step.kind)
         return " -> ".join(parts)
 

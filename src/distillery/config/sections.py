@@ -4,21 +4,22 @@ how they train, distillation, Ray, serving and the load test (`PipelineConfig` g
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, model_validator
 
 from distillery.schema import Strict
 
 # Each has a loader registered in `data.sources` (a unit test keeps the two lists equal).
-DATA_SOURCES = ("digits", "cifar10", "parquet", "synthetic", "folder")
+DataSource = Literal["digits", "cifar10", "parquet", "synthetic", "folder"]
+DATA_SOURCES = get_args(DataSource)
 
 
 class DataConfig(Strict):
     """Where the images come from and how they are split."""
 
-    source: Literal[DATA_SOURCES] = Field("digits", description="digits (embedded, 8x8 grey), cifar10 (its "
-                                          "binary batches), parquet, synthetic, or folder (image files)")
+    source: DataSource = Field("digits", description="digits (embedded, 8x8 grey), cifar10 (its "
+                               "binary batches), parquet, synthetic, or folder (image files)")
     path: str | None = Field(None, description="cifar10: folder of *.bin files; parquet: file or folder; "
                              "folder: <class>/ or <split>/<class>/ subfolders of images")
     image_column: str = Field("image", description="parquet: the column of images, each a flat list of C*H*W numbers (encoded images are refused)")

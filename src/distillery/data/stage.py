@@ -37,6 +37,7 @@ def prepare_data(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
 
 def prepare_transfer(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """The transfer set the student is distilled on (`distill.transfer`), as shards of its own."""
+    assert cfg.distill.transfer is not None  # the stage runs only when a transfer set is configured
     out = run.root / "transfer"
     manifest = data.prepare_transfer(cfg.distill.transfer, out, cfg.seed, run.verify_file("data/manifest.json").parent)
     rows = manifest["counts"]["train"]["total"]

@@ -68,14 +68,15 @@ def judge(samples: list[generator.Sample], slo_ms: float, top: str, low_until: f
     seconds: dict[int, list[generator.Sample]] = {}
     for s in samples:
         seconds.setdefault(int(s.scheduled), []).append(s)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for sec, group in sorted(seconds.items()):
         ok = [s.latency_ms for s in group if s.status == 200]
         p99 = generator.percentile(ok, 99)
         late = generator.percentile([1e3 * (s.sent - s.scheduled) for s in group], 99)
+        assert late is not None  # a second is listed for the requests scheduled in it
         rows.append({"second": sec, "requests": len(group), "p99_ms": p99, "errors": len(group) - len(ok),
                      "sent_late_p99_ms": round(late, 1),
-                     "within": bool(ok) and len(ok) == len(group) and p99 <= slo_ms,
+                     "within": p99 is not None and len(ok) == len(group) and p99 <= slo_ms,
                      "answered_by": dict(Counter(s.variant for s in group if s.variant))})
     early = [s for s in samples if s.scheduled < low_until and s.status == 200]
     total = generator.summarize(samples, max((s.scheduled for s in samples), default=0.0) + 1e-9)

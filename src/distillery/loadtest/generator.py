@@ -22,7 +22,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -147,7 +147,7 @@ async def with_replicas(run: Awaitable[list[Sample]], replicas: ReplicaFn | None
     return samples, (await sampler if sampler else []), cpu / max(wall, 1e-9)
 
 
-def run_niced(coro: Awaitable[T], niceness: int = 15) -> T:
+def run_niced(coro: Coroutine[Any, Any, T], niceness: int = 15) -> T:
     """Run a load in a thread of its own at `niceness`, Ray's for its worker processes: at the
     default priority a load that fills the cores starved a starting replica (nice 15) until
     the load ended, so autoscaling could not help. Latency counts from the scheduled time, so

@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.schema import ReplicaState
 
 from distillery import console, data
 from distillery.config import LoadTestConfig
@@ -44,7 +45,7 @@ def replica_counter(app: str, deployment: str) -> generator.ReplicaFn | None:
         status = serve.status().applications.get(app)
         if status is None or deployment not in status.deployments:
             return None
-        return status.deployments[deployment].replica_states.get("RUNNING", 0)
+        return status.deployments[deployment].replica_states.get(ReplicaState.RUNNING, 0)
 
     async def replicas() -> int | None:
         return await asyncio.to_thread(count)
@@ -104,7 +105,8 @@ def scaling_summary(samples: list[generator.Sample], replicas: list[tuple[float,
     counts = [(t, n) for t, n in replicas if n is not None]
     start = counts[0][1] if counts else None
     up = next((t for t, n in counts if start is not None and n > start), None)
-    down = next((t for t, n in counts if up is not None and t > up and n <= start), None)
+    down = next((t for t, n in counts
+                 if start is not None and up is not None and t > up and n <= start), None)
 
     def p99(lo: float, hi: float) -> float | None:
         return generator.percentile([s.latency_ms for s in samples if s.status == 200 and lo <= s.scheduled < hi], 99)
@@ -163,8 +165,8 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
             log(f"[loadtest] {model}: closed loop at concurrency {lcfg.concurrency}, {lcfg.duration_s:g} s each")
             sweeps += sweep(base_url, model, body, lcfg.concurrency, lcfg.duration_s, headers)
             advance(phases["sweeps"] / len(models), note=f"{model} swept")
-        extra = {"frontier": serving_frontier(sweeps, served, lcfg.p99_target_ms),
-                 "overhead": in_process_rates(served, x, lcfg.duration_s)} if sweeps else {}
+        extra: dict[str, Any] = {"frontier": serving_frontier(sweeps, served, lcfg.p99_target_ms),
+                                 "overhead": in_process_rates(served, x, lcfg.duration_s)} if sweeps else {}
         if lcfg.adaptive and "auto" in models:
             extra["adaptive"] = adaptive.scenario(base_url, served, images[:lcfg.ramp_images], lcfg.adaptive,
                                                   slo_ms or lcfg.p99_target_ms, headers, log)
@@ -206,11 +208,11 @@ def planned_seconds(lcfg: LoadTestConfig, models: list[str]) -> dict[str, float]
 def summary(report_json: Path) -> dict[str, Any]:
     """The headline figures of a written load test, for the run manifest."""
     doc = read_json(report_json)
-    best = {}
+    best: dict[str, float] = {}
     for r in doc["sweeps"]:
         best[r["model"]] = max(best.get(r["model"], 0.0), r["throughput"])
     s = doc["scaling"] or {}
-    errors = Counter()  # sweeps: by status; the ramp counts its own
+    errors: Counter[str] = Counter()  # sweeps: by status; the ramp counts its own
     for r in doc["sweeps"]:
         errors.update(r["errors"])
     lost = Counter(generator.lost_by_kind(dict(errors))) + Counter(s.get("lost_by_kind") or {})

@@ -27,7 +27,7 @@ class Architecture(NamedTuple):
     spec: type[BaseModel]  # the spec's schema, with `kind` as its literal tag
     build: Callable[[Any], nn.Module]  # parsed spec -> untrained model
     make_spec: Callable[[Any, dict[str, Any]], dict[str, Any]]  # (config, {kind, in_shape, num_classes}) -> spec
-    layers: Callable[[nn.Module], list[tuple[str, nn.Module]]]  # (name prefix, module) whose composition is forward
+    layers: Callable[[Any], list[tuple[str, nn.Module]]]  # (name prefix, module) whose composition is forward
 
 
 ARCHITECTURES: dict[str, Architecture] = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 # torchao registers enums with torch's pytree on import, and torch answers each with a
 # deprecation warning; on a CPU build torchao also warns that its CUDA kernels did not load.
@@ -99,11 +99,22 @@ def convert(prepared: GraphModule) -> GraphModule:
     return converted
 
 
-def observers(prepared: GraphModule) -> dict[str, nn.Module]:
+class Observer(Protocol):
+    """An observer or fake-quantizer, as `record_qparams` reads one (torchao ships no types)."""
+
+    dtype: torch.dtype
+    qscheme: torch.qscheme
+    quant_min: int
+    quant_max: int
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def observers(prepared: GraphModule) -> dict[str, Observer]:
     """Observers by the names the graph calls them. Read from the graph, not named_children():
     operators that keep their input's scale (pooling, flatten) share one observer module
     under several names, and named_children() lists a shared module once."""
-    return {node.target: prepared.get_submodule(node.target) for node in prepared.graph.nodes
+    return {node.target: cast(Observer, prepared.get_submodule(node.target)) for node in prepared.graph.nodes
             if node.op == "call_module" and node.target.startswith("activation_post_process")}
 
 

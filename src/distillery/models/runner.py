@@ -38,14 +38,16 @@ def runner(model: nn.Module, mode: str) -> Callable[[Tensor], Tensor]:
 
 
 def _channels_last_runner(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    # Module.to takes memory_format; torch's overloads leave it out
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def run(x: Tensor) -> Tensor:
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return cl_model(x)
 
-    run.model = cl_model  # what runs: a replica's metrics read a cascade's counts from it
+    # What runs: a replica's metrics read a cascade's counts from it (a function's attribute)
+    run.model = cl_model  # type: ignore[attr-defined]
     return run
 
 

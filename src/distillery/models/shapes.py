@@ -35,10 +35,16 @@ def resize(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
     return model
 
 
+def conv_like(m: nn.Conv2d, c_in: int, c_out: int, groups: int = 1) -> nn.Conv2d:
+    """A new convolution with `m`'s kernel, stride, padding, dilation and bias, other channels."""
+    # torch types a Conv2d's own sizes as tuple[int, ...] and its arguments as pairs: they are pairs
+    return nn.Conv2d(c_in, c_out, m.kernel_size, stride=m.stride, padding=m.padding,  # type: ignore[arg-type]
+                     dilation=m.dilation, groups=groups, bias=m.bias is not None)  # type: ignore[arg-type]
+
+
 def _resized(m: nn.Module, size: list[int]) -> nn.Module:
     if isinstance(m, nn.Conv2d):
-        return nn.Conv2d(size[0], size[1], m.kernel_size, stride=m.stride, padding=m.padding,
-                         dilation=m.dilation, groups=size[2] if len(size) > 2 else 1, bias=m.bias is not None)
+        return conv_like(m, size[0], size[1], groups=size[2] if len(size) > 2 else 1)
     if isinstance(m, nn.Linear):
         return nn.Linear(size[0], size[1], bias=m.bias is not None)
     if isinstance(m, nn.BatchNorm2d):

@@ -7,6 +7,7 @@ both use it.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from distillery.config.compress import PruneUnstructured
 PRUNABLE = (nn.Conv2d, nn.Linear)
 
 
-def prunable(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
+def prunable(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Conv2d | nn.Linear]:
     skip = set(exclude)
     return {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE) and name not in skip}
 
@@ -49,7 +50,7 @@ def zero_masks(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, torch
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     for name, mask in masks.items():
-        model.get_submodule(name).weight.mul_(mask)
+        cast(torch.Tensor, model.get_submodule(name).weight).mul_(mask)  # a prunable layer's (`masks`' keys)
 
 
 class GradualSparsity:

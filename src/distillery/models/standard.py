@@ -20,6 +20,7 @@ from torch import nn
 from distillery.compat.torchvision import torchvision
 from distillery.config import TorchvisionConfig
 from distillery.errors import UserError
+from distillery.models.shapes import conv_like
 from distillery.models.spec import Spec
 
 
@@ -59,9 +60,8 @@ def _set_input_channels(model: nn.Module, channels: int) -> None:
     if stem.in_channels == channels:
         return
     parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, nn.Conv2d(
-        channels, stem.out_channels, stem.kernel_size, stride=stem.stride, padding=stem.padding,
-        dilation=stem.dilation, bias=stem.bias is not None))
+    parent_module = model.get_submodule(parent) if parent else model
+    setattr(parent_module, attr, conv_like(stem, channels, stem.out_channels))
 
 
 def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

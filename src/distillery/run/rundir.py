@@ -22,7 +22,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -160,7 +160,7 @@ class RunDir:
         manifest["stages"].setdefault(name, {}).update(fields)
         self._write(manifest)
 
-    def _write(self, manifest: dict[str, Any], also: list[str] = ()) -> None:
+    def _write(self, manifest: dict[str, Any], also: Sequence[str] = ()) -> None:
         atomic_write_json(self.manifest_path, manifest)
         if self.remote:  # the files first: the manifest at the URI never names a missing file
             # Only files as recorded: one missing here (its stage will run again) or being

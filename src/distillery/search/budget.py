@@ -30,7 +30,7 @@ def bounds(budget: BudgetConfig, reference: dict[str, Any] | None = None, margin
         out.append(Bound("p50_ms", True, budget.max_p50_ms, f"p50 at batch 1 <= {budget.max_p50_ms:.3f} ms"))
     if budget.as_fast_as is not None and reference is not None:
         limit = reference["p50_ms"] * (1 + margin)
-        same = {k: reference[k] for k in ("macs", "params", "numerics") if k in reference}
+        same: dict[str, Any] = {k: reference[k] for k in ("macs", "params", "numerics") if k in reference}
         out.append(Bound("p50_ms", True, limit, f"p50 at batch 1 <= {limit:.3f} ms (as fast as {budget.as_fast_as}, "
                          f"{reference['p50_ms']:.3f} ms, within {margin:.0%}, or the same network)", same))
         # A sub-millisecond p50 moves by more than the margin between timings: without this, a

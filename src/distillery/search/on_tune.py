@@ -83,15 +83,17 @@ def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, mod
                                                      failure_config=tune.FailureConfig(max_failures=0)))
     _progress[0] = advance
     try:
-        return [_outcome(result, out) for result in tuner.fit()]
+        # ResultGrid iterates by __getitem__ and __len__, which mypy does not count as iterable
+        return [_outcome(result, out) for result in tuner.fit()]  # type: ignore[attr-defined]
     finally:
         _progress[0] = lambda *a, **k: None
 
 
 def _tune_config(cfg: PipelineConfig) -> tune.TuneConfig:
     s = cfg.search
-    asha = ASHAScheduler(time_attr="progress", max_t=100, grace_period=s.grace_percent,
-                         reduction_factor=s.reduction_factor)
+    # Ray annotates grace_period as an int but computes its rungs in floats: a share of `progress`
+    asha = ASHAScheduler(time_attr="progress", max_t=100, reduction_factor=s.reduction_factor,
+                         grace_period=s.grace_percent)  # type: ignore[arg-type]
     return tune.TuneConfig(metric="val_score", mode="max", scheduler=asha, num_samples=s.trials,
                            max_concurrent_trials=s.max_concurrent, search_alg=BasicVariantGenerator(random_state=cfg.seed))
 
@@ -105,6 +107,7 @@ def _outcome(result: tune.Result, out: Path) -> dict[str, Any]:
                "epochs_run": metrics.get("epoch", 0), "error": one_line(result.error) if result.error else None,
                "metrics": {k: v for k, v in metrics.items() if k in _KEPT}}
     if done:
+        assert result.checkpoint is not None  # `done` says it has one
         result.checkpoint.to_directory(str(out / trial))
         outcome["folder"] = str(out / trial)
     return outcome

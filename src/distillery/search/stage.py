@@ -70,12 +70,12 @@ def models_within_work(run: RunDir, cfg: PipelineConfig, manifest: dict, log: Lo
     dry run of the recipe): a trial that could never meet the budget is not worth training.
     A recipe a width cannot take stays in: its trials fail at once, saying why."""
     space, shape, classes = cfg.search.space, manifest["image_shape"], manifest["num_classes"]
-    pairs = [[w, r] for w in space.width_mult for r in range(len(space.recipe))]
+    pairs: list[list] = [[w, r] for w in space.width_mult for r in range(len(space.recipe))]
     which = cfg.search.budget.as_fast_as
     if which is None:
         return pairs
     limit = count_macs(artifacts.load(run.verify_file(f"{which}/arch.json").parent)[0], shape)
-    kept = [p for p in pairs if (model_macs(cfg, *p, shape, classes) or 0) <= limit]
+    kept = [[w, r] for w, r in pairs if (model_macs(cfg, w, r, shape, classes) or 0) <= limit]
     if not kept:
         raise UserError(f"search.space: no width and recipe come to at most {limit:,} MACs ({which}'s, as "
                         "search.budget.as_fast_as asks); add narrower widths or pruning recipes")

@@ -144,7 +144,9 @@ def compress(settings: dict[str, Any], data: TrialData, spec: dict, model: nn.Mo
     distill = data.cfg.distill.model_copy(update={"temperature": settings["temperature"], "alpha": settings["alpha"],
                                                   "hints": []})
     cfg = data.cfg.model_copy(update={"distill": distill, "ray": data.cfg.ray.model_copy(update={"workers": 0})})
-    ctx = Context(None, cfg, lambda line: None, data.image_shape, data.splits, data.teacher, "", 0)
+    # No run here, and a trial's steps read none: no cascade (config.search), fine-tuned in process
+    ctx = Context(None, cfg, lambda line: None,  # type: ignore[arg-type]
+                  data.image_shape, data.splits, data.teacher, "", 0)
     work = Work("searched", "student", folder, spec, prune.layer_shapes(build_model(spec)), copy.deepcopy(model))
     steps = recipe_steps(data.cfg, settings)
     files = apply_steps(ctx, work, steps)

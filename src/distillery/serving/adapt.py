@@ -32,28 +32,37 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from distillery.serving.protocol import ProtocolError
 
 
 class Rated(Protocol):
-    name: str
-    val_accuracy: float  # choices read the validation split; the test split only reports
-    p50_ms: float
+    # Read-only: a served model is a frozen dataclass
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def val_accuracy(self) -> float: ...  # choices read the validation split; the test split only reports
+
+    @property
+    def p50_ms(self) -> float: ...
 
 
-def ladder(models: list[Rated]) -> list[Rated]:
+R = TypeVar("R", bound=Rated)  # what the caller rates (a served model) comes back as itself
+
+
+def ladder(models: list[R]) -> list[R]:
     """Most accurate on validation first; each later rung strictly faster (model-level p50)
     than every one above."""
-    out: list[Rated] = []
+    out: list[R] = []
     for m in sorted(models, key=lambda m: (-m.val_accuracy, m.p50_ms, m.name)):
         if not out or m.p50_ms < out[-1].p50_ms:
             out.append(m)
     return out
 
 
-def choose(rungs: list[Rated], decision: dict, min_accuracy: float | None, max_latency_ms: float | None) -> Rated:
+def choose(rungs: list[R], decision: dict, min_accuracy: float | None, max_latency_ms: float | None) -> R:
     """The model for one request, from the shared `decision` ({"model": the default objective's
     rung, "p95_ms": {model: recent p95 or None}}; empty before the first: the top rung):
     that rung, or with `max_latency_ms` the most accurate rung whose recent p95 is within it
@@ -72,7 +81,7 @@ def choose(rungs: list[Rated], decision: dict, min_accuracy: float | None, max_l
     return next((m for m in allowed if p95.get(m.name) is None or p95[m.name] <= max_latency_ms), allowed[-1])
 
 
-def spill(rungs: list[Rated], pick: Rated, backlog_ms: float, budget_ms: float | None) -> Rated:
+def spill(rungs: list[R], pick: R, backlog_ms: float, budget_ms: float | None) -> R:
     """`pick`, or one rung faster for every `budget_ms` of work already queued (`backlog_ms`),
     down to the fastest; no budget (no decision yet), no spill."""
     if not budget_ms:

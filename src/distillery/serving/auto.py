@@ -98,7 +98,7 @@ class Router:
         under the default objective may be handed down to a faster model while it waits; one
         with its own targets stays with the model they chose."""
         if self._task is None and self.state is not None:
-            self._task = asyncio.get_running_loop().create_task(self._sync())
+            self._task = asyncio.get_running_loop().create_task(self._sync(self.state))
         targets = auto_targets(parameters)
         pick, movable = adapt.choose(self.rungs, self.decision, *targets), targets == (None, None)
         spilled = False
@@ -141,18 +141,19 @@ class Router:
         self.metrics.handed_over(moved)
         return moved
 
-    async def _sync(self) -> None:
+    async def _sync(self, state: DeploymentHandle) -> None:
         while True:
             await asyncio.sleep(SYNC_S)
             samples, self.samples = self.samples, []
             spilled, self.spilled = self.spilled, 0
-            now, oldest = time.perf_counter(), {}
+            now = time.perf_counter()
+            oldest: dict[str, float] = {}
             inflight = Counter(model for model, _ in self.started.values())
             for model, arrived in self.started.values():
                 if inflight[model] >= QUEUE:  # one slow request (a cold start) is not a queue
                     oldest[model] = max(oldest.get(model, 0.0), 1e3 * (now - arrived))
             try:
-                self.decision = await self.state.report.remote(self.id, samples, dict(inflight), oldest, spilled)
+                self.decision = await state.report.remote(self.id, samples, dict(inflight), oldest, spilled)
                 self.hand_down(self.decision["model"])
             except Exception as e:  # noqa: BLE001 - keep answering with the last decision
                 log.warning("auto: no report to %s (%s: %s); keeping the last decision", STATE, type(e).__name__, e)

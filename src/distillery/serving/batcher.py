@@ -150,12 +150,12 @@ class Batcher:
             logits, seconds = self._timed(torch.cat([w.x for w in batch]), len(batch))
         except Exception as e:
             for w in batch:
-                w.future.done() or w.future.set_exception(e)
+                if not w.future.done():
+                    w.future.set_exception(e)
             return
         for w, part in zip(batch, logits.split([len(w.x) for w in batch])):
-            w.future.done() or w.future.set_result(
-                Answer(part, len(batch), self.name, start - w.since, seconds)
-            )
+            if not w.future.done():
+                w.future.set_result(Answer(part, len(batch), self.name, start - w.since, seconds))
 
     def waiting_ms(self) -> float:
         """The forward-pass time of the requests waiting here, at the measured cost per image

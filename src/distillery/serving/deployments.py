@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 import torch
@@ -64,12 +64,12 @@ def build_application(args: AppArgs) -> serve.Application:
     common = {"api_key_sha256": args.api_key_sha256, "limits": asdict(limits(cfg)), "metrics": cfg.metrics,
               "request_log_sample": cfg.request_log_sample}
     if args.kind == "model":
-        return Model.options(**deployment_options(cfg)).bind(served[0], cfg.max_batch_size,
-                                                             cfg.batch_wait_timeout_s, **common)
+        return _deployment(Model).options(**deployment_options(cfg)).bind(
+            served[0], cfg.max_batch_size, cfg.batch_wait_timeout_s, **common)
     if args.kind == "auto":
-        state = AutoState.bind([m.name for m in adapt.ladder(served)], cfg.auto_slo_ms)
-        return Auto.options(**deployment_options(cfg)).bind(served, cfg.max_batch_size, cfg.batch_wait_timeout_s,
-                                                            state, **common)
+        state = _deployment(AutoState).bind([m.name for m in adapt.ladder(served)], cfg.auto_slo_ms)
+        return _deployment(Auto).options(**deployment_options(cfg)).bind(
+            served, cfg.max_batch_size, cfg.batch_wait_timeout_s, state, **common)
     if args.kind == "grpc":
         # One replica answers every model, so the limits are per model: what an HTTP model
         # deployment lets run and wait, waiting in the model's batcher; a call beyond it is
@@ -79,10 +79,16 @@ def build_application(args: AppArgs) -> serve.Application:
         per_model = cfg.max_ongoing_requests + cfg.max_queued_requests
         options = deployment_options(cfg) | {"max_ongoing_requests": per_model * (len(served) + cfg.auto + 1),
                                              "max_queued_requests": -1}
-        return serve.deployment(grpc_app.Grpc).options(**options).bind(
+        return _deployment(serve.deployment(grpc_app.Grpc)).options(**options).bind(
             served, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.auto, per_model_limit=per_model, **common)
-    return Server.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
+    return _deployment(Server).options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
         [m.name for m in served], bool(cfg.auto), args.api_key_sha256)
+
+
+def _deployment(decorated: object) -> serve.Deployment:
+    # What `@serve.deployment` made of a class: mypy types a decorated class as the class itself,
+    # and Ray annotates `serve.deployment(cls)` as returning a decorator
+    return cast(serve.Deployment, decorated)
 
 
 def limits(cfg: ServeConfig) -> Limits:

@@ -60,7 +60,8 @@ class Grpc:
                  api_key_sha256: str | None, limits: dict, per_model_limit: int, metrics: bool = True,
                  request_log_sample: float = 0.0):
         self.served, self.digest, self.limits = served, api_key_sha256, Limits(**limits)
-        self.per_model_limit, self.ongoing = per_model_limit, Counter()
+        self.per_model_limit = per_model_limit
+        self.ongoing: Counter[str] = Counter()
         self.metrics = replica_metrics(metrics, request_log_sample)
         self.batchers = batchers(served, max_batch_size, batch_wait_s, self.metrics)
         self.models: dict[str, ServedModel | None] = {m.name: m for m in served} | ({"auto": None} if auto else {})

@@ -33,7 +33,9 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple, Protocol, cast
 
 from ray import serve
 from ray.util import metrics
@@ -44,34 +46,50 @@ from distillery.serving.protocol import MODEL_VERSION, ProtocolError
 from distillery.serving.tally import Tally
 
 SECONDS = [0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
-COUNTS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
+COUNTS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 MODEL = ("model", "version")
 REPLICA = ("application", "replica")  # on every series, as Serve's own metrics name a replica
 PROTOCOL, OUTCOME = (*MODEL, "protocol"), (*MODEL, "protocol", "outcome")
 EXPORT_S = 1.0  # how often a replica hands its tally to Ray (whose agent reports every 10 s)
-# attribute: (kind, name, description, labels[, histogram buckets]). A histogram is exported as
-# Prometheus shows one, `_bucket{le}`, `_sum`, `_count`, from this process's own tally (Ray's
-# histograms cost a call per observation, and rebuild `_sum` from bucket midpoints).
-METRICS = {
-    "requests": ("counter", "distillery_requests", "Inference requests by model, protocol, outcome", OUTCOME),
-    "latency": ("histogram", "distillery_request_seconds", "Answered, arrival to reply", PROTOCOL, SECONDS),
-    "queue": ("histogram", "distillery_queue_seconds", "Waiting in the batcher for a pass", MODEL, SECONDS),
-    "forward": ("histogram", "distillery_forward_seconds", "One forward pass", MODEL, SECONDS),
-    "batch": ("histogram", "distillery_batch_size", "Requests per forward pass", MODEL, COUNTS),
-    "passes": ("counter", "distillery_forward_passes", "Forward passes", MODEL),
-    "batched": ("counter", "distillery_batched_requests", "Requests answered by forward passes", MODEL),
-    "images": ("histogram", "distillery_request_images", "Images per request", MODEL, COUNTS),
-    "cascade": ("counter", "distillery_cascade_rows", "Rows a cascade kept (escalated=false) or sent on",
-                (*MODEL, "escalated")),
-    "rung": ("gauge", "distillery_auto_rung", "auto's decision: its place on the ladder (0: most accurate)",
-             ("model",)),
-    "auto": ("counter", "distillery_auto_requests", "The model that answered each auto request", ("model",)),
-    "spills": ("counter", "distillery_auto_spills", "auto requests sent to a faster model at arrival", ()),
-    "handovers": ("counter", "distillery_auto_handovers", "auto requests moved to a faster model", ()),
+
+
+class Spec(NamedTuple):
+    """A metric: a histogram is exported as Prometheus shows one, `_bucket{le}`, `_sum`, `_count`,
+    from this process's own tally (Ray's histograms cost a call per observation, and rebuild
+    `_sum` from bucket midpoints)."""
+
+    kind: str  # counter, gauge or histogram
+    name: str
+    description: str
+    labels: tuple[str, ...]
+    buckets: Sequence[float] = ()  # a histogram's
+
+
+METRICS = {  # by the attribute the tally counts under
+    "requests": Spec("counter", "distillery_requests", "Inference requests by model, protocol, outcome",
+                     OUTCOME),
+    "latency": Spec("histogram", "distillery_request_seconds", "Answered, arrival to reply", PROTOCOL,
+                    SECONDS),
+    "queue": Spec("histogram", "distillery_queue_seconds", "Waiting in the batcher for a pass", MODEL,
+                  SECONDS),
+    "forward": Spec("histogram", "distillery_forward_seconds", "One forward pass", MODEL, SECONDS),
+    "batch": Spec("histogram", "distillery_batch_size", "Requests per forward pass", MODEL, COUNTS),
+    "passes": Spec("counter", "distillery_forward_passes", "Forward passes", MODEL),
+    "batched": Spec("counter", "distillery_batched_requests", "Requests answered by forward passes", MODEL),
+    "images": Spec("histogram", "distillery_request_images", "Images per request", MODEL, COUNTS),
+    "cascade": Spec("counter", "distillery_cascade_rows", "Rows a cascade kept (escalated=false) or sent on",
+                    (*MODEL, "escalated")),
+    "rung": Spec("gauge", "distillery_auto_rung",
+                 "auto's decision: its place on the ladder (0: most accurate)", ("model",)),
+    "auto": Spec("counter", "distillery_auto_requests", "The model that answered each auto request",
+                 ("model",)),
+    "spills": Spec("counter", "distillery_auto_spills", "auto requests sent to a faster model at arrival",
+                   ()),
+    "handovers": Spec("counter", "distillery_auto_handovers", "auto requests moved to a faster model", ()),
     # Ray's agent reports every 10 s what a replica last handed it: a rate read from the agent
     # divides by this replica's own clock, not the reader's (`top`), else it aliases.
-    "exported": ("gauge", "distillery_export_timestamp_seconds",
-                 "When this replica last handed its figures to Ray (Unix time)", ()),
+    "exported": Spec("gauge", "distillery_export_timestamp_seconds",
+                     "When this replica last handed its figures to Ray (Unix time)", ()),
 }
 UNKNOWN = "(unknown)"  # the label of a request for a model this replica does not serve: names stay bounded
 log = logging.getLogger("distillery.requests")  # pure JSON lines, a file of their own (`_request_log`)
@@ -90,24 +108,33 @@ def outcome(error: BaseException | None) -> str:
     return "failed"
 
 
-def _ray_metrics() -> dict[str, object]:
-    """The Ray metrics the tally is exported to: a Counter per counter, a Gauge per gauge, and
-    per histogram three Gauges (`_bucket` with `le`, `_sum`, `_count`), each labelled with this
-    replica's application and id (Ray's core `ray.util.metrics`, labelled as Serve's own are)."""
-    out: dict[str, object] = {}
-    for attr, (kind, name, description, labels, *_) in METRICS.items():
+class RayMetrics(NamedTuple):
+    """The Ray metrics the tally is exported to, by attribute: a Counter per counter, a Gauge
+    per gauge, and per histogram three Gauges (`_bucket` with `le`, `_sum`, `_count`)."""
+
+    counters: dict[str, metrics.Counter]
+    gauges: dict[str, metrics.Gauge]
+    histograms: dict[str, tuple[metrics.Gauge, metrics.Gauge, metrics.Gauge]]
+
+
+def _ray_metrics() -> RayMetrics:
+    """Every metric, labelled with this replica's application and id (Ray's core
+    `ray.util.metrics`, labelled as Serve's own are)."""
+    out = RayMetrics({}, {}, {})
+    for attr, (kind, name, description, labels, _) in METRICS.items():
+        keys = (*labels, *REPLICA)
         if kind == "counter":
-            out[attr] = metrics.Counter(name, description, tag_keys=(*labels, *REPLICA))
+            out.counters[attr] = metrics.Counter(name, description, tag_keys=keys)
         elif kind == "gauge":
-            out[attr] = metrics.Gauge(name, description, tag_keys=(*labels, *REPLICA))
+            out.gauges[attr] = metrics.Gauge(name, description, tag_keys=keys)
         else:
-            out[attr] = (metrics.Gauge(f"{name}_bucket", description, tag_keys=(*labels, "le", *REPLICA)),
-                         metrics.Gauge(f"{name}_sum", description, tag_keys=(*labels, *REPLICA)),
-                         metrics.Gauge(f"{name}_count", description, tag_keys=(*labels, *REPLICA)))
+            out.histograms[attr] = (
+                metrics.Gauge(f"{name}_bucket", description, tag_keys=(*labels, "le", *REPLICA)),
+                metrics.Gauge(f"{name}_sum", description, tag_keys=keys),
+                metrics.Gauge(f"{name}_count", description, tag_keys=keys))
     here = _replica()
-    for metric in out.values():
-        for m in metric if isinstance(metric, tuple) else (metric,):
-            m.set_default_tags(here)
+    for m in [*out.counters.values(), *out.gauges.values(), *(g for h in out.histograms.values() for g in h)]:
+        m.set_default_tags(here)
     return out
 
 
@@ -118,6 +145,13 @@ def _replica() -> dict[str, str]:
     except Exception:  # noqa: BLE001 - not a replica (a test, a benchmark in process)
         return dict.fromkeys(REPLICA, "")
     return {"application": context.app_name, "replica": context.replica_tag}
+
+
+class Escalating(Protocol):
+    """A cascade's counts (`models.cascade.Cascade`): rows answered, and of them sent on."""
+
+    rows: int
+    escalated: int
 
 
 class Counted:
@@ -150,17 +184,17 @@ class ReplicaMetrics:
     def export(self) -> None:
         """Hand the tally to Ray: counters by their increments, histograms and gauges whole."""
         for (attr, values), n in self.tally.take_counts().items():
-            self.ray[attr].inc(n, tags=dict(zip(METRICS[attr][3], values)))
+            self.ray.counters[attr].inc(n, tags=dict(zip(METRICS[attr].labels, values)))
         for (attr, values), value in self.tally.values.items():
-            self.ray[attr].set(value, tags=dict(zip(METRICS[attr][3], values)))
+            self.ray.gauges[attr].set(value, tags=dict(zip(METRICS[attr].labels, values)))
         for (attr, values) in list(self.tally.hists):
-            tags, (bucket, total, count) = dict(zip(METRICS[attr][3], values)), self.ray[attr]
-            buckets, value_sum, n = self.tally.cumulative((attr, values), METRICS[attr][4])
+            tags, (bucket, total, count) = dict(zip(METRICS[attr].labels, values)), self.ray.histograms[attr]
+            buckets, value_sum, n = self.tally.cumulative((attr, values), METRICS[attr].buckets)
             for le, cumulative in buckets:
                 bucket.set(cumulative, tags={**tags, "le": le})
             total.set(value_sum, tags=tags)
             count.set(n, tags=tags)
-        self.ray["exported"].set(time.time())  # last: every figure above is as of this time
+        self.ray.gauges["exported"].set(time.time())  # last: every figure above is as of this time
 
     def _exporting(self) -> None:
         """Start the export task on the running loop (the replica's), once."""
@@ -185,7 +219,7 @@ class ReplicaMetrics:
         self._exporting()
         return Counted(self, (model, MODEL_VERSION, protocol), {} if record is None else record)
 
-    def done(self, labels: tuple[str, str, str], seconds: float, error: BaseException | None,
+    def done(self, labels: tuple[str, ...], seconds: float, error: BaseException | None,
              record: dict) -> None:
         """A counted request has ended (`Counted`)."""
         if error is None:
@@ -207,7 +241,7 @@ class ReplicaMetrics:
         self.tally.observe("images", labels, images, COUNTS)
         self.tally.observe("queue", labels, answer.queued_s, SECONDS)
 
-    def on_pass(self, model: str, module: object) -> OnPass:
+    def on_pass(self, model: str, module: object) -> OnPass | None:
         """The batcher's hook for `model` (its forward passes); `module` is what runs, read for a
         cascade's counts."""
         labels, tally = (model, MODEL_VERSION), self.tally
@@ -219,11 +253,11 @@ class ReplicaMetrics:
             tally.inc("batched", labels, requests)
             tally.observe("forward", labels, seconds, SECONDS)
             if hasattr(module, "escalated"):
-                self._cascade(labels, module, seen)
+                self._cascade(labels, cast(Escalating, module), seen)
 
         return observe
 
-    def _cascade(self, labels: tuple[str, ...], module: object, seen: dict[str, int]) -> None:
+    def _cascade(self, labels: tuple[str, ...], module: Escalating, seen: dict[str, int]) -> None:
         """The rows a cascade answered since the last pass, kept by its small model or escalated."""
         escalated, rows = module.escalated - seen["escalated"], module.rows - seen["rows"]
         seen.update(rows=module.rows, escalated=module.escalated)

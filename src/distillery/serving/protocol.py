@@ -141,7 +141,7 @@ def _wants_binary(doc: dict, params: dict) -> bool:
     or `binary_data` on a requested output)."""
     if params.get("binary_data_output") is True:
         return True
-    outputs = doc.get("outputs") if isinstance(doc.get("outputs"), list) else []
+    outputs = doc["outputs"] if isinstance(doc.get("outputs"), list) else []
     return any(isinstance(o, dict) and isinstance(o.get("parameters"), dict) and o["parameters"].get("binary_data")
                for o in outputs)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Sequence
 
 Key = tuple[str, tuple[str, ...]]  # (metric, its label values in the metric's label order)
 
@@ -20,7 +21,7 @@ class Tally:
     def inc(self, metric: str, labels: tuple[str, ...], n: float = 1.0) -> None:
         self.counts[(metric, labels)] += n
 
-    def observe(self, metric: str, labels: tuple[str, ...], value: float, bounds: list[float]) -> None:
+    def observe(self, metric: str, labels: tuple[str, ...], value: float, bounds: Sequence[float]) -> None:
         h = self.hists.get((metric, labels))
         if h is None:
             h = self.hists[(metric, labels)] = [0.0] * (len(bounds) + 3)
@@ -36,7 +37,7 @@ class Tally:
         counts, self.counts = self.counts, defaultdict(float)
         return {key: n for key, n in counts.items() if n}
 
-    def cumulative(self, key: Key, bounds: list[float]) -> tuple[list[tuple[str, float]], float, float]:
+    def cumulative(self, key: Key, bounds: Sequence[float]) -> tuple[list[tuple[str, float]], float, float]:
         """A histogram as Prometheus shows it: ([(le, observations <= le)], sum, count)."""
         h, total, out = self.hists[key], 0.0, []
         for bound, n in zip([*(f"{b:g}" for b in bounds), "+Inf"], h[:-2]):

@@ -116,8 +116,8 @@ def rows(old: Sample, new: Sample, seconds: float) -> list[Row]:
         passes = passes_new.get(model, 0.0) - passes_old.get(model, 0.0)
         batched = batched_new.get(model, 0.0) - batched_old.get(model, 0.0)
         answered = ok_new[model] - ok_old.get(model, 0.0)
-        out.append(Row(model, answered, rates.get(model, answered / seconds),
-                       *(x * 1e3 if x is not None else None for x in p),
+        p50_ms, p99_ms = (x * 1e3 if x is not None else None for x in p)
+        out.append(Row(model, answered, rates.get(model, answered / seconds), p50_ms, p99_ms,
                        batched / passes if passes > 0 else None, _replicas(new, model)))
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -87,7 +88,7 @@ class FSDP:
         for _, layer in stage_layers(model, spec):
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=mesh)
-        return fully_shard(model, mesh=mesh)
+        return cast(nn.Module, fully_shard(model, mesh=mesh))  # the module itself, now an FSDPModule too
 
     def train_step(self, model, x, target, loss_fn, opt) -> float:
         model.train()  # DDP/FSDP average the grads across ranks inside backward

@@ -37,9 +37,9 @@ def _capture(model: nn.Module, names: list[str], role: str) -> list[torch.Tensor
 
 def feature_shapes(model: nn.Module, names: list[str], in_shape: list[int], role: str) -> list[tuple[int, ...]]:
     """The [C, H, W] of each named layer's output for one image."""
-    shapes = []
+    shapes: list[tuple[int, ...]] = []
     for name in names:
-        seen = []
+        seen: list[tuple[int, ...]] = []
         handle = _module(model, name, role).register_forward_hook(lambda m, i, o, seen=seen: seen.append(tuple(o.shape[1:])))
         with torch.no_grad():
             was = model.training

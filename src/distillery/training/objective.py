@@ -46,6 +46,7 @@ def objective(model: nn.Module, train: TrainConfig, distill: DistillConfig, *, t
     if teacher is None:
         return Objective(model, cross_entropy(train.label_smoothing), labels_only)
     if distill.hints and hints:
+        assert image_shape is not None and num_classes is not None  # passed wherever hints may be on
         wrapped, make_target, loss_fn = wrap_for_hints(model, teacher, distill.hints, image_shape, num_classes,
                                                        distill.temperature, alpha)
         return Objective(wrapped, loss_fn, make_target)

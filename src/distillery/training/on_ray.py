@@ -73,7 +73,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     # cost seconds). At a URI the read tasks check each shard: none is read here.
     train_files = job.train_files or run_rels(run, data.shard_paths(run.root / job.train_split_dir, "train",
                                                                     verify=not run.remote))
-    datasets = {"train": read_shards(run, train_files)}
+    train = read_shards(run, train_files)
     folders = [f for f in (job.teacher_dir, job.init_dir) if f]
     feed = Path(tempfile.mkdtemp(prefix="distillery-epochs-")) / "epochs.jsonl"
     job = job.model_copy(update={"run": run.location, "run_files": worker_files(run, folders)})
@@ -83,11 +83,8 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
                                      placement_strategy=cfg.ray.placement_strategy),
-        run_config=RunConfig(name=name, **checkpoint_storage(run), callbacks=[EpochFeed(feed)],
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
-                             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        datasets=datasets,
+        run_config=_run_config(cfg, run, name, feed),
+        datasets={"train": train},
         # Pipeline stages must all see the same batches, so they read the whole split in a
         # fixed order; data-parallel workers each read their own shard.
         dataset_config=DataConfig(datasets_to_split=["train"] if job.train.parallelism != "pipeline" else [],
@@ -101,12 +98,22 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
         raise TrainingFailed(f"{name}: {_first_failure(e)} (the worker group was restarted "
                              f"{cfg.ray.max_failures} time(s), `ray.max_failures`, and failed every time); "
                              f"re-run the same command to resume from the last checkpoint") from e
+    assert result.checkpoint is not None and result.best_checkpoints is not None  # one every epoch
     with result.checkpoint.as_directory() as folder:
         checkpoint.verify(Path(folder), cfg.ray.workers)
         state = checkpoint.merged_model_state(Path(folder))
         history = [h | restarts.get(h["epoch"], {}) for h in checkpoint.read_history(Path(folder))]
     _drop_unregistered(run.location_of(f"ray/{name}"), {Path(c.path).name for c, _ in result.best_checkpoints})
     return state, history
+
+
+def _run_config(cfg: PipelineConfig, run: RunDir, name: str, feed: Path) -> RunConfig:
+    # Ray picks Train V2's RunConfig at import time, mypy sees V1's: no logging_config, V1 callbacks
+    return RunConfig(name=name, **checkpoint_storage(run),  # type: ignore[call-arg]
+                     callbacks=[EpochFeed(feed)],  # type: ignore[list-item]
+                     failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
+                     logging_config=ray.train.LoggingConfig(log_level="WARNING"))
 
 
 def read_shards(run: RunDir, rels: list[str]) -> ray.data.Dataset:
@@ -127,8 +134,9 @@ def read_shards(run: RunDir, rels: list[str]) -> ray.data.Dataset:
     recorded = run.manifest()["files"]
     files = [{"rel": rel, "sha256": recorded[rel]} for rel in rels]
     return ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
-        storage.read_verified_tables, fn_kwargs={"location": run.location}, batch_size=1,
-        batch_format="pyarrow", num_cpus=0, concurrency=STREAMING_READS)
+        storage.read_verified_tables,  # type: ignore[arg-type]  # fn_kwargs gives it `location`
+        fn_kwargs={"location": run.location}, batch_size=1, batch_format="pyarrow", num_cpus=0,
+        concurrency=STREAMING_READS)
 
 
 STREAMING_READS = 4  # files read at once, across the cluster: each task holds one in memory

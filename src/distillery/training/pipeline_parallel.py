@@ -104,6 +104,11 @@ class PipelineStageModule(nn.Sequential):
         prefix = self.full_prefixes[int(index)]
         return f"{prefix}.{rest}" if rest else prefix
 
+    def current_loss(self, out: Tensor, target: Tensor) -> Tensor:
+        """`loss_fn` as it is when GPipe calls: a schedule outlives the train_step that made it."""
+        assert self.loss_fn is not None  # train_step sets it before it runs a training schedule
+        return self.loss_fn(out, target)
+
 
 class Pipeline:
     """GPipe over `world_size` ranks, stage r on rank r, cut by `split_points`.
@@ -176,7 +181,7 @@ class Pipeline:
             # backward, then scale_grads=True divides every grad by m (perform_reduce_grad): with
             # a mean loss on equal micro-batches, exactly the full batch's mean-loss gradient.
             # No loss: forward only, and scale_grads=False so predict never touches leftover grads.
-            loss = (lambda out, tgt: model.loss_fn(out, tgt)) if training else None
+            loss = model.current_loss if training else None
             model.schedules[key] = ScheduleGPipe(stage, n_microbatches=m, loss_fn=loss, scale_grads=training)
         return model.schedules[key]
 

@@ -45,6 +45,7 @@ def import_teacher(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Pat
     """The user's teacher instead of a trained one (`models.imported`): verified, checked
     against this run's data, scored on its test split and saved into the run (so the run's
     manifest records it)."""
+    assert cfg.teacher.import_from is not None  # the stage imports only when it is set
     manifest, splits = load_splits(run, ("test",))
     got = imported.import_model(cfg.teacher.import_from, cfg.teacher.model, manifest["image_shape"],
                                 manifest["num_classes"])
