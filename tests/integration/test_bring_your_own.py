@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT, free_port
 from PIL import Image
-from test_serving import KEY, _call, _infer_body
+from serving_helpers import KEY, _call, _infer_body
 from torch.export import Dim
 
 from distillery import artifacts, data
