@@ -89,22 +89,27 @@ def main() -> None:
     for i, doc in enumerate(repeats):
         verdicts.append(verdict(doc))
         for r in doc["runs"].values():
-            rows.append([i + 1, r["model"], adaptive.ms_text(r["p50_ms"]), adaptive.ms_text(r["p99_ms"]), sum(r["errors"].values()),
+            by_count = sorted(r["variants"].items(), key=lambda kv: -kv[1])
+            rows.append([i + 1, r["model"], adaptive.ms_text(r["p50_ms"]), adaptive.ms_text(r["p99_ms"]),
+                         sum(r["errors"].values()),
                          f"{r['seconds_within_slo']:.0%}", "-" if r["low_load_share_top"] is None
                          else f"{r['low_load_share_top']:.0%}",
-                         ", ".join(f"{m} {n}" for m, n in sorted(r["variants"].items(), key=lambda kv: -kv[1]))])
+                         ", ".join(f"{m} {n}" for m, n in by_count)])
     within = {m: median([d["runs"][m]["seconds_within_slo"] for d in repeats]) for m in repeats[0]["runs"]}
     first = repeats[0]
     report = table(["repeat", "sent to", "p50 ms", "p99 ms", "errors", "seconds within objective",
                     "low load by the most accurate", "answered by"], rows)
-    report += (f"\n\n{args.images} image(s) a request; {first['top']} measured at {first['capacity_rps']:g} requests/s, "
-               f"{first['fastest']} at {first['fastest_capacity_rps']:g} (first repeat); schedule "
-               f"{', '.join(f'{d:g} s at {r:g}/s' for d, r in first['steps'])}; objective p99 <= {args.slo_ms:g} ms; "
+    schedule = ", ".join(f"{d:g} s at {r:g}/s" for d, r in first["steps"])
+    report += (f"\n\n{args.images} image(s) a request; {first['top']} measured at "
+               f"{first['capacity_rps']:g} requests/s, {first['fastest']} at "
+               f"{first['fastest_capacity_rps']:g} (first repeat); schedule {schedule}; objective p99 <= "
+               f"{args.slo_ms:g} ms; "
                f"at most {args.max_replicas} replica(s) per application. Median share of seconds within the "
                f"objective: {', '.join(f'{m} {v:.0%}' for m, v in within.items())}; {summary(verdicts)}. "
                + machine_lines(machine("1")))
     publish("adaptive", report, {"machine": machine("1"), "args": vars(args) | {"run_dir": str(args.run_dir)},
-                                 "repeats": repeats, "median_seconds_within": within, "target_met": verdicts}, quick=False)
+                                 "repeats": repeats, "median_seconds_within": within, "target_met": verdicts},
+            quick=False)
 
 
 if __name__ == "__main__":

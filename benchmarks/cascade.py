@@ -36,7 +36,8 @@ def per_image_ms(predictor: Predictor, x: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/digits")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -55,24 +56,28 @@ def main() -> None:
         for n, p in predictors.items():
             times[n].append(per_image_ms(p, x))
     ms = {n: median(t) for n, t in times.items()}
-    rows, figures = [], {"machine": machine("1"), "test_images": len(y), "repeats": args.repeats, "cascades": []}
+    rows = []
+    figures = {"machine": machine("1"), "test_images": len(y), "repeats": args.repeats, "cascades": []}
     for r in cascades:
         large, small = r["compared_with"], r["parent"]
         images_below = round((accuracy[large] - accuracy[r["name"]]) * len(y))
         met = images_below <= 1 and ms[r["name"]] <= ms[large] / 2
         rows.append([r["name"], f"{small} -> {large}", with_interval(accuracy[r["name"]], len(y)),
                      with_interval(accuracy[large], len(y)), with_interval(accuracy[small], len(y)),
-                     f"{r['test_escalation']:.1%}", f"{ms[r['name']]:.3f}", f"{ms[large]:.3f}", f"{ms[small]:.3f}",
+                     f"{r['test_escalation']:.1%}", f"{ms[r['name']]:.3f}", f"{ms[large]:.3f}",
+                     f"{ms[small]:.3f}",
                      f"{ms[large] / ms[r['name']]:.1f}x", "yes" if met else "no"])
-        figures["cascades"].append({"name": r["name"], "small": small, "large": large, "accuracy": accuracy[r["name"]],
+        figures["cascades"].append({"name": r["name"], "small": small, "large": large,
+                                    "accuracy": accuracy[r["name"]],
                                     "large_accuracy": accuracy[large], "small_accuracy": accuracy[small],
                                     "escalation": r["test_escalation"], "mean_ms": ms[r["name"]],
                                     "large_mean_ms": ms[large], "small_mean_ms": ms[small], "target_met": met,
                                     "served_mode": predictors[r["name"]].served.mode})
-    report = table(["cascade", "small -> large", "test acc (95% CI)", "large alone", "small alone", "escalated",
-                    "ms/image", "large ms/image", "small ms/image", "speed-up over large", "target met"], rows)
-    report += (f"\n\nBatch 1 over all {len(y)} test images, median of {args.repeats} passes, each model in its "
-               f"served mode, 1 torch thread. " + machine_lines(figures["machine"]))
+    report = table(["cascade", "small -> large", "test acc (95% CI)", "large alone", "small alone",
+                    "escalated", "ms/image", "large ms/image", "small ms/image", "speed-up over large",
+                    "target met"], rows)
+    report += (f"\n\nBatch 1 over all {len(y)} test images, median of {args.repeats} passes, each model "
+               f"in its served mode, 1 torch thread. " + machine_lines(figures["machine"]))
     publish("cascade", report, figures, quick=False)
 
 

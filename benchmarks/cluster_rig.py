@@ -54,7 +54,8 @@ def tiny_run(folder: Path) -> Path:
 
 def serve(prefix: list[str], run_dir: Path, model: str, extra: list[str], env: dict) -> subprocess.Popen:
     """`distillery serve` of `model` until SIGTERM; returns once it prints its URL."""
-    cmd = [*prefix, str(BIN / "distillery"), "serve", str(run_dir), "--set", f"serve.models=[{model}]", *SERVE, *extra]
+    cmd = [*prefix, str(BIN / "distillery"), "serve", str(run_dir), "--set", f"serve.models=[{model}]",
+           *SERVE, *extra]
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     lines = []
@@ -85,7 +86,8 @@ x, _ = load_split(sys.argv[2] + "/data", "test")
 body = generator.infer_body(x[0].flatten().tolist(), [1, *x.shape[1:]])
 samples = asyncio.run(generator.closed_loop(sys.argv[1], body, int(sys.argv[3]), float(sys.argv[4]),
                                             {"content-type": "application/json"}, timeout_s=30))
-print(json.dumps({"ok": sum(s.status == 200 for s in samples), "failed": sum(s.status != 200 for s in samples)}))
+print(json.dumps({"ok": sum(s.status == 200 for s in samples),
+                  "failed": sum(s.status != 200 for s in samples)}))
 """
 
 
@@ -118,7 +120,8 @@ def on_the_rig(run_dir: Path, model: str, args, work: Path) -> list[float]:
                                                               "--set", "ray.shared_filesystem=true",
                                                               "--set", "serve.host=0.0.0.0"], nodes.env)
             try:
-                return load(rig.exec("client"), f"http://{nodes.ip('head')}:8000", run_dir, model, args, nodes.env)
+                return load(rig.exec("client"), f"http://{nodes.ip('head')}:8000", run_dir, model, args,
+                            nodes.env)
             finally:
                 stop(driver)
     finally:
@@ -150,8 +153,8 @@ def main() -> None:
     local = on_one_machine(run_dir, model, args, work)
     ratio = median(rig) / median(local)
     info = machine("1 per replica")
-    rows = [["cluster: client machine -> head's HAProxy -> replicas on 2 worker machines", *(f"{r:.0f}" for r in rig),
-             f"{median(rig):.0f}"],
+    rows = [["cluster: client machine -> head's HAProxy -> replicas on 2 worker machines",
+             *(f"{r:.0f}" for r in rig), f"{median(rig):.0f}"],
             ["one machine: local Ray, generator on the same machine", *(f"{r:.0f}" for r in local),
              f"{median(local):.0f}"]]
     report = "\n".join([

@@ -61,7 +61,8 @@ def _quiet(msg: str) -> None:
 def seeds_parser(doc: str) -> argparse.ArgumentParser:
     """The command line every seeds benchmark shares: --quick and --seeds (0-4 by default)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 epochs per model (a smoke test, not a result)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 epochs per model (a smoke test, not a result)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     return parser
 
@@ -112,7 +113,8 @@ def _git_state() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = git("status", "--porcelain", "--", "src", "configs")
-    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes in src/ or configs/" if dirty else "")
+    note = " + uncommitted changes in src/ or configs/" if dirty else ""
+    return git("rev-parse", "--short", "HEAD") + note
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:

@@ -49,7 +49,8 @@ def repeat(models: dict[str, tuple], repeats: int) -> dict[str, dict]:
     for _ in range(repeats):
         for name, args in models.items():
             runs[name].append(timed(*args))
-    return {name: {"throughput": median([r["throughput"] for r in rs]), "p50_ms": median([r["p50_ms"] for r in rs]),
+    return {name: {"throughput": median([r["throughput"] for r in rs]),
+                   "p50_ms": median([r["p50_ms"] for r in rs]),
                    "mode": rs[0]["mode"], "throughput_runs": [round(r["throughput"]) for r in rs]}
             for name, rs in runs.items()}
 
@@ -67,8 +68,10 @@ def digits(run_dir: Path, repeats: int) -> dict:
               f"{best['name']} ({best['best_mode']})": (chosen, shape, best["macs"], best["best_mode"])}
     slim = records.get("teacher-slim")
     if slim:
-        models["teacher fp32 (" + records["teacher"]["best_mode"] + ")"] = (teacher, shape, t_macs, records["teacher"]["best_mode"])
-        models["teacher-slim (" + slim["best_mode"] + ")"] = (_load(run_dir, "teacher-slim"), shape, slim["macs"], slim["best_mode"])
+        t_mode, s_mode = records["teacher"]["best_mode"], slim["best_mode"]
+        t_key, s_key = f"teacher fp32 ({t_mode})", f"teacher-slim ({s_mode})"
+        models[t_key] = (teacher, shape, t_macs, t_mode)
+        models[s_key] = (_load(run_dir, "teacher-slim"), shape, slim["macs"], s_mode)
     speed = repeat(models, repeats)
     base, ours = speed["teacher fp32 eager"], speed[f"{best['name']} ({best['best_mode']})"]
     out = {"recommended": best["name"], "teacher_test_accuracy": records["teacher"]["test_accuracy"],
@@ -76,9 +79,11 @@ def digits(run_dir: Path, repeats: int) -> dict:
            "throughput_ratio_vs_teacher_eager": ours["throughput"] / base["throughput"],
            "batch1_speedup_vs_teacher_eager": base["p50_ms"] / ours["p50_ms"]}
     if slim:
-        t_best, s = speed["teacher fp32 (" + records["teacher"]["best_mode"] + ")"], speed["teacher-slim (" + slim["best_mode"] + ")"]
-        out["teacher_slim"] = {"mac_ratio": t_macs / slim["macs"], "speedup_b256": s["throughput"] / t_best["throughput"],
-                               "test_accuracy_drop": records["teacher"]["test_accuracy"] - slim["test_accuracy"]}
+        t_best, s = speed[t_key], speed[s_key]
+        out["teacher_slim"] = {"mac_ratio": t_macs / slim["macs"],
+                               "speedup_b256": s["throughput"] / t_best["throughput"],
+                               "test_accuracy_drop": records["teacher"]["test_accuracy"]
+                               - slim["test_accuracy"]}
     return out
 
 
@@ -99,10 +104,12 @@ def cifar_shaped(repeats: int) -> dict:
     torchao_default = quantize.apply_torchao(copy.deepcopy(fp32), Int8Dynamic())
     fp32_best = timing.measure(fp32, shape, macs, SETTINGS)["best_mode"]
     ao_best = timing.measure(torchao_default, shape, macs, SETTINGS, int8=True)["best_mode"]
-    speed = repeat({"fp32 eager": (fp32, shape, macs, "eager"), f"fp32 ({fp32_best})": (fp32, shape, macs, fp32_best),
+    ao_key = f"torchao default int8 ({ao_best})"
+    speed = repeat({"fp32 eager": (fp32, shape, macs, "eager"),
+                    f"fp32 ({fp32_best})": (fp32, shape, macs, fp32_best),
                     "int8 static, ours (compile)": (ours, shape, macs, "compile", True),
-                    f"torchao default int8 ({ao_best})": (torchao_default, shape, macs, ao_best, True)}, repeats)
-    eager, mine, ao = (speed["fp32 eager"], speed["int8 static, ours (compile)"], speed[f"torchao default int8 ({ao_best})"])
+                    ao_key: (torchao_default, shape, macs, ao_best, True)}, repeats)
+    eager, mine, ao = (speed["fp32 eager"], speed["int8 static, ours (compile)"], speed[ao_key])
     return {"macs": macs, "speed": speed, "int8_vs_fp32_eager_b256": mine["throughput"] / eager["throughput"],
             "int8_vs_torchao_default_b256": mine["throughput"] / ao["throughput"],
             "int8_vs_torchao_default_b1": ao["p50_ms"] / mine["p50_ms"]}
@@ -116,7 +123,8 @@ def main() -> None:
     result = {"machine": {**timing.machine_info(), "threads": SETTINGS.threads}, "repeats": args.repeats,
               "digits": digits(args.run_dir, args.repeats), "cifar_shaped": cifar_shaped(args.repeats)}
     for part in ("digits", "cifar_shaped"):
-        rows = [[name, f"{s['throughput']:,.0f}", f"{s['p50_ms']:.3f}"] for name, s in result[part]["speed"].items()]
+        rows = [[name, f"{s['throughput']:,.0f}", f"{s['p50_ms']:.3f}"]
+                for name, s in result[part]["speed"].items()]
         print(f"\n{part}\n" + table(["model (mode)", "images/s at 256", "p50 ms at 1"], rows))
         print(json.dumps({k: v for k, v in result[part].items() if k != "speed"}, indent=1))
     print(f"figures: {write_result('compression', result, quick=False)}")

@@ -35,7 +35,8 @@ from common import (
 from distillery.measure.accuracy import verdict
 from distillery.roles import TRAINED, VARIANT
 
-BRIEF_TIMING = ["compress.bench.latency_runs=20", "compress.bench.throughput_runs=1", "compress.bench.modes=[eager]"]
+BRIEF_TIMING = ["compress.bench.latency_runs=20", "compress.bench.throughput_runs=1",
+                "compress.bench.modes=[eager]"]
 
 
 def run_seed(storage: Path, seed: int, quick: list[str]) -> dict[str, Any]:
@@ -69,7 +70,8 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def report(figures: dict[str, Any], info: dict[str, Any]) -> str:
     seeds, per_seed = figures["seeds"], figures["per_seed"]
-    header = ["variant", "compared with", *(f"seed {s}" for s in seeds), "mean (pts)", "95% CI (pts)", "verdict"]
+    header = ["variant", "compared with", *(f"seed {s}" for s in seeds), "mean (pts)", "95% CI (pts)",
+              "verdict"]
     rows = []
     for name, r in figures["summary"].items():
         parent = per_seed[0]["drops"][name]["parent"] if name in per_seed[0]["drops"] else "teacher"
@@ -80,8 +82,9 @@ def report(figures: dict[str, Any], info: dict[str, Any]) -> str:
     n = per_seed[0]["test_images"]
     return "\n".join([table(header, rows), "",
         f"Test accuracy difference in points (variant minus the model it was built from), digits test split "
-        f"({n} images: 1 image = {100 / n:.2f} pts), one run per seed; the mean's 95% interval is Student's t "
-        f"over {len(seeds)} seeds (each draws its own splits and initial weights), a tie when it holds zero. "
+        f"({n} images: 1 image = {100 / n:.2f} pts), one run per seed; the mean's 95% interval is "
+        f"Student's t over {len(seeds)} seeds (each draws its own splits and initial weights), a tie "
+        f"when it holds zero. "
         f"Recommended (chosen on validation): {chosen}.",
         machine_lines(info)])
 
@@ -92,7 +95,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="compression_seeds-") as storage:
         per_seed = [run_seed(Path(storage), seed, quick) for seed in args.seeds]
     info = machine("in-process: all cores for training; 1 while timing")
-    figures = {"machine": info, "seeds": args.seeds, "runs_per_figure": f"mean of {len(args.seeds)} seeds, 1 run each",
+    figures = {"machine": info, "seeds": args.seeds,
+               "runs_per_figure": f"mean of {len(args.seeds)} seeds, 1 run each",
                "per_seed": per_seed, "summary": summarize(per_seed)}
     publish("compression_seeds", report(figures, info), figures, args.quick)
 

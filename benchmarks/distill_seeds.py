@@ -75,7 +75,8 @@ def rows_for(backend: str, variant: str, seeds: list[int], per_seed: list[dict],
         if "mean_gain_interval" in r:  # the mean over seeds: its 95% interval and what it says
             low, high = r["mean_gain_interval"]
             gain += f" (95% CI {low * 100:+.2f} to {high * 100:+.2f}: {r['mean_gain_verdict']})"
-        return [backend, variant, label, *(f"{r[m]:.2%}" for m in MODELS), gain, f"{r['gap'] * 100:.2f}", closed]
+        return [backend, variant, label, *(f"{r[m]:.2%}" for m in MODELS), gain, f"{r['gap'] * 100:.2f}",
+                closed]
     return [row(str(s), r) for s, r in zip(seeds, per_seed)] + [row(f"**mean of {len(seeds)}**", summary)]
 
 
@@ -87,9 +88,9 @@ def report(figures: dict[str, Any], seeds: list[int], info: dict) -> str:
     return "\n".join([table(header, rows), "",
         f"Test accuracy on the digits test split (360 images: 1 image = 0.28 pts), one run per seed and "
         f"variant; means over {len(seeds)} seeds ({', '.join(map(str, seeds))}); 'gap closed' = gain / "
-        "(teacher - student alone), averaged over the seeds that had a gap; 'pooled' = mean gain / mean gap; the "
-        "mean gain's 95% interval is Student's t over the seeds (each seed draws its own splits and initial "
-        "weights), a tie when it holds zero. Within a seed both student "
+        "(teacher - student alone), averaged over the seeds that had a gap; 'pooled' = mean gain / "
+        "mean gap; the mean gain's 95% interval is Student's t over the seeds (each seed draws its own "
+        "splits and initial weights), a tie when it holds zero. Within a seed both student "
         "variants are distilled from the same teacher. 'in-process' = ray.workers=0: no Ray, the same "
         f"training loop, torch threads = {figures['in_process_threads']} (all cores).",
         machine_lines(info)])
@@ -100,7 +101,8 @@ def main() -> None:
     parser.add_argument("--ray", action="store_true", help="also run on Ray Train with 2 DDP workers")
     args = parser.parse_args()
     quick = quick_overrides(args)
-    backends = {"in-process": ["ray.workers=0"], **({"Ray, 2 workers": ["ray.workers=2"]} if args.ray else {})}
+    backends = {"in-process": ["ray.workers=0"],
+                **({"Ray, 2 workers": ["ray.workers=2"]} if args.ray else {})}
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="distill_seeds-") as storage:
         for backend, overrides in backends.items():
@@ -108,7 +110,8 @@ def main() -> None:
             results[backend] = {v: {"per_seed": [r[v] for r in runs], "mean": summarize([r[v] for r in runs])}
                                 for v in STUDENT_VARIANTS}
     info = machine(f"in-process: {torch.get_num_threads()}" + ("; Ray: 1 per worker" if args.ray else ""))
-    figures = {"machine": info, "seeds": args.seeds, "runs_per_figure": f"mean of {len(args.seeds)} seeds, 1 run each",
+    figures = {"machine": info, "seeds": args.seeds,
+               "runs_per_figure": f"mean of {len(args.seeds)} seeds, 1 run each",
                "in_process_threads": torch.get_num_threads(), "results": results}
     variant = "ray" if args.ray else None
     publish("distill_seeds", report(figures, args.seeds, info), figures, args.quick, variant)

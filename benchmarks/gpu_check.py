@@ -32,12 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def teacher_on_gpu(bf16: bool, tmp: Path) -> dict:
     """The digits teacher trained in-process on the GPU; its test accuracy and wall time."""
     cfg = load_config(ROOT / "configs" / "digits.yaml", [f"storage_path={tmp}", f"name=gpu-bf16-{bf16}",
-                                                          "ray.workers=0", "ray.use_gpu=true", f"teacher.train.bf16={bf16}"])
+                                                          "ray.workers=0", "ray.use_gpu=true",
+                                                          f"teacher.train.bf16={bf16}"])
     start = time.perf_counter()
     run = run_stages(cfg, ["data", "teacher"], log=lambda m: None)
     metrics = json.loads((run.root / "teacher" / "metrics.json").read_text())
     per_epoch = sorted(h["samples_per_s"] for h in metrics["history"][1:])
-    return {"bf16": bf16, "test_accuracy": metrics["test_accuracy"], "stage_seconds": round(time.perf_counter() - start, 2),
+    return {"bf16": bf16, "test_accuracy": metrics["test_accuracy"],
+            "stage_seconds": round(time.perf_counter() - start, 2),
             "median_samples_per_s": round(per_epoch[len(per_epoch) // 2], 1), "epochs": metrics["epochs"]}
 
 
@@ -57,7 +59,8 @@ def strategy_on_cuda(name: str) -> dict:
 
 
 def main(out: Path) -> None:
-    report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "strategies": [], "teacher": []}
+    report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "strategies": [],
+              "teacher": []}
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("nccl", init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1)
         try:

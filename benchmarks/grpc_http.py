@@ -43,7 +43,8 @@ LOADS = [(protocol, images, c) for images in (1, 64) for c in (1, 32)
 
 def http_request(x, binary: bool) -> tuple[bytes, dict]:
     if not binary:
-        return generator.infer_body(x.reshape(-1).tolist(), list(x.shape)), {"content-type": "application/json"}
+        body = generator.infer_body(x.reshape(-1).tolist(), list(x.shape))
+        return body, {"content-type": "application/json"}
     header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                      "parameters": {"binary_data_size": x.numel() * 4}}]}).encode()
     return header + x.numpy().astype("<f4").tobytes(), {"content-type": "application/octet-stream",
@@ -161,12 +162,15 @@ def main() -> None:
     t = {k: v["throughput"] for k, v in runs.items()}
     ratios = {f"grpc_vs_http_{kind}_x{i}_c{c}": t[f"grpc x{i} c{c}"] / t[f"http-{kind} x{i} c{c}"]
               for kind in ("json", "binary") for i in (1, 64) for c in (1, 32)}
-    out = {"machine": {**timing.machine_info(), "replica": "1 replica per application, 0.5 logical CPU, 1 torch thread"},
-           "load_tool": "a client process at nice 15: aiohttp (HTTP) and grpc.aio (gRPC)", "model": args.model,
+    out = {"machine": {**timing.machine_info(),
+                       "replica": "1 replica per application, 0.5 logical CPU, 1 torch thread"},
+           "load_tool": "a client process at nice 15: aiohttp (HTTP) and grpc.aio (gRPC)",
+           "model": args.model,
            "seconds_per_load": args.seconds, "runs": runs, "ratios": ratios}
-    rows = [[k, f"{v['throughput']:,.1f}", f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.1f}", int(v["errors"]) or "-",
-             f"{v['generator_cpu']:.0%}"] for k, v in runs.items()]
-    print(table(["protocol, images, concurrency", "requests/s", "p50 ms", "p99 ms", "errors", "generator CPU"], rows))
+    rows = [[k, f"{v['throughput']:,.1f}", f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.1f}",
+             int(v["errors"]) or "-", f"{v['generator_cpu']:.0%}"] for k, v in runs.items()]
+    print(table(["protocol, images, concurrency", "requests/s", "p50 ms", "p99 ms", "errors",
+                 "generator CPU"], rows))
     print(json.dumps(ratios, indent=1))
     print(f"figures: {write_result('grpc_http', out, quick=False)}")
 

@@ -54,8 +54,8 @@ def run_seed(storage: Path, seed: int, overrides: list[str]) -> dict:
     out = {"in-run": {"student": reference.float().mean().item()}}
     for form, location in exports(in_run, storage).items():
         print(f"\n== seed {seed}: teacher imported from its {form}", flush=True)
-        root, _ = run(make_config(storage, f"{form.split()[0]}-{seed}", [*base, f"teacher.import_from={location}"]),
-                      stages)
+        root, _ = run(make_config(storage, f"{form.split()[0]}-{seed}",
+                                  [*base, f"teacher.import_from={location}"]), stages)
         got = correct(root)
         better, worse = int((got & ~reference).sum()), int((reference & ~got).sum())
         out[form] = {"student": got.float().mean().item(), "vs_in_run": (better - worse) / len(got),
@@ -68,24 +68,28 @@ def report(per_seed: list[dict], seeds: list[int], info: dict, workers: int) -> 
     forms = [f for f in per_seed[0] if f != "in-run"]
     rows = []
     for seed, r in zip(seeds, per_seed):
-        cells = [f"{r[f]['student']:.2%}, {r[f]['vs_in_run'] * 100:+.2f} ({r[f]['vs_in_run_interval'][0] * 100:+.2f} to "
+        cells = [f"{r[f]['student']:.2%}, {r[f]['vs_in_run'] * 100:+.2f} "
+                 f"({r[f]['vs_in_run_interval'][0] * 100:+.2f} to "
                  f"{r[f]['vs_in_run_interval'][1] * 100:+.2f})" for f in forms]
         rows.append([str(seed), f"{r['in-run']['student']:.2%}", *cells])
-    return "\n".join([table(["seed", "in-run student", *(f"imported from its {f} (pts vs in-run, 95% CI)" for f in forms)],
-                            rows), "",
-                      f"Test accuracy of the distilled student on the digits test split (360 images), Ray Train with "
-                      f"{workers} DDP workers (0: in this process), one run each.", machine_lines(info)])
+    header = ["seed", "in-run student", *(f"imported from its {f} (pts vs in-run, 95% CI)" for f in forms)]
+    return "\n".join([table(header, rows), "",
+                      f"Test accuracy of the distilled student on the digits test split (360 images), "
+                      f"Ray Train with {workers} DDP workers (0: in this process), one run each.",
+                      machine_lines(info)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 epochs per model (a smoke test, not a result)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 epochs per model (a smoke test, not a result)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     quick = ["teacher.train.epochs=3", "student.train.epochs=3"] if args.quick else []
     with tempfile.TemporaryDirectory(prefix="imported-") as storage:
-        per_seed = [run_seed(Path(storage), seed, [f"ray.workers={args.workers}", *quick]) for seed in args.seeds]
+        per_seed = [run_seed(Path(storage), seed, [f"ray.workers={args.workers}", *quick])
+                    for seed in args.seeds]
     info = machine(f"{1 if args.workers else torch.get_num_threads()} per worker")
     figures = {"machine": info, "seeds": args.seeds, "workers": args.workers, "per_seed": per_seed}
     publish("imported", report(per_seed, args.seeds, info, args.workers), figures, args.quick)

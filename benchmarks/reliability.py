@@ -119,10 +119,10 @@ def main() -> None:
     report = table(["run", "test acc", "vs undisturbed", "killed after epoch", "resumed from",
                     "finished epochs redone", "wall s"],
                    [[name, f"{r['test_accuracy']:.2%}", f"{100 * (r['test_accuracy'] - base):+.2f} pt",
-                     r["killed_after_checkpoint"] or "-", r["resumed_from"] or "-", r["finished_epochs_redone"],
-                     r["seconds"]] for name, r in rows.items()])
-    publish("reliability", report + "\n\n" + machine_lines(info), {"machine": info, "which": WHICH, "runs": rows},
-            quick=False)
+                     r["killed_after_checkpoint"] or "-", r["resumed_from"] or "-",
+                     r["finished_epochs_redone"], r["seconds"]] for name, r in rows.items()])
+    publish("reliability", report + "\n\n" + machine_lines(info),
+            {"machine": info, "which": WHICH, "runs": rows}, quick=False)
 
 if __name__ == "__main__":
     main()

@@ -50,12 +50,14 @@ def gap_closed(seed: int, storage: Path, quick: list[str]) -> dict[str, Any]:
     return {"teacher": teacher, "alone": alone, "distilled": models["student"]["test_accuracy"],
             "searched": chosen["test_accuracy"], "searched_recipe": chosen["recipe"], "gap": gap,
             "best_trial_on_test": best, "best_gain": best - alone,
-            "gain": chosen["test_accuracy"] - alone, "gap_closed": (chosen["test_accuracy"] - alone) / gap if gap > 0 else None,
+            "gain": chosen["test_accuracy"] - alone,
+            "gap_closed": (chosen["test_accuracy"] - alone) / gap if gap > 0 else None,
             "test_images": chosen["test_images"], "summary": found["summary"]}
 
 
 def default_search(seed: int, storage: Path, quick: list[str]) -> dict[str, Any]:
-    cfg = make_config(storage, f"seed{seed}", [f"seed={seed}", "ray.workers=0", "search.enabled=true", *quick])
+    cfg = make_config(storage, f"seed{seed}",
+                      [f"seed={seed}", "ray.workers=0", "search.enabled=true", *quick])
     root, _ = run(cfg, TRAINED + ["search", "compress"])
     stages = read_json(root / "manifest.json")["stages"]
     found = read_json(root / "search" / "trials.json")
@@ -77,44 +79,52 @@ def report(figures: dict[str, Any], info: dict) -> str:
 
 def gap_lines(figures: dict[str, Any]) -> list[str]:
     seeds = figures["gap_closed"]
-    rows = [[s["seed"], f"{s['teacher']:.2%}", f"{s['alone']:.2%}", f"{s['distilled']:.2%}", f"{s['searched']:.2%}",
+    rows = [[s["seed"], f"{s['teacher']:.2%}", f"{s['alone']:.2%}", f"{s['distilled']:.2%}",
+             f"{s['searched']:.2%}",
              f"{s['gap'] * 100:.2f}", f"{s['gap_closed']:.0%}" if s["gap_closed"] is not None else "no gap",
              f"{s['best_trial_on_test']:.2%}", s["searched_recipe"]] for s in seeds]
     m = figures["mean"]
-    rows.append(["**mean**", f"{m['teacher']:.2%}", f"{m['alone']:.2%}", f"{m['distilled']:.2%}", f"{m['searched']:.2%}",
-                 f"{m['gap'] * 100:.2f}", f"pooled {m['gap_closed_pooled']:.0%}" if m["gap_closed_pooled"] is not None
-                 else "no gap", f"{m['best_trial_on_test']:.2%} (pooled {m['best_closed_pooled']:.0%})", ""])
-    lines = [table(["seed", "teacher", "student alone", "distilled (preset)", "searched (width 0.5)", "gap (pts)",
-                    "gap closed", "best trial on test (not a choice)", "chosen settings"], rows), "",
-             "Test accuracy on the digits test split (360 images: 1 image = 0.28 pts); the searched student is chosen "
-             f"on the validation split (180 images) among {seeds[0]['summary']['trials']} trials; 'pooled' = mean gain "
-             "/ mean gap. 'Best trial on test' reads the test split, so it is not a choice anyone could make: it says how "
-             "good the best finished student was, apart from how well 180 validation images pick it."]
+    rows.append(["**mean**", f"{m['teacher']:.2%}", f"{m['alone']:.2%}", f"{m['distilled']:.2%}",
+                 f"{m['searched']:.2%}", f"{m['gap'] * 100:.2f}",
+                 f"pooled {m['gap_closed_pooled']:.0%}" if m["gap_closed_pooled"] is not None else "no gap",
+                 f"{m['best_trial_on_test']:.2%} (pooled {m['best_closed_pooled']:.0%})", ""])
+    lines = [table(["seed", "teacher", "student alone", "distilled (preset)", "searched (width 0.5)",
+                    "gap (pts)", "gap closed", "best trial on test (not a choice)", "chosen settings"],
+                   rows), "",
+             "Test accuracy on the digits test split (360 images: 1 image = 0.28 pts); the searched "
+             f"student is chosen on the validation split (180 images) among "
+             f"{seeds[0]['summary']['trials']} trials; 'pooled' = mean gain / mean gap. 'Best trial on "
+             "test' reads the test split, so it is not a choice anyone could make: it says how good the "
+             "best finished student was, apart from how well 180 validation images pick it."]
     return lines
 
 
 def default_lines(d: dict[str, Any], seed: int) -> list[str]:
     s, r, summ = d["searched"], d["recommended"], d["summary"]
+    searched = with_interval(s["test_accuracy"], s["test_images"])
+    recommended = with_interval(r["test_accuracy"], r["test_images"])
     return ["", f"Default search (seed {seed}, {summ['trials']} trials, the default space and budget): "
                   f"{d['search_seconds']:.0f} s for the search stage; {summ['completed']} completed, "
-                  f"{summ['stopped_early']} stopped early, {summ['failed']} failed; {summ['epochs_run']:,} of "
+                  f"{summ['stopped_early']} stopped early, {summ['failed']} failed; "
+                  f"{summ['epochs_run']:,} of "
                   f"{summ['epochs_full']:,} epochs run ({summ['epochs_saved']:.0%} saved by ASHA).",
-                  f"Timed in one compress stage: searched {with_interval(s['test_accuracy'], s['test_images'])}, "
-                  f"p50 {s['p50_ms']:.3f} ms ({s['best_mode']}), {s['recipe']}; the stage's recommendation without "
-                  f"it, {r['name']}: {with_interval(r['test_accuracy'], r['test_images'])}, p50 {r['p50_ms']:.3f} ms "
+                  f"Timed in one compress stage: searched {searched}, "
+                  f"p50 {s['p50_ms']:.3f} ms ({s['best_mode']}), {s['recipe']}; the stage's recommendation "
+                  f"without it, {r['name']}: {recommended}, p50 {r['p50_ms']:.3f} ms "
                   f"({r['best_mode']})."]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short schedules and 4 trials (a smoke test, not a result)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short schedules and 4 trials (a smoke test, not a result)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--part", choices=["both", "gap", "default"], default="both",
                         help="gap: the searches at the student's size (-> search_<machine>_<date>.json); "
                         "default: the default search of the first seed alone (-> search-default_...)")
     args = parser.parse_args()
-    quick = ["teacher.train.epochs=3", "student.train.epochs=3", "search.space.epochs=[4,8]", "search.trials=4",
-             "compress.bench.latency_runs=20"] if args.quick else []
+    quick = ["teacher.train.epochs=3", "student.train.epochs=3", "search.space.epochs=[4,8]",
+             "search.trials=4", "compress.bench.latency_runs=20"] if args.quick else []
     with tempfile.TemporaryDirectory(prefix="search-bench-") as storage:
         seeds = [{"seed": seed, **gap_closed(seed, Path(storage), quick)} for seed in args.seeds] \
             if args.part != "default" else []

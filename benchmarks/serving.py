@@ -47,20 +47,23 @@ from distillery.measure import timing  # noqa: E402
 from distillery.models.architectures import build_model, make_spec  # noqa: E402
 from distillery.serving.predictor import Predictor, catalog  # noqa: E402
 
-ONE = ServeConfig(min_replicas=1, max_replicas=1, num_cpus=0.5, max_ongoing_requests=128, max_queued_requests=1000,
-                  request_timeout_s=60)
+ONE = ServeConfig(min_replicas=1, max_replicas=1, num_cpus=0.5, max_ongoing_requests=128,
+                  max_queued_requests=1000, request_timeout_s=60)
 JSON = {"content-type": "application/json"}
-QUIET = {"log_level": "WARNING", "enable_access_log": False}  # as `distillery serve`: an access log line per request costs
+# As `distillery serve`: an access log line per request costs
+QUIET = {"log_level": "WARNING", "enable_access_log": False}
 
 
-def hey(url: str, body: bytes, concurrency: int, seconds: float, headers: dict, answers: bool = False) -> dict:
+def hey(url: str, body: bytes, concurrency: int, seconds: float, headers: dict,
+        answers: bool = False) -> dict:
     """One closed-loop load with `hey`; per-request figures from its CSV output (with `answers`,
     also when each answered request came back, as Unix times)."""
     with tempfile.NamedTemporaryFile(suffix=".body") as f:
         f.write(body)
         f.flush()
         cmd = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-D", f.name, "-o", "csv",
-               "-t", "60", *[a for k, v in headers.items() if k != "content-type" for a in ("-H", f"{k}: {v}")],
+               "-t", "60",
+               *[a for k, v in headers.items() if k != "content-type" for a in ("-H", f"{k}: {v}")],
                "-T", headers.get("content-type", "application/json"), url]
         before, start, began = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter(), time.time()
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -70,7 +73,8 @@ def hey(url: str, body: bytes, concurrency: int, seconds: float, headers: dict, 
     cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / wall
     # CSV: response-time, DNS+dialup, DNS, request-write, response-delay, response-read, status, offset
     back = sorted(began + float(r[7]) + float(r[0]) for r in rows if r[6] == "200") if answers else None
-    return {**({"answered_at": back} if answers else {}),"requests": len(rows), "ok": len(ok), "errors": len(rows) - len(ok), "throughput": len(ok) / seconds,
+    return {**({"answered_at": back} if answers else {}), "requests": len(rows), "ok": len(ok),
+            "errors": len(rows) - len(ok), "throughput": len(ok) / seconds,
             "p50_ms": generator.percentile(ok, 50), "p99_ms": generator.percentile(ok, 99),
             "generator_cpu": round(cpu / (os.cpu_count() or 1), 3)}
 
@@ -111,8 +115,8 @@ def cifar_run(folder: Path) -> Path:
         save_model(folder / name, model, spec)
         speed = timing.measure(model, shape, 1, timing.BenchSettings(latency_runs=50, throughput_runs=3),
                               ["eager", "channels_last"])
-        records.append({"name": name, "test_accuracy": 0.0, "best_mode": speed["best_mode"], "p50_ms": speed["p50_ms"],
-                        "modes": speed["modes"]})
+        records.append({"name": name, "test_accuracy": 0.0, "best_mode": speed["best_mode"],
+                        "p50_ms": speed["p50_ms"], "modes": speed["modes"]})
     atomic_write_json(folder / "frontier.json", {"variants": records, "pareto": ["student", "teacher"],
                                                  "recommended": None})
     return folder
@@ -181,7 +185,8 @@ def body(x: torch.Tensor) -> bytes:
     return generator.infer_body(x.reshape(-1).tolist(), list(x.shape))
 
 
-def rounds(base: str, loads: list[tuple[str, str, bytes, int]], secs: float, headers: dict = JSON) -> dict[str, dict]:
+def rounds(base: str, loads: list[tuple[str, str, bytes, int]], secs: float,
+           headers: dict = JSON) -> dict[str, dict]:
     """Each (key, app, body, concurrency) load twice, in opposite orders; the mean of the two."""
     for _, app, b, c in loads:  # warm-up, not recorded
         LOAD(f"{base}/v2/models/{app}/infer", b, c, 1.0, headers)
@@ -190,7 +195,8 @@ def rounds(base: str, loads: list[tuple[str, str, bytes, int]], secs: float, hea
         for key, app, b, c in order:
             seen[key].append(LOAD(f"{base}/v2/models/{app}/infer", b, c, secs, headers))
             print(f"  {key}: {seen[key][-1]}", flush=True)
-    return {key: {k: (sum(r[k] for r in rs) / len(rs) if isinstance(rs[0][k], float) else sum(r[k] for r in rs))
+    return {key: {k: (sum(r[k] for r in rs) / len(rs) if isinstance(rs[0][k], float)
+                      else sum(r[k] for r in rs))
                   for k in rs[0]} | {"throughput_rounds": [round(r["throughput"], 1) for r in rs]}
             for key, rs in seen.items()}
 
@@ -198,10 +204,13 @@ def rounds(base: str, loads: list[tuple[str, str, bytes, int]], secs: float, hea
 def best_within(base: str, app: str, b: bytes, secs: float, p99_ms: float = 100.0) -> dict:
     """The highest requests/s at concurrency 1..64 whose p99 stays within `p99_ms`."""
     levels = {c: LOAD(f"{base}/v2/models/{app}/infer", b, c, secs, JSON) for c in (1, 2, 4, 8, 16, 32, 64)}
-    ok = {c: r for c, r in levels.items() if r["errors"] == 0 and r["p99_ms"] is not None and r["p99_ms"] <= p99_ms}
+    ok = {c: r for c, r in levels.items()
+          if r["errors"] == 0 and r["p99_ms"] is not None and r["p99_ms"] <= p99_ms}
     c = max(ok, key=lambda c: ok[c]["throughput"]) if ok else None
-    return {"concurrency": c, "throughput": ok[c]["throughput"] if c else 0.0, "p99_ms": ok[c]["p99_ms"] if c else None,
-            "levels": {str(c): {k: r[k] for k in ("throughput", "p50_ms", "p99_ms", "errors")} for c, r in levels.items()}}
+    return {"concurrency": c, "throughput": ok[c]["throughput"] if c else 0.0,
+            "p99_ms": ok[c]["p99_ms"] if c else None,
+            "levels": {str(c): {k: r[k] for k in ("throughput", "p50_ms", "p99_ms", "errors")}
+                       for c, r in levels.items()}}
 
 
 def in_process(predictor: Predictor, x: torch.Tensor, secs: float) -> float:
@@ -221,7 +230,8 @@ def proxy_phase(run_dir: Path, b1: bytes, secs: float) -> dict:
         deploy(run_dir, "student", "student", ONE)
         time.sleep(5)  # replica processes finish starting: they share the 2 cores
         return rounds(base, [("proxy noop c1", "noop", b1, 1), ("proxy noop c32", "noop", b1, 32),
-                             ("proxy student c1", "student", b1, 1), ("proxy student c32", "student", b1, 32)], secs)
+                             ("proxy student c1", "student", b1, 1),
+                             ("proxy student c32", "student", b1, 32)], secs)
     finally:
         stop_serve()
 
@@ -239,7 +249,8 @@ def haproxy_phase(run_dir: Path, cifar: Path, secs: float) -> dict:
         time.sleep(5)
         cbin, cheaders = binary_body(torch.rand(1, 3, 32, 32))
         runs = rounds(base, [("haproxy noop c1", "noop", b1, 1), ("haproxy noop c32", "noop", b1, 32),
-                             ("haproxy student c1", "student", b1, 1), ("haproxy student c32", "student", b1, 32),
+                             ("haproxy student c1", "student", b1, 1),
+                             ("haproxy student c32", "student", b1, 32),
                              ("cifar-student c32", "cifar-student", c1, 32),
                              ("cifar-teacher c32", "cifar-teacher", c1, 32),
                              ("cifar-teacher-nobatch c32", "cifar-teacher-nobatch", c1, 32)], secs)
@@ -287,8 +298,10 @@ def main() -> None:
     x = data.load_split(run_dir / "data", "test")[0]
     student = Predictor(catalog(run_dir, ["student"])[0])
     cifar_models = {n: Predictor(catalog(cifar, [n])[0]) for n in ("student", "teacher")}
-    here = {"student b64": in_process(student, x[:64], secs), "student b1": in_process(student, x[:1], secs)} | {
-        f"cifar-{n} b{b}": in_process(p, torch.rand(b, 3, 32, 32), secs) for n, p in cifar_models.items() for b in (1, 32)}
+    here = {"student b64": in_process(student, x[:64], secs),
+            "student b1": in_process(student, x[:1], secs)} | {
+        f"cifar-{n} b{b}": in_process(p, torch.rand(b, 3, 32, 32), secs)
+        for n, p in cifar_models.items() for b in (1, 32)}
     runs = proxy_phase(run_dir, body(x[:1]), secs) | haproxy_phase(run_dir, cifar, secs)
     out = {"machine": {**timing.machine_info(), "replica": "1 replica, 0.5 logical CPU, 1 torch thread"},
            "load_tool": "hey" if LOAD is hey else "distillery.loadtest.generator (asyncio, in this process)",

@@ -70,28 +70,31 @@ def main() -> None:
         runs = {}
         for kind, storage in (("local folder", str(tmp / "runs")), ("s3:// (moto, loopback)", "s3://bench/runs")):
             fresh, _ = pipeline(storage, env)
-            local = tmp / "runs" / "digits" if kind == "local folder" else tmp / "cache" / "s3" / "bench" / "runs" / "digits"
+            local = (tmp / "runs" / "digits" if kind == "local folder"
+                     else tmp / "cache" / "s3" / "bench" / "runs" / "digits")
             seconds = stage_seconds(local / "manifest.json")
             if kind != "local folder":
                 shutil.rmtree(tmp / "cache")  # a driver with nothing local
             rerun, skipped = pipeline(storage, env)
             assert skipped == len(STAGES), f"{kind}: the re-run found {skipped} of {len(STAGES)} stages done"
+            student = read_json(local / "results.json")["models"]["student"]
             runs[kind] = {"fresh_s": round(fresh, 1), "rerun_s": round(rerun, 1), "stages_s": seconds,
-                          "test_accuracy": read_json(local / "results.json")["models"]["student"]["test_accuracy"]}
+                          "test_accuracy": student["test_accuracy"]}
         pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="bench")
         stored = sum(o["Size"] for page in pages for o in page.get("Contents", []))
     finally:
         server.terminate()
     info = machine("1 (cpus_per_worker 1)")
-    rows = [[kind, r["fresh_s"], *(r["stages_s"][s] for s in STAGES), r["rerun_s"], f"{r['test_accuracy']:.2%}"]
-            for kind, r in runs.items()]
+    rows = [[kind, r["fresh_s"], *(r["stages_s"][s] for s in STAGES), r["rerun_s"],
+             f"{r['test_accuracy']:.2%}"] for kind, r in runs.items()]
     report = "\n".join([
         "digits pipeline without serving, one run each, fresh run directory (seconds):", "",
         table(["storage_path", "fresh run", *STAGES, "re-run (all done)", "student test acc"], rows), "",
         f"The bucket held {stored / 2**20:.1f} MiB after the runs (Ray Train checkpoints included).",
         "The s3:// re-run started from an empty cache (another driver): it downloads and checks the run.",
         machine_lines(info)])
-    publish("storage", report, {"machine": info, "runs": runs, "bucket_mib": round(stored / 2**20, 1)}, quick=False)
+    publish("storage", report, {"machine": info, "runs": runs, "bucket_mib": round(stored / 2**20, 1)},
+            quick=False)
 
 
 if __name__ == "__main__":

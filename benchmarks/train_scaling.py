@@ -57,8 +57,10 @@ def timings(history: list[dict], rows: int, wall: float, cfg) -> dict[str, Any]:
     loop = [_train_loop_seconds(e, rows, cfg) for e in history]
     epoch = [e["epoch_seconds"] for e in history] if cfg.ray.workers else None
     later = slice(1, None) if len(history) > 1 else slice(None)
-    return {"epochs_timed": len(loop[later]), "train_loop_s": median(loop[later]), "fastest_train_loop_s": min(loop[later]),
-            "epoch_s": median(epoch[later]) if epoch else None, "fastest_epoch_s": min(epoch[later]) if epoch else None,
+    return {"epochs_timed": len(loop[later]), "train_loop_s": median(loop[later]),
+            "fastest_train_loop_s": min(loop[later]),
+            "epoch_s": median(epoch[later]) if epoch else None,
+            "fastest_epoch_s": min(epoch[later]) if epoch else None,
             "stage_wall_s": wall, "outside_epochs_s": wall - sum(epoch or loop),
             "per_epoch_train_loop_s": [round(t, 4) for t in loop], "per_epoch_s": epoch}
 
@@ -97,13 +99,15 @@ def ratios(v: dict[str, dict], stat: str) -> dict[str, float]:
         "ray1_vs_plain_train_loop": per_epoch(RAY1, "train_loop_s") / per_epoch(PLAIN, "train_loop_s"),
         "ray1_vs_plain_stage_wall": v[RAY1]["stage_wall_s"] / v[PLAIN]["stage_wall_s"],
         "fsdp_vs_ddp_epoch": per_epoch("Ray, 2 workers, fsdp", "epoch_s") / per_epoch(DDP2, "epoch_s"),
-        "pipeline_vs_ddp_epoch": per_epoch("Ray, 2 workers, pipeline", "epoch_s") / per_epoch(DDP2, "epoch_s"),
+        "pipeline_vs_ddp_epoch": per_epoch("Ray, 2 workers, pipeline", "epoch_s")
+        / per_epoch(DDP2, "epoch_s"),
     }
 
 
 COMPARISONS = {
     "ddp_speedup_2_vs_1_workers": "DDP speed-up, 2 workers vs 1 (epoch time 1w / 2w)",
-    "ray1_vs_plain_train_loop": f"Ray 1 worker / plain 1 thread, train loop per epoch (Ray's gate <= {RAY_GATE}x)",
+    "ray1_vs_plain_train_loop":
+        f"Ray 1 worker / plain 1 thread, train loop per epoch (Ray's gate <= {RAY_GATE}x)",
     "ray1_vs_plain_stage_wall": "Ray 1 worker / plain 1 thread, whole teacher stage wall time (one figure)",
     "fsdp_vs_ddp_epoch": "FSDP / DDP, 2 workers, epoch time",
     "pipeline_vs_ddp_epoch": "pipeline / DDP, 2 workers, epoch time",
@@ -116,22 +120,25 @@ def report(v: dict[str, dict], r: dict[str, dict], startup: float, info: dict) -
     rows = [[label, f"{m['workers'] or 'in-process'} x {m['threads']}",
              pair(m["train_loop_s"], m["fastest_train_loop_s"]), pair(m["epoch_s"], m["fastest_epoch_s"]),
              f"{m['stage_wall_s']:.1f}",
-             f"{m['outside_epochs_s']:.1f}", f"{m['test_accuracy']:.2%}", f"{(m['test_accuracy'] - base) * 100:+.2f}"]
+             f"{m['outside_epochs_s']:.1f}", f"{m['test_accuracy']:.2%}",
+             f"{(m['test_accuracy'] - base) * 100:+.2f}"]
             for label, m in v.items()]
     any_m = next(iter(v.values()))
     header = ["teacher on digits", "workers x threads", "train loop s/epoch: median (fastest)",
               "epoch s incl. val: median (fastest)", "stage wall s", "outside epochs s", "test acc",
               "vs Ray 1 worker (pts)"]
-    ratio_rows = [[text, f"{r['median'][key]:.2f}x", f"{r['fastest'][key]:.2f}x"] for key, text in COMPARISONS.items()]
+    ratio_rows = [[text, f"{r['median'][key]:.2f}x", f"{r['fastest'][key]:.2f}x"]
+                  for key, text in COMPARISONS.items()]
     return "\n".join([
         table(header, rows), "", table(["comparison", "from medians", "from fastest epochs"], ratio_rows), "",
         f"Ray start-up (local instance, once per process, not in any stage time): {startup:.1f} s.",
-        f"One run per variant, {any_m['epochs']} epochs each, same seed; per-epoch figures are the median and "
-        f"the fastest of the {any_m['epochs_timed']} epochs after the first. 'train loop' is train_epoch alone "
-        "(plain: its recorded seconds; Ray: rows per worker / the slowest worker's samples/s); 'epoch s' adds "
-        "validation (only Ray records it); 'stage wall' is the whole teacher stage from manifest.json (Ray: data "
-        "read, worker start, a checkpoint per epoch, test); 'outside epochs' is stage wall minus the epochs' "
-        "own time (Ray: epoch s; plain: train loop). Test accuracy: digits test split (360 images, 1 image = 0.28 pts).",
+        f"One run per variant, {any_m['epochs']} epochs each, same seed; per-epoch figures are the median "
+        f"and the fastest of the {any_m['epochs_timed']} epochs after the first. 'train loop' is "
+        "train_epoch alone (plain: its recorded seconds; Ray: rows per worker / the slowest worker's "
+        "samples/s); 'epoch s' adds validation (only Ray records it); 'stage wall' is the whole teacher "
+        "stage from manifest.json (Ray: data read, worker start, a checkpoint per epoch, test); 'outside "
+        "epochs' is stage wall minus the epochs' own time (Ray: epoch s; plain: train loop). Test "
+        "accuracy: digits test split (360 images, 1 image = 0.28 pts).",
         "1-minute load average before each run (2 cores; above ~1-2 means other work shared them): "
         + ", ".join(f"{m['load_avg_1min_before']:.1f}" for m in v.values()) + ".",
         machine_lines(info)])
@@ -139,7 +146,8 @@ def report(v: dict[str, dict], r: dict[str, dict], startup: float, info: dict) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 epochs per variant (a smoke test, not a result)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 epochs per variant (a smoke test, not a result)")
     args = parser.parse_args()
     epochs = ["teacher.train.epochs=3"] if args.quick else []  # else the preset's 30
     with tempfile.TemporaryDirectory(prefix="train_scaling-") as storage:
@@ -151,7 +159,8 @@ def main() -> None:
                      for label, o in VARIANTS.items() if label not in plain}
     r = {"median": ratios(variants, ""), "fastest": ratios(variants, "fastest_")}
     info = machine("1 per Ray worker (1 CPU each); plain process as its row says")
-    figures = {"machine": info, "runs_per_figure": 1, "ray_startup_s": startup, "variants": variants, "ratios": r,
+    figures = {"machine": info, "runs_per_figure": 1, "ray_startup_s": startup, "variants": variants,
+               "ratios": r,
                "note": "per-epoch figures: median and min over epochs 2..N of one run"}
     publish("train_scaling", report(variants, r, startup, info), figures, args.quick)
 

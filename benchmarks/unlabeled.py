@@ -77,12 +77,14 @@ def report(per_seed: list[dict], seeds: list[int], info: dict) -> str:
     means = {v: {"student": mean([r[v]["student"] for r in per_seed]),
                  **({"vs_labeled": mean([r[v]["vs_labeled"] for r in per_seed])} if i else {})}
              for i, v in enumerate(VARIANTS)}
-    rows.append([f"**mean of {len(seeds)}**", f"{mean([r['teacher'] for r in per_seed]):.2%}", *_cells(means)])
+    rows.append([f"**mean of {len(seeds)}**", f"{mean([r['teacher'] for r in per_seed]):.2%}",
+                 *_cells(means)])
     header = ["seed", "teacher", *VARIANTS, *(f"{v} - labeled (pts, 95% CI)" for v in list(VARIANTS)[1:])]
     return "\n".join([table(header, rows), "",
-                      "Test accuracy of the distilled student on the digits test split (360 images: 1 image = 0.28 "
-                      "pts), one run per seed and variant, in this process (ray.workers=0). Differences are paired "
-                      "on the same images; an interval that holds 0 is a tie.", machine_lines(info)])
+                      "Test accuracy of the distilled student on the digits test split (360 images: "
+                      "1 image = 0.28 pts), one run per seed and variant, in this process "
+                      "(ray.workers=0). Differences are paired on the same images; an interval that "
+                      "holds 0 is a tie.", machine_lines(info)])
 
 
 def _cells(r: dict) -> list[str]:

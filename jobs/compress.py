@@ -1,10 +1,12 @@
 """Compress the trained student (and teacher) into pruned and quantized variants; measure them.
 
 Locally:     python jobs/compress.py --config configs/digits.yaml
-On a cluster: ray job submit --address ADDR --working-dir . -- python jobs/compress.py --config configs/digits.yaml
+On a cluster: ray job submit --address ADDR --working-dir . -- python jobs/compress.py \
+                  --config configs/digits.yaml
 (with a `storage_path` every node reaches, a shared folder or an s3:// / gs:// URI: a job's
 working directory is temporary)
-Same code as `distillery compress`; it needs the trained teacher and students (`jobs/train.py`, `jobs/distill.py`).
+Same code as `distillery compress`; it needs the trained teacher and students (`jobs/train.py`,
+`jobs/distill.py`).
 Fine-tuning after pruning runs on Ray Train; the timing runs in this process, one thread.
 """
 

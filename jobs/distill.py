@@ -1,7 +1,8 @@
 """Distill the trained teacher into the student on Ray Train.
 
 Locally:     python jobs/distill.py --config configs/digits.yaml
-On a cluster: ray job submit --address ADDR --working-dir . -- python jobs/distill.py --config configs/digits.yaml
+On a cluster: ray job submit --address ADDR --working-dir . -- python jobs/distill.py \
+                  --config configs/digits.yaml
 (with a `storage_path` every node reaches, a shared folder or an s3:// / gs:// URI: a job's
 working directory is temporary)
 Same code as `distillery distill`; it needs the trained teacher (`jobs/train.py`) of the same config.

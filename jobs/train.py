@@ -1,7 +1,8 @@
 """Train the teacher, the student alone (the distillation baseline) and the distilled student on Ray Train.
 
 Locally:     python jobs/train.py --config configs/digits.yaml
-On a cluster: ray job submit --address ADDR --working-dir . -- python jobs/train.py --config configs/digits.yaml
+On a cluster: ray job submit --address ADDR --working-dir . -- python jobs/train.py \
+                  --config configs/digits.yaml
 (with a `storage_path` every node reaches, a shared folder or an s3:// / gs:// URI: a job's
 working directory is temporary)
 Same code as `distillery train`; it prepares the data first if needed.

@@ -15,6 +15,9 @@ import pytest
 from distillery.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# Helpers moved out of the test modules keep their asserts' detail: pytest rewrites these as it
+# does the tests (a failure shows the values compared).
+pytest.register_assert_rewrite("serving_helpers", "rig_helpers")
 
 
 def pytest_collection_modifyitems(items):

@@ -63,12 +63,14 @@ class Node:
 
 
 class Cluster:
-    """`Cluster(folder, env)`: `start_head()`, `add_nodes(n)`, `kill(node)`, `names()`, `stop()`; `env` is what every node and client gets (the S3 server's, say), plus the token."""
+    """`Cluster(folder, env)`: `start_head()`, `add_nodes(n)`, `kill(node)`, `names()`, `stop()`;
+    `env` is what every node and client gets (the S3 server's, say), plus the token."""
 
     def __init__(self, folder: Path, env: dict[str, str], rig=None, head_args: list[str] = (),
                  head_env: dict[str, str] | None = None):
         self.folder, self.token, self.rig = folder, secrets.token_hex(32), rig
-        self.head_args, self.head_env = list(head_args), head_env or {}  # `ray start` options of the head only
+        # `ray start` options of the head only
+        self.head_args, self.head_env = list(head_args), head_env or {}
         self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         self.env.pop("RAY_ADDRESS", None)
         # Machines of a rig each have their own ports: Ray's defaults, as on real machines. Nodes
@@ -195,9 +197,10 @@ class Cluster:
             cache = self.folder / "disk" / "cache"
             prefix = self.rig.exec(name, private=self.folder / "disk")
         process = subprocess.Popen(
-            [*prefix, str(BIN / "ray"), "start", "--block", f"--node-ip-address={self.ip(name)}", f"--temp-dir={temp}",
-             "--disable-usage-stats", f"--labels={json.dumps({LABEL: name})}", *args],
-            env={**self.env, **(env or {}), "DISTILLERY_CACHE": str(cache)}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+            [*prefix, str(BIN / "ray"), "start", "--block", f"--node-ip-address={self.ip(name)}",
+             f"--temp-dir={temp}", "--disable-usage-stats", f"--labels={json.dumps({LABEL: name})}", *args],
+            env={**self.env, **(env or {}), "DISTILLERY_CACHE": str(cache)}, stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group: `kill` takes the whole node
         return Node(name, temp, cache, process, log)
 
@@ -220,14 +223,16 @@ class Cluster:
         raise AssertionError(f"waited {timeout} s for {what}: " + node.log.read_text()[-3000:])
 
 
-def submit(address: str, env: dict, *entrypoint: str, timeout: float, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def submit(address: str, env: dict, *entrypoint: str, timeout: float,
+           prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`ray job submit` of `entrypoint` with this project as the working dir, waiting for its
     end; from another machine of a rig with `prefix` (`Rig.exec`)."""
     # Ray's dashboard can answer before its job agent is up; it then refuses the submission
     # with "please try again later", which is what a user would do.
     for _ in range(30):
-        result = subprocess.run([*prefix, str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                                 "--", *entrypoint], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run([*prefix, str(BIN / "ray"), "job", "submit", "--address", address,
+                                 "--working-dir", str(ROOT), "--", *entrypoint],
+                                env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         if "No available agent to submit job" not in result.stderr:
             return result
         time.sleep(2)

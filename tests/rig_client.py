@@ -25,7 +25,8 @@ def infer(url: str, grpc_address: str, model: str, body_path: str) -> dict:
     inp.set_data_from_numpy(x)
     result = triton.InferenceServerClient(grpc_address).infer(model, [inp])
     return {"http_label": http["label"], "http_logits": http["logits"],
-            "grpc_label": result.as_numpy("label").tolist(), "grpc_logits": result.as_numpy("logits").ravel().tolist()}
+            "grpc_label": result.as_numpy("label").tolist(),
+            "grpc_logits": result.as_numpy("logits").ravel().tolist()}
 
 
 def probe(addresses: list[str]) -> list[str]:

@@ -56,7 +56,8 @@ def listening(rig: Rig, name: str) -> set[tuple[str, int]]:
             if len(address) == 8:
                 address = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))
             else:
-                address = "::" if set(address) == {"0"} else "::1" if address.endswith("01000000") else address
+                address = ("::" if set(address) == {"0"}
+                           else "::1" if address.endswith("01000000") else address)
             found.add((address, int(port, 16)))
     return found
 
@@ -79,7 +80,8 @@ def redis_server(host: str, log: Path):
         port = s.getsockname()[1]
     password = secrets.token_hex(16)
     server = subprocess.Popen([binary, "--bind", host, "--port", str(port), "--requirepass", password,
-                               "--save", "", "--appendonly", "no"], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+                               "--save", "", "--appendonly", "no"],
+                              stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 30
         while not accepts(host, port):

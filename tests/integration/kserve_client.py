@@ -30,9 +30,12 @@ async def over_http(base: str, model: str, key: str, x: np.ndarray) -> dict:
     client, headers = InferenceRESTClient(RESTConfig(protocol="v2", retries=0)), {"x-api-key": key}
     try:
         out = {"ready": await client.is_model_ready(base, model, headers=headers),
-               "ready_wrong_key": await client.is_model_ready(base, model, headers={"x-api-key": "wrong"})}
-        for name, target, binary in (("json", model, False), ("binary", model, True), ("auto", "auto", False)):
-            reply = await client.infer(base, _request(target, x, binary), model_name=target, headers=dict(headers))
+               "ready_wrong_key": await client.is_model_ready(base, model,
+                                                              headers={"x-api-key": "wrong"})}
+        for name, target, binary in (("json", model, False), ("binary", model, True),
+                                     ("auto", "auto", False)):
+            reply = await client.infer(base, _request(target, x, binary), model_name=target,
+                                       headers=dict(headers))
             out[name] = {"labels": _labels(reply), "id": reply.id}
         return out
     finally:
@@ -44,7 +47,8 @@ async def over_grpc(target: str, model: str, key: str, x: np.ndarray) -> dict:
     try:
         out = {"ready": await client.is_model_ready(model, headers=[("x-api-key", key)])}
         for name, which in (("grpc", model), ("grpc_auto", "auto")):
-            out[name] = {"labels": _labels(await client.infer(_request(which, x), headers=[("x-api-key", key)]))}
+            reply = await client.infer(_request(which, x), headers=[("x-api-key", key)])
+            out[name] = {"labels": _labels(reply)}
         try:
             await client.infer(_request(model, x), headers=[("x-api-key", "wrong")])
         except Exception as e:  # grpc.aio.AioRpcError: its code is the point

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT, free_port
 from PIL import Image
-from test_serving import KEY, _call, _infer_body
+from serving_helpers import KEY, _call, _infer_body
 from torch.export import Dim
 
 from distillery import artifacts, data
@@ -24,7 +24,8 @@ from distillery.config import ServeConfig
 from distillery.serving.predictor import Predictor, catalog
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
-VARIANTS = ("[{name: slim, steps: [{kind: prune_channels, mac_ratio: 1.5, round_to: 8}, {kind: finetune, epochs: 1}]},"
+VARIANTS = ("[{name: slim, steps: [{kind: prune_channels, mac_ratio: 1.5, round_to: 8},"
+            " {kind: finetune, epochs: 1}]},"
             " {name: slim-int8, parent: slim, steps: [{kind: int8_static, calibration_samples: 64}]},"
             " {name: teacher-int8, parent: teacher, steps: [{kind: int8_static}]},"
             " {name: cascade, steps: [{kind: cascade, to: teacher}]}]")
@@ -44,8 +45,8 @@ def byo(tmp_path_factory):
                  "--set", "teacher.model={kind: torchvision, name: resnet18}"]) == 0
     teacher, _ = artifacts.load(elsewhere / "tiny" / "teacher")
     program = base / "resnet18.pt2"
-    torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: Dim("batch")},)),
-                      str(program))
+    torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),),
+                                          dynamic_shapes=({0: Dim("batch")},)), str(program))
     images = base / "unlabeled"  # the first run's training images as PNGs, at two depths, labels dropped
     x, _ = data.load_split(elsewhere / "tiny" / "data", "train")
     for i, image in enumerate(x):
@@ -56,7 +57,8 @@ def byo(tmp_path_factory):
     storage = base / "runs"
     assert main(["run", *_settings(storage), "--set", f"teacher.import_from={program}",
                  "--set", "student.model={kind: torchvision, name: mobilenet_v3_small}",
-                 "--set", f"distill.transfer={{source: folder, path: {images}, image_shape: [1, 8, 8], labeled: false}}",
+                 "--set", f"distill.transfer={{source: folder, path: {images}, image_shape: [1, 8, 8], "
+                          "labeled: false}",
                  "--set", f"compress.variants={VARIANTS}"]) == 0
     return storage / "tiny", elsewhere / "tiny", program, x
 
@@ -88,11 +90,13 @@ def test_mobilenet_is_pruned_and_quantized_and_the_program_is_refused_as_a_paren
     frontier = json.loads((run / "frontier.json").read_text())
     records = {r["name"]: r for r in frontier["variants"]}
     assert {"teacher", "student", "slim", "slim-int8", "cascade"} <= records.keys()
-    assert records["slim"]["macs"] < records["student"]["macs"] and records["slim-int8"]["numerics"] == "int8_static"
+    assert records["slim"]["macs"] < records["student"]["macs"] and \
+        records["slim-int8"]["numerics"] == "int8_static"
     assert json.loads((run / "variants" / "slim-int8" / "arch.json").read_text())["format"] == "pt2e"
     assert [r["name"] for r in frontier["refused"]] == ["teacher-int8"]
     assert "imported torch.export program, a fixed graph" in frontier["refused"][0]["reason"]
-    assert "teacher-int8 (teacher -> int8_static): teacher is an imported" in (run / "frontier.md").read_text()
+    assert "teacher-int8 (teacher -> int8_static): teacher is an imported" in \
+        (run / "frontier.md").read_text()
 
 
 def test_the_mobilenet_variants_the_program_and_the_cascade_serve_over_http(byo):
@@ -113,7 +117,8 @@ def test_the_mobilenet_variants_the_program_and_the_cascade_serve_over_http(byo)
             status, reply = _call(f"{base}/v2/models/{model.name}/infer", _infer_body(x))
             assert status == 200, (model.name, reply)
             here = Predictor(model)(x)
-            assert torch.allclose(torch.tensor(reply["outputs"][0]["data"]).reshape(5, 4), here, atol=1e-4), model.name
+            served = torch.tensor(reply["outputs"][0]["data"]).reshape(5, 4)
+            assert torch.allclose(served, here, atol=1e-4), model.name
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -14,8 +14,8 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 def _run(tmp_path, *args):
     # Serving and the load test are covered by test_pipeline.py; here: training in process.
-    return main([*args, "--config", TINY, "--set", f"storage_path={tmp_path / 'runs'}", "--set", "ray.workers=0",
-                 "--set", "serve.enabled=false"])
+    return main([*args, "--config", TINY, "--set", f"storage_path={tmp_path / 'runs'}",
+                 "--set", "ray.workers=0", "--set", "serve.enabled=false"])
 
 
 def _manifest(tmp_path):
@@ -111,7 +111,8 @@ def test_tampered_weights_are_refused_by_evaluate_and_retrained_by_run(tmp_path,
 
 def test_digits_teacher_reaches_99_percent(tmp_path):
     """The default preset's teacher on the real digits data (issue target: >= 99.0% test accuracy)."""
-    assert main(["train", "--model", "teacher", "--set", f"storage_path={tmp_path}", "--set", "ray.workers=0"]) == 0
+    assert main(["train", "--model", "teacher", "--set", f"storage_path={tmp_path}",
+                 "--set", "ray.workers=0"]) == 0
     metrics = json.loads((tmp_path / "digits" / "teacher" / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.99
 
@@ -136,7 +137,8 @@ def test_a_run_on_an_image_folder_trains_compresses_and_reports(tmp_path, capsys
     root = tmp_path / "runs" / "tiny"
     data_manifest = json.loads((root / "data" / "manifest.json").read_text())
     assert data_manifest["classes"] == ["bar", "cross"] and data_manifest["skipped"]["count"] == 1
-    assert "skipped 1 file(s)" in capsys.readouterr().out and "bar/broken.png" in data_manifest["skipped"]["files"][0]
+    assert "skipped 1 file(s)" in capsys.readouterr().out and \
+        "bar/broken.png" in data_manifest["skipped"]["files"][0]
     results = json.loads((root / "results.json").read_text())
     assert results["models"]["teacher"]["test_accuracy"] >= 0.9  # two easy patterns
     frontier = json.loads((root / "frontier.json").read_text())
@@ -156,8 +158,10 @@ def test_an_imported_teacher_distills_the_same_student_as_the_trained_one(tmp_pa
     run = second / "tiny"
     teacher = json.loads((run / "manifest.json").read_text())["stages"]["teacher"]["metrics"]
     assert teacher["imported_from"] == str((first / "teacher").resolve()) and teacher["epochs"] == 0
-    assert sha256_file(run / "teacher" / "model.safetensors") == sha256_file(first / "teacher" / "model.safetensors")
-    assert sha256_file(run / "student" / "model.safetensors") == sha256_file(first / "student" / "model.safetensors")
+    assert sha256_file(run / "teacher" / "model.safetensors") == \
+        sha256_file(first / "teacher" / "model.safetensors")
+    assert sha256_file(run / "student" / "model.safetensors") == \
+        sha256_file(first / "student" / "model.safetensors")
     assert "imported from" in (run / "report.md").read_text()
     # The digits preset: 1x8x8 images too, but 10 classes, not tiny's 4.
     assert main(["train", "--set", f"storage_path={tmp_path / 'other'}", "--set", "ray.workers=0",

@@ -22,7 +22,13 @@ import pytest
 import torch
 from conftest import ROOT, _object_store, free_port, make_bucket
 from netns_rig import HOST, SUBNET, Rig, unavailable
-from ray_nodes import BIN, LABEL, Cluster, submit
+from ray_nodes import LABEL, Cluster, submit
+from rig_helpers import (
+    COMMON,
+    _driver_on_the_head,
+    _resumed_with_the_undisturbed_accuracy,
+    _train_and_lose_machines,
+)
 from rig_state import (
     answers,
     get,
@@ -34,16 +40,15 @@ from rig_state import (
     servers,
     wait_for_replacement,
 )
-from test_ray_resume import registered_epoch
 
 from distillery.compat import ingress
 from distillery.loadtest import generator
-from distillery.measure.accuracy import interval
 from distillery.serving import firewall
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=f"no network namespaces here: {unavailable()}")
 
-NODES = f"{SUBNET}.0/27"  # head .1, workers .2 to .30 (replacements included); the client (.100) is outside it
+# head .1, workers .2 to .30 (replacements included); the client (.100) is outside it
+NODES = f"{SUBNET}.0/27"
 INGRESS = (8000, 8001)    # serve.port, serve.grpc_port: their defaults, each machine has its own ports
 # The tiny preset, sized so an epoch lasts long enough to lose a machine in the middle of one:
 # the job's teacher (4 epochs of 600 images) is the undisturbed run the fault test compares with.
@@ -58,8 +63,6 @@ QUICK_VARIANTS = ("[{name: int8, steps: [{kind: int8_static, calibration_samples
                   " {name: cascade, steps: [{kind: cascade, to: teacher}]}]")
 SERVED = "student"  # the one model the job serves (two replicas, one on each worker machine)
 HEAD_OBJECT_STORE = 80 * 2**20  # bytes: a small head (Ray allows 75 MiB at least); workers get Ray's default
-COMMON = ["--config", "configs/tiny.yaml", "--set", "data.num_samples=600", "--set", "teacher.train.epochs=4",
-          "--set", "ray.placement_strategy=STRICT_SPREAD"]  # the two Train workers on two machines
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,8 @@ def cluster(rig, s3, redis, tmp_path_factory):
     if redis:  # GCS fault tolerance: the cluster's state in an external Redis, as cluster.yaml says
         head_env, head_args = {"RAY_REDIS_ADDRESS": redis[0]}, [*head_args, f"--redis-password={redis[1]}"]
     nodes = Cluster(tmp_path_factory.mktemp("rig"), env, rig, head_args, head_env)
-    rules = firewall.rules([NODES], [*INGRESS, nodes.dashboard_port])  # the dashboard: token auth, job submission
+    # the dashboard: token auth, job submission
+    rules = firewall.rules([NODES], [*INGRESS, nodes.dashboard_port])
 
     def apply_firewall(name: str) -> None:
         done = rig.run(name, ["nft", "-f", "-"], input=rules, capture_output=True, text=True)
@@ -149,8 +153,8 @@ def test_training_runs_on_two_machines_and_the_replicas_on_the_workers(cluster, 
     assert all(s["status"] == "done" for s in manifest["stages"].values())
 
 
-def test_a_client_machine_gets_in_process_answers_over_http_and_grpc_and_every_replica_is_up(rig, cluster, job,
-                                                                                                tmp_path):
+def test_a_client_machine_gets_in_process_answers_over_http_and_grpc_and_every_replica_is_up(
+        rig, cluster, job, tmp_path):
     from distillery.serving.predictor import Predictor, catalog
 
     bucket, _ = job
@@ -175,7 +179,8 @@ def test_a_client_machine_gets_in_process_answers_over_http_and_grpc_and_every_r
     replicas = [r for r in after if r["svname"].startswith("SERVE_REPLICA")]
     assert len(replicas) >= 4  # HTTP and gRPC of every model replica, on the worker machines
     # Both requests went to replicas; none through Ray's Python fallback proxy (a backup server).
-    answered = {k for k in before if any(int(r["stot"]) > before[k] for r in after if (r["pxname"], r["svname"]) == k)}
+    answered = {k for k in before
+                if any(int(r["stot"]) > before[k] for r in after if (r["pxname"], r["svname"]) == k)}
     assert answered and all(svname.startswith("SERVE_REPLICA") for _, svname in answered), answered
     fallback = [r for r in after if not r["svname"].startswith("SERVE_REPLICA")]
     assert fallback and all(int(r["stot"]) == before[(r["pxname"], r["svname"])] for r in fallback)
@@ -195,12 +200,15 @@ def test_from_the_client_only_the_ingress_and_ray_s_token_ports_answer(rig, clus
                 targets.append(f"{cluster.ip(name)}:{port}")
     assert len(targets) > 20  # Ray's, Serve's replicas and fallback proxies, HAProxy's frontends
     ingresses = ingress_nodes(rig, cluster, INGRESS[0])
-    assert "head" in ingresses and {"worker1", "worker2"} & set(ingresses), ingresses  # EveryNode: workers too
+    # EveryNode: workers too
+    assert "head" in ingresses and {"worker1", "worker2"} & set(ingresses), ingresses
     stats = {int(cluster.env[v]) for v in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
-    assert {(n, p) for n in ingresses for p in stats} <= loopback  # HAProxy's stats and metrics: loopback only
+    # HAProxy's stats and metrics: loopback only
+    assert {(n, p) for n in ingresses for p in stats} <= loopback
     probe = [sys.executable, str(ROOT / "tests" / "rig_client.py"), "probe", *targets]
     from_client = json.loads(rig.run("client", probe, capture_output=True, text=True, timeout=300).stdout)
-    expected = [f"{cluster.ip(n)}:{p}" for n in ingresses if n in ("head", "worker1", "worker2") for p in INGRESS]
+    expected = [f"{cluster.ip(n)}:{p}" for n in ingresses if n in ("head", "worker1", "worker2")
+                for p in INGRESS]
     assert sorted(from_client) == sorted([*expected, f"{cluster.ip('head')}:{cluster.dashboard_port}"])
     # Inside the cluster the internal listeners answer: the nodes reach each other.
     from_node = json.loads(rig.run("worker1", probe, capture_output=True, text=True, timeout=300).stdout)
@@ -212,8 +220,9 @@ def test_from_the_client_only_the_ingress_and_ray_s_token_ports_answer(rig, clus
 
 
 def test_a_local_storage_path_on_a_cluster_of_machines_fails_at_once_saying_what_to_change(rig, cluster, job):
-    result = submit(cluster.dashboard, cluster.env, sys.executable, "jobs/pipeline.py", "--config", "configs/tiny.yaml",
-                    "--set", "storage_path=/tmp/distillery-rig-runs", timeout=300, prefix=tuple(rig.exec("client")))
+    result = submit(cluster.dashboard, cluster.env, sys.executable, "jobs/pipeline.py",
+                    "--config", "configs/tiny.yaml", "--set", "storage_path=/tmp/distillery-rig-runs",
+                    timeout=300, prefix=tuple(rig.exec("client")))
     assert result.returncode != 0
     out = result.stdout + result.stderr
     assert "is a folder on this machine" in out and "storage_path=s3://" in out, out[-3000:]
@@ -264,77 +273,10 @@ def test_losing_a_machine_while_serving_loses_only_what_it_had_in_flight(cluster
     full = sorted(ok[:int(kill)])[int(kill) // 2]
     back = next((s for s in range(int(kill) + 1, len(ok) - 3) if sum(ok[s:s + 3]) >= 3 * 0.8 * full), None)
     assert back is not None, f"never back at {full}/s after the kill: {ok}"
-    print(f"serving machine loss: {len(failed)} failed of {len(in_flight)} in flight of {len(samples)} requests; "
-          f"full rate ({full}/s) again {back - kill:.1f} s after the kill; replacement replica running after "
-          f"{replaced_s:.1f} s")
+    print(f"serving machine loss: {len(failed)} failed of {len(in_flight)} in flight of {len(samples)} "
+          f"requests; full rate ({full}/s) again {back - kill:.1f} s after the kill; replacement replica "
+          f"running after {replaced_s:.1f} s")
     assert back - kill <= 30
-
-
-CPUS_PER_WORKER = 0.5
-
-
-def _driver_on_the_head(rig: Rig, cluster: Cluster, bucket: str, prefix: str, tmp_path, *sets: str) -> list[str]:
-    """`distillery train --model teacher` into `prefix` by a driver on the head machine (a cache of its
-    own), once two machines have room for a worker each (STRICT_SPREAD): an earlier test lost one,
-    and the replacement replicas Serve started filled what was left; fresh machines join for the rest."""
-    room = [name for name, cpus in cluster.free_cpus().items() if name != "head" and cpus >= CPUS_PER_WORKER]
-    if len(room) < 2:
-        started = time.time()
-        cluster.add_nodes(2 - len(room))
-        print(f"{2 - len(room)} machine(s) added for the driver in {time.time() - started:.0f} s")
-    return [*rig.exec("head"), "env", f"DISTILLERY_CACHE={tmp_path / 'driver-cache'}", str(BIN / "distillery"),
-            "train", "--model", "teacher", *COMMON, "--set", f"storage_path={bucket}/{prefix}",
-            "--set", f"ray.address={cluster.address}", "--set", f"ray.cpus_per_worker={CPUS_PER_WORKER}",
-            *(arg for item in sets for arg in ("--set", item))]
-
-
-def _train_and_lose_machines(rig: Rig, cluster: Cluster, bucket: str, prefix: str, losses: list,
-                             tmp_path) -> dict:
-    """The teacher trained again into `prefix` by a driver on the head machine; for each
-    (epoch, lose) of `losses`, once `epoch` epochs are registered in the bucket, `lose(node)`
-    takes the machine of one of its two workers away and a fresh machine joins (STRICT_SPREAD:
-    two workers need two live nodes). Returns the stage's metrics once it finished, checking
-    the driver said what happened."""
-    cmd = _driver_on_the_head(rig, cluster, bucket, prefix, tmp_path)
-    run = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
-    started = time.time()
-    location, deadline = f"{bucket}/{prefix}/tiny", started + 300
-    for epoch, lose in losses:
-        while registered_epoch(location) < epoch and run.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert run.poll() is None, run.stdout.read()[-3000:]
-        training = {a["node_id"] for a in cluster.actors()
-                    if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"}
-        if not training or registered_epoch(location) > epoch:  # say where it stands
-            run.kill()
-            raise AssertionError(f"{len(training)} Ray Train worker(s) alive at {registered_epoch(location)} "
-                                 f"epoch(s), waiting for {epoch} (free CPUs: {cluster.free_cpus()}): "
-                                 + run.stdout.read()[-3000:])
-        names, lost = cluster.names(), time.time()
-        lose(next(n for n in cluster.workers if names.get(next(iter(training))) == n.name))
-        cluster.add_nodes(1)
-        print(f"{prefix}: {epoch} epochs after {lost - started:.0f} s, a machine lost in {time.time() - lost:.0f} s")
-    out, _ = run.communicate(timeout=400)
-    print(f"{prefix}: finished {time.time() - started:.0f} s after the driver started")
-    assert run.returncode == 0, out[-3000:]
-    assert out.count("worker failure") >= len(losses) and "resumed from the checkpoint of epoch" in out, out
-    return json.loads(get(bucket, f"{prefix}/tiny/manifest.json"))["stages"]["teacher"]["metrics"]
-
-
-def _resumed_with_the_undisturbed_accuracy(bucket: str, metrics: dict, epochs: list[int], what: str) -> None:
-    """Training resumed once after each of `epochs`, from that epoch's checkpoint (no finished
-    epoch redone), and scored within the undisturbed run's 95% interval."""
-    assert [r["resumed_from"] for r in metrics["restarts"]] == epochs, metrics["restarts"]
-    for restart in metrics["restarts"]:
-        assert restart["worker_failures"] and restart["last_epoch_before"] == restart["resumed_from"]
-    assert metrics["epochs"] == 4
-    undisturbed = json.loads(get(bucket, "runs/tiny/manifest.json"))["stages"]["teacher"]["metrics"]
-    images = json.loads(get(bucket, "runs/tiny/data/manifest.json"))["counts"]["test"]["total"]
-    low, high = interval(undisturbed["test_accuracy"], images)
-    print(f"{what}: test accuracy {metrics['test_accuracy']:.2%} vs undisturbed {undisturbed['test_accuracy']:.2%} "
-          f"({low:.2%}-{high:.2%}, {images} images); restarts {metrics['restarts']}")
-    assert low <= metrics["test_accuracy"] <= high
 
 
 def test_a_training_machine_lost_then_another_partitioned_training_resumes_each_time_from_the_bucket(
@@ -361,7 +303,8 @@ def test_a_training_machine_lost_then_another_partitioned_training_resumes_each_
     _resumed_with_the_undisturbed_accuracy(bucket, metrics, [2, 3], "a machine lost, another partitioned")
 
 
-def test_a_training_split_larger_than_the_head_s_object_store_streams_from_the_bucket(rig, cluster, job, tmp_path):
+def test_a_training_split_larger_than_the_head_s_object_store_streams_from_the_bucket(rig, cluster, job,
+                                                                                      tmp_path):
     """Synthetic 3x96x96 images, their training split larger than the head's whole object store:
     read tasks stream it from the bucket, shard by shard, every epoch."""
     bucket, _ = job
@@ -378,7 +321,8 @@ def test_a_training_split_larger_than_the_head_s_object_store_streams_from_the_b
     assert sum(shards.values()) > store >= HEAD_OBJECT_STORE * 0.9
     reads = [t for t in cluster.state("tasks") if "read_verified_tables" in t["name"]
              and t["state"] == "FINISHED" and t.get("start_time_ms", 0) >= started * 1000]
-    print(f"{sum(shards.values()) / 2**20:.0f} MiB in {len(shards)} shards, head object store {store / 2**20:.0f} MiB; "
+    print(f"{sum(shards.values()) / 2**20:.0f} MiB in {len(shards)} shards, head object store "
+          f"{store / 2**20:.0f} MiB; "
           f"{len(reads)} read tasks on {sorted({cluster.names()[t['node_id']] for t in reads})}; "
           f"{time.time() - started:.0f} s")
     assert len(reads) >= 2 * len(shards)  # each epoch read every shard again
@@ -403,8 +347,8 @@ def test_losing_the_head_machine_a_worker_s_ingress_keeps_answering(rig, cluster
     model = SERVED
     entry = next(n for n in ingress_nodes(rig, cluster, INGRESS[0]) if n != "head")
     body = get(bucket, "runs/tiny/serve/request.json")
-    load = generator.closed_loop(f"http://{cluster.ip(entry)}:{INGRESS[0]}/v2/models/{model}/infer", body, CLIENTS,
-                                 HEAD_LOAD_S, {"content-type": "application/json"}, timeout_s=30)
+    load = generator.closed_loop(f"http://{cluster.ip(entry)}:{INGRESS[0]}/v2/models/{model}/infer", body,
+                                 CLIENTS, HEAD_LOAD_S, {"content-type": "application/json"}, timeout_s=30)
 
     async def load_and_lose_the_head():
         task = asyncio.ensure_future(load)

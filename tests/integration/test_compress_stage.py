@@ -28,15 +28,19 @@ from distillery.training.loop import batches, evaluate
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 VARIANTS = ("compress.variants=["
-            "{name: sparse, steps: [{kind: prune_unstructured, sparsity: 0.5}, {kind: finetune, epochs: 2}]}, "
-            "{name: slim, steps: [{kind: prune_channels, mac_ratio: 1.5, round_to: 4}, {kind: finetune, epochs: 1}]}, "
-            "{name: q8, steps: [{kind: int8_static, max_drop: -1.0, qat_epochs: 1}]}, "  # max_drop -1: always QAT
+            "{name: sparse, steps: [{kind: prune_unstructured, sparsity: 0.5}, "
+            "{kind: finetune, epochs: 2}]}, "
+            "{name: slim, steps: [{kind: prune_channels, mac_ratio: 1.5, round_to: 4}, "
+            "{kind: finetune, epochs: 1}]}, "
+            # max_drop -1: always QAT
+            "{name: q8, steps: [{kind: int8_static, max_drop: -1.0, qat_epochs: 1}]}, "
             "{name: w4, steps: [{kind: weight_only, bits: 4, group_size: 16}]}, "
             "{name: dyn, steps: [{kind: int8_dynamic}]}]")
 NAMES = ("sparse", "slim", "q8", "w4", "dyn")
 BASES = ("teacher", "student", "student_scratch")
-FAST = ["--set", "ray.workers=0", "--set", "serve.enabled=false", "--set", "compress.bench.latency_runs=20", "--set", "compress.bench.throughput_runs=2",
-        "--set", "compress.bench.throughput_batch=32", "--set", "compress.bench.modes=[eager]"]
+FAST = ["--set", "ray.workers=0", "--set", "serve.enabled=false", "--set", "compress.bench.latency_runs=20",
+        "--set", "compress.bench.throughput_runs=2", "--set", "compress.bench.throughput_batch=32",
+        "--set", "compress.bench.modes=[eager]"]
 
 
 def _main(storage, *args) -> tuple[int, str, str]:
@@ -64,7 +68,8 @@ def test_the_variant_list_given_on_the_command_line_is_what_ran(run):
     manifest = json.loads((root / "manifest.json").read_text())
     assert [v["name"] for v in manifest["config"]["compress"]["variants"]] == list(NAMES)
     assert manifest["config"]["compress"]["bench"]["modes"] == ["eager"]
-    log = (root / "logs" / "run.log").read_text()  # every step is in the run's log; the console has the verdict
+    # every step is in the run's log; the console has the verdict
+    log = (root / "logs" / "run.log").read_text()
     for name in NAMES:
         assert f"[compress] {name}: student -> " in log and f"[compress] {name}: student -> " not in out
     assert "quantization-aware training" in log and "[qat] epoch 1/1" in log
@@ -124,7 +129,8 @@ def test_variants_are_saved_reloadable_and_scored_as_saved(run):
 def test_each_recipe_did_what_it_says(run):
     _, root, _ = run
     records = {r["name"]: r for r in _frontier(root)["variants"]}
-    steps = {name: json.loads((root / "variants" / name / "metrics.json").read_text())["steps"] for name in NAMES}
+    steps = {name: json.loads((root / "variants" / name / "metrics.json").read_text())["steps"]
+             for name in NAMES}
 
     assert steps["q8"][-1]["kind"] == "int8_static" and steps["q8"][-1]["method"] == "qat"
     assert steps["q8"][-1]["qat_epochs"] == 1
@@ -177,7 +183,8 @@ def test_a_recipe_naming_an_unknown_layer_is_refused_before_any_work(run, tmp_pa
     shutil.copytree(run[0], storage)  # a copy: this test changes the manifest
     root = storage / "tiny"
     frontier = (root / "frontier.json").read_bytes()
-    bad = "compress.variants=[{name: bad, steps: [{kind: prune_unstructured, sparsity: 0.5, exclude: [nope]}]}]"
+    bad = "compress.variants=[{name: bad, steps: [{kind: prune_unstructured, sparsity: 0.5, " \
+          "exclude: [nope]}]}]"
     rc, out, err = _main(storage, "compress", "--set", bad)
     assert rc == 2
     assert "compress.variants.bad: prune_unstructured.exclude: no conv/linear layer named nope" in err
@@ -231,7 +238,8 @@ def test_serve_prints_its_own_few_lines_and_sends_ray_s_to_the_run_s_log(run):
     port = free_port()
     serve = subprocess.Popen([str(Path(sys.executable).parent / "distillery"), "serve", str(run_dir),
                               "--set", f"serve.port={port}", "--set", f"serve.grpc_port={free_port()}",
-                              "--set", "serve.auto=false"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              "--set", "serve.auto=false"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(serve.stdout), daemon=True)
     reader.start()

@@ -1,15 +1,16 @@
 """The cluster job, `ray job submit` of jobs/pipeline.py, on separate Ray nodes of one
 machine (all on 127.0.0.1). One cluster for the module (`ray_nodes.Cluster`, the topology of
-cluster.yaml): a head node with no CPUs for work, two worker nodes with 1 CPU each, every node its own raylet, temporary folder and distillery cache, token
-authentication on, HAProxy ingress; the runs live in a bucket of the S3 server on 127.0.0.1,
-so no node reads another node's disk, and the job's driver has a cache of its own too: the
-workers and replicas get everything they read from the bucket, verified. One job serves every
-test here (a submitted pipeline costs minutes on 2 cores): a submit without the token refused,
-the job's console, where things ran (read from Ray's state API, not inferred from the run
-finishing), a client elsewhere and a second driver naming the run by its URI alone. Machines
-of their own (own addresses, a firewall, a client that is not a node) and the loss of one
-while training and serving are test_cluster_rig.py's; Ray's Python proxy, the fallback
-ingress, is test_reliability.py's."""
+cluster.yaml): a head node with no CPUs for work, two worker nodes with 1 CPU each, every
+node its own raylet, temporary folder and distillery cache, token authentication on, HAProxy
+ingress; the runs live in a bucket of the S3 server on 127.0.0.1, so no node reads another
+node's disk, and the job's driver has a cache of its own too: the workers and replicas get
+everything they read from the bucket, verified. One job serves every test here (a submitted
+pipeline costs minutes on 2 cores): a submit without the token refused, the job's console,
+where things ran (read from Ray's state API, not inferred from the run finishing), a client
+elsewhere and a second driver naming the run by its URI alone. Machines of their own (own
+addresses, a firewall, a client that is not a node) and the loss of one while training and
+serving are test_cluster_rig.py's; Ray's Python proxy, the fallback ingress, is
+test_reliability.py's."""
 
 import hashlib
 import json
@@ -28,9 +29,10 @@ from distillery.compat import ingress
 from distillery.files import sha256_file
 
 SERVE_PORT = free_port()  # one Serve instance on this cluster
-COMMON = ["--config", "configs/tiny.yaml", "--set", "data.num_samples=1200", "--set", "teacher.train.epochs=4",
-          "--set", "ray.placement_strategy=STRICT_SPREAD"]
-VARIANTS = "[{name: slim, steps: [{kind: prune_channels, mac_ratio: 1.5, round_to: 4}, {kind: finetune, epochs: 1}]}, " \
+COMMON = ["--config", "configs/tiny.yaml", "--set", "data.num_samples=1200",
+          "--set", "teacher.train.epochs=4", "--set", "ray.placement_strategy=STRICT_SPREAD"]
+VARIANTS = "[{name: slim, steps: [{kind: prune_channels, mac_ratio: 1.5, round_to: 4}, " \
+           "{kind: finetune, epochs: 1}]}, " \
            "{name: int8, steps: [{kind: int8_static, calibration_samples: 64}]}]"
 MAX_CONSOLE_LINES = 80
 
@@ -57,7 +59,8 @@ def job(cluster, tmp_path_factory):
     # One fine-tuned variant and one quantized, a one-level load test without the ramp: the
     # load test's own behaviour is test_pipeline's and test_reliability's.
     args = [*COMMON, "--set", f"storage_path={bucket}/runs", "--set", "distill.cache_teacher_logits=true",
-            "--set", f"compress.variants={VARIANTS}", "--set", f"serve.port={SERVE_PORT}", "--set", "serve.grpc_port=null",
+            "--set", f"compress.variants={VARIANTS}", "--set", f"serve.port={SERVE_PORT}",
+            "--set", "serve.grpc_port=null",
             # Two replicas of each served model, spread over the nodes: losing one node leaves one.
             "--set", "serve.min_replicas=2", "--set", "serve.num_cpus=0.1", "--set", "serve.auto=false",
             "--set", "loadtest.concurrency=[2]", "--set", "loadtest.ramp=[]", "--set", "loadtest.adaptive=[]"]
@@ -69,7 +72,8 @@ def job(cluster, tmp_path_factory):
 def test_submit_without_the_token_is_refused(cluster, tmp_path):
     # No token anywhere: not in the environment, not in ~/.ray/auth_token.
     anonymous = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_TOKEN"} | {"HOME": str(tmp_path)}
-    result = submit(cluster.dashboard, anonymous, sys.executable, "-c", "print('should not run')", timeout=120)
+    result = submit(cluster.dashboard, anonymous, sys.executable, "-c", "print('should not run')",
+                    timeout=120)
     assert result.returncode != 0
     assert "should not run" not in result.stdout
     assert "token" in (result.stdout + result.stderr).lower()
@@ -87,7 +91,8 @@ def test_a_successful_run_prints_a_short_console_without_warnings_or_tracebacks(
     _, _, driver_cache, result = job
     lines = [line for line in driver_output(result.stdout).splitlines() if line.strip()]
     assert 10 < len(lines) <= MAX_CONSOLE_LINES, "\n".join(lines)
-    noisy = [line for line in lines if any(word in line for word in ("Traceback", "WARNING", "Warning", "ERROR", " E "))]
+    noisy = [line for line in lines
+             if any(word in line for word in ("Traceback", "WARNING", "Warning", "ERROR", " E "))]
     assert not noisy, noisy
     assert not [line for line in lines if "epoch 1/4" in line]
     assert "[teacher] epoch 4/4" in next(driver_cache.rglob("logs/run.log")).read_text()
@@ -120,7 +125,8 @@ def test_the_job_runs_across_the_worker_nodes_and_keeps_serving(cluster, job):
                 and "Model" in a["class_name"]]
     assert replicas and all(a["node_id"] in workers for a in replicas)
     manifest = _read(bucket, "runs/tiny/manifest.json")
-    assert all(s["status"] == "done" for s in manifest["stages"].values()) and "teacher_logits" in manifest["stages"]
+    assert all(s["status"] == "done" for s in manifest["stages"].values()) and \
+        "teacher_logits" in manifest["stages"]
     assert manifest["stages"]["teacher"]["metrics"]["workers"] == 2
     sweeps = _read(bucket, "runs/tiny/serve/loadtest/loadtest.json")["sweeps"]  # what runs, not `auto` (off)
     assert sweeps and "auto" not in {r["model"] for r in sweeps}
@@ -152,7 +158,8 @@ def test_the_whole_run_is_in_the_bucket_and_the_nodes_read_it_from_there(cluster
     folders = {n if n in ("teacher", "student", "student_scratch") else f"variants/{n}" for n in served}
     copies = [node.cache / "s3" / bucket.removeprefix("s3://") / "runs" / "tiny" for node in cluster.workers]
     fetched = {str(p.relative_to(copy)): p for copy in copies for p in copy.rglob("*") if p.is_file()}
-    assert {"data/manifest.json", "data/val-00000.parquet", "teacher/model.safetensors"} <= fetched.keys(), fetched
+    assert {"data/manifest.json", "data/val-00000.parquet", "teacher/model.safetensors"} <= fetched.keys(), \
+        fetched
     assert {f"{folder}/model.safetensors" for folder in folders} <= fetched.keys(), (folders, fetched)
     # The training shards and the teacher's cached logits were streamed from the bucket: no copies.
     assert not [rel for rel in fetched if rel.startswith(("data/train-", "teacher_logits/"))], fetched
@@ -166,13 +173,13 @@ def test_a_client_elsewhere_names_the_run_by_its_uri(cluster, job, tmp_path):
     client = {**cluster.env, "DISTILLERY_CACHE": str(tmp_path / "client-cache")}
     model = _read(bucket, "runs/tiny/frontier.json")["recommended"]["name"]
     common = ["--url", f"http://127.0.0.1:{SERVE_PORT}", "--run-dir", f"{bucket}/runs/tiny"]
-    query = subprocess.run([str(BIN / "distillery"), "query", *common, "--model", model, "--sample", "4"], env=client,
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    query = subprocess.run([str(BIN / "distillery"), "query", *common, "--model", model, "--sample", "4"],
+                           env=client, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert query.returncode == 0 and "correct: " in query.stdout, query.stdout + query.stderr
     assert len(query.stdout.splitlines()) == 3 and not query.stderr, query.stdout + query.stderr
-    load = subprocess.run([str(BIN / "distillery"), "loadtest", *common, "--models", model, "--concurrency", "2",
-                           "--duration", "1", "--ramp", ""], env=client, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    load = subprocess.run([str(BIN / "distillery"), "loadtest", *common, "--models", model,
+                           "--concurrency", "2", "--duration", "1", "--ramp", ""],
+                          env=client, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert load.returncode == 0, load.stdout[-3000:] + load.stderr[-3000:]
     # Like `run`: its own few lines; Ray's, and the report's tables, in the report folder's log.
     lines = load.stdout.splitlines()

@@ -45,7 +45,8 @@ def rank_share(name: str, rank: int, *tensors: torch.Tensor) -> list[torch.Tenso
     return list(tensors) if name == "pipeline" else [t.chunk(WORLD)[rank] for t in tensors]
 
 
-def reference_train(kind: str, sizes: list[int], loss_fn, target_index: int = 1) -> tuple[torch.nn.Module, list[float]]:
+def reference_train(kind: str, sizes: list[int], loss_fn,
+                    target_index: int = 1) -> tuple[torch.nn.Module, list[float]]:
     """The same SGD steps on the whole batches with the plain model, in this process."""
     model, data = model_of(kind, 0), fixed_data()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -88,7 +89,8 @@ class _RankIO:
 
     def put(self, what: str, tensors: dict | None = None, **numbers) -> None:
         if tensors is not None:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, self.root / f"{what}.rank{self.rank}.safetensors")
+            save_file({k: v.contiguous() for k, v in tensors.items()},
+                      self.root / f"{what}.rank{self.rank}.safetensors")
         if numbers:
             (self.root / f"{what}.rank{self.rank}.json").write_text(json.dumps(numbers))
 
@@ -159,7 +161,8 @@ def _resume(strategy, io: _RankIO) -> None:
         torch.save(state, io.root / f"stateless_opt.rank{io.rank}.pt")
     dist.barrier()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    strategy.load_optimizer_state(model, opt, torch.load(io.root / f"stateless_opt.rank{own}.pt", weights_only=True))
+    saved = torch.load(io.root / f"stateless_opt.rank{own}.pt", weights_only=True)
+    strategy.load_optimizer_state(model, opt, saved)
     io.put("stateless", lr=opt.param_groups[0]["lr"])
 
 

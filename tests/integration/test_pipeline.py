@@ -46,7 +46,8 @@ def pipeline_runs(tmp_path_factory):
 
         capture.setattr(stages, "write_report", crash)
         assert _run(args, outputs) == 1  # one line on stderr, the traceback in the run's log
-        assert "RuntimeError: injected crash before the report" in (storage / "tiny" / "logs" / "run.log").read_text()
+        assert "RuntimeError: injected crash before the report" in \
+            (storage / "tiny" / "logs" / "run.log").read_text()
         capture.setattr(stages, "write_report", real)
         assert _run(args, outputs) == 0
         mtimes = _mtimes(storage / "tiny")
@@ -59,7 +60,8 @@ def pipeline_runs(tmp_path_factory):
 
 def _mtimes(root):
     """Every file of the run but its logs (each command appends to them)."""
-    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "logs" not in p.relative_to(root).parts}
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and "logs" not in p.relative_to(root).parts}
 
 
 def _run(args, outputs):
@@ -101,12 +103,14 @@ def test_the_console_is_short_and_has_no_warning_or_traceback(pipeline_runs):
     assert len(lines) <= 80, "\n".join(lines)
     noisy = [line for line in lines if any(w in line for w in ("Traceback", "WARNING", "Warning", "ERROR"))]
     assert not noisy, noisy
-    assert "[teacher] epoch 2/2" not in crashed and "[teacher] epoch 2/2" in (root / "logs" / "run.log").read_text()
+    assert "[teacher] epoch 2/2" not in crashed and \
+        "[teacher] epoch 2/2" in (root / "logs" / "run.log").read_text()
 
 
 def test_rerunning_a_finished_run_changes_nothing(pipeline_runs):
     root, (_, _, again), _, before = pipeline_runs
-    assert again.count("done already") == len(STAGES) and "running" not in again.replace("[serve] shut down", "")
+    assert again.count("done already") == len(STAGES) and \
+        "running" not in again.replace("[serve] shut down", "")
     assert _mtimes(root) == before
 
 
@@ -126,7 +130,8 @@ def test_the_load_test_answered_every_request(pipeline_runs):
     assert (root / "serve" / "loadtest" / "adaptive.png").stat().st_size > 0
     assert "Adaptive scenario" in (root / "serve" / "loadtest" / "loadtest.md").read_text()
     stage = json.loads((root / "manifest.json").read_text())["stages"]["serve"]["metrics"]
-    assert stage["lost"] == 0 and stage["requests"] == sum(r["requests"] for r in doc["sweeps"]) + doc["scaling"]["requests"]
+    assert stage["lost"] == 0 and \
+        stage["requests"] == sum(r["requests"] for r in doc["sweeps"]) + doc["scaling"]["requests"]
 
 
 def test_report_has_every_section_with_the_measured_figures(pipeline_runs):
@@ -170,9 +175,11 @@ def test_a_finished_run_keeps_serving_until_ctrl_c(pipeline_runs):
     """The README's main command without --no-keep-serving: every stage done already, the run's
     models deployed again and served until SIGINT, then taken down; exit code 0."""
     root, _, port, before = pipeline_runs
-    cmd = [sys.executable, "-m", "distillery.cli.main", "run", "--config", TINY, "--set", f"storage_path={root.parent}",
-           "--set", "ray.workers=0", "--set", f"serve.port={port}", "--set", f"serve.grpc_port={GRPC_PORT}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = [sys.executable, "-m", "distillery.cli.main", "run", "--config", TINY,
+           "--set", f"storage_path={root.parent}", "--set", "ray.workers=0", "--set", f"serve.port={port}",
+           "--set", f"serve.grpc_port={GRPC_PORT}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen, deadline = [], time.monotonic() + 240

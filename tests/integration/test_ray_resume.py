@@ -16,10 +16,11 @@ from distillery.run import storage
 
 def _train(storage_path, env):
     cmd = [sys.executable, "-m", "distillery.cli.main", "train", "--model", "teacher", "--config",
-           str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage_path}", "--set", "teacher.train.epochs=12"]
+           str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={storage_path}",
+           "--set", "teacher.train.epochs=12"]
     # A session of its own, so killing it takes its local Ray instance down too.
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=env)
 
 
 def _read(location: str, rel: str) -> bytes | None:
@@ -37,7 +38,8 @@ def registered_epoch(location: str) -> int:
     for rel in storage.list_files(storage.join(location, "ray")):
         if rel.startswith("teacher-") and rel.endswith("/checkpoint_manager_snapshot.json"):
             try:
-                latest = json.loads(_read(location, "ray/" + rel) or b"{}").get("latest_checkpoint_result") or {}
+                snapshot = json.loads(_read(location, "ray/" + rel) or b"{}")
+                latest = snapshot.get("latest_checkpoint_result") or {}
             except json.JSONDecodeError:  # being rewritten right now
                 continue
             return latest.get("metrics", {}).get("epoch", 0)
@@ -63,7 +65,8 @@ def test_killed_driver_resumes_with_the_same_command(run_storage):
     deadline = time.time() + 240
     while registered_epoch(location) < 2 and first.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert first.poll() is None, "the first run ended before two checkpoints were registered: " + first.stdout.read()[-2000:]
+    assert first.poll() is None, \
+        "the first run ended before two checkpoints were registered: " + first.stdout.read()[-2000:]
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
     manifest = json.loads(_read(location, "manifest.json"))
@@ -75,5 +78,6 @@ def test_killed_driver_resumes_with_the_same_command(run_storage):
     history = json.loads(_read(location, "teacher/metrics.json"))["history"]
     assert [h["epoch"] for h in history] == list(range(1, 13))
     assert any(h.get("resumed_from", 0) >= 2 for h in history), "the second run started from scratch"
-    trial_runs = {rel.split("/")[0] for rel in storage.list_files(storage.join(location, "ray")) if rel.startswith("teacher-")}
+    trial_runs = {rel.split("/")[0] for rel in storage.list_files(storage.join(location, "ray"))
+                  if rel.startswith("teacher-")}
     assert len(trial_runs) == 1  # the same Ray Train run, resumed

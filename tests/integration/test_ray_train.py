@@ -28,7 +28,8 @@ def local_ray():
 def _cfg(tmp_path, *overrides):
     """The tiny preset with a teacher of 5 epochs: enough to learn (chance is 25%), and the
     same in every test, so a copy of `trained_teacher` is a finished run for each of them."""
-    return load_config(ROOT / "configs" / "tiny.yaml", [f"storage_path={tmp_path}", "teacher.train.epochs=5", *overrides])
+    return load_config(ROOT / "configs" / "tiny.yaml",
+                       [f"storage_path={tmp_path}", "teacher.train.epochs=5", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,8 @@ def test_distillation_runs_on_ray_with_a_frozen_teacher(trained_teacher, tmp_pat
 def _ray_worker_pids() -> list[int]:
     """Ray Train workers of this test's own Ray instance: descendants of this process (another
     Ray on the same machine must not lose a worker to this test)."""
-    rows = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()
+    rows = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
+                          text=True).stdout.splitlines()
     parent = {int(r.split()[0]): int(r.split()[1]) for r in rows}
     mine, new = set(), {os.getpid()}
     while new:
@@ -145,8 +147,9 @@ def test_a_worker_that_always_fails_ends_the_stage_with_a_clear_error(tmp_path):
     (broken / "arch.json").write_text("{}")
     manifest = json.loads((tmp_path / "tiny" / "data" / "manifest.json").read_text())
     spec = make_spec(cfg.student.model, manifest["image_shape"], manifest["num_classes"])
-    job = TrainJob(which="student_scratch", spec=spec, train=cfg.student.train, image_shape=manifest["image_shape"],
-                   train_rows=manifest["counts"]["train"]["total"], init_dir="variants/no-such-variant")
+    job = TrainJob(which="student_scratch", spec=spec, train=cfg.student.train,
+                   image_shape=manifest["image_shape"], train_rows=manifest["counts"]["train"]["total"],
+                   init_dir="variants/no-such-variant")
     start = time.monotonic()
     with pytest.raises(TrainingFailed) as e:
         fit_on_ray(job, cfg, RunDir.at(cfg), name="always-fails")
@@ -174,7 +177,8 @@ def test_cached_teacher_logits_are_computed_once_and_reused(trained_teacher, tmp
     assert len(_metrics(tmp_path, "student")["history"]) == 2
     # A second student with another temperature reuses the cache: the stage is not redone.
     lines = []
-    run_stages(_cfg(tmp_path, "distill.cache_teacher_logits=true", "student.train.epochs=2", "distill.temperature=2"),
+    run_stages(_cfg(tmp_path, "distill.cache_teacher_logits=true", "student.train.epochs=2",
+                    "distill.temperature=2"),
                ["data", "teacher", "teacher_logits", "student"], log=lines.append)
     assert "[teacher_logits] done already (outputs verified); --force redoes it" in lines
     assert any(line.startswith("[student] running") for line in lines)
@@ -188,20 +192,22 @@ def test_workers_distil_from_an_imported_program_on_an_unlabeled_transfer_set(tr
 
     teacher, _ = artifacts.load(trained_teacher / "teacher")
     program = tmp_path / "teacher.pt2"
-    torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: Dim("batch")},)),
-                      str(program))
+    torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),),
+                                          dynamic_shapes=({0: Dim("batch")},)), str(program))
     cfg = _cfg(tmp_path, "student.train.epochs=3", f"teacher.import_from={program}",
-               "distill.transfer={source: synthetic, image_shape: [1, 8, 8], num_classes: 4, num_samples: 200, "
-               "labeled: false}")
+               "distill.transfer={source: synthetic, image_shape: [1, 8, 8], num_classes: 4, "
+               "num_samples: 200, labeled: false}")
     lines = []
     run_stages(cfg, ["data", "transfer", "teacher", "student"], log=lines.append)
-    assert any("the soft term alone: the student never sees a label on the transfer set" in line for line in lines)
+    assert any("the soft term alone: the student never sees a label on the transfer set" in line
+               for line in lines)
     root = tmp_path / "tiny"
     manifest = json.loads((root / "manifest.json").read_text())["stages"]
     # Other images than the run's 168 training ones (200 drawn afresh; none is a val/test image).
     assert manifest["transfer"]["metrics"] == {"rows": 200, "labeled": False, "left_out_held_out": 0,
                                                "seconds": manifest["transfer"]["metrics"]["seconds"]}
-    assert manifest["teacher"]["metrics"]["test_accuracy"] == _metrics_of(trained_teacher, "teacher")["test_accuracy"]
+    assert manifest["teacher"]["metrics"]["test_accuracy"] == \
+        _metrics_of(trained_teacher, "teacher")["test_accuracy"]
     history = _metrics(tmp_path, "student")["history"]
     assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
     assert all(len(h["samples_per_s_per_worker"]) == 2 and h["samples"] == 200 for h in history)

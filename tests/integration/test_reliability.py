@@ -11,16 +11,23 @@ import math
 import os
 import re
 import shutil
-import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import copy_run, free_port
+from reliability_helpers import (
+    MODEL,
+    Served,
+    _listening,
+    _malformed,
+    _post,
+    _replicas,
+    _steady_load,
+    _triton_input,
+    _wait_for,
+)
 
 from distillery import data
 from distillery.compat import ingress
@@ -28,17 +35,6 @@ from distillery.compat.worker import worker_setup
 from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.loadtest import generator
-
-MODEL = "student"
-
-
-@dataclass
-class Served:
-    url: str            # http://127.0.0.1:PORT
-    run_dir: Path
-    cfg: ServeConfig
-    body: bytes         # a one-image infer request
-    dashboard_port: int
 
 
 @pytest.fixture(scope="module")
@@ -50,88 +46,25 @@ def served(tmp_path_factory, tiny_run) -> Served:
     from distillery.serving import deployments
 
     run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("reliability"))
-    cfg = ServeConfig(port=free_port(), grpc_port=free_port(), models=[MODEL], auto=False, min_replicas=2, max_replicas=2,
-                      max_elements=4096, max_body_bytes=64 * 1024, request_timeout_s=3.0)
+    cfg = ServeConfig(port=free_port(), grpc_port=free_port(), models=[MODEL], auto=False, min_replicas=2,
+                      max_replicas=2, max_elements=4096, max_body_bytes=64 * 1024, request_timeout_s=3.0)
     dashboard = free_port()
-    assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # the default ingress where the binary exists
-    ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_port=dashboard,  # for the state API
+    # the default ingress where the binary exists
+    assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"
+    ray.init(address="local", num_cpus=6,
+             include_dashboard=True, dashboard_port=dashboard,  # for the state API
              runtime_env={"worker_process_setup_hook": worker_setup})  # as `cluster.ensure_ray` starts it
     try:
         url = deployments.deploy(str(run_dir), cfg, None).removesuffix("/v2")
         x = data.load_split(run_dir / "data", "test")[0][:1]
-        yield Served(url, run_dir, cfg, generator.infer_body(x.reshape(-1).tolist(), list(x.shape)), dashboard)
+        yield Served(url, run_dir, cfg, generator.infer_body(x.reshape(-1).tolist(), list(x.shape)),
+                     dashboard)
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def _post(url: str, body: bytes, content_type: str = "application/json", timeout: float = 30) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, headers={"content-type": content_type}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def _replicas(app: str = MODEL) -> dict[str, int]:
-    """{actor name: pid} of the app's live replicas, from Ray's state API."""
-    import ray
-    from ray.util.state import list_actors
-
-    # This process's Ray instance by name: another one on the machine must not make it ambiguous.
-    address = ray.get_runtime_context().gcs_address
-    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-    return {a.name: a.pid for a in actors if a.name and a.name.startswith(f"SERVE_REPLICA::{app}#")}
-
-
-def _steady_load(url: str, body: bytes, seconds: float, rate: float) -> tuple[threading.Thread, list]:
-    """Open-loop load in a background thread; the list receives the samples when it ends."""
-    out: list = []
-    steps = [(seconds, rate)]
-    headers = {"content-type": "application/json"}
-    thread = threading.Thread(target=lambda: out.extend(asyncio.run(generator.open_loop(url, body, steps, headers))))
-    thread.start()
-    return thread, out
-
-
-def _wait_for(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False
-
-
 # ---------------------------------------------------------------- bad input at volume
-
-
-def _malformed(body: bytes, infer: str, base: str, limit_bytes: int) -> list[tuple[str, str, bytes, str]]:
-    """(kind, url, body, content type) for every class of bad request."""
-    doc = json.loads(body)
-    spec = doc["inputs"][0]
-
-    def with_input(**change) -> bytes:
-        return json.dumps({"inputs": [{**spec, **change}]}).encode()
-
-    n = math.prod(spec["shape"])
-    return [
-        ("bad JSON", infer, b'{"inputs": [', "application/json"),
-        ("truncated body", infer, body[: len(body) // 2], "application/json"),
-        ("wrong shape", infer, with_input(shape=[1, 1, 4, 4], data=spec["data"][:16]), "application/json"),
-        ("shape/data mismatch", infer, with_input(data=spec["data"][:-1]), "application/json"),
-        ("wrong datatype", infer, with_input(datatype="INT8"), "application/json"),
-        ("NaN", infer, with_input(data=[float("nan")] * n), "application/json"),  # json writes NaN, Infinity
-        ("infinity", infer, with_input(data=[float("inf")] * n), "application/json"),
-        ("non-numbers", infer, with_input(data=["x"] * n), "application/json"),
-        ("huge declared shape", infer, with_input(shape=[10 ** 9, 1, 8, 8]), "application/json"),
-        ("oversized body", infer, b"[" + b"0," * (limit_bytes // 2) + b"0]", "application/json"),
-        ("missing inputs", infer, b'{"outputs": []}', "application/json"),
-        ("misnamed input", infer, with_input(name="image"), "application/json"),
-        ("wrong content type", infer, body, "text/plain"),
-        ("unknown model", f"{base}/v2/models/nope/infer", body, "application/json"),
-    ]
 
 
 def test_a_thousand_malformed_requests_get_4xx_and_no_replica_restarts(served):
@@ -187,7 +120,8 @@ def test_rolling_update_under_load_answers_every_request(served):
     before = _replicas()
     thread, samples = _steady_load(f"{url}/v2/models/{MODEL}/infer", body, seconds=20, rate=30)
     time.sleep(3)
-    deployments.deploy(str(run_dir), cfg.model_copy(update={"batch_wait_timeout_s": 0.002}), None)  # new config
+    new_config = cfg.model_copy(update={"batch_wait_timeout_s": 0.002})
+    deployments.deploy(str(run_dir), new_config, None)
     thread.join(timeout=60)
     after = _replicas()
     statuses = sorted({s.status for s in samples})
@@ -212,14 +146,16 @@ def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(served):
         with pytest.raises(UserError, match="model.safetensors"):  # the driver refuses to deploy it
             deployments.deploy(str(run_dir), cfg, None)
         # Past the driver's check, straight to Serve: the new replicas fail their constructor.
-        app = deployments.build_application(deployments.AppArgs(kind="model", run_dir=str(run_dir), models=[MODEL],
-                                                        settings=cfg.model_dump() | {"batch_wait_timeout_s": 0.003}))
+        settings = cfg.model_dump() | {"batch_wait_timeout_s": 0.003}
+        app = deployments.build_application(deployments.AppArgs(kind="model", run_dir=str(run_dir),
+                                                                models=[MODEL], settings=settings))
         with pytest.raises(RuntimeError, match=f"Deploying application {MODEL} failed"):
             serve.run(app, name=MODEL, route_prefix=f"/v2/models/{MODEL}")
         status = serve.status().applications[MODEL]  # the replica's own error names the file
         print(f"\nfailed new version: application {status.status}; old replicas {sorted(before.values())}, "
               f"now {sorted(_replicas().values())}")
-        message = status.status + " " + status.message + " ".join(d.message for d in status.deployments.values())
+        message = status.status + " " + status.message + \
+            " ".join(d.message for d in status.deployments.values())
         assert status.status == "DEPLOY_FAILED" and "model.safetensors" in message, message
         codes = [_post(f"{url}/v2/models/{MODEL}/infer", body)[0] for _ in range(50)]
         assert codes == [200] * 50
@@ -276,14 +212,6 @@ def test_requests_beyond_ongoing_and_queued_get_503_at_once_and_slow_ones_408(se
     serve.delete("slow")
 
 
-def _triton_input(x):
-    import tritonclient.grpc as triton
-
-    inp = triton.InferInput("input", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x.numpy())
-    return inp
-
-
 def test_grpc_calls_beyond_a_models_capacity_get_unavailable(served):
     """The gRPC application redeployed with three models, each admitted 2 calls per replica:
     bursts of 32 calls sent at once to one of them (one channel, asyncio) get UNAVAILABLE (what gRPC
@@ -319,7 +247,8 @@ def test_grpc_calls_beyond_a_models_capacity_get_unavailable(served):
         more loop turns than the batcher yields before a forward pass), 10 bursts at most."""
         answers = []
         async with triton_aio.InferenceServerClient(f"127.0.0.1:{served.cfg.grpc_port}") as client:
-            while len(answers) < 320 and not any(status == "StatusCode.UNAVAILABLE" for status, _, _ in answers):
+            while len(answers) < 320 and \
+                    not any(status == "StatusCode.UNAVAILABLE" for status, _, _ in answers):
                 answers += await asyncio.gather(*(call(client) for _ in range(32)))
         return answers
 
@@ -334,14 +263,16 @@ def test_grpc_calls_beyond_a_models_capacity_get_unavailable(served):
         deploy(served.cfg, [MODEL])
     refused = [(says, seconds) for status, says, seconds in answers if status == "StatusCode.UNAVAILABLE"]
     kinds = {status for status, _, _ in answers}
-    print(f"\ngRPC, 1 call per model admitted: {len(answers)} calls in bursts of 32, {len(refused)} UNAVAILABLE (slowest "
-          f"refusal {max((s for _, s in refused), default=0):.3f} s), {sum(st == 'OK' for st, _, _ in answers)} "
-          f"answered correctly")
+    print(f"\ngRPC, 1 call per model admitted: {len(answers)} calls in bursts of 32, {len(refused)} "
+          f"UNAVAILABLE (slowest refusal {max((s for _, s in refused), default=0):.3f} s), "
+          f"{sum(st == 'OK' for st, _, _ in answers)} answered correctly")
     assert refused and kinds <= {"OK", "StatusCode.UNAVAILABLE"}, kinds
-    assert all(f"{MODEL!r} is at capacity" in says for says, _ in refused), refused[0]  # how fast: printed above
+    # how fast: printed above
+    assert all(f"{MODEL!r} is at capacity" in says for says, _ in refused), refused[0]
     assert "OK" in kinds
     client = triton.InferenceServerClient(f"127.0.0.1:{served.cfg.grpc_port}")
-    assert client.infer(MODEL, [_triton_input(x)]).as_numpy("label").tolist() == expected  # redeployed, serving
+    # redeployed, serving
+    assert client.infer(MODEL, [_triton_input(x)]).as_numpy("label").tolist() == expected
 
 
 def test_rays_python_proxy_serves_http_and_stock_grpc_clients_with_no_ray_metadata(served):
@@ -376,8 +307,9 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
     from distillery.loadtest import run as loadtest
     from distillery.serving.deployments import AppArgs, build_application
 
-    scaling = served.cfg.model_copy(update={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.1,
-                                            "upscale_delay_s": 1.0, "downscale_delay_s": 3.0})
+    scaling = served.cfg.model_copy(update={"min_replicas": 1, "max_replicas": 2,
+                                            "target_ongoing_requests": 0.1, "upscale_delay_s": 1.0,
+                                            "downscale_delay_s": 3.0})
     args = AppArgs(kind="model", run_dir=str(served.run_dir), models=[MODEL], settings=scaling.model_dump())
     serve.run(build_application(args), name="scaling", route_prefix="/v2/models/scaling",
               logging_config={"enable_access_log": False})
@@ -400,18 +332,6 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
 # ---------------------------------------------------------------- addresses
 
 
-def _listening() -> dict[int, str]:
-    """{port: address} of every listening TCP socket on this machine (from /proc)."""
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            if state == "0A":  # LISTEN
-                address, port = local.split(":")
-                found[int(port, 16)] = address
-    return found
-
-
 def test_the_products_ports_listen_on_loopback_only(served):
     cfg, dashboard = served.cfg, served.dashboard_port
     listening = _listening()
@@ -421,7 +341,8 @@ def test_the_products_ports_listen_on_loopback_only(served):
     assert listening[dashboard] in loopback, f"Ray's dashboard on {listening[dashboard]}"
     # HAProxy's stats and Prometheus listeners (Ray binds them to every interface; the
     # wrapper pins them), Serve's fallback proxy, and each replica's own HTTP server.
-    haproxy = {name: int(os.environ[name]) for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+    haproxy = {name: int(os.environ[name]) for name in ("RAY_SERVE_HAPROXY_STATS_PORT",
+                                                        "RAY_SERVE_HAPROXY_METRICS_PORT",
                                                         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
                                                         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
     haproxy["serve.grpc_port"] = cfg.grpc_port  # HAProxy's gRPC frontend

@@ -26,7 +26,8 @@ from distillery.data.shards import SPLITS, load_split
 from distillery.measure.frontier import pareto_front, recommend
 from distillery.serving.adapt import ladder
 
-TIMING = ("p50_ms", "p99_ms", "mean_ms", "throughput", "peak_fraction", "best_mode", "modes", "not_faster", "servable")
+TIMING = ("p50_ms", "p99_ms", "mean_ms", "throughput", "peak_fraction", "best_mode", "modes", "not_faster",
+          "servable")
 
 
 def _parquet(data_dir: Path, path: Path, shuffle_test: bool) -> Path:
@@ -55,9 +56,11 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     out = []
     for name, shuffle in (("labels", False), ("shuffled", True)):
         data = _parquet(folder / "synthetic", folder / f"{name}.parquet", shuffle)
-        assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"storage_path={folder / name}",
-                     "--set", "data.source=parquet", "--set", f"data.path={data}", "--set", "data.num_classes=null",
-                     "--set", "teacher.train.epochs=4", "--set", "ray.workers=0", "--set", "serve.enabled=false"]) == 0
+        assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                     "--set", f"storage_path={folder / name}", "--set", "data.source=parquet",
+                     "--set", f"data.path={data}", "--set", "data.num_classes=null",
+                     "--set", "teacher.train.epochs=4", "--set", "ray.workers=0",
+                     "--set", "serve.enabled=false"]) == 0
         out.append(folder / name / "tiny")
     return out[0], out[1]
 
@@ -81,8 +84,10 @@ def test_the_same_choices_whatever_the_test_labels(runs):
     margin = 0.05  # tiny.yaml keeps the default compress.speedup_margin
     assert recommend(timed, b["floor"], margin) == a["recommended"]
     assert pareto_front(timed) == a["pareto"]
-    rungs = [SimpleNamespace(name=r["name"], val_accuracy=r["val_accuracy"], p50_ms=r["p50_ms"]) for r in timed]
-    first = [SimpleNamespace(name=r["name"], val_accuracy=r["val_accuracy"], p50_ms=r["p50_ms"]) for r in a["variants"]]
+    rungs = [SimpleNamespace(name=r["name"], val_accuracy=r["val_accuracy"], p50_ms=r["p50_ms"])
+             for r in timed]
+    first = [SimpleNamespace(name=r["name"], val_accuracy=r["val_accuracy"], p50_ms=r["p50_ms"])
+             for r in a["variants"]]
     assert [m.name for m in ladder(rungs)] == [m.name for m in ladder(first)]
     # Only the reported test figures moved: every model's, toward chance.
     assert records_a["teacher"]["test_accuracy"] > 0.9, records_a["teacher"]

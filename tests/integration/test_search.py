@@ -17,8 +17,8 @@ from distillery.search.budget import bounds, misses
 from distillery.serving.predictor import catalog
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
-# 10 trials, 8 or 16 epochs, judged at 25% and 50% of their schedule (the top half go on); the last recipe asks the
-# students for more channels than they have: the trials that draw it fail at once.
+# 10 trials, 8 or 16 epochs, judged at 25% and 50% of their schedule (the top half go on); the last
+# recipe asks the students for more channels than they have: the trials that draw it fail at once.
 SEARCH = ["search.trials=10", "search.space.epochs=[8,16]", "search.grace_percent=25", "search.reports=8",
           "search.reduction_factor=2",
           "search.space.width_mult=[0.25,0.5]", "search.space.temperature=[1.0,4.0]",
@@ -122,8 +122,8 @@ def test_run_puts_the_searched_model_on_the_frontier_and_serves_it(searched):
     assert f"Chosen: {_trials(root)['chosen']}" in report
 
 
-def test_a_search_at_a_uri_keeps_its_experiment_in_the_bucket_and_resumes_from_it(s3_server, tmp_path, monkeypatch,
-                                                                                   capsys):
+def test_a_search_at_a_uri_keeps_its_experiment_in_the_bucket_and_resumes_from_it(s3_server, tmp_path,
+                                                                                   monkeypatch, capsys):
     ray.shutdown()  # a Ray started after the S3 server: its workers see the endpoint
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
     uri = make_bucket("search")

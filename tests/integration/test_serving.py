@@ -9,66 +9,39 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import copy_run, free_port
+from conftest import copy_run
+from serving_helpers import (
+    BAD,
+    HEADERS,
+    KEY,
+    _call,
+    _infer_body,
+    _kserve_client,
+    _load_body,
+    _overload_until_stepped_down,
+    _redeploy,
+    _serving,
+    _test_images,
+    _two_rung_ladder,
+)
 
-from distillery import data
 from distillery.cli.main import main
-from distillery.compat import ingress
-from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.serving.adapt import ladder
 from distillery.serving.predictor import Predictor, catalog
-
-KEY = "test-key-1234"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_run):
     """(base URL, run dir, ServeConfig) of the tiny run's models served on Ray Serve."""
-    import ray
-    from ray import serve
-
-    from distillery.serving import deployments
-
-    run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("serve"))
-    cfg = ServeConfig(port=free_port(), grpc_port=free_port(), batch_wait_timeout_s=0.05, max_elements=4096,
-                      max_body_bytes=64 * 1024, max_replicas=1, api_key_env="DISTILLERY_TEST_KEY")
-    assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # ray[serve] ships the binary on Linux
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    try:
-        url = deployments.deploy(str(run_dir), cfg, KEY)
-        yield url.removesuffix("/v2"), run_dir, cfg
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-def _call(url: str, body: bytes | None = None, *, key: str | None = KEY, method: str | None = None,
-          content_type: str = "application/json") -> tuple[int, dict]:
-    headers = {"content-type": content_type, **({"x-api-key": key} if key else {})}
-    request = urllib.request.Request(url, data=body, headers=headers, method=method or ("POST" if body else "GET"))
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def _infer_body(x: torch.Tensor, **params) -> bytes:
-    doc = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
-    return json.dumps({**doc, **({"parameters": params} if params else {})}).encode()
-
-
-def _test_images(run_dir: Path, n: int) -> torch.Tensor:
-    return data.load_split(run_dir / "data", "test")[0][:n]
+    with _serving(copy_run(tiny_run, tmp_path_factory.mktemp("serve"))) as served:
+        yield served
 
 
 def test_health_and_metadata_routes(server):
@@ -130,25 +103,6 @@ def test_auto_at_low_load_answers_with_the_most_accurate_model_and_names_it(serv
         assert status == 422 and "no served model reaches validation accuracy" in reply["error"]
 
 
-BAD = {
-    "malformed JSON": (b'{"inputs": [', 400, "not valid JSON"),
-    "missing input": (b'{"inputs": []}', 400, "exactly one input"),
-    "extra input": (json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                            "data": [0.0] * 64}] * 2}).encode(), 400, "exactly one input"),
-    "wrong name": (json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                           "data": [0.0] * 64}]}).encode(), 400, "unknown input"),
-    "wrong datatype": (json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT64",
-                                               "data": [0] * 64}]}).encode(), 400, "datatype"),
-    "wrong shape": (json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "FP32",
-                                            "data": [0.0] * 192}]}).encode(), 400, "shape must be"),
-    "NaN": (json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                    "data": [float("nan")] * 64}]}).encode(), 400, "NaN"),
-    "too many elements": (json.dumps({"inputs": [{"name": "input", "shape": [100, 1, 8, 8], "datatype": "FP32",
-                                                  "data": [0.0]}]}).encode(), 413, "over the limit"),
-    "body too large": (b" " * (65 * 1024) + b"{}", 413, "over the limit"),
-}
-
-
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_requests_get_a_4xx_naming_the_problem_and_the_replica_keeps_serving(server, case):
     base, run_dir, _ = server
@@ -190,7 +144,8 @@ def test_a_tampered_artifact_is_refused_before_and_inside_a_replica(server, tmp_
     _, run_dir, cfg = server
     copy = tmp_path / "tiny"
     shutil.copytree(run_dir, copy)
-    model = catalog(copy, ["student"])[0]  # a model folder of its own (a served cascade's weights are its members')
+    # a model folder of its own (a served cascade's weights are its members')
+    model = catalog(copy, ["student"])[0]
     weights = Path(model.folder) / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-1] ^= 0xFF
@@ -198,7 +153,8 @@ def test_a_tampered_artifact_is_refused_before_and_inside_a_replica(server, tmp_
     with pytest.raises(UserError, match=f"{weights}: sha256 mismatch"):
         deployments.applications(str(copy), cfg.model_copy(update={"models": ["student"]}), KEY)
     # A replica verifies again: deployed around the driver-side check, it never serves.
-    args = deployments.AppArgs(kind="model", run_dir=str(copy), models=[model.name], settings=cfg.model_dump())
+    args = deployments.AppArgs(kind="model", run_dir=str(copy), models=[model.name],
+                               settings=cfg.model_dump())
     with pytest.raises(Exception, match="Deploying application tampered failed"):
         serve.run(deployments.build_application(args), name="tampered", route_prefix="/tampered")
     app = serve.status().applications["tampered"]
@@ -225,16 +181,6 @@ def test_query_client_prints_predictions(server, capsys):
     assert "HTTP 401" in capsys.readouterr().err
 
 
-def _load_body(run_dir: Path) -> bytes:
-    from distillery.loadtest.generator import infer_body
-
-    x = _test_images(run_dir, 1)
-    return infer_body(x.reshape(-1).tolist(), list(x.shape))
-
-
-HEADERS = {"content-type": "application/json", "x-api-key": KEY}
-
-
 def test_closed_loop_counts_add_up_and_replicas_are_sampled(server, tmp_path, monkeypatch):
     from distillery.loadtest import run as lt
     from distillery.measure import timing
@@ -250,7 +196,8 @@ def test_closed_loop_counts_add_up_and_replicas_are_sampled(server, tmp_path, mo
         assert r["variants"] == {name: r["ok"]} and r["generator_cpu"] > 0
     # The report names the ingress as the server tells it, whatever this process's environment says.
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
-    files = lt.write_report(tmp_path, rows, None, timing.machine_info(), {"ingress": lt.served_ingress(base, HEADERS)})
+    files = lt.write_report(tmp_path, rows, None, timing.machine_info(),
+                            {"ingress": lt.served_ingress(base, HEADERS)})
     assert [f.name for f in files] == ["loadtest.json", "loadtest.md", "loadtest.png", "requests.csv"]
     assert len((tmp_path / "requests.csv").read_text().splitlines()) == 1 + sum(r["requests"] for r in rows)
     assert f"| {name} | 4 |" in (tmp_path / "loadtest.md").read_text()
@@ -302,15 +249,16 @@ def test_tuning_picks_a_tried_setting_and_serve_build_uses_it(server, tmp_path):
     base, run_dir, cfg = server
     name = catalog(run_dir)[0].name
     grid = [(1, 0.0), (16, 0.002)]
-    result = lt.tune(base, str(run_dir), name, _load_body(run_dir), cfg, KEY, grid, concurrency=4, seconds=1.0,
-                     p99_target_ms=10_000.0, headers=HEADERS, settle_s=0.5)
+    result = lt.tune(base, str(run_dir), name, _load_body(run_dir), cfg, KEY, grid, concurrency=4,
+                     seconds=1.0, p99_target_ms=10_000.0, headers=HEADERS, settle_s=0.5)
     chosen = result["chosen"]
     assert (chosen["max_batch_size"], chosen["batch_wait_timeout_s"]) in grid and len(result["trials"]) == 2
     assert result["within_p99_target"]  # a 10 s target: every trial is within it
     best = max(result["trials"], key=lambda t: t["throughput"])
     assert chosen["max_batch_size"] == best["max_batch_size"]
     assert chosen["target_ongoing_requests"] in {r["concurrency"] for r in result["curve"]}
-    assert _call(f"{base}/v2/models/{name}/infer", _infer_body(_test_images(run_dir, 1)))[0] == 200  # still serves
+    still_serves = _call(f"{base}/v2/models/{name}/infer", _infer_body(_test_images(run_dir, 1)))
+    assert still_serves[0] == 200
     copy = tmp_path / "tiny"
     shutil.copytree(run_dir, copy)
     atomic_write_json(copy / deployments.TUNED, {name: result})
@@ -338,27 +286,22 @@ def test_version_routes_and_requested_outputs(server):
     status, reply = _call(f"{base}/v2/models/{name}/infer", json.dumps(only_label).encode())
     assert status == 200 and [o["name"] for o in reply["outputs"]] == ["label"]
     for wrong, says in (({"outputs": [{"name": "nope"}]}, "'nope'"), ({"model_name": "other"}, "'other'")):
-        status, err = _call(f"{base}/v2/models/{name}/infer", json.dumps(json.loads(_infer_body(x)) | wrong).encode())
+        body = json.dumps(json.loads(_infer_body(x)) | wrong).encode()
+        status, err = _call(f"{base}/v2/models/{name}/infer", body)
         assert status == 400 and says in err["error"]
 
 
 def test_kserve_sdk_over_http_and_grpc(server, tmp_path):
     """KServe's own SDK, unchanged, in a client process of its own (`kserve_client.py`): REST
     (it puts model_name and id in the body; JSON and binary tensors; `auto`) and gRPC."""
-    import subprocess
-    import sys
-
     base, run_dir, cfg = server
     model = catalog(run_dir)[0]
     x = _test_images(run_dir, 16)
     np.save(tmp_path / "x.npy", x.numpy())
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("kserve_client.py")), base,
-                           f"127.0.0.1:{cfg.grpc_port}", model.name, KEY, str(tmp_path / "x.npy")],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = _kserve_client(base, cfg.grpc_port, model.name, tmp_path / "x.npy")
     expected = Predictor(model)(x).argmax(1).tolist()
-    assert got["ready"] and not got["ready_wrong_key"] and got["grpc_wrong_key"] == "StatusCode.UNAUTHENTICATED"
+    assert got["ready"] and not got["ready_wrong_key"] and \
+        got["grpc_wrong_key"] == "StatusCode.UNAUTHENTICATED"
     assert all(got[call]["labels"] == expected for call in ("json", "binary", "grpc"))
     assert got["json"]["id"] == got["binary"]["id"] == "k-1"
     best = Predictor(ladder(catalog(run_dir))[0])(x).argmax(1).tolist()  # `auto` at low load
@@ -388,12 +331,14 @@ def test_tritonclient_over_grpc(server):
         inp.set_data_from_numpy(x.numpy())
         result = client.infer(name, [inp], headers=headers, request_id="t-1")
         assert result.as_numpy("label").tolist() == want.argmax(1).tolist()
-        assert np.allclose(result.as_numpy("logits"), want.numpy(), atol=1e-5) and result.get_response().id == "t-1"
+        assert np.allclose(result.as_numpy("logits"), want.numpy(), atol=1e-5) and \
+            result.get_response().id == "t-1"
     refusals = [  # (key, model, images as sent, parameters, code, what the message says)
         ("x", model.name, x, {}, grpc.StatusCode.UNAUTHENTICATED, "API key"),
         (KEY, "nope", x, {}, grpc.StatusCode.NOT_FOUND, "'nope'"),
         (KEY, model.name, x.reshape(16, 64), {}, grpc.StatusCode.INVALID_ARGUMENT, "shape must be"),
-        (KEY, "auto", x, {"min_accuracy": 0.999}, grpc.StatusCode.INVALID_ARGUMENT, "no served model reaches")]
+        (KEY, "auto", x, {"min_accuracy": 0.999}, grpc.StatusCode.INVALID_ARGUMENT,
+         "no served model reaches")]
     for key, name, images, params, code, says in refusals:
         inp = triton.InferInput("input", list(images.shape), "FP32")
         inp.set_data_from_numpy(images.numpy())
@@ -401,16 +346,6 @@ def test_tritonclient_over_grpc(server):
             client.infer(name, [inp], headers={"x-api-key": key}, parameters=params or None)
         assert e.value.status() == f"StatusCode.{code.name}" and says in e.value.message(), (name, params)
     assert _call(f"{base}/v2/health/ready", key=None) == (200, {"ready": True})  # every replica still up
-
-
-def _redeploy(name: str, kind: str, run_dir: Path, cfg: ServeConfig, models: list[str]) -> None:
-    from ray import serve
-
-    from distillery.serving.deployments import AppArgs, api_key_digest, build_application, logging_config
-
-    args = AppArgs(kind=kind, run_dir=str(run_dir), models=models, settings=cfg.model_dump(),
-                   api_key_sha256=api_key_digest(KEY))
-    serve.run(build_application(args), name=name, route_prefix=f"/v2/models/{name}", logging_config=logging_config(cfg))
 
 
 def test_a_served_cascade_answers_small_where_confident_else_large_row_by_row(server):
@@ -435,45 +370,15 @@ def test_a_served_cascade_answers_small_where_confident_else_large_row_by_row(se
         serve.delete("cascade")
 
 
-def _overload_until_stepped_down(url: str, body: bytes, state, rungs: list[str]) -> tuple[list[str], list[str]]:
-    """16 clients in rounds of 200 requests until the answers name a faster model and the shared
-    controller has moved (or 60 s pass): a fixed count was over in 0.7 s on a fast machine, before
-    the replicas' first report. Returns the models that answered, in order, and the controller's changes."""
-    answered, history, deadline = [], [], time.time() + 60
-    with ThreadPoolExecutor(16) as pool:
-        while time.time() < deadline and not (set(answered) - {rungs[0]} and history):
-            replies = list(pool.map(lambda _: _call(url, body), range(200)))
-            assert all(status == 200 for status, _ in replies), [s for s, _ in replies if s != 200]
-            answered += [r["parameters"]["variant"] for _, r in replies]
-            history = [model for _, model in state.state.remote().result()["changes"]]
-    return answered, history
-
-
 def test_auto_steps_down_under_overload_and_back_up_when_it_ends(server, tmp_path):
     """`auto` redeployed with a 3 ms objective that 16 concurrent clients overload: it steps down
     the ladder (the answers name faster models); once the load ends it climbs back."""
     from ray import serve
 
-    from distillery.files import atomic_write_json, read_json
-
     base, run_dir, cfg = server
-    # Two measured models that form a ladder (one more accurate, the other faster): which ones
-    # depends on the tiny run's brief timings, so they are looked up, the widest speed gap first.
-    front = read_json(run_dir / "frontier.json")
-    records = [r for r in front["variants"] if r.get("servable", True)]
-    pairs = [(a, b) for a in records for b in records if a["val_accuracy"] > b["val_accuracy"] and
-             b["p50_ms"] < a["p50_ms"]]
-    ladder_dir = run_dir
-    if not pairs:  # the tiny models sit near chance, where which is faster is timing noise: order them
-        top = max(records, key=lambda r: r["val_accuracy"])
-        low = min((r for r in records if r["val_accuracy"] < top["val_accuracy"]), key=lambda r: r["p50_ms"])
-        ladder_dir = copy_run(run_dir, tmp_path)
-        top["p50_ms"] = 2 * low["p50_ms"]  # (in this test's own copy of the run)
-        atomic_write_json(ladder_dir / "frontier.json", front)
-        pairs = [(top, low)]
-    top, low = max(pairs, key=lambda p: p[0]["p50_ms"] / p[1]["p50_ms"])
-    rungs = [m.name for m in ladder(catalog(ladder_dir, [top["name"], low["name"]]))]
-    assert rungs == [top["name"], low["name"]]
+    ladder_dir, pair = _two_rung_ladder(run_dir, tmp_path)
+    rungs = [m.name for m in ladder(catalog(ladder_dir, pair))]
+    assert rungs == pair
     _redeploy("auto", "auto", ladder_dir, cfg.model_copy(update={"auto_slo_ms": 3.0}), rungs)
     try:
         body = _infer_body(_test_images(run_dir, 8))

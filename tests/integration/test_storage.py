@@ -103,9 +103,11 @@ def test_a_run_at_a_uri_lives_in_the_bucket(bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "node-b"))  # another node, nothing local
     logs.clear()
     run_stages(_cfg(b.uri), ["data", "teacher"], log=logs.append)
-    assert logs[0].startswith("logs: ") and logs[1:] == ["[data] done already (outputs verified); --force redoes it",
-                                                         "[teacher] done already (outputs verified); --force redoes it"]
-    assert (tmp_path / "node-b" / scheme / "run" / "runs" / "tiny" / "teacher" / "model.safetensors").is_file()
+    assert logs[0].startswith("logs: ") and logs[1:] == [
+        "[data] done already (outputs verified); --force redoes it",
+        "[teacher] done already (outputs verified); --force redoes it"]
+    fetched = tmp_path / "node-b" / scheme / "run" / "runs" / "tiny" / "teacher" / "model.safetensors"
+    assert fetched.is_file()
 
     # The teacher's weights are damaged in the bucket: a third node redoes the teacher alone.
     b.put("runs/tiny/teacher/model.safetensors", b"not weights")
@@ -114,7 +116,8 @@ def test_a_run_at_a_uri_lives_in_the_bucket(bucket, tmp_path, monkeypatch):
     run = run_stages(_cfg(b.uri), ["data", "teacher"], log=logs.append)
     assert logs[1].startswith("[data] done already") and "[teacher] running (attempt 2)" in logs
     weights = b.get("runs/tiny/teacher/model.safetensors")
-    assert hashlib.sha256(weights).hexdigest() == run.manifest()["files"]["teacher/model.safetensors"]  # uploaded again
+    # uploaded again
+    assert hashlib.sha256(weights).hexdigest() == run.manifest()["files"]["teacher/model.safetensors"]
 
 
 def test_a_replica_loads_a_model_from_the_bucket_and_refuses_a_damaged_one(bucket, tmp_path, monkeypatch):
@@ -123,18 +126,21 @@ def test_a_replica_loads_a_model_from_the_bucket_and_refuses_a_damaged_one(bucke
     run = run_stages(_cfg(b.uri), ["data", "teacher"], log=lambda m: None)
     files = {rel.removeprefix("teacher/"): sha for rel, sha in run.manifest()["files"].items()
              if rel.startswith("teacher/")}
-    served = ServedModel("teacher", run.location_of("teacher"), [1, 8, 8], 4, 0.5, 0.5, 0.1, "eager", files=files)
+    served = ServedModel("teacher", run.location_of("teacher"), [1, 8, 8], 4, 0.5, 0.5, 0.1, "eager",
+                         files=files)
 
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "replica"))  # a replica on another node
     import torch
 
     logits = Predictor(served)(torch.zeros(2, 1, 8, 8))
     assert logits.shape == (2, 4)
-    assert (tmp_path / "replica" / scheme / "serve" / "runs" / "tiny" / "teacher" / "model.safetensors").is_file()
+    cached = tmp_path / "replica" / scheme / "serve" / "runs" / "tiny" / "teacher" / "model.safetensors"
+    assert cached.is_file()
 
     b.put("runs/tiny/teacher/model.safetensors", b"x")
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "replica-2"))
-    with pytest.raises(UserError, match=rf"{scheme}://serve/runs/tiny/teacher/model.safetensors: sha256 mismatch"):
+    with pytest.raises(UserError,
+                       match=rf"{scheme}://serve/runs/tiny/teacher/model.safetensors: sha256 mismatch"):
         Predictor(served)
 
 
@@ -202,8 +208,8 @@ def test_a_teacher_imported_from_a_bucket_is_verified_like_a_local_one(bucket, t
     b = bucket("imports")
     run = run_stages(_cfg(b.uri), ["data", "teacher"], log=lambda m: None)
     teacher, _ = artifacts.load(run.root / "teacher")
-    torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: Dim("batch")},)),
-                      str(tmp_path / "t.pt2"))
+    torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),),
+                                          dynamic_shapes=({0: Dim("batch")},)), str(tmp_path / "t.pt2"))
     b.put("programs/t.pt2", (tmp_path / "t.pt2").read_bytes())
     x = torch.randn(3, 1, 8, 8)
     for location in (f"{b.uri}/runs/tiny", f"{b.uri}/runs/tiny/teacher", f"{b.uri}/programs/t.pt2"):

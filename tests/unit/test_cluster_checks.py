@@ -9,7 +9,8 @@ from distillery.errors import UserError
 
 def test_loopback_serving_is_refused_on_several_machines_and_fine_on_one(monkeypatch):
     monkeypatch.delenv("DISTILLERY_SERVE_HOST", raising=False)
-    with pytest.raises(UserError, match="serve.host=127.0.0.1 on a cluster of 2 machines.*serve.host=0.0.0.0"):
+    with pytest.raises(UserError,
+                       match="serve.host=127.0.0.1 on a cluster of 2 machines.*serve.host=0.0.0.0"):
         check_serve_host(ServeConfig(host="127.0.0.1"), ["198.18.0.1", "198.18.0.2"])
     check_serve_host(ServeConfig(host="127.0.0.1"), ["127.0.0.1"])  # one machine, however many nodes
     check_serve_host(ServeConfig(host="0.0.0.0"), ["198.18.0.1", "198.18.0.2"])

@@ -34,9 +34,11 @@ def test_overrides_are_typed_and_nested():
 
 @pytest.mark.parametrize("override, expected", [
     ("teacher.train.epochs=0", "teacher.train.epochs: Input should be greater than or equal to 1"),
-    ("teacher.train.epocs=3", "teacher.train.epocs: unknown key (allowed here: augment, batch_size, bf16, epochs"),
+    ("teacher.train.epocs=3",
+     "teacher.train.epocs: unknown key (allowed here: augment, batch_size, bf16, epochs"),
     ("bogus=1", "bogus: unknown key (allowed here: compress, data, distill, loadtest, name"),
-    ("data.source=mnist", "data.source: Input should be 'digits', 'cifar10', 'parquet', 'synthetic' or 'folder'"),
+    ("data.source=mnist",
+     "data.source: Input should be 'digits', 'cifar10', 'parquet', 'synthetic' or 'folder'"),
     ("teacher.model.width=wide", "teacher.model.width: Input should be a valid integer"),
     ("teacher.train.lr=true", "teacher.train.lr: Input should be a valid number"),
     ("teacher.train.lr=-1", "teacher.train.lr: Input should be greater than 0"),

@@ -75,7 +75,8 @@ def test_the_live_display_shows_labels_as_written_and_prints_lines_above_it():
             console.say("[compress] recommended: slim")
             console._state.bars.refresh()
         shown = screen.file.getvalue()
-        assert "[compress] building" in shown and "[slim]" in shown and "[compress] recommended: slim" in shown
+        assert "[compress] building" in shown and "[slim]" in shown and \
+            "[compress] recommended: slim" in shown
         assert "1/2" in shown and console._state.bars is None  # stopped with its last bar
     finally:
         console.configure(verbose=False, live=False)

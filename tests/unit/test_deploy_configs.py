@@ -34,13 +34,15 @@ def test_cluster_has_a_head_cpu_and_gpu_workers_and_installs_the_project():
         assert nodes[name]["min_workers"] == 0 < nodes[name]["max_workers"] <= cfg["max_workers"]
     assert any("pip install -e ~/distillery" in c for c in cfg["setup_commands"])
     assert all("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"] if "ray start" in c)
-    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+              if "ray start" in c]
     assert starts and all(c.startswith("RAY_AUTH_MODE=token ") for c in starts)  # token auth on every node
 
 
 def test_cluster_yaml_holds_no_secrets():
     text = (ROOT / "cluster.yaml").read_text().lower()
-    for needle in ("aws_secret", "aws_access_key", "ssh_private_key", "password", "begin rsa", "ray_auth_token="):
+    for needle in ("aws_secret", "aws_access_key", "ssh_private_key", "password", "begin rsa",
+                   "ray_auth_token="):
         assert needle not in text, needle
     cfg = _config()
     assert "ssh_private_key" not in cfg["auth"]
@@ -79,7 +81,8 @@ def test_every_node_starts_with_the_serve_settings_distillery_uses():
         if "ray start" not in command:
             continue
         words = shlex.split(command)
-        env = dict(w.split("=", 1) for w in words[:next(i for i, w in enumerate(words) if w.endswith("/ray"))])
+        ray_at = next(i for i, w in enumerate(words) if w.endswith("/ray"))
+        env = dict(w.split("=", 1) for w in words[:ray_at])
         assert (ingress.SERVE_TUNING | ingress.HAPROXY_TUNING).items() <= env.items(), command
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
         # Listeners with one job each: Serve's on every interface (the firewall keeps the internal

@@ -21,7 +21,8 @@ GENERATED_DIR = "reference"
 # README's blocks that benchmarks/figures.py writes from the result files
 FIGURES = re.compile(r"<!-- (figures|console):begin -->.*?<!-- \1:end -->", re.S)
 # A measured figure: a percentage (other than a confidence level), a rate, a latency, a duration.
-MEASURED = re.compile(r"\b\d[\d,.]*\s*(?:%(?! interval| CI| confidence)|requests/s|images/s|img/s|ms\b|min\b|x faster)")
+MEASURED = re.compile(r"\b\d[\d,.]*\s*(?:%(?! interval| CI| confidence)|requests/s|images/s|img/s|ms\b"
+                      r"|min\b|x faster)")
 
 _MONTH = (r"(?:January|February|March|April|May|June|July|August|September|October|November|December"
           r"|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)\.?")

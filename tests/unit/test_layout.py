@@ -72,7 +72,8 @@ def test_ray_is_imported_only_at_the_edges():
     assert importing_ray <= RAY_EDGE, importing_ray - RAY_EDGE
     core = sorted(m for m in modules if not any(m == e or m.startswith(e + ".") for e in RAY_EDGE)
                   and not any(i in RAY_EDGE for i in _top_level_imports(modules[m])))
-    code = f"import sys, importlib; [importlib.import_module(m) for m in {core!r}]; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {core!r}]; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", f"importing the core loaded Ray: {out.stdout[:300]}"
@@ -92,4 +93,5 @@ def test_median_function_is_at_most_10_lines():
 def test_every_stage_folder_says_what_it_owns():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
-        assert doc and len(doc) > 40, f"{init.relative_to(ROOT)}: needs a docstring saying what the folder owns"
+        assert doc and len(doc) > 40, \
+            f"{init.relative_to(ROOT)}: needs a docstring saying what the folder owns"

@@ -13,7 +13,7 @@ BIN = Path(sys.executable).parent
 CHECKED = ["src", "tests", "benchmarks", "jobs", "serve"]
 # Lines over ruff's 110 characters still in the tree: reflowed file by file, never more.
 # (`ruff format` would do it at once but grows src/ by a fifth and breaks the 400-line limit.)
-LONG_LINES = 822
+LONG_LINES = 448
 
 
 def _run(*command: str) -> subprocess.CompletedProcess:

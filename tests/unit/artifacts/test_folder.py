@@ -73,7 +73,8 @@ def test_crafted_pickle_never_runs(saved, tmp_path, monkeypatch):
     monkeypatch.setenv("PAYLOAD_MARKER", str(marker))
     (folder / "model.safetensors").write_bytes(pickle.dumps(_Payload()))
     arch = read_json(folder / "arch.json")
-    atomic_write_json(folder / "arch.json", {**arch, "weights_sha256": sha256_file(folder / "model.safetensors")})
+    atomic_write_json(folder / "arch.json",
+                      {**arch, "weights_sha256": sha256_file(folder / "model.safetensors")})
     with pytest.raises(UserError, match="not a readable safetensors file"):
         artifacts.load(folder)
     assert not marker.exists()
@@ -153,14 +154,17 @@ def test_product_code_never_unpickles():
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
                 where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
-                if isinstance(node, ast.Import) and {a.name.split(".")[0] for a in node.names} & unsafe_modules:
+                if isinstance(node, ast.Import) and \
+                        {a.name.split(".")[0] for a in node.names} & unsafe_modules:
                     offenders.append(f"{where}: imports {[a.name for a in node.names]}")
-                elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in unsafe_modules:
+                elif isinstance(node, ast.ImportFrom) and \
+                        (node.module or "").split(".")[0] in unsafe_modules:
                     offenders.append(f"{where}: imports from {node.module}")
-                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                        and node.func.attr == "load" \
                         and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
-                    safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                               for k in node.keywords)
+                    safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant)
+                               and k.value.value is True for k in node.keywords)
                     if not safe:
                         offenders.append(f"{where}: torch.load without weights_only=True")
     assert offenders == []

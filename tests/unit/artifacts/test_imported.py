@@ -62,10 +62,11 @@ def test_a_program_teaches_like_the_model_it_was_exported_from(teacher, tmp_path
 
 def test_a_program_for_other_data_is_refused_naming_both_shapes(teacher, tmp_path):
     path = _export(teacher, tmp_path / "t.pt2")
-    with pytest.raises(UserError, match=r"takes images of shape \[1, 8, 8\] and gives 4 classes; this run's data has "
-                                        r"shape \[3, 8, 8\] and 4 classes"):
+    with pytest.raises(UserError, match=r"takes images of shape \[1, 8, 8\] and gives 4 classes; "
+                                        r"this run's data has shape \[3, 8, 8\] and 4 classes"):
         import_model(str(path), None, [3, 8, 8], 4)
-    with pytest.raises(UserError, match=r"gives 4 classes; this run's data has shape \[1, 8, 8\] and 10 classes"):
+    with pytest.raises(UserError,
+                       match=r"gives 4 classes; this run's data has shape \[1, 8, 8\] and 10 classes"):
         import_model(str(path), None, SHAPE, 10)
 
 
@@ -94,7 +95,8 @@ def test_an_archive_entry_outside_a_plain_program_is_refused(teacher, tmp_path):
             dst.writestr(info, src.read(info))
         top = src.namelist()[0].split("/")[0]
         dst.writestr(f"{top}/data/aotinductor/model/model.so", b"\x7fELF")
-    with pytest.raises(UserError, match="data/aotinductor/model/model.so is not part of a plain torch.export program"):
+    with pytest.raises(UserError,
+                       match="data/aotinductor/model/model.so is not part of a plain torch.export program"):
         load_program(bad)
 
 
@@ -123,11 +125,12 @@ def test_torchvision_weights_in_safetensors_import_for_the_named_architecture(tm
 
 
 def test_weights_for_other_classes_or_channels_are_refused_naming_the_tensors(tmp_path):
-    save_file(torchvision().models.resnet18(num_classes=1000).state_dict(), str(tmp_path / "r18.safetensors"))
-    with pytest.raises(UserError, match=r"does not fit teacher.model \(torchvision resnet18\) for this run's data has "
-                                        r"shape \[1, 16, 16\] and 10 classes: conv1.weight is \[64, 3, 7, 7\] in the "
-                                        r"file, \[64, 1, 7, 7\] here; fc.weight is \[1000, 512\] in the file, "
-                                        r"\[10, 512\] here"):
-        import_model(str(tmp_path / "r18.safetensors"), TorchvisionConfig(name="resnet18"), [1, 16, 16], 10)
+    weights = str(tmp_path / "r18.safetensors")
+    save_file(torchvision().models.resnet18(num_classes=1000).state_dict(), weights)
+    with pytest.raises(UserError, match=r"does not fit teacher.model \(torchvision resnet18\) for this run's "
+                                        r"data has shape \[1, 16, 16\] and 10 classes: conv1.weight is "
+                                        r"\[64, 3, 7, 7\] in the file, \[64, 1, 7, 7\] here; fc.weight is "
+                                        r"\[1000, 512\] in the file, \[10, 512\] here"):
+        import_model(weights, TorchvisionConfig(name="resnet18"), [1, 16, 16], 10)
     with pytest.raises(UserError, match="missing .*not in the model"):
-        import_model(str(tmp_path / "r18.safetensors"), TorchvisionConfig(name="mobilenet_v3_small"), [3, 16, 16], 10)
+        import_model(weights, TorchvisionConfig(name="mobilenet_v3_small"), [3, 16, 16], 10)

@@ -21,8 +21,8 @@ def test_evaluate_before_training_says_what_to_do(tmp_path, capsys):
 
 def _cli(*args, cwd=None):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "distillery.cli.main", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "distillery.cli.main", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=120)
 
 
 def test_a_user_mistake_is_one_line_and_exit_2_in_a_fresh_process(tmp_path):
@@ -69,11 +69,13 @@ def test_serving_a_finished_run_may_name_another_cluster_but_not_retrain(tmp_pat
     from distillery.cli.serve import _run_config
     from distillery.errors import UserError
 
-    (tmp_path / "config.yaml").write_text((ROOT / "configs" / "tiny.yaml").read_text() + "ray: {address: 10.0.0.1:6379}\n")
+    (tmp_path / "config.yaml").write_text((ROOT / "configs" / "tiny.yaml").read_text()
+                                          + "ray: {address: 10.0.0.1:6379}\n")
     (tmp_path / "frontier.json").write_text("{}")
     _, cfg = _run_config(str(tmp_path), ["ray.address=127.0.0.1:7000", "serve.port=9000"])
     assert (cfg.ray.address, cfg.serve.port) == ("127.0.0.1:7000", 9000)
-    with pytest.raises(UserError, match="only serve.. settings, ray.address and ray.shared_filesystem can change"):
+    with pytest.raises(UserError,
+                       match="only serve.. settings, ray.address and ray.shared_filesystem can change"):
         _run_config(str(tmp_path), ["teacher.train.epochs=9"])
 
 
@@ -81,8 +83,8 @@ def test_search_flags_set_the_budget_and_a_wrong_one_is_one_line(tmp_path, capsy
     from distillery.cli.main import build_parser, search_overrides
     from distillery.config import load_config
 
-    args = build_parser().parse_args(["search", "--max-p50-ms", "2e-1", "--as-fast-as", "null", "--min-accuracy",
-                                      "0.985", "--maximise", "throughput", "--trials", "6"])
+    args = build_parser().parse_args(["search", "--max-p50-ms", "2e-1", "--as-fast-as", "null",
+                                      "--min-accuracy", "0.985", "--maximise", "throughput", "--trials", "6"])
     s = load_config(None, search_overrides(args)).search
     assert s.enabled and s.trials == 6
     assert (s.budget.max_p50_ms, s.budget.as_fast_as, s.budget.min_accuracy, s.budget.maximise) == \

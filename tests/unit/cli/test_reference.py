@@ -13,7 +13,8 @@ def test_every_config_field_has_a_description():
 def test_the_generated_pages_are_up_to_date_with_the_code():
     for name, make in reference.PAGES.items():
         page = ROOT / "docs" / "reference" / name
-        assert page.read_text() == make(), f"{page} is out of date: python -m distillery.cli.reference docs/reference"
+        assert page.read_text() == make(), \
+            f"{page} is out of date: python -m distillery.cli.reference docs/reference"
 
 
 def test_every_command_and_section_is_on_its_page():

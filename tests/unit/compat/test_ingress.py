@@ -11,7 +11,8 @@ import pytest
 from distillery.compat import ingress
 from distillery.errors import UserError
 
-# What Ray 2.60 renders (abridged): the frontend on the configured host, stats and Prometheus on every interface.
+# What Ray 2.60 renders (abridged): the frontend on the configured host, stats and Prometheus on
+# every interface.
 RAY_CONFIG = """frontend prometheus
     bind :9101
     mode http
@@ -56,7 +57,8 @@ def test_no_binary_auto_falls_back_with_a_hint_and_haproxy_is_refused(monkeypatc
 def test_a_local_instance_gets_private_ports_and_files():
     a, b = ingress.ingress_env("haproxy", "127.0.0.1"), ingress.ingress_env("haproxy", "127.0.0.1")
     assert a["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and a[ingress.SERVE_HOST_VAR] == "127.0.0.1"
-    assert a[ingress.STATS_HOST_VAR] == "127.0.0.1"  # stats and metrics: loopback by default, whatever serve.host
+    # stats and metrics: loopback by default, whatever serve.host
+    assert a[ingress.STATS_HOST_VAR] == "127.0.0.1"
     assert ingress.ingress_env("haproxy", "0.0.0.0", local=False)[ingress.STATS_HOST_VAR] == "127.0.0.1"
     assert a["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("distillery-haproxy")
     assert a["RAY_SERVE_HAPROXY_SOCKET_PATH"] != b["RAY_SERVE_HAPROXY_SOCKET_PATH"]
@@ -71,7 +73,8 @@ def test_the_wrapper_rewrites_the_config_and_runs_the_real_haproxy(tmp_path):
                       "    timeout connect 1s\n" + RAY_CONFIG)
     wrapper = os.path.join(os.path.dirname(sys.executable), ingress.HAPROXY_WRAPPER)
     env = {**os.environ, ingress.STATS_HOST_VAR: "127.0.0.1"}
-    done = subprocess.run([wrapper, "-c", "-f", str(config)], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([wrapper, "-c", "-f", str(config)], env=env, capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "valid" in (done.stdout + done.stderr).lower()
     assert "bind 127.0.0.1:8404" in config.read_text() and "bind 127.0.0.1:9101" in config.read_text()
@@ -106,7 +109,8 @@ def test_the_firewall_lets_the_nodes_in_everywhere_and_everyone_else_only_to_the
     assert "ip saddr { 10.0.0.0/16 } accept" in text and "ip6 saddr { fd00::/64 } accept" in text
     assert "tcp dport { 8000, 8001 } accept" in text
     lines = text.splitlines()
-    assert lines.index("    meta l4proto tcp reject with tcp reset") > lines.index("    tcp dport { 8000, 8001 } accept")
+    assert lines.index("    meta l4proto tcp reject with tcp reset") > \
+        lines.index("    tcp dport { 8000, 8001 } accept")
     for bad, message in (([], "--nodes"), (["10.0.0.300/8"], "not an address range")):
         with pytest.raises(UserError, match=message):
             firewall.rules(bad, [8000])

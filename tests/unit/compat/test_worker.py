@@ -16,7 +16,8 @@ def test_the_train_context_logger_is_named_by_the_module_s_own_path():
 
 
 def _child(code: str) -> str:
-    """Run `code` in a fresh interpreter (its imports are the point) with serve.host set as a node is started with it."""
+    """Run `code` in a fresh interpreter (its imports are the point) with serve.host set as a node
+    is started with it."""
     env_code = "import os; os.environ['DISTILLERY_SERVE_HOST'] = '127.0.0.1'\n" + code
     done = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

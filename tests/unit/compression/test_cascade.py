@@ -44,8 +44,8 @@ def test_an_unreachable_target_takes_the_most_accurate_threshold():
     small = _t([0, 1, 0], torch.bool)
     large = _t([1, 0, 0], torch.bool)  # escalating the first helps, the second hurts
     got = choose_threshold(conf, small, large, target=1.0)
-    assert got == {"threshold": pytest.approx(0.3), "accuracy": pytest.approx(2 / 3), "escalation": pytest.approx(1 / 3),
-                   "reached": False}
+    assert got == {"threshold": pytest.approx(0.3), "accuracy": pytest.approx(2 / 3),
+                   "escalation": pytest.approx(1 / 3), "reached": False}
 
 
 def test_ties_are_never_split():
@@ -131,4 +131,5 @@ def test_nothing_is_built_on_a_cascade_but_a_cascade_may_join_quantized_models()
                 VariantConfig(name="c", parent="q", steps=[CascadeStep(to="teacher")])]
     check_recipes(variants, bases, IN_SHAPE)  # a quantized small model is fine
     with pytest.raises(UserError, match="'c' is a cascade"):
-        check_recipes([*variants, VariantConfig(name="d", parent="c", steps=[Int8Dynamic()])], bases, IN_SHAPE)
+        check_recipes([*variants, VariantConfig(name="d", parent="c", steps=[Int8Dynamic()])], bases,
+                      IN_SHAPE)

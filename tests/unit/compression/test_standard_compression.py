@@ -15,7 +15,8 @@ from distillery.models.architectures import build_model, make_spec
 from distillery.models.exported import ExportedModel
 
 SHAPE = [1, 8, 8]
-SPECS = {name: make_spec(TorchvisionConfig(name=name), SHAPE, 10) for name in ("mobilenet_v3_small", "resnet18")}
+SPECS = {name: make_spec(TorchvisionConfig(name=name), SHAPE, 10)
+         for name in ("mobilenet_v3_small", "resnet18")}
 
 
 def _recipes(*variants: dict):
@@ -30,7 +31,8 @@ def _model(name):
 @pytest.fixture(scope="module")
 def pruned():
     """mobilenet_v3_small with 1.2x fewer MACs (Torch-Pruning): pruning it is the slow part."""
-    return prune.prune_channels(_model("mobilenet_v3_small"), PruneChannels(mac_ratio=1.2, round_to=8), SHAPE).eval()
+    return prune.prune_channels(_model("mobilenet_v3_small"), PruneChannels(mac_ratio=1.2, round_to=8),
+                                SHAPE).eval()
 
 
 def test_a_channel_pruned_mobilenet_reloads_exactly_depthwise_groups_included(tmp_path, pruned):
@@ -38,7 +40,8 @@ def test_a_channel_pruned_mobilenet_reloads_exactly_depthwise_groups_included(tm
     model = pruned
     grouped = {n: s for n, s in prune.layer_shapes(model).items() if len(s) == 3}
     assert grouped and all(s[2] == s[0] == s[1] for s in grouped.values())  # depthwise: groups = channels
-    artifacts.save_dense(tmp_path, model, SPECS["mobilenet_v3_small"], prune.layer_shapes(build_model(SPECS["mobilenet_v3_small"])))
+    spec = SPECS["mobilenet_v3_small"]
+    artifacts.save_dense(tmp_path, model, spec, prune.layer_shapes(build_model(spec)))
     reloaded, _ = artifacts.load(tmp_path)
     x = torch.randn(4, *SHAPE)
     with torch.no_grad():
@@ -54,10 +57,11 @@ def test_a_step_that_cannot_apply_refuses_its_variant_and_those_built_on_it():
         {"name": "on-int8", "parent": "teacher-int8", "steps": [{"kind": "cascade", "to": "student"}]},
         {"name": "teacher-w8", "parent": "teacher", "steps": [{"kind": "int8_dynamic"}]},
         {"name": "int8", "steps": [{"kind": "int8_dynamic"}]})
-    refused = check_recipes(recipes, {"teacher": _model("resnet18"), "student": _model("mobilenet_v3_small")}, SHAPE)
+    refused = check_recipes(recipes, {"teacher": _model("resnet18"), "student": _model("mobilenet_v3_small")},
+                            SHAPE)
     assert refused == {
-        "teacher-int8": "PT2E int8 (x86 quantizer) does not apply to this ResNet: ValueError: Input partition has "
-                        "more than one output node",
+        "teacher-int8": "PT2E int8 (x86 quantizer) does not apply to this ResNet: ValueError: Input "
+                        "partition has more than one output node",
         "on-int8": "built on teacher-int8, which was refused"}
 
 
@@ -71,6 +75,9 @@ def test_nothing_is_built_on_an_imported_program_but_it_can_be_a_cascade_s_large
 
 
 def test_a_mistake_in_a_recipe_still_fails_the_whole_check():
-    recipes = _recipes({"name": "a", "steps": [{"kind": "prune_unstructured", "sparsity": 0.5, "exclude": ["nope"]}]})
-    with pytest.raises(UserError, match="compress.variants.a: prune_unstructured.exclude: no conv/linear layer named nope"):
-        check_recipes(recipes, {"teacher": _model("resnet18"), "student": _model("mobilenet_v3_small")}, SHAPE)
+    recipes = _recipes({"name": "a", "steps": [{"kind": "prune_unstructured", "sparsity": 0.5,
+                                                 "exclude": ["nope"]}]})
+    with pytest.raises(UserError, match="compress.variants.a: prune_unstructured.exclude: "
+                                        "no conv/linear layer named nope"):
+        check_recipes(recipes, {"teacher": _model("resnet18"), "student": _model("mobilenet_v3_small")},
+                      SHAPE)

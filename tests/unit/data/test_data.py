@@ -1,4 +1,5 @@
-"""distillery.data: sources, seeded stratified splits, Parquet shards, manifest verification."""
+"""distillery.data: sources, seeded stratified splits, Parquet shards, manifest verification.
+The user Parquet source is test_user_parquet.py's."""
 
 from __future__ import annotations
 
@@ -40,11 +41,13 @@ def test_digits_manifest_counts(digits_dir):
     out, m = digits_dir
     assert m == data.read_manifest(out)
     assert m["format"] == 1 and m["source"] == "digits" and m["seed"] == 0
-    assert m["image_shape"] == [1, 8, 8] and m["num_classes"] == 10 and m["classes"] == [str(i) for i in range(10)]
+    assert m["image_shape"] == [1, 8, 8] and m["num_classes"] == 10 and \
+        m["classes"] == [str(i) for i in range(10)]
     assert sum(m["counts"][s]["total"] for s in data.SPLITS) == 1797
     per_class = np.sum([m["counts"][s]["per_class"] for s in data.SPLITS], axis=0)
     assert per_class.tolist() == np.bincount(load_digits().target).tolist()
-    assert m["counts"]["test"]["total"] == 360 and m["counts"]["val"]["total"] == 180  # ceil(0.2n), ceil(0.1n)
+    # ceil(0.2n), ceil(0.1n)
+    assert m["counts"]["test"]["total"] == 360 and m["counts"]["val"]["total"] == 180
 
 
 def test_digits_load_split_partitions_source_stratified(digits_dir):
@@ -131,9 +134,11 @@ def test_cifar10_round_trip(tmp_path):
     assert hit.numel() == 1
     img, label = x[hit[0]], int(y[hit[0]])
     assert label == 7
-    assert img[0, 0, 0] == np.float32(10) / np.float32(255) and img[0, 0, 1] == np.float32(200) / np.float32(255)
+    assert img[0, 0, 0] == np.float32(10) / np.float32(255) and \
+        img[0, 0, 1] == np.float32(200) / np.float32(255)
     assert (img[1] == np.float32(20) / np.float32(255)).all()
-    assert img[2, 1, 0] == np.float32(250) / np.float32(255) and img[2, 0, 1] == np.float32(30) / np.float32(255)
+    assert img[2, 1, 0] == np.float32(250) / np.float32(255) and \
+        img[2, 0, 1] == np.float32(30) / np.float32(255)
     # The test split is exactly test_batch.bin, pixel for pixel.
     raw = _cifar_records(20, seed=99)
     want = torch.from_numpy(raw[:, 1:].reshape(-1, 3, 32, 32).astype(np.float32) / np.float32(255))
@@ -190,99 +195,6 @@ def test_cifar10_missing_path(tmp_path):
         data.prepare(DataConfig(source="cifar10", path=str(tmp_path / "nowhere")), tmp_path / "o", seed=0)
 
 
-# ---------------------------------------------------------------------------- user Parquet
-
-
-def _user_table(n=60, length=64, fixed=False) -> dict:
-    """Columns of a valid user table; image[0] = row / 1000 identifies each row."""
-    images = np.random.default_rng(0).random((n, length))
-    images[:, 0] = np.arange(n) / 1000
-    return {"image": [list(r) for r in images], "label": [i % 3 for i in range(n)]}
-
-
-def _write_user(path: Path, cols: dict, image_type=pa.list_(pa.float64())) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({k: (pa.array(v, image_type) if k == "image" else v) for k, v in cols.items()})
-    pq.write_table(table, path)
-    return path
-
-
-def test_user_parquet_round_trip_with_shape(tmp_path):
-    cols = _user_table()
-    src = _write_user(tmp_path / "in.parquet", cols, pa.list_(pa.float32(), 64))
-    cfg = DataConfig(source="parquet", path=str(src), image_shape=[2, 4, 8], val_fraction=0.0)
-    m = data.prepare(cfg, tmp_path / "out", seed=0)
-    assert m["image_shape"] == [2, 4, 8] and m["num_classes"] == 3 and m["source_path"] == str(src.resolve())
-    assert m["counts"]["train"]["total"] == 48 and m["counts"]["test"]["per_class"] == [4, 4, 4]
-    x, y = data.load_split(tmp_path / "out", "train")
-    assert x.shape == (48, 2, 4, 8)
-    row = int(round(float(x[0, 0, 0, 0]) * 1000))  # which source row this is
-    want = torch.tensor(cols["image"][row], dtype=torch.float32).reshape(2, 4, 8)
-    assert torch.equal(x[0], want) and int(y[0]) == row % 3
-
-
-def test_user_parquet_folder_square_and_split_column(tmp_path):
-    cols = _user_table(n=40, length=16)
-    splits = ["train"] * 30 + ["val"] * 4 + ["test"] * 6
-    _write_user(tmp_path / "in" / "a.parquet", {k: v[:20] for k, v in cols.items()} | {"split": splits[:20]})
-    _write_user(tmp_path / "in" / "b.parquet", {k: v[20:] for k, v in cols.items()} | {"split": splits[20:]})
-    m = data.prepare(DataConfig(source="parquet", path=str(tmp_path / "in")), tmp_path / "out", seed=0)
-    assert m["image_shape"] == [1, 4, 4]
-    assert [m["counts"][s]["total"] for s in data.SPLITS] == [30, 4, 6]
-    x, _ = data.load_split(tmp_path / "out", "test")
-    ids = sorted(int(round(float(v) * 1000)) for v in x[:, 0, 0, 0])
-    assert ids == list(range(34, 40))  # the user's test rows, not a fresh split
-
-
-def _bad_user(tmp_path, change) -> Path:
-    cols = _user_table(n=30)
-    change(cols)
-    return _write_user(tmp_path / "bad.parquet", cols)
-
-
-def _set(cols, key, row, value):
-    cols[key][row] = value
-
-
-@pytest.mark.parametrize("change, expected", [
-    (lambda c: c.update(target=c.pop("label")), ["'label'", "image, target"]),
-    (lambda c: _set(c, "label", 7, None), ["'label'", "row 7", "null"]),
-    (lambda c: _set(c, "image", 5, [0.5] * 63), ["'image'", "row 5", "63", "64"]),
-    (lambda c: _set(c, "image", 9, [0.5] * 10 + [float("nan")] + [0.5] * 53), ["'image'", "row 9", "NaN"]),
-    (lambda c: _set(c, "image", 11, None), ["'image'", "row 11", "null"]),
-    (lambda c: _set(c, "label", 4, -2), ["'label'", "row 4", ">= 0"]),
-    (lambda c: c.update(label=[str(v) for v in c["label"]]), ["'label'", "string"]),
-    (lambda c: c.update(split=["train"] * 12 + ["dev"] + ["test"] * 17), ["'split'", "row 12", "dev"]),
-])
-def test_user_parquet_errors_name_column_and_row(tmp_path, change, expected):
-    src = _bad_user(tmp_path, change)
-    with pytest.raises(UserError) as e:
-        data.prepare(DataConfig(source="parquet", path=str(src)), tmp_path / "out", seed=0)
-    for text in expected:
-        assert text in str(e.value)
-    assert "bad.parquet" in str(e.value)
-
-
-def test_user_parquet_needs_shape_for_non_square(tmp_path):
-    src = _write_user(tmp_path / "in.parquet", _user_table(length=12))
-    with pytest.raises(UserError, match="image_shape"):
-        data.prepare(DataConfig(source="parquet", path=str(src)), tmp_path / "out", seed=0)
-    cfg = DataConfig(source="parquet", path=str(src), image_shape=[3, 2, 3])
-    with pytest.raises(UserError, match="row 0 has 12 values; expected 18"):
-        data.prepare(cfg, tmp_path / "out", seed=0)
-
-
-def test_class_too_small_to_stratify(tmp_path):
-    cols = _user_table(n=30)
-    cols["label"][3] = 5  # class 5 has one row; classes 3 and 4 have none, which is fine
-    src = _write_user(tmp_path / "in.parquet", cols)
-    with pytest.raises(UserError, match="class 5 .* only 1 row"):
-        data.prepare(DataConfig(source="parquet", path=str(src)), tmp_path / "out", seed=0)
-    tiny = DataConfig(source="synthetic", num_samples=20, num_classes=10)  # 4 test rows < 10 classes
-    with pytest.raises(UserError, match="stratified"):
-        data.prepare(tiny, tmp_path / "out", seed=0)
-
-
 # ---------------------------------------------------------------------------- synthetic
 
 
@@ -319,11 +231,13 @@ def test_shard_rows_splits_and_load_concatenates_in_order(tmp_path):
     assert paths == [tmp_path / s["path"] for s in train]
     parts = [data.decode_batch(pq.read_table(p)) for p in paths]
     x, y = data.load_split(tmp_path, "train")
-    assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+    assert torch.equal(x, torch.cat([p[0] for p in parts])) and \
+        torch.equal(y, torch.cat([p[1] for p in parts]))
 
 
 def test_shard_schema(tmp_path):
-    data.prepare(DataConfig(source="synthetic", num_samples=50, num_classes=2, image_shape=[2, 3, 3]), tmp_path, seed=0)
+    data.prepare(DataConfig(source="synthetic", num_samples=50, num_classes=2, image_shape=[2, 3, 3]),
+                 tmp_path, seed=0)
     schema = pq.read_schema(tmp_path / "train-00000.parquet")
     assert schema.field("image").type == pa.list_(pa.float32(), 18)
     assert schema.field("label").type == pa.int64() and schema.field("split").type == pa.string()
@@ -407,7 +321,8 @@ def test_decode_batch_matches_load_split(small_dir):
     shape = data.read_manifest(small_dir)["image_shape"]
     for batch in (table, table.to_batches()[0]):
         bx, by = data.decode_batch(batch, shape)
-        assert torch.equal(bx, x) and torch.equal(by, y) and bx.dtype == torch.float32 and by.dtype == torch.int64
+        assert torch.equal(bx, x) and torch.equal(by, y) and \
+            bx.dtype == torch.float32 and by.dtype == torch.int64
     flat = np.stack(table.column("image").to_numpy(zero_copy_only=False))
     labels = table.column("label").to_numpy()
     for images in (flat, table.column("image").to_numpy(zero_copy_only=False)):  # 2-D, or object of rows
@@ -418,12 +333,6 @@ def test_decode_batch_matches_load_split(small_dir):
         assert torch.equal(bx, x[5:8]) and torch.equal(by, y[5:8])
     with pytest.raises(UserError, match="image_shape"):
         data.decode_batch({"image": flat, "label": labels})
-
-
-def test_source_inside_output_refused(tmp_path):
-    src = _write_user(tmp_path / "in.parquet", _user_table())
-    with pytest.raises(UserError, match="inside the output folder"):
-        data.prepare(DataConfig(source="parquet", path=str(src)), tmp_path, seed=0)
 
 
 def test_every_configurable_source_has_a_registered_loader():

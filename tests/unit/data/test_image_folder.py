@@ -41,7 +41,8 @@ def test_an_image_folder_becomes_shards_with_classes_from_its_subfolders(tmp_pat
     assert m["skipped"]["count"] == 2
     assert sorted(f.split(":")[0] for f in m["skipped"]["files"]) == ["b/broken.png", "b/notes.txt"]
     x, y = (torch.cat(t) for t in zip(*(data.load_split(tmp_path / "out", s) for s in data.SPLITS)))
-    assert torch.allclose(x[y == 0], torch.tensor(40 / 255)) and torch.allclose(x[y == 1], torch.tensor(200 / 255), atol=2 / 255)
+    assert torch.allclose(x[y == 0], torch.tensor(40 / 255)) and \
+        torch.allclose(x[y == 1], torch.tensor(200 / 255), atol=2 / 255)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["source"] == "folder"
 
 

@@ -53,7 +53,8 @@ def test_a_class_the_teacher_does_not_have_is_refused_by_name(run_data, tmp_path
     _pngs(tmp_path / "imgs" / "1", 3)
     _pngs(tmp_path / "imgs" / "cat", 3)
     cfg = DataConfig(source="folder", path=str(tmp_path / "imgs"), image_shape=[1, 8, 8])
-    with pytest.raises(UserError, match=r"class\(es\) cat are not among the teacher's classes \(0, 1, 2, 3\)"):
+    with pytest.raises(UserError,
+                       match=r"class\(es\) cat are not among the teacher's classes \(0, 1, 2, 3\)"):
         data.prepare_transfer(cfg, tmp_path / "t", 0, run_data)
     assert not (tmp_path / "t" / "manifest.json").exists()
 
@@ -70,12 +71,13 @@ def test_an_unlabeled_folder_is_read_at_any_depth_and_broken_files_are_counted(r
 
 def test_images_of_another_shape_are_refused(run_data, tmp_path):
     cfg = DataConfig(**{**SYNTHETIC, "image_shape": [3, 8, 8]}, labeled=False)
-    with pytest.raises(UserError, match=r"images of shape \[3, 8, 8\]; the run's data \(and its teacher\) take \[1, 8, 8\]"):
+    with pytest.raises(UserError, match=r"images of shape \[3, 8, 8\]; "
+                                        r"the run's data \(and its teacher\) take \[1, 8, 8\]"):
         data.prepare_transfer(cfg, tmp_path / "t", 0, run_data)
 
 
 def test_max_train_samples_caps_the_transfer_set(run_data, tmp_path):
-    manifest = data.prepare_transfer(DataConfig(**SYNTHETIC, labeled=False, max_train_samples=50), tmp_path / "t", 0,
-                                     run_data)
+    manifest = data.prepare_transfer(DataConfig(**SYNTHETIC, labeled=False, max_train_samples=50),
+                                     tmp_path / "t", 0, run_data)
     assert manifest["counts"]["train"]["total"] == 50 == len(data.load_split(tmp_path / "t", "train")[1])
     assert torch.is_tensor(data.load_split(tmp_path / "t", "train")[0])

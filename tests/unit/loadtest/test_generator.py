@@ -66,4 +66,5 @@ def test_lost_requests_are_named_by_what_went_wrong():
     from distillery.loadtest.generator import lost_by_kind
 
     kinds = lost_by_kind({"503": 7, "0": 2, "-1": 1, "500": 3, "418": 1})
-    assert kinds == {"no answer in time (client timeout)": 1, "connection failed": 2, "server error": 3, "HTTP 418": 1}
+    assert kinds == {"no answer in time (client timeout)": 1, "connection failed": 2, "server error": 3,
+                     "HTTP 418": 1}

@@ -11,8 +11,8 @@ from distillery.loadtest.run import images_to_send
 
 
 def _run(tmp_path, **fields):
-    data.prepare(DataConfig(source="synthetic", image_shape=[1, 8, 8], num_classes=4, num_samples=80, **fields),
-                 tmp_path / "data", seed=0)
+    data.prepare(DataConfig(source="synthetic", image_shape=[1, 8, 8], num_classes=4, num_samples=80,
+                            **fields), tmp_path / "data", seed=0)
     return tmp_path
 
 

@@ -25,6 +25,7 @@ def test_distillation_gain_reports_its_interval_and_says_a_tie_is_a_tie():
     distilled[90:93], distilled[0] = True, False  # right on 3 more, wrong on 1 more
     gain = distillation_gain(models, {"student_scratch": alone, "student": distilled, "teacher": alone})
     assert (gain["better"], gain["worse"], gain["test_images"]) == (3, 1, 100)
-    row = results_table({"models": {m: {"params": 1, "macs": 1, "weights_bytes": 1024, "val_accuracy": 0.9, **v}
-                                    for m, v in models.items()}, "distillation": gain})
+    row = results_table({"models": {m: {"params": 1, "macs": 1, "weights_bytes": 1024, "val_accuracy": 0.9,
+                                        **v} for m, v in models.items()},
+                         "distillation": gain})
     assert "wrong on 3 and the reverse on 1 of 100 test images: a tie within the noise" in row

@@ -10,7 +10,8 @@ def rec(name, p50, acc, *, role="variant", parent="teacher", not_faster=False, t
         macs=200_000, numerics="fp32", test=None):
     """`acc` is the validation accuracy choices read; `test` (default: the same) only reports."""
     return {"name": name, "parent": parent, "recipe": f"prune_channels(mac_ratio=2) -> finetune | {name}",
-            "val_accuracy": acc, "test_accuracy": acc if test is None else test, "params": 10_000, "macs": macs, "numerics": numerics, "size_bytes": size,
+            "val_accuracy": acc, "test_accuracy": acc if test is None else test, "params": 10_000,
+            "macs": macs, "numerics": numerics, "size_bytes": size,
             "best_mode": "eager",
             "p50_ms": p50, "p99_ms": p50 * 1.5, "throughput": throughput or 1000 / p50, "peak_fraction": 0.12,
             "not_faster": not_faster, "role": role}
@@ -58,8 +59,8 @@ def test_recommend_skips_not_faster_variants():
 
 
 def test_recommend_breaks_ties_on_throughput_then_size():
-    a, b, c = rec("a", 1.0, 0.9, throughput=900), rec("b", 1.0, 0.9, throughput=1000), rec("c", 1.0, 0.9,
-                                                                                         throughput=1000, size=10)
+    a, b = rec("a", 1.0, 0.9, throughput=900), rec("b", 1.0, 0.9, throughput=1000)
+    c = rec("c", 1.0, 0.9, throughput=1000, size=10)
     assert recommend([a, b], 0.5)["name"] == "b"
     assert recommend([a, b, c], 0.5)["name"] == "c"
 
@@ -91,12 +92,14 @@ def test_bad_role_and_repeated_name(records):
 
 def test_write_frontier_writes_four_files(tmp_path, records):
     machine = {"cpu": "Test CPU 9000", "logical_cores": 2, "torch": "2.13.0"}
-    settings = {"threads": 1, "latency_runs": 200, "warmup": 20, "throughput_batch": 256, "throughput_runs": 10}
+    settings = {"threads": 1, "latency_runs": 200, "warmup": 20, "throughput_batch": 256,
+                "throughput_runs": 10}
     paths = write_frontier(tmp_path / "report", records, floor=0.95, machine=machine, settings=settings)
 
     assert [p.name for p in paths] == ["frontier.json", "frontier.csv", "frontier.md", "frontier.png"]
     assert all(p.is_file() for p in paths)
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(p.name for p in paths)  # no temp files
+    # no temp files
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(p.name for p in paths)
 
     report = json.loads(paths[0].read_text())
     assert report["variants"] == records
@@ -137,7 +140,8 @@ def test_recommend_prefers_the_more_accurate_of_two_equally_fast_records():
     assert recommend([fast_alone, distilled], floor=0.98)["name"] == "alone"  # no margin: strictly fastest
     best = recommend([fast_alone, distilled], floor=0.98, margin=0.05)
     assert best["name"] == "distilled" and "equally fast" in best["reason"]
-    slower = rec("slower", p50=0.090, acc=0.999, macs=300_000)  # another network, 12.5% slower: outside the margin
+    # another network, 12.5% slower: outside the margin
+    slower = rec("slower", p50=0.090, acc=0.999, macs=300_000)
     assert recommend([fast_alone, slower], floor=0.98, margin=0.05)["name"] == "alone"
 
 
@@ -162,10 +166,11 @@ def test_recommend_names_the_variants_whose_accuracy_ties_within_the_noise():
     fast, close, far = (dict(r, val_images=360) for r in (rec("fast", 0.2, 0.97), rec("close", 0.5, 0.9667),
                                                            rec("far", 0.6, 0.90)))
     reason = recommend([fast, close, far], 0.5)["reason"]
-    assert "ties with that of close: within the 95% noise of 360 validation images (one image is 0.28 points)" \
-        in reason and reason.endswith("Chosen on validation.")
+    assert "ties with that of close: within the 95% noise of 360 validation images " \
+        "(one image is 0.28 points)" in reason and reason.endswith("Chosen on validation.")
     assert "far" not in reason.split("ties with")[1]
-    assert "ties" not in recommend([rec("fast", 0.2, 0.97), rec("close", 0.5, 0.9667)], 0.5)["reason"]  # n unknown
+    # n unknown
+    assert "ties" not in recommend([rec("fast", 0.2, 0.97), rec("close", 0.5, 0.9667)], 0.5)["reason"]
 
 
 class Sealed(float):
@@ -174,8 +179,8 @@ class Sealed(float):
     def _refuse(self, *_):
         raise AssertionError("a choice read a test figure")
 
-    __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = __add__ = __sub__ = __mul__ = __neg__ = __float__ = \
-        __format__ = __hash__ = _refuse
+    __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = __add__ = __sub__ = __mul__ = __neg__ = \
+        __float__ = __format__ = __hash__ = _refuse
 
 
 def test_choices_read_no_test_figure(records):

@@ -7,7 +7,8 @@ from distillery.models.architectures import build_model, count_macs, count_param
 
 
 @pytest.mark.parametrize("in_shape", [[1, 8, 8], [3, 32, 32]])
-@pytest.mark.parametrize("cfg", [ResNetConfig(), ResNetConfig(width=16, blocks=[2, 1, 1]), CNNConfig(), CNNConfig(width_mult=0.5)])
+@pytest.mark.parametrize("cfg", [ResNetConfig(), ResNetConfig(width=16, blocks=[2, 1, 1]), CNNConfig(),
+                                 CNNConfig(width_mult=0.5)])
 def test_spec_to_shapes(cfg, in_shape):
     spec = make_spec(cfg, in_shape, 10)
     model = build_model(spec)

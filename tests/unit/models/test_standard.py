@@ -24,7 +24,8 @@ def test_keys_are_torchvisions_own_and_grey_images_get_a_one_channel_stem():
     theirs = torchvision().models.resnet18(num_classes=10).state_dict()
     assert ours.keys() == theirs.keys()
     differ = [k for k in ours if ours[k].shape != theirs[k].shape]
-    assert differ == ["conv1.weight"] and ours["conv1.weight"].shape[1] == 1 and theirs["conv1.weight"].shape[1] == 3
+    assert differ == ["conv1.weight"] and ours["conv1.weight"].shape[1] == 1 and \
+        theirs["conv1.weight"].shape[1] == 3
 
 
 def test_only_classification_models_are_offered():
@@ -33,7 +34,9 @@ def test_only_classification_models_are_offered():
 
 
 def test_an_unknown_name_and_an_input_a_model_cannot_take_are_refused_by_name():
-    with pytest.raises(UserError, match="'resnet1' is not one of torchvision's classification models .*resnet18"):
+    with pytest.raises(UserError,
+                       match="'resnet1' is not one of torchvision's classification models .*resnet18"):
         build_model(make_spec(TorchvisionConfig(name="resnet1"), [3, 32, 32], 10))
-    with pytest.raises(UserError, match=r"vit_b_16 does not take images of shape \[3, 32, 32\]: Wrong image height"):
+    with pytest.raises(UserError,
+                       match=r"vit_b_16 does not take images of shape \[3, 32, 32\]: Wrong image height"):
         build_model(make_spec(TorchvisionConfig(name="vit_b_16"), [3, 32, 32], 10))

@@ -10,7 +10,8 @@ def test_the_report_says_why_and_where_a_training_run_resumed():
     assert node_lost == {"epoch": 3, "resumed_from": 2, "last_epoch_before": 2,
                          "worker_failures": ["ActorDiedError: the actor's node died"]}
     assert restart_text(node_lost) == (
-        "resumed at epoch 3 from the checkpoint of epoch 2 after a worker failure (ActorDiedError: the actor's node "
-        "died): Ray Train restarted as many workers on the live nodes; 0 finished epoch(s) redone, plus the one in "
-        "progress")
-    assert restart_text(driver) == "resumed at epoch 5 from the checkpoint of epoch 4, after the job's driver was restarted"
+        "resumed at epoch 3 from the checkpoint of epoch 2 after a worker failure (ActorDiedError: the "
+        "actor's node died): Ray Train restarted as many workers on the live nodes; 0 finished epoch(s) "
+        "redone, plus the one in progress")
+    assert restart_text(driver) == \
+        "resumed at epoch 5 from the checkpoint of epoch 4, after the job's driver was restarted"

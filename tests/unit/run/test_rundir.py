@@ -24,9 +24,10 @@ def _changed(*overrides: str) -> set[str]:
 @pytest.mark.parametrize("overrides, stages", [
     (["seed=1"], set(STAGES)),  # every stage draws from the seed
     (["data.val_fraction=0.15"], set(STAGES)),
-    (["teacher.train.epochs=5"], {"teacher", "teacher_logits", "student", "evaluate", "search", "compress", "serve",
+    (["teacher.train.epochs=5"], {"teacher", "teacher_logits", "student", "evaluate", "search", "compress",
+                                  "serve", "report"}),
+    (["student.train.epochs=5"], {"student_scratch", "student", "evaluate", "search", "compress", "serve",
                                   "report"}),
-    (["student.train.epochs=5"], {"student_scratch", "student", "evaluate", "search", "compress", "serve", "report"}),
     (["distill.temperature=2.0"], {"student", "evaluate", "search", "compress", "serve", "report"}),
     (["compress.floor_below_teacher=0.02"], {"compress", "serve", "report"}),
     (["serve.max_batch_size=32"], {"serve", "report"}),

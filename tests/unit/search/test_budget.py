@@ -13,8 +13,8 @@ STUDENT = _rec("student", 0.98, 0.100)
 
 
 def test_the_most_accurate_within_the_budget_is_chosen_and_the_next_one_is_the_runner_up():
-    records = [_rec("fast", 0.97, 0.05), _rec("best-but-slow", 0.995, 0.30, macs=90), _rec("good", 0.99, 0.09),
-               _rec("good-slower", 0.99, 0.095, macs=80)]
+    records = [_rec("fast", 0.97, 0.05), _rec("best-but-slow", 0.995, 0.30, macs=90),
+               _rec("good", 0.99, 0.09), _rec("good-slower", 0.99, 0.095, macs=80)]
     limits = bounds(BudgetConfig(), STUDENT, margin=0.05)
     choice = choose(records, BudgetConfig(), limits)
     assert choice["chosen"]["name"] == "good"  # ties on validation: the faster
@@ -48,7 +48,8 @@ def test_a_budget_nothing_meets_names_the_closest_model_and_what_it_misses():
     assert "p50 0.020 ms against p50 0.010 ms" in choice["message"]
 
 
-@pytest.mark.parametrize("bad, word", [({"maximise": "speed"}, "maximise"), ({"as_fast_as": "nobody"}, "as_fast_as"),
+@pytest.mark.parametrize("bad, word", [({"maximise": "speed"}, "maximise"),
+                                       ({"as_fast_as": "nobody"}, "as_fast_as"),
                                        ({"max_p50_ms": -1.0}, "max_p50_ms")])
 def test_a_wrong_budget_is_refused_naming_the_key(bad, word):
     from distillery.config import load_config
@@ -59,10 +60,10 @@ def test_a_wrong_budget_is_refused_naming_the_key(bad, word):
         load_config(None, [f"search.budget.{key}={value}"])
 
 
-@pytest.mark.parametrize("recipe, words", [("[[{kind: cascade, to: teacher}]]", "no cascade step"),
-                                           ("[[{kind: finetune}]]", "finetune must follow a prune step"),
-                                           ("[[{kind: int8_static}, {kind: prune_unstructured, sparsity: 0.5}]]",
-                                            "must be the last")])
+@pytest.mark.parametrize("recipe, words", [
+    ("[[{kind: cascade, to: teacher}]]", "no cascade step"),
+    ("[[{kind: finetune}]]", "finetune must follow a prune step"),
+    ("[[{kind: int8_static}, {kind: prune_unstructured, sparsity: 0.5}]]", "must be the last")])
 def test_a_wrong_search_recipe_is_refused_before_any_trial(recipe, words):
     from distillery.config import load_config
     from distillery.errors import UserError
@@ -77,7 +78,8 @@ def test_validation_loss_breaks_ties_on_validation_accuracy_and_never_outweighs_
     records = [_rec("sure", 0.99, 0.10), _rec("unsure", 0.99, 0.05)]
     records[0]["val_loss"], records[1]["val_loss"] = 0.02, 0.30
     budget = BudgetConfig(as_fast_as=None)
-    assert choose(records, budget, bounds(budget))["chosen"]["name"] == "sure"  # not the one the timer favoured
+    # not the one the timer favoured
+    assert choose(records, budget, bounds(budget))["chosen"]["name"] == "sure"
     n = 180
     assert val_score(1.0, 0.30, n) < val_score(1.0, 0.02, n)
     assert val_score(1.0, 1e9, n) > val_score(1.0 - 1 / n, 0.0, n)  # one more right answer always wins

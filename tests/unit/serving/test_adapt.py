@@ -14,8 +14,8 @@ def _m(name, acc, p50):
     return ServedModel(name, "x", [1, 8, 8], 10, acc, acc, p50, "eager")
 
 
-TEACHER, STUDENT, PRUNED, TINY = _m("teacher", 0.990, 5.0), _m("student", 0.985, 2.0), _m("pruned", 0.98, 1.5), \
-    _m("tiny", 0.90, 0.3)
+TEACHER, STUDENT, PRUNED, TINY = _m("teacher", 0.990, 5.0), _m("student", 0.985, 2.0), \
+    _m("pruned", 0.98, 1.5), _m("tiny", 0.90, 0.3)
 SLOW_AND_WORSE = _m("slow_worse", 0.95, 3.0)
 RUNGS = ladder([TINY, STUDENT, SLOW_AND_WORSE, TEACHER, PRUNED])
 
@@ -49,8 +49,8 @@ def test_a_request_objective_takes_the_most_accurate_rung_measured_within_it():
     assert choose(RUNGS, decision, None, 100.0) is TEACHER
     assert choose(RUNGS, decision, None, 50.0) is STUDENT
     assert choose(RUNGS, decision, None, 20.0) is PRUNED  # not measured lately: tried
-    assert choose(RUNGS, decision | {"p95_ms": {"teacher": 80.0, "student": 30.0, "pruned": 25.0, "tiny": 5.0}},
-                  None, 1.0) is TINY  # nothing within: the fastest
+    all_measured = decision | {"p95_ms": {"teacher": 80.0, "student": 30.0, "pruned": 25.0, "tiny": 5.0}}
+    assert choose(RUNGS, all_measured, None, 1.0) is TINY  # nothing within: the fastest
     assert choose(RUNGS, decision, 0.985, 20.0) is STUDENT  # the floor stops the descent
 
 
@@ -85,7 +85,8 @@ def test_a_forgotten_capacity_lets_the_controller_try_again_and_more_replicas_ra
     busy = {"teacher": 250.0, "student": 20.0}
     t = _load(c, 0.0, 4.0, 100, busy)
     assert c.names[c.level] == "student"
-    assert c._fits(0, t, replicas=2) and not c._fits(0, t, replicas=1)  # twice the replicas: twice the capacity
+    # twice the replicas: twice the capacity
+    assert c._fits(0, t, replicas=2) and not c._fits(0, t, replicas=1)
     t = _load(c, t, 6.0, 100, busy)
     assert [m for _, m in c.history][:2] == ["student", "teacher"]  # tried again once forgotten...
     assert c.names[c.level] == "student"  # ...and stepped down again: still too much for it
@@ -129,7 +130,8 @@ def test_replicas_spilling_past_a_share_of_requests_step_the_controller_down_tho
     _spilling(calm, 0.0, 3.0, 200, {"teacher": 0.05})  # the odd burst spills: no step
     assert calm.names[calm.level] == "teacher" and calm.history == []
     busy = Controller(names, slo_ms=100.0)
-    _spilling(busy, 0.0, 3.0, 200, {"teacher": 0.5, "student": 0.0})  # half spilled: past the teacher's capacity
+    # half spilled: past the teacher's capacity
+    _spilling(busy, 0.0, 3.0, 200, {"teacher": 0.5, "student": 0.0})
     assert busy.capacity[0][0] == pytest.approx(200, rel=0.1)
     # One step only: the student keeps up, spilling nothing.
     assert [m for _, m in busy.history] == ["student"]

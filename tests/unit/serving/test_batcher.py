@@ -153,8 +153,8 @@ def test_a_failing_forward_pass_fails_every_request_of_its_batch_and_the_next_on
 
 def test_hand_over_moves_only_the_movable_waiting_requests_and_they_are_answered_by_the_receiver():
     slow, fast = Recorder(seconds=0.05), Recorder()
-    upper, lower = Batcher(slow, max_batch=64, wait_s=0.0, name="slow"), Batcher(fast, max_batch=64, wait_s=0.0,
-                                                                                  name="fast")
+    upper = Batcher(slow, max_batch=64, wait_s=0.0, name="slow")
+    lower = Batcher(fast, max_batch=64, wait_s=0.0, name="fast")
 
     async def scenario():
         first = asyncio.ensure_future(upper(_x(1, 1.0), movable=True))

@@ -50,7 +50,8 @@ def test_parameters_and_requested_outputs_carry_over():
 
 def test_the_http_checks_apply():
     wrong_shape = _request(np.zeros((1, 1, 4, 4), np.float32))
-    assert _refused(wrong_shape).status == 400 and "shape must be [N, 1, 8, 8]" in _refused(wrong_shape).message
+    assert _refused(wrong_shape).status == 400 and \
+        "shape must be [N, 1, 8, 8]" in _refused(wrong_shape).message
     short = _request()
     short.raw_input_contents[0] = short.raw_input_contents[0][:-4]
     assert "needs 512 bytes" in _refused(short).message
@@ -66,7 +67,8 @@ def test_the_http_checks_apply():
 
 def test_find_model_names_the_model_and_the_version():
     models = {"student": "s", "auto": None}
-    assert grpc_codec.find_model(models, "student", "") == "s" and grpc_codec.find_model(models, "student", "1") == "s"
+    assert grpc_codec.find_model(models, "student", "") == "s" and \
+        grpc_codec.find_model(models, "student", "1") == "s"
     with pytest.raises(ProtocolError) as e:
         grpc_codec.find_model(models, "nope", "")
     assert e.value.status == 404 and "'nope'" in e.value.message and "student, auto" in e.value.message
@@ -77,8 +79,8 @@ def test_find_model_names_the_model_and_the_version():
 
 def test_the_answer_has_raw_outputs_in_the_order_asked_and_its_parameters():
     logits = torch.tensor([[0.5, 2.0], [3.0, -1.0]])
-    reply = grpc_codec.infer_response("auto", "r-2", logits, "student", ("label", "logits"), batched_requests=2,
-                                      model_ms=0.5, test_accuracy=0.98)
+    reply = grpc_codec.infer_response("auto", "r-2", logits, "student", ("label", "logits"),
+                                      batched_requests=2, model_ms=0.5, test_accuracy=0.98)
     assert [o.name for o in reply.outputs] == ["label", "logits"] and reply.id == "r-2"
     assert [list(o.shape) for o in reply.outputs] == [[2], [2, 2]] and reply.model_version == "1"
     assert np.frombuffer(reply.raw_output_contents[0], "<i8").tolist() == [1, 0]
@@ -98,8 +100,10 @@ def test_metadata_messages_carry_the_http_documents():
 
 
 @pytest.mark.parametrize("status,code", [(400, grpc.StatusCode.INVALID_ARGUMENT),
-                                         (401, grpc.StatusCode.UNAUTHENTICATED), (404, grpc.StatusCode.NOT_FOUND),
-                                         (413, grpc.StatusCode.RESOURCE_EXHAUSTED), (422, grpc.StatusCode.INVALID_ARGUMENT),
+                                         (401, grpc.StatusCode.UNAUTHENTICATED),
+                                         (404, grpc.StatusCode.NOT_FOUND),
+                                         (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
+                                         (422, grpc.StatusCode.INVALID_ARGUMENT),
                                          (503, grpc.StatusCode.UNAVAILABLE),
                                          (500, grpc.StatusCode.INTERNAL)])
 def test_refusals_map_to_grpc_codes(status, code):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,13 +16,10 @@ from distillery.serving.protocol import (
     Limits,
     ProtocolError,
     auto_targets,
-    binary_response,
     check_size,
     infer_response,
     json_body,
-    model_metadata,
     parse_infer,
-    server_metadata,
 )
 
 IN_SHAPE = [1, 8, 8]
@@ -32,7 +28,8 @@ LIMITS = Limits()
 
 def _input(data, shape=None, name=INPUT_NAME, datatype="FP32", **extra):
     n = len(data) // 64 if shape is None and isinstance(data, list) else 1
-    spec = {"name": name, "shape": [n, *IN_SHAPE] if shape is None else shape, "datatype": datatype, "data": data}
+    spec = {"name": name, "shape": [n, *IN_SHAPE] if shape is None else shape, "datatype": datatype,
+            "data": data}
     spec.update(extra)
     return spec
 
@@ -123,15 +120,16 @@ def test_unknown_top_level_field_named():
 def test_fields_official_clients_send_are_accepted():
     """KServe's SDK puts model_name, model_version and id in the body; tensor-level and
     request-level parameters come from tritonclient."""
-    body = _body(_input(_flat(1), parameters={"some_tensor_flag": 1}), model_name="student", model_version="1",
-                 id="42", parameters={"binary_data_output": False})
+    body = _body(_input(_flat(1), parameters={"some_tensor_flag": 1}), model_name="student",
+                 model_version="1", id="42", parameters={"binary_data_output": False})
     req = parse_infer(body, IN_SHAPE, LIMITS, model="student")
     assert req.id == "42" and req.x.shape == (1, *IN_SHAPE) and req.outputs == ("logits", "label")
     blank = _body(_input(_flat(1)), model_name="", model_version="")  # an SDK leaving them unset
     assert parse_infer(blank, IN_SHAPE, LIMITS, model="student").x.shape[0] == 1
 
 
-@pytest.mark.parametrize("field,value,named", [("model_name", "teacher", "'student'"), ("model_version", "2", "'1'")])
+@pytest.mark.parametrize("field,value,named", [("model_name", "teacher", "'student'"),
+                                               ("model_version", "2", "'1'")])
 def test_a_model_name_or_version_that_contradicts_the_route_names_both(field, value, named):
     with pytest.raises(ProtocolError) as info:
         parse_infer(_body(_input(_flat(1)), **{field: value}), IN_SHAPE, LIMITS, model="student")
@@ -142,9 +140,11 @@ def test_a_model_name_or_version_that_contradicts_the_route_names_both(field, va
 def test_requested_outputs_are_answered_in_the_order_asked():
     req = parse_infer(_body(_input(_flat(2)), outputs=[{"name": "label"}]), IN_SHAPE, LIMITS)
     assert req.outputs == ("label",)
-    out = json.loads(json_body(infer_response("m", None, torch.tensor([[0.0, 1.0], [2.0, 0.0]]), "m", req.outputs)))
+    logits = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    out = json.loads(json_body(infer_response("m", None, logits, "m", req.outputs)))
     assert [o["name"] for o in out["outputs"]] == ["label"] and out["outputs"][0]["data"] == [1, 0]
-    both = parse_infer(_body(_input(_flat(1)), outputs=[{"name": "label"}, {"name": "logits"}]), IN_SHAPE, LIMITS)
+    both = parse_infer(_body(_input(_flat(1)), outputs=[{"name": "label"}, {"name": "logits"}]),
+                       IN_SHAPE, LIMITS)
     assert both.outputs == ("label", "logits")
     assert parse_infer(_body(_input(_flat(1)), outputs=[]), IN_SHAPE, LIMITS).outputs == ("logits", "label")
 
@@ -194,14 +194,15 @@ def test_wrong_datatype(datatype):
     assert e.status == 400 and "FP32" in e.message and repr(datatype) in e.message
 
 
-@pytest.mark.parametrize("shape", ["1,1,8,8", [1, 1, 8.0, 8], [1, "1", 8, 8], [True, 1, 8, 8], [1, 1, 8, None], 64])
+@pytest.mark.parametrize("shape", ["1,1,8,8", [1, 1, 8.0, 8], [1, "1", 8, 8], [True, 1, 8, 8],
+                                   [1, 1, 8, None], 64])
 def test_shape_not_a_list_of_ints(shape):
     e = _refused(_body(_input(_flat(1), shape=shape)))
     assert e.status == 400 and "shape must be a list of integers" in e.message
 
 
-@pytest.mark.parametrize("shape", [[1, 8, 8], [1, 1, 1, 8, 8], [64], [], [1, 3, 8, 8], [1, 1, 8, 7], [1, 1, 7, 8],
-                                   [0, 1, 8, 8], [-1, 1, 8, 8]])
+@pytest.mark.parametrize("shape", [[1, 8, 8], [1, 1, 1, 8, 8], [64], [], [1, 3, 8, 8], [1, 1, 8, 7],
+                                   [1, 1, 7, 8], [0, 1, 8, 8], [-1, 1, 8, 8]])
 def test_wrong_rank_or_dims_or_empty_batch(shape):
     e = _refused(_body(_input(_flat(1), shape=shape)))
     assert e.status == 400 and "shape must be [N, 1, 8, 8] with N >= 1" in e.message
@@ -318,63 +319,6 @@ def test_check_size_absent_non_digit_or_within_limit(value):
     assert check_size(value, Limits(max_body_bytes=1000)) is None
 
 
-# --- infer_response and metadata -------------------------------------------------------------
-
-def test_infer_response_logits_labels_variant_id():
-    logits = torch.tensor([[0.1, 2.5, -1.0], [3.0, 0.0, 1.0], [-2.0, -1.0, -0.5], [0.0, 0.0, 9.0]])
-    out = json.loads(json_body(infer_response("auto", "abc", logits, "student_q8")))  # as a client reads it
-    assert out["model_name"] == "auto" and out["id"] == "abc"
-    assert out["parameters"] == {"variant": "student_q8"}
-    by_name = {o["name"]: o for o in out["outputs"]}
-    assert [o["name"] for o in out["outputs"]] == ["logits", "label"]
-    lo, la = by_name["logits"], by_name["label"]
-    assert lo["datatype"] == "FP32" and lo["shape"] == [4, 3]
-    assert torch.equal(torch.tensor(lo["data"]).reshape(lo["shape"]), logits)  # row-major
-    assert lo["data"][:3] == pytest.approx([0.1, 2.5, -1.0])
-    assert la["datatype"] == "INT64" and la["shape"] == [4] and la["data"] == [1, 0, 2, 2]
-    assert all(type(v) is int for v in la["data"])
-
-
-def test_the_binary_response_holds_the_same_numbers_as_the_json_one_even_for_a_slice_of_a_batch():
-    batch = torch.randn(6, 10)
-    doc = infer_response("m", None, batch[2:5], "m")  # a request's rows of a batched forward pass
-    as_json = json.loads(json_body(doc))
-    body, header_length = binary_response(doc)
-    header = json.loads(body[:header_length])
-    blob, at = body[header_length:], 0
-    for out, seen in zip(header["outputs"], as_json["outputs"], strict=True):
-        size = out["parameters"]["binary_data_size"]
-        dtype = "<f4" if out["datatype"] == "FP32" else "<i8"
-        assert "data" not in out
-        assert np.frombuffer(blob[at:at + size], dtype=dtype).tolist() == pytest.approx(seen["data"])
-        at += size
-    assert at == len(blob) and as_json["outputs"][1]["data"] == batch[2:5].argmax(1).tolist()
-
-
-def test_infer_response_without_id_has_no_id_key():
-    out = infer_response("teacher", None, torch.zeros(1, 10), "teacher")
-    assert "id" not in out
-    assert out["outputs"][1]["shape"] == [1]
-
-
-def test_model_metadata():
-    meta = model_metadata("student", [3, 32, 32], 10)
-    assert meta["name"] == "student" and meta["platform"] == "pytorch"
-    assert meta["inputs"] == [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
-    assert meta["inputs"][0]["name"] == "input"
-    outs = {o["name"]: o for o in meta["outputs"]}
-    assert outs["logits"] == {"name": "logits", "datatype": "FP32", "shape": [-1, 10]}
-    assert outs["label"] == {"name": "label", "datatype": "INT64", "shape": [-1]}
-    assert model_metadata("x", IN_SHAPE, 4, platform="onnx")["platform"] == "onnx"
-
-
-def test_server_metadata():
-    meta = server_metadata("1.2.3")
-    assert meta["name"] == "distillery" and meta["version"] == "1.2.3"
-    assert isinstance(meta["extensions"], list) and "ingress" not in meta
-    assert server_metadata("1.2.3", "ingress: HAProxy (/bin/haproxy)")["ingress"] == "ingress: HAProxy (/bin/haproxy)"
-
-
 # --- auto_targets ----------------------------------------------------------------------------
 
 def test_auto_targets_none():
@@ -398,9 +342,9 @@ def test_auto_targets_floor_and_objective_together():
 
 @pytest.mark.parametrize("key,value", [("min_accuracy", 1.01), ("min_accuracy", -0.1), ("min_accuracy", True),
                                        ("min_accuracy", "0.9"), ("min_accuracy", float("nan")),
-                                       ("max_latency_ms", -1), ("max_latency_ms", 1e7), ("max_latency_ms", False),
-                                       ("max_latency_ms", "2"), ("max_latency_ms", float("inf")),
-                                       ("max_latency_ms", [2])])
+                                       ("max_latency_ms", -1), ("max_latency_ms", 1e7),
+                                       ("max_latency_ms", False), ("max_latency_ms", "2"),
+                                       ("max_latency_ms", float("inf")), ("max_latency_ms", [2])])
 def test_auto_targets_bad_value_names_key(key, value):
     with pytest.raises(ProtocolError) as info:
         auto_targets({key: value})

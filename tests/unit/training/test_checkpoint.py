@@ -22,8 +22,9 @@ def _setup():
 
 def _write(folder, model, opt, rank=0, world=1, epoch=3):
     folder.mkdir(exist_ok=True)
-    checkpoint.write(folder, rank=rank, world_size=world, epoch=epoch, strategy=make_strategy("none", rank=0, world_size=1),
-                     model=model, opt=opt, trainer_state={"scheduler": {"last_epoch": 7}}, history=[{"epoch": epoch}])
+    checkpoint.write(folder, rank=rank, world_size=world, epoch=epoch,
+                     strategy=make_strategy("none", rank=0, world_size=1), model=model, opt=opt,
+                     trainer_state={"scheduler": {"last_epoch": 7}}, history=[{"epoch": epoch}])
 
 
 def test_round_trip_restores_model_optimizer_and_history(tmp_path):
@@ -32,7 +33,8 @@ def test_round_trip_restores_model_optimizer_and_history(tmp_path):
     assert checkpoint.verify(tmp_path, world_size=1) == 3
     fresh = build_model(spec)
     fresh_opt = make_optimizer(fresh, TrainConfig())
-    state, history = checkpoint.restore(tmp_path, rank=0, world_size=1, strategy=make_strategy("none", rank=0, world_size=1),
+    state, history = checkpoint.restore(tmp_path, rank=0, world_size=1,
+                                        strategy=make_strategy("none", rank=0, world_size=1),
                                         model=fresh, opt=fresh_opt)
     assert state["epoch"] == 3 and state["scheduler"] == {"last_epoch": 7}
     assert history == [{"epoch": 3}]
@@ -71,4 +73,5 @@ def test_unregistered_checkpoint_folders_are_removed(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
     _drop_unregistered(str(tmp_path), {"checkpoint_b", "checkpoint_c"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_b", "checkpoint_c", "checkpoint_manager_snapshot.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_b", "checkpoint_c",
+                                                          "checkpoint_manager_snapshot.json"]

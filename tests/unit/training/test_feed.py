@@ -11,7 +11,8 @@ def test_every_reported_epoch_reaches_the_driver_in_order_even_the_last_one(tmp_
 
     def report():  # as the controller does, from another thread, while fit() blocks
         for epoch in range(1, 6):
-            feed.after_report(None, [{"epoch": epoch, "loss": 1.0 / epoch}, {"epoch": epoch}], checkpoint=None)
+            feed.after_report(None, [{"epoch": epoch, "loss": 1.0 / epoch}, {"epoch": epoch}],
+                              checkpoint=None)
             time.sleep(0.05)
 
     with following(path, seen.append):

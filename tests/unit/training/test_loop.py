@@ -73,7 +73,8 @@ def test_random_flip_mirrors_some_images():
 
 def test_batches_cover_everything_once():
     x, y = torch.arange(10).float(), torch.arange(10)
-    seen = torch.cat([b[1] for b in batches(x, y, 3, shuffle=True, generator=torch.Generator().manual_seed(0))])
+    generator = torch.Generator().manual_seed(0)
+    seen = torch.cat([b[1] for b in batches(x, y, 3, shuffle=True, generator=generator)])
     assert sorted(seen.tolist()) == list(range(10))
 
 

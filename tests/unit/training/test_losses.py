@@ -30,7 +30,8 @@ def test_soft_term_is_t_squared_times_kl_of_teacher_to_student():
 
 
 def test_temperature_one_has_no_scaling():
-    assert kd_loss(S, T_LOGITS, Y, 1.0, 1.0).item() == pytest.approx(_kl(_softmax([2.0, 0.0]), [0.5, 0.5]), rel=1e-5)
+    assert kd_loss(S, T_LOGITS, Y, 1.0, 1.0).item() == \
+        pytest.approx(_kl(_softmax([2.0, 0.0]), [0.5, 0.5]), rel=1e-5)
 
 
 def test_kl_direction_is_teacher_first():
@@ -42,8 +43,8 @@ def test_kl_direction_is_teacher_first():
 
 def test_alpha_zero_is_plain_cross_entropy():
     s = torch.tensor([[2.0, 0.0]])
-    assert kd_loss(s, torch.tensor([[0.0, 5.0]]), Y, 4.0, 0.0).item() == pytest.approx(math.log(1 + math.exp(-2)),
-                                                                                         rel=1e-5)
+    assert kd_loss(s, torch.tensor([[0.0, 5.0]]), Y, 4.0, 0.0).item() == \
+        pytest.approx(math.log(1 + math.exp(-2)), rel=1e-5)
 
 
 def test_alpha_mixes_the_two_terms():
@@ -54,7 +55,8 @@ def test_alpha_mixes_the_two_terms():
 
 def test_identical_logits_give_zero_kl():
     logits = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
-    assert kd_loss(logits, logits, torch.zeros(8, dtype=torch.long), 4.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(logits, logits, torch.zeros(8, dtype=torch.long), 4.0, 1.0).item() == \
+        pytest.approx(0.0, abs=1e-6)
 
 
 def test_the_soft_term_is_a_mean_over_the_batch_not_a_sum():
@@ -93,6 +95,7 @@ def test_cross_entropy_applies_label_smoothing():
 def test_the_soft_term_alone_never_reads_a_label():
     """alpha 1 (a soft-only student, data without labels stored as -1): the labels are not used."""
     unlabeled = torch.tensor([-1])
-    assert kd_loss(S, T_LOGITS, unlabeled, 2.0, 1.0).item() == pytest.approx(kd_loss(S, T_LOGITS, Y, 2.0, 1.0).item())
+    assert kd_loss(S, T_LOGITS, unlabeled, 2.0, 1.0).item() == \
+        pytest.approx(kd_loss(S, T_LOGITS, Y, 2.0, 1.0).item())
     with pytest.raises(IndexError):  # the premise: with any weight on the labels, -1 is no label
         kd_loss(S, T_LOGITS, unlabeled, 2.0, 0.9)

@@ -16,7 +16,8 @@ from distillery.training.views import (
 def test_each_view_is_a_known_shift_and_the_identity_view_is_the_image():
     x = torch.arange(16.0).reshape(1, 1, 4, 4)
     assert torch.equal(apply_views(x, torch.tensor([identity_view()])), x)
-    down_right = apply_views(x, torch.tensor([0]))  # dy = dx = 0 of 0..2: the image moves one pixel down and right
+    # dy = dx = 0 of 0..2: the image moves one pixel down and right
+    down_right = apply_views(x, torch.tensor([0]))
     assert torch.equal(down_right[0, 0, 1:, 1:], x[0, 0, :3, :3])
     assert down_right[0, 0, 0].abs().sum() == 0 and down_right[0, 0, :, 0].abs().sum() == 0  # zero fill
     up_left = apply_views(x, torch.tensor([8]))
