@@ -80,7 +80,9 @@ def test_ray_is_imported_only_at_the_edges():
 
 
 def test_no_file_over_400_lines():
-    sizes = {p.relative_to(ROOT): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    """Source and test files alike: a test file that keeps growing hides what it covers."""
+    files = [*PACKAGE.rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
+    sizes = {p.relative_to(ROOT): len(p.read_text().splitlines()) for p in files}
     assert max(sizes.values()) <= 400, {str(p): n for p, n in sizes.items() if n > 400}
 
 
