@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import machine, machine_lines, median, publish, table  # noqa: E402
 
 from distillery.config import ServeConfig  # noqa: E402
-from distillery.loadtest import adaptive  # noqa: E402
+from distillery.loadtest import auto_scenario  # noqa: E402
 from distillery.loadtest.run import held_out_images  # noqa: E402
 from distillery.serving.predictor import catalog  # noqa: E402
 
@@ -36,12 +36,12 @@ def serve(run_dir: Path, slo_ms: float, max_replicas: int) -> str:
     import ray
 
     from distillery.compat import ingress
-    from distillery.serving import deployments
+    from distillery.serving import serve_apps
 
     cfg = ServeConfig(grpc_port=None, auto_slo_ms=slo_ms, max_replicas=max_replicas)
     ingress.apply("haproxy", cfg.host)
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    deployments.deploy(str(run_dir), cfg, None)
+    serve_apps.deploy(str(run_dir), cfg, None)
     time.sleep(5)  # replica processes finish starting: they share the 2 cores
     return f"http://{cfg.host}:{cfg.port}"
 
@@ -82,7 +82,7 @@ def main() -> None:
     served = catalog(args.run_dir)
     repeats = []
     for _ in range(args.repeats):
-        repeats.append(adaptive.scenario(base, served, images, steps, args.slo_ms,
+        repeats.append(auto_scenario.scenario(base, served, images, steps, args.slo_ms,
                                          {"content-type": "application/json"}, print))
         time.sleep(5)  # the last queue drains
     rows, verdicts = [], []
@@ -90,7 +90,8 @@ def main() -> None:
         verdicts.append(verdict(doc))
         for r in doc["runs"].values():
             by_count = sorted(r["variants"].items(), key=lambda kv: -kv[1])
-            rows.append([i + 1, r["model"], adaptive.ms_text(r["p50_ms"]), adaptive.ms_text(r["p99_ms"]),
+            ms = auto_scenario.ms_text
+            rows.append([i + 1, r["model"], ms(r["p50_ms"]), ms(r["p99_ms"]),
                          sum(r["errors"].values()),
                          f"{r['seconds_within_slo']:.0%}", "-" if r["low_load_share_top"] is None
                          else f"{r['low_load_share_top']:.0%}",

@@ -111,14 +111,14 @@ def serve(run_dir: Path, model: str) -> dict[str, str]:
     import ray
 
     from distillery.compat import ingress
-    from distillery.serving import deployments
+    from distillery.serving import serve_apps
 
     cfg = ServeConfig(port=free_port(), grpc_port=free_port(), models=[model], auto=False,
                       min_replicas=1, max_replicas=1, max_ongoing_requests=128, max_queued_requests=1000,
                       request_timeout_s=60)
     ingress.apply("haproxy", cfg.host)
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    deployments.deploy(str(run_dir), cfg, None)
+    serve_apps.deploy(str(run_dir), cfg, None)
     time.sleep(5)  # replica processes finish starting: they share the 2 cores
     return {"http": f"http://{cfg.host}:{cfg.port}", "grpc": f"{cfg.host}:{cfg.grpc_port}"}
 

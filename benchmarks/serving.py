@@ -154,7 +154,7 @@ def stop_serve() -> None:
 def deploy(run_dir: Path, model: str, app: str, cfg: ServeConfig) -> None:
     from ray import serve
 
-    from distillery.serving.deployments import AppArgs, build_application
+    from distillery.serving.serve_apps import AppArgs, build_application
 
     args = AppArgs(kind="model", run_dir=str(run_dir), models=[model], settings=cfg.model_dump())
     serve.run(build_application(args), name=app, route_prefix=f"/v2/models/{app}", logging_config=QUIET)

@@ -4,13 +4,13 @@
     serve run serve/digits.yaml                               # or: serve deploy (a running cluster)
 
 Each entry of the YAML names this builder with its own `args` (validated into `AppArgs`).
-The deployments live in the library (`distillery.serving.deployments`) so replicas import them from the
+The deployments live in the library (`distillery.serving.serve_apps`) so replicas import them from the
 installed package wherever they run.
 """
 
 from ray.serve import Application
 
-from distillery.serving.deployments import AppArgs, build_application
+from distillery.serving.serve_apps import AppArgs, build_application
 
 
 def build_app(args: AppArgs) -> Application:

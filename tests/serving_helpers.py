@@ -86,14 +86,14 @@ def _serving(run_dir: Path):
     import ray
     from ray import serve
 
-    from distillery.serving import deployments
+    from distillery.serving import serve_apps
 
     cfg = ServeConfig(port=free_port(), grpc_port=free_port(), batch_wait_timeout_s=0.05, max_elements=4096,
                       max_body_bytes=64 * 1024, max_replicas=1, api_key_env="DISTILLERY_TEST_KEY")
     assert ingress.apply(cfg.ingress, cfg.host) == "haproxy"  # ray[serve] ships the binary on Linux
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
-        url = deployments.deploy(str(run_dir), cfg, KEY)
+        url = serve_apps.deploy(str(run_dir), cfg, KEY)
         yield url.removesuffix("/v2"), run_dir, cfg
     finally:
         serve.shutdown()
@@ -103,7 +103,7 @@ def _serving(run_dir: Path):
 def _redeploy(name: str, kind: str, run_dir: Path, cfg: ServeConfig, models: list[str]) -> None:
     from ray import serve
 
-    from distillery.serving.deployments import AppArgs, api_key_digest, build_application, logging_config
+    from distillery.serving.serve_apps import AppArgs, api_key_digest, build_application, logging_config
 
     args = AppArgs(kind=kind, run_dir=str(run_dir), models=models, settings=cfg.model_dump(),
                    api_key_sha256=api_key_digest(KEY))

@@ -42,7 +42,7 @@ def _init(cfg: PipelineConfig) -> None:
     # `worker_setup` first.
     job_env = {"worker_process_setup_hook": worker_setup}
     # The output of Ray's processes (workers, replicas, the raylet) stays in Ray's log files
-    # unless --verbose; epochs reach the console through `training.feed`, not worker prints.
+    # unless --verbose; epochs reach the console through `training.epoch_feed`, not worker prints.
     quiet = {**_quiet_init(), "runtime_env": job_env}
     if cluster_address(cfg):
         ray.init(address=cluster_address(cfg), **quiet)

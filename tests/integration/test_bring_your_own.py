@@ -103,7 +103,7 @@ def test_the_mobilenet_variants_the_program_and_the_cascade_serve_over_http(byo)
     import ray
     from ray import serve
 
-    from distillery.serving import deployments
+    from distillery.serving import serve_apps
 
     run, *_ = byo
     names = ["student", "slim", "slim-int8", "teacher", "cascade"]
@@ -111,7 +111,7 @@ def test_the_mobilenet_variants_the_program_and_the_cascade_serve_over_http(byo)
                       batch_wait_timeout_s=0.01)
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
-        base = deployments.deploy(str(run), cfg, KEY).removesuffix("/v2")
+        base = serve_apps.deploy(str(run), cfg, KEY).removesuffix("/v2")
         x = data.load_split(run / "data", "test")[0][:5]
         for model in catalog(run, names):
             status, reply = _call(f"{base}/v2/models/{model.name}/infer", _infer_body(x))

@@ -39,7 +39,7 @@ def served(tmp_path_factory, tiny_run):
     import ray
     from ray import serve
 
-    from distillery.serving import deploy, deployments, prometheus
+    from distillery.serving import launch, prometheus, serve_apps
 
     run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("metrics"))
     cfg = ServeConfig(
@@ -57,8 +57,8 @@ def served(tmp_path_factory, tiny_run):
              runtime_env={"worker_process_setup_hook": worker_setup})  # as `cluster.ensure_ray` starts it
     server = None
     try:
-        url = deployments.deploy(str(run_dir), cfg, None).removesuffix("/v2")
-        agents, haproxy = deploy.scrape_targets()
+        url = serve_apps.deploy(str(run_dir), cfg, None).removesuffix("/v2")
+        agents, haproxy = launch.scrape_targets()
         config = prometheus.write(run_dir / "serve", agents, haproxy, interval_s=1.0)
         port = free_port()
         server = subprocess.Popen(

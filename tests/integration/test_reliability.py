@@ -43,7 +43,7 @@ def served(tmp_path_factory, tiny_run) -> Served:
     import ray
     from ray import serve
 
-    from distillery.serving import deployments
+    from distillery.serving import serve_apps
 
     run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("reliability"))
     cfg = ServeConfig(port=free_port(), grpc_port=free_port(), models=[MODEL], auto=False, min_replicas=2,
@@ -55,7 +55,7 @@ def served(tmp_path_factory, tiny_run) -> Served:
              include_dashboard=True, dashboard_port=dashboard,  # for the state API
              runtime_env={"worker_process_setup_hook": worker_setup})  # as `cluster.ensure_ray` starts it
     try:
-        url = deployments.deploy(str(run_dir), cfg, None).removesuffix("/v2")
+        url = serve_apps.deploy(str(run_dir), cfg, None).removesuffix("/v2")
         x = data.load_split(run_dir / "data", "test")[0][:1]
         yield Served(url, run_dir, cfg, generator.infer_body(x.reshape(-1).tolist(), list(x.shape)),
                      dashboard)
@@ -114,14 +114,14 @@ def test_a_killed_replica_is_replaced_and_only_its_requests_fail(served):
 
 
 def test_rolling_update_under_load_answers_every_request(served):
-    from distillery.serving import deployments
+    from distillery.serving import serve_apps
 
     url, run_dir, cfg, body = served.url, served.run_dir, served.cfg, served.body
     before = _replicas()
     thread, samples = _steady_load(f"{url}/v2/models/{MODEL}/infer", body, seconds=20, rate=30)
     time.sleep(3)
     new_config = cfg.model_copy(update={"batch_wait_timeout_s": 0.002})
-    deployments.deploy(str(run_dir), new_config, None)
+    serve_apps.deploy(str(run_dir), new_config, None)
     thread.join(timeout=60)
     after = _replicas()
     statuses = sorted({s.status for s in samples})
@@ -134,7 +134,7 @@ def test_rolling_update_under_load_answers_every_request(served):
 def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(served):
     from ray import serve
 
-    from distillery.serving import deployments
+    from distillery.serving import serve_apps
 
     url, run_dir, cfg, body = served.url, served.run_dir, served.cfg, served.body
     weights = run_dir / MODEL / "model.safetensors"
@@ -144,10 +144,10 @@ def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(served):
     try:
         weights.write_bytes(weights.read_bytes()[:-64])  # the new version's weights are damaged
         with pytest.raises(UserError, match="model.safetensors"):  # the driver refuses to deploy it
-            deployments.deploy(str(run_dir), cfg, None)
+            serve_apps.deploy(str(run_dir), cfg, None)
         # Past the driver's check, straight to Serve: the new replicas fail their constructor.
         settings = cfg.model_dump() | {"batch_wait_timeout_s": 0.003}
-        app = deployments.build_application(deployments.AppArgs(kind="model", run_dir=str(run_dir),
+        app = serve_apps.build_application(serve_apps.AppArgs(kind="model", run_dir=str(run_dir),
                                                                 models=[MODEL], settings=settings))
         with pytest.raises(RuntimeError, match=f"Deploying application {MODEL} failed"):
             serve.run(app, name=MODEL, route_prefix=f"/v2/models/{MODEL}")
@@ -164,7 +164,7 @@ def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(served):
         assert _replicas() and set(_replicas()) <= set(before)
     finally:
         shutil.move(backup, weights)
-        deployments.deploy(str(run_dir), cfg, None)  # healthy again for the tests after this one
+        serve_apps.deploy(str(run_dir), cfg, None)  # healthy again for the tests after this one
 
 
 # ---------------------------------------------------------------- backpressure and timeouts
@@ -175,7 +175,7 @@ def test_requests_beyond_ongoing_and_queued_get_503_at_once_and_slow_ones_408(se
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    from distillery.serving.deployments import deployment_options
+    from distillery.serving.serve_apps import deployment_options
 
     url, cfg = served.url, served.cfg
     limits = cfg.model_copy(update={"max_ongoing_requests": 2, "max_queued_requests": 2, "min_replicas": 1,
@@ -223,8 +223,8 @@ def test_grpc_calls_beyond_a_models_capacity_get_unavailable(served):
     from tritonclient.utils import InferenceServerException
 
     from distillery.serving import grpc_app
-    from distillery.serving.deployments import AppArgs, build_application
     from distillery.serving.predictor import Predictor, catalog
+    from distillery.serving.serve_apps import AppArgs, build_application
 
     x = data.load_split(served.run_dir / "data", "test")[0][:16]
     expected = Predictor(catalog(served.run_dir, [MODEL])[0])(x).argmax(1).tolist()
@@ -305,7 +305,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
     from ray import serve
 
     from distillery.loadtest import run as loadtest
-    from distillery.serving.deployments import AppArgs, build_application
+    from distillery.serving.serve_apps import AppArgs, build_application
 
     scaling = served.cfg.model_copy(update={"min_replicas": 1, "max_replicas": 2,
                                             "target_ongoing_requests": 0.1, "upscale_delay_s": 1.0,

@@ -24,7 +24,7 @@ from distillery.config import load_config
 from distillery.data.prepare import prepare
 from distillery.data.shards import SPLITS, load_split
 from distillery.measure.frontier import pareto_front, recommend
-from distillery.serving.adapt import ladder
+from distillery.serving.auto_policy import ladder
 
 TIMING = ("p50_ms", "p99_ms", "mean_ms", "throughput", "peak_fraction", "best_mode", "modes", "not_faster",
           "servable")

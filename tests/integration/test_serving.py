@@ -33,7 +33,7 @@ from serving_helpers import (
 
 from distillery.cli.main import main
 from distillery.errors import UserError
-from distillery.serving.adapt import ladder
+from distillery.serving.auto_policy import ladder
 from distillery.serving.predictor import Predictor, catalog
 
 
@@ -139,7 +139,7 @@ def test_api_key_is_required_on_every_route_but_health(server):
 def test_a_tampered_artifact_is_refused_before_and_inside_a_replica(server, tmp_path):
     from ray import serve
 
-    from distillery.serving import deployments
+    from distillery.serving import serve_apps
 
     _, run_dir, cfg = server
     copy = tmp_path / "tiny"
@@ -151,12 +151,12 @@ def test_a_tampered_artifact_is_refused_before_and_inside_a_replica(server, tmp_
     raw[-1] ^= 0xFF
     weights.write_bytes(bytes(raw))
     with pytest.raises(UserError, match=f"{weights}: sha256 mismatch"):
-        deployments.applications(str(copy), cfg.model_copy(update={"models": ["student"]}), KEY)
+        serve_apps.applications(str(copy), cfg.model_copy(update={"models": ["student"]}), KEY)
     # A replica verifies again: deployed around the driver-side check, it never serves.
-    args = deployments.AppArgs(kind="model", run_dir=str(copy), models=[model.name],
+    args = serve_apps.AppArgs(kind="model", run_dir=str(copy), models=[model.name],
                                settings=cfg.model_dump())
     with pytest.raises(Exception, match="Deploying application tampered failed"):
-        serve.run(deployments.build_application(args), name="tampered", route_prefix="/tampered")
+        serve.run(serve_apps.build_application(args), name="tampered", route_prefix="/tampered")
     app = serve.status().applications["tampered"]
     assert app.status == "DEPLOY_FAILED"
     assert f"{weights}: sha256 mismatch" in app.deployments["Model"].message
@@ -244,7 +244,7 @@ def test_a_stock_triton_client_works_in_json_and_binary(server):
 def test_tuning_picks_a_tried_setting_and_serve_build_uses_it(server, tmp_path):
     from distillery.files import atomic_write_json
     from distillery.loadtest import run as lt
-    from distillery.serving import deployments
+    from distillery.serving import serve_apps
 
     base, run_dir, cfg = server
     name = catalog(run_dir)[0].name
@@ -261,8 +261,8 @@ def test_tuning_picks_a_tried_setting_and_serve_build_uses_it(server, tmp_path):
     assert still_serves[0] == 200
     copy = tmp_path / "tiny"
     shutil.copytree(run_dir, copy)
-    atomic_write_json(copy / deployments.TUNED, {name: result})
-    apps = {a["name"]: a["args"].settings for a in deployments.applications(str(copy), cfg, KEY)}
+    atomic_write_json(copy / serve_apps.TUNED, {name: result})
+    apps = {a["name"]: a["args"].settings for a in serve_apps.applications(str(copy), cfg, KEY)}
     assert apps[name]["max_batch_size"] == chosen["max_batch_size"]
     assert apps[name]["target_ongoing_requests"] == chosen["target_ongoing_requests"]
     others = [n for n in apps if n not in (name, "auto", "server")]

@@ -164,7 +164,7 @@ def test_clients_read_a_run_at_a_uri_from_the_bucket(bucket, tmp_path, monkeypat
 
     from distillery import data
     from distillery.loadtest.run import held_out_images, images_to_send
-    from distillery.serving.deployments import read_tuned, save_tuned
+    from distillery.serving.serve_apps import read_tuned, save_tuned
 
     b = bucket("clients")
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "driver"))

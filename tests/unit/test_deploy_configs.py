@@ -59,7 +59,7 @@ def test_the_example_serve_config_is_well_formed():
 
     from distillery.config import ServeConfig
     from distillery.serving import grpc_app
-    from distillery.serving.deployments import AppArgs
+    from distillery.serving.serve_apps import AppArgs
 
     sys.path.insert(0, str(ROOT))
     doc = yaml.safe_load((ROOT / "serve" / "example.yaml").read_text())

@@ -277,7 +277,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "run":
         log(f"report: {(run.root / 'report.md').resolve()}")
         if cfg.serve.enabled:
-            from distillery.serving.deploy import after_run  # Ray Serve loads only when serving
+            from distillery.serving.launch import after_run  # Ray Serve loads only when serving
 
             after_run(run, cfg, args.keep_serving, log)
 

@@ -34,21 +34,21 @@ def serve(args: argparse.Namespace) -> None:
         print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()))
         return
     if verb == "build":
-        from distillery.serving.deploy import write_serve_config  # Ray Serve loads only when needed
+        from distillery.serving.launch import write_serve_config  # Ray Serve loads only when needed
 
         out = write_serve_config(location, cfg, Path(args.output or root / "serve" / "config.yaml"))
         print(f"Serve config: {out}\n  serve run {out}")
         return
 
     environment.ask_for_token_auth(cfg.ray.address)  # before Ray is imported
-    from distillery.serving import deploy  # Ray Serve loads only for the commands that deploy
+    from distillery.serving import launch  # Ray Serve loads only for the commands that deploy
 
     # Like `run`: distillery's own few lines here, Ray's and Serve's in the log (and here with --verbose).
     logs = console.log_to(root / "logs" / "serve.log")
     console.say(f"logs: {logs} (Ray's and Serve's own lines; --verbose prints them here too)")
-    url, _ = deploy.deploy_run(location, cfg, console.say, root / "serve")
+    url, _ = launch.deploy_run(location, cfg, console.say, root / "serve")
     console.say(f"serving {url} (models: {url}/models); Ctrl-C stops")
-    deploy.serve_until_interrupted()
+    launch.serve_until_interrupted()
 
 
 def _run_config(location: str, overrides: list[str]):
@@ -195,8 +195,8 @@ def _tune(args, location: str, body: bytes, headers: dict, concurrency: int) -> 
     import ray
 
     from distillery.loadtest import run as lt
-    from distillery.serving.deployments import read_api_key, save_tuned
     from distillery.serving.predictor import catalog
+    from distillery.serving.serve_apps import read_api_key, save_tuned
 
     if not ray.is_initialized():
         raise UserError("--tune redeploys models: it needs the Ray cluster that serves them (none reachable)")

@@ -138,7 +138,7 @@ class RayConfig(Strict):
 
 
 class ServeConfig(Strict):
-    """The Ray Serve deployment of a run's models (see `serving.deployments`)."""
+    """The Ray Serve deployment of a run's models (see `serving.serve_apps`)."""
 
     enabled: bool = Field(True, description="`distillery run`: deploy the run's models, load-test them and keep "
                           "serving at the end (false: stop after the report, nothing served)")

@@ -26,12 +26,12 @@ from distillery import console, data
 from distillery.config import LoadTestConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_bytes, atomic_write_json, read_json
-from distillery.loadtest import adaptive, generator
+from distillery.loadtest import auto_scenario, generator
 from distillery.loadtest.plots import plot
 from distillery.measure import timing
 from distillery.run.rundir import local_view
-from distillery.serving.deployments import AppArgs, api_key_digest, build_application
 from distillery.serving.predictor import Predictor, catalog
+from distillery.serving.serve_apps import AppArgs, api_key_digest, build_application
 
 Steps = list[tuple[float, float]]
 
@@ -168,7 +168,7 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
         extra: dict[str, Any] = {"frontier": serving_frontier(sweeps, served, lcfg.p99_target_ms),
                                  "overhead": in_process_rates(served, x, lcfg.duration_s)} if sweeps else {}
         if lcfg.adaptive and "auto" in models:
-            extra["adaptive"] = adaptive.scenario(base_url, served, images[:lcfg.ramp_images], lcfg.adaptive,
+            extra["adaptive"] = auto_scenario.scenario(base_url, served, images[:lcfg.ramp_images], lcfg.adaptive,
                                                   slo_ms or lcfg.p99_target_ms, headers, log)
     if tuning is not None:
         extra["tuning"] = tuning(body, max(lcfg.concurrency or [32]))
@@ -260,7 +260,7 @@ def write_report(out_dir: Path, sweeps: list[dict], scaling: dict | None, machin
     atomic_write_bytes(out_dir / "requests.csv", _requests_csv(sweeps, scaling))
     names = ["loadtest.json", "loadtest.md", "loadtest.png", "requests.csv"]
     if doc.get("adaptive"):
-        atomic_write_bytes(out_dir / "adaptive.png", adaptive.plot(doc["adaptive"]))
+        atomic_write_bytes(out_dir / "adaptive.png", auto_scenario.plot(doc["adaptive"]))
         names.append("adaptive.png")
     return [out_dir / name for name in names]
 
@@ -277,7 +277,7 @@ def _requests_csv(sweeps: list[dict], scaling: dict | None) -> bytes:
     return out.getvalue().encode()
 
 
-_ms = adaptive.ms_text
+_ms = auto_scenario.ms_text
 
 
 def markdown(doc: dict) -> str:
@@ -303,7 +303,8 @@ def markdown(doc: dict) -> str:
                   f"{s['ok']} of {s['requests']} answered 200, {s['rejected_503']} rejected with 503 "
                   f"({s.get('rejected_503_once_scaled', '-')} of them sent after the scale-up), {s['lost']} lost"
                   f"{lost_text(s.get('lost_by_kind'))}."]
-    lines += _frontier_lines(doc.get("frontier"), doc.get("overhead")) + adaptive.markdown_lines(doc.get("adaptive"))
+    lines += _frontier_lines(doc.get("frontier"), doc.get("overhead"))
+    lines += auto_scenario.markdown_lines(doc.get("adaptive"))
     lines += _tuning_lines(doc.get("tuning"))
     m = doc["machine"]
     lines += [""] + ([f"HTTP {doc['ingress']}."] if doc.get("ingress") else [])

@@ -1,4 +1,4 @@
-"""The `serve` stage of a run: the frontier deployed on Ray Serve (`serving.deploy`), then
+"""The `serve` stage of a run: the frontier deployed on Ray Serve (`serving.launch`), then
 load-tested over HTTP (`loadtest.run`); left out with `serve.enabled: false`."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ Log = Callable[[str], None]
 def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """Deploy the frontier on Ray Serve (autoscaled) and load-test it over HTTP."""
     from distillery.loadtest.run import run_loadtest, summary, summary_line  # Ray Serve loads only here
-    from distillery.serving.deploy import deploy_run, write_serve_config  # Ray Serve loads only here
+    from distillery.serving.launch import deploy_run, write_serve_config  # Ray Serve loads only here
 
     config = write_serve_config(run.location, cfg, run.root / "serve" / "config.yaml")
     url, headers = deploy_run(run.location, cfg, log, run.root / "serve")

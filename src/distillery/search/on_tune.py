@@ -29,7 +29,7 @@ from distillery.config.search import SpaceConfig
 from distillery.run import storage
 from distillery.run.rundir import RunDir
 from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, flat, run_trial
-from distillery.training.feed import one_line
+from distillery.training.epoch_feed import one_line
 from distillery.training.on_ray import checkpoint_storage
 
 

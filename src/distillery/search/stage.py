@@ -29,8 +29,8 @@ from distillery.roles import SEARCHED, VARIANT
 from distillery.run.rundir import RunDir, fingerprint
 from distillery.search import budget, report
 from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, describe, model_macs
+from distillery.training.augment_views import logits_of_every_view
 from distillery.training.objective import frozen_teacher
-from distillery.training.views import logits_of_every_view
 
 Log = Callable[[str], None]
 

@@ -3,7 +3,7 @@ temperature, alpha, schedule and augmentation, then compress it with the trial's
 save it. Ray Tune is only the caller (`on_tune`).
 
 The student learns from the teacher's logits of every augmented view, computed once for the
-whole search (`training.views`): with augmentation on, the teacher's answer is for exactly
+whole search (`training.augment_views`): with augmentation on, the teacher's answer is for exactly
 the image the student is shown (Beyer et al. 2022: "consistent" teaching), at the cost of a
 lookup. The recipe's steps are the compress stage's own (`compression.steps`), run here in
 the trial's process (a fine-tune is distilled from the live teacher, as in that stage).

@@ -1,4 +1,6 @@
-"""Serving: the Open Inference Protocol (`protocol`), a replica's model and how it runs
-(`predictor`, `runner`), dynamic batching (`batcher`), the Ray Serve deployments
-(`deployments`), putting a run on Serve (`deploy`) and the ingress Ray runs in front
-(`ingress`, HAProxy by default)."""
+"""Serving: the Open Inference Protocol (`protocol`, `http`, `grpc_codec`), a replica's model
+(`predictor`), dynamic batching (`batcher`), the Ray Serve applications (`serve_apps`, with
+`grpc_app`), putting a run on Serve and keeping it there (`launch`), `auto`'s policy
+(`auto_policy`, no Ray) and its router in the replicas (`auto_router`), metrics (`metrics`,
+`tally`, `prometheus`, `top`) and the firewall rules a node applies (`firewall`). The ingress
+Ray runs in front is `compat.ingress`."""

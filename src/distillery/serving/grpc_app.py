@@ -34,7 +34,7 @@ from tritonclient.grpc import service_pb2 as pb
 from distillery.compat import ingress
 from distillery.compat.serve_grpc import alias_triton_messages, pin_grpc_listeners
 from distillery.serving import grpc_codec
-from distillery.serving.auto import STATE, Router, batchers
+from distillery.serving.auto_router import STATE, Router, batchers
 from distillery.serving.metrics import UNKNOWN, replica_metrics, request_id
 from distillery.serving.predictor import ServedModel
 from distillery.serving.protocol import Limits, ProtocolError, check_api_key, model_metadata, server_metadata
@@ -52,7 +52,7 @@ alias_triton_messages()  # a message from Ray's Python proxy arrives pickled
 
 class Grpc:
     """`inference.GRPCInferenceService` for every served model and `auto`. Left undecorated
-    (`deployments` wraps it in `serve.deployment`): a decorated class is not found under its
+    (`serve_apps` wraps it in `serve.deployment`): a decorated class is not found under its
     own name, so Ray would pickle it by value and a replica would never import this module,
     nor run the two lines above."""
 

@@ -1,5 +1,5 @@
 """The Open Inference Protocol over HTTP as Starlette requests and responses, for the Serve
-deployments (`deployments`): the API key, a model's sub-routes, reading an infer request
+deployments (`serve_apps`): the API key, a model's sub-routes, reading an infer request
 (JSON, or Triton's binary extension), the reply with the request's id."""
 
 from __future__ import annotations

@@ -2,4 +2,4 @@
 against (`objective`, `losses`, `hints`), the typed job sent to Ray Train workers (`job`),
 parallelism as a strategy applied to an unchanged model (`parallel`, `data_parallel`,
 `pipeline_parallel`), per-rank checkpoints (`checkpoint`), and the Ray edge (`on_ray`,
-`feed`: epochs to the driver as they end, `logits_cache`)."""
+`epoch_feed`: epochs to the driver as they end, `logits_cache`)."""

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distillery.models.architectures import stage_layers
 from distillery.training.loop import optimizer_step
-from distillery.training.parallel_common import (
+from distillery.training.model_state import (
     cpu_copy,
     dcp,
     device_of,

@@ -20,9 +20,9 @@ from torch import nn
 from distillery import console
 from distillery.config import TrainConfig
 from distillery.errors import UserError
+from distillery.training.augment_views import apply_views, draw_views, identity_view, random_shift
 from distillery.training.losses import LossFn, cross_entropy, pack_target
 from distillery.training.objective import TargetFn, labels_only
-from distillery.training.views import apply_views, draw_views, identity_view, random_shift
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 StepFn = Callable[[torch.Tensor, torch.Tensor], "float | None"]

@@ -40,7 +40,7 @@ from distillery.models.sparsity import GradualSparsity
 from distillery.run import storage
 from distillery.run.rundir import RunDir
 from distillery.training import checkpoint
-from distillery.training.feed import EpochFeed, epochs_and_failures, following, one_line
+from distillery.training.epoch_feed import EpochFeed, epochs_and_failures, following, one_line
 from distillery.training.job import TrainJob
 from distillery.training.loop import (
     batches,

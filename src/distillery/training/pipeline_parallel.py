@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from distillery.errors import UserError
 from distillery.models.architectures import stage_layers
 from distillery.training.losses import LossFn
-from distillery.training.parallel_common import cpu_copy, load_local_optim_state, local_optim_state
+from distillery.training.model_state import cpu_copy, load_local_optim_state, local_optim_state
 
 
 def split_points(spec: dict, num_stages: int, model: nn.Module) -> list[int]:

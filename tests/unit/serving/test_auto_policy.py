@@ -1,11 +1,11 @@
-"""`auto`'s adaptation (`distillery.serving.adapt`): the ladder, a request's choice, and the
+"""`auto`'s adaptation (`distillery.serving.auto_policy`): the ladder, a request's choice, and the
 controller stepping down under load and back up, on made-up latencies with a made-up clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from distillery.serving.adapt import Controller, choose, ladder, spill
+from distillery.serving.auto_policy import Controller, choose, ladder, spill
 from distillery.serving.predictor import ServedModel
 from distillery.serving.protocol import ProtocolError
 

@@ -35,8 +35,8 @@ from distillery.config import ServeConfig
 from distillery.errors import UserError
 from distillery.files import atomic_write_json, read_json
 from distillery.run import storage
-from distillery.serving import adapt, grpc_app, http
-from distillery.serving.auto import AutoState, Router, batchers
+from distillery.serving import auto_policy, grpc_app, http
+from distillery.serving.auto_router import AutoState, Router, batchers
 from distillery.serving.batcher import Batcher
 from distillery.serving.http import API_KEY_HEADER  # noqa: F401 (the header's name, for clients and tests)
 from distillery.serving.metrics import replica_metrics, request_id
@@ -67,7 +67,7 @@ def build_application(args: AppArgs) -> serve.Application:
         return _deployment(Model).options(**deployment_options(cfg)).bind(
             served[0], cfg.max_batch_size, cfg.batch_wait_timeout_s, **common)
     if args.kind == "auto":
-        state = _deployment(AutoState).bind([m.name for m in adapt.ladder(served)], cfg.auto_slo_ms)
+        state = _deployment(AutoState).bind([m.name for m in auto_policy.ladder(served)], cfg.auto_slo_ms)
         return _deployment(Auto).options(**deployment_options(cfg)).bind(
             served, cfg.max_batch_size, cfg.batch_wait_timeout_s, state, **common)
     if args.kind == "grpc":
@@ -171,7 +171,7 @@ class Model:
 @serve.deployment
 class Auto:
     """The virtual model `auto`: every served model behind its own `Batcher`, one picked per
-    request by `auto.Router` (see `adapt`)."""
+    request by `auto_router.Router` (see `auto_policy`)."""
 
     def __init__(self, served: list[ServedModel], max_batch_size: int, batch_wait_s: float,
                  state: DeploymentHandle, api_key_sha256: str | None, limits: dict, metrics: bool = True,

@@ -15,7 +15,7 @@ from distillery import console
 from distillery.cluster import check_serve_host, cluster_address, ensure_ray, machines
 from distillery.compat import ingress
 from distillery.files import atomic_write_bytes
-from distillery.serving import adapt, deployments, prometheus
+from distillery.serving import auto_policy, prometheus, serve_apps
 from distillery.serving.predictor import catalog
 
 
@@ -38,7 +38,7 @@ def serve_until_interrupted() -> None:
 def write_serve_config(location: str, cfg, out: Path) -> Path:
     """The applications of the run at `location` (its folder or URI) as a Serve config file,
     for `serve run` / `serve deploy`."""
-    doc = deployments.config_document(location, cfg.serve, deployments.read_api_key(cfg.serve.api_key_env))
+    doc = serve_apps.config_document(location, cfg.serve, serve_apps.read_api_key(cfg.serve.api_key_env))
     atomic_write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
     return out
 
@@ -64,14 +64,14 @@ def deploy_run(location: str, cfg, log, serve_dir: Path | None = None) -> tuple[
     """Deploy the models of the run at `location` (its folder or URI) on the Ray cluster (a
     local one if none); return (URL, the headers a client needs). With `serve_dir` and
     `serve.metrics` on, write a Prometheus config there that scrapes them."""
-    key = deployments.read_api_key(cfg.serve.api_key_env)
+    key = serve_apps.read_api_key(cfg.serve.api_key_env)
     ensure_ray(cfg)
     console.quiet_library_loggers()  # importing ray.serve gave its logger a console handler
     check_serve_host(cfg.serve, machines())
     log(f"[serve] {ingress.current()}")
     start = time.perf_counter()
-    url = deployments.deploy(location, cfg.serve, key)
-    grpc = f"; gRPC (inference.GRPCInferenceService) on {deployments.public_host(cfg.serve)}:{cfg.serve.grpc_port}" \
+    url = serve_apps.deploy(location, cfg.serve, key)
+    grpc = f"; gRPC (inference.GRPCInferenceService) on {serve_apps.public_host(cfg.serve)}:{cfg.serve.grpc_port}" \
         if cfg.serve.grpc_port else ""
     log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}{grpc}")
     if cfg.serve.proxy_location == "EveryNode":
@@ -81,7 +81,7 @@ def deploy_run(location: str, cfg, log, serve_dir: Path | None = None) -> tuple[
     if serve_dir is not None and cfg.serve.metrics:
         write_scrape_config(serve_dir, log)
     if cfg.serve.auto:
-        rungs = adapt.ladder(catalog(location, cfg.serve.models))
+        rungs = auto_policy.ladder(catalog(location, cfg.serve.models))
         log(f"[serve] auto: {' > '.join(m.name for m in rungs)} (most accurate first, each faster than those above; "
             "chosen on validation)")
     return url, {"content-type": "application/json", **({"x-api-key": key} if key else {})}
@@ -92,7 +92,7 @@ def after_run(run, cfg, keep: bool, log) -> None:
     Serve outlives this process on a cluster (the job may end); a local Ray instance dies
     with it, so locally this waits for Ctrl-C."""
     local = not cluster_address(cfg)  # a local instance ends with this process
-    names = deployments.app_names(run.location, cfg.serve)
+    names = serve_apps.app_names(run.location, cfg.serve)
     if not keep:
         if local and ray.is_initialized():
             ray_serve.shutdown()
@@ -104,8 +104,8 @@ def after_run(run, cfg, keep: bool, log) -> None:
         log("[serve] shut down (--no-keep-serving)")
         return
     ensure_ray(cfg)
-    if deployments.running(names):
-        url = deployments.public_url(cfg.serve)
+    if serve_apps.running(names):
+        url = serve_apps.public_url(cfg.serve)
     else:
         url, _ = deploy_run(run.location, cfg, log, run.root / "serve")
     log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run.address} --model auto --sample 4")

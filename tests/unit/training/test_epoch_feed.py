@@ -1,7 +1,7 @@
 import threading
 import time
 
-from distillery.training.feed import EpochFeed, epochs_and_failures, following, one_line
+from distillery.training.epoch_feed import EpochFeed, epochs_and_failures, following, one_line
 
 
 def test_every_reported_epoch_reaches_the_driver_in_order_even_the_last_one(tmp_path):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distillery.loadtest import generator
-from distillery.serving.adapt import ladder
+from distillery.serving.auto_policy import ladder
 
 # The peak is one the fastest model can serve, so the scenario shows the choice of model, not the
 # fastest's own limit: at 0.75 of its capacity (probed at 8 in flight) the fastest alone missed a

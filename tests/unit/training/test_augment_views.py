@@ -1,9 +1,7 @@
 import torch
 
 from distillery.config import TrainConfig
-from distillery.training.loop import fit, shown_views
-from distillery.training.losses import distillation, unpack_target
-from distillery.training.views import (
+from distillery.training.augment_views import (
     apply_views,
     draw_views,
     identity_view,
@@ -11,6 +9,8 @@ from distillery.training.views import (
     random_shift,
     view_count,
 )
+from distillery.training.loop import fit, shown_views
+from distillery.training.losses import distillation, unpack_target
 
 
 def test_each_view_is_a_known_shift_and_the_identity_view_is_the_image():

@@ -1,6 +1,6 @@
 """`auto` on Ray Serve: one shared controller, and a router in every replica that answers `auto`.
 
-`AutoState` is a one-replica deployment of the `auto` application holding the `adapt.Controller`.
+`AutoState` is a one-replica deployment of the `auto` application holding the `auto_policy.Controller`.
 Every replica that answers `auto` (the HTTP `Auto` replicas and the gRPC replicas) keeps a
 `Router`: per request it picks from the last shared decision (no call on the request path),
 times the request from arrival to reply, and ten times a second sends what it measured (and
@@ -25,7 +25,7 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from distillery.serving import adapt
+from distillery.serving import auto_policy
 from distillery.serving.batcher import Batcher
 from distillery.serving.metrics import NoMetrics, ReplicaMetrics
 from distillery.serving.predictor import Predictor, ServedModel
@@ -40,7 +40,7 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class AutoState:
     def __init__(self, names: list[str], slo_ms: float):
-        self.controller = adapt.Controller(names, slo_ms)
+        self.controller = auto_policy.Controller(names, slo_ms)
         self.replicas: dict[str, tuple[float, dict[str, int]]] = {}
 
     def report(self, replica: str, samples: list[tuple[float, str, float]], inflight: dict[str, int],
@@ -80,7 +80,7 @@ class Router:
         batchers: dict[str, Batcher],
         metrics: ReplicaMetrics | None = None,
     ):
-        self.rungs, self.batchers, self.metrics = adapt.ladder(served), batchers, metrics or NoMetrics()
+        self.rungs, self.batchers, self.metrics = auto_policy.ladder(served), batchers, metrics or NoMetrics()
         self.by_name = {m.name: m for m in served}
         self.state, self.id = state, uuid.uuid4().hex[:8]
         self.decision: dict = {}
@@ -100,7 +100,7 @@ class Router:
         if self._task is None and self.state is not None:
             self._task = asyncio.get_running_loop().create_task(self._sync(self.state))
         targets = auto_targets(parameters)
-        pick, movable = adapt.choose(self.rungs, self.decision, *targets), targets == (None, None)
+        pick, movable = auto_policy.choose(self.rungs, self.decision, *targets), targets == (None, None)
         spilled = False
         if movable:
             chosen, pick = pick, self.spill(pick)
@@ -128,7 +128,7 @@ class Router:
         backlog = sum(b.waiting_ms() for b in self.batchers.values())
         if self.started:
             backlog = max(backlog, 1e3 * (time.perf_counter() - min(t for _, t in self.started.values())))
-        return adapt.spill(self.rungs, pick, backlog, self.decision.get("spill_ms"))
+        return auto_policy.spill(self.rungs, pick, backlog, self.decision.get("spill_ms"))
 
     def hand_down(self, model: str) -> int:
         """The shared decision is now `model`: the requests waiting at the more accurate (slower)
