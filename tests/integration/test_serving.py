@@ -182,6 +182,7 @@ def test_query_client_prints_predictions(server, capsys):
 
 
 def test_closed_loop_counts_add_up_and_replicas_are_sampled(server, tmp_path, monkeypatch):
+    from distillery.loadtest import report
     from distillery.loadtest import run as lt
     from distillery.measure import timing
 
@@ -196,8 +197,8 @@ def test_closed_loop_counts_add_up_and_replicas_are_sampled(server, tmp_path, mo
         assert r["variants"] == {name: r["ok"]} and r["generator_cpu"] > 0
     # The report names the ingress as the server tells it, whatever this process's environment says.
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
-    files = lt.write_report(tmp_path, rows, None, timing.machine_info(),
-                            {"ingress": lt.served_ingress(base, HEADERS)})
+    files = report.write_report(tmp_path, rows, None, timing.machine_info(),
+                                {"ingress": lt.served_ingress(base, HEADERS)})
     assert [f.name for f in files] == ["loadtest.json", "loadtest.md", "loadtest.png", "requests.csv"]
     assert len((tmp_path / "requests.csv").read_text().splitlines()) == 1 + sum(r["requests"] for r in rows)
     assert f"| {name} | 4 |" in (tmp_path / "loadtest.md").read_text()
