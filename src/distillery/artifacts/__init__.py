@@ -27,5 +27,5 @@ from distillery.artifacts.formats import (
            save_torchao,
 )
 
-__all__ = ["ARCH_FILE", "FORMATS", "Format", "PROGRAM_FILE", "WEIGHTS_FILE", "load", "read_arch", "save_cascade",
-           "save_dense", "save_model", "save_program", "save_pt2e", "save_torchao"]
+__all__ = ["ARCH_FILE", "FORMATS", "Format", "PROGRAM_FILE", "WEIGHTS_FILE", "load", "read_arch",
+           "save_cascade", "save_dense", "save_model", "save_program", "save_pt2e", "save_torchao"]

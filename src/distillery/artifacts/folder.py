@@ -32,7 +32,8 @@ def save_model(folder: str | Path, model: torch.nn.Module, spec: dict, **extra: 
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp))
-    arch = {"format": "dense", "spec": spec, "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(weights), **extra}
+    arch = {"format": "dense", "spec": spec, "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(weights),
+            **extra}
     atomic_write_json(folder / ARCH_FILE, arch)
     return [weights, folder / ARCH_FILE]
 
@@ -43,8 +44,8 @@ def save_program(folder: str | Path, source: Path, spec: dict, **extra: Any) -> 
     program = Path(folder) / PROGRAM_FILE
     with atomic_path(program) as tmp:
         shutil.copyfile(source, tmp)
-    arch = {"format": "exported", "spec": spec, "weights": PROGRAM_FILE, "weights_sha256": sha256_file(program),
-            **extra}
+    arch = {"format": "exported", "spec": spec, "weights": PROGRAM_FILE,
+            "weights_sha256": sha256_file(program), **extra}
     atomic_write_json(Path(folder) / ARCH_FILE, arch)
     return [program, Path(folder) / ARCH_FILE]
 
@@ -54,7 +55,8 @@ def read_arch(folder: str | Path) -> tuple[dict, Path]:
     folder = Path(folder)
     arch = read_json(folder / ARCH_FILE)
     if not isinstance(arch, dict) or not {"spec", "weights", "weights_sha256"} <= arch.keys():
-        raise UserError(f"{folder / ARCH_FILE}: not a distillery arch file (needs spec, weights, weights_sha256)")
+        raise UserError(f"{folder / ARCH_FILE}: not a distillery arch file (needs spec, "
+                        "weights, weights_sha256)")
     weights = folder / arch["weights"]
     verify_sha256(weights, arch["weights_sha256"])
     return arch, weights

@@ -68,7 +68,8 @@ def save_torchao(folder: Path, model: nn.Module, spec: dict, base_shapes: dict, 
 
     tensors, metadata = flatten_tensor_state_dict(model.state_dict())
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    return _write(folder, tensors, {"format": "torchao", "quant": step.model_dump(), **_layers(model, spec, base_shapes)},
+    return _write(folder, tensors,
+                  {"format": "torchao", "quant": step.model_dump(), **_layers(model, spec, base_shapes)},
                   metadata=metadata)
 
 
@@ -86,8 +87,10 @@ def save_pt2e(folder: Path, fp32: nn.Module, prepared: torch.fx.GraphModule, spe
             tensors[param] = _quantize().int8_weight(tensors[param], qparams[obs])
             int8[param] = obs
     for name, q in qparams.items():
-        tensors[f"{QPARAMS}{name}.scale"], tensors[f"{QPARAMS}{name}.zero_point"] = q["scale"], q["zero_point"]
-    observers = {name: {k: v for k, v in q.items() if k not in ("scale", "zero_point")} for name, q in qparams.items()}
+        tensors[f"{QPARAMS}{name}.scale"], tensors[f"{QPARAMS}{name}.zero_point"] = \
+            q["scale"], q["zero_point"]
+    observers = {name: {k: v for k, v in q.items() if k not in ("scale", "zero_point")}
+                 for name, q in qparams.items()}
     quant = {"kind": "int8_static", "qat": qat, "observers": observers, "int8_weights": int8}
     return _write(folder, tensors, {"format": "pt2e", "quant": quant, **_layers(fp32, spec, base_shapes)})
 
@@ -115,7 +118,8 @@ def _layers(model: nn.Module, spec: dict, base_shapes: dict) -> dict[str, Any]:
     return {"spec": spec, "layers": changed}
 
 
-def _write(folder: Path, tensors: dict[str, torch.Tensor], arch: dict, metadata: dict | None = None) -> list[Path]:
+def _write(folder: Path, tensors: dict[str, torch.Tensor], arch: dict,
+           metadata: dict | None = None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
     with atomic_path(weights) as tmp:
@@ -192,7 +196,8 @@ def _load_weights(folder: Path, fill: Callable[[nn.Module, dict, dict, dict], nn
     try:
         return fill(model, tensors, metadata, arch)
     except (RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"{weights}: weights do not fit the spec in {ARCH_FILE} ({type(e).__name__}: {e})") from None
+        raise UserError(f"{weights}: weights do not fit the spec in {ARCH_FILE} "
+                        f"({type(e).__name__}: {e})") from None
 
 
 def _load_dense(model: nn.Module, tensors: dict, metadata: dict, arch: dict) -> nn.Module:
@@ -202,8 +207,10 @@ def _load_dense(model: nn.Module, tensors: dict, metadata: dict, arch: dict) -> 
 
 def _load_cascade(folder: Path, arch: dict) -> nn.Module:
     if not isinstance(arch.get("members"), dict) or {"small", "large"} - arch["members"].keys() or \
-            not isinstance(arch.get("threshold"), (int, float)) or arch.get("confidence") not in ("max_prob", "margin"):
-        raise UserError(f"{folder / ARCH_FILE}: a cascade needs members small and large, a threshold and a confidence")
+            not isinstance(arch.get("threshold"), (int, float)) or \
+            arch.get("confidence") not in ("max_prob", "margin"):
+        raise UserError(f"{folder / ARCH_FILE}: a cascade needs members small and large, a threshold "
+                        "and a confidence")
     members = {}
     for role in ("small", "large"):
         verify_sha256(folder / role / ARCH_FILE, arch["members"][role])

@@ -48,18 +48,19 @@ def source_of(location: str) -> Path:
     path = _local(location)
     if path.is_file():
         if path.suffix in PICKLES:
-            raise UserError(f"teacher.import_from: {path} is a pickle-based file ({path.suffix}), which can run code "
-                            "when loaded and is never read here; save the weights with safetensors "
-                            "(safetensors.torch.save_file(model.state_dict(), ...)) or the model with torch.export.save")
+            raise UserError(f"teacher.import_from: {path} is a pickle-based file ({path.suffix}), which can "
+                            "run code when loaded and is never read here; save the weights with safetensors "
+                            "(safetensors.torch.save_file(model.state_dict(), ...)) or the model with "
+                            "torch.export.save")
         if path.suffix not in (".safetensors", ".pt2"):
-            raise UserError(f"teacher.import_from: {path}: expected a .safetensors or .pt2 file, a model folder or a "
-                            "run's directory")
+            raise UserError(f"teacher.import_from: {path}: expected a .safetensors or .pt2 file, a model "
+                            "folder or a run's directory")
         return path.resolve()
     for folder in (path, path / "teacher"):
         if (folder / ARCH_FILE).is_file():
             return folder.resolve()
-    raise UserError(f"teacher.import_from: {path} holds no {ARCH_FILE} (give a model folder, a finished run's "
-                    "directory, a .safetensors or a .pt2 file)")
+    raise UserError(f"teacher.import_from: {path} holds no {ARCH_FILE} (give a model folder, a finished "
+                    "run's directory, a .safetensors or a .pt2 file)")
 
 
 def _local(location: str) -> Path:
@@ -72,19 +73,22 @@ def _local(location: str) -> Path:
     if name.endswith((".safetensors", ".pt2", *PICKLES)):
         parent = urlunsplit(parts._replace(path=posixpath.dirname(parts.path)))
         dest = storage.cache_dir(parent) / name
-        if not name.endswith(PICKLES) and not storage.download(parent, name, dest):  # a pickle is never fetched
+        # a pickle is never fetched
+        if not name.endswith(PICKLES) and not storage.download(parent, name, dest):
             raise UserError(f"teacher.import_from: {location}: no such object")
         return dest
     root = storage.cache_dir(location)
     for prefix in ("", "teacher/"):
         if storage.download(location, prefix + ARCH_FILE, root / prefix / ARCH_FILE):
             weights = read_json(root / prefix / ARCH_FILE).get("weights")
-            if not isinstance(weights, str) or posixpath.basename(weights) != weights or weights in ("", ".", ".."):
-                raise UserError(f"teacher.import_from: {location}/{prefix}{ARCH_FILE}: weights must be a file name")
+            if not isinstance(weights, str) or posixpath.basename(weights) != weights \
+                    or weights in ("", ".", ".."):
+                raise UserError(f"teacher.import_from: {location}/{prefix}{ARCH_FILE}: weights "
+                                "must be a file name")
             storage.download(location, prefix + weights, root / prefix / weights)
             return root
-    raise UserError(f"teacher.import_from: {location} holds no {ARCH_FILE} (give a model folder, a finished run, a "
-                    ".safetensors or a .pt2 file)")
+    raise UserError(f"teacher.import_from: {location} holds no {ARCH_FILE} (give a model folder, a finished "
+                    "run, a .safetensors or a .pt2 file)")
 
 
 def digest(location: str) -> str:
@@ -107,10 +111,12 @@ def import_model(location: str, model_cfg: Any, in_shape: list[int], num_classes
     if (list(spec["in_shape"]), spec["num_classes"]) != (list(in_shape), num_classes):
         raise UserError(f"teacher.import_from: {source} takes images of shape {spec['in_shape']} and gives "
                         f"{spec['num_classes']} classes; {want}")
-    return Imported(model, spec, origin, arch["weights_sha256"], lambda folder: save_model(folder, model, spec))
+    return Imported(model, spec, origin, arch["weights_sha256"],
+                    lambda folder: save_model(folder, model, spec))
 
 
-def _weights(source: Path, origin: str, model_cfg: Any, in_shape: list[int], num_classes: int, want: str) -> Imported:
+def _weights(source: Path, origin: str, model_cfg: Any, in_shape: list[int], num_classes: int,
+             want: str) -> Imported:
     """Weights for `teacher.model`'s architecture, checked key by key and shape by shape."""
     sha = sha256_file(source)
     try:
@@ -127,8 +133,8 @@ def _weights(source: Path, origin: str, model_cfg: Any, in_shape: list[int], num
     if wrong or missing or extra:
         problems = wrong[:3] + ([f"missing {', '.join(missing[:3])}"] if missing else []) \
             + ([f"not in the model: {', '.join(extra[:3])}"] if extra else [])
-        raise UserError(f"teacher.import_from: {source} does not fit teacher.model ({_describe(model_cfg)}) for "
-                        f"{want}: {'; '.join(problems)}")
+        raise UserError(f"teacher.import_from: {source} does not fit teacher.model ({_describe(model_cfg)}) "
+                        f"for {want}: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True)
     model.eval()
     return Imported(model, spec, origin, sha, lambda folder: save_model(folder, model, spec))
