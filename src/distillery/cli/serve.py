@@ -57,13 +57,14 @@ def _run_config(location: str, overrides: list[str]):
     # cluster): the run's recorded `ray.address` would otherwise pin serving to it.
     bad = [o for o in overrides if not o.startswith(("serve.", "ray.address=", "ray.shared_filesystem="))]
     if bad:
-        raise UserError(f"--set {bad[0]!r}: only serve.* settings, ray.address and ray.shared_filesystem can change "
-                        "when serving a finished run")
+        raise UserError(f"--set {bad[0]!r}: only serve.* settings, ray.address and ray.shared_filesystem can "
+                        "change when serving a finished run")
     root, _ = local_view(location, lambda rel: rel == "frontier.json")
     if storage.is_uri(location):
         storage.download(location, "config.yaml", root / "config.yaml")
     if not (root / "frontier.json").is_file():
-        raise UserError(f"{location}: no frontier.json; run `distillery compress` (or `distillery run`) first")
+        raise UserError(f"{location}: no frontier.json; run `distillery compress` (or "
+                        "`distillery run`) first")
     return root, load_config(root / "config.yaml", overrides)
 
 
@@ -71,7 +72,8 @@ def query(args: argparse.Namespace) -> None:
     x, truth = _images(args)
     params = {k: v for k, v in (("min_accuracy", args.min_accuracy), ("max_latency_ms", args.max_latency_ms))
               if v is not None}
-    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}],
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.reshape(-1).tolist()}],
             **({"parameters": params} if params else {})}
     headers = {"content-type": "application/json"}
     if args.api_key_env:
@@ -82,7 +84,8 @@ def query(args: argparse.Namespace) -> None:
     ms = 1e3 * (time.perf_counter() - start)
     labels = next(o["data"] for o in reply["outputs"] if o["name"] == "label")
     shown = [f"{p}" + (f" (true {t})" if t is not None else "") for p, t in zip(labels, truth)]
-    print(f"model {args.model} answered by {reply['parameters']['variant']} in {ms:.1f} ms for {len(labels)} image(s)")
+    print(f"model {args.model} answered by {reply['parameters']['variant']} in {ms:.1f} ms for "
+          f"{len(labels)} image(s)")
     print("predicted: " + ", ".join(shown))
     if truth[0] is not None:
         print(f"correct: {sum(p == t for p, t in zip(labels, truth))}/{len(labels)}")
@@ -126,7 +129,8 @@ def loadtest(args: argparse.Namespace) -> None:
     location = _location(args.run_dir)
     try:
         lcfg = LoadTestConfig(models=args.models.split(",") if args.models else None,
-                              concurrency=_ints(args.concurrency, "--concurrency") if args.concurrency else [],
+                              concurrency=(_ints(args.concurrency, "--concurrency") if args.concurrency
+                                           else []),
                               duration_s=args.duration, ramp=_steps(args.ramp, "--ramp"),
                               adaptive=_steps(args.adaptive, "--adaptive"),
                               ramp_model=args.ramp_model, ramp_images=args.ramp_images, images=args.images,
@@ -141,8 +145,10 @@ def loadtest(args: argparse.Namespace) -> None:
     console.say(f"logs: {console.log_to(out / 'loadtest.log')} (--verbose prints them here too)")
     _connect_ray()
     url = args.url.rstrip("/")
-    tuning = (lambda body, concurrency: _tune(args, location, body, headers, concurrency)) if args.tune else None
-    files = lt.run_loadtest(url, location, lcfg, headers, out, console.say, tuning=tuning, slo_ms=args.slo_ms)
+    tuning = ((lambda body, concurrency: _tune(args, location, body, headers, concurrency)) if args.tune
+              else None)
+    files = lt.run_loadtest(url, location, lcfg, headers, out, console.say, tuning=tuning,
+                            slo_ms=args.slo_ms)
     console.detail((out / "loadtest.md").read_text())
     console.say(lt.summary_line(files[0]))
 
@@ -185,7 +191,8 @@ def _steps(text: str, flag: str) -> list[list[float]]:
     try:
         steps = [[float(d), float(r)] for d, r in (part.split(":") for part in text.split(","))]
     except ValueError:
-        raise UserError(f"{flag}: expected SECONDS:LOAD,... e.g. 5:0.25,25:1.4,40:0.05, got {text!r}") from None
+        raise UserError(f"{flag}: expected SECONDS:LOAD,... e.g. "
+                        f"5:0.25,25:1.4,40:0.05, got {text!r}") from None
     if any(d <= 0 or r <= 0 for d, r in steps):
         raise UserError(f"{flag}: seconds and rates must be positive, got {text!r}")
     return steps
