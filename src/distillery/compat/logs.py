@@ -19,7 +19,8 @@ import ray
 
 # Ray Train's context logger is named by its file's path, not its module name. Importing the
 # module to read that path costs a second (it imports Ray Data); the path is known.
-TRAIN_CONTEXT_LOGGER = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+TRAIN_CONTEXT_LOGGER = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution",
+                                    "context.py")
 
 
 def quiet_ray_train_logs() -> None:

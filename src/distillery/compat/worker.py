@@ -32,7 +32,8 @@ def worker_setup() -> None:
     name_gloo_interface()
     host = os.environ.get(ingress.SERVE_HOST_VAR)
     wrapt.register_post_import_hook(lambda _: pin_grpc_listeners(host), "ray.serve._private.default_impl")
-    wrapt.register_post_import_hook(lambda _: route_stock_grpc_calls(), "ray.serve._private.proxy_request_response")
+    wrapt.register_post_import_hook(lambda _: route_stock_grpc_calls(),
+                                    "ray.serve._private.proxy_request_response")
 
 
 def name_gloo_interface() -> None:
@@ -59,5 +60,5 @@ def interface_of(address: str) -> str | None:
 
     if address.startswith("127.") or address == "::1":
         return None
-    return next((name for name, addrs in psutil.net_if_addrs().items() if any(a.address == address for a in addrs)),
-                None)
+    return next((name for name, addrs in psutil.net_if_addrs().items()
+                 if any(a.address == address for a in addrs)), None)
