@@ -38,7 +38,8 @@ def choose_threshold(conf: Tensor, small_correct: Tensor, large_correct: Tensor,
     reached = [k for k in valid if accuracy[k] >= target - 1e-12]
     k = reached[0] if reached else max(valid, key=lambda k: (float(accuracy[k]), -k))
     threshold = 0.0 if k == 0 else ESCALATE_ALL if k == n else float((c[k - 1] + c[k]) / 2)
-    return {"threshold": threshold, "accuracy": float(accuracy[k]), "escalation": k / n, "reached": bool(reached)}
+    return {"threshold": threshold, "accuracy": float(accuracy[k]), "escalation": k / n,
+            "reached": bool(reached)}
 
 
 @torch.inference_mode()

@@ -47,19 +47,22 @@ def classifier(model: nn.Module) -> nn.Module:
     return linears[-1]
 
 
-def prune_channels(model: nn.Module, step: PruneChannels, in_shape: list[int], max_steps: int = 95) -> nn.Module:
+def prune_channels(model: nn.Module, step: PruneChannels, in_shape: list[int],
+                   max_steps: int = 95) -> nn.Module:
     """Remove channels in small rounds (1% of each layer per round, least important first by
     the group's L1/L2 norm) until the model needs `mac_ratio` times fewer MACs."""
     base = count_macs(model, in_shape)
     ignored = [classifier(model)] + [model.get_submodule(name) for name in step.exclude]
     pruner = tp.pruner.MetaPruner(
-        model, torch.zeros(1, *in_shape), importance=tp.importance.GroupMagnitudeImportance(p=1 if step.importance == "l1" else 2),
+        model, torch.zeros(1, *in_shape),
+        importance=tp.importance.GroupMagnitudeImportance(p=1 if step.importance == "l1" else 2),
         pruning_ratio=max_steps / 100, iterative_steps=max_steps, ignored_layers=ignored,
         round_to=step.round_to if step.round_to > 1 else None)
     for _ in range(max_steps):
         pruner.step()
         if base / count_macs(model, in_shape) >= step.mac_ratio:
             return model
-    raise UserError(f"prune_channels: mac_ratio {step.mac_ratio} not reachable with round_to {step.round_to} and "
-                    f"{', '.join(step.exclude) or 'no'} layers excluded (got {base / count_macs(model, in_shape):.2f}x); "
-                    "lower mac_ratio or round_to, or exclude fewer layers")
+    raise UserError(f"prune_channels: mac_ratio {step.mac_ratio} not reachable with round_to "
+                    f"{step.round_to} and {', '.join(step.exclude) or 'no'} layers excluded (got "
+                    f"{base / count_macs(model, in_shape):.2f}x); lower mac_ratio or round_to, or "
+                    "exclude fewer layers")

@@ -34,7 +34,8 @@ from distillery.run.rundir import RunDir
 from distillery.training.objective import frozen_teacher
 
 
-def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manifest: dict) -> tuple[list[Path], dict]:
+def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict,
+                 manifest: dict) -> tuple[list[Path], dict]:
     record = run.stage("compress")
     teacher = frozen_teacher(run.verify_file("teacher/arch.json").parent, torch.device("cpu"))
     ctx = Context(run, cfg, log, manifest["image_shape"], splits, teacher,
@@ -66,9 +67,12 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
         files += [*built[v.name].files, folder / "metrics.json"]
     # Every choice reads validation figures only (frontier.choice_view): the test split reports.
     floor = records["teacher"]["val_accuracy"] - cfg.compress.floor_below_teacher
-    files += frontier.write_frontier(run.root, list(records.values()), floor=floor, machine=timing.machine_info(),
-                                     settings={**asdict(settings), "modes": cfg.compress.bench.modes}, margin=margin,
-                                     refused=[{"name": v.name, "recipe": v.describe(), "reason": refused[v.name]}
+    files += frontier.write_frontier(run.root, list(records.values()), floor=floor,
+                                     machine=timing.machine_info(),
+                                     settings={**asdict(settings), "modes": cfg.compress.bench.modes},
+                                     margin=margin,
+                                     refused=[{"name": v.name, "recipe": v.describe(),
+                                               "reason": refused[v.name]}
                                               for v in cfg.compress.variants if v.name in refused])
     best = frontier.recommend(list(records.values()), floor, margin)
     log(f"[compress] recommended: {best['reason'] if best else 'nothing meets the accuracy floor'}")
@@ -76,7 +80,8 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manif
                    "floor": floor}
 
 
-def measure_all(ctx: Context, settings: timing.BenchSettings, variants: list[VariantConfig], built: dict[str, Built],
+def measure_all(ctx: Context, settings: timing.BenchSettings, variants: list[VariantConfig],
+                built: dict[str, Built],
                 advance: Callable[..., None] = lambda *a, **k: None) -> dict[str, dict[str, Any]]:
     """The trained models and every variant as reloaded from disk, scored and timed. Timed only
     once everything is built, one after another: no training in between competes for the
@@ -91,7 +96,8 @@ def measure_all(ctx: Context, settings: timing.BenchSettings, variants: list[Var
         else:
             rec = measure(ctx, settings, v.name, VARIANT, v.parent, v.describe(), model, b.fp32,
                           b.files[0].stat().st_size, int8=v.steps[-1].kind == "int8_static")
-            records[v.name] = {**rec, "steps": b.details, "numerics": v.numerics() or records[v.parent]["numerics"]}
+            records[v.name] = {**rec, "steps": b.details,
+                               "numerics": v.numerics() or records[v.parent]["numerics"]}
         advance(1, note=v.name)
     if ctx.cfg.search.enabled:
         records[SEARCHED] = measure_searched(ctx, settings)
@@ -105,7 +111,8 @@ def measure_searched(ctx: Context, settings: timing.BenchSettings) -> dict[str, 
     found = read_json(ctx.run.verify_file(f"variants/{SEARCHED}/search.json"))["record"]
     model, _ = artifacts.load(folder)
     rec = measure(ctx, settings, SEARCHED, VARIANT, "teacher", f"searched: {found['recipe']}", model, model,
-                  found["size_bytes"], int8=found["numerics"] == "int8_static", macs=found["macs"], params=found["params"])
+                  found["size_bytes"], int8=found["numerics"] == "int8_static", macs=found["macs"],
+                  params=found["params"])
     return {**rec, "numerics": found["numerics"]}
 
 
@@ -133,7 +140,8 @@ def measure_cascade(ctx: Context, settings: timing.BenchSettings, v: VariantConf
     escalation = {split: _escalation(model, ctx.splits[split][0]) for split in ("val", "test")}
     macs = small["macs"] + round(escalation["val"] * large["macs"])
     rec = measure(ctx, settings, v.name, VARIANT, v.parent, v.describe(), model, model,
-                  small["size_bytes"] + large["size_bytes"], macs=macs, params=small["params"] + large["params"],
+                  small["size_bytes"] + large["size_bytes"], macs=macs,
+                  params=small["params"] + large["params"],
                   # compiled, every escalated count is a new shape for the large model: a recompile each
                   modes=[m for m in ctx.cfg.compress.bench.modes if m != "compile"] or ["eager"])
     console.detail(f"[compress] {v.name}: escalates {escalation['val']:.1%} of validation images to "
@@ -148,7 +156,8 @@ def _escalation(model: cascade.Cascade, images: torch.Tensor) -> float:
         return float((cascade.confidence(model.small(images), model.kind) < model.threshold).float().mean())
 
 
-def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in_shape: list[int]) -> dict[str, str]:
+def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module],
+                  in_shape: list[int]) -> dict[str, str]:
     """Everything checkable against the models, before any work: layer names, reachable MAC
     ratios, group sizes, and no step on top of a quantized variant. Channel pruning is dry-run
     on a copy (cheap, and only trying tells whether a ratio is reachable), so the steps after
@@ -161,16 +170,19 @@ def check_recipes(variants: list[VariantConfig], bases: dict[str, nn.Module], in
     for v in variants:
         built_on = [n for n in (v.parent, v.cascade_to()) if n in cascades]
         if built_on:
-            raise UserError(f"compress.variants.{v.name}: {built_on[0]!r} is a cascade; nothing is built on a cascade")
+            raise UserError(f"compress.variants.{v.name}: {built_on[0]!r} is a cascade; nothing is "
+                            "built on a cascade")
         if v.parent in quantized and not v.cascade_to():  # a cascade may join quantized models
-            raise UserError(f"compress.variants.{v.name}: parent {v.parent!r} is quantized; build on its fp32 parent")
+            raise UserError(f"compress.variants.{v.name}: parent {v.parent!r} is quantized; build "
+                            "on its fp32 parent")
         lost = [n for n in (v.parent, v.cascade_to()) if n in refused]
         if lost:
             refused[v.name] = f"built on {lost[0]}, which was refused"
             continue
         if isinstance(shapes[v.parent], ExportedModel):
-            refused[v.name] = (f"{v.parent} is an imported torch.export program, a fixed graph: nothing can be built "
-                               "on it (import its weights as .safetensors, with teacher.model naming the architecture)")
+            refused[v.name] = (f"{v.parent} is an imported torch.export program, a fixed graph: nothing can "
+                               "be built on it (import its weights as .safetensors, with teacher.model "
+                               "naming the architecture)")
             continue
         model = copy.deepcopy(shapes[v.parent])
         try:
@@ -204,8 +216,8 @@ def check_run(run: RunDir, cfg: PipelineConfig) -> dict[str, str]:
 def build(ctx: Context, v: VariantConfig) -> Built:
     """Run the variant's steps on a copy of its parent and save the result."""
     parent, spec = _parent(ctx, v.parent)
-    work = Work(v.name, v.parent, ctx.run.root / "variants" / v.name, spec, prune.layer_shapes(build_model(spec)),
-                copy.deepcopy(parent))
+    work = Work(v.name, v.parent, ctx.run.root / "variants" / v.name, spec,
+                prune.layer_shapes(build_model(spec)), copy.deepcopy(parent))
     console.detail(f"[compress] {v.name}: {v.describe()}")
     files = apply_steps(ctx, work, v.steps)
     recipe = work.folder / "recipe.json"  # how the weights beside it were made
@@ -225,9 +237,10 @@ def _parent(ctx: Context, name: str) -> tuple[nn.Module, dict]:
 # ---------------------------------------------------------------- measuring
 
 
-def measure(ctx: Context, settings: timing.BenchSettings, name: str, role: str, parent: str | None, recipe: str,
-            model: nn.Module, fp32: nn.Module, size_bytes: int, int8: bool = False, macs: int | None = None,
-            params: int | None = None, modes: list[str] | None = None) -> dict[str, Any]:
+def measure(ctx: Context, settings: timing.BenchSettings, name: str, role: str, parent: str | None,
+            recipe: str, model: nn.Module, fp32: nn.Module, size_bytes: int, int8: bool = False,
+            macs: int | None = None, params: int | None = None,
+            modes: list[str] | None = None) -> dict[str, Any]:
     """Accuracy on val (what choices read) and test (what the report gives, with each image's
     outcome kept in `ctx.test_outcomes` for paired comparisons), then speed in every
     configured mode (the fastest kept), timed on the validation images."""
@@ -235,11 +248,13 @@ def measure(ctx: Context, settings: timing.BenchSettings, name: str, role: str, 
         macs = count_macs(fp32, ctx.in_shape)
     ctx.test_outcomes[name] = outcomes(model, ctx.splits["test"])
     # the mean of no outcomes is nan: a split without images has no accuracy
-    acc = {"val_accuracy": accuracy(model, ctx.splits["val"]), "test_accuracy": float(ctx.test_outcomes[name].float().mean())}
-    speed = timing.measure(model, ctx.in_shape, macs, settings, modes or ctx.cfg.compress.bench.modes, int8=int8,
-                           images=ctx.splits["val"][0])
+    acc = {"val_accuracy": accuracy(model, ctx.splits["val"]),
+           "test_accuracy": float(ctx.test_outcomes[name].float().mean())}
+    speed = timing.measure(model, ctx.in_shape, macs, settings, modes or ctx.cfg.compress.bench.modes,
+                           int8=int8, images=ctx.splits["val"][0])
     console.detail(f"[compress] {name}: validation {acc['val_accuracy']:.2%}, served {speed['best_mode']}: "
-            f"p50 {speed['p50_ms']:.3f} ms at batch 1, {speed['throughput']:,.0f} images/s at batch {settings.throughput_batch}")
+            f"p50 {speed['p50_ms']:.3f} ms at batch 1, {speed['throughput']:,.0f} images/s at batch "
+            f"{settings.throughput_batch}")
     return {"name": name, "role": role, "parent": parent, "recipe": recipe, **acc,
             "val_images": len(ctx.splits["val"][1]), "test_images": len(ctx.splits["test"][1]),
             "params": count_params(fp32) if params is None else params,

@@ -94,7 +94,8 @@ class Handler(NamedTuple):
 HANDLERS: dict[str, Handler] = {}
 
 
-def handler(kind: str, *, check: Callable[[nn.Module, Any, list[int]], None] = lambda model, step, shape: None):
+def handler(kind: str, *,
+            check: Callable[[nn.Module, Any, list[int]], None] = lambda model, step, shape: None):
     def register(apply: Callable[[Context, Work, Any], list[Path] | None]) -> Callable:
         HANDLERS[kind] = Handler(apply, check)
         return apply
@@ -180,10 +181,11 @@ def _cascade(ctx: Context, work: Work, step: Cascade) -> list[Path]:
     conf, small_ok, large_ok = cascade.outcomes(work.model, large, *ctx.splits["val"], step.confidence)
     target = step.target_accuracy if step.target_accuracy is not None else float(large_ok.float().mean())
     chosen = cascade.choose_threshold(conf, small_ok, large_ok, target)
-    console.detail(f"[compress] {work.name}: threshold {chosen['threshold']:.4f} ({step.confidence}) escalates "
-            f"{chosen['escalation']:.1%} of validation images to {step.to}: val accuracy {chosen['accuracy']:.2%} "
-            f"(target {target:.2%}{'' if chosen['reached'] else ', not reached'})")
-    work.details.append({"kind": step.kind, "to": step.to, "confidence": step.confidence, "target_accuracy": target,
+    console.detail(f"[compress] {work.name}: threshold {chosen['threshold']:.4f} ({step.confidence}) "
+            f"escalates {chosen['escalation']:.1%} of validation images to {step.to}: val accuracy "
+            f"{chosen['accuracy']:.2%} (target {target:.2%}{'' if chosen['reached'] else ', not reached'})")
+    work.details.append({"kind": step.kind, "to": step.to, "confidence": step.confidence,
+                         "target_accuracy": target,
                          **{f"val_{k}": v for k, v in chosen.items() if k != "threshold"},
                          "threshold": chosen["threshold"]})
     members = {"small": model_dir(ctx.run, work.parent), "large": model_dir(ctx.run, step.to)}
@@ -212,7 +214,8 @@ def finetune(ctx: Context, name: str, model: nn.Module, spec: dict, step: Finetu
              gradual: PruneUnstructured | None, folder: Path) -> nn.Module:
     """Fine-tune the pruned model, distilled from the teacher; on Ray Train unless
     `ray.workers` is 0. Gradual unstructured pruning keeps raising the sparsity meanwhile."""
-    tcfg = TrainConfig(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size, schedule="cosine", augment=False)
+    tcfg = TrainConfig(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size, schedule="cosine",
+                       augment=False)
     if ctx.cfg.ray.workers == 0:
         return _finetune_here(ctx, name, model, tcfg, step, gradual)
     from distillery.training.on_ray import fit_on_ray  # the core never imports ray
@@ -246,7 +249,8 @@ def _static_int8(ctx: Context, model: nn.Module, step: Int8Static, folder: Path,
     """Post-training int8; quantization-aware training instead when PTQ loses more than
     `max_drop` validation accuracy (and the model has no batch norm to fold)."""
     x, _ = ctx.splits["train"]
-    sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(ctx.cfg.seed))[:step.calibration_samples]]
+    sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(ctx.cfg.seed))
+               [:step.calibration_samples]]
     prepared = quantize.prepare(copy.deepcopy(model), ctx.in_shape)
     quantize.calibrate(prepared, sample)
     parent_acc = accuracy(model, ctx.splits["val"])
