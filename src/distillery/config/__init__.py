@@ -48,11 +48,11 @@ class StageConfig(Strict):
 
     model: ModelConfig
     train: TrainConfig = TrainConfig()
-    import_from: str | None = Field(None, description="teacher only: use this model instead of training one: a "
-                                    "model folder (arch.json + model.safetensors), a finished run's directory (its "
-                                    "teacher), a .safetensors file of weights for `model` (e.g. kind: torchvision, "
-                                    "name: resnet18) or a torch.export program (.pt2); verified, scored on this "
-                                    "run's test split, frozen")
+    import_from: str | None = Field(None, description="teacher only: use this model instead of training one: "
+                                    "a model folder (arch.json + model.safetensors), a finished run's "
+                                    "directory (its teacher), a .safetensors file of weights for `model` "
+                                    "(e.g. kind: torchvision, name: resnet18) or a torch.export program "
+                                    "(.pt2); verified, scored on this run's test split, frozen")
 
 
 def _kind_default(default: ResNetConfig | CNNConfig) -> BeforeValidator:
@@ -72,8 +72,8 @@ class PipelineConfig(Strict):
     """The whole run. One YAML file per preset in configs/."""
 
     name: str = Field("digits", description="run name: the run directory is storage_path/name")
-    storage_path: str = Field("runs", description="a folder (shared by every node on a cluster) or an s3:// or "
-                                                   "gs:// URI")
+    storage_path: str = Field("runs", description="a folder (shared by every node on a cluster) or an "
+                                                   "s3:// or gs:// URI")
     seed: int = Field(0, ge=0, description="seeds the splits, the initial weights and the data order")
     threads: int | None = Field(None, ge=1, le=1024, description="torch threads; default: all cores")
     data: DataConfig = DataConfig()
@@ -99,16 +99,17 @@ class PipelineConfig(Strict):
         for which in ("teacher", "student"):
             stage = self.stage_for(which)
             if stage.model.kind == "torchvision" and stage.train.parallelism == "pipeline":
-                raise ValueError(f"{which}.train.parallelism: pipeline cuts cnn and resnet models into stages; "
-                                 "train a torchvision model with ddp or fsdp")
+                raise ValueError(f"{which}.train.parallelism: pipeline cuts cnn and resnet models into "
+                                 "stages; train a torchvision model with ddp or fsdp")
         if self.distill.transfer and self.distill.cache_teacher_logits:
-            raise ValueError("distill.cache_teacher_logits caches the logits of the run's training split; with "
-                             "distill.transfer set it to false")
+            raise ValueError("distill.cache_teacher_logits caches the logits of the run's training split; "
+                             "with distill.transfer set it to false")
         if not self.data.labeled:
-            raise ValueError("data.labeled: false: the run's own data needs labels (to train and score); give "
-                             "unlabeled images as distill.transfer")
+            raise ValueError("data.labeled: false: the run's own data needs labels (to train and score); "
+                             "give unlabeled images as distill.transfer")
         if self.student.import_from:
-            raise ValueError("student.import_from: only the teacher is imported; the students are what this run makes")
+            raise ValueError("student.import_from: only the teacher is imported; the students are "
+                             "what this run makes")
         return self
 
     @field_validator("storage_path")
@@ -201,7 +202,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
             model = TorchvisionConfig
         elif isinstance(part, str) and model is not None and part in getattr(model, "model_fields", {}):
             ann = model.model_fields[part].annotation
-            ann = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)),
+            ann = next((a for a in (ann, *typing.get_args(ann))
+                        if isinstance(a, type) and issubclass(a, BaseModel)),
                        None)  # a section that may be null (`DataConfig | None`) too
             model = ann
         else:

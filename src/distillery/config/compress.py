@@ -25,7 +25,8 @@ class StepConfig(Strict):
 
     prunes: ClassVar[bool] = False  # removes weights or channels (a finetune may follow)
     quantizes: ClassVar[bool] = False  # changes the numerics: the last step, nothing builds on it
-    combines: ClassVar[bool] = False  # joins the parent with another model: the only step, nothing builds on it
+    # joins the parent with another model: the only step, nothing builds on it
+    combines: ClassVar[bool] = False
 
     def numerics(self) -> str | None:
         """The arithmetic a quantization step leaves (int8_static, int4_weights, ...)."""
@@ -55,8 +56,8 @@ class PruneChannels(StepConfig):
     exclude: list[str] = Field([], description="module names whose channels are kept, e.g. conv1")
     # Measured on the digits teacher (2x fewer MACs, compiled, 1 thread): 33/67 channels ran
     # 1.3x faster than the original, 32/72 1.8x, 32/64 (round_to 16) 2.7x.
-    round_to: int = Field(16, ge=1, le=1024, description="keep channel counts multiples of this: vector kernels "
-                          "run whole registers (1: any count)")
+    round_to: int = Field(16, ge=1, le=1024, description="keep channel counts multiples of this: vector "
+                          "kernels run whole registers (1: any count)")
 
 
 class Finetune(StepConfig):
@@ -89,7 +90,8 @@ class Int8Static(StepConfig):
     quantizes: ClassVar[bool] = True
     calibration_samples: int = Field(512, ge=1, le=1_000_000, description="training images the observers "
                                      "see before convert")
-    max_drop: float = Field(0.005, ge=-1.0, le=1.0, description="allowed val-accuracy loss before QAT (0.005 = 0.5 point)")
+    max_drop: float = Field(0.005, ge=-1.0, le=1.0,
+                            description="allowed val-accuracy loss before QAT (0.005 = 0.5 point)")
     qat_epochs: int = Field(3, ge=1, le=1000, description="quantization-aware training epochs, when it runs")
     qat_lr: float = Field(1e-4, gt=0.0, le=1.0, description="its learning rate")
 
@@ -132,8 +134,9 @@ class Cascade(StepConfig):
                                           "(0.99 = 99%); default: the larger model's")
 
 
-Step = Annotated[PruneUnstructured | PruneChannels | Finetune | Int8Dynamic | Int8Static | WeightOnly | Cascade,
-                 Field(discriminator="kind")]
+Step = Annotated[
+    PruneUnstructured | PruneChannels | Finetune | Int8Dynamic | Int8Static | WeightOnly | Cascade,
+    Field(discriminator="kind")]
 
 
 class VariantConfig(Strict):
@@ -148,7 +151,8 @@ class VariantConfig(Strict):
     @classmethod
     def _safe_name(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,47}", v) or v in RESERVED_NAMES:
-            raise ValueError("use 1-48 lower-case letters, digits, '_' or '-' (not student, teacher, auto or server)")
+            raise ValueError("use 1-48 lower-case letters, digits, '_' or '-' (not student, "
+                             "teacher, auto or server)")
         return v
 
     @model_validator(mode="after")
@@ -156,11 +160,14 @@ class VariantConfig(Strict):
         steps = self.steps
         quant = [i for i, s in enumerate(steps) if s.quantizes]
         if len(quant) > 1 or (quant and quant[0] != len(steps) - 1):
-            raise ValueError("at most one quantization step, and it must be the last (a quantized model is not pruned)")
+            raise ValueError("at most one quantization step, and it must be the last (a quantized "
+                             "model is not pruned)")
         if any(s.kind == "finetune" and (i == 0 or not steps[i - 1].prunes) for i, s in enumerate(steps)):
-            raise ValueError("finetune must follow a prune step (quantization-aware training is int8_static's)")
+            raise ValueError("finetune must follow a prune step (quantization-aware training "
+                             "is int8_static's)")
         if any(s.combines for s in steps) and len(steps) > 1:
-            raise ValueError("a cascade is a variant's only step (compress its members as variants of their own)")
+            raise ValueError("a cascade is a variant's only step (compress its members as "
+                             "variants of their own)")
         return self
 
     def cascade_to(self) -> str | None:
@@ -187,7 +194,8 @@ class VariantConfig(Strict):
 class BenchConfig(Strict):
     """How every variant is timed (see `measure.timing`)."""
 
-    threads: int = Field(1, ge=1, le=1024, description="torch threads while timing (1: as a Serve replica runs)")
+    threads: int = Field(1, ge=1, le=1024,
+                         description="torch threads while timing (1: as a Serve replica runs)")
     latency_runs: int = Field(200, ge=10, le=100_000, description="batch-1 runs for p50/p99")
     throughput_batch: int = Field(256, ge=1, le=65_536, description="batch size throughput is timed at")
     throughput_runs: int = Field(10, ge=1, le=10_000, description="timed batches for throughput")
@@ -204,7 +212,8 @@ def _default_variants() -> list[VariantConfig]:
     tune = Finetune(epochs=10)
     return [
         VariantConfig(name="sparse50", steps=[PruneUnstructured(sparsity=0.5), tune]),
-        VariantConfig(name="slim", steps=[PruneChannels(mac_ratio=2.0, round_to=8), tune]),  # 16 is all conv1 has
+        # 16 is all conv1 has
+        VariantConfig(name="slim", steps=[PruneChannels(mac_ratio=2.0, round_to=8), tune]),
         VariantConfig(name="int8-dynamic", steps=[Int8Dynamic()]),
         VariantConfig(name="int8", steps=[Int8Static()]),
         VariantConfig(name="int4-weights", steps=[WeightOnly(bits=4)]),
@@ -223,11 +232,12 @@ class CompressConfig(Strict):
     """The variants to build and measure, and the accuracy floor for the recommendation."""
 
     variants: list[VariantConfig] = Field(default_factory=_default_variants, max_length=64)
-    floor_below_teacher: float = Field(0.01, ge=0.0, le=1.0, description="recommend only variants within this "
-                                       "validation accuracy of the teacher's (0.01 = 1 point); the test split "
-                                       "only reports")
-    speedup_margin: float = Field(0.05, ge=0.0, le=1.0, description="a variant counts as faster than its parent "
-                                  "only by more than this fraction: timing noise on a shared machine is a few percent")
+    floor_below_teacher: float = Field(0.01, ge=0.0, le=1.0, description="recommend only variants within "
+                                       "this validation accuracy of the teacher's (0.01 = 1 point); the test "
+                                       "split only reports")
+    speedup_margin: float = Field(0.05, ge=0.0, le=1.0, description="a variant counts as faster than its "
+                                  "parent only by more than this fraction: timing noise on a shared machine "
+                                  "is a few percent")
     bench: BenchConfig = BenchConfig()
 
     @model_validator(mode="after")
@@ -238,6 +248,7 @@ class CompressConfig(Strict):
                 raise ValueError(f"variant {v.name!r} is defined twice (or shadows a base model)")
             for role, name in (("parent", v.parent), ("cascade to", v.cascade_to() or v.parent)):
                 if name not in seen:
-                    raise ValueError(f"variant {v.name!r}: {role} {name!r} is not student, teacher or an earlier variant")
+                    raise ValueError(f"variant {v.name!r}: {role} {name!r} is not student, teacher or "
+                                     "an earlier variant")
             seen.add(v.name)
         return self

@@ -28,5 +28,6 @@ def check_location(location: str) -> str:
     if not parts.netloc:
         raise ValueError(f"{location!r} names no bucket")
     if any(segment in (".", "..") for segment in parts.path.split("/")):
-        raise ValueError(f"{location!r}: '.' and '..' are not allowed in a URI's path")  # cache folders mirror it
+        # cache folders mirror it
+        raise ValueError(f"{location!r}: '.' and '..' are not allowed in a URI's path")
     return location

@@ -20,15 +20,17 @@ class BudgetConfig(Strict):
     """What the searched model must meet, measured as a replica runs it (1 torch thread, its
     fastest serving mode, batch 1 on the validation images), and what to maximise under it."""
 
-    max_p50_ms: float | None = Field(None, gt=0.0, le=600_000.0, description="batch-1 median latency bound (ms)")
-    as_fast_as: str | None = Field("student", description="no slower at batch 1 than this model of the run (within "
-                                   "compress.speedup_margin, timed beside the trials) and no more MACs; null: no "
-                                   "such bound")
-    min_throughput: float | None = Field(None, gt=0.0, description="images/s at compress.bench.throughput_batch")
+    max_p50_ms: float | None = Field(None, gt=0.0, le=600_000.0,
+                                     description="batch-1 median latency bound (ms)")
+    as_fast_as: str | None = Field("student", description="no slower at batch 1 than this model of the run "
+                                   "(within compress.speedup_margin, timed beside the trials) and no more "
+                                   "MACs; null: no such bound")
+    min_throughput: float | None = Field(None, gt=0.0,
+                                         description="images/s at compress.bench.throughput_batch")
     max_size_kib: float | None = Field(None, gt=0.0, description="bytes on disk of the weights, in KiB")
     min_accuracy: float | None = Field(None, gt=0.0, le=1.0, description="validation accuracy floor")
-    maximise: Literal["accuracy", "throughput"] = Field("accuracy", description="accuracy: validation accuracy; "
-                                                        "throughput: images/s")
+    maximise: Literal["accuracy", "throughput"] = Field("accuracy", description="accuracy: validation "
+                                                        "accuracy; throughput: images/s")
 
     @field_validator("as_fast_as")
     @classmethod
@@ -73,10 +75,12 @@ class SearchConfig(Strict):
                           "joins the frontier as `searched` and is served")
     trials: int = Field(24, ge=1, le=10_000, description="trials Ray Tune runs")
     cpus_per_trial: float = Field(1.0, gt=0.0, le=256.0, description="CPUs each trial reserves")
-    max_concurrent: int | None = Field(None, ge=1, le=10_000, description="default: as many as the CPUs allow")
-    grace_percent: float = Field(15.0, gt=0.0, le=100.0, description="ASHA: no trial stops before this share of "
-                                 "its epochs; rungs at this times 3, 9, ...")
-    reduction_factor: float = Field(3.0, gt=1.0, le=100.0, description="ASHA: the top 1/this of trials at a rung go on")
+    max_concurrent: int | None = Field(None, ge=1, le=10_000,
+                                       description="default: as many as the CPUs allow")
+    grace_percent: float = Field(15.0, gt=0.0, le=100.0, description="ASHA: no trial stops before this share "
+                                 "of its epochs; rungs at this times 3, 9, ...")
+    reduction_factor: float = Field(3.0, gt=1.0, le=100.0,
+                                    description="ASHA: the top 1/this of trials at a rung go on")
     reports: int = Field(20, ge=1, le=1000, description="validation reports per trial (what ASHA compares)")
     space: SpaceConfig = SpaceConfig()
     budget: BudgetConfig = BudgetConfig()
