@@ -71,20 +71,22 @@ def prepare_transfer(cfg: DataConfig, out_dir: str | Path, seed: int, run_data: 
     source = load_source(cfg, seed)
     _check_not_inside(source.path, out_dir)
     if list(source.images.shape[1:]) != run["image_shape"]:
-        raise UserError(f"distill.transfer: images of shape {list(source.images.shape[1:])}; the run's data (and its "
-                        f"teacher) take {run['image_shape']}")
-    labels = _onto_classes(source, run["classes"]) if cfg.labeled else np.full(len(source.labels), -1, np.int64)
+        raise UserError(f"distill.transfer: images of shape {list(source.images.shape[1:])}; the run's data "
+                        f"(and its teacher) take {run['image_shape']}")
+    labels = (_onto_classes(source, run["classes"]) if cfg.labeled
+              else np.full(len(source.labels), -1, np.int64))
     rows = np.arange(len(labels)) if source.given is None else np.flatnonzero(source.given == "train")
     held_out = {x.numpy().tobytes() for split in ("val", "test") for x in load_split(run_data, split)[0]}
     kept = np.asarray([r for r in rows if source.images[r].tobytes() not in held_out], dtype=np.int64)
     if kept.size == 0:
-        raise UserError(f"distill.transfer: no images left ({rows.size} read, all of them in the run's val/test "
-                        "splits)")
+        raise UserError(f"distill.transfer: no images left ({rows.size} read, all of them in the run's "
+                        "val/test splits)")
     order = np.random.default_rng(_random_state(seed)).permutation(kept)[:cfg.max_train_samples]
     _clear_previous(out_dir)
     shards = _write_split(out_dir, "train", source.images, labels, order, cfg.shard_rows)
-    manifest = {"format": FORMAT, "source": cfg.source, "source_path": source.path, "image_shape": run["image_shape"],
-                "num_classes": run["num_classes"], "classes": run["classes"], "labeled": cfg.labeled, "seed": seed,
+    manifest = {"format": FORMAT, "source": cfg.source, "source_path": source.path,
+                "image_shape": run["image_shape"], "num_classes": run["num_classes"],
+                "classes": run["classes"], "labeled": cfg.labeled, "seed": seed,
                 "counts": {"train": {"total": int(order.size), **({"per_class": np.bincount(
                     labels[order], minlength=run["num_classes"]).tolist()} if cfg.labeled else {})}},
                 "left_out_held_out": int(rows.size - kept.size),
@@ -98,8 +100,9 @@ def _onto_classes(source, classes: list[str]) -> np.ndarray:
     """The source's labels as indices into the run's `classes`, matched by name."""
     unknown = sorted(set(source.classes) - set(classes))
     if unknown:
-        raise UserError(f"distill.transfer: class(es) {', '.join(unknown[:5])} are not among the teacher's classes "
-                        f"({', '.join(classes[:20])}); rename them or set distill.transfer.labeled: false")
+        raise UserError(f"distill.transfer: class(es) {', '.join(unknown[:5])} are not among the teacher's "
+                        f"classes ({', '.join(classes[:20])}); rename them or set "
+                        "distill.transfer.labeled: false")
     index = np.asarray([classes.index(name) for name in source.classes], dtype=np.int64)
     return index[source.labels]
 
@@ -114,7 +117,8 @@ def _check_not_inside(input_path: str | None, out_dir: Path) -> None:
         return
     src, out = Path(input_path).resolve(), out_dir.resolve()
     if src == out or out in src.parents:
-        raise UserError(f"data.path {input_path} is inside the output folder {out_dir}, which prepare overwrites")
+        raise UserError(f"data.path {input_path} is inside the output folder {out_dir}, which "
+                        "prepare overwrites")
 
 
 def _clear_previous(out_dir: Path) -> None:
@@ -138,7 +142,8 @@ def _write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarr
         path = out_dir / f"{split}-{number:05d}.parquet"
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
-        entries.append({"path": path.name, "split": split, "rows": int(rows.size), "sha256": sha256_file(path)})
+        entries.append({"path": path.name, "split": split, "rows": int(rows.size),
+                        "sha256": sha256_file(path)})
     return entries
 
 
@@ -183,5 +188,6 @@ def _carve(pool: np.ndarray, labels: np.ndarray, size: int, state: int, what: st
     except ValueError as e:
         raise UserError(
             f"cannot split {size} {what} rows out of {pool.size} stratified by class "
-            f"({int((counts > 0).sum())} classes): {e}; use more rows, a larger fraction, or fewer classes") from None
+            f"({int((counts > 0).sum())} classes): {e}; use more rows, a larger fraction, "
+            "or fewer classes") from None
     return rest, carved

@@ -66,7 +66,8 @@ def read_manifest(data_dir: str | Path) -> dict:
     if not isinstance(manifest, dict):
         raise UserError(f"{path}: expected a JSON object")
     if manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: key 'format' is {manifest.get('format')!r}; this version reads format {FORMAT}")
+        raise UserError(f"{path}: key 'format' is {manifest.get('format')!r}; this version "
+                        f"reads format {FORMAT}")
     for key in ("image_shape", "num_classes", "classes", "counts", "shards"):
         if key not in manifest:
             raise UserError(f"{path}: missing key {key!r}")
@@ -134,7 +135,8 @@ def decode_batch(batch: Any, image_shape: list[int] | tuple[int, ...] | None = N
         shape = image_shape
         flat, labels = _dict_arrays(batch)
     else:
-        raise TypeError(f"decode_batch: expected a pyarrow Table/RecordBatch or dict, got {type(batch).__name__}")
+        raise TypeError("decode_batch: expected a pyarrow Table/RecordBatch or dict, got "
+                        f"{type(batch).__name__}")
     return _to_tensors(flat, labels, list(shape))
 
 

@@ -117,9 +117,11 @@ def _cifar10(cfg: DataConfig, seed: int) -> Source:
         raise UserError(f"data.path: {folder} must be the folder holding CIFAR-10's *.bin files")
     train_files = [folder / name for name in CIFAR_TRAIN_FILES if (folder / name).is_file()]
     if not train_files:
-        raise UserError(f"{folder}: no CIFAR-10 training files (expected data_batch_1.bin … data_batch_5.bin)")
+        raise UserError(f"{folder}: no CIFAR-10 training files (expected data_batch_1.bin … "
+                        "data_batch_5.bin)")
     if not (folder / CIFAR_TEST_FILE).is_file():
-        raise UserError(f"{folder / CIFAR_TEST_FILE}: not found (CIFAR-10 binary version needs {CIFAR_TEST_FILE})")
+        raise UserError(f"{folder / CIFAR_TEST_FILE}: not found (CIFAR-10 binary version needs "
+                        f"{CIFAR_TEST_FILE})")
     parts = [_read_cifar_file(p) for p in [*train_files, folder / CIFAR_TEST_FILE]]
     images = np.concatenate([x for x, _ in parts]).astype(np.float32)  # scale once: 60k images are 0.7 GB
     images /= np.float32(255.0)
@@ -140,7 +142,8 @@ def _read_cifar_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = records[:, 0]
     bad = np.flatnonzero(labels > 9)
     if bad.size:
-        raise UserError(f"{path}: record {int(bad[0])} has label byte {int(labels[bad[0]])}; CIFAR-10 labels are 0-9")
+        raise UserError(f"{path}: record {int(bad[0])} has label byte {int(labels[bad[0]])}; "
+                        "CIFAR-10 labels are 0-9")
     # Bytes are 1024 R, then G, then B, each row-major 32x32: exactly C, H, W order.
     return records[:, 1:].reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
@@ -225,7 +228,8 @@ def _user_images(col: pa.Array, path: Path, name: str, want: int | None) -> np.n
         raise UserError(f"{path}: column {name!r}, row {i // want} holds a null value")
     flat = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, want)
     if (i := _first(~np.isfinite(flat).all(axis=1))) is not None:
-        raise UserError(f"{path}: column {name!r}, row {i} holds NaN or infinity (or a value too big for float32)")
+        raise UserError(f"{path}: column {name!r}, row {i} holds NaN or infinity (or a value too "
+                        "big for float32)")
     return flat
 
 
@@ -236,7 +240,8 @@ def _user_labels(col: pa.Array, path: Path, name: str) -> np.ndarray:
     if (row := _first(col.is_null().to_numpy(zero_copy_only=False))) is not None:
         raise UserError(f"{path}: column {name!r}, row {row} is null")
     raw = col.to_numpy(zero_copy_only=False)
-    if pa.types.is_floating(col.type) and (row := _first(~np.isfinite(raw) | (raw != np.round(raw)))) is not None:
+    if pa.types.is_floating(col.type) \
+            and (row := _first(~np.isfinite(raw) | (raw != np.round(raw)))) is not None:
         raise UserError(f"{path}: column {name!r}, row {row} is {raw[row]}; labels must be whole numbers")
     if (row := _first(raw < 0)) is not None:
         raise UserError(f"{path}: column {name!r}, row {row} is {raw[row]}; labels must be >= 0")
@@ -293,19 +298,22 @@ def _image_folder(cfg: DataConfig, seed: int) -> Source:
                         f"subfolders, and data.image_shape [C, H, W] to resize to (C 1 or 3); got {root}")
     channels, height, width = cfg.image_shape
     if channels not in (1, 3):
-        raise UserError(f"data.image_shape: {channels} channels; an image folder is read as 1 (grey) or 3 (RGB)")
+        raise UserError(f"data.image_shape: {channels} channels; an image folder is read as 1 "
+                        "(grey) or 3 (RGB)")
     splits = [d.name for d in sorted(root.iterdir()) if d.is_dir() and d.name in SPLITS]
     tops = [(root / split, split) for split in splits] if splits else [(root, None)]
     if cfg.labeled:
         classes = sorted({d.name for top, _ in tops for d in top.iterdir() if d.is_dir()})
         if len(classes) < 2:
-            raise UserError(f"{root}: found {len(classes)} class folder(s); an image folder needs one subfolder per "
-                            "class, at least two (or data.labeled: false for images without labels)")
+            raise UserError(f"{root}: found {len(classes)} class folder(s); an image folder needs "
+                            "one subfolder per class, at least two (or data.labeled: false for "
+                            "images without labels)")
         files = [(file, label, split) for top, split in tops for label, name in enumerate(classes)
                  for file in (sorted((top / name).iterdir()) if (top / name).is_dir() else [])]
     else:  # every file at any depth; no classes
         classes = []
-        files = [(file, -1, split) for top, split in tops for file in sorted(top.rglob("*")) if file.is_file()]
+        files = [(file, -1, split) for top, split in tops for file in sorted(top.rglob("*"))
+                 if file.is_file()]
     images, labels, given, skipped = [], [], [], []
     for file, label, split in files:
         image, why = _read_image(file, "L" if channels == 1 else "RGB", (width, height))

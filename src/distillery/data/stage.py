@@ -24,28 +24,32 @@ def prepare_data(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     counts = {split: manifest["counts"][split]["total"] for split in data.SPLITS}
     log(f"[data] {manifest['source']}: {counts} images of shape {manifest['image_shape']} -> {out}")
     if not counts["val"]:  # the test split only reports: without a validation split nothing can choose
-        raise UserError("the validation split is empty: every choice (the accuracy floor, the recommended model, "
-                        "cascade thresholds, the search, auto's ladder) is made on it; set data.val_fraction above 0 "
-                        "or give the source's split column (or folders) val rows")
+        raise UserError("the validation split is empty: every choice (the accuracy floor, the recommended "
+                        "model, cascade thresholds, the search, auto's ladder) is made on it; set "
+                        "data.val_fraction above 0 or give the source's split column (or folders) val rows")
     skipped = manifest.get("skipped") or {}
     if skipped.get("count"):
-        log(f"[data] skipped {skipped['count']} file(s) that are not readable images (listed in {out}/manifest.json), "
-            f"e.g. {skipped['files'][0]}")
+        log(f"[data] skipped {skipped['count']} file(s) that are not readable images (listed in "
+            f"{out}/manifest.json), e.g. {skipped['files'][0]}")
     files = [out / shard["path"] for shard in manifest["shards"]] + [out / "manifest.json"]
-    return files, {"counts": counts, "image_shape": manifest["image_shape"], "num_classes": manifest["num_classes"]}
+    return files, {"counts": counts, "image_shape": manifest["image_shape"],
+                   "num_classes": manifest["num_classes"]}
 
 
 def prepare_transfer(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:
     """The transfer set the student is distilled on (`distill.transfer`), as shards of its own."""
     assert cfg.distill.transfer is not None  # the stage runs only when a transfer set is configured
     out = run.root / "transfer"
-    manifest = data.prepare_transfer(cfg.distill.transfer, out, cfg.seed, run.verify_file("data/manifest.json").parent)
+    manifest = data.prepare_transfer(cfg.distill.transfer, out, cfg.seed,
+                                     run.verify_file("data/manifest.json").parent)
     rows = manifest["counts"]["train"]["total"]
     left_out = manifest["left_out_held_out"]
-    log(f"[transfer] {manifest['source']}: {rows} images, {'labeled' if manifest['labeled'] else 'without labels'}"
+    log(f"[transfer] {manifest['source']}: {rows} images, "
+        f"{'labeled' if manifest['labeled'] else 'without labels'}"
         + (f"; {left_out} left out: they are in the run's val/test splits" if left_out else ""))
     files = [out / shard["path"] for shard in manifest["shards"]] + [out / "manifest.json"]
-    return files, {"rows": rows, "labeled": manifest["labeled"], "left_out_held_out": manifest["left_out_held_out"]}
+    return files, {"rows": rows, "labeled": manifest["labeled"],
+                   "left_out_held_out": manifest["left_out_held_out"]}
 
 
 def load_splits(run: RunDir, splits: tuple[str, ...] = data.SPLITS
