@@ -34,11 +34,12 @@ def scenario(base_url: str, served: list, images: Any, steps: list[list[float]],
     rungs = ladder(served)
     top, fastest = rungs[0].name, rungs[-1].name
     body = generator.infer_body(images.reshape(-1).tolist(), list(images.shape))
-    capacity, fastest_capacity = (_capacity(f"{base_url}/v2/models/{m}/infer", body, headers) for m in (top, fastest))
+    capacity, fastest_capacity = (_capacity(f"{base_url}/v2/models/{m}/infer", body, headers)
+                                  for m in (top, fastest))
     schedule = [(d, round(min(f * capacity, PEAK_OF_FASTEST * fastest_capacity), 1)) for d, f in steps]
     log(f"[loadtest] adaptive: {top} answers {capacity:.0f} requests/s of {len(images)} image(s), {fastest} "
-        f"{fastest_capacity:.0f}; {', '.join(f'{d:g} s at {r:g}/s' for d, r in schedule)} to each and to auto "
-        f"(objective {slo_ms:g} ms)")
+        f"{fastest_capacity:.0f}; {', '.join(f'{d:g} s at {r:g}/s' for d, r in schedule)} to each and to "
+        f"auto (objective {slo_ms:g} ms)")
     low = [i for i, (_, f) in enumerate(steps) if f < 1.0]
     low_until = sum(d for d, _ in steps[:low[0] + 1]) if low and low[0] == 0 else 0.0
     runs = {}
@@ -47,8 +48,9 @@ def scenario(base_url: str, served: list, images: Any, steps: list[list[float]],
         generator.run_niced(generator.closed_loop(url, body, 2, 1.0, headers))
         samples = generator.run_niced(generator.open_loop(url, body, schedule, headers))
         runs[model] = judge(samples, slo_ms, top, low_until) | {"model": model}
-    return {"top": top, "fastest": fastest, "ladder": [m.name for m in rungs], "capacity_rps": round(capacity, 1),
-            "fastest_capacity_rps": round(fastest_capacity, 1), "images": len(images), "steps": schedule, "load_factors": [f for _, f in steps], "slo_ms": slo_ms,
+    return {"top": top, "fastest": fastest, "ladder": [m.name for m in rungs],
+            "capacity_rps": round(capacity, 1), "fastest_capacity_rps": round(fastest_capacity, 1),
+            "images": len(images), "steps": schedule, "load_factors": [f for _, f in steps], "slo_ms": slo_ms,
             "runs": runs}
 
 
@@ -90,16 +92,17 @@ def markdown_lines(doc: dict | None) -> list[str]:
     if not doc:
         return []
     lines = ["", f"Adaptive scenario ({doc['images']} image(s) a request; {doc['top']} measured at "
-             f"{doc['capacity_rps']:g} requests/s, {doc['fastest']} at {doc.get('fastest_capacity_rps', '-')}; "
-             f"{', '.join(f'{d:g} s at {r:g}/s' for d, r in doc['steps'])}; "
-             f"objective p99 <= {doc['slo_ms']:g} ms):", "",
+             f"{doc['capacity_rps']:g} requests/s, {doc['fastest']} at "
+             f"{doc.get('fastest_capacity_rps', '-')}; "
+             f"{', '.join(f'{d:g} s at {r:g}/s' for d, r in doc['steps'])}; objective p99 <= "
+             f"{doc['slo_ms']:g} ms):", "",
              "| sent to | p50 ms | p99 ms | errors | seconds with p99 within the objective | answered by | "
              f"first low-load step answered by {doc['top']} |", "|---|---:|---:|---|---:|---|---:|"]
     for r in doc["runs"].values():
         share = "-" if r["low_load_share_top"] is None else f"{r['low_load_share_top']:.0%}"
         by = ", ".join(f"{m} {n}" for m, n in sorted(r["variants"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {r['model']} | {ms_text(r['p50_ms'])} | {ms_text(r['p99_ms'])} | {r['errors'] or '-'} | "
-                     f"{r['seconds_within_slo']:.0%} | {by} | {share} |")
+        lines.append(f"| {r['model']} | {ms_text(r['p50_ms'])} | {ms_text(r['p99_ms'])} | "
+                     f"{r['errors'] or '-'} | {r['seconds_within_slo']:.0%} | {by} | {share} |")
     return lines
 
 

@@ -42,14 +42,16 @@ class Sample:
 
 
 CONNECTION_FAILED, TIMED_OUT = 0, -1  # a request without an HTTP status
-LOST_KINDS = {str(CONNECTION_FAILED): "connection failed", str(TIMED_OUT): "no answer in time (client timeout)",
+LOST_KINDS = {str(CONNECTION_FAILED): "connection failed",
+              str(TIMED_OUT): "no answer in time (client timeout)",
               "408": "server's request timeout", "500": "server error"}
 
 
 def lost_by_kind(errors: dict[str, int]) -> dict[str, int]:
     """{what went wrong: count} for the requests lost, from {status: count} of everything but
     200: a 503 is a request refused under overload (backpressure), not lost."""
-    return {LOST_KINDS.get(code, f"HTTP {code}"): n for code, n in sorted(errors.items()) if code != "503" and n}
+    return {LOST_KINDS.get(code, f"HTTP {code}"): n for code, n in sorted(errors.items())
+            if code != "503" and n}
 
 
 def infer_body(x: list[float], shape: list[int], **parameters: Any) -> bytes:

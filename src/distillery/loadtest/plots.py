@@ -17,7 +17,8 @@ def plot(doc: dict) -> bytes:
     for model in dict.fromkeys(r["model"] for r in doc["sweeps"]):
         rows = [r for r in doc["sweeps"] if r["model"] == model]
         ax_tp.plot([r["concurrency"] for r in rows], [r["throughput"] for r in rows], marker="o", label=model)
-        ax_p99.plot([r["concurrency"] for r in rows], [r["p99_ms"] or 0 for r in rows], marker="o", label=model)
+        ax_p99.plot([r["concurrency"] for r in rows], [r["p99_ms"] or 0 for r in rows], marker="o",
+                    label=model)
     for ax, label in ((ax_tp, "requests/s"), (ax_p99, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency (closed loop)")
@@ -30,8 +31,8 @@ def plot(doc: dict) -> bytes:
         ax_time.plot([r["second"] for r in rows], [r["throughput"] for r in rows], label="answered/s")
         ax_time.plot([r["second"] for r in rows], [r["p99_ms"] or 0 for r in rows], label="p99 ms")
         twin = ax_time.twinx()
-        twin.step([t for t, _ in s["replicas"]], [n or 0 for _, n in s["replicas"]], color="black", where="post",
-                  label="replicas")
+        twin.step([t for t, _ in s["replicas"]], [n or 0 for _, n in s["replicas"]], color="black",
+                  where="post", label="replicas")
         twin.set_ylabel("replicas")
         ax_time.set_xlabel("time (s)")
         ax_time.set_title(f"autoscaling ramp: {s['model']}", fontsize=9)
@@ -52,7 +53,8 @@ def _plot_frontier(ax, frontier: list[dict] | None) -> None:
     ax.scatter([f["sustained_rps"] for f in frontier], acc, label="served (p99 within target)", marker="o")
     ax.scatter([1e3 / f["model_p50_ms"] for f in frontier], acc, label="model alone, batch 1", marker="x")
     for f, a in zip(frontier, acc):
-        ax.annotate(f["model"], (f["sustained_rps"], a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(f["model"], (f["sustained_rps"], a), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("requests/s (log)")
     ax.set_ylabel("test accuracy (%)")

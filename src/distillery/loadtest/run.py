@@ -67,9 +67,11 @@ def ramp(base_url: str, model: str, body: bytes, steps: Steps, headers: dict | N
     """Open loop through `steps` (requests/s up, then down) while sampling replicas: when the
     deployment scaled up, p99 before/during/after, and what was lost."""
     url = f"{base_url}/v2/models/{model}/infer"
-    samples, replicas, cpu = generator.run_niced(_with(generator.open_loop(url, body, steps, headers or {}), model))
-    return {"model": model, "steps": steps, **scaling_summary(samples, replicas), "generator_cpu": round(cpu, 3),
-            "per_second": generator.per_second(samples), "replicas": replicas, "samples": samples}
+    samples, replicas, cpu = generator.run_niced(_with(generator.open_loop(url, body, steps, headers or {}),
+                                                       model))
+    return {"model": model, "steps": steps, **scaling_summary(samples, replicas),
+            "generator_cpu": round(cpu, 3), "per_second": generator.per_second(samples), "replicas": replicas,
+            "samples": samples}
 
 
 def calibrated_ramp(base_url: str, images: Any, model: str, lcfg: LoadTestConfig, headers: dict,
@@ -97,7 +99,8 @@ async def _with(run, model: str):
     return await generator.with_replicas(run, replica_counter(model, deployment), every_s=1.0)
 
 
-def scaling_summary(samples: list[generator.Sample], replicas: list[tuple[float, int | None]]) -> dict[str, Any]:
+def scaling_summary(samples: list[generator.Sample],
+                    replicas: list[tuple[float, int | None]]) -> dict[str, Any]:
     """First scale-up time, peak replicas, p99 before / while / after more than the initial
     replicas ran, and requests lost (anything but 200 and a counted 503)."""
     counts = [(t, n) for t, n in replicas if n is not None]
@@ -107,7 +110,8 @@ def scaling_summary(samples: list[generator.Sample], replicas: list[tuple[float,
                  if start is not None and up is not None and t > up and n <= start), None)
 
     def p99(lo: float, hi: float) -> float | None:
-        return generator.percentile([s.latency_ms for s in samples if s.status == 200 and lo <= s.scheduled < hi], 99)
+        return generator.percentile([s.latency_ms for s in samples
+                                     if s.status == 200 and lo <= s.scheduled < hi], 99)
 
     end = max((s.scheduled for s in samples), default=0.0) + 1
     return {"initial_replicas": start, "peak_replicas": max((n for _, n in counts), default=None),
@@ -117,9 +121,11 @@ def scaling_summary(samples: list[generator.Sample], replicas: list[tuple[float,
             "p99_after_ms": p99(down, end) if down is not None else None,
             "requests": len(samples), "ok": sum(s.status == 200 for s in samples),
             "rejected_503": sum(s.status == 503 for s in samples),
-            "rejected_503_once_scaled": sum(s.status == 503 and up is not None and s.sent >= up for s in samples),
+            "rejected_503_once_scaled": sum(s.status == 503 and up is not None and s.sent >= up
+                                            for s in samples),
             "lost": sum(s.status not in (200, 503) for s in samples),
-            "lost_by_kind": generator.lost_by_kind(dict(Counter(str(s.status) for s in samples if s.status != 200)))}
+            "lost_by_kind": generator.lost_by_kind(dict(Counter(str(s.status) for s in samples
+                                                                if s.status != 200)))}
 
 
 def held_out_images(location: str | Path, split: str = "test") -> tuple[Any, Any]:
@@ -135,7 +141,8 @@ def images_to_send(location: str | Path, count: int) -> Any:
     test tunes settings (a choice), so it never sends the test split, labels or not."""
     x, _ = held_out_images(location, "val")
     if not len(x):  # a run the data stage refuses today; one made before may have none
-        raise UserError(f"{location}: its validation split is empty, and the load test sends validation images")
+        raise UserError(f"{location}: its validation split is empty, and the load test sends "
+                        "validation images")
     return x.repeat(-(-count // len(x)), 1, 1, 1)[:count]
 
 
@@ -160,14 +167,16 @@ def run_loadtest(base_url: str, run_dir: str | Path, lcfg: LoadTestConfig, heade
             scaling = calibrated_ramp(base_url, images, model, lcfg, headers, log)
             advance(phases["ramp"], note="autoscaling ramp")
         for model in models if lcfg.concurrency else []:
-            log(f"[loadtest] {model}: closed loop at concurrency {lcfg.concurrency}, {lcfg.duration_s:g} s each")
+            log(f"[loadtest] {model}: closed loop at concurrency {lcfg.concurrency}, "
+                f"{lcfg.duration_s:g} s each")
             sweeps += sweep(base_url, model, body, lcfg.concurrency, lcfg.duration_s, headers)
             advance(phases["sweeps"] / len(models), note=f"{model} swept")
         extra: dict[str, Any] = {"frontier": serving_frontier(sweeps, served, lcfg.p99_target_ms),
                                  "overhead": in_process_rates(served, x, lcfg.duration_s)} if sweeps else {}
         if lcfg.adaptive and "auto" in models:
-            extra["adaptive"] = auto_scenario.scenario(base_url, served, images[:lcfg.ramp_images], lcfg.adaptive,
-                                                  slo_ms or lcfg.p99_target_ms, headers, log)
+            extra["adaptive"] = auto_scenario.scenario(base_url, served, images[:lcfg.ramp_images],
+                                                       lcfg.adaptive, slo_ms or lcfg.p99_target_ms, headers,
+                                                       log)
     if tuning is not None:
         extra["tuning"] = tuning(body, max(lcfg.concurrency or [32]))
     extra["ingress"] = served_ingress(base_url, headers)
@@ -193,7 +202,8 @@ def served_names(base_url: str, headers: dict) -> list[str]:
 
 def planned_seconds(lcfg: LoadTestConfig, models: list[str]) -> dict[str, float]:
     """Seconds of load each phase sends (probes and warm-ups included), for the progress shown."""
-    adaptive_s = 2 * 3.0 + 3 * (1.0 + sum(d for d, _ in lcfg.adaptive)) if lcfg.adaptive and "auto" in models else 0.0
+    adaptive_s = (2 * 3.0 + 3 * (1.0 + sum(d for d, _ in lcfg.adaptive))
+                  if lcfg.adaptive and "auto" in models else 0.0)
     return {"ramp": 3.0 + sum(d for d, _ in lcfg.ramp) if lcfg.ramp else 0.0,
             "sweeps": len(models) * len(lcfg.concurrency) * lcfg.duration_s, "adaptive": adaptive_s}
 
@@ -209,16 +219,20 @@ def summary(report_json: Path) -> dict[str, Any]:
     for r in doc["sweeps"]:
         errors.update(r["errors"])
     lost = Counter(generator.lost_by_kind(dict(errors))) + Counter(s.get("lost_by_kind") or {})
-    return {"peak_requests_per_s": best, "requests": sum(r["requests"] for r in doc["sweeps"]) + s.get("requests", 0),
+    return {"peak_requests_per_s": best,
+            "requests": sum(r["requests"] for r in doc["sweeps"]) + s.get("requests", 0),
             "rejected_503": errors["503"] + s.get("rejected_503", 0),
-            "lost": sum(n for code, n in errors.items() if code != "503") + s.get("lost", 0), "lost_by_kind": dict(lost),
-            **{k: s.get(k) for k in ("initial_replicas", "peak_replicas", "scaled_up_at_s", "scaled_down_at_s")}}
+            "lost": sum(n for code, n in errors.items() if code != "503") + s.get("lost", 0),
+            "lost_by_kind": dict(lost),
+            **{k: s.get(k) for k in ("initial_replicas", "peak_replicas", "scaled_up_at_s",
+                                     "scaled_down_at_s")}}
 
 
 def summary_line(report_json: Path) -> str:
     """The load test in one console line: requests, refused, lost, replicas, the report."""
     s = summary(report_json)
-    ramp = f"; replicas {s['initial_replicas']} -> {s['peak_replicas']} in the ramp" if s["peak_replicas"] else ""
+    ramp = (f"; replicas {s['initial_replicas']} -> {s['peak_replicas']} in the ramp"
+            if s["peak_replicas"] else "")
     return (f"[loadtest] {s['requests']:,} requests: {s['rejected_503']:,} refused under overload (503), "
             f"{s['lost']:,} lost{lost_text(s['lost_by_kind'])}{ramp} -> {report_json.parent / 'loadtest.md'}")
 
@@ -251,14 +265,15 @@ def serving_frontier(sweeps: list[dict], served: list, p99_target_ms: float) -> 
     out = []
     for m in served:
         best = sustained([r for r in sweeps if r["model"] == m.name], p99_target_ms)
-        out.append({"model": m.name, "test_accuracy": m.test_accuracy, "mode": m.mode, "model_p50_ms": m.p50_ms,
-                    "sustained_rps": best["throughput"] if best else 0.0,
+        out.append({"model": m.name, "test_accuracy": m.test_accuracy, "mode": m.mode,
+                    "model_p50_ms": m.p50_ms, "sustained_rps": best["throughput"] if best else 0.0,
                     "at_concurrency": best["concurrency"] if best else None, "p99_target_ms": p99_target_ms})
     return out
 
 
-def tune(base_url: str, run_dir: str, model: str, body: bytes, cfg, api_key: str | None, grid: list[tuple[int, float]],
-         concurrency: int, seconds: float, p99_target_ms: float, headers: dict, settle_s: float = 5.0) -> dict[str, Any]:
+def tune(base_url: str, run_dir: str, model: str, body: bytes, cfg, api_key: str | None,
+         grid: list[tuple[int, float]], concurrency: int, seconds: float, p99_target_ms: float, headers: dict,
+         settle_s: float = 5.0) -> dict[str, Any]:
     """Redeploy `model` on one replica with each (max_batch_size, batch_wait_timeout_s) of
     `grid`, load it at `concurrency`, keep the setting with the most requests/s within the
     p99 target; `target_ongoing_requests` becomes the highest concurrency whose p99 stayed within
@@ -280,13 +295,16 @@ def tune(base_url: str, run_dir: str, model: str, body: bytes, cfg, api_key: str
         row = sweep(base_url, model, body, [concurrency], seconds, headers)[0]
         trials.append({"max_batch_size": batch, "batch_wait_timeout_s": wait, "throughput": row["throughput"],
                        "p99_ms": row["p99_ms"], "errors": row["errors"]})
-    within = [t for t in trials if t["p99_ms"] is not None and t["p99_ms"] <= p99_target_ms and not t["errors"]]
-    best = max(within, key=lambda t: t["throughput"]) if within else min(trials, key=lambda t: t["p99_ms"] or 1e9)
+    within = [t for t in trials
+              if t["p99_ms"] is not None and t["p99_ms"] <= p99_target_ms and not t["errors"]]
+    best = (max(within, key=lambda t: t["throughput"]) if within
+            else min(trials, key=lambda t: t["p99_ms"] or 1e9))
     deploy(max_batch_size=best["max_batch_size"], batch_wait_timeout_s=best["batch_wait_timeout_s"],
            min_replicas=1, max_replicas=1)
     levels = sorted({1, 2, 4, 8, 16, concurrency})
     curve = sweep(base_url, model, body, levels, seconds, headers)
-    within_curve = [r["concurrency"] for r in curve if r["p99_ms"] is not None and r["p99_ms"] <= p99_target_ms]
+    within_curve = [r["concurrency"] for r in curve
+                    if r["p99_ms"] is not None and r["p99_ms"] <= p99_target_ms]
     target = max(within_curve, default=1)  # scale out before a replica's p99 leaves the target
     chosen = {"max_batch_size": best["max_batch_size"], "batch_wait_timeout_s": best["batch_wait_timeout_s"],
               "target_ongoing_requests": float(target)}

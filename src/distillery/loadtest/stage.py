@@ -21,7 +21,7 @@ def serve_models(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
 
     config = write_serve_config(run.location, cfg, run.root / "serve" / "config.yaml")
     url, headers = deploy_run(run.location, cfg, log, run.root / "serve")
-    files = run_loadtest(url.removesuffix("/v2"), run.root, cfg.loadtest, headers, run.root / "serve" / "loadtest",
-                         console.detail, slo_ms=cfg.serve.auto_slo_ms)
+    files = run_loadtest(url.removesuffix("/v2"), run.root, cfg.loadtest, headers,
+                         run.root / "serve" / "loadtest", console.detail, slo_ms=cfg.serve.auto_slo_ms)
     log(summary_line(files[0]))
     return [config, *files], {"url": url, **summary(files[0])}
