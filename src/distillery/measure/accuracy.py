@@ -8,7 +8,8 @@ from typing import Any
 from distillery.roles import TRAINED
 
 
-def distillation_gain(models: dict[str, dict[str, Any]], correct: dict[str, Any] | None = None) -> dict[str, Any]:
+def distillation_gain(models: dict[str, dict[str, Any]],
+                      correct: dict[str, Any] | None = None) -> dict[str, Any]:
     """Test-accuracy gain of the distilled student over the same student trained alone, and
     the share of the teacher-student gap it closed (None when there is no gap to close). With
     `correct` ({model: per-test-image bool tensor}) also the gain's 95% interval, paired on
@@ -16,10 +17,12 @@ def distillation_gain(models: dict[str, dict[str, Any]], correct: dict[str, Any]
     alone wrong (`better`) or the reverse (`worse`)."""
     teacher, alone, distilled = (models[m]["test_accuracy"] for m in TRAINED)
     gap = teacher - alone
-    gain = {"gain": distilled - alone, "gap": gap, "gap_closed": (distilled - alone) / gap if gap > 0 else None}
+    gain = {"gain": distilled - alone, "gap": gap,
+            "gap_closed": (distilled - alone) / gap if gap > 0 else None}
     if correct is not None:
         p = paired(correct["student"], correct["student_scratch"])
-        gain.update(better=p["better"], worse=p["worse"], test_images=p["images"], gain_interval=p["interval"])
+        gain.update(better=p["better"], worse=p["worse"], test_images=p["images"],
+                    gain_interval=p["interval"])
     return gain
 
 
@@ -55,15 +58,16 @@ def within_noise(a: float, b: float, n: int | None, z: float = 1.96) -> bool:
 
 
 def results_table(results: dict[str, Any]) -> str:
-    rows = ["| model | params | MACs | weights (KiB) | val acc | test acc |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| model | params | MACs | weights (KiB) | val acc | test acc |",
+            "|---|---:|---:|---:|---:|---:|"]
     for name, r in results["models"].items():
         rows.append(f"| {name} | {r['params']:,} | {r['macs']:,} | {r['weights_bytes'] / 1024:,.1f} "
                     f"| {r['val_accuracy']:.2%} | {r['test_accuracy']:.2%} |")
     kd = results["distillation"]
-    closed = f"{kd['gap_closed']:.0%} of the {kd['gap']:.2%} teacher-student gap" if kd["gap_closed"] is not None \
-        else "no teacher-student gap to close"
-    rows.append(f"\nDistillation: student {kd['gain']:+.2%} test accuracy over training alone ({closed}){_noise(kd)}; "
-                "one seed.")
+    closed = f"{kd['gap_closed']:.0%} of the {kd['gap']:.2%} teacher-student gap" \
+        if kd["gap_closed"] is not None else "no teacher-student gap to close"
+    rows.append(f"\nDistillation: student {kd['gain']:+.2%} test accuracy over training alone "
+                f"({closed}){_noise(kd)}; one seed.")
     return "\n".join(rows) + "\n"
 
 
@@ -91,4 +95,5 @@ def _noise(kd: dict[str, Any]) -> str:
         return ""
     lo, hi = kd["gain_interval"]
     return (f"; 95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points, right where the student alone was wrong on "
-            f"{kd['better']} and the reverse on {kd['worse']} of {kd['test_images']} test images: {verdict(lo, hi)}")
+            f"{kd['better']} and the reverse on {kd['worse']} of {kd['test_images']} test images: "
+            f"{verdict(lo, hi)}")

@@ -101,17 +101,19 @@ def recommend(records: Sequence[dict], floor: float, margin: float = 0.0) -> dic
     when nothing meets the floor."""
     records = choice_view(records)
     validate(records, CHOICE_KEYS)
-    candidates = [r for r in records if r["val_accuracy"] >= floor and not r["not_faster"] and r.get("servable", True)]
+    candidates = [r for r in records
+                  if r["val_accuracy"] >= floor and not r["not_faster"] and r.get("servable", True)]
     if not candidates:
         return None
     fastest = min(candidates, key=lambda r: r["p50_ms"])
     tied = [r for r in candidates if r["p50_ms"] <= fastest["p50_ms"] * (1 + margin) or
             (margin and same_computation(r, fastest))]
-    best = min(tied, key=lambda r: (-r["val_accuracy"] if margin else 0, r["p50_ms"], -r["throughput"], r["size_bytes"]))
+    best = min(tied, key=lambda r: (-r["val_accuracy"] if margin else 0, r["p50_ms"], -r["throughput"],
+                                    r["size_bytes"]))
     lead = "the fastest" if len(tied) == 1 else \
         f"the most accurate of the {len(tied)} equally fast (within {margin:.0%}, or the same network)"
-    reason = (f"{best['name']} is {lead} of {len(candidates)} variant(s) with validation accuracy >= {floor:.2%}: "
-              f"p50 {best['p50_ms']:.3f} ms (p99 {best['p99_ms']:.3f} ms) at batch 1, "
+    reason = (f"{best['name']} is {lead} of {len(candidates)} variant(s) with validation accuracy >= "
+              f"{floor:.2%}: p50 {best['p50_ms']:.3f} ms (p99 {best['p99_ms']:.3f} ms) at batch 1, "
               f"{best['throughput']:,.0f} img/s, validation accuracy {best['val_accuracy']:.2%}, "
               f"{best['size_bytes'] / 1024:.1f} KiB, run {best['best_mode']}.{_ties(best, candidates)} "
               "Chosen on validation.")
@@ -123,11 +125,12 @@ def _ties(best: dict, candidates: Sequence[dict]) -> str:
     """' Its validation accuracy ties with ...': the candidates whose validation accuracy is not
     distinguishable from the recommended one's, so that accuracy alone does not rank them."""
     n = best.get("val_images")
-    ties = [r["name"] for r in candidates if r is not best and within_noise(r["val_accuracy"], best["val_accuracy"], n)]
+    ties = [r["name"] for r in candidates
+            if r is not best and within_noise(r["val_accuracy"], best["val_accuracy"], n)]
     if not ties or not n:
         return ""
-    return (f" Its validation accuracy ties with that of {', '.join(ties)}: within the 95% noise of {n} validation "
-            f"images (one image is {100 / n:.2f} points).")
+    return (f" Its validation accuracy ties with that of {', '.join(ties)}: within the 95% noise of {n} "
+            f"validation images (one image is {100 / n:.2f} points).")
 
 
 def write_frontier(out_dir: Path, records: list[dict], *, floor: float, machine: dict,
@@ -144,8 +147,9 @@ def write_frontier(out_dir: Path, records: list[dict], *, floor: float, machine:
     out_dir = Path(out_dir)
     front, rec = pareto_front(records), recommend(records, floor, margin)
     paths = [out_dir / f"frontier.{ext}" for ext in ("json", "csv", "md", "png")]
-    atomic_write_json(paths[0], {"machine": machine, "settings": settings, "chosen_on": "validation", "floor": floor,
-                                 "recommended": rec, "pareto": front, "variants": records, "refused": list(refused)})
+    atomic_write_json(paths[0], {"machine": machine, "settings": settings, "chosen_on": "validation",
+                                 "floor": floor, "recommended": rec, "pareto": front, "variants": records,
+                                 "refused": list(refused)})
     atomic_write_bytes(paths[1], _csv(records, front).encode())
     atomic_write_bytes(paths[2], _markdown(records, front, rec, floor, machine, settings, refused).encode())
     atomic_write_bytes(paths[3], plot_png(records, front, rec, floor))
@@ -161,17 +165,19 @@ def _csv(records: Sequence[dict], front: list[str]) -> str:
     return buf.getvalue()
 
 
-_MD_HEADER = ("name", "recipe", "val acc", "test acc (95% CI)", "params", "MACs", "size KiB", "served mode", "p50 ms", "p99 ms",
-              "img/s", "% of peak", "on front", "note")
+_MD_HEADER = ("name", "recipe", "val acc", "test acc (95% CI)", "params", "MACs", "size KiB", "served mode",
+              "p50 ms", "p99 ms", "img/s", "% of peak", "on front", "note")
 _COMPILED = "compiled p50 ms (not served)"  # a column only when `compress.bench.modes` asked for compile
 
 
 def _md_row(r: dict, on_front: bool) -> list[str]:
-    slower = f"not faster than {r['compared_with']}" if r.get("compared_with") else "not faster than its parent"
-    note = "; ".join(n for n, on in ((slower, r["not_faster"]), ("no servable mode ran", not r.get("servable", True)),
+    slower = (f"not faster than {r['compared_with']}" if r.get("compared_with")
+              else "not faster than its parent")
+    note = "; ".join(n for n, on in ((slower, r["not_faster"]),
+                                     ("no servable mode ran", not r.get("servable", True)),
                                      (paired_note(r.get("test_paired")), bool(r.get("test_paired")))) if on)
-    return [r["name"], r["recipe"], f"{r['val_accuracy']:.2%}", with_interval(r["test_accuracy"], r.get("test_images")),
-            f"{r['params']:,}", f"{r['macs']:,}",
+    return [r["name"], r["recipe"], f"{r['val_accuracy']:.2%}",
+            with_interval(r["test_accuracy"], r.get("test_images")), f"{r['params']:,}", f"{r['macs']:,}",
             f"{r['size_bytes'] / 1024:.1f}", r["best_mode"], f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
             f"{r['throughput']:,.0f}", f"{r['peak_fraction']:.1%}", "yes" if on_front else "", note]
 
@@ -198,7 +204,8 @@ def _markdown(records: Sequence[dict], front: list[str], rec: dict | None, floor
     verdict = f"**Recommended** ({rec['name']}): {rec['reason']}" if rec else \
         f"**No variant** reaches the validation accuracy floor of {floor:.2%}."
     not_built = [f"- {md_cell(r['name'])} ({md_cell(r['recipe'])}): {md_cell(r['reason'])}" for r in refused]
-    return "\n".join([*lines, "", _splits_line(records), *_cascade_lines(records), *(["", "Refused (not built):", "", *not_built] if not_built else []),
+    return "\n".join([*lines, "", _splits_line(records), *_cascade_lines(records),
+                      *(["", "Refused (not built):", "", *not_built] if not_built else []),
                       "", verdict, "", _evidence_line(machine, settings), ""])
 
 
@@ -207,13 +214,14 @@ def _splits_line(records: Sequence[dict]) -> str:
     counts = {split: next((r[f"{split}_images"] for r in records if r.get(f"{split}_images")), None)
               for split in ("val", "test")}
     worth = ", ".join(f"{n} {split} images (one is {100 / n:.2f} points)" for split, n in counts.items() if n)
-    return (f"Every choice here (the Pareto front, the floor, the recommendation, cascade thresholds) was made on "
-            f"the validation split; the test split only reports{f': {worth}' if worth else ''}. Differences "
-            "inside a 95% interval are ties.")
+    return ("Every choice here (the Pareto front, the floor, the recommendation, cascade thresholds) was "
+            f"made on the validation split; the test split only reports{f': {worth}' if worth else ''}. "
+            "Differences inside a 95% interval are ties.")
 
 
 def paired_note(paired: dict | None) -> str:
-    """'vs student on the same 360 test images: -0.3 points (95% CI -1.2 to +0.7; ...), a tie within the noise'."""
+    """'vs student on the same 360 test images: -0.3 points (95% CI -1.2 to +0.7; ...), a tie within
+    the noise'."""
     if not paired:
         return ""
     if not paired["better"] and not paired["worse"]:
@@ -235,23 +243,27 @@ def _cascade_lines(records: Sequence[dict]) -> list[str]:
         large = by_name.get(step["to"], {})
         lines.append(f"- {r['name']}: {r['parent']} answers when its {step['confidence']} is >= "
                      f"{step['threshold']:.4f}, else {step['to']}; chosen on the validation split to reach "
-                     f"{step['target_accuracy']:.2%} ({step['val_accuracy']:.2%} with {step['val_escalation']:.1%} "
-                     f"escalated{'' if step['val_reached'] else ', target not reached'}); on the test images it "
-                     f"escalated {r['test_escalation']:.1%}: {r['test_accuracy']:.2%} against "
+                     f"{step['target_accuracy']:.2%} ({step['val_accuracy']:.2%} with "
+                     f"{step['val_escalation']:.1%} "
+                     f"escalated{'' if step['val_reached'] else ', target not reached'}); on the test images "
+                     f"it escalated {r['test_escalation']:.1%}: {r['test_accuracy']:.2%} against "
                      f"{large.get('test_accuracy', float('nan')):.2%} for {step['to']} alone; batch-1 mean "
-                     f"{r.get('mean_ms', float('nan')):.3f} ms against {large.get('mean_ms', float('nan')):.3f} ms "
-                     "(MACs in the table: the average per validation image).")
+                     f"{r.get('mean_ms', float('nan')):.3f} ms against "
+                     f"{large.get('mean_ms', float('nan')):.3f} ms (MACs in the table: the average per "
+                     "validation image).")
     return ["", "Cascades:", "", *lines] if lines else []
 
 
 def _evidence_line(machine: dict, settings: dict) -> str:
     m, s = machine, settings
+    compiled = ("; compiled graphs are timed for comparison, not served"
+                if "compile" in s.get("modes", []) else "")
     return (f"Measured on {m.get('cpu', 'an unknown CPU')} ({m.get('logical_cores', '?')} logical cores, "
             f"torch {m.get('torch', '?')}) with {s.get('threads', '?')} thread(s): p50/p99 over "
-            f"{s.get('latency_runs', '?')} batch-1 runs after {s.get('warmup', '?')} warm-up runs, throughput "
-            f"at batch {s.get('throughput_batch', '?')} (median of {s.get('throughput_runs', '?')} runs); "
-            f"each variant in its fastest mode that a Serve replica runs (eager or channels_last"
-            f"{'; compiled graphs are timed for comparison, not served' if 'compile' in s.get('modes', []) else ''}).")
+            f"{s.get('latency_runs', '?')} batch-1 runs after {s.get('warmup', '?')} warm-up runs, "
+            f"throughput at batch {s.get('throughput_batch', '?')} (median of "
+            f"{s.get('throughput_runs', '?')} runs); each variant in its fastest mode that a Serve replica "
+            f"runs (eager or channels_last{compiled}).")
 
 
 def plot_png(records: Sequence[dict], front: list[str], rec: dict | None, floor: float | None, *,
@@ -264,7 +276,8 @@ def plot_png(records: Sequence[dict], front: list[str], rec: dict | None, floor:
     _plot_points(ax, records)
     _plot_front(ax, records, front)
     if floor is not None:
-        ax.axhline(floor * 100, color="grey", linestyle=":", linewidth=1, label=f"validation accuracy floor {floor:.1%}")
+        ax.axhline(floor * 100, color="grey", linestyle=":", linewidth=1,
+                   label=f"validation accuracy floor {floor:.1%}")
     if max_ms is not None:
         ax.axvline(max_ms, color="red", linestyle="--", linewidth=1, label=f"latency budget {max_ms:.3g} ms")
     if rec:
@@ -333,8 +346,9 @@ def _label(ax, records: Sequence[dict], fontsize: float = 7) -> None:
                   for bx, by, bw, bh in placed):
             dy += height
         placed.append((x + 5, y + dy, width, height))
-        ax.annotate(r["name"], (r["p50_ms"], r["test_accuracy"] * 100), xytext=(5, dy), textcoords="offset points",
-                    fontsize=fontsize, arrowprops={"arrowstyle": "-", "lw": 0.4, "alpha": 0.5} if dy > 4 else None)
+        ax.annotate(r["name"], (r["p50_ms"], r["test_accuracy"] * 100), xytext=(5, dy),
+                    textcoords="offset points", fontsize=fontsize,
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "alpha": 0.5} if dy > 4 else None)
 
 
 def _plot_front(ax, records: Sequence[dict], front: list[str]) -> None:
@@ -343,4 +357,5 @@ def _plot_front(ax, records: Sequence[dict], front: list[str]) -> None:
     by_name = {r["name"]: r for r in records}
     xs = [by_name[n]["p50_ms"] for n in front]
     ys = [by_name[n]["test_accuracy"] * 100 for n in front]
-    ax.plot(xs, ys, color="black", linewidth=1, linestyle="--", label="Pareto front (chosen on validation)", zorder=2)
+    ax.plot(xs, ys, color="black", linewidth=1, linestyle="--", label="Pareto front (chosen on validation)",
+            zorder=2)

@@ -44,14 +44,16 @@ class BenchSettings:
     throughput_runs: int = 10
     """Timed runs at `throughput_batch`; throughput = batch / median seconds."""
     throughput_warmup: int = 2
-    """Untimed runs at `throughput_batch` (at least 1): a big batch is warm after one or two, and each costs a lot."""
+    """Untimed runs at `throughput_batch` (at least 1): a big batch is warm after one or two, and each
+    costs a lot."""
     peak_gflops_per_core: float = 250.0
     """Stated fp32 peak of this machine (PLATFORM.md: ~500 GFLOP/s on 2 cores)."""
     peak_int8_gops_per_core: float = 1000.0
     """Stated int8 VNNI peak (~2 TOP/s on 2 cores)."""
 
     def __post_init__(self) -> None:
-        for name in ("threads", "latency_runs", "warmup", "throughput_batch", "throughput_runs", "throughput_warmup"):
+        for name in ("threads", "latency_runs", "warmup", "throughput_batch", "throughput_runs",
+                     "throughput_warmup"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BenchSettings.{name} must be >= 1, got {getattr(self, name)}")
         if self.latency_runs < 2:
@@ -198,7 +200,8 @@ def _summarize(results: dict[str, dict], settings: BenchSettings) -> dict:
         errors = "; ".join(f"{mode}: {r['error']}" for mode, r in results.items())
         raise ValueError(f"every mode failed to run: {errors or 'no modes given'}")
     best, servable = best_mode(ok)
-    runs = {"warmup": settings.warmup, "latency": settings.latency_runs, "throughput": settings.throughput_runs}
+    runs = {"warmup": settings.warmup, "latency": settings.latency_runs,
+            "throughput": settings.throughput_runs}
     return {"threads": settings.threads, "batch": settings.throughput_batch, "runs": runs,
             "modes": results, "best_mode": best, "servable": servable, **ok[best]}
 
