@@ -26,14 +26,16 @@ from distillery.models import cnn, resnet, standard
 class Architecture(NamedTuple):
     spec: type[BaseModel]  # the spec's schema, with `kind` as its literal tag
     build: Callable[[Any], nn.Module]  # parsed spec -> untrained model
-    make_spec: Callable[[Any, dict[str, Any]], dict[str, Any]]  # (config, {kind, in_shape, num_classes}) -> spec
+    # (config, {kind, in_shape, num_classes}) -> spec
+    make_spec: Callable[[Any, dict[str, Any]], dict[str, Any]]
     layers: Callable[[Any], list[tuple[str, nn.Module]]]  # (name prefix, module) whose composition is forward
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "resnet": Architecture(resnet.ResNetSpec, resnet.ResNet, resnet.make_spec, resnet.layers),
     "cnn": Architecture(cnn.CNNSpec, cnn.SmallCNN, cnn.make_spec, cnn.layers),
-    "torchvision": Architecture(standard.TorchvisionSpec, standard.build, standard.make_spec, standard.layers),
+    "torchvision": Architecture(standard.TorchvisionSpec, standard.build, standard.make_spec,
+                                standard.layers),
 }
 
 

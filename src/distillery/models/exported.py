@@ -26,8 +26,8 @@ from torch import nn
 from distillery.errors import UserError
 
 # What a plain program's archive holds, under its top-level folder.
-_PLAIN = re.compile(r"(archive_format|archive_version|byteorder|version|\.data/version|\.data/serialization_id"
-                    r"|models/\w+\.json|extra/.+|data/sample_inputs/\w+\.pt"
+_PLAIN = re.compile(r"(archive_format|archive_version|byteorder|version|\.data/version"
+                    r"|\.data/serialization_id|models/\w+\.json|extra/.+|data/sample_inputs/\w+\.pt"
                     r"|data/weights/\w+_weights_config\.json|data/weights/weight_\d+"
                     r"|data/constants/\w+_constants_config\.json|data/constants/tensor_\d+)")
 
@@ -68,9 +68,10 @@ def check_archive(path: Path) -> None:
             for name in names:
                 inner = name.split("/", 1)[1] if "/" in name else name
                 if not _PLAIN.fullmatch(inner):
-                    raise UserError(f"{path}: {name} is not part of a plain torch.export program (pickled objects, "
-                                    "tensor subclasses and compiled packages are refused); export the float model "
-                                    "with torch.export.export and save it with torch.export.save")
+                    raise UserError(f"{path}: {name} is not part of a plain torch.export program (pickled "
+                                    "objects, tensor subclasses and compiled packages are refused); export "
+                                    "the float model with torch.export.export and save it with "
+                                    "torch.export.save")
                 if inner.endswith("_config.json"):
                     _check_payloads(path, name, json.loads(archive.read(name)))
                 elif inner.startswith("data/sample_inputs/"):
@@ -81,7 +82,8 @@ def check_archive(path: Path) -> None:
 
 def _check_payloads(path: Path, name: str, config: dict) -> None:
     for fqn, payload in (config.get("config") or {}).items():
-        if payload.get("use_pickle") or not re.fullmatch(r"(weight|tensor)_\d+", str(payload.get("path_name"))):
+        if payload.get("use_pickle") \
+                or not re.fullmatch(r"(weight|tensor)_\d+", str(payload.get("path_name"))):
             raise UserError(f"{path}: {name}: {fqn} is stored pickled; only plain tensors are loaded")
 
 

@@ -24,8 +24,10 @@ from typing import Any, Protocol, cast
 # Neither is actionable here, and both would print in every Ray worker.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 logging.getLogger("torchao").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch's, on deepcopy of an export
-warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)  # inductor int8 lowering
+# torch's, on deepcopy of an export
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+# inductor int8 lowering
+warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
 
 import torch  # noqa: E402 (after the filters above: torchao warns on import)
 from torch import nn  # noqa: E402
@@ -50,7 +52,8 @@ def torchao_config(step) -> Any:
     """The torchao config of an `int8_dynamic` or `weight_only` step."""
     if step.kind == "int8_dynamic":
         return Int8DynamicActivationInt8WeightConfig()
-    return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{step.bits}"), granularity=PerGroup(step.group_size))
+    return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{step.bits}"),
+                                granularity=PerGroup(step.group_size))
 
 
 def check_weight_only(model: nn.Module, step: WeightOnly) -> None:
@@ -124,7 +127,8 @@ def record_qparams(prepared: GraphModule) -> QParams:
     for name, obs in observers(prepared).items():
         scale, zero_point = obs.calculate_qparams()
         out[name] = {"scale": scale.detach().clone().float(), "zero_point": zero_point.detach().clone().int(),
-                     "dtype": str(obs.dtype).removeprefix("torch."), "qscheme": str(obs.qscheme).removeprefix("torch."),
+                     "dtype": str(obs.dtype).removeprefix("torch."),
+                     "qscheme": str(obs.qscheme).removeprefix("torch."),
                      "quant_min": int(obs.quant_min), "quant_max": int(obs.quant_max),
                      "ch_axis": int(getattr(obs, "ch_axis", -1))}
     return out
@@ -151,8 +155,8 @@ def freeze(prepared: GraphModule, qparams: QParams) -> GraphModule:
     """Swap every observer for its recorded parameters; refuse a graph that does not match."""
     names = set(observers(prepared))
     if names != set(qparams):
-        raise UserError(f"recorded quantization parameters do not match this model's graph "
-                        f"({len(qparams)} recorded, {len(names)} observers): saved with another torch/torchao version?")
+        raise UserError(f"recorded quantization parameters do not match this model's graph ({len(qparams)} "
+                        f"recorded, {len(names)} observers): saved with another torch/torchao version?")
     for name, q in qparams.items():
         setattr(prepared, name, FrozenQParams(q))
     return prepared
