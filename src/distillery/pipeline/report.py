@@ -17,7 +17,8 @@ from distillery.measure.accuracy import results_table
 from distillery.roles import TRAINED
 
 
-def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any], address: str | None = None) -> list[Path]:
+def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any],
+          address: str | None = None) -> list[Path]:
     """Write root/report.md from the run's artifacts, and root/serve/request.json (a real
     test image as an inference request, for the curl example); return their paths.
     `address` is how commands name the run (its URI, if it lives in a bucket; default root)."""
@@ -52,16 +53,17 @@ def _training(root: Path, cfg: PipelineConfig, manifest: dict, data: dict) -> st
     counts = {split: data["counts"][split]["total"] for split in ("train", "val", "test")}
     stages = manifest["stages"]
     lines = ["## What was trained", "",
-             f"Data: `{data['source']}`, {counts['train']:,} train / {counts['val']:,} val / {counts['test']:,} test "
-             f"images of shape {data['image_shape']}, {data['num_classes']} classes.", ""]
+             f"Data: `{data['source']}`, {counts['train']:,} train / {counts['val']:,} val / "
+             f"{counts['test']:,} test images of shape {data['image_shape']}, "
+             f"{data['num_classes']} classes.", ""]
     for which in TRAINED:
         m = stages[which]["metrics"]
         if "imported_from" in m:
             lines.append(f"- **{which}**: {m['kind']}, imported from `{m['imported_from']}` (weights sha256 "
                          f"{m['imported_weights_sha256'][:12]}...), not trained here, {m['seconds']:.0f} s")
             continue
-        lines.append(f"- **{which}**: {m['kind']}, {m['epochs']} epochs, {m['workers'] or 'no'} Ray Train workers "
-                     f"({m['parallelism']}), {m['seconds']:.0f} s")
+        lines.append(f"- **{which}**: {m['kind']}, {m['epochs']} epochs, {m['workers'] or 'no'} Ray Train "
+                     f"workers ({m['parallelism']}), {m['seconds']:.0f} s")
         lines += [f"  - {restart_text(r)}" for r in m.get("restarts", [])]
     lines += ["", _distillation(cfg, stages), "", results_table(read_json(root / "results.json"))]
     return "\n".join(lines)
@@ -88,8 +90,8 @@ def restart_text(r: dict) -> str:
     if "worker_failures" not in r:
         return f"{resumed}, after the job's driver was restarted"
     redone = r["last_epoch_before"] - r["resumed_from"]
-    return (f"{resumed} after a worker failure ({'; '.join(r['worker_failures'])}): Ray Train restarted as many "
-            f"workers on the live nodes; {redone} finished epoch(s) redone, plus the one in progress")
+    return (f"{resumed} after a worker failure ({'; '.join(r['worker_failures'])}): Ray Train restarted as "
+            f"many workers on the live nodes; {redone} finished epoch(s) redone, plus the one in progress")
 
 
 def _body(md: Path) -> str:
@@ -110,9 +112,10 @@ def _search(root: Path, manifest: dict) -> str:
 def _recommendation(frontier: dict) -> str:
     rec = frontier["recommended"]
     if rec is None:
-        return f"## Recommended\n\nNo variant reaches the validation accuracy floor of {frontier['floor']:.2%}.\n"
-    return (f"## Recommended: `{rec['name']}`\n\n{rec['reason']} Variants within a few percent of the fastest "
-            "count as equally fast; among them the most accurate wins.\n")
+        return ("## Recommended\n\nNo variant reaches the validation accuracy floor of "
+                f"{frontier['floor']:.2%}.\n")
+    return (f"## Recommended: `{rec['name']}`\n\n{rec['reason']} Variants within a few percent of the "
+            "fastest count as equally fast; among them the most accurate wins.\n")
 
 
 def _how_to_query(cfg: PipelineConfig, frontier: dict, data: dict, request: Path, address: str) -> str:
@@ -135,7 +138,8 @@ curl -s{key} -H 'content-type: application/json' -d @{request} {url}/v2/models/{
 curl -s{key} -H 'content-type: application/json' -d @{request} {url}/v2/models/auto/infer
 ```
 
-`auto` answers with the most accurate model (on validation, which chose it) that meets serve.auto_slo_ms at the
+`auto` answers with the most accurate model (on validation, which chose it) that meets \
+serve.auto_slo_ms at the
 current load; a request may add `"parameters": {{"max_latency_ms": ...}}` (its own objective) and
 `{{"min_accuracy": ...}}` (a validation accuracy floor).
 
@@ -163,5 +167,5 @@ def _machine(manifest: dict) -> str:
     times = ", ".join(f"{name} {seconds:.0f} s" for _, name, seconds in done)
     return (f"## Machine and versions\n\n{hw['processor'] or hw['machine']}, {hw['cpus']} logical cores, "
             f"{hw['memory_gib']} GiB, {hw['system']}; "
-            + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; git {manifest.get('git_sha') or 'unknown'}.\n\n"
-            f"Stage times: {times}.\n")
+            + ", ".join(f"{k} {val}" for k, val in v.items()) + "; git "
+            f"{manifest.get('git_sha') or 'unknown'}.\n\nStage times: {times}.\n")

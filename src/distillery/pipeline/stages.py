@@ -35,8 +35,10 @@ StageFn = Callable[[RunDir, PipelineConfig, Log], tuple[list[Path], dict[str, An
 # What each stage reads. A stage that runs again makes everything downstream stale: a
 # student distilled from an older teacher is not the one this teacher would give.
 INPUTS = {"data": [], "transfer": ["data"], "teacher": ["data"], "teacher_logits": ["data", "teacher"],
-          "student_scratch": ["data"], "student": ["data", "transfer", "teacher", "teacher_logits"], "evaluate": ["data", *TRAINED],
-          "search": ["data", *TRAINED], "compress": ["data", *TRAINED, "search"], "serve": ["data", "compress"], "report": ["data", "evaluate", "compress", "serve"]}
+          "student_scratch": ["data"], "student": ["data", "transfer", "teacher", "teacher_logits"],
+          "evaluate": ["data", *TRAINED], "search": ["data", *TRAINED],
+          "compress": ["data", *TRAINED, "search"], "serve": ["data", "compress"],
+          "report": ["data", "evaluate", "compress", "serve"]}
 
 
 def downstream(name: str) -> list[str]:
@@ -53,13 +55,15 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     transfer = cfg.distill.transfer.model_dump() if cfg.distill.transfer else None
     fp["transfer"] = fingerprint(fp["data"], transfer, cfg.seed)
     fp["student_scratch"] = fingerprint(fp["data"], cfg.student.model_dump(), cfg.seed, workers)
-    fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), cfg.distill.model_dump(), cfg.seed, workers,
-                                *([fp["transfer"]] if transfer else []))
+    fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), cfg.distill.model_dump(), cfg.seed,
+                                workers, *([fp["transfer"]] if transfer else []))
     fp["evaluate"] = fingerprint(*(fp[name] for name in TRAINED))
-    fp["search"] = fingerprint(search_name(cfg, fp), cfg.search.budget.model_dump(), cfg.compress.bench.model_dump(),
-                               cfg.compress.speedup_margin, fp["student"], fp["student_scratch"])
-    fp["compress"] = fingerprint(*(fp[name] for name in TRAINED), cfg.compress.model_dump(), cfg.distill.model_dump(),
-                                 cfg.seed, workers, *([fp["search"]] if cfg.search.enabled else []))
+    fp["search"] = fingerprint(search_name(cfg, fp), cfg.search.budget.model_dump(),
+                               cfg.compress.bench.model_dump(), cfg.compress.speedup_margin, fp["student"],
+                               fp["student_scratch"])
+    fp["compress"] = fingerprint(*(fp[name] for name in TRAINED), cfg.compress.model_dump(),
+                                 cfg.distill.model_dump(), cfg.seed, workers,
+                                 *([fp["search"]] if cfg.search.enabled else []))
     fp["serve"] = fingerprint(fp["compress"], cfg.serve.model_dump(), cfg.loadtest.model_dump())
     fp["report"] = fingerprint(fp["evaluate"], fp["compress"], fp["serve"] if cfg.serve.enabled else None)
     return fp
