@@ -120,7 +120,8 @@ class RunDir:
         prev = self.stage(name)
         resume = not fresh and prev.get("fingerprint") == fp and prev.get("status") in ("running", "failed")
         attempt = prev.get("attempt", 0) + (0 if resume else 1)
-        self._update_stage(name, {"status": "running", "fingerprint": fp, "attempt": attempt, "started_at": _now()})
+        self._update_stage(name, {"status": "running", "fingerprint": fp, "attempt": attempt,
+                                  "started_at": _now()})
         return attempt
 
     def fail(self, name: str, error: str) -> None:
