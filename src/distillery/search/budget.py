@@ -31,22 +31,28 @@ def bounds(budget: BudgetConfig, reference: dict[str, Any] | None = None, margin
     if budget.as_fast_as is not None and reference is not None:
         limit = reference["p50_ms"] * (1 + margin)
         same: dict[str, Any] = {k: reference[k] for k in ("macs", "params", "numerics") if k in reference}
-        out.append(Bound("p50_ms", True, limit, f"p50 at batch 1 <= {limit:.3f} ms (as fast as {budget.as_fast_as}, "
-                         f"{reference['p50_ms']:.3f} ms, within {margin:.0%}, or the same network)", same))
+        out.append(Bound("p50_ms", True, limit, f"p50 at batch 1 <= {limit:.3f} ms (as fast as "
+                         f"{budget.as_fast_as}, {reference['p50_ms']:.3f} ms, within {margin:.0%}, or "
+                         "the same network)", same))
         # A sub-millisecond p50 moves by more than the margin between timings: without this, a
         # student with twice the MACs passed once because the reference was timed slow.
-        out.append(Bound("macs", True, reference["macs"], f"MACs <= {reference['macs']:,} ({budget.as_fast_as}'s)"))
+        out.append(Bound("macs", True, reference["macs"],
+                         f"MACs <= {reference['macs']:,} ({budget.as_fast_as}'s)"))
     if budget.min_throughput is not None:
-        out.append(Bound("throughput", False, budget.min_throughput, f"throughput >= {budget.min_throughput:,.0f} img/s"))
+        out.append(Bound("throughput", False, budget.min_throughput,
+                         f"throughput >= {budget.min_throughput:,.0f} img/s"))
     if budget.max_size_kib is not None:
-        out.append(Bound("size_bytes", True, budget.max_size_kib * 1024, f"size <= {budget.max_size_kib:g} KiB"))
+        out.append(Bound("size_bytes", True, budget.max_size_kib * 1024,
+                         f"size <= {budget.max_size_kib:g} KiB"))
     if budget.min_accuracy is not None:
-        out.append(Bound("val_accuracy", False, budget.min_accuracy, f"validation accuracy >= {budget.min_accuracy:.2%}"))
+        out.append(Bound("val_accuracy", False, budget.min_accuracy,
+                         f"validation accuracy >= {budget.min_accuracy:.2%}"))
     return out
 
 
-_SHOWN = {"p50_ms": lambda v: f"p50 {v:.3f} ms", "macs": lambda v: f"{v:,.0f} MACs", "throughput": lambda v: f"{v:,.0f} img/s",
-          "size_bytes": lambda v: f"{v / 1024:,.1f} KiB", "val_accuracy": lambda v: f"validation {v:.2%}"}
+_SHOWN = {"p50_ms": lambda v: f"p50 {v:.3f} ms", "macs": lambda v: f"{v:,.0f} MACs",
+          "throughput": lambda v: f"{v:,.0f} img/s", "size_bytes": lambda v: f"{v / 1024:,.1f} KiB",
+          "val_accuracy": lambda v: f"validation {v:.2%}"}
 
 
 def misses(record: dict[str, Any], limits: list[Bound]) -> list[Bound]:
@@ -75,11 +81,13 @@ def choose(records: list[dict[str, Any]], budget: BudgetConfig, limits: list[Bou
     With none within, the message names the closest record and what it misses. Chosen on the
     records' `choice_view` (no test figure); the records returned are whole, for the report."""
     whole, records = {r["name"]: r for r in records}, choice_view(records)
-    within = sorted((r for r in records if r.get("servable", True) and not misses(r, limits)), key=rank_key(budget))
+    within = sorted((r for r in records if r.get("servable", True) and not misses(r, limits)),
+                    key=rank_key(budget))
     budget_text = "; ".join(b.text for b in limits) or "no bound"
     if not within:
         if not records:
-            return {"chosen": None, "runner_up": None, "within": [], "message": "no trial finished: nothing to choose from"}
+            return {"chosen": None, "runner_up": None, "within": [],
+                    "message": "no trial finished: nothing to choose from"}
         closest = min(records, key=lambda r: shortfall(r, limits))
         missed = ", ".join(f"{_SHOWN[b.key](closest[b.key])} against {_SHOWN[b.key](b.limit)}"
                            for b in misses(closest, limits))
@@ -87,6 +95,9 @@ def choose(records: list[dict[str, Any]], budget: BudgetConfig, limits: list[Bou
                 f"no model meets the budget ({budget_text}); the closest is {closest['name']} ({missed})"}
     within = [whole[r["name"]] for r in within]
     best = within[0]
-    goal = "highest throughput" if budget.maximise == "throughput" else "most accurate on the validation split"
-    return {"chosen": best, "runner_up": within[1] if len(within) > 1 else None, "within": [r["name"] for r in within],
-            "message": f"{best['name']} is the {goal} of {len(within)} model(s) within the budget ({budget_text})"}
+    goal = ("highest throughput" if budget.maximise == "throughput"
+            else "most accurate on the validation split")
+    return {"chosen": best, "runner_up": within[1] if len(within) > 1 else None,
+            "within": [r["name"] for r in within],
+            "message": f"{best['name']} is the {goal} of {len(within)} model(s) within the "
+            f"budget ({budget_text})"}

@@ -1,6 +1,7 @@
 """The search on Ray Tune: random settings from `search.space`, trials on the cluster's CPUs
 (one process each, `search.cpus_per_trial`), ASHA stopping the trials whose validation
-accuracy (ties broken by validation loss: `trial.val_score`) trails at a rung. The only module of `search` that imports Ray.
+accuracy (ties broken by validation loss: `trial.val_score`) trails at a rung. The only module
+of `search` that imports Ray.
 
 Progress is a trial's share of its own schedule (percent), not epochs: a 400-epoch trial is
 judged at 15% of its schedule against others at 15% of theirs, not against a 50-epoch trial
@@ -78,7 +79,8 @@ def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, mod
         console.say(f"[search] resuming the search in {run.location_of(f'search/{name}')}")
         tuner = tune.Tuner.restore(path, fn, storage_filesystem=fs)
     else:
-        tuner = tune.Tuner(fn, param_space=param_space(cfg.search.space, models), tune_config=_tune_config(cfg),
+        tuner = tune.Tuner(fn, param_space=param_space(cfg.search.space, models),
+                           tune_config=_tune_config(cfg),
                            run_config=tune.RunConfig(name=name, **where, verbose=0, callbacks=[TrialsDone()],
                                                      failure_config=tune.FailureConfig(max_failures=0)))
     _progress[0] = advance
@@ -95,7 +97,8 @@ def _tune_config(cfg: PipelineConfig) -> tune.TuneConfig:
     asha = ASHAScheduler(time_attr="progress", max_t=100, reduction_factor=s.reduction_factor,
                          grace_period=s.grace_percent)  # type: ignore[arg-type]
     return tune.TuneConfig(metric="val_score", mode="max", scheduler=asha, num_samples=s.trials,
-                           max_concurrent_trials=s.max_concurrent, search_alg=BasicVariantGenerator(random_state=cfg.seed))
+                           max_concurrent_trials=s.max_concurrent,
+                           search_alg=BasicVariantGenerator(random_state=cfg.seed))
 
 
 def _outcome(result: tune.Result, out: Path) -> dict[str, Any]:
@@ -104,7 +107,8 @@ def _outcome(result: tune.Result, out: Path) -> dict[str, Any]:
     done = result.error is None and metrics.get("progress") == 100.0 and result.checkpoint is not None
     status = FAILED if result.error is not None else COMPLETED if done else STOPPED
     outcome = {"trial": trial, "settings": flat(result.config or _params(result)), "status": status,
-               "epochs_run": metrics.get("epoch", 0), "error": one_line(result.error) if result.error else None,
+               "epochs_run": metrics.get("epoch", 0),
+               "error": one_line(result.error) if result.error else None,
                "metrics": {k: v for k, v in metrics.items() if k in _KEPT}}
     if done:
         assert result.checkpoint is not None  # `done` says it has one
@@ -120,4 +124,5 @@ def _params(result: tune.Result) -> dict[str, Any]:
         return json.loads(f.read())
 
 
-_KEPT = ("progress", "epoch", "val_accuracy", "val_loss", "val_score", "trained_val_accuracy", "macs", "params", "size_bytes", "numerics")
+_KEPT = ("progress", "epoch", "val_accuracy", "val_loss", "val_score", "trained_val_accuracy", "macs",
+         "params", "size_bytes", "numerics")

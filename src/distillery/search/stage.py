@@ -49,9 +49,9 @@ def search_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manifes
     shutil.rmtree(out, ignore_errors=True)
     models = models_within_work(run, cfg, manifest, log)
     s = cfg.search
-    log(f"[search] {s.trials} trials on Ray Tune, {s.cpus_per_trial:g} CPU each, ASHA (rungs from {s.grace_percent:g}% "
-        f"of a trial's epochs, top 1/{s.reduction_factor:g} go on); the teacher's logits of {len(views)} views "
-        f"of {len(splits['train'][0])} images computed once")
+    log(f"[search] {s.trials} trials on Ray Tune, {s.cpus_per_trial:g} CPU each, ASHA (rungs from "
+        f"{s.grace_percent:g}% of a trial's epochs, top 1/{s.reduction_factor:g} go on); the teacher's "
+        f"logits of {len(views)} views of {len(splits['train'][0])} images computed once")
     with console.progress("[search] trials", s.trials, "trials") as advance:
         found = run_trials(cfg, run, data, f"{name}-{fingerprint(models)[:8]}", models, out, advance)
     outcomes = [{**o, "recipe": describe(cfg, o["settings"])} for o in found]
@@ -92,20 +92,22 @@ def measure_trial(ctx: Context, bench: timing.BenchSettings, outcome: dict[str, 
                   model, model, m["size_bytes"], int8=m["numerics"] == "int8_static", macs=m["macs"],
                   params=m["params"])
     advance(1, note=rec["name"])
-    return {**rec, "numerics": m["numerics"], "not_faster": False, "trial": outcome["trial"], "val_loss": m["val_loss"],
-            "settings": outcome["settings"]}
+    return {**rec, "numerics": m["numerics"], "not_faster": False, "trial": outcome["trial"],
+            "val_loss": m["val_loss"], "settings": outcome["settings"]}
 
 
 def finish(run: RunDir, cfg: PipelineConfig, log: Log, outcomes: list[dict], records: list[dict],
            reference: dict[str, dict]) -> tuple[list[Path], dict[str, Any]]:
     b = cfg.search.budget
-    limits = budget.bounds(b, reference.get(b.as_fast_as) if b.as_fast_as else None, cfg.compress.speedup_margin)
+    limits = budget.bounds(b, reference.get(b.as_fast_as) if b.as_fast_as else None,
+                           cfg.compress.speedup_margin)
     choice = budget.choose(records, b, limits)
     summary = counts(outcomes)
-    files = report.write(run.root / "search", outcomes, records, list(reference.values()), choice, limits, summary)
-    log(f"[search] {summary['trials']} trials: {summary['completed']} completed, {summary['stopped_early']} stopped "
-        f"early, {summary['failed']} failed; {summary['epochs_run']:,} of {summary['epochs_full']:,} epochs run "
-        f"({summary['epochs_saved']:.0%} saved by early stopping)")
+    files = report.write(run.root / "search", outcomes, records, list(reference.values()), choice, limits,
+                         summary)
+    log(f"[search] {summary['trials']} trials: {summary['completed']} completed, {summary['stopped_early']} "
+        f"stopped early, {summary['failed']} failed; {summary['epochs_run']:,} of {summary['epochs_full']:,} "
+        f"epochs run ({summary['epochs_saved']:.0%} saved by early stopping)")
     if choice["chosen"] is None:
         raise_no_model(choice, files[0])
     log(f"[search] {choice['message']}")
@@ -122,8 +124,9 @@ def counts(outcomes: list[dict]) -> dict[str, Any]:
     full = sum(o["settings"].get("epochs", 0) for o in outcomes)
     ran = sum(o["epochs_run"] for o in outcomes)
     by = {status: sum(o["status"] == status for o in outcomes) for status in (COMPLETED, STOPPED, FAILED)}
-    return {"trials": len(outcomes), "completed": by[COMPLETED], "stopped_early": by[STOPPED], "failed": by[FAILED],
-            "epochs_run": ran, "epochs_full": full, "epochs_saved": 1 - ran / full if full else 0.0}
+    return {"trials": len(outcomes), "completed": by[COMPLETED], "stopped_early": by[STOPPED],
+            "failed": by[FAILED], "epochs_run": ran, "epochs_full": full,
+            "epochs_saved": 1 - ran / full if full else 0.0}
 
 
 def raise_no_model(choice: dict[str, Any], frontier: Path) -> None:
@@ -137,5 +140,6 @@ def save_chosen(run: RunDir, choice: dict[str, Any]) -> list[Path]:
     shutil.copytree(run.root / "search" / "models" / chosen["trial"], folder)
     atomic_write_json(folder / "search.json", {"trial": chosen["trial"], "settings": chosen["settings"],
                                                "recipe": chosen["recipe"], "record": chosen,
-                                               "runner_up": choice["runner_up"], "message": choice["message"]})
+                                               "runner_up": choice["runner_up"],
+                                               "message": choice["message"]})
     return sorted(p for p in folder.iterdir() if p.is_file())

@@ -63,7 +63,8 @@ def flat(settings: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in settings.items() if k != "model"}, "width_mult": width, "recipe": recipe}
 
 
-def model_macs(cfg: PipelineConfig, width: float, recipe: int, in_shape: list[int], num_classes: int) -> int | None:
+def model_macs(cfg: PipelineConfig, width: float, recipe: int, in_shape: list[int],
+               num_classes: int) -> int | None:
     """The MACs of a width after a recipe's steps (dry-run, as before any trial); None when
     the recipe cannot apply to that width (the trial will fail at its start, saying why)."""
     model = build_model(make_spec(CNNConfig(width_mult=width), in_shape, num_classes))
@@ -97,7 +98,8 @@ def run_trial(settings: dict[str, Any], data: TrialData, folder: Path, report: R
     spec = make_spec(CNNConfig(width_mult=settings["width_mult"]), data.image_shape, data.num_classes)
     seed_everything(cfg.seed)
     model = build_model(spec)
-    check_recipe(cfg, settings, model, data.image_shape)  # a recipe this width cannot take fails now, not after training
+    # a recipe this width cannot take fails now, not after training
+    check_recipe(cfg, settings, model, data.image_shape)
     train = cfg.student.train.model_copy(update={"epochs": epochs, "augment": settings["augment"]})
     fit(model, data.splits["train"], data.splits["val"], train, seed=cfg.seed, flip=data.flip,
         loss_fn=distillation(settings["temperature"], settings["alpha"]), view_logits=data.view_logits,
@@ -117,8 +119,9 @@ def reporter(report: Report, epochs: int, reports: int, n_val: int) -> Callable[
 
     def on_epoch(m: dict) -> None:
         if m["epoch"] % every == 0 and m["epoch"] < epochs:
-            report({"progress": 100.0 * m["epoch"] / epochs, "epoch": m["epoch"], "val_accuracy": m["val_accuracy"],
-                    "val_loss": m["val_loss"], "val_score": val_score(m["val_accuracy"], m["val_loss"], n_val)})
+            report({"progress": 100.0 * m["epoch"] / epochs, "epoch": m["epoch"],
+                    "val_accuracy": m["val_accuracy"], "val_loss": m["val_loss"],
+                    "val_score": val_score(m["val_accuracy"], m["val_loss"], n_val)})
     return on_epoch
 
 
@@ -141,13 +144,15 @@ def compress(settings: dict[str, Any], data: TrialData, spec: dict, model: nn.Mo
              folder: Path) -> tuple[nn.Module, str, list[Path]]:
     """The recipe's steps on the trained model, in this process; the fp32 model they leave
     (what MACs are counted on), the arithmetic of the saved one, and its files."""
-    distill = data.cfg.distill.model_copy(update={"temperature": settings["temperature"], "alpha": settings["alpha"],
-                                                  "hints": []})
-    cfg = data.cfg.model_copy(update={"distill": distill, "ray": data.cfg.ray.model_copy(update={"workers": 0})})
+    distill = data.cfg.distill.model_copy(update={"temperature": settings["temperature"],
+                                                  "alpha": settings["alpha"], "hints": []})
+    cfg = data.cfg.model_copy(update={"distill": distill,
+                                      "ray": data.cfg.ray.model_copy(update={"workers": 0})})
     # No run here, and a trial's steps read none: no cascade (config.search), fine-tuned in process
     ctx = Context(None, cfg, lambda line: None,  # type: ignore[arg-type]
                   data.image_shape, data.splits, data.teacher, "", 0)
-    work = Work("searched", "student", folder, spec, prune.layer_shapes(build_model(spec)), copy.deepcopy(model))
+    work = Work("searched", "student", folder, spec, prune.layer_shapes(build_model(spec)),
+                copy.deepcopy(model))
     steps = recipe_steps(data.cfg, settings)
     files = apply_steps(ctx, work, steps)
     numerics = (VariantConfig(name="trial", steps=steps).numerics() if steps else None) or "fp32"
