@@ -123,11 +123,11 @@ class Controller:
     level: int = 0
     changed_at: float = -math.inf
     went_down: bool = False   # the last change was a step down
-    samples: deque = field(default_factory=deque)       # (t, model, latency_ms)
-    waiting: deque = field(default_factory=deque)       # (t, model, age of its oldest unanswered request in ms)
-    spilled: deque = field(default_factory=deque)       # (t, requests a replica spilled below the decision)
-    capacity: dict = field(default_factory=dict)        # rung -> (requests/s, replicas, when)
-    history: list = field(default_factory=list)         # (t, model chosen)
+    samples: deque = field(default_factory=deque)  # (t, model, latency_ms)
+    waiting: deque = field(default_factory=deque)  # (t, model, age of its oldest unanswered request in ms)
+    spilled: deque = field(default_factory=deque)  # (t, requests a replica spilled below the decision)
+    capacity: dict = field(default_factory=dict)   # rung -> (requests/s, replicas, when)
+    history: list = field(default_factory=list)    # (t, model chosen)
 
     def observe(self, samples: list[tuple[float, str, float]], oldest_ms: dict[str, float] | None = None,
                 now: float | None = None, spilled: int = 0) -> None:
@@ -182,7 +182,8 @@ class Controller:
         if since >= self.down_hold_s and overloaded and self.level < len(self.names) - 1:
             self.capacity[self.level] = (self.rate(now), replicas, now)
             self._move(+1, now)
-        elif since >= self.hold_s and self.level > 0 and (current is None or current < self.up_at * self.slo_ms) \
+        elif since >= self.hold_s and self.level > 0 \
+                and (current is None or current < self.up_at * self.slo_ms) \
                 and self._fits(self.level - 1, now, replicas):
             self._move(-1, now)
         return self.names[self.level]

@@ -4,9 +4,10 @@
 Every replica that answers `auto` (the HTTP `Auto` replicas and the gRPC replicas) keeps a
 `Router`: per request it picks from the last shared decision (no call on the request path),
 times the request from arrival to reply, and ten times a second sends what it measured (and
-the age of its oldest request still unanswered, per model) to `AutoState`, which pools every replica's figures, counts the replicas
-that report, updates the controller and returns the new decision. When that decision steps
-down, the requests still waiting at the slower models move to the new one (`hand_down`).
+the age of its oldest request still unanswered, per model) to `AutoState`, which pools every
+replica's figures, counts the replicas that report, updates the controller and returns the new
+decision. When that decision steps down, the requests still waiting at the slower models move
+to the new one (`hand_down`).
 Between decisions a replica spills a request to a faster model when it is further behind than
 the spill budget (`spill`: queued forward passes, or its oldest unanswered request's age): a
 sudden rise is met at once, not a report later, when a queue has formed.
@@ -46,7 +47,8 @@ class AutoState:
     def report(self, replica: str, samples: list[tuple[float, str, float]], inflight: dict[str, int],
                oldest_ms: dict[str, float], spilled: int = 0) -> dict:
         now = time.time()
-        self.replicas = {r: v for r, v in self.replicas.items() if now - v[0] < 4 * SYNC_S + 1} | {replica: (now, inflight)}
+        self.replicas = {r: v for r, v in self.replicas.items()
+                         if now - v[0] < 4 * SYNC_S + 1} | {replica: (now, inflight)}
         self.controller.observe(samples, oldest_ms, now, spilled)
         model = self.controller.update(now, replicas=len(self.replicas))
         ongoing = sum((Counter(counts) for _, counts in self.replicas.values()), Counter())
@@ -156,5 +158,6 @@ class Router:
                 self.decision = await state.report.remote(self.id, samples, dict(inflight), oldest, spilled)
                 self.hand_down(self.decision["model"])
             except Exception as e:  # noqa: BLE001 - keep answering with the last decision
-                log.warning("auto: no report to %s (%s: %s); keeping the last decision", STATE, type(e).__name__, e)
+                log.warning("auto: no report to %s (%s: %s); keeping the last decision", STATE,
+                            type(e).__name__, e)
                 await asyncio.sleep(1.0)

@@ -52,11 +52,13 @@ def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(cidr, strict=False)
     except ValueError:
-        raise UserError(f"distillery firewall: --nodes {cidr!r} is not an address range (e.g. 10.0.0.0/16)") from None
+        raise UserError(f"distillery firewall: --nodes {cidr!r} is not an address range "
+                        "(e.g. 10.0.0.0/16)") from None
 
 
 def parse_ports(text: str) -> list[int]:
     try:
         return [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise UserError(f"distillery firewall: --open {text!r}: comma-separated port numbers, e.g. 8000,8001") from None
+        raise UserError(f"distillery firewall: --open {text!r}: comma-separated port "
+                        "numbers, e.g. 8000,8001") from None

@@ -41,7 +41,8 @@ from distillery.serving.protocol import Limits, ProtocolError, check_api_key, mo
 
 APP_NAME = ingress.GRPC_APP
 SERVICER = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
-ROUTE = "/v2/grpc"  # Serve routes gRPC only to applications with an HTTP route; over HTTP it says where gRPC is
+# Serve routes gRPC only to applications with an HTTP route; over HTTP it says where gRPC is
+ROUTE = "/v2/grpc"
 
 
 # Our replicas pin their gRPC listeners to serve.host whatever started them (a `serve run`
@@ -64,7 +65,8 @@ class Grpc:
         self.ongoing: Counter[str] = Counter()
         self.metrics = replica_metrics(metrics, request_log_sample)
         self.batchers = batchers(served, max_batch_size, batch_wait_s, self.metrics)
-        self.models: dict[str, ServedModel | None] = {m.name: m for m in served} | ({"auto": None} if auto else {})
+        self.models: dict[str, ServedModel | None] = ({m.name: m for m in served}
+                                                      | ({"auto": None} if auto else {}))
         # `auto` over gRPC follows (and feeds) the HTTP `auto` application's shared decision.
         self.router = Router(served, serve.get_deployment_handle(STATE, app_name="auto") if auto else None,
                              self.batchers, self.metrics)
@@ -94,9 +96,10 @@ class Grpc:
             grpc_context.set_details(e.message)
             return getattr(pb, reply)()
 
-    async def __call__(self, request: Any) -> Any:  # HTTP on ROUTE: the route exists only for Serve's gRPC routing
-        return JSONResponse({"error": "this is the gRPC service (inference.GRPCInferenceService) on serve.grpc_port; "
-                                      "over HTTP use /v2/models/{name}"}, status_code=404)
+    # HTTP on ROUTE: the route exists only for Serve's gRPC routing
+    async def __call__(self, request: Any) -> Any:
+        return JSONResponse({"error": "this is the gRPC service (inference.GRPCInferenceService) on "
+                                      "serve.grpc_port; over HTTP use /v2/models/{name}"}, status_code=404)
 
     # One method per RPC, named as the RPC: Serve's gRPC ingress calls it with the message.
     async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
@@ -138,15 +141,17 @@ class Grpc:
     async def _model_metadata(self, request: Any) -> Any:
         model = grpc_codec.find_model(self.models, request.name, request.version) or self.served[0]
         platform = "pytorch" if request.name != "auto" else "distillery-auto"
-        return grpc_codec.model_metadata(model_metadata(request.name, model.in_shape, model.num_classes, platform))
+        return grpc_codec.model_metadata(model_metadata(request.name, model.in_shape, model.num_classes,
+                                                        platform))
 
     async def _infer(self, request: Any, record: dict) -> Any:
         arrived = time.perf_counter()
         model = grpc_codec.find_model(self.models, request.model_name, request.model_version)
         name = request.model_name
         if self.ongoing[name] >= self.per_model_limit:
-            raise ProtocolError(503, f"{name!r} is at capacity: {self.ongoing[name]} requests in flight in this "
-                                     f"replica (serve.max_ongoing_requests + max_queued_requests); retry shortly")
+            raise ProtocolError(503, f"{name!r} is at capacity: {self.ongoing[name]} requests in flight "
+                                     "in this replica (serve.max_ongoing_requests + "
+                                     "max_queued_requests); retry shortly")
         self.ongoing[name] += 1
         try:
             return await self._answer(request, model, arrived, record)
@@ -162,4 +167,5 @@ class Grpc:
         else:
             pick, logits, extra = await self.router.answer(req.parameters, req.x, arrived, record)
         # The client's id, else the one made for it: the protocol's `id` is gRPC's only place for it.
-        return grpc_codec.infer_response(request.model_name, record["id"], logits, pick.name, req.outputs, **extra)
+        return grpc_codec.infer_response(request.model_name, record["id"], logits, pick.name, req.outputs,
+                                         **extra)

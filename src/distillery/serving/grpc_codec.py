@@ -62,7 +62,8 @@ def parse_infer(request: pb.ModelInferRequest, in_shape: list[int], limits: Limi
     tensor = request.inputs[0]
     shape = check_input(tensor.name, tensor.datatype, list(tensor.shape), in_shape, limits)
     if len(request.raw_input_contents) > 1:
-        raise ProtocolError(400, f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
+        raise ProtocolError(400, f"raw_input_contents has {len(request.raw_input_contents)} entries "
+                            "for 1 input")
     if request.raw_input_contents:
         x = decode_raw(request.raw_input_contents[0], shape)
     else:
@@ -113,4 +114,5 @@ def model_metadata(meta: dict[str, Any]) -> pb.ModelMetadataResponse:
 
 
 def server_metadata(meta: dict[str, Any]) -> pb.ServerMetadataResponse:
-    return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
+    return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"],
+                                     extensions=meta["extensions"])

@@ -71,8 +71,8 @@ def deploy_run(location: str, cfg, log, serve_dir: Path | None = None) -> tuple[
     log(f"[serve] {ingress.current()}")
     start = time.perf_counter()
     url = serve_apps.deploy(location, cfg.serve, key)
-    grpc = f"; gRPC (inference.GRPCInferenceService) on {serve_apps.public_host(cfg.serve)}:{cfg.serve.grpc_port}" \
-        if cfg.serve.grpc_port else ""
+    grpc = "; gRPC (inference.GRPCInferenceService) on " \
+        f"{serve_apps.public_host(cfg.serve)}:{cfg.serve.grpc_port}" if cfg.serve.grpc_port else ""
     log(f"[serve] running in {time.perf_counter() - start:.0f} s: {url}{grpc}")
     if cfg.serve.proxy_location == "EveryNode":
         ports = " and ".join(str(p) for p in (cfg.serve.port, cfg.serve.grpc_port) if p)
@@ -82,8 +82,8 @@ def deploy_run(location: str, cfg, log, serve_dir: Path | None = None) -> tuple[
         write_scrape_config(serve_dir, log)
     if cfg.serve.auto:
         rungs = auto_policy.ladder(catalog(location, cfg.serve.models))
-        log(f"[serve] auto: {' > '.join(m.name for m in rungs)} (most accurate first, each faster than those above; "
-            "chosen on validation)")
+        log(f"[serve] auto: {' > '.join(m.name for m in rungs)} (most accurate first, each faster than those "
+            "above; chosen on validation)")
     return url, {"content-type": "application/json", **({"x-api-key": key} if key else {})}
 
 
@@ -108,7 +108,8 @@ def after_run(run, cfg, keep: bool, log) -> None:
         url = serve_apps.public_url(cfg.serve)
     else:
         url, _ = deploy_run(run.location, cfg, log, run.root / "serve")
-    log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run.address} --model auto --sample 4")
+    log(f"serving {url} (models: {url}/models)\n  distillery query --run-dir {run.address} "
+        "--model auto --sample 4")
     if local:
         log("Ctrl-C stops serving")
         serve_until_interrupted()

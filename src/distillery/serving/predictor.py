@@ -38,8 +38,9 @@ class ServedModel:
 
 def catalog(run_dir: str | Path, names: list[str] | None = None) -> list[ServedModel]:
     """The models to serve from a run's frontier: `names`, or by default the Pareto front and
-    the recommended variant (and the searched one). Unknown names are refused, listing what the run has. A run at
-    a URI is read from this node's copy of its manifest, frontier and arch files."""
+    the recommended variant (and the searched one). Unknown names are refused, listing what the
+    run has. A run at a URI is read from this node's copy of its manifest, frontier and arch
+    files."""
     location = str(run_dir)
     run_dir, recorded = local_view(location, lambda rel: rel == "frontier.json" or rel.endswith("/arch.json"))
     front = read_json(run_dir / "frontier.json")
@@ -50,11 +51,13 @@ def catalog(run_dir: str | Path, names: list[str] | None = None) -> list[ServedM
                              key=lambda n: records[n]["p50_ms"])
     unknown = [n for n in wanted if n not in records]
     if unknown:
-        raise UserError(f"{run_dir}: no measured model named {', '.join(unknown)} (the run has {', '.join(records)})")
+        raise UserError(f"{run_dir}: no measured model named {', '.join(unknown)} (the run has "
+                        f"{', '.join(records)})")
     return [_served(location, run_dir, recorded, records[n], n == recommended) for n in wanted]
 
 
-def _served(location: str, run_dir: Path, recorded: dict[str, str], rec: dict, recommended: bool) -> ServedModel:
+def _served(location: str, run_dir: Path, recorded: dict[str, str], rec: dict,
+            recommended: bool) -> ServedModel:
     rel = rec["name"] if rec["name"] in TRAINED else f"variants/{rec['name']}"
     arch = read_json(run_dir / rel / "arch.json")
     mode, p50 = _serving_mode(rec)
@@ -73,8 +76,8 @@ def _serving_mode(rec: dict) -> tuple[str, float]:
     timed = {m: f for m, f in rec["modes"].items() if "p50_ms" in f}
     mode, servable = timing.best_mode(timed) if timed else (rec["best_mode"], False)
     if not servable:
-        raise UserError(f"{rec['name']}: measured only in {rec['best_mode']} mode, which a replica does not run "
-                        f"({' or '.join(SERVABLE_MODES)} failed); it cannot be served")
+        raise UserError(f"{rec['name']}: measured only in {rec['best_mode']} mode, which a replica does not "
+                        f"run ({' or '.join(SERVABLE_MODES)} failed); it cannot be served")
     return mode, timed[mode]["p50_ms"]
 
 

@@ -80,7 +80,8 @@ def build_application(args: AppArgs) -> serve.Application:
         options = deployment_options(cfg) | {"max_ongoing_requests": per_model * (len(served) + cfg.auto + 1),
                                              "max_queued_requests": -1}
         return _deployment(serve.deployment(grpc_app.Grpc)).options(**options).bind(
-            served, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.auto, per_model_limit=per_model, **common)
+            served, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.auto, per_model_limit=per_model,
+            **common)
     return _deployment(Server).options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
         [m.name for m in served], bool(cfg.auto), args.api_key_sha256)
 
@@ -99,10 +100,12 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     """Replicas, autoscaling, queue and health settings of a model (or auto) deployment."""
     return {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                    "target_ongoing_requests": cfg.target_ongoing_requests,
-                                   "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+                                   "upscale_delay_s": cfg.upscale_delay_s,
+                                   "downscale_delay_s": cfg.downscale_delay_s,
                                    "metrics_interval_s": 1.0, "look_back_period_s": 5.0},
             "max_ongoing_requests": cfg.max_ongoing_requests, "max_queued_requests": cfg.max_queued_requests,
-            "health_check_period_s": cfg.health_check_period_s, "health_check_timeout_s": cfg.health_check_timeout_s,
+            "health_check_period_s": cfg.health_check_period_s,
+            "health_check_timeout_s": cfg.health_check_timeout_s,
             # A replica whose constructor fails (a damaged artifact fails its sha256 check the
             # same way every time) is retried twice, not Serve's 3 per replica: a bad
             # deployment is reported in ~15 s instead of ~45 s here.
@@ -144,7 +147,8 @@ class Model:
             http.check_key(request, self.digest)
             sub = http.subpath(request, self.served.name)
             if sub == "":
-                return JSONResponse(model_metadata(self.served.name, self.served.in_shape, self.served.num_classes))
+                return JSONResponse(model_metadata(self.served.name, self.served.in_shape,
+                                                   self.served.num_classes))
             if sub == "/ready":
                 return JSONResponse({"name": self.served.name, "ready": True})
             if sub != "/infer":
@@ -191,7 +195,8 @@ class Auto:
             http.check_key(request, self.digest)
             sub = http.subpath(request, "auto")
             if sub == "":
-                return JSONResponse(model_metadata("auto", self.in_shape, self.num_classes, platform="distillery-auto"))
+                return JSONResponse(model_metadata("auto", self.in_shape, self.num_classes,
+                                                   platform="distillery-auto"))
             if sub == "/ready":
                 return JSONResponse({"name": "auto", "ready": True})
             if sub != "/infer":
@@ -260,7 +265,8 @@ def applications(run_dir: str, cfg: ServeConfig, api_key: str | None) -> list[di
     names, digest, tuned = [m.name for m in served], api_key_digest(api_key), read_tuned(run_dir)
     args = lambda kind, models, extra={}: AppArgs(kind=kind, run_dir=str(run_dir), models=models,  # noqa: E731
                                                   settings=cfg.model_dump() | extra, api_key_sha256=digest)
-    apps = [{"name": n, "route_prefix": f"/v2/models/{n}", "args": args("model", [n], tuned.get(n, {}))} for n in names]
+    apps = [{"name": n, "route_prefix": f"/v2/models/{n}", "args": args("model", [n], tuned.get(n, {}))}
+            for n in names]
     if cfg.auto:
         apps.append({"name": "auto", "route_prefix": "/v2/models/auto", "args": args("auto", names)})
     apps.append({"name": "server", "route_prefix": "/v2", "args": args("server", names)})
@@ -291,8 +297,8 @@ def read_tuned(location: str) -> dict[str, dict[str, Any]]:
     tuned = read_json(path)
     if not isinstance(tuned, dict) or not all(isinstance(t, dict) and isinstance(t.get("chosen"), dict)
                                               for t in tuned.values()):
-        raise UserError(f"{path}: not written by `distillery loadtest --tune` (expected {{model: {{chosen: {{...}}}}}}); "
-                        "delete it or tune again")
+        raise UserError(f"{path}: not written by `distillery loadtest --tune` (expected {{model: {{chosen: "
+                        "{...}}}); delete it or tune again")
     return {model: t["chosen"] for model, t in tuned.items()}
 
 
