@@ -24,7 +24,8 @@ def identity_view(pad: int = 1) -> int:
     return pad * (2 * pad + 1) + pad
 
 
-def draw_views(n: int, generator: torch.Generator | None = None, pad: int = 1, flip: bool = False) -> torch.Tensor:
+def draw_views(n: int, generator: torch.Generator | None = None, pad: int = 1,
+               flip: bool = False) -> torch.Tensor:
     """A random view per image: int64 [N]. The draws (dy, dx, then flips) are those
     `random_shift` has always made, so seeded runs train on the same images as before."""
     side = 2 * pad + 1

@@ -44,7 +44,8 @@ def write(folder: Path, *, rank: int, world_size: int, epoch: int, strategy: Str
         (folder / "history.json").write_text(json.dumps(history))
         files += ["trainer.pt", "history.json"]
     digests = {name: sha256_file(folder / name) for name in files}
-    atomic_write_json(folder / f"rank{rank}.json", {"world_size": world_size, "epoch": epoch, "files": digests})
+    atomic_write_json(folder / f"rank{rank}.json",
+                      {"world_size": world_size, "epoch": epoch, "files": digests})
 
 
 def verify(folder: Path, world_size: int) -> int:
@@ -56,7 +57,8 @@ def verify(folder: Path, world_size: int) -> int:
             raise UserError(f"{folder}: incomplete checkpoint, {index.name} is missing")
         meta = read_json(index)
         if meta.get("world_size") != world_size:
-            raise UserError(f"{index}: written by {meta.get('world_size')} workers, this run has {world_size}")
+            raise UserError(f"{index}: written by {meta.get('world_size')} workers, this run "
+                            f"has {world_size}")
         for name, digest in meta["files"].items():
             verify_sha256(folder / name, digest)
         epochs.add(meta["epoch"])

@@ -61,8 +61,9 @@ def epochs_and_failures(label: str, max_failures: int, on_epoch: Callable[[dict]
         nonlocal last
         if FAILURE in line:
             pending.extend(line[FAILURE])
-            console.say(f"[{label}] worker failure ({'; '.join(line[FAILURE])}): Ray Train restarts the worker "
-                        f"group from its last checkpoint (up to ray.max_failures={max_failures} times)")
+            console.say(f"[{label}] worker failure ({'; '.join(line[FAILURE])}): Ray Train restarts "
+                        "the worker group from its last checkpoint (up to "
+                        f"ray.max_failures={max_failures} times)")
             return
         if pending:
             restarts[line["epoch"]] = {"worker_failures": list(pending), "last_epoch_before": last}
@@ -99,7 +100,8 @@ def following(path: Path, on_epoch: Callable[[dict], None]) -> Iterator[None]:
 
 def _read_lines(path: Path) -> list[str]:
     try:
-        return [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.endswith("\n")]
+        return [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if line.endswith("\n")]
     except FileNotFoundError:
         return []
 

@@ -21,7 +21,8 @@ from distillery.training.losses import LossFn, kd_loss, pack_target
 def _module(model: nn.Module, name: str, role: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name not in modules or not name:
-        raise UserError(f"distill.hints: no layer {name!r} in the {role} (layers: {', '.join(n for n in modules if n)})")
+        raise UserError(f"distill.hints: no layer {name!r} in the {role} (layers: "
+                        f"{', '.join(n for n in modules if n)})")
     return modules[name]
 
 
@@ -35,19 +36,22 @@ def _capture(model: nn.Module, names: list[str], role: str) -> list[torch.Tensor
     return slots
 
 
-def feature_shapes(model: nn.Module, names: list[str], in_shape: list[int], role: str) -> list[tuple[int, ...]]:
+def feature_shapes(model: nn.Module, names: list[str], in_shape: list[int],
+                   role: str) -> list[tuple[int, ...]]:
     """The [C, H, W] of each named layer's output for one image."""
     shapes: list[tuple[int, ...]] = []
     for name in names:
         seen: list[tuple[int, ...]] = []
-        handle = _module(model, name, role).register_forward_hook(lambda m, i, o, seen=seen: seen.append(tuple(o.shape[1:])))
+        handle = _module(model, name, role).register_forward_hook(
+            lambda m, i, o, seen=seen: seen.append(tuple(o.shape[1:])))
         with torch.no_grad():
             was = model.training
             model.eval()(torch.zeros(1, *in_shape, device=next(model.parameters()).device))
             model.train(was)
         handle.remove()
         if len(seen[0]) != 3:
-            raise UserError(f"distill.hints: layer {name!r} of the {role} gives {seen[0]}, not a [C, H, W] feature map")
+            raise UserError(f"distill.hints: layer {name!r} of the {role} gives {seen[0]}, "
+                            "not a [C, H, W] feature map")
         shapes.append(seen[0])
     return shapes
 
@@ -58,7 +62,8 @@ class HintStudent(nn.Module):
     def __init__(self, student: nn.Module, hints: list[HintConfig], student_shapes, teacher_shapes):
         super().__init__()
         self.student = student
-        self.adapters = nn.ModuleList(nn.Conv2d(s[0], t[0], 1) for s, t in zip(student_shapes, teacher_shapes))
+        self.adapters = nn.ModuleList(nn.Conv2d(s[0], t[0], 1)
+                                      for s, t in zip(student_shapes, teacher_shapes))
         self._features = _capture(student, [h.student_layer for h in hints], "student")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +104,8 @@ def hint_loss(temperature: float, alpha: float, num_classes: int, hints: list[Hi
 
 
 def wrap_for_hints(student: nn.Module, teacher: nn.Module, hints: list[HintConfig], in_shape: list[int],
-                   num_classes: int, temperature: float, alpha: float) -> tuple[HintStudent, TeacherHints, LossFn]:
+                   num_classes: int, temperature: float,
+                   alpha: float) -> tuple[HintStudent, TeacherHints, LossFn]:
     """Everything a training loop needs for hint distillation, checked before any work."""
     s_shapes = feature_shapes(student, [h.student_layer for h in hints], in_shape, "student")
     t_shapes = feature_shapes(teacher, [h.teacher_layer for h in hints], in_shape, "teacher")

@@ -29,8 +29,8 @@ class TrainJob(Strict):
     hints: bool = Field(True, description="use distill.hints (off when fine-tuning a pruned variant)")
     prune: PruneUnstructured | None = Field(None, description="gradual unstructured pruning while training")
     train_files: list[str] | None = Field(None, description="run-relative shards with cached teacher logits")
-    train_split_dir: str = Field("data", description="run-relative prepared folder whose train split is trained on: "
-                                 "data, or transfer (distill.transfer)")
+    train_split_dir: str = Field("data", description="run-relative prepared folder whose train split is "
+                                 "trained on: data, or transfer (distill.transfer)")
     run: str = Field("", description="the run's folder or URI, set by fit_on_ray")
     run_files: dict[str, str] = Field({}, description="{run-relative path: sha256} every worker fetches")
 

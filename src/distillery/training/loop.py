@@ -76,11 +76,13 @@ def optimizer_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=True)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     total = max(1, cfg.epochs * steps_per_epoch)
     shapes = {"onecycle": _one_cycle, "cosine": _cosine, "constant": lambda p: 1.0}
     # A factor of training progress, clamped at 1: a worker whose data shard holds a batch
@@ -135,7 +137,8 @@ def evaluate(model: nn.Module, data: Iterable[Batch]) -> dict[str, float]:
 def progress_line(which: str, epochs: int, m: dict) -> str:
     """One epoch's metrics as the line shown while training (Ray runs add per-worker figures)."""
     val = f"  val_acc {m['val_accuracy']:.2%}" if "val_accuracy" in m else ""
-    line = f"[{which}] epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}{val}  {m['samples_per_s']:,.0f} samples/s"
+    line = (f"[{which}] epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}{val}  "
+            f"{m['samples_per_s']:,.0f} samples/s")
     if "samples_per_s_per_worker" in m:
         line += f" ({', '.join(f'{v:,.0f}' for v in m['samples_per_s_per_worker'])} per worker)"
     if "epoch_seconds" in m:
@@ -183,12 +186,14 @@ def fit(model: nn.Module, train: Batch, val: Batch | None, cfg: TrainConfig, *, 
             x, y = shown_views(train, view_logits, cfg.augment, gen, flip)
         else:
             x, y = (random_shift(train[0], gen, flip=flip) if cfg.augment else train[0]), train[1]
-        return ((xb, make_target(xb, yb)) for xb, yb in batches(x, y, cfg.batch_size, shuffle=True, generator=gen))
+        return ((xb, make_target(xb, yb))
+                for xb, yb in batches(x, y, cfg.batch_size, shuffle=True, generator=gen))
 
     def score(epoch: int, stats: dict[str, float]) -> dict:
         metrics = {"epoch": epoch, **stats}
         if val is not None and len(val[0]):
-            metrics.update({f"val_{k}": v for k, v in evaluate(model, batches(*val, 1024)).items() if k != "samples"})
+            metrics.update({f"val_{k}": v for k, v in evaluate(model, batches(*val, 1024)).items()
+                            if k != "samples"})
         return metrics
     return run_epochs(model, step, sched, range(1, cfg.epochs + 1), epoch_batches, score,
                       on_epoch_start=on_epoch_start, on_epoch=on_epoch)
@@ -205,7 +210,8 @@ def shown_views(train: Batch, view_logits: torch.Tensor, augment: bool, generato
 
 
 def run_epochs(model: nn.Module, step: StepFn, sched: torch.optim.lr_scheduler.LRScheduler, epochs: range,
-               epoch_batches: Callable[[int], Iterable[Batch]], score: Callable[[int, dict[str, float]], dict], *,
+               epoch_batches: Callable[[int], Iterable[Batch]],
+               score: Callable[[int, dict[str, float]], dict], *,
                history: list[dict] | None = None, on_epoch_start: Callable[[int], None] = lambda epoch: None,
                on_epoch: Callable[[dict], None] = lambda m: None) -> list[dict]:
     """The epoch loop of every way of training (in process here, on Ray Train workers, fine-

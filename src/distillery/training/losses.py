@@ -40,7 +40,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     term's gradients the same size as the hard term's when T changes.
     """
     t = temperature
-    soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits.detach() / t, dim=1),
+    soft = F.kl_div(F.log_softmax(student_logits / t, dim=1),
+                    F.log_softmax(teacher_logits.detach() / t, dim=1),
                     reduction="batchmean", log_target=True)
     if alpha == 1.0:  # the soft term alone: labels unused (-1 where the data has none)
         return t * t * soft

@@ -33,7 +33,8 @@ def labels_only(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def objective(model: nn.Module, train: TrainConfig, distill: DistillConfig, *, teacher: nn.Module | None = None,
+def objective(model: nn.Module, train: TrainConfig, distill: DistillConfig, *,
+              teacher: nn.Module | None = None,
               cached_logits: bool = False, hints: bool = True, image_shape: list[int] | None = None,
               num_classes: int | None = None) -> Objective:
     """The objective of `model`: distilled from `teacher` (or from cached logits), with the
@@ -47,8 +48,8 @@ def objective(model: nn.Module, train: TrainConfig, distill: DistillConfig, *, t
         return Objective(model, cross_entropy(train.label_smoothing), labels_only)
     if distill.hints and hints:
         assert image_shape is not None and num_classes is not None  # passed wherever hints may be on
-        wrapped, make_target, loss_fn = wrap_for_hints(model, teacher, distill.hints, image_shape, num_classes,
-                                                       distill.temperature, alpha)
+        wrapped, make_target, loss_fn = wrap_for_hints(model, teacher, distill.hints, image_shape,
+                                                       num_classes, distill.temperature, alpha)
         return Objective(wrapped, loss_fn, make_target)
     frozen = no_grad(teacher)
     return Objective(model, distillation(distill.temperature, alpha), lambda x, y: pack_target(y, frozen(x)))

@@ -59,7 +59,8 @@ from distillery.training.parallel import Strategy, make_strategy
 
 
 def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
-               on_epoch: Callable[[dict], None] = lambda m: None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+               on_epoch: Callable[[dict], None] = lambda m: None
+               ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Train `job` with Ray Train on the data of `run`; return (full model state_dict,
     per-epoch history); `on_epoch` gets each epoch's metrics in this process as the workers
     report them. `job` names the folders its workers read relative to the run.
@@ -103,7 +104,8 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
         checkpoint.verify(Path(folder), cfg.ray.workers)
         state = checkpoint.merged_model_state(Path(folder))
         history = [h | restarts.get(h["epoch"], {}) for h in checkpoint.read_history(Path(folder))]
-    _drop_unregistered(run.location_of(f"ray/{name}"), {Path(c.path).name for c, _ in result.best_checkpoints})
+    _drop_unregistered(run.location_of(f"ray/{name}"),
+                       {Path(c.path).name for c, _ in result.best_checkpoints})
     return state, history
 
 
@@ -191,17 +193,20 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # 1 thread per core: no oversubscription
     device = ray.train.torch.get_device()
-    strategy = make_strategy(job.train.parallelism, rank=rank, world_size=world, microbatches=job.train.microbatches)
+    strategy = make_strategy(job.train.parallelism, rank=rank, world_size=world,
+                             microbatches=job.train.microbatches)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     plain = _initial_model(root, job)
     sparsity = GradualSparsity(plain, job.prune, job.train.epochs) if job.prune else None
-    teacher = frozen_teacher(root / job.teacher_dir, device) if job.teacher_dir and not job.train_files else None
+    teacher = (frozen_teacher(root / job.teacher_dir, device) if job.teacher_dir and not job.train_files
+               else None)
     goal = objective(plain, job.train, cfg.distill, teacher=teacher, cached_logits=bool(job.train_files),
                      hints=job.hints, image_shape=job.image_shape, num_classes=job.spec["num_classes"])
     model = strategy.wrap(goal.model.to(device), job.spec)
 
     split = job.train.parallelism != "pipeline"
-    batch = math.ceil(job.train.batch_size / world) if split else job.train.batch_size  # same global batch as 1 worker
+    # same global batch as 1 worker
+    batch = math.ceil(job.train.batch_size / world) if split else job.train.batch_size
     rows = math.ceil(job.train_rows / world) if split else job.train_rows
     opt = make_optimizer(model, job.train)
     sched = make_scheduler(opt, job.train, math.ceil(rows / batch))
@@ -219,7 +224,8 @@ def train_worker(config: dict[str, Any]) -> None:
     def score(epoch: int, stats: dict[str, float]) -> dict[str, Any]:
         start = time.perf_counter()
         scores = _validate(strategy, model, val, device)
-        metrics = _epoch_metrics(epoch, stats, scores, stats["seconds"] + time.perf_counter() - start, world, split)
+        metrics = _epoch_metrics(epoch, stats, scores, stats["seconds"] + time.perf_counter() - start, world,
+                                 split)
         if epoch == first and history:
             metrics["resumed_from"] = first - 1  # evidence of a restart, kept in the history
         return metrics
@@ -305,11 +311,12 @@ def _validate(strategy: Strategy, model, val: tuple[torch.Tensor, torch.Tensor],
     return {"val_accuracy": (totals[0] / totals[2]).item(), "val_loss": (totals[1] / totals[2]).item()}
 
 
-def _epoch_metrics(epoch: int, stats: dict, val: dict, wall: float, world: int, split: bool) -> dict[str, Any]:
+def _epoch_metrics(epoch: int, stats: dict, val: dict, wall: float, world: int,
+                   split: bool) -> dict[str, Any]:
     """Gather per-worker throughput and the mean training loss to every rank."""
     has_loss = not math.isnan(stats["loss"])
-    mine = torch.tensor([stats["samples_per_s"], stats["samples"], stats["loss"] if has_loss else 0.0, float(has_loss)],
-                        dtype=torch.float64)
+    mine = torch.tensor([stats["samples_per_s"], stats["samples"], stats["loss"] if has_loss else 0.0,
+                         float(has_loss)], dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     per_worker = [round(t[0].item(), 1) for t in every]
@@ -320,10 +327,12 @@ def _epoch_metrics(epoch: int, stats: dict, val: dict, wall: float, world: int, 
             "epoch_seconds": round(wall, 3)}
 
 
-def _report(metrics: dict, strategy: Strategy, model, opt, sched, rank: int, world: int, history: list[dict]) -> None:
+def _report(metrics: dict, strategy: Strategy, model, opt, sched, rank: int, world: int,
+            history: list[dict]) -> None:
     """Every rank writes its share of the checkpoint; Ray merges and registers it."""
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint.write(Path(folder), rank=rank, world_size=world, epoch=metrics["epoch"], strategy=strategy,
-                         model=model, opt=opt, trainer_state={"scheduler": sched.state_dict()}, history=history)
+        checkpoint.write(Path(folder), rank=rank, world_size=world, epoch=metrics["epoch"],
+                         strategy=strategy, model=model, opt=opt,
+                         trainer_state={"scheduler": sched.state_dict()}, history=history)
         scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         ray.train.report(scalar, checkpoint=Checkpoint.from_directory(folder))

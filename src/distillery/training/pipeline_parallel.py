@@ -36,7 +36,8 @@ def split_points(spec: dict, num_stages: int, model: nn.Module) -> list[int]:
 
 
 @torch.no_grad()
-def _profile(layers: list[tuple[str, nn.Module]], in_shape: list[int]) -> tuple[list[int], list[tuple[int, ...]]]:
+def _profile(layers: list[tuple[str, nn.Module]],
+             in_shape: list[int]) -> tuple[list[int], list[tuple[int, ...]]]:
     """Per layer: MACs on one image and the per-image output shape (eval mode, modes restored)."""
     device = next((p.device for _, layer in layers for p in layer.parameters()), torch.device("cpu"))
     macs, shapes, x = [], [], torch.zeros(1, *in_shape, device=device)
@@ -90,7 +91,8 @@ class PipelineStageModule(nn.Sequential):
     wrap time so that stage shapes can be declared statically (no metadata exchange).
     """
 
-    def __init__(self, layers: list[tuple[str, nn.Module]], in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
+    def __init__(self, layers: list[tuple[str, nn.Module]], in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...]):
         super().__init__(*[m for _, m in layers])
         self.full_prefixes = [name for name, _ in layers]
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
@@ -174,8 +176,10 @@ class Pipeline:
             size, grads_in = n // m, training and self.rank > 0
             stage = PipelineStage(
                 model, stage_index=self.rank, num_stages=self.world_size, device=x.device,
-                input_args=torch.empty(size, *model.in_shape, dtype=x.dtype, requires_grad=grads_in, device=x.device),
-                output_args=torch.empty(size, *model.out_shape, dtype=x.dtype, requires_grad=training, device=x.device))
+                input_args=torch.empty(size, *model.in_shape, dtype=x.dtype, requires_grad=grads_in,
+                                       device=x.device),
+                output_args=torch.empty(size, *model.out_shape, dtype=x.dtype, requires_grad=training,
+                                        device=x.device))
             # A loss makes GPipe run backward; it reads the module's current loss so that a new
             # loss_fn per call (e.g. per epoch) reuses the schedule. GPipe sums the micro-batches'
             # backward, then scale_grads=True divides every grad by m (perform_reduce_grad): with

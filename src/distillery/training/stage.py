@@ -50,8 +50,8 @@ def import_teacher(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Pat
     got = imported.import_model(cfg.teacher.import_from, cfg.teacher.model, manifest["image_shape"],
                                 manifest["num_classes"])
     test = evaluate(got.model, batches(*splits["test"], EVAL_BATCH))
-    metrics = {**summarize(got.model, got.spec), "test_accuracy": test["accuracy"], "imported_from": str(got.source),
-               "imported_weights_sha256": got.sha256, "epochs": 0}
+    metrics = {**summarize(got.model, got.spec), "test_accuracy": test["accuracy"],
+               "imported_from": str(got.source), "imported_weights_sha256": got.sha256, "epochs": 0}
     files = got.save(run.root / "teacher")
     atomic_write_json(run.root / "teacher" / "metrics.json", {**metrics, "history": []})
     log(f"[teacher] imported from {got.source}: {metrics['kind']}, test accuracy {test['accuracy']:.2%}")
@@ -114,12 +114,14 @@ def cache_logits(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     manifest, _ = load_splits(run, ())
     run.verify_file("teacher/arch.json")
     files = cache_teacher_logits(cfg, run, manifest["image_shape"])
-    log(f"[teacher_logits] {manifest['counts']['train']['total']} rows -> {run.location_of('teacher_logits')}")
+    log(f"[teacher_logits] {manifest['counts']['train']['total']} rows -> "
+        f"{run.location_of('teacher_logits')}")
     return files, {"files": len(files)}
 
 
 def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, splits: dict,
-                teacher_dir: Path | None, on_epoch: Callable[[dict], None]) -> tuple[torch.nn.Module, list[dict]]:
+                teacher_dir: Path | None,
+                on_epoch: Callable[[dict], None]) -> tuple[torch.nn.Module, list[dict]]:
     """The same loop in this process, without Ray (`ray.workers: 0`): quick tests, debugging."""
     tcfg = cfg.stage_for(which).train
     seed_everything(cfg.seed)  # the initial weights too, not only the data order
@@ -134,18 +136,21 @@ def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, spl
     return model.cpu().eval(), history
 
 
-def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, manifest: dict, teacher_dir: Path | None,
-                  train_dir: str, on_epoch: Callable[[dict], None]) -> tuple[torch.nn.Module, list[dict]]:
+def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, manifest: dict,
+                  teacher_dir: Path | None, train_dir: str,
+                  on_epoch: Callable[[dict], None]) -> tuple[torch.nn.Module, list[dict]]:
     from distillery.training.on_ray import fit_on_ray  # the core never imports ray
 
-    rows = data.read_manifest(run.verify_file(f"{train_dir}/manifest.json").parent)["counts"]["train"]["total"]
+    train_manifest = data.read_manifest(run.verify_file(f"{train_dir}/manifest.json").parent)
+    rows = train_manifest["counts"]["train"]["total"]
     record = run.stage(which)
-    job = TrainJob(which=which, spec=spec, train=cfg.stage_for(which).train, image_shape=manifest["image_shape"],
-                   flip=_flips(manifest), train_rows=rows, teacher_dir="teacher" if teacher_dir else None,
-                   train_split_dir=train_dir)
+    job = TrainJob(which=which, spec=spec, train=cfg.stage_for(which).train,
+                   image_shape=manifest["image_shape"], flip=_flips(manifest), train_rows=rows,
+                   teacher_dir="teacher" if teacher_dir else None, train_split_dir=train_dir)
     if which == "student" and uses_logit_cache(cfg):
         rels = run.stage("teacher_logits")["files"]
-        job = job.model_copy(update={"teacher_dir": None, "train_files": [rel for rel in rels if run.verify_file(rel)]})
+        job = job.model_copy(update={"teacher_dir": None,
+                                     "train_files": [rel for rel in rels if run.verify_file(rel)]})
     # One Ray Train run per stage attempt: a crashed attempt resumes from its checkpoints,
     # a new attempt (changed config, --force) starts clean.
     name = f"{which}-{record['fingerprint']}-{record['attempt']}"
