@@ -84,10 +84,11 @@ def check_machines(cfg: PipelineConfig) -> None:
     if len(addresses) < 2:
         return
     if not storage.is_uri(cfg.storage_path) and not cfg.ray.shared_filesystem:
-        raise UserError(f"storage_path={cfg.storage_path!r} is a folder on this machine, but the cluster's nodes are "
-                        f"{len(addresses)} machines ({', '.join(addresses)}): workers elsewhere cannot read it. Use "
-                        "a bucket every node reaches (--set storage_path=s3://BUCKET/runs or gs://...), or, if the "
-                        "folder is a shared filesystem mounted at the same path on every node, --set "
+        raise UserError(f"storage_path={cfg.storage_path!r} is a folder on this machine, but the cluster's "
+                        f"nodes are {len(addresses)} machines ({', '.join(addresses)}): workers elsewhere "
+                        "cannot read it. Use a bucket every node reaches (--set "
+                        "storage_path=s3://BUCKET/runs or gs://...), or, if the folder is a shared "
+                        "filesystem mounted at the same path on every node, --set "
                         "ray.shared_filesystem=true")
     if cfg.serve.enabled:
         check_serve_host(cfg.serve, addresses)
@@ -98,16 +99,16 @@ def check_serve_host(serve: ServeConfig, addresses: list[str]) -> None:
     replicas on other machines at their node's address, and users reach the ingress from
     elsewhere); and the host this node's Ray was started with, or its gRPC listeners differ."""
     if len(addresses) > 1 and ingress.is_loopback(serve.host):
-        raise UserError(f"serve.host={serve.host} on a cluster of {len(addresses)} machines ({', '.join(addresses)}): "
-                        "HAProxy could not reach the replicas on other machines (every request would take Ray's "
-                        "slow fallback proxy) and no one off this machine could reach the ingress. Set "
-                        "serve.host=0.0.0.0 and start the nodes as cluster.yaml does (its firewall leaves only "
-                        "the ingress open to users)")
+        raise UserError(f"serve.host={serve.host} on a cluster of {len(addresses)} machines "
+                        f"({', '.join(addresses)}): HAProxy could not reach the replicas on other machines "
+                        "(every request would take Ray's slow fallback proxy) and no one off this machine "
+                        "could reach the ingress. Set serve.host=0.0.0.0 and start the nodes as "
+                        "cluster.yaml does (its firewall leaves only the ingress open to users)")
     node = os.environ.get(ingress.SERVE_HOST_VAR)
     if node and node != serve.host:
         console.say(f"[serve] warning: serve.host={serve.host} but this node's Ray was started with "
-                    f"{ingress.SERVE_HOST_VAR}={node}: Serve's gRPC listeners bind {node}; start the nodes with "
-                    f"{ingress.SERVE_HOST_VAR}={serve.host} (cluster.yaml)")
+                    f"{ingress.SERVE_HOST_VAR}={node}: Serve's gRPC listeners bind {node}; start the nodes "
+                    f"with {ingress.SERVE_HOST_VAR}={serve.host} (cluster.yaml)")
 
 
 def _init_local(cfg: PipelineConfig, quiet: dict) -> None:

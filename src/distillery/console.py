@@ -145,7 +145,8 @@ def progress(label: str, total: float, unit: str) -> Iterator[Callable[..., None
         tracker.close()
 
 
-def eta_text(done: float, total: float, elapsed: float, since_first: tuple[float, float] | None = None) -> str:
+def eta_text(done: float, total: float, elapsed: float,
+             since_first: tuple[float, float] | None = None) -> str:
     """'0:42 spent, about 1:10 left'. The rate is taken from the steps after the first when
     `since_first` = (seconds since the first step ended, steps done since) is given: a first
     epoch carries the start of Ray's workers, and would make the estimate minutes too long."""
@@ -194,8 +195,9 @@ class _LiveBar:
 
         if _state.bars is None:
             _state.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                   TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("spent, about"),
-                                   TimeRemainingColumn(), TextColumn("left {task.fields[note]}"), transient=True,
+                                   TextColumn("{task.fields[unit]}"), TimeElapsedColumn(),
+                                   TextColumn("spent, about"), TimeRemainingColumn(),
+                                   TextColumn("left {task.fields[note]}"), transient=True,
                                    console=_state.screen)
             _state.bars.start()
         _state.open_bars += 1
