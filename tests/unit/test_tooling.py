@@ -26,6 +26,8 @@ def test_the_layers_contract_is_kept():
 
 
 def test_ruff_finds_nothing():
+    """pyproject.toml's rules, line length (110) included: reflow by hand, since `ruff format`
+    grows src/ by a fifth and breaks the 400-line limit."""
     out = _run(str(BIN / "ruff"), "check", "--no-cache", *CHECKED)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-1000:]
 
@@ -34,13 +36,3 @@ def test_mypy_finds_nothing():
     """src/distillery type-checks (pyproject.toml's [tool.mypy]: its files, the pydantic plugin)."""
     out = _run(str(BIN / "mypy"))
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-1000:]
-
-
-def test_no_line_over_110_characters():
-    """No line over ruff's line-length (110, pyproject.toml) in any checked folder. Reflow by hand:
-    `ruff format` grows src/ by a fifth and breaks the 400-line limit."""
-    out = _run(str(BIN / "ruff"), "check", "--no-cache", "--select", "E501", "--output-format", "concise",
-               *CHECKED)
-    found = [line for line in out.stdout.splitlines() if " E501 " in line]
-    assert out.returncode == 0 and not found, f"{len(found)} line(s) over 110 characters:\n" + \
-        "\n".join(found[:20]) + out.stderr[-1000:]
