@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
+import ray.data
 import torch
 
 from distillery import data
@@ -44,8 +45,8 @@ def cache_teacher_logits(cfg: PipelineConfig, run: RunDir, image_shape: list[int
     # object store and may be gone by a restart. A lost actor fails the stage instead; running
     # again resumes the run at this stage (seconds of work).
     ds = read_shards(run, files).map_batches(
-        TeacherLogits, fn_constructor_kwargs=reader, batch_format="pyarrow", batch_size=1024, concurrency=1,
-        max_restarts=0)
+        TeacherLogits, fn_constructor_kwargs=reader, batch_format="pyarrow", batch_size=1024,
+        compute=ray.data.ActorPoolStrategy(size=1), max_restarts=0)
     # Written beside the final folder, then renamed: a crash leaves no half-written cache.
     out, tmp = run.root / "teacher_logits", run.root / "teacher_logits.partial"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -138,7 +138,7 @@ def read_shards(run: RunDir, rels: list[str]) -> ray.data.Dataset:
     return ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
         storage.read_verified_tables,  # type: ignore[arg-type]  # fn_kwargs gives it `location`
         fn_kwargs={"location": run.location}, batch_size=1, batch_format="pyarrow", num_cpus=0,
-        concurrency=STREAMING_READS)
+        compute=ray.data.TaskPoolStrategy(size=STREAMING_READS))
 
 
 STREAMING_READS = 4  # files read at once, across the cluster: each task holds one in memory
