@@ -323,11 +323,11 @@ def test_a_training_split_larger_than_the_head_s_object_store_streams_from_the_b
     assert sum(shards.values()) > store >= HEAD_OBJECT_STORE * 0.9
     reads = [t for t in cluster.state("tasks") if "read_verified_tables" in t["name"]
              and t["state"] == "FINISHED" and t.get("start_time_ms", 0) >= started * 1000]
+    readers = sorted({cluster.names()[t["node_id"]] for t in reads})
     print(f"{sum(shards.values()) / 2**20:.0f} MiB in {len(shards)} shards, head object store "
-          f"{store / 2**20:.0f} MiB; "
-          f"{len(reads)} read tasks on {sorted({cluster.names()[t['node_id']] for t in reads})}; "
-          f"{time.time() - started:.0f} s")
+          f"{store / 2**20:.0f} MiB; {len(reads)} read tasks on {readers}; {time.time() - started:.0f} s")
     assert len(reads) >= 2 * len(shards)  # each epoch read every shard again
+    assert "head" not in readers  # the data never crossed the driver's machine
     # Every training row reached the workers in each epoch (2 epochs are too few to score: not the point).
     rows = json.loads(get(bucket, "big/tiny/data/manifest.json"))["counts"]["train"]["total"]
     history = json.loads(get(bucket, "big/tiny/student_scratch/metrics.json"))["history"]

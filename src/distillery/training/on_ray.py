@@ -130,7 +130,8 @@ def read_shards(run: RunDir, rels: list[str]) -> ray.data.Dataset:
     Data keeps only a window of blocks in flight and reads them again each epoch. The read
     tasks reserve no CPU: Ray Data's own readers (`read_parquet`, `from_arrow`) each need a
     whole free CPU, which a cluster whose CPUs training workers and Serve replicas hold may
-    not have (the stage waited forever on a three-node test cluster), and a read is I/O."""
+    not have (the stage waited forever on a three-node test cluster), and a read is I/O. They
+    run on the other machines where there are any (`_away_from_the_driver`)."""
     if not run.remote:
         return ray.data.from_blocks([pq.read_table(run.root / rel) for rel in rels])
     recorded = run.manifest()["files"]
@@ -138,9 +139,20 @@ def read_shards(run: RunDir, rels: list[str]) -> ray.data.Dataset:
     return ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
         storage.read_verified_tables,  # type: ignore[arg-type]  # fn_kwargs gives it `location`
         fn_kwargs={"location": run.location}, batch_size=1, batch_format="pyarrow", num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=STREAMING_READS))
+        compute=ray.data.TaskPoolStrategy(size=STREAMING_READS), **_away_from_the_driver())
 
 
+def _away_from_the_driver() -> dict[str, Any]:
+    """Task options that keep a task off the driver's machine (a CPU-less head, on a cluster),
+    falling back to it where no other machine is up. A task that reserves no CPU may otherwise
+    run there: on the rig a third of the read tasks did, and their blocks then crossed the
+    head's link to the workers, through its object store."""
+    here = ray.get_runtime_context().get_node_id()
+    return {"label_selector": {NODE_ID_LABEL: f"!{here}"},
+            "fallback_strategy": [{"label_selector": {NODE_ID_LABEL: here}}]}
+
+
+NODE_ID_LABEL = "ray.io/node-id"  # a label Ray gives every node (its documented default labels)
 STREAMING_READS = 4  # files read at once, across the cluster: each task holds one in memory
 
 
