@@ -232,15 +232,16 @@ def test_a_local_storage_path_on_a_cluster_of_machines_fails_at_once_saying_what
 
 # Faults real clusters have, last in the module: each loses a machine for good.
 
-LOAD_S, KILL_AT_S, CLIENTS = 20.0, 6.0, 4
+LOAD_S, KILL_AT_S, CLIENTS = 30.0, 6.0, 4
 
 
 def test_losing_a_machine_while_serving_loses_only_what_it_had_in_flight(cluster, job):
     """Under steady load through the ingress (4 clients back to back, from this machine over
     the bridge), the machine holding one of the model's two replicas loses every process:
     the requests that fail are at most those in flight then, Serve starts a replacement on a
-    machine left, and the full rate is back within 30 s (the load goes on for 14 s after the
-    kill: the other replica's machine takes the load at once, the replacement starts in ~13 s)."""
+    machine left, and the full rate is back within 30 s (the load goes on for 24 s after the
+    kill: under the suite's load the replacement replica's start held the rate down for 14 s
+    and more, where alone the other machine took the load at once)."""
     bucket, _ = job
     model = SERVED
     before = replica_nodes(cluster, model)
@@ -334,9 +335,9 @@ def test_a_training_split_larger_than_the_head_s_object_store_streams_from_the_b
     assert [h["samples"] for h in history] == [rows, rows], (rows, history)
 
 
-# The head machine takes 20-30 s to start again on 2 cores (22 s, 27 s and 30 s measured): the
-# load runs past that.
-HEAD_LOAD_S, HEAD_KILL_AT_S, HEAD_DOWN_S = 40.0, 2.0, 5.0  # last in the module: the head goes
+# The head machine takes 20-35 s to start again on 2 cores (22 s to 32.5 s measured): the load
+# runs 40 s past its restart, and 3 s more.
+HEAD_LOAD_S, HEAD_KILL_AT_S, HEAD_DOWN_S = 50.0, 2.0, 5.0  # last in the module: the head goes
 
 
 def test_losing_the_head_machine_a_worker_s_ingress_keeps_answering(rig, cluster, job, redis):
@@ -370,7 +371,7 @@ def test_losing_the_head_machine_a_worker_s_ingress_keeps_answering(rig, cluster
     print(f"head loss: {len(failed)} failed of {len(samples)} through {entry}'s ingress; head down at "
           f"{down - t0:.1f} s, back at {back - t0:.1f} s; answered per second: {ok}")
     assert not failed, failed[:5]
-    assert back - t0 < HEAD_LOAD_S - 5 and all(n > 0 for n in ok[:int(HEAD_LOAD_S) - 1]), ok
+    assert back - t0 < HEAD_LOAD_S - 3 and all(n > 0 for n in ok[:int(HEAD_LOAD_S) - 1]), ok
     head_url, deadline = f"http://{cluster.ip('head')}:{INGRESS[0]}/v2/models/{model}/infer", time.time() + 90
     while not answers(head_url, body):
         assert time.time() < deadline, "the head's ingress did not come back within 90 s"
