@@ -19,7 +19,7 @@ replica included), pooled across replicas:
 
 Between decisions each replica spills a request under the default objective one rung faster
 for every `spill_at` of the objective that the replica is behind (forward-pass time already
-queued in it, or its oldest unanswered request's age if longer; `auto.Router.spill`): the
+queued in it, or its oldest unanswered request's age if longer; `auto_router.Router.spill`): the
 controller's signals lag a sudden rise by a report or more, by which time the queue has cost
 the objective. The spills keep the rung's own latency low, so the controller counts them.
 

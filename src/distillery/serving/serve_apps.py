@@ -4,11 +4,11 @@ Each model is its own application with route prefix `/v2/models/<name>`, so the 
 (HAProxy by default, see `ingress`; Ray's Python proxy as the fallback) hands a request
 straight to that model's replicas, whose own HTTP servers answer it. `auto`'s replicas hold
 every served model too (no hop to another actor) and pick one per request from the shared
-decision of `auto.AutoState`. The `/v2` app answers health, server metadata, and any model
+decision of `auto_router.AutoState`. The `/v2` app answers health, server metadata, and any model
 name that is not served (404).
 
     ingress -> /v2/models/<name>/...  -> Model replicas (dynamic batching, `batcher`)
-            -> /v2/models/auto/...    -> Auto replicas (every model, `auto.Router`) <-> AutoState
+            -> /v2/models/auto/...    -> Auto replicas (every model, `auto_router.Router`) <-> AutoState
             -> /v2/...                -> Server (health, metadata, unknown models)
 """
 
