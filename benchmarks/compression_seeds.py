@@ -32,8 +32,8 @@ from common import (
     table,
 )
 
+from distillery.core.roles import TRAINED, VARIANT
 from distillery.measure.accuracy import verdict
-from distillery.roles import TRAINED, VARIANT
 
 BRIEF_TIMING = ["compress.bench.latency_runs=20", "compress.bench.throughput_runs=1",
                 "compress.bench.modes=[eager]"]

@@ -33,8 +33,8 @@ from common import (
     table,
 )
 
+from distillery.core.roles import TRAINED
 from distillery.measure.accuracy import verdict
-from distillery.roles import TRAINED
 
 MODELS = ("teacher", "student_scratch", "student")
 STUDENT_VARIANTS = {"no augmentation (preset)": [], "augment=true": ["student.train.augment=true"]}

@@ -33,7 +33,7 @@ from serving import JSON, ONE, body, deploy, hey, hey_rounds, start_serve, stop_
 
 from distillery.artifacts import save_model  # noqa: E402
 from distillery.config import CNNConfig  # noqa: E402
-from distillery.files import atomic_write_json  # noqa: E402
+from distillery.core.files import atomic_write_json  # noqa: E402
 from distillery.models.architectures import build_model, make_spec  # noqa: E402
 
 CONCURRENCY = 32

@@ -41,7 +41,7 @@ from distillery import data  # noqa: E402
 from distillery.artifacts import save_model  # noqa: E402
 from distillery.compat import ingress  # noqa: E402
 from distillery.config import CNNConfig, ResNetConfig, ServeConfig  # noqa: E402
-from distillery.files import atomic_write_json  # noqa: E402
+from distillery.core.files import atomic_write_json  # noqa: E402
 from distillery.loadtest import generator  # noqa: E402
 from distillery.measure import timing  # noqa: E402
 from distillery.models.architectures import build_model, make_spec  # noqa: E402

@@ -83,7 +83,7 @@ def _train_loop_seconds(epoch: dict, rows: int, cfg) -> float:
 
 def ray_startup(storage: Path) -> float:
     """Seconds to start the local Ray instance the Ray variants share (paid once per process)."""
-    from distillery.cluster import ensure_ray
+    from distillery.run.cluster import ensure_ray
 
     start = time.perf_counter()
     ensure_ray(make_config(storage, "startup", ["ray.workers=2"]))

@@ -22,7 +22,7 @@ from conftest import copy_run, free_port
 from distillery import data
 from distillery.compat import ingress
 from distillery.config import ServeConfig
-from distillery.files import atomic_write_json, read_json
+from distillery.core.files import atomic_write_json, read_json
 
 KEY = "test-key-1234"
 

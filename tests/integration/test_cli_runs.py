@@ -6,7 +6,7 @@ import json
 from conftest import ROOT
 
 from distillery.cli.main import main
-from distillery.files import sha256_file
+from distillery.core.files import sha256_file
 from distillery.training import stage as training_stage
 
 TINY = str(ROOT / "configs" / "tiny.yaml")

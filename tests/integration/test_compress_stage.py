@@ -22,7 +22,7 @@ from conftest import ROOT, free_port
 
 from distillery import artifacts, data
 from distillery.cli.main import main
-from distillery.files import sha256_file
+from distillery.core.files import sha256_file
 from distillery.serving.predictor import catalog
 from distillery.training.loop import batches, evaluate
 

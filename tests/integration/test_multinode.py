@@ -26,7 +26,7 @@ from conftest import free_port, make_bucket
 from ray_nodes import BIN, Cluster, submit
 
 from distillery.compat import ingress
-from distillery.files import sha256_file
+from distillery.core.files import sha256_file
 
 SERVE_PORT = free_port()  # one Serve instance on this cluster
 COMMON = ["--config", "configs/tiny.yaml", "--set", "data.num_samples=1200",

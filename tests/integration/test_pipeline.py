@@ -19,7 +19,7 @@ import yaml
 from conftest import ROOT, free_port
 
 from distillery.cli.main import main
-from distillery.files import sha256_file
+from distillery.core.files import sha256_file
 from distillery.pipeline import stages
 
 TINY = str(ROOT / "configs" / "tiny.yaml")

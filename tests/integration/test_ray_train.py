@@ -134,7 +134,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
 def test_a_worker_that_always_fails_ends_the_stage_with_a_clear_error(tmp_path):
     """Every attempt fails at start-up (the model to fine-tune is damaged): after
     `ray.max_failures` restarts the stage stops with one line naming the cause, not a hang."""
-    from distillery.errors import TrainingFailed
+    from distillery.core.errors import TrainingFailed
     from distillery.models.architectures import make_spec
     from distillery.run.rundir import RunDir
     from distillery.training.job import TrainJob

@@ -33,7 +33,7 @@ from distillery import data
 from distillery.compat import ingress
 from distillery.compat.worker import worker_setup
 from distillery.config import ServeConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.loadtest import generator
 
 

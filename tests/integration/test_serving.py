@@ -32,7 +32,7 @@ from serving_helpers import (
 )
 
 from distillery.cli.main import main
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.serving.auto_policy import ladder
 from distillery.serving.predictor import Predictor, catalog
 
@@ -243,7 +243,7 @@ def test_a_stock_triton_client_works_in_json_and_binary(server):
 
 
 def test_tuning_picks_a_tried_setting_and_serve_build_uses_it(server, tmp_path):
-    from distillery.files import atomic_write_json
+    from distillery.core.files import atomic_write_json
     from distillery.loadtest import run as lt
     from distillery.serving import serve_apps
 
@@ -353,7 +353,7 @@ def test_a_served_cascade_answers_small_where_confident_else_large_row_by_row(se
     from ray import serve
 
     from distillery.compression.cascade import confidence
-    from distillery.files import read_json
+    from distillery.core.files import read_json
 
     base, run_dir, cfg = server
     arch = read_json(run_dir / "variants" / "cascade" / "arch.json")

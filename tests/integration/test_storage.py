@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT, STORE_SERVERS, make_bucket
 
 from distillery.config import load_config
-from distillery.errors import UserError
-from distillery.files import sha256_file
+from distillery.core.errors import UserError
+from distillery.core.files import sha256_file
 from distillery.pipeline.stages import run_stages
 from distillery.run import storage
 from distillery.run.rundir import RunDir

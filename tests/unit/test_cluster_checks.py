@@ -2,9 +2,9 @@
 
 import pytest
 
-from distillery.cluster import check_serve_host
 from distillery.config import ServeConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
+from distillery.run.cluster import check_serve_host
 
 
 def test_loopback_serving_is_refused_on_several_machines_and_fine_on_one(monkeypatch):
@@ -17,7 +17,7 @@ def test_loopback_serving_is_refused_on_several_machines_and_fine_on_one(monkeyp
 
 
 def test_a_serve_host_other_than_the_nodes_is_said(monkeypatch, capsys):
-    from distillery import console
+    from distillery.core import console
 
     console.configure(verbose=True, live=False)
     monkeypatch.setenv("DISTILLERY_SERVE_HOST", "0.0.0.0")

@@ -3,7 +3,7 @@ import yaml
 from conftest import ROOT
 
 from distillery.config import PipelineConfig, load_config, save_resolved
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 
 @pytest.mark.parametrize("preset", ["digits", "tiny", "cifar10", "folder", "transfer"])

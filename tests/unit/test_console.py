@@ -6,7 +6,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from distillery import console
+from distillery.core import console
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "src" / "distillery"
 # The modules that talk to Ray; everything else imports and runs without it.
 RAY_EDGE = {
-    "distillery.cluster",
+    "distillery.run.cluster",
     "distillery.compat.worker",
     "distillery.compat.logs",
     "distillery.training.on_ray",

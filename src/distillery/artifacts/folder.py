@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from distillery.errors import UserError
-from distillery.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.core.errors import UserError
+from distillery.core.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
 
 WEIGHTS_FILE = "model.safetensors"
 PROGRAM_FILE = "program.pt2"

@@ -35,8 +35,8 @@ from torch import nn
 
 from distillery.artifacts.folder import ARCH_FILE, WEIGHTS_FILE, read_arch, save_program
 from distillery.config.compress import Int8Dynamic, WeightOnly
-from distillery.errors import UserError
-from distillery.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.core.errors import UserError
+from distillery.core.files import atomic_path, atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.models.architectures import build_model
 from distillery.models.cascade import Cascade
 from distillery.models.exported import load_program

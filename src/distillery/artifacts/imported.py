@@ -26,8 +26,8 @@ from torch import nn
 
 from distillery import artifacts
 from distillery.artifacts import ARCH_FILE, save_model, save_program
-from distillery.errors import UserError
-from distillery.files import read_json, sha256_file
+from distillery.core.errors import UserError
+from distillery.core.files import read_json, sha256_file
 from distillery.models.architectures import build_model, make_spec
 from distillery.models.exported import load_program
 from distillery.run import storage

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from distillery import console
 from distillery.compat import environment
 from distillery.config import DATA_SOURCES, load_config
-from distillery.errors import TrainingFailed, UserError
-from distillery.roles import TRAINED
+from distillery.core import console
+from distillery.core.errors import TrainingFailed, UserError
+from distillery.core.roles import TRAINED
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from distillery import console
 from distillery.compat import environment, ingress
 from distillery.config import LoadTestConfig, load_config
-from distillery.errors import UserError
+from distillery.core import console
+from distillery.core.errors import UserError
 from distillery.run import storage
 from distillery.run.rundir import local_view
 
@@ -165,7 +165,7 @@ def _connect_ray() -> None:
     """Join the Ray instance that serves (for replica counts); go on without it if none."""
     import ray
 
-    from distillery import cluster
+    from distillery.run import cluster
 
     if not ray.is_initialized():
         try:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 HAPROXY_WRAPPER = "distillery-haproxy"  # console script: `haproxy_main` below
 # A node's listeners, one job each (docs/reliability.md): the user-facing ingress (HAProxy's HTTP

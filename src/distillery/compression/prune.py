@@ -16,7 +16,7 @@ import torch_pruning as tp
 from torch import nn
 
 from distillery.config.compress import PruneChannels
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import count_macs
 from distillery.models.shapes import layer_shapes, resize  # noqa: F401 (pruning's API)
 from distillery.models.sparsity import (  # noqa: F401

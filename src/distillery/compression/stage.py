@@ -18,18 +18,19 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from distillery import artifacts, console
+from distillery import artifacts
 from distillery.compression import cascade, prune
 from distillery.compression.steps import HANDLERS, Built, Context, Log, Work, accuracy, apply_steps, outcomes
 from distillery.config import PipelineConfig
 from distillery.config.compress import VariantConfig
-from distillery.errors import NotApplicable, UserError
-from distillery.files import atomic_write_json, read_json
+from distillery.core import console
+from distillery.core.errors import NotApplicable, UserError
+from distillery.core.files import atomic_write_json, read_json
+from distillery.core.roles import PARENT, SEARCHED, SHOWN, TRAINED, VARIANT, VARIANT_BASES
 from distillery.measure import frontier, timing
 from distillery.measure.accuracy import paired
 from distillery.models.architectures import build_model, count_macs, count_params
 from distillery.models.exported import ExportedModel
-from distillery.roles import PARENT, SEARCHED, SHOWN, TRAINED, VARIANT, VARIANT_BASES
 from distillery.run.rundir import RunDir
 from distillery.training.objective import frozen_teacher
 

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from distillery import artifacts, console
+from distillery import artifacts
 from distillery.compression import cascade, prune
 from distillery.config import PipelineConfig, TrainConfig
 from distillery.config.compress import (
@@ -34,10 +34,11 @@ from distillery.config.compress import (
     Step,
     WeightOnly,
 )
-from distillery.errors import NotApplicable, UserError
+from distillery.core import console
+from distillery.core.errors import NotApplicable, UserError
+from distillery.core.roles import TRAINED
 from distillery.models import quantized as quantize
 from distillery.models.architectures import build_model, count_macs
-from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir
 from distillery.training.job import TrainJob
 from distillery.training.loop import batches, epoch_lines, evaluate, fit, progress_line

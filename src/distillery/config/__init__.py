@@ -38,9 +38,9 @@ from distillery.config.sections import (  # noqa: F401 (the config's public name
     TorchvisionConfig,
     TrainConfig,
 )
-from distillery.errors import UserError
-from distillery.files import atomic_write_bytes
-from distillery.schema import Strict
+from distillery.core.errors import UserError
+from distillery.core.files import atomic_write_bytes
+from distillery.core.schema import Strict
 
 
 class StageConfig(Strict):

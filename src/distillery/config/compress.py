@@ -16,8 +16,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from distillery.roles import RESERVED_NAMES, VARIANT_BASES
-from distillery.schema import Strict
+from distillery.core.roles import RESERVED_NAMES, VARIANT_BASES
+from distillery.core.schema import Strict
 
 
 class StepConfig(Strict):

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from distillery.config.compress import Finetune, Int8Static, PruneChannels, Step, VariantConfig
-from distillery.schema import Strict
+from distillery.core.schema import Strict
 
 
 def _default_search_recipes() -> list[list]:

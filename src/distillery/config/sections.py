@@ -8,7 +8,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import Field, model_validator
 
-from distillery.schema import Strict
+from distillery.core.schema import Strict
 
 # Each has a loader registered in `data.sources` (a unit test keeps the two lists equal).
 DataSource = Literal["digits", "cifar10", "parquet", "synthetic", "folder"]

@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from distillery.config import DataConfig
+from distillery.core.errors import UserError
+from distillery.core.files import atomic_path, atomic_write_json, sha256_file
 from distillery.data.shards import (
     FORMAT,
     MANIFEST_FILE,
@@ -28,8 +30,6 @@ from distillery.data.shards import (
     read_manifest,
 )
 from distillery.data.sources import load_source
-from distillery.errors import UserError
-from distillery.files import atomic_path, atomic_write_json, sha256_file
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict:

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distillery.errors import UserError
-from distillery.files import read_json, verify_sha256
+from distillery.core.errors import UserError
+from distillery.core.files import read_json, verify_sha256
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FILE = "manifest.json"

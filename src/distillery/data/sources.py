@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distillery.config import DataConfig
+from distillery.core.errors import UserError
 from distillery.data.shards import SPLITS
-from distillery.errors import UserError
 
 MAX_CLASSES = 100_000  # same bound as DataConfig.num_classes; a stray huge label is a typo
 CIFAR_RECORD = 1 + 3 * 32 * 32  # label byte + 1024 R + 1024 G + 1024 B

@@ -12,7 +12,7 @@ import torch
 
 from distillery import data
 from distillery.config import PipelineConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.run.rundir import RunDir
 
 Log = Callable[[str], None]

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from distillery.files import atomic_write_bytes, atomic_write_json
+from distillery.core.files import atomic_write_bytes, atomic_write_json
 from distillery.loadtest import auto_scenario, generator
 from distillery.loadtest.plots import plot
 

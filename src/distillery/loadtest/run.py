@@ -20,10 +20,11 @@ import ray
 from ray import serve
 from ray.serve.schema import ReplicaState
 
-from distillery import console, data
+from distillery import data
 from distillery.config import LoadTestConfig
-from distillery.errors import UserError
-from distillery.files import read_json
+from distillery.core import console
+from distillery.core.errors import UserError
+from distillery.core.files import read_json
 from distillery.loadtest import auto_scenario, generator
 from distillery.loadtest.report import lost_text, write_report
 from distillery.measure import timing

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distillery import console
 from distillery.config import PipelineConfig
+from distillery.core import console
 from distillery.run.rundir import RunDir
 
 Log = Callable[[str], None]

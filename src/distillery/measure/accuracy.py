@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from distillery.roles import TRAINED
+from distillery.core.roles import TRAINED
 
 
 def distillation_gain(models: dict[str, dict[str, Any]],

@@ -25,9 +25,9 @@ from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from distillery.files import atomic_write_bytes, atomic_write_json
+from distillery.core.files import atomic_write_bytes, atomic_write_json
+from distillery.core.roles import ROLES
 from distillery.measure.accuracy import interval, verdict, with_interval, within_noise
-from distillery.roles import ROLES
 
 # What a choice reads, and what the report adds: the test accuracy.
 CHOICE_KEYS = ("name", "parent", "recipe", "val_accuracy", "params", "macs", "size_bytes", "best_mode",

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models import cnn, resnet, standard
 
 

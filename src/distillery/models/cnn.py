@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from distillery.config import CNNConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.spec import Positive, Spec
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 # What a plain program's archive holds, under its top-level folder.
 _PLAIN = re.compile(r"(archive_format|archive_version|byteorder|version|\.data/version"

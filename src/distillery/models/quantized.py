@@ -39,7 +39,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, 
 from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
 from distillery.config.compress import WeightOnly
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 QParams = dict[str, dict[str, Any]]  # observer name -> {scale, zero_point, dtype, qscheme, ...}
 MAX_BATCH = 65_536

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:

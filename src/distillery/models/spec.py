@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from distillery.schema import Strict
+from distillery.core.schema import Strict
 
 Positive = Annotated[int, Field(ge=1)]
 

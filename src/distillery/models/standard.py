@@ -19,7 +19,7 @@ from torch import nn
 
 from distillery.compat.torchvision import torchvision
 from distillery.config import TorchvisionConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.shapes import conv_like
 from distillery.models.spec import Spec
 

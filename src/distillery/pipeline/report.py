@@ -11,10 +11,10 @@ from typing import Any
 
 from distillery import data
 from distillery.config import PipelineConfig
-from distillery.files import atomic_write_bytes, read_json
+from distillery.core.files import atomic_write_bytes, read_json
+from distillery.core.roles import TRAINED
 from distillery.loadtest.generator import infer_body
 from distillery.measure.accuracy import results_table
-from distillery.roles import TRAINED
 
 
 def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any],

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from distillery import console
 from distillery.config import PipelineConfig
+from distillery.core import console
+from distillery.core.errors import UserError
+from distillery.core.roles import TRAINED
 from distillery.data import stage as data_stage
 from distillery.data.stage import load_splits
-from distillery.errors import UserError
 from distillery.pipeline import report
-from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir, fingerprint
 from distillery.training import stage as training_stage
 from distillery.training.stage import imported_digest
@@ -102,7 +102,7 @@ def run_stages(cfg: PipelineConfig, stages: list[str] | None = None, *, force: b
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         # A cluster job joins first: what cannot work across its machines (a local storage_path,
         # serving on loopback) is refused before a stage writes or runs anything.
-        from distillery.cluster import ensure_ray
+        from distillery.run.cluster import ensure_ray
 
         ensure_ray(cfg)
     run = RunDir.open(cfg)

@@ -1,2 +1,2 @@
-"""The run directory: a run's folder or object-store URI (`storage`) and its manifest of
-stages, fingerprints and verified files (`rundir`)."""
+"""A run: its folder or object-store URI (`storage`), its manifest of stages, fingerprints and
+verified files (`rundir`), and the Ray cluster it runs on (`cluster`)."""

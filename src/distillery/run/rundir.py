@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import PipelineConfig, save_resolved
-from distillery.errors import UserError
-from distillery.files import atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.core.errors import UserError
+from distillery.core.files import atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.run import storage
 
 _PACKAGES = ("distillery", "torch", "ray", "pyarrow", "torchao", "safetensors", "scikit-learn", "numpy")

@@ -28,8 +28,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from distillery.config.location import SCHEMES, check_location, is_uri  # noqa: F401 (storage.is_uri, ...)
-from distillery.errors import UserError
-from distillery.files import atomic_path, sha256_file
+from distillery.core.errors import UserError
+from distillery.core.files import atomic_path, sha256_file
 
 _BLOCK = 1 << 20
 

@@ -22,12 +22,12 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from distillery import console
-from distillery.cluster import ensure_ray
 from distillery.compat import environment
 from distillery.config import PipelineConfig
 from distillery.config.search import SpaceConfig
+from distillery.core import console
 from distillery.run import storage
+from distillery.run.cluster import ensure_ray
 from distillery.run.rundir import RunDir
 from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, flat, run_trial
 from distillery.training.epoch_feed import one_line

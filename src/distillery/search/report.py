@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distillery.files import atomic_write_bytes, atomic_write_json
+from distillery.core.files import atomic_write_bytes, atomic_write_json
 from distillery.measure import frontier
 from distillery.measure.accuracy import with_interval
 from distillery.search.budget import Bound, misses

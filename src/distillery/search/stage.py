@@ -15,17 +15,18 @@ from typing import Any
 
 import torch
 
-from distillery import artifacts, console
+from distillery import artifacts
 from distillery.compression.stage import measure, measure_trained
 from distillery.compression.steps import Context
 from distillery.config import PipelineConfig
+from distillery.core import console
+from distillery.core.errors import UserError
+from distillery.core.files import atomic_write_json
+from distillery.core.roles import SEARCHED, VARIANT
 from distillery.data.sources import flips_keep_class
-from distillery.errors import UserError
-from distillery.files import atomic_write_json
 from distillery.measure import timing
 from distillery.measure.accuracy import with_interval
 from distillery.models.architectures import count_macs
-from distillery.roles import SEARCHED, VARIANT
 from distillery.run.rundir import RunDir, fingerprint
 from distillery.search import budget, report
 from distillery.search.trial import COMPLETED, FAILED, STOPPED, TrialData, describe, model_macs

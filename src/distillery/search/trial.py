@@ -25,7 +25,7 @@ from distillery.compression import prune
 from distillery.compression.steps import HANDLERS, Context, Work, accuracy, apply_steps
 from distillery.config import CNNConfig, PipelineConfig
 from distillery.config.compress import VariantConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import build_model, count_macs, count_params, make_spec
 from distillery.training.loop import batches, evaluate, fit, seed_everything
 from distillery.training.losses import distillation

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 TABLE = "distillery"
 

@@ -11,10 +11,10 @@ import ray
 import yaml
 from ray import serve as ray_serve
 
-from distillery import console
-from distillery.cluster import check_serve_host, cluster_address, ensure_ray, machines
 from distillery.compat import ingress
-from distillery.files import atomic_write_bytes
+from distillery.core import console
+from distillery.core.files import atomic_write_bytes
+from distillery.run.cluster import check_serve_host, cluster_address, ensure_ray, machines
 from distillery.serving import auto_policy, prometheus, serve_apps
 from distillery.serving.predictor import catalog
 

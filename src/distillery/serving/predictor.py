@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from distillery import artifacts
-from distillery.errors import UserError
-from distillery.files import read_json
+from distillery.core.errors import UserError
+from distillery.core.files import read_json
+from distillery.core.roles import SEARCHED, TRAINED
 from distillery.measure import timing
 from distillery.models.runner import SERVABLE_MODES, runner
-from distillery.roles import SEARCHED, TRAINED
 from distillery.run import storage
 from distillery.run.rundir import local_view
 

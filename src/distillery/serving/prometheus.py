@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from distillery.files import atomic_write_bytes
+from distillery.core.files import atomic_write_bytes
 
 FILE = "prometheus.yml"
 

@@ -32,8 +32,8 @@ from starlette.responses import JSONResponse, Response
 
 from distillery.compat import ingress
 from distillery.config import ServeConfig
-from distillery.errors import UserError
-from distillery.files import atomic_write_json, read_json
+from distillery.core.errors import UserError
+from distillery.core.files import atomic_write_json, read_json
 from distillery.run import storage
 from distillery.serving import auto_policy, grpc_app, http
 from distillery.serving.auto_router import AutoState, Router, batchers

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 PREFIX = "ray_"  # Ray's exporter's prefix of application metrics
 Sample = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (name, sorted labels) -> value

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ray.train
 
-from distillery import console
+from distillery.core import console
 
 
 class EpochFeed(ray.train.UserCallback):

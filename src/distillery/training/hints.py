@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillery.config import HintConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.training.losses import LossFn, kd_loss, pack_target
 
 

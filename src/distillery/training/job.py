@@ -14,7 +14,7 @@ from pydantic import Field
 
 from distillery.config import TrainConfig
 from distillery.config.compress import PruneUnstructured
-from distillery.schema import Strict
+from distillery.core.schema import Strict
 
 
 class TrainJob(Strict):

@@ -12,9 +12,9 @@ import ray.data
 import torch
 
 from distillery import data
-from distillery.cluster import ensure_ray
 from distillery.config import PipelineConfig
 from distillery.run import storage
+from distillery.run.cluster import ensure_ray
 from distillery.run.rundir import RunDir
 from distillery.training.objective import frozen_teacher, no_grad
 from distillery.training.on_ray import read_shards, run_rels, worker_files

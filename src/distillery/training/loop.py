@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillery import console
 from distillery.config import TrainConfig
-from distillery.errors import UserError
+from distillery.core import console
+from distillery.core.errors import UserError
 from distillery.training.augment_views import apply_views, draw_views, identity_view, random_shift
 from distillery.training.losses import LossFn, cross_entropy, pack_target
 from distillery.training.objective import TargetFn, labels_only

@@ -30,14 +30,14 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from distillery import artifacts, data
-from distillery.cluster import ensure_ray
 from distillery.compat import environment
 from distillery.compat.logs import quiet_ray_train_logs
 from distillery.config import PipelineConfig, from_dict
-from distillery.errors import TrainingFailed
+from distillery.core.errors import TrainingFailed
 from distillery.models.architectures import build_model
 from distillery.models.sparsity import GradualSparsity
 from distillery.run import storage
+from distillery.run.cluster import ensure_ray
 from distillery.run.rundir import RunDir
 from distillery.training import checkpoint
 from distillery.training.epoch_feed import EpochFeed, epochs_and_failures, following, one_line

@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.training.data_parallel import FSDP, Replicated
 from distillery.training.losses import LossFn
 from distillery.training.pipeline_parallel import Pipeline

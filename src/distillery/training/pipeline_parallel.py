@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import stage_layers
 from distillery.training.losses import LossFn
 from distillery.training.model_state import cpu_copy, load_local_optim_state, local_optim_state

@@ -12,15 +12,16 @@ from typing import Any
 
 import torch
 
-from distillery import artifacts, console, data
+from distillery import artifacts, data
 from distillery.artifacts import imported, save_model
 from distillery.config import PipelineConfig
+from distillery.core import console
+from distillery.core.files import atomic_write_bytes, atomic_write_json
+from distillery.core.roles import TRAINED
 from distillery.data.sources import flips_keep_class
 from distillery.data.stage import load_splits
-from distillery.files import atomic_write_bytes, atomic_write_json
 from distillery.measure.accuracy import distillation_gain, results_table, with_interval
 from distillery.models.architectures import build_model, describe, make_spec, summarize
-from distillery.roles import TRAINED
 from distillery.run.rundir import RunDir
 from distillery.training.job import TrainJob
 from distillery.training.loop import batches, epoch_lines, evaluate, fit, pick_device, seed_everything

@@ -14,8 +14,8 @@ from conftest import ROOT
 from distillery import artifacts
 from distillery.artifacts import save_model
 from distillery.config import CNNConfig
-from distillery.errors import UserError
-from distillery.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file, verify_sha256
+from distillery.core.errors import UserError
+from distillery.core.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file, verify_sha256
 from distillery.models.architectures import build_model, make_spec
 
 
@@ -129,7 +129,7 @@ def test_write_killed_midway_leaves_the_previous_file(tmp_path):
     atomic_write_bytes(target, b"old contents")
     script = textwrap.dedent(f"""
         import sys, time
-        from distillery.files import atomic_path
+        from distillery.core.files import atomic_path
         with atomic_path({str(target)!r}) as tmp:
             with open(tmp, "wb") as f:
                 f.write(b"x" * 4096); f.flush()

@@ -14,7 +14,7 @@ from distillery import artifacts
 from distillery.artifacts.imported import import_model
 from distillery.compat.torchvision import torchvision
 from distillery.config import ResNetConfig, TorchvisionConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import build_model, make_spec
 from distillery.models.exported import load_program
 

@@ -67,7 +67,7 @@ def test_data_prepare_command(tmp_path, capsys):
 def test_serving_a_finished_run_may_name_another_cluster_but_not_retrain(tmp_path):
     """A run made on one cluster (its config records `ray.address`) served on another."""
     from distillery.cli.serve import _run_config
-    from distillery.errors import UserError
+    from distillery.core.errors import UserError
 
     (tmp_path / "config.yaml").write_text((ROOT / "configs" / "tiny.yaml").read_text()
                                           + "ray: {address: 10.0.0.1:6379}\n")

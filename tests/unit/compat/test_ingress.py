@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from distillery.compat import ingress
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 # What Ray 2.60 renders (abridged): the frontend on the configured host, stats and Prometheus on
 # every interface.

@@ -12,7 +12,7 @@ from distillery.compression.stage import check_recipes
 from distillery.config import CNNConfig, ResNetConfig
 from distillery.config.compress import Cascade as CascadeStep
 from distillery.config.compress import CompressConfig, Int8Dynamic, VariantConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import build_model, make_spec
 
 IN_SHAPE = [1, 8, 8]

@@ -22,7 +22,7 @@ from distillery import artifacts
 from distillery.artifacts import ARCH_FILE, WEIGHTS_FILE
 from distillery.compression import prune
 from distillery.config.compress import Int8Dynamic, PruneChannels, PruneUnstructured, WeightOnly
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models import quantized as quantize
 
 

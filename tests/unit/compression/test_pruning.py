@@ -14,7 +14,7 @@ from distillery.artifacts import save_model
 from distillery.compression import prune
 from distillery.compression.stage import check_recipes
 from distillery.config.compress import PruneChannels, PruneUnstructured
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import build_model, count_macs
 
 

@@ -8,7 +8,7 @@ from compression_models import BASES, IN_SHAPE, variant_configs
 from distillery.compression.stage import check_recipes
 from distillery.config import from_dict
 from distillery.config.compress import VariantConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import build_model, make_spec
 
 STEP_PATH = "compress.variants.0.steps.0"

@@ -10,7 +10,7 @@ from distillery.compression import prune
 from distillery.compression.stage import check_recipes
 from distillery.config import CNNConfig, TorchvisionConfig, from_dict
 from distillery.config.compress import PruneChannels
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import build_model, make_spec
 from distillery.models.exported import ExportedModel
 

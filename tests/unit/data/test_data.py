@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 
 from distillery import data
 from distillery.config import DataConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 
 def _shas(manifest: dict) -> list[str]:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from distillery import data
 from distillery.config import DataConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 
 def _png(path, value: int, size=(12, 10), mode="L") -> None:

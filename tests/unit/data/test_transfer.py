@@ -8,7 +8,7 @@ from PIL import Image
 
 from distillery import data
 from distillery.config import DataConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 SYNTHETIC = {"source": "synthetic", "image_shape": [1, 8, 8], "num_classes": 4, "num_samples": 240}
 

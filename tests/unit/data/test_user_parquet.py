@@ -13,7 +13,7 @@ import torch
 
 from distillery import data
 from distillery.config import DataConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 
 def _user_table(n=60, length=64, fixed=False) -> dict:

@@ -6,7 +6,7 @@ import torch
 
 from distillery import data
 from distillery.config import DataConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.loadtest.run import images_to_send
 
 

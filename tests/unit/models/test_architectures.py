@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from distillery.config import CNNConfig, ResNetConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import build_model, count_macs, count_params, make_spec, summarize
 
 

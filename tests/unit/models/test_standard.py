@@ -5,7 +5,7 @@ import torch
 
 from distillery.compat.torchvision import torchvision
 from distillery.config import TorchvisionConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import build_model, make_spec
 from distillery.models.standard import names
 

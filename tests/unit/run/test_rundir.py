@@ -6,7 +6,7 @@ import json
 import pytest
 
 from distillery.config import load_config
-from distillery.files import sha256_file
+from distillery.core.files import sha256_file
 from distillery.pipeline.stages import fingerprints
 from distillery.run.rundir import RunDir
 

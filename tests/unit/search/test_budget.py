@@ -53,7 +53,7 @@ def test_a_budget_nothing_meets_names_the_closest_model_and_what_it_misses():
                                        ({"max_p50_ms": -1.0}, "max_p50_ms")])
 def test_a_wrong_budget_is_refused_naming_the_key(bad, word):
     from distillery.config import load_config
-    from distillery.errors import UserError
+    from distillery.core.errors import UserError
 
     key, value = next(iter(bad.items()))
     with pytest.raises(UserError, match=word):
@@ -66,7 +66,7 @@ def test_a_wrong_budget_is_refused_naming_the_key(bad, word):
     ("[[{kind: int8_static}, {kind: prune_unstructured, sparsity: 0.5}]]", "must be the last")])
 def test_a_wrong_search_recipe_is_refused_before_any_trial(recipe, words):
     from distillery.config import load_config
-    from distillery.errors import UserError
+    from distillery.core.errors import UserError
 
     with pytest.raises(UserError, match=words):
         load_config(None, [f"search.space.recipe={recipe}"])

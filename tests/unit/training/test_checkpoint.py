@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distillery.config import CNNConfig, TrainConfig
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import build_model, make_spec
 from distillery.training import checkpoint
 from distillery.training.loop import make_optimizer

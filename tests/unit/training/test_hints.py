@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from distillery.config import CNNConfig, HintConfig, ResNetConfig, TrainConfig, load_config
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import build_model, make_spec
 from distillery.training.hints import wrap_for_hints
 from distillery.training.loop import fit

@@ -79,7 +79,7 @@ def test_batches_cover_everything_once():
 
 
 def test_device_selection_on_a_cpu_machine():
-    from distillery.errors import UserError
+    from distillery.core.errors import UserError
     from distillery.training.loop import pick_device
 
     assert pick_device(False) == torch.device("cpu")

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tiny_models import CONFIGS, assert_same_state, fixed_data, model_of, spec_of
 
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 from distillery.models.architectures import stage_layers
 from distillery.training.parallel import make_strategy
 from distillery.training.pipeline_parallel import microbatch_count, split_points

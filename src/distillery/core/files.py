@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distillery.errors import UserError
+from distillery.core.errors import UserError
 
 
 def sha256_file(path: str | Path) -> str:

@@ -13,11 +13,11 @@ import os
 import ray
 import ray.data
 
-from distillery import console
 from distillery.compat import environment, ingress, logs
 from distillery.compat.worker import worker_setup
 from distillery.config import PipelineConfig, ServeConfig
-from distillery.errors import UserError
+from distillery.core import console
+from distillery.core.errors import UserError
 from distillery.run import storage
 
 
