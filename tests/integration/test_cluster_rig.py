@@ -59,7 +59,8 @@ INGRESS = (8000, 8001)    # serve.port, serve.grpc_port: their defaults, each ma
 HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000",
                  "RAY_health_check_failure_threshold": "3"}
 # The job's variants: no fine-tuning (a Ray Train run each; the students' runs already train
-# across the machines), so the rig's time goes to what only a cluster shows.
+# across the machines), and its students one epoch each (nothing here scores them), so the
+# rig's time goes to what only a cluster shows.
 QUICK_VARIANTS = ("[{name: int8, steps: [{kind: int8_static, calibration_samples: 64}]},"
                   " {name: cascade, steps: [{kind: cascade, to: teacher}]}]")
 SERVED = "student"  # the one model the job serves (two replicas, one on each worker machine)
@@ -122,7 +123,7 @@ def cluster(rig, s3, redis, tmp_path_factory):
 def job(rig, cluster):
     """The tiny pipeline submitted from the client machine; (bucket, the job's result)."""
     bucket = make_bucket("rig")
-    args = [*COMMON, "--set", f"storage_path={bucket}/runs",
+    args = [*COMMON, "--set", f"storage_path={bucket}/runs", "--set", "student.train.epochs=1",
             "--set", "serve.min_replicas=2", "--set", "serve.num_cpus=0.1", "--set", "serve.auto=false",
             "--set", "serve.proxy_location=EveryNode",
             "--set", "loadtest.concurrency=[2]", "--set", "loadtest.ramp=[]", "--set", "loadtest.adaptive=[]",
@@ -309,11 +310,12 @@ def test_a_training_machine_lost_then_another_partitioned_training_resumes_each_
 def test_a_training_split_larger_than_the_head_s_object_store_streams_from_the_bucket(rig, cluster, job,
                                                                                       tmp_path):
     """Synthetic 3x96x96 images, their training split larger than the head's whole object store:
-    read tasks stream it from the bucket, shard by shard, every epoch."""
+    read tasks on the worker machines stream it from the bucket, shard by shard. One epoch: the
+    job's runs already stream their split again in every epoch, across these machines."""
     bucket, _ = job
     cmd = _driver_on_the_head(rig, cluster, bucket, "big", tmp_path, "data.image_shape=[3,96,96]",
                               "data.num_samples=1000", "data.val_fraction=0.05", "data.test_fraction=0.1",
-                              "data.shard_rows=100", model="student_scratch")
+                              "data.shard_rows=100", "student.train.epochs=1", model="student_scratch")
     started = time.time()
     run = subprocess.run(cmd, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
@@ -327,52 +329,60 @@ def test_a_training_split_larger_than_the_head_s_object_store_streams_from_the_b
     readers = sorted({cluster.names()[t["node_id"]] for t in reads})
     print(f"{sum(shards.values()) / 2**20:.0f} MiB in {len(shards)} shards, head object store "
           f"{store / 2**20:.0f} MiB; {len(reads)} read tasks on {readers}; {time.time() - started:.0f} s")
-    assert len(reads) >= 2 * len(shards)  # each epoch read every shard again
+    assert len(reads) >= len(shards)  # every shard read
     assert "head" not in readers  # the data never crossed the driver's machine
-    # Every training row reached the workers in each epoch (2 epochs are too few to score: not the point).
+    # Every training row reached the workers (one epoch is too few to score: not the point).
     rows = json.loads(get(bucket, "big/tiny/data/manifest.json"))["counts"]["train"]["total"]
     history = json.loads(get(bucket, "big/tiny/student_scratch/metrics.json"))["history"]
-    assert [h["samples"] for h in history] == [rows, rows], (rows, history)
+    assert [h["samples"] for h in history] == [rows], (rows, history)
 
 
-# The head machine takes 20-35 s to start again on 2 cores (22 s to 32.5 s measured): the load
-# runs 40 s past its restart, and 3 s more.
-HEAD_LOAD_S, HEAD_KILL_AT_S, HEAD_DOWN_S = 50.0, 2.0, 5.0  # last in the module: the head goes
+# The head machine takes 20-35 s to start again on 2 cores (22 s to 32.5 s measured), and its
+# ingress a few more: the load goes on until the head's ingress answers, and 3 s more (at most
+# HEAD_LOAD_S in all).
+HEAD_LOAD_S, HEAD_KILL_AT_S, HEAD_DOWN_S, AFTER_S = 150.0, 2.0, 5.0, 3.0  # last in the module: the head goes
 
 
 def test_losing_the_head_machine_a_worker_s_ingress_keeps_answering(rig, cluster, job, redis):
     """With the GCS's state in an external Redis and an ingress on every node that holds
     replicas, the head machine loses every process (GCS, Serve's controller, its ingress) for
-    5 s and starts again (20-30 s more): requests through a worker machine's ingress are answered every
-    second, while the head is down and after it is back; then the head's ingress answers too."""
+    5 s and starts again (20-30 s more): requests through a worker machine's ingress are
+    answered every second while the head is down, while it starts again, until the head's own
+    ingress answers again, and after."""
     if redis is None:
         pytest.skip("no redis-server here (Debian's redis-server; .ci/run installs it)")
     bucket, _ = job
     model = SERVED
     entry = next(n for n in ingress_nodes(rig, cluster, INGRESS[0]) if n != "head")
     body = get(bucket, "runs/tiny/serve/request.json")
-    load = generator.closed_loop(f"http://{cluster.ip(entry)}:{INGRESS[0]}/v2/models/{model}/infer", body,
-                                 CLIENTS, HEAD_LOAD_S, {"content-type": "application/json"}, timeout_s=30)
+    head_url = f"http://{cluster.ip('head')}:{INGRESS[0]}/v2/models/{model}/infer"
 
     async def load_and_lose_the_head():
-        task = asyncio.ensure_future(load)
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(generator.closed_loop(
+            f"http://{cluster.ip(entry)}:{INGRESS[0]}/v2/models/{model}/infer", body, CLIENTS, HEAD_LOAD_S,
+            {"content-type": "application/json"}, timeout_s=30, stop=stop))
         await asyncio.sleep(HEAD_KILL_AT_S)
         down = time.perf_counter()
         cluster.kill(cluster.head)
         await asyncio.sleep(HEAD_DOWN_S)
         await asyncio.to_thread(cluster.start_head)  # the same machine, started again
-        back = time.perf_counter()
-        return await task, down, back
+        back, deadline = time.perf_counter(), time.time() + 90
+        while not await asyncio.to_thread(answers, head_url, body):
+            assert time.time() < deadline, "the head's ingress did not come back within 90 s"
+            await asyncio.sleep(1)
+        answering = time.perf_counter()
+        await asyncio.sleep(AFTER_S)
+        stop.set()
+        return await task, down, back, answering
 
     t0 = time.perf_counter()
-    samples, down, back = asyncio.run(load_and_lose_the_head())
+    samples, down, back, answering = asyncio.run(load_and_lose_the_head())
     ok = [r["ok"] for r in generator.per_second(samples)]
     failed = [s for s in samples if s.status != 200]
     print(f"head loss: {len(failed)} failed of {len(samples)} through {entry}'s ingress; head down at "
-          f"{down - t0:.1f} s, back at {back - t0:.1f} s; answered per second: {ok}")
+          f"{down - t0:.1f} s, back at {back - t0:.1f} s, its ingress answering at {answering - t0:.1f} s; "
+          f"answered per second: {ok}")
     assert not failed, failed[:5]
-    assert back - t0 < HEAD_LOAD_S - 3 and all(n > 0 for n in ok[:int(HEAD_LOAD_S) - 1]), ok
-    head_url, deadline = f"http://{cluster.ip('head')}:{INGRESS[0]}/v2/models/{model}/infer", time.time() + 90
-    while not answers(head_url, body):
-        assert time.time() < deadline, "the head's ingress did not come back within 90 s"
-        time.sleep(1)
+    assert max(s.sent for s in samples) >= answering - t0  # the load outlasted the head's return
+    assert all(n > 0 for n in ok[:-1]), ok  # every whole second

@@ -87,14 +87,15 @@ def _session(connections: int, timeout_s: float) -> aiohttp.ClientSession:
 
 
 async def closed_loop(url: str, body: bytes, concurrency: int, duration_s: float, headers: dict,
-                      timeout_s: float = 60.0) -> list[Sample]:
-    """`concurrency` clients back to back for `duration_s` (requests in flight at the end finish)."""
+                      timeout_s: float = 60.0, stop: asyncio.Event | None = None) -> list[Sample]:
+    """`concurrency` clients back to back for `duration_s`, or until `stop` is set if sooner
+    (requests in flight at the end finish)."""
     samples: list[Sample] = []
     async with _session(concurrency, timeout_s) as session:
         t0 = time.perf_counter()
 
         async def client() -> None:
-            while time.perf_counter() - t0 < duration_s:
+            while time.perf_counter() - t0 < duration_s and not (stop and stop.is_set()):
                 samples.append(await _send(session, url, body, headers, t0, time.perf_counter() - t0))
         await asyncio.gather(*(client() for _ in range(concurrency)))
     return samples

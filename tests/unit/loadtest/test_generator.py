@@ -30,36 +30,57 @@ def test_a_failing_load_raises_in_the_caller():
         generator.run_niced(load())
 
 
-def test_the_open_loop_sends_on_schedule_without_waiting_for_answers():
-    """A real server on 127.0.0.1 that takes 2 s per answer: an open loop of 10 requests/s for
-    1 s sends all ten before the first answer, and counts latency from the scheduled time."""
+async def _with_server(answer_s: float, load, on_request=lambda: None):
+    """`load(url)` against a real server on 127.0.0.1 that calls `on_request()` on each request
+    and answers it after `answer_s` seconds."""
     from aiohttp import web
 
-    async def load():
-        async def slow(request):
-            await request.read()
-            await asyncio.sleep(2.0)
-            return web.Response(text='{"parameters":{"variant":"slow"}}', content_type="application/json")
+    async def slow(request):
+        await request.read()
+        on_request()
+        await asyncio.sleep(answer_s)
+        return web.Response(text='{"parameters":{"variant":"slow"}}', content_type="application/json")
 
-        app = web.Application()
-        app.router.add_post("/v2/models/m/infer", slow)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            return await generator.open_loop(f"http://127.0.0.1:{port}/v2/models/m/infer", b"{}",
-                                             [(1.0, 10.0)], {})
-        finally:
-            await runner.cleanup()
+    app = web.Application()
+    app.router.add_post("/v2/models/m/infer", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        return await load(f"http://127.0.0.1:{port}/v2/models/m/infer")
+    finally:
+        await runner.cleanup()
 
-    samples = generator.run_niced(load())
+
+def test_the_open_loop_sends_on_schedule_without_waiting_for_answers():
+    """A server that takes 2 s per answer: an open loop of 10 requests/s for 1 s sends all ten
+    before the first answer, and counts latency from the scheduled time."""
+    samples = generator.run_niced(_with_server(2.0, lambda url: generator.open_loop(url, b"{}", [(1.0, 10.0)],
+                                                                                     {})))
     assert [s.status for s in samples] == [200] * 10 and {s.variant for s in samples} == {"slow"}
     assert [s.scheduled for s in samples] == pytest.approx([i / 10 for i in range(10)])
     first_answer = min(s.scheduled + s.latency_ms / 1e3 for s in samples)
     assert max(s.sent for s in samples) < first_answer  # a closed loop would send one at a time
     assert all(s.sent >= s.scheduled and s.latency_ms >= 2000 for s in samples)
+
+
+def test_a_closed_loop_ends_when_told_to_stop_and_sends_nothing_after():
+    """Two clients back to back, for at most 60 s, told to stop when the server has received its
+    10th request: the load ends with what was in flight then (the 10th, and at most one more
+    already sent), and sends nothing after."""
+    stop, received = asyncio.Event(), []
+
+    def count() -> None:
+        received.append(1)
+        if len(received) == 10:
+            stop.set()
+
+    samples = generator.run_niced(_with_server(
+        0.01, lambda url: generator.closed_loop(url, b"{}", 2, 60.0, {}, stop=stop), count))
+    assert 10 <= len(samples) <= 11 and len(received) == len(samples), (len(samples), len(received))
+    assert all(s.status == 200 for s in samples)
 
 
 def test_lost_requests_are_named_by_what_went_wrong():
