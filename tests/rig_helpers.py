@@ -6,6 +6,7 @@ lines without starting its cluster twice."""
 import json
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from conftest import ROOT
 from netns_rig import Rig
@@ -43,9 +44,9 @@ def _train_and_lose_machines(rig: Rig, cluster: Cluster, bucket: str, prefix: st
                              tmp_path) -> dict:
     """The teacher trained again into `prefix` by a driver on the head machine; for each
     (epoch, lose) of `losses`, once `epoch` epochs are registered in the bucket, `lose(node)`
-    takes the machine of one of its two workers away and a fresh machine joins (STRICT_SPREAD:
-    two workers need two live nodes). Returns the stage's metrics once it finished, checking
-    the driver said what happened."""
+    takes the machine of one of its two workers away while a fresh machine boots and joins
+    (STRICT_SPREAD: two workers need two live nodes), as an autoscaler would start one.
+    Returns the stage's metrics once it finished, checking the driver said what happened."""
     cmd = _driver_on_the_head(rig, cluster, bucket, prefix, tmp_path)
     run = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
@@ -63,8 +64,11 @@ def _train_and_lose_machines(rig: Rig, cluster: Cluster, bucket: str, prefix: st
                                  f"epoch(s), waiting for {epoch} (free CPUs: {cluster.free_cpus()}): "
                                  + run.stdout.read()[-3000:])
         names, lost = cluster.names(), time.time()
-        lose(next(n for n in cluster.workers if names.get(next(iter(training))) == n.name))
-        cluster.add_nodes(1)
+        victim = next(n for n in cluster.workers if names.get(next(iter(training))) == n.name)
+        with ThreadPoolExecutor(1) as boot:  # the fresh machine boots while Ray notices the loss
+            fresh = boot.submit(cluster.add_nodes, 1)
+            lose(victim)
+            fresh.result()
         print(f"{prefix}: {epoch} epochs after {lost - started:.0f} s, a machine lost in "
               f"{time.time() - lost:.0f} s")
     out, _ = run.communicate(timeout=400)
