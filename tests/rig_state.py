@@ -1,6 +1,6 @@
 """What test_cluster_rig.py reads of the rig's machines and bucket: objects in the S3 bucket,
 HAProxy's stats through its admin socket, a machine's TCP listeners and ingress, where a
-model's replicas run."""
+model's replicas run, when a load's rate is full again."""
 
 import contextlib
 import secrets
@@ -14,6 +14,8 @@ from pathlib import Path
 import boto3
 from netns_rig import Rig
 from ray_nodes import Cluster
+
+from distillery.loadtest import generator
 
 
 def get(bucket: str, rel: str) -> bytes:
@@ -125,3 +127,19 @@ def wait_for_replacement(cluster: Cluster, model: str, lost: str, timeout: float
             return time.perf_counter() - start
         time.sleep(0.5)
     raise AssertionError(f"no replacement replica for {model} within {timeout} s")
+
+
+# The full rate is back after a loss once FULL_FOR_S seconds in a row each answer at least
+# FULL_SHARE of the median rate before it (the 2 cores make single seconds noisy: a replacement
+# replica's start takes CPU too).
+FULL_FOR_S, FULL_SHARE = 3, 0.8
+
+
+def full_rate_again(samples: list, kill: float) -> tuple[int | None, int]:
+    """(the first whole second after `kill` from which the rate is full again, or None; the full
+    rate): whole seconds only, the last (part of one) left out."""
+    ok = [r["ok"] for r in generator.per_second(samples)]
+    full = sorted(ok[:int(kill)])[int(kill) // 2]
+    back = next((s for s in range(int(kill) + 1, len(ok) - FULL_FOR_S)
+                 if sum(ok[s:s + FULL_FOR_S]) >= FULL_FOR_S * FULL_SHARE * full), None)
+    return back, full

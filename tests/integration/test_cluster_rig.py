@@ -30,7 +30,9 @@ from rig_helpers import (
     _train_and_lose_machines,
 )
 from rig_state import (
+    FULL_FOR_S,
     answers,
+    full_rate_again,
     get,
     ingress_nodes,
     listening,
@@ -233,33 +235,40 @@ def test_a_local_storage_path_on_a_cluster_of_machines_fails_at_once_saying_what
 
 # Faults real clusters have, last in the module: each loses a machine for good.
 
-LOAD_S, KILL_AT_S, CLIENTS = 30.0, 6.0, 4
+# The load stops once the full rate is back (rig_state.full_rate_again) and the replacement
+# runs, at most LOAD_S in all: long enough to see the rate back within the 30 s the issue allows.
+KILL_AT_S, CLIENTS = 6.0, 4
+LOAD_S = KILL_AT_S + 30 + FULL_FOR_S + 1
 
 
 def test_losing_a_machine_while_serving_loses_only_what_it_had_in_flight(cluster, job):
     """Under steady load through the ingress (4 clients back to back, from this machine over
     the bridge), the machine holding one of the model's two replicas loses every process:
     the requests that fail are at most those in flight then, Serve starts a replacement on a
-    machine left, and the full rate is back within 30 s (the load goes on for 24 s after the
-    kill: under the suite's load the replacement replica's start held the rate down for 14 s
-    and more, where alone the other machine took the load at once)."""
+    machine left, and the full rate is back within 30 s (under the suite's load the
+    replacement replica's start held the rate down for 13 s, where alone the other machine
+    took the load at once)."""
     bucket, _ = job
     model = SERVED
     before = replica_nodes(cluster, model)
     assert len(set(before)) == 2, before
     victim = next(n for n in cluster.workers if n.name == cluster.names()[before[0]])
-    load = generator.closed_loop(f"http://{cluster.ip('head')}:{INGRESS[0]}/v2/models/{model}/infer",
-                                 get(bucket, "runs/tiny/serve/request.json"), CLIENTS, LOAD_S,
-                                 {"content-type": "application/json"}, timeout_s=30)
+    url = f"http://{cluster.ip('head')}:{INGRESS[0]}/v2/models/{model}/infer"
 
     async def load_and_kill():
-        task = asyncio.ensure_future(load)
+        stop, seen = asyncio.Event(), []
+        load = asyncio.ensure_future(generator.closed_loop(
+            url, get(bucket, "runs/tiny/serve/request.json"), CLIENTS, LOAD_S,
+            {"content-type": "application/json"}, timeout_s=30, stop=stop, into=seen))
         await asyncio.sleep(KILL_AT_S)
         started = time.perf_counter()
         cluster.kill(victim)
         done = time.perf_counter()
         replaced = await asyncio.to_thread(wait_for_replacement, cluster, model, before[0])
-        return await task, (started, done), replaced
+        while not load.done() and full_rate_again(list(seen), started - t0)[0] is None:
+            await asyncio.sleep(0.5)
+        stop.set()
+        return await load, (started, done), replaced
 
     t0 = time.perf_counter()
     samples, (started, done), replaced_s = asyncio.run(load_and_kill())
@@ -271,15 +280,11 @@ def test_losing_a_machine_while_serving_loses_only_what_it_had_in_flight(cluster
     detail = f"killed from {kill:.3f} to {killed:.3f} s, replaced after {replaced_s:.1f} s; failed: {failed}"
     assert len(failed) <= min(len(in_flight), CLIENTS), detail  # each client has one request out at most
     assert all(s.sent <= killed for s in failed), detail  # nothing sent after the machine was lost failed
-    # Full rate: 3 s in a row answering at least 80% of the median rate before the kill (the
-    # 2 cores make single seconds noisy: the replacement replica's start takes CPU too).
-    ok = [r["ok"] for r in generator.per_second(samples)]
-    full = sorted(ok[:int(kill)])[int(kill) // 2]
-    back = next((s for s in range(int(kill) + 1, len(ok) - 3) if sum(ok[s:s + 3]) >= 3 * 0.8 * full), None)
-    assert back is not None, f"never back at {full}/s after the kill: {ok}"
+    back, full = full_rate_again(samples, kill)
+    assert back is not None, f"never back at {full}/s after the kill: {generator.per_second(samples)}"
     print(f"serving machine loss: {len(failed)} failed of {len(in_flight)} in flight of {len(samples)} "
           f"requests; full rate ({full}/s) again {back - kill:.1f} s after the kill; replacement replica "
-          f"running after {replaced_s:.1f} s")
+          f"running after {replaced_s:.1f} s; the load lasted {max(s.sent for s in samples):.0f} s")
     assert back - kill <= 30
 
 
@@ -378,14 +383,11 @@ def test_losing_the_head_machine_a_worker_s_ingress_keeps_answering(rig, cluster
 
     t0 = time.perf_counter()
     samples, down, back, answering = asyncio.run(load_and_lose_the_head())
-    seconds = generator.per_second(samples)  # the seconds in which a request was sent
-    ok = [r["ok"] for r in seconds]
+    ok = [r["ok"] for r in generator.per_second(samples)]  # a second of a stalled ingress counts 0
     failed = [s for s in samples if s.status != 200]
     print(f"head loss: {len(failed)} failed of {len(samples)} through {entry}'s ingress; head down at "
           f"{down - t0:.1f} s, back at {back - t0:.1f} s, its ingress answering at {answering - t0:.1f} s; "
           f"answered per second: {ok}")
     assert not failed, failed[:5]
     assert max(s.sent for s in samples) >= answering - t0  # the load outlasted the head's return
-    # Every second requests were sent (a stalled ingress leaves a gap) and answered, the last
-    # (part of a second) aside.
-    assert [r["second"] for r in seconds] == list(range(len(seconds))) and all(n > 0 for n in ok[:-1]), ok
+    assert all(n > 0 for n in ok[:-1]), ok  # requests answered every second, the last (part of one) aside

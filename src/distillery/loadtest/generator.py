@@ -87,10 +87,12 @@ def _session(connections: int, timeout_s: float) -> aiohttp.ClientSession:
 
 
 async def closed_loop(url: str, body: bytes, concurrency: int, duration_s: float, headers: dict,
-                      timeout_s: float = 60.0, stop: asyncio.Event | None = None) -> list[Sample]:
+                      timeout_s: float = 60.0, stop: asyncio.Event | None = None,
+                      into: list[Sample] | None = None) -> list[Sample]:
     """`concurrency` clients back to back for `duration_s`, or until `stop` is set if sooner
-    (requests in flight at the end finish)."""
-    samples: list[Sample] = []
+    (requests in flight at the end finish). Each answer is appended to `into` as it arrives,
+    where given, so that a caller can watch the load and decide when to stop it."""
+    samples: list[Sample] = [] if into is None else into
     async with _session(concurrency, timeout_s) as session:
         t0 = time.perf_counter()
 
@@ -197,12 +199,14 @@ def summarize(samples: list[Sample], duration_s: float) -> dict[str, Any]:
 
 
 def per_second(samples: list[Sample]) -> list[dict[str, Any]]:
-    """One row per second of scheduled time: answered requests, throughput, p50/p95/p99, errors."""
+    """One row per second of scheduled time, up to the last second a request was due in:
+    answered requests, throughput, p50/p95/p99, errors. A second without a request (a stalled
+    client or server) is a row of zeros rather than missing, so row i is second i."""
     buckets: dict[int, list[Sample]] = {}
     for s in samples:
         buckets.setdefault(int(s.scheduled), []).append(s)
-    return [{"second": sec, **{k: v for k, v in summarize(rows, 1.0).items() if k != "variants"}}
-            for sec, rows in sorted(buckets.items())]
+    rows = ((sec, summarize(buckets.get(sec, []), 1.0)) for sec in range(max(buckets, default=-1) + 1))
+    return [{"second": sec, **{k: v for k, v in row.items() if k != "variants"}} for sec, row in rows]
 
 
 def records(samples: list[Sample]) -> list[dict[str, Any]]:

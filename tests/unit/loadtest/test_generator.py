@@ -83,9 +83,38 @@ def test_a_closed_loop_ends_when_told_to_stop_and_sends_nothing_after():
     assert all(s.status == 200 for s in samples)
 
 
+def test_a_caller_watches_a_closed_loop_s_answers_as_they_arrive_and_stops_it():
+    """The caller's list fills while the load runs: the caller stops it once it holds 6 answers."""
+    seen: list[generator.Sample] = []
+
+    async def watch_and_stop(url: str) -> tuple[list, int]:
+        stop = asyncio.Event()
+        load = asyncio.ensure_future(generator.closed_loop(url, b"{}", 2, 60.0, {}, stop=stop, into=seen))
+        while len(seen) < 6:
+            await asyncio.sleep(0.005)
+        at_stop = len(seen)
+        stop.set()
+        return await load, at_stop
+
+    samples, at_stop = generator.run_niced(_with_server(0.01, watch_and_stop))
+    assert samples is seen and 6 <= at_stop <= len(samples) <= at_stop + 2  # what was in flight finished
+
+
 def test_lost_requests_are_named_by_what_went_wrong():
     from distillery.loadtest.generator import lost_by_kind
 
     kinds = lost_by_kind({"503": 7, "0": 2, "-1": 1, "500": 3, "418": 1})
     assert kinds == {"no answer in time (client timeout)": 1, "connection failed": 2, "server error": 3,
                      "HTTP 418": 1}
+
+
+def test_a_second_without_requests_is_a_row_of_zeros_so_rows_index_seconds():
+    def sample(at: float, status: int = 200) -> generator.Sample:
+        return generator.Sample(scheduled=at, sent=at, latency_ms=5.0, status=status, variant=None)
+
+    rows = generator.per_second([sample(0.2), sample(0.7, generator.TIMED_OUT), sample(3.5)])
+    assert [r["second"] for r in rows] == [0, 1, 2, 3]
+    assert [(r["requests"], r["ok"], r["errors"]) for r in rows] == [
+        (2, 1, {"-1": 1}), (0, 0, {}), (0, 0, {}), (1, 1, {})]
+    assert rows[1]["throughput"] == 0.0 and rows[1]["p99_ms"] is None
+    assert generator.per_second([]) == []
