@@ -5,8 +5,8 @@ the bridge, every node with a disk of its own over its cache, token auth on, and
 started as cluster.yaml starts one: HAProxy ingress, serve.host on every interface
 (DISTILLERY_SERVE_HOST=0.0.0.0), the firewall `distillery firewall` prints, and the head's
 GCS state in an external Redis (GCS fault tolerance). The job is submitted from the client,
-serving with an ingress on every node that holds replicas (serve.proxy_location=EveryNode);
-what users see is checked from there; losing the head machine comes last."""
+serving with an ingress on every node with replicas (serve.proxy_location=EveryNode); what users
+see is checked from there; losing the head machine comes last."""
 
 import asyncio
 import json
@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -60,9 +61,9 @@ INGRESS = (8000, 8001)    # serve.port, serve.grpc_port: their defaults, each ma
 # a row, about 10 s). The timeout stays well above what a raylet on 2 busy cores takes to answer.
 HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000",
                  "RAY_health_check_failure_threshold": "3"}
-# The job's variants: no fine-tuning (a Ray Train run each; the students' runs already train
-# across the machines), and its students one epoch each (nothing here scores them), so the
-# rig's time goes to what only a cluster shows.
+# The job's variants: no fine-tuning (a Ray Train run each; the teacher's and the student's runs
+# already train across the machines), no baseline student (distill.baseline=false: a third run),
+# the student one epoch (nothing here scores it): the rig's time goes to what only a cluster shows.
 QUICK_VARIANTS = ("[{name: int8, steps: [{kind: int8_static, calibration_samples: 64}]},"
                   " {name: cascade, steps: [{kind: cascade, to: teacher}]}]")
 SERVED = "student"  # the one model the job serves (two replicas, one on each worker machine)
@@ -122,14 +123,23 @@ def cluster(rig, s3, redis, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def job(rig, cluster):
+def refused(rig, cluster):
+    """A job with a local storage_path, submitted just before the main job: its result's future."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(submit, cluster.dashboard, cluster.env, sys.executable, "jobs/pipeline.py",
+                          "--config", "configs/tiny.yaml", "--set", "storage_path=/tmp/distillery-rig-runs",
+                          timeout=300, prefix=tuple(rig.exec("client")))
+
+
+@pytest.fixture(scope="module")
+def job(rig, cluster, refused):
     """The tiny pipeline submitted from the client machine; (bucket, the job's result)."""
     bucket = make_bucket("rig")
-    args = [*COMMON, "--set", f"storage_path={bucket}/runs", "--set", "student.train.epochs=1",
-            "--set", "serve.min_replicas=2", "--set", "serve.num_cpus=0.1", "--set", "serve.auto=false",
-            "--set", "serve.proxy_location=EveryNode",
-            "--set", "loadtest.concurrency=[2]", "--set", "loadtest.ramp=[]", "--set", "loadtest.adaptive=[]",
-            "--set", f"compress.variants={QUICK_VARIANTS}", "--set", f"serve.models=[{SERVED}]"]
+    sets = [f"storage_path={bucket}/runs", f"compress.variants={QUICK_VARIANTS}", f"serve.models=[{SERVED}]",
+            "student.train.epochs=1", "distill.baseline=false", "serve.min_replicas=2", "serve.num_cpus=0.1",
+            "serve.auto=false", "serve.proxy_location=EveryNode", "loadtest.concurrency=[2]",
+            "loadtest.ramp=[]", "loadtest.adaptive=[]"]
+    args = [*COMMON, *(arg for item in sets for arg in ("--set", item))]
     result = submit(cluster.dashboard, cluster.env, sys.executable, "jobs/pipeline.py", *args, timeout=800,
                     prefix=tuple(rig.exec("client")))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
@@ -149,8 +159,9 @@ def test_training_runs_on_two_machines_and_the_replicas_on_the_workers(cluster, 
     for a in actors:
         if a["class_name"] == "RayTrainWorker":
             groups.setdefault(a["placement_group_id"], set()).add(a["node_id"])
-    # Each Ray Train run's process group spanned both worker machines: Gloo over their addresses.
-    assert len(groups) >= 3 and all(nodes == workers for nodes in groups.values()), groups
+    # Each Ray Train run's (the teacher's, the student's) process group spanned both worker
+    # machines: Gloo over their addresses.
+    assert len(groups) >= 2 and all(nodes == workers for nodes in groups.values()), groups
     replicas = [a for a in actors if a["class_name"].startswith("ServeReplica:") and a["state"] == "ALIVE"]
     assert {a["node_id"] for a in replicas if "Model" in a["class_name"]} == workers
     manifest = json.loads(get(bucket, "runs/tiny/manifest.json"))
@@ -223,20 +234,17 @@ def test_from_the_client_only_the_ingress_and_ray_s_token_ports_answer(rig, clus
     assert refused.value.code in (401, 403)
 
 
-def test_a_local_storage_path_on_a_cluster_of_machines_fails_at_once_saying_what_to_change(rig, cluster, job):
-    result = submit(cluster.dashboard, cluster.env, sys.executable, "jobs/pipeline.py",
-                    "--config", "configs/tiny.yaml", "--set", "storage_path=/tmp/distillery-rig-runs",
-                    timeout=300, prefix=tuple(rig.exec("client")))
+def test_a_local_storage_path_on_a_cluster_of_machines_fails_at_once_saying_what_to_change(refused, job):
+    result = refused.result()
     assert result.returncode != 0
     out = result.stdout + result.stderr
     assert "is a folder on this machine" in out and "storage_path=s3://" in out, out[-3000:]
     assert "[data] running" not in out  # refused before any stage ran
 
 
-# Faults real clusters have, last in the module: each loses a machine for good.
-
-# The load stops once the full rate is back (rig_state.full_rate_again) and the replacement
-# runs, at most LOAD_S in all: long enough to see the rate back within the 30 s the issue allows.
+# Faults real clusters have, last in the module: each loses a machine for good. The serving
+# load stops once the full rate is back (rig_state.full_rate_again) and the replacement runs, at
+# most LOAD_S in all: long enough to see the rate back within the 30 s the issue allows.
 KILL_AT_S, CLIENTS = 6.0, 4
 LOAD_S = KILL_AT_S + 30 + FULL_FOR_S + 1
 
@@ -342,9 +350,8 @@ def test_a_training_split_larger_than_the_head_s_object_store_streams_from_the_b
     assert [h["samples"] for h in history] == [rows], (rows, history)
 
 
-# The head machine takes 20-35 s to start again on 2 cores (22 s to 32.5 s measured), and its
-# ingress a few more: the load goes on until the head's ingress answers, and 3 s more (at most
-# HEAD_LOAD_S in all).
+# The head machine takes 20-35 s to start again on 2 cores, its ingress a few more: the load goes
+# on until the head's ingress answers, and 3 s more (at most HEAD_LOAD_S in all).
 HEAD_LOAD_S, HEAD_KILL_AT_S, HEAD_DOWN_S, AFTER_S = 150.0, 2.0, 5.0, 3.0  # last in the module: the head goes
 
 

@@ -98,6 +98,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["distill.transfer={source: digits}", "distill.cache_teacher_logits=true"],
      "distill.cache_teacher_logits caches the logits of the run's training split"),
     (["data.labeled=false"], "the run's own data needs labels"),
+    (["distill.baseline=false", "search.enabled=true", "search.budget.as_fast_as=student_scratch"],
+     "as_fast_as: student_scratch needs distill.baseline: true"),
 ])
 def test_combinations_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(UserError, match=message):
@@ -115,3 +117,12 @@ def test_the_transfer_preset_distils_a_standard_architecture_from_an_imported_te
     cfg = load_config(ROOT / "configs" / "transfer.yaml")
     assert cfg.teacher.import_from and cfg.teacher.model.kind == cfg.student.model.kind == "torchvision"
     assert cfg.distill.transfer.source == "folder" and cfg.distill.soft_only
+
+
+def test_without_the_baseline_the_run_trains_no_student_alone():
+    from distillery.pipeline.stages import stage_functions
+
+    with_it, without = load_config(None, []), load_config(None, ["distill.baseline=false"])
+    assert with_it.trained == ("teacher", "student_scratch", "student")
+    assert without.trained == ("teacher", "student")
+    assert "student_scratch" in stage_functions(with_it) and "student_scratch" not in stage_functions(without)

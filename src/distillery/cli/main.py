@@ -13,7 +13,6 @@ from distillery.compat import environment
 from distillery.config import DATA_SOURCES, load_config
 from distillery.core import console
 from distillery.core.errors import TrainingFailed, UserError
-from distillery.core.roles import TRAINED
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -267,18 +266,21 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "data":
         stages = ["data"]
     elif args.command == "train":
-        models = list(TRAINED) if args.model == "all" else [args.model]
+        models = list(cfg.trained) if args.model == "all" else [args.model]
+        if args.model not in ("all", *cfg.trained):
+            raise UserError(f"--model {args.model}: this config trains no {args.model} (distill.baseline: "
+                            "false); set distill.baseline=true to train it")
         stages = ["data"] + [s for m in models for s in (before_student(cfg) if m == "student" else []) + [m]]
     elif args.command == "distill":
         require_done(cfg, ["data", "teacher"])
         stages = before_student(cfg) + ["student"]
     elif args.command == "evaluate":
-        require_done(cfg, ["data", *TRAINED])
+        require_done(cfg, ["data", *cfg.trained])
         stages = ["evaluate"]
     elif args.command == "search":
-        stages = ["data", *TRAINED, "search"]
+        stages = ["data", *cfg.trained, "search"]
     elif args.command == "compress":
-        require_done(cfg, ["data", *TRAINED])
+        require_done(cfg, ["data", *cfg.trained])
         stages = ["compress"]
     else:
         stages = None

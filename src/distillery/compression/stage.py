@@ -26,7 +26,7 @@ from distillery.config.compress import VariantConfig
 from distillery.core import console
 from distillery.core.errors import NotApplicable, UserError
 from distillery.core.files import atomic_write_json, read_json
-from distillery.core.roles import PARENT, SEARCHED, SHOWN, TRAINED, VARIANT, VARIANT_BASES
+from distillery.core.roles import PARENT, SEARCHED, SHOWN, VARIANT, VARIANT_BASES
 from distillery.measure import frontier, timing
 from distillery.measure.accuracy import paired
 from distillery.models.architectures import build_model, count_macs, count_params
@@ -51,7 +51,7 @@ def compress_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict,
             built[v.name] = build(ctx, v)
             advance(1, note=v.name)
     settings = timing.BenchSettings(**cfg.compress.bench.model_dump(exclude={"modes"}))
-    count = len(SHOWN) + len(variants) + cfg.search.enabled
+    count = len(cfg.trained) + len(variants) + cfg.search.enabled
     with console.progress("[compress] scoring and timing", count, "models") as advance:
         records = measure_all(ctx, settings, variants, built, advance)
     margin = cfg.compress.speedup_margin
@@ -119,9 +119,9 @@ def measure_searched(ctx: Context, settings: timing.BenchSettings) -> dict[str, 
 
 def measure_trained(ctx: Context, settings: timing.BenchSettings,
                     advance: Callable[..., None] = lambda *a, **k: None) -> dict[str, dict[str, Any]]:
-    """The teacher and both students as reloaded from disk (verified), scored and timed."""
+    """The trained models as reloaded from disk (verified), scored and timed."""
     records = {}
-    for name in SHOWN:
+    for name in (m for m in SHOWN if m in ctx.cfg.trained):
         model, arch = artifacts.load(ctx.run.verify_file(f"{name}/arch.json").parent)
         size = (ctx.run.root / name / arch["weights"]).stat().st_size
         records[name] = {**measure(ctx, settings, name, name, PARENT[name], name, model, model, size),
@@ -207,7 +207,7 @@ def check_run(run: RunDir, cfg: PipelineConfig) -> dict[str, str]:
     wrong recipe leaves the run's finished compress stage as it was. Returns the variants
     refused as not applicable to their model, with the reason."""
     manifest = read_json(run.verify_file("data/manifest.json"))
-    bases = {name: artifacts.load(run.verify_file(f"{name}/arch.json").parent)[0] for name in TRAINED}
+    bases = {name: artifacts.load(run.verify_file(f"{name}/arch.json").parent)[0] for name in cfg.trained}
     return check_recipes(cfg.compress.variants, bases, manifest["image_shape"])
 
 

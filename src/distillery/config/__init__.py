@@ -40,6 +40,7 @@ from distillery.config.sections import (  # noqa: F401 (the config's public name
 )
 from distillery.core.errors import UserError
 from distillery.core.files import atomic_write_bytes
+from distillery.core.roles import TRAINED
 from distillery.core.schema import Strict
 
 
@@ -107,6 +108,10 @@ class PipelineConfig(Strict):
         if not self.data.labeled:
             raise ValueError("data.labeled: false: the run's own data needs labels (to train and score); "
                              "give unlabeled images as distill.transfer")
+        scratch = self.search.enabled and self.search.budget.as_fast_as == "student_scratch"
+        if scratch and not self.distill.baseline:
+            raise ValueError("search.budget.as_fast_as: student_scratch needs distill.baseline: true "
+                             "(without it the run trains no student_scratch)")
         if self.student.import_from:
             raise ValueError("student.import_from: only the teacher is imported; the students are "
                              "what this run makes")
@@ -128,6 +133,12 @@ class PipelineConfig(Strict):
         """The model and training config of a training stage: the teacher's, or the student's
         (shared by the student alone and the distilled student)."""
         return self.teacher if which == "teacher" else self.student
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The models this run trains (or imports), in training order: `student_scratch`
+        only with `distill.baseline`."""
+        return tuple(m for m in TRAINED if self.distill.baseline or m != "student_scratch")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -111,6 +111,9 @@ class DistillConfig(Strict):
         "(the student then trains without augmentation: the logits are for the stored images)")
     labels: bool = Field(True, description="false: the student never sees a label: the soft (teacher) term "
                          "alone, whatever alpha says")
+    baseline: bool = Field(True, description="also train the student alone on the labels (student_scratch): "
+                           "the baseline distillation's gain is measured against; false saves that "
+                           "training run, and the run then says nothing of a gain")
     transfer: DataConfig | None = Field(
         None, description="a transfer set: the images the student is distilled on instead of the run's "
         "training split (any source; its own val/test rows and images in the run's val/test splits are left "

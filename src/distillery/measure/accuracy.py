@@ -9,12 +9,15 @@ from distillery.core.roles import TRAINED
 
 
 def distillation_gain(models: dict[str, dict[str, Any]],
-                      correct: dict[str, Any] | None = None) -> dict[str, Any]:
+                      correct: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Test-accuracy gain of the distilled student over the same student trained alone, and
     the share of the teacher-student gap it closed (None when there is no gap to close). With
     `correct` ({model: per-test-image bool tensor}) also the gain's 95% interval, paired on
     the same images, and on how many images the distilled student was right and the student
-    alone wrong (`better`) or the reverse (`worse`)."""
+    alone wrong (`better`) or the reverse (`worse`). None without the student alone (a run
+    with `distill.baseline: false`): nothing to measure a gain against."""
+    if "student_scratch" not in models:
+        return None
     teacher, alone, distilled = (models[m]["test_accuracy"] for m in TRAINED)
     gap = teacher - alone
     gain = {"gain": distilled - alone, "gap": gap,
@@ -64,6 +67,9 @@ def results_table(results: dict[str, Any]) -> str:
         rows.append(f"| {name} | {r['params']:,} | {r['macs']:,} | {r['weights_bytes'] / 1024:,.1f} "
                     f"| {r['val_accuracy']:.2%} | {r['test_accuracy']:.2%} |")
     kd = results["distillation"]
+    if kd is None:
+        return "\n".join(rows) + "\n\nDistillation: no gain measured (distill.baseline: false: no student " \
+            "trained alone to compare with).\n"
     closed = f"{kd['gap_closed']:.0%} of the {kd['gap']:.2%} teacher-student gap" \
         if kd["gap_closed"] is not None else "no teacher-student gap to close"
     rows.append(f"\nDistillation: student {kd['gain']:+.2%} test accuracy over training alone "

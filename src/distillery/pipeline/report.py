@@ -12,7 +12,6 @@ from typing import Any
 from distillery import data
 from distillery.config import PipelineConfig
 from distillery.core.files import atomic_write_bytes, read_json
-from distillery.core.roles import TRAINED
 from distillery.loadtest.generator import infer_body
 from distillery.measure.accuracy import results_table
 
@@ -56,7 +55,7 @@ def _training(root: Path, cfg: PipelineConfig, manifest: dict, data: dict) -> st
              f"Data: `{data['source']}`, {counts['train']:,} train / {counts['val']:,} val / "
              f"{counts['test']:,} test images of shape {data['image_shape']}, "
              f"{data['num_classes']} classes.", ""]
-    for which in TRAINED:
+    for which in cfg.trained:
         m = stages[which]["metrics"]
         if "imported_from" in m:
             lines.append(f"- **{which}**: {m['kind']}, imported from `{m['imported_from']}` (weights sha256 "
@@ -81,6 +80,8 @@ def _distillation(cfg: PipelineConfig, stages: dict) -> str:
                     if t["left_out_held_out"] else ""))
     if d.soft_only:
         text += ". **The student never saw a label**: it learned from the teacher's outputs only"
+    if not d.baseline:
+        return text + "; no baseline was trained (distill.baseline: false), so no gain is measured."
     return text + "; `student_scratch` is the same network trained alone on the labeled data, the baseline."
 
 

@@ -2,6 +2,8 @@
 
     data -> teacher -> student_scratch -> student -> evaluate -> compress -> serve -> report
 
+(`student_scratch`, the baseline, only with `distill.baseline`: `PipelineConfig.trained`.)
+
 Each stage lives with its layer: `data.stage` (data, transfer), `training.stage` (teacher,
 student_scratch, student, teacher_logits, evaluate), `search.stage`, `compression.stage`,
 `loadtest.stage` (serve: deploy, then load-test) and `pipeline.report`. Each is a function
@@ -55,14 +57,16 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     transfer = cfg.distill.transfer.model_dump() if cfg.distill.transfer else None
     fp["transfer"] = fingerprint(fp["data"], transfer, cfg.seed)
     fp["student_scratch"] = fingerprint(fp["data"], cfg.student.model_dump(), cfg.seed, workers)
-    fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), cfg.distill.model_dump(), cfg.seed,
+    # What distillation does, not whether the baseline is trained beside it (`trained` says that)
+    distill = cfg.distill.model_dump(exclude={"baseline"})
+    fp["student"] = fingerprint(fp["teacher"], cfg.student.model_dump(), distill, cfg.seed,
                                 workers, *([fp["transfer"]] if transfer else []))
-    fp["evaluate"] = fingerprint(*(fp[name] for name in TRAINED))
+    fp["evaluate"] = fingerprint(*(fp[name] for name in cfg.trained))
     fp["search"] = fingerprint(search_name(cfg, fp), cfg.search.budget.model_dump(),
                                cfg.compress.bench.model_dump(), cfg.compress.speedup_margin, fp["student"],
                                fp["student_scratch"])
-    fp["compress"] = fingerprint(*(fp[name] for name in TRAINED), cfg.compress.model_dump(),
-                                 cfg.distill.model_dump(), cfg.seed, workers,
+    fp["compress"] = fingerprint(*(fp[name] for name in cfg.trained), cfg.compress.model_dump(),
+                                 distill, cfg.seed, workers,
                                  *([fp["search"]] if cfg.search.enabled else []))
     fp["serve"] = fingerprint(fp["compress"], cfg.serve.model_dump(), cfg.loadtest.model_dump())
     fp["report"] = fingerprint(fp["evaluate"], fp["compress"], fp["serve"] if cfg.serve.enabled else None)
@@ -84,7 +88,7 @@ def stage_functions(cfg: PipelineConfig) -> dict[str, StageFn]:
     transfer = {"transfer": data_stage.prepare_transfer} if cfg.distill.transfer else {}
     served = {"serve": serve_models} if cfg.serve.enabled else {}
     return {"data": data_stage.prepare_data, **transfer, "teacher": train("teacher"), **cache,
-            **{name: train(name) for name in TRAINED[1:]}, "evaluate": training_stage.evaluate_run,
+            **{name: train(name) for name in cfg.trained[1:]}, "evaluate": training_stage.evaluate_run,
             **({"search": search_models} if cfg.search.enabled else {}), "compress": compress_models,
             **served, "report": write_report}
 

@@ -17,7 +17,6 @@ from distillery.artifacts import imported, save_model
 from distillery.config import PipelineConfig
 from distillery.core import console
 from distillery.core.files import atomic_write_bytes, atomic_write_json
-from distillery.core.roles import TRAINED
 from distillery.data.sources import flips_keep_class
 from distillery.data.stage import load_splits
 from distillery.measure.accuracy import distillation_gain, results_table, with_interval
@@ -173,7 +172,7 @@ def evaluate_run(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path]
     what share of the teacher-student gap distillation closed."""
     _, splits = load_splits(run, ("val", "test"))
     models, correct = {}, {}
-    for which in TRAINED:
+    for which in cfg.trained:
         run.verify_file(f"{which}/arch.json")
         model, arch = artifacts.load(run.root / which)
         scores = {split: evaluate(model, batches(*splits[split], EVAL_BATCH)) for split in ("val", "test")}

@@ -37,6 +37,8 @@ def test_a_user_mistake_is_one_line_and_exit_2_in_a_fresh_process(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["run", "--config", "no/such.yaml"], "config file not found: no/such.yaml"),
     (["data", "prepare", "cifar10", "--path", "/no/such/dir"], "/no/such/dir"),
+    (["train", "--model", "student_scratch", "--set", "distill.baseline=false"],
+     "this config trains no student_scratch (distill.baseline: false); set distill.baseline=true"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)  # in this process (a fresh one costs 3 s of imports; one test above does it)

@@ -29,3 +29,12 @@ def test_distillation_gain_reports_its_interval_and_says_a_tie_is_a_tie():
                                         **v} for m, v in models.items()},
                          "distillation": gain})
     assert "wrong on 3 and the reverse on 1 of 100 test images: a tie within the noise" in row
+
+
+def test_without_the_student_alone_no_gain_is_measured_and_the_table_says_so():
+    models = {"teacher": {"test_accuracy": 1.0}, "student": {"test_accuracy": 0.92}}
+    assert distillation_gain(models, {m: torch.tensor([True]) for m in models}) is None
+    table = results_table({"models": {m: {"params": 1, "macs": 1, "weights_bytes": 1024, "val_accuracy": 0.9,
+                                          **v} for m, v in models.items()}, "distillation": None})
+    assert "| student_scratch" not in table
+    assert "Distillation: no gain measured (distill.baseline: false" in table

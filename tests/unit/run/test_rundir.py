@@ -36,6 +36,8 @@ def _changed(*overrides: str) -> set[str]:
     (["search.enabled=true", "search.budget.max_p50_ms=0.5"], {"search", "compress", "serve", "report"}),
     (["serve.enabled=false"], {"serve", "report"}),
     (["name=other"], set()),  # where the run lives is not what it computes
+    # No baseline: the students are the same; what is scored and compared changes
+    (["distill.baseline=false"], {"evaluate", "compress", "serve", "report"}),
 ])
 def test_a_change_reruns_the_stages_that_read_it_and_those_downstream(overrides, stages):
     assert _changed(*overrides) == stages
