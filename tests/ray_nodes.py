@@ -78,6 +78,7 @@ class Cluster:
         self.gcs_port, self.dashboard_port = (6379, 8265) if rig else (free_port(), free_port())
         self.head: Node | None = None
         self.workers: list[Node] = []
+        self.temps: list[str] = []  # every node's, a head started again included: `stop` removes them
 
     def ip(self, name: str) -> str:
         """The address of node `name`: its machine's on a rig, else loopback."""
@@ -183,13 +184,13 @@ class Cluster:
         for node in [*self.workers, self.head]:
             if node and node.process.poll() is None:
                 self.kill(node)  # a graceful stop takes tens of seconds
-        for node in [*self.workers, self.head]:
-            if node:
-                shutil.rmtree(node.temp, ignore_errors=True)
+        for temp in self.temps:
+            shutil.rmtree(temp, ignore_errors=True)
 
     def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Node:
         # Ray's unix socket paths must stay under ~107 bytes: pytest's tmp paths are too long.
         temp = tempfile.mkdtemp(prefix=f"ray-{name[:1]}{name[-1]}-", dir="/tmp")
+        self.temps.append(temp)
         cache, log = self.folder / f"cache-{name}", self.folder / f"{name}.log"
         prefix = []
         if self.rig is not None:  # the same path on every machine, each its own disk there
