@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,9 +154,15 @@ class Cluster:
         """Every actor the cluster has had (class_name, node_id, state, ...), dead ones included."""
         return self.state("actors")
 
-    def state(self, kind: str) -> list[dict]:
-        """One table of Ray's state API, read from the dashboard with the token."""
-        request = urllib.request.Request(f"{self.dashboard}/api/v0/{kind}?limit=10000&detail=1",
+    def state(self, kind: str, **equal: str) -> list[dict]:
+        """One table of Ray's state API, read from the dashboard with the token: every row and
+        column, or with `equal` ({column: value}) only the matching rows, summary columns only
+        (cheap enough to poll while a load runs in this process)."""
+        query = urllib.parse.urlencode([("limit", 10000), ("detail", 0 if equal else 1),
+                                        *((k, v) for col, val in equal.items() for k, v in
+                                          (("filter_keys", col), ("filter_predicates", "="),
+                                           ("filter_values", val)))])
+        request = urllib.request.Request(f"{self.dashboard}/api/v0/{kind}?{query}",
                                          headers={"Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(request, timeout=30) as r:
             return json.loads(r.read())["data"]["result"]["result"]
