@@ -37,3 +37,23 @@ def test_mypy_finds_nothing():
     """src/distillery type-checks (pyproject.toml's [tool.mypy]: its files, the pydantic plugin)."""
     out = _run(str(BIN / "mypy"))
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-1000:]
+
+
+def test_no_room_of_the_library_imports_most_of_the_others():
+    """A room (a folder of src/distillery) imports at most 8 of the 14 others, imports inside
+    functions included. 8 is the pipeline's floor: it orders the five stage rooms (data,
+    training, search, compression, loadtest) and keeps their books with run, config and core.
+    Search and training use 8 too; a ninth arrow is a room starting to know everything."""
+    import grimp
+
+    graph = grimp.build_graph("distillery", cache_dir=None)
+    rooms: dict[str, set[str]] = {}
+    for module in graph.modules:
+        if module.count(".") >= 1:
+            room = module.split(".")[1]
+            imported = {m.split(".")[1] for m in graph.find_modules_directly_imported_by(module)
+                        if m.count(".") >= 1}
+            rooms.setdefault(room, set()).update(imported - {room})
+    assert len(rooms) >= 15, sorted(rooms)  # the graph is the whole library
+    over = {room: sorted(used) for room, used in rooms.items() if len(used) > 8}
+    assert not over, over

@@ -13,6 +13,7 @@ import torch
 from distillery import data
 from distillery.config import PipelineConfig
 from distillery.core.errors import UserError
+from distillery.data.sources import flips_keep_class
 from distillery.run.rundir import RunDir
 
 Log = Callable[[str], None]
@@ -54,6 +55,10 @@ def prepare_transfer(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[P
 
 def load_splits(run: RunDir, splits: tuple[str, ...] = data.SPLITS
                 ) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """The data manifest (verified against the run manifest) and the named splits as tensors."""
+    """The data manifest (verified against the run manifest) and the named splits as tensors.
+    The manifest also says whether random left-right flips keep an image's class
+    (`flips_keep_class`: natural images, not digits), so no stage asks the source registry."""
     data_dir = run.verify_file("data/manifest.json").parent
-    return data.read_manifest(data_dir), {split: data.load_split(data_dir, split) for split in splits}
+    manifest = data.read_manifest(data_dir)
+    manifest["flips_keep_class"] = flips_keep_class(manifest["source"])
+    return manifest, {split: data.load_split(data_dir, split) for split in splits}

@@ -13,7 +13,6 @@ from distillery import data
 from distillery.config import PipelineConfig
 from distillery.core.files import atomic_write_bytes, read_json
 from distillery.loadtest.generator import infer_body
-from distillery.measure.accuracy import results_table
 
 
 def write(root: Path, cfg: PipelineConfig, manifest: dict[str, Any],
@@ -64,7 +63,7 @@ def _training(root: Path, cfg: PipelineConfig, manifest: dict, data: dict) -> st
         lines.append(f"- **{which}**: {m['kind']}, {m['epochs']} epochs, {m['workers'] or 'no'} Ray Train "
                      f"workers ({m['parallelism']}), {m['seconds']:.0f} s")
         lines += [f"  - {restart_text(r)}" for r in m.get("restarts", [])]
-    lines += ["", _distillation(cfg, stages), "", results_table(read_json(root / "results.json"))]
+    lines += ["", _distillation(cfg, stages), "", (root / "results.md").read_text()]  # evaluate's table
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """Joining Ray: the cluster a job was submitted to (or `ray.address`), else a local instance.
 
-Every stage that uses Ray (training, the logits cache, serving) calls `ensure_ray` first, so
-a local instance is started once, with Serve's ingress chosen before it starts.
+Every stage that uses Ray (training, the logits cache, the search, serving) calls `ensure_ray`
+first, so a local instance is started once, with Serve's ingress chosen before it starts.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ def cluster_address(cfg: PipelineConfig) -> str | None:
 
 
 def ensure_ray(cfg: PipelineConfig) -> None:
-    """Join the cluster this job runs on (or `ray.address`), else start a local instance."""
+    """Join the cluster this job runs on (or `ray.address`), else start a local instance.
+    First set the switches Ray Train and Tune read from this driver's environment when a
+    training run or a search starts (`compat.environment`), so no stage sets one of them."""
+    environment.fast_train_reports()
+    environment.legacy_tune_output()
     if not ray.is_initialized():
         _init(cfg)
         check_machines(cfg)

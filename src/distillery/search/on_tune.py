@@ -22,7 +22,6 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from distillery.compat import environment
 from distillery.config import PipelineConfig
 from distillery.config.search import SpaceConfig
 from distillery.core import console
@@ -70,8 +69,7 @@ def run_trials(cfg: PipelineConfig, run: RunDir, data: TrialData, name: str, mod
                advance: Callable[..., None] = lambda *a, **k: None) -> list[dict[str, Any]]:
     """Run (or resume) the search `name`; copy each completed trial's model to `out/<trial>`;
     return every trial's outcome: settings, status, epochs run, last metrics, error."""
-    ensure_ray(cfg)
-    environment.legacy_tune_output()
+    ensure_ray(cfg)  # with Tune's legacy (quiet at verbose=0) output switched on
     where = checkpoint_storage(run, "search")
     fn = tune.with_resources(tune.with_parameters(trainable, data=data), {"cpu": cfg.search.cpus_per_trial})
     fs, path = storage.filesystem(run.location_of(f"search/{name}"))

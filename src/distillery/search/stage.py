@@ -23,7 +23,6 @@ from distillery.core import console
 from distillery.core.errors import UserError
 from distillery.core.files import atomic_write_json
 from distillery.core.roles import SEARCHED, VARIANT
-from distillery.data.sources import flips_keep_class
 from distillery.measure import timing
 from distillery.measure.accuracy import with_interval
 from distillery.models.architectures import count_macs
@@ -42,7 +41,7 @@ def search_run(run: RunDir, cfg: PipelineConfig, log: Log, splits: dict, manifes
     from distillery.search.on_tune import run_trials  # the core never imports ray
 
     teacher = frozen_teacher(run.verify_file("teacher/arch.json").parent, torch.device("cpu"))
-    flip = flips_keep_class(manifest["source"])
+    flip = manifest["flips_keep_class"]
     views = logits_of_every_view(teacher, splits["train"][0], flip=flip)
     data = TrialData(cfg, {k: splits[k] for k in ("train", "val")}, views, manifest["image_shape"],
                      manifest["num_classes"], flip, teacher)

@@ -30,7 +30,6 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from distillery import artifacts, data
-from distillery.compat import environment
 from distillery.compat.logs import quiet_ray_train_logs
 from distillery.config import PipelineConfig, from_dict
 from distillery.core.errors import TrainingFailed
@@ -67,8 +66,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
 
     Re-running with the same `run`/`name` resumes from the last registered checkpoint.
     """
-    environment.fast_train_reports()
-    ensure_ray(cfg)
+    ensure_ray(cfg)  # with Ray Train's fast reports switched on
     # Only the training split streams through Ray Data (`read_shards`); the small val split is
     # read once per worker from the same verified shards (re-executing a dataset each epoch
     # cost seconds). At a URI the read tasks check each shard: none is read here.

@@ -17,7 +17,6 @@ from distillery.artifacts import imported, save_model
 from distillery.config import PipelineConfig
 from distillery.core import console
 from distillery.core.files import atomic_write_bytes, atomic_write_json
-from distillery.data.sources import flips_keep_class
 from distillery.data.stage import load_splits
 from distillery.measure.accuracy import distillation_gain, results_table, with_interval
 from distillery.models.architectures import build_model, describe, make_spec, summarize
@@ -130,9 +129,9 @@ def _train_here(cfg: PipelineConfig, which: str, spec: dict, manifest: dict, spl
     teacher = frozen_teacher(teacher_dir, device) if teacher_dir is not None else None
     goal = objective(model, tcfg, cfg.distill, teacher=teacher, image_shape=manifest["image_shape"],
                      num_classes=manifest["num_classes"])
-    history = fit(goal.model, splits["train"], splits["val"], tcfg, seed=cfg.seed, flip=_flips(manifest),
-                  device=device, loss_fn=goal.loss_fn, make_target=goal.make_target,
-                  on_epoch=on_epoch)
+    history = fit(goal.model, splits["train"], splits["val"], tcfg, seed=cfg.seed,
+                  flip=manifest["flips_keep_class"], device=device, loss_fn=goal.loss_fn,
+                  make_target=goal.make_target, on_epoch=on_epoch)
     return model.cpu().eval(), history
 
 
@@ -145,8 +144,8 @@ def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, mani
     rows = train_manifest["counts"]["train"]["total"]
     record = run.stage(which)
     job = TrainJob(which=which, spec=spec, train=cfg.stage_for(which).train,
-                   image_shape=manifest["image_shape"], flip=_flips(manifest), train_rows=rows,
-                   teacher_dir="teacher" if teacher_dir else None, train_split_dir=train_dir)
+                   image_shape=manifest["image_shape"], flip=manifest["flips_keep_class"],
+                   train_rows=rows, teacher_dir="teacher" if teacher_dir else None, train_split_dir=train_dir)
     if which == "student" and uses_logit_cache(cfg):
         rels = run.stage("teacher_logits")["files"]
         job = job.model_copy(update={"teacher_dir": None,
@@ -160,11 +159,6 @@ def _train_on_ray(run: RunDir, cfg: PipelineConfig, which: str, spec: dict, mani
     model = build_model(spec)
     model.load_state_dict(state)
     return model.eval(), history
-
-
-def _flips(manifest: dict) -> bool:
-    # Horizontal flips suit natural images (CIFAR-10), not digits, where they change the class.
-    return flips_keep_class(manifest["source"])
 
 
 def evaluate_run(run: RunDir, cfg: PipelineConfig, log: Log) -> tuple[list[Path], dict[str, Any]]:

@@ -341,3 +341,19 @@ def test_every_configurable_source_has_a_registered_loader():
 
     assert sorted(SOURCES) == sorted(DATA_SOURCES)
     assert flips_keep_class("cifar10") and not flips_keep_class("digits")  # flips change a digit's class
+
+
+def test_the_stages_read_from_the_prepared_data_whether_flips_keep_the_class(tmp_path):
+    """`load_splits` hands training and the search the manifest with `flips_keep_class`, so
+    neither asks the source registry: digits must not be flipped (a flipped 2 is no 2)."""
+    from distillery.config import load_config
+    from distillery.data.stage import load_splits, prepare_data
+    from distillery.run.rundir import RunDir
+
+    cfg = load_config(None, [f"storage_path={tmp_path}", "name=r"])
+    run = RunDir.open(cfg)
+    run.start("data", "fp")
+    run.finish("data", "fp", prepare_data(run, cfg, lambda line: None)[0], {})
+    manifest, splits = load_splits(run, ("val",))
+    assert manifest["source"] == "digits" and manifest["flips_keep_class"] is False
+    assert list(splits) == ["val"] and len(splits["val"][1]) == manifest["counts"]["val"]["total"]
