@@ -68,7 +68,8 @@ def main() -> None:
 
         boto3.client("s3").create_bucket(Bucket="bench")
         runs = {}
-        for kind, storage in (("local folder", str(tmp / "runs")), ("s3:// (moto, loopback)", "s3://bench/runs")):
+        places = (("local folder", str(tmp / "runs")), ("s3:// (moto, loopback)", "s3://bench/runs"))
+        for kind, storage in places:
             fresh, _ = pipeline(storage, env)
             local = (tmp / "runs" / "digits" if kind == "local folder"
                      else tmp / "cache" / "s3" / "bench" / "runs" / "digits")

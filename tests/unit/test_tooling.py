@@ -33,6 +33,15 @@ def test_ruff_finds_nothing():
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-1000:]
 
 
+def test_no_line_is_over_110_characters():
+    """ruff's E501 lets a line through whose overflow is a `# noqa` or `# type:` comment, or a
+    single long word: the limit holds for every character of every line all the same."""
+    lines = {f"{path.relative_to(ROOT)}:{n}": len(line) for folder in CHECKED
+             for path in (ROOT / folder).rglob("*.py")
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if len(line) > 110}
+    assert not lines, lines
+
+
 def test_mypy_finds_nothing():
     """src/distillery type-checks (pyproject.toml's [tool.mypy]: its files, the pydantic plugin)."""
     out = _run(str(BIN / "mypy"))

@@ -21,6 +21,7 @@ import ray
 # module to read that path costs a second (it imports Ray Data); the path is known.
 TRAIN_CONTEXT_LOGGER = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution",
                                     "context.py")
+PLACEMENT_GROUP_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def quiet_ray_train_logs() -> None:
@@ -28,7 +29,7 @@ def quiet_ray_train_logs() -> None:
     placement-group cleaner's warning every few seconds; both would bury the epoch lines.
     Other Ray Train warnings still show."""
     logging.getLogger(TRAIN_CONTEXT_LOGGER).setLevel(logging.WARNING)
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger(PLACEMENT_GROUP_CLEANER).setLevel(logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # "dataset execution finished" for every epoch
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from distillery.models.cascade import ESCALATE_ALL, Cascade, Confidence, confidence  # noqa: F401 (the cascade's API)
+# The cascade's API, handed on (F401)
+from distillery.models.cascade import ESCALATE_ALL, Cascade, Confidence, confidence  # noqa: F401
 
 
 def choose_threshold(conf: Tensor, small_correct: Tensor, large_correct: Tensor, target: float) -> dict:

@@ -263,8 +263,9 @@ def applications(run_dir: str, cfg: ServeConfig, api_key: str | None) -> list[di
     for m in served:
         Predictor(m)  # sha256 checked on load
     names, digest, tuned = [m.name for m in served], api_key_digest(api_key), read_tuned(run_dir)
-    args = lambda kind, models, extra={}: AppArgs(kind=kind, run_dir=str(run_dir), models=models,  # noqa: E731
-                                                  settings=cfg.model_dump() | extra, api_key_sha256=digest)
+    args = lambda kind, models, extra={}: AppArgs(  # noqa: E731
+        kind=kind, run_dir=str(run_dir), models=models, settings=cfg.model_dump() | extra,
+        api_key_sha256=digest)
     apps = [{"name": n, "route_prefix": f"/v2/models/{n}", "args": args("model", [n], tuned.get(n, {}))}
             for n in names]
     if cfg.auto:

@@ -105,7 +105,7 @@ def test_tritonclient_s_messages_still_need_their_module_alias_and_pickle_with_i
 def test_ray_train_s_chatty_loggers_are_still_named_as_logs_names_them():
     assert os.path.isfile(logs.TRAIN_CONTEXT_LOGGER), \
         f"{logs.TRAIN_CONTEXT_LOGGER} is gone: Ray Train's context logger moved (compat.logs)"
-    cleaner = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    cleaner = logs.PLACEMENT_GROUP_CLEANER
     assert importlib.util.find_spec(cleaner), f"{cleaner} is gone (compat.logs.quiet_ray_train_logs)"
 
 
