@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,37 +100,45 @@ class Cluster:
 
     def start_head(self) -> Node:
         # On a rig the dashboard (job submission, the state API; token auth) faces the network.
-        self.head = self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0",
-                                         f"--dashboard-host={'0.0.0.0' if self.rig else '127.0.0.1'}",
-                                         f"--dashboard-port={self.dashboard_port}",
-                                         f"--ray-client-server-port={10001 if self.rig else free_port()}",
-                                         *self.head_args], self.head_env)
-        self._wait(self._dashboard_up, "the head node's dashboard", self.head)
+        args = ["--head", f"--port={self.gcs_port}", "--num-cpus=0",
+                f"--dashboard-host={'0.0.0.0' if self.rig else '127.0.0.1'}",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={10001 if self.rig else free_port()}", *self.head_args]
+        self.head = self._start_until_up("head", args, self.head_env, self._dashboard_up,
+                                         "the head node's dashboard")
         return self.head
 
     def add_nodes(self, count: int, cpus: int = 1) -> list[Node]:
-        """`count` worker nodes with `cpus` CPUs each, one after another (Ray gives a starting
-        raylet 30 s to register, which several at once on 2 busy cores can miss: a node that
-        fails to start is started again, up to twice)."""
+        """`count` worker nodes with `cpus` CPUs each, one after another."""
         return [self._add_node(cpus) for _ in range(count)]
 
-    def _add_node(self, cpus: int, retries: int = 2) -> Node:
+    def _add_node(self, cpus: int) -> Node:
         name = f"worker{len(self.workers) + 1}"
         ports = [] if self.rig else [
             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
             "--min-worker-port=0", "--max-worker-port=0"]
-        node = self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}", *ports])
+        node = self._start_until_up(name, [f"--address={self.address}", f"--num-cpus={cpus}", *ports], None,
+                                    lambda: name in self.alive().values(), f"node {name} to join")
+        self.workers.append(node)
+        return node
+
+    def _start_until_up(self, name: str, args: list[str], env: dict[str, str] | None,
+                        ready: Callable[[], bool], what: str, retries: int = 2) -> Node:
+        """Start a node and wait until `ready`. Ray gives a starting raylet 30 s to register
+        with the GCS (a constant in ray._private.node), which a worker joining beside others, or
+        a head started again under load, can miss on 2 busy cores ("The current node timed out
+        during startup"): a node that fails to come up is started again, up to twice."""
+        node = self._start(name, args, env)
         try:
-            self._wait(lambda: name in self.alive().values(), f"node {name} to join", node)
+            self._wait(ready, what, node)
         except AssertionError:
             self.kill(node)
             shutil.rmtree(node.temp, ignore_errors=True)
             if not retries:
                 raise
             time.sleep(5)  # the head was too busy to answer: give it a moment
-            return self._add_node(cpus, retries - 1)
-        self.workers.append(node)
+            return self._start_until_up(name, args, env, ready, what, retries - 1)
         return node
 
     @contextlib.contextmanager
