@@ -288,7 +288,8 @@ def test_losing_a_machine_while_serving_loses_only_what_it_had_in_flight(cluster
     assert len(failed) <= min(len(in_flight), CLIENTS), detail  # each client has one request out at most
     assert all(s.sent <= killed for s in failed), detail  # nothing sent after the machine was lost failed
     back, full = full_rate_again(samples, kill)
-    assert back is not None, f"never back at {full}/s after the kill: {generator.per_second(samples)}"
+    where = [cluster.names()[n] for n in (*before, *replica_nodes(cluster, model))]  # 2 before, 2 after
+    assert back is not None, f"never back at {full}/s, replicas {where}: {generator.per_second(samples)}"
     print(f"serving machine loss: {len(failed)} failed of {len(in_flight)} in flight of {len(samples)} "
           f"requests; full rate ({full}/s) again {back - kill:.1f} s after the kill; replacement replica "
           f"running after {replaced_s:.1f} s; the load lasted {max(s.sent for s in samples):.0f} s")
