@@ -29,6 +29,7 @@ from pathlib import Path
 from conftest import ROOT, free_port
 
 BIN = Path(sys.executable).parent
+STARTED = "Ray runtime started."  # what `ray start` prints once its node is up
 LABEL = "distillery-test/node"  # a label on each node: its name here (head, worker1, ...)
 
 
@@ -125,13 +126,14 @@ class Cluster:
 
     def _start_until_up(self, name: str, args: list[str], env: dict[str, str] | None,
                         ready: Callable[[], bool], what: str, retries: int = 2) -> Node:
-        """Start a node and wait until `ready`. Ray gives a starting raylet 30 s to register
-        with the GCS (a constant in ray._private.node), which a worker joining beside others, or
-        a head started again under load, can miss on 2 busy cores ("The current node timed out
-        during startup"): a node that fails to come up is started again, up to twice."""
+        """Start a node and wait until `ready` and `ray start` says the node started. Ray gives a
+        starting raylet 30 s to register with the GCS (a constant in ray._private.node), which a
+        worker joining beside others, or a head started again under load, can miss on 2 busy
+        cores ("The current node timed out during startup", after the head's dashboard is up
+        already): a node that fails to come up is started again, up to twice."""
         node = self._start(name, args, env)
         try:
-            self._wait(ready, what, node)
+            self._wait(lambda: STARTED in node.log.read_text(errors="replace") and ready(), what, node)
         except AssertionError:
             self.kill(node)
             shutil.rmtree(node.temp, ignore_errors=True)
