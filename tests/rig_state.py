@@ -120,6 +120,14 @@ def replica_nodes(cluster: Cluster, model: str) -> list[str]:
     return [a["node_id"] for a in alive]
 
 
+def where_served(cluster: Cluster, model: str, before: list[str]) -> str:
+    """For a failure message: the machines of the model's replicas before a loss (`before`, Ray
+    node ids) and now, and the head's HAProxy servers (backend, server, status, requests)."""
+    names, now = cluster.names(), replica_nodes(cluster, model)
+    served = [(r["pxname"], r["svname"], r["status"], r["stot"]) for r in servers(cluster)]
+    return f"replicas on {[names[n] for n in before]}, now {[names[n] for n in now]}; HAProxy: {served}"
+
+
 def wait_for_replacement(cluster: Cluster, model: str, lost: str, timeout: float = 60) -> float:
     """Seconds until the model again has two live replicas, none on the lost node."""
     start = time.perf_counter()
