@@ -288,11 +288,11 @@ def test_losing_a_machine_while_serving_loses_only_what_it_had_in_flight(cluster
     assert len(failed) <= min(len(in_flight), CLIENTS), detail  # each client has one request out at most
     assert all(s.sent <= killed for s in failed), detail  # nothing sent after the machine was lost failed
     back, full = full_rate_again(samples, kill)
-    rates = generator.per_second(samples)
-    assert back is not None, f"never back at {full}/s: {rates}; {where_served(cluster, model, before)}"
+    where = where_served(cluster, model, before)
+    assert back is not None, f"never back at {full}/s: {generator.per_second(samples)}; {where}"
     print(f"serving machine loss: {len(failed)} failed of {len(in_flight)} in flight of {len(samples)} "
           f"requests; full rate ({full}/s) again {back - kill:.1f} s after the kill; replacement replica "
-          f"running after {replaced_s:.1f} s; the load lasted {max(s.sent for s in samples):.0f} s")
+          f"running after {replaced_s:.1f} s; the load lasted {max(s.sent for s in samples):.0f} s; {where}")
     assert back - kill <= 30
 
 
