@@ -114,8 +114,10 @@ def schedule_times(steps: list[tuple[float, float]]) -> list[float]:
 
 
 async def open_loop(url: str, body: bytes, steps: list[tuple[float, float]], headers: dict,
-                    max_connections: int = 256, timeout_s: float = 60.0) -> list[Sample]:
-    """Requests on the schedule, never waiting for answers before the next send."""
+                    max_connections: int = 256, timeout_s: float = 60.0,
+                    stop: asyncio.Event | None = None) -> list[Sample]:
+    """Requests on the schedule, never waiting for answers before the next send; none sent once
+    `stop` is set, where given (those in flight then finish)."""
     times = schedule_times(steps)
     async with _session(max_connections, timeout_s) as session:
         t0 = time.perf_counter()
@@ -124,6 +126,8 @@ async def open_loop(url: str, body: bytes, steps: list[tuple[float, float]], hea
             delay = due - (time.perf_counter() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
+            if stop is not None and stop.is_set():
+                break
             tasks.append(asyncio.create_task(_send(session, url, body, headers, t0, due)))
         return list(await asyncio.gather(*tasks))
 

@@ -100,6 +100,23 @@ def test_a_caller_watches_a_closed_loop_s_answers_as_they_arrive_and_stops_it():
     assert samples is seen and 6 <= at_stop <= len(samples) <= at_stop + 2  # what was in flight finished
 
 
+def test_an_open_loop_told_to_stop_sends_no_more_and_its_requests_in_flight_finish():
+    """100 requests/s scheduled for 60 s against a server that answers in 0.3 s, stopped when
+    the server has received its 20th: the load ends with the few already on their way (not 60 s
+    of them), and every request sent is answered."""
+    stop, received = asyncio.Event(), []
+
+    def count() -> None:
+        received.append(1)
+        if len(received) == 20:
+            stop.set()
+
+    samples = generator.run_niced(_with_server(
+        0.3, lambda url: generator.open_loop(url, b"{}", [(60.0, 100.0)], {}, stop=stop), count))
+    assert 20 <= len(samples) <= 25 and len(received) == len(samples), (len(samples), len(received))
+    assert all(s.status == 200 and s.latency_ms >= 300 for s in samples)  # in flight at the stop: answered
+
+
 def test_lost_requests_are_named_by_what_went_wrong():
     from distillery.loadtest.generator import lost_by_kind
 
