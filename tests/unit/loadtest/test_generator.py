@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -66,17 +67,23 @@ def test_the_open_loop_sends_on_schedule_without_waiting_for_answers():
     assert all(s.sent >= s.scheduled and s.latency_ms >= 2000 for s in samples)
 
 
-def test_a_closed_loop_ends_when_told_to_stop_and_sends_nothing_after():
-    """Two clients back to back, for at most 60 s, told to stop when the server has received its
-    10th request: the load ends with what was in flight then (the 10th, and at most one more
-    already sent), and sends nothing after."""
+def _stop_at(requests: int) -> tuple[asyncio.Event, list[int], Callable[[], None]]:
+    """(an event set when the server has received `requests` requests, what it received, the
+    server's on_request)."""
     stop, received = asyncio.Event(), []
 
     def count() -> None:
         received.append(1)
-        if len(received) == 10:
+        if len(received) == requests:
             stop.set()
+    return stop, received, count
 
+
+def test_a_closed_loop_ends_when_told_to_stop_and_sends_nothing_after():
+    """Two clients back to back, for at most 60 s, told to stop when the server has received its
+    10th request: the load ends with what was in flight then (the 10th, and at most one more
+    already sent), and sends nothing after."""
+    stop, received, count = _stop_at(10)
     samples = generator.run_niced(_with_server(
         0.01, lambda url: generator.closed_loop(url, b"{}", 2, 60.0, {}, stop=stop), count))
     assert 10 <= len(samples) <= 11 and len(received) == len(samples), (len(samples), len(received))
@@ -104,13 +111,7 @@ def test_an_open_loop_told_to_stop_sends_no_more_and_its_requests_in_flight_fini
     """100 requests/s scheduled for 60 s against a server that answers in 0.3 s, stopped when
     the server has received its 20th: the load ends with the few already on their way (not 60 s
     of them), and every request sent is answered."""
-    stop, received = asyncio.Event(), []
-
-    def count() -> None:
-        received.append(1)
-        if len(received) == 20:
-            stop.set()
-
+    stop, received, count = _stop_at(20)
     samples = generator.run_niced(_with_server(
         0.3, lambda url: generator.open_loop(url, b"{}", [(60.0, 100.0)], {}, stop=stop), count))
     assert 20 <= len(samples) <= 25 and len(received) == len(samples), (len(samples), len(received))
