@@ -32,6 +32,7 @@ from ray.train.torch import TorchTrainer
 from distillery import artifacts, data
 from distillery.compat.logs import quiet_ray_train_logs
 from distillery.config import PipelineConfig, from_dict
+from distillery.core import console
 from distillery.core.errors import TrainingFailed
 from distillery.models.architectures import build_model
 from distillery.models.sparsity import GradualSparsity
@@ -76,7 +77,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     folders = [f for f in (job.teacher_dir, job.init_dir) if f]
     feed = Path(tempfile.mkdtemp(prefix="distillery-epochs-")) / "epochs.jsonl"
     job = job.model_copy(update={"run": run.location, "run_files": worker_files(run, folders)})
-    trainer = TorchTrainer(
+    make_trainer = lambda: TorchTrainer(  # noqa: E731 - a fresh one for each start
         train_worker,
         train_loop_config={"job": job.to_worker(), "pipeline": cfg.to_dict()},
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=cfg.ray.use_gpu,
@@ -92,7 +93,7 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     restarts: dict[int, dict] = {}  # epoch -> the worker failures the run resumed after
     try:
         with following(feed, epochs_and_failures(job.which, cfg.ray.max_failures, on_epoch, restarts)):
-            result = trainer.fit()
+            result = fit_again_after_controller_errors(make_trainer, cfg.ray.max_failures, job.which)
     except ray.train.WorkerGroupError as e:
         raise TrainingFailed(f"{name}: {_first_failure(e)} (the worker group was restarted "
                              f"{cfg.ray.max_failures} time(s), `ray.max_failures`, and failed every time); "
@@ -105,6 +106,24 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     _drop_unregistered(run.location_of(f"ray/{name}"),
                        {Path(c.path).name for c, _ in result.best_checkpoints})
     return state, history
+
+
+def fit_again_after_controller_errors(make_trainer: Callable[[], Any], limit: int, label: str) -> Any:
+    """`make_trainer().fit()`, started again (the same run name: from the last checkpoint) when
+    Ray Train gives up on an error of its own controller, up to `limit` times. Ray 2.60 retries
+    only a worker group's start: on a rig whose replacement for a lost machine took 114 s to join,
+    removing the lost workers' placement group timed out ("There was timeout in removing the
+    placement group ... high load") and ended a run that could go on from its checkpoint."""
+    failures = 0
+    while True:
+        try:
+            return make_trainer().fit()
+        except ray.train.ControllerError as e:
+            failures += 1
+            if failures > limit:
+                raise
+            console.say(f"[{label}] Ray Train's controller failed ({one_line(e)}): training starts again "
+                        f"from the last checkpoint ({failures} of ray.max_failures={limit})")
 
 
 def _run_config(cfg: PipelineConfig, run: RunDir, name: str, feed: Path) -> RunConfig:
