@@ -251,10 +251,10 @@ LOAD_S = KILL_AT_S + 30 + FULL_FOR_S + 1
 
 def test_losing_a_machine_while_serving_loses_only_what_it_had_in_flight(cluster, job):
     """Under steady load through the ingress (4 clients back to back, from this machine over the
-    bridge, at Ray's worker priority as a real load has cores of its own: at the test's own, it
-    starved the replacement's start), the machine holding one of the model's two replicas loses
-    every process: the requests that fail are at most those in flight then, Serve starts a
-    replacement on a machine left, and the full rate is back within 30 s (1 to 17 s here)."""
+    bridge, at Ray's worker priority as the product's load tests run: a real load has cores of its
+    own), the machine holding one of the model's two replicas loses every process: the requests
+    that fail are at most those in flight then, Serve starts a replacement on a machine left, and
+    the full rate is back within 30 s (1 to 19 s here; the replacement's start is most of it)."""
     bucket, _ = job
     model = SERVED
     before = replica_nodes(cluster, model)

@@ -108,7 +108,8 @@ def fit_on_ray(job: TrainJob, cfg: PipelineConfig, run: RunDir, *, name: str,
     return state, history
 
 
-def fit_again_after_controller_errors(make_trainer: Callable[[], Any], limit: int, label: str) -> Any:
+def fit_again_after_controller_errors(make_trainer: Callable[[], TorchTrainer], limit: int,
+                                      label: str) -> ray.train.Result:
     """`make_trainer().fit()`, started again (the same run name: from the last checkpoint) when
     Ray Train gives up on an error of its own controller, up to `limit` times. Ray 2.60 retries
     only a worker group's start: on a rig whose replacement for a lost machine took 114 s to join,
